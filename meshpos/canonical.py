@@ -1,0 +1,59 @@
+"""Canonical JSON: the one byte encoding of every signed object.
+
+Rules (protocols/envelope.md): UTF-8; object keys sorted by code point; no
+insignificant white space; only objects, arrays, strings, integers, true,
+false and null (no floats); integers within +-2**53. Decoding re-encodes and
+rejects anything that is not byte-identical, so one value has one encoding.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .errors import EncodingError
+
+MAX_SAFE_INT = 2**53
+
+
+def _check(value: Any, depth: int = 0) -> None:
+    if depth > 16:
+        raise EncodingError("canonical JSON nested too deep")
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return
+    if isinstance(value, int):
+        if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+            raise EncodingError(f"integer out of range: {value}")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise EncodingError("object keys must be strings")
+            _check(item, depth + 1)
+        return
+    raise EncodingError(f"type not allowed in canonical JSON: {type(value).__name__}")
+
+
+def encode(value: Any) -> bytes:
+    _check(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _reject_float(text: str) -> Any:
+    raise EncodingError("floats are not allowed in canonical JSON")
+
+
+def decode(data: bytes) -> Any:
+    try:
+        value = json.loads(data.decode("utf-8"), parse_float=_reject_float, parse_constant=_reject_float)
+    except EncodingError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise EncodingError(f"not valid JSON: {exc}") from exc
+    if encode(value) != data:
+        raise EncodingError("JSON is not in canonical form")
+    return value
