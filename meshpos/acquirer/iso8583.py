@@ -1,0 +1,402 @@
+"""ISO 8583:1987 for acquirer advices, sans-IO (protocols/iso8583.md is normative).
+
+Rules of the exchange:
+
+* Framing: every message is preceded by a length header (:class:`LengthHeader`):
+  2-byte big-endian binary (default), 4 ASCII decimal digits, or none (then the
+  message's own structure delimits it). A frame larger than ``max_frame`` is a
+  :class:`~meshpos.errors.ProtocolError`.
+* Requests: 0220 financial advice, 0221 its repeat (same fields), 0420 reversal
+  advice (adds field 90). Answers: 0230 (or 0231) to an advice, 0430 to a reversal.
+* Matching: an answer belongs to the outstanding request with the same family
+  (advice / reversal), field 11 (STAN), field 37 (RRN) and field 41 (terminal).
+* Result: field 39 ``"00"`` is approved (auth code from field 38, if present);
+  any other code is a decline carrying that code.
+* Decoding bytes from outside raises only EncodingError or ProtocolError.
+
+:class:`ClientConnection` is the terminal/switch end, :class:`ServerConnection`
+the host end (used by the simulator); both only turn bytes into events and
+events into bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any, Final, Literal
+
+import iso8583
+from iso8583.specs import default_ascii
+
+from ..currency import numeric_code
+from ..errors import EncodingError, ProtocolError
+from .base import AcquirerRequest, AcquirerResult
+
+Spec = Mapping[str, Mapping[str, Any]]
+
+DEFAULT_SPEC: Final[Spec] = default_ascii
+MAX_FRAME: Final = 4096
+PROCESSING_CODE_PURCHASE: Final = "000000"
+APPROVED: Final = "00"
+
+#: field 22, POS entry mode: PAN entry (2 digits) + PIN capability (1 digit)
+ENTRY_MODE_CODES: Final[Mapping[str, str]] = {
+    "chip": "051",
+    "contactless": "071",
+    "magstripe": "901",
+    "manual": "012",
+}
+
+
+class LengthHeader(Enum):
+    BINARY2 = "binary2"
+    ASCII4 = "ascii4"
+    NONE = "none"
+
+
+class NeedData(Enum):
+    NEED_DATA = "need data"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class Family(Enum):
+    ADVICE = "advice"
+    REVERSAL = "reversal"
+
+
+class RequestKind(Enum):
+    ADVICE = "0220"
+    ADVICE_REPEAT = "0221"
+    REVERSAL = "0420"
+
+    @property
+    def mti(self) -> str:
+        return self.value
+
+    @property
+    def family(self) -> Family:
+        return Family.REVERSAL if self is RequestKind.REVERSAL else Family.ADVICE
+
+
+ANSWER_MTIS: Final[Mapping[str, Family]] = {"0230": Family.ADVICE, "0231": Family.ADVICE, "0430": Family.REVERSAL}
+ANSWER_TO: Final[Mapping[RequestKind, str]] = {
+    RequestKind.ADVICE: "0230",
+    RequestKind.ADVICE_REPEAT: "0230",
+    RequestKind.REVERSAL: "0430",
+}
+
+
+@dataclass(frozen=True)
+class MatchKey:
+    family: Family
+    stan: str  # field 11, 6 digits
+    rrn: str  # field 37
+    terminal_id: str  # field 41
+
+
+@dataclass(frozen=True)
+class AnswerReceived:
+    mti: str
+    key: MatchKey
+    result: AcquirerResult
+
+
+@dataclass(frozen=True)
+class UnexpectedAnswer:
+    """A well-formed answer that matches no outstanding request (late, or duplicated)."""
+
+    mti: str
+    key: MatchKey
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """A request as the host sees it. ``fields`` holds the decoded message (with the PAN)."""
+
+    kind: RequestKind
+    key: MatchKey
+    pan: str = field(repr=False)
+    amount_minor: int
+    currency_numeric: str
+    fields: Mapping[str, str] = field(repr=False)
+
+
+# --- framing -----------------------------------------------------------------
+
+
+def frame(payload: bytes, header: LengthHeader = LengthHeader.BINARY2) -> bytes:
+    if header is LengthHeader.BINARY2:
+        if len(payload) > 0xFFFF:
+            raise EncodingError("ISO 8583 message too long for a 2-byte length header")
+        return len(payload).to_bytes(2, "big") + payload
+    if header is LengthHeader.ASCII4:
+        if len(payload) > 9999:
+            raise EncodingError("ISO 8583 message too long for a 4-digit length header")
+        return b"%04d" % len(payload) + payload
+    return payload
+
+
+_SHORT = re.compile(r"Field (?:data|length) is (\d+) bytes(?: wide)?, expecting (\d+)")
+
+
+class FrameDecoder:
+    """Bytes in, whole frames (header removed) out; NEED_DATA when a frame is incomplete."""
+
+    def __init__(
+        self,
+        header: LengthHeader = LengthHeader.BINARY2,
+        *,
+        max_frame: int = MAX_FRAME,
+        spec: Spec = DEFAULT_SPEC,
+    ) -> None:
+        self._header = header
+        self._max = max_frame
+        self._spec = spec
+        self._buf = bytearray()
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_frame(self) -> bytes | Literal[NeedData.NEED_DATA]:
+        if self._header is LengthHeader.NONE:
+            return self._next_unframed()
+        width = 2 if self._header is LengthHeader.BINARY2 else 4
+        if len(self._buf) < width:
+            return NEED_DATA
+        raw = bytes(self._buf[:width])
+        if self._header is LengthHeader.BINARY2:
+            length = int.from_bytes(raw, "big")
+        else:
+            if not raw.isdigit():
+                raise ProtocolError("ISO 8583 length header is not 4 ASCII digits")
+            length = int(raw)
+        if length == 0:
+            raise ProtocolError("ISO 8583 frame of length 0")
+        if length > self._max:
+            raise ProtocolError(f"ISO 8583 frame of {length} bytes exceeds the limit of {self._max}")
+        if len(self._buf) < width + length:
+            return NEED_DATA
+        payload = bytes(self._buf[width : width + length])
+        del self._buf[: width + length]
+        return payload
+
+    def _next_unframed(self) -> bytes | Literal[NeedData.NEED_DATA]:
+        # Without a header the message's own structure is the only delimiter.
+        if not self._buf:
+            return NEED_DATA
+        try:
+            iso8583.decode(bytes(self._buf), self._spec)
+            end = len(self._buf)
+        except iso8583.DecodeError as exc:
+            if exc.msg.startswith("Extra data after last field"):
+                end = exc.pos
+            else:
+                short = _SHORT.match(exc.msg)
+                if short is None or int(short.group(1)) >= int(short.group(2)):
+                    raise ProtocolError(f"ISO 8583 message does not decode: {exc.msg}") from exc
+                if len(self._buf) > self._max:
+                    raise ProtocolError(f"unframed ISO 8583 message exceeds {self._max} bytes") from exc
+                return NEED_DATA
+        except Exception as exc:  # pyiso8583 may raise others on hostile bitmaps
+            raise ProtocolError("ISO 8583 message does not decode") from exc
+        if end > self._max:
+            raise ProtocolError(f"unframed ISO 8583 message exceeds {self._max} bytes")
+        payload = bytes(self._buf[:end])
+        del self._buf[:end]
+        return payload
+
+
+# --- messages ----------------------------------------------------------------
+
+
+def _utc(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+def build_request(req: AcquirerRequest, kind: RequestKind, *, now_ms: int) -> dict[str, str]:
+    """The decoded message for ``req`` sent as ``kind`` at transmission time ``now_ms``."""
+    sale = _utc(req.created_at_ms)
+    doc = {
+        "t": kind.mti,
+        "2": req.pan,
+        "3": PROCESSING_CODE_PURCHASE,
+        "4": f"{req.amount_minor:012d}",
+        "7": _utc(now_ms).strftime("%m%d%H%M%S"),
+        "11": f"{req.stan:06d}",
+        "12": sale.strftime("%H%M%S"),
+        "13": sale.strftime("%m%d"),
+        "22": ENTRY_MODE_CODES[req.entry_mode],
+        "37": req.rrn,
+        "41": req.terminal_id,
+        "42": req.merchant_id,
+        "49": numeric_code(req.currency),
+    }
+    if req.expiry is not None:
+        doc["14"] = req.expiry[2:] + req.expiry[:2]  # MMYY -> YYMM
+    if kind is RequestKind.REVERSAL:
+        # original MTI, STAN, date/time (of the sale), acquiring and forwarding institution ids
+        doc["90"] = "0220" + doc["11"] + sale.strftime("%m%d%H%M%S") + "0" * 11 + "0" * 11
+    return doc
+
+
+def key_of(req: AcquirerRequest, family: Family) -> MatchKey:
+    return MatchKey(family, f"{req.stan:06d}", req.rrn, req.terminal_id)
+
+
+def encode_message(doc: Mapping[str, str], spec: Spec = DEFAULT_SPEC) -> bytes:
+    try:
+        raw, _ = iso8583.encode(dict(doc), spec)
+    except iso8583.EncodeError as exc:
+        raise EncodingError(f"ISO 8583 message does not encode: {exc.msg}") from exc
+    return bytes(raw)
+
+
+def decode_message(payload: bytes, spec: Spec = DEFAULT_SPEC) -> dict[str, str]:
+    try:
+        doc, _ = iso8583.decode(bytes(payload), spec)
+    except iso8583.DecodeError as exc:
+        raise EncodingError(f"ISO 8583 message does not decode: {exc.msg}") from exc
+    except Exception as exc:  # a hostile bitmap can trip pyiso8583 outside its own error type
+        raise EncodingError("ISO 8583 message does not decode") from exc
+    return doc
+
+
+def _required(doc: Mapping[str, str], name: str) -> str:
+    value = doc.get(name)
+    if value is None:
+        raise ProtocolError(f"ISO 8583 {doc.get('t', '????')} lacks field {name}")
+    return value
+
+
+def _key_from(doc: Mapping[str, str], family: Family) -> MatchKey:
+    stan = _required(doc, "11")
+    if len(stan) != 6 or not stan.isdigit():
+        raise ProtocolError("ISO 8583 field 11 is not 6 digits")
+    return MatchKey(family, stan, _required(doc, "37"), _required(doc, "41"))
+
+
+def parse_answer(doc: Mapping[str, str]) -> AnswerReceived:
+    mti = _required(doc, "t")
+    family = ANSWER_MTIS.get(mti)
+    if family is None:
+        raise ProtocolError(f"unexpected ISO 8583 message type {mti!r} from the acquirer")
+    key = _key_from(doc, family)
+    code = _required(doc, "39")
+    if len(code) != 2 or not code.isalnum():
+        raise ProtocolError("ISO 8583 field 39 is not a 2-character response code")
+    auth = doc.get("38")
+    auth = auth.strip() if auth is not None else None
+    approved = code == APPROVED
+    return AnswerReceived(mti, key, AcquirerResult(approved, code, (auth or None) if approved else None))
+
+
+def parse_request(doc: Mapping[str, str]) -> RequestReceived:
+    mti = _required(doc, "t")
+    try:
+        kind = RequestKind(mti)
+    except ValueError as exc:
+        raise ProtocolError(f"unsupported ISO 8583 request type {mti!r}") from exc
+    pan = _required(doc, "2")
+    amount = _required(doc, "4")
+    currency = _required(doc, "49")
+    if not pan.isdigit() or not amount.isdigit() or not currency.isdigit():
+        raise ProtocolError("ISO 8583 field 2, 4 or 49 is not numeric")
+    fields = {name: value for name, value in doc.items() if name not in ("p", "1")}  # bitmaps
+    return RequestReceived(kind, _key_from(doc, kind.family), pan, int(amount), currency, fields)
+
+
+_ECHOED = ("3", "4", "7", "11", "12", "13", "37", "41", "42", "49")
+
+
+def build_answer(request: RequestReceived, response_code: str, auth_code: str | None) -> dict[str, str]:
+    doc = {"t": ANSWER_TO[request.kind], "39": response_code}
+    for name in _ECHOED:
+        if name in request.fields:
+            doc[name] = request.fields[name]
+    if auth_code is not None:
+        doc["38"] = auth_code
+    return doc
+
+
+# --- the two ends ------------------------------------------------------------
+
+
+class ClientConnection:
+    """The sending end: requests out, answers matched to outstanding requests in."""
+
+    def __init__(
+        self,
+        *,
+        header: LengthHeader = LengthHeader.BINARY2,
+        spec: Spec = DEFAULT_SPEC,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self._header = header
+        self._spec = spec
+        self._frames = FrameDecoder(header, max_frame=max_frame, spec=spec)
+        self._outstanding: set[MatchKey] = set()
+
+    @property
+    def outstanding(self) -> frozenset[MatchKey]:
+        return frozenset(self._outstanding)
+
+    def send_request(self, req: AcquirerRequest, kind: RequestKind, *, now_ms: int) -> tuple[MatchKey, bytes]:
+        key = key_of(req, kind.family)
+        if key in self._outstanding:
+            raise ProtocolError(f"a {kind.family.value} for {req.describe()} is already outstanding")
+        data = frame(encode_message(build_request(req, kind, now_ms=now_ms), self._spec), self._header)
+        self._outstanding.add(key)
+        return key, data
+
+    def forget(self, key: MatchKey) -> None:
+        """Stop waiting for ``key`` (timed out); a late answer becomes UnexpectedAnswer."""
+        self._outstanding.discard(key)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._frames.receive_data(data)
+
+    def next_event(self) -> AnswerReceived | UnexpectedAnswer | Literal[NeedData.NEED_DATA]:
+        payload = self._frames.next_frame()
+        if payload is NEED_DATA:
+            return NEED_DATA
+        answer = parse_answer(decode_message(payload, self._spec))
+        if answer.key not in self._outstanding:
+            return UnexpectedAnswer(answer.mti, answer.key)
+        self._outstanding.discard(answer.key)
+        return answer
+
+
+class ServerConnection:
+    """The host end: requests in, answers out."""
+
+    def __init__(
+        self,
+        *,
+        header: LengthHeader = LengthHeader.BINARY2,
+        spec: Spec = DEFAULT_SPEC,
+        max_frame: int = MAX_FRAME,
+    ) -> None:
+        self._header = header
+        self._spec = spec
+        self._frames = FrameDecoder(header, max_frame=max_frame, spec=spec)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._frames.receive_data(data)
+
+    def next_event(self) -> RequestReceived | Literal[NeedData.NEED_DATA]:
+        payload = self._frames.next_frame()
+        if payload is NEED_DATA:
+            return NEED_DATA
+        return parse_request(decode_message(payload, self._spec))
+
+    def send_answer(self, request: RequestReceived, response_code: str, auth_code: str | None) -> bytes:
+        return frame(encode_message(build_answer(request, response_code, auth_code), self._spec), self._header)

@@ -1,0 +1,242 @@
+"""ISO 8583 over TCP: one connection, many outstanding requests, answers in any order.
+
+A thin trio driver around :class:`meshpos.acquirer.iso8583.ClientConnection`:
+a reader task matches answers to waiting callers, a writer task sends whatever
+callers queued in one ``send_all``. If the connection drops, every request
+waiting on it fails with AcquirerError (its caller retries it as a 0221) and the
+next request opens a new connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import AcquirerError, EncodingError, ProtocolError
+from .base import AcquirerRequest, AcquirerResult
+from .iso8583 import (
+    DEFAULT_SPEC,
+    MAX_FRAME,
+    NEED_DATA,
+    AnswerReceived,
+    ClientConnection,
+    LengthHeader,
+    MatchKey,
+    RequestKind,
+    Spec,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 10.0
+DEFAULT_MAX_OUTSTANDING = 1000
+RECEIVE_SIZE = 65536
+
+Connector = Callable[[], Awaitable[trio.abc.Stream]]
+
+
+class _Pending:
+    __slots__ = ("done", "result", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: AcquirerResult | None = None
+        self.error: str | None = None
+
+
+class _Connection:
+    def __init__(self, stream: trio.abc.Stream, proto: ClientConnection) -> None:
+        self.stream = stream
+        self.proto = proto
+        self.pending: dict[MatchKey, _Pending] = {}
+        self.outbox = bytearray()
+        self.outbox_ready = trio.Event()
+        self.closed = False
+        self.cancel_scope = trio.CancelScope()
+
+    def fail_all(self, reason: str) -> None:
+        self.closed = True
+        for pending in self.pending.values():
+            pending.error = reason
+            pending.done.set()
+        self.pending.clear()
+        self.cancel_scope.cancel()
+
+
+class Iso8583Link:
+    """An :class:`~meshpos.acquirer.base.AcquirerLink` speaking ISO 8583 over one stream.
+
+    Background tasks run in ``nursery``; :func:`open_iso8583_link` supplies one.
+    ``timeout`` bounds each call, connecting included; ``clock`` gives field 7.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        connect: Connector,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        clock: Clock = SYSTEM_CLOCK,
+        header: LengthHeader = LengthHeader.BINARY2,
+        spec: Spec = DEFAULT_SPEC,
+        max_frame: int = MAX_FRAME,
+        max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+    ) -> None:
+        self._nursery = nursery
+        self._connect = connect
+        self._timeout = timeout
+        self._clock = clock
+        self._header = header
+        self._spec = spec
+        self._max_frame = max_frame
+        self._slots = trio.Semaphore(max_outstanding)
+        self._connect_lock = trio.Lock()
+        self._conn: _Connection | None = None
+        self._closed = False
+        self.connections_opened = 0
+
+    async def advise(self, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
+        return await self._exchange(req, RequestKind.ADVICE_REPEAT if repeat else RequestKind.ADVICE)
+
+    async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
+        return await self._exchange(req, RequestKind.REVERSAL)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.fail_all("the acquirer link was closed")
+            await trio.aclose_forcefully(conn.stream)
+
+    async def _exchange(self, req: AcquirerRequest, kind: RequestKind) -> AcquirerResult:
+        what = f"{kind.mti} for {req.describe()}"
+        pending = _Pending()
+        with trio.move_on_after(self._timeout) as scope:
+            async with self._slots:
+                conn = await self._connection(what)
+                try:
+                    key, data = conn.proto.send_request(req, kind, now_ms=self._clock.now_ms())
+                except ProtocolError as exc:
+                    raise AcquirerError(f"{what}: {exc}") from exc
+                conn.pending[key] = pending
+                conn.outbox += data
+                conn.outbox_ready.set()
+                try:
+                    await pending.done.wait()
+                finally:
+                    if not pending.done.is_set():
+                        conn.pending.pop(key, None)
+                        conn.proto.forget(key)
+        if scope.cancelled_caught:
+            raise AcquirerError(f"{what}: no answer within {self._timeout:g} s")
+        if pending.error is not None:
+            raise AcquirerError(f"{what}: {pending.error}")
+        assert pending.result is not None
+        return pending.result
+
+    async def _connection(self, what: str) -> _Connection:
+        if self._closed:
+            raise AcquirerError(f"{what}: the acquirer link is closed")
+        async with self._connect_lock:
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            try:
+                stream = await self._connect()
+            except OSError as exc:
+                raise AcquirerError(f"{what}: cannot connect to the acquirer: {exc.strerror or exc}") from exc
+            conn = _Connection(
+                stream, ClientConnection(header=self._header, spec=self._spec, max_frame=self._max_frame)
+            )
+            self._conn = conn
+            self.connections_opened += 1
+            self._nursery.start_soon(self._run_connection, conn)
+            return conn
+
+    async def _run_connection(self, conn: _Connection) -> None:
+        reason = "the acquirer closed the connection"
+        try:
+            with conn.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, conn)
+                    reason = await self._reader(conn)
+                    nursery.cancel_scope.cancel()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = f"connection to the acquirer lost ({type(exc).__name__})"
+        finally:
+            conn.fail_all(reason)
+            if self._conn is conn:
+                self._conn = None
+            await trio.aclose_forcefully(conn.stream)
+        log.info("acquirer connection ended: %s", reason)
+
+    async def _writer(self, conn: _Connection) -> None:
+        while True:
+            await conn.outbox_ready.wait()
+            conn.outbox_ready = trio.Event()
+            data, conn.outbox = bytes(conn.outbox), bytearray()
+            await conn.stream.send_all(data)
+
+    async def _reader(self, conn: _Connection) -> str:
+        while True:
+            data = await conn.stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                return "the acquirer closed the connection"
+            conn.proto.receive_data(data)
+            while True:
+                try:
+                    event = conn.proto.next_event()
+                except (EncodingError, ProtocolError) as exc:
+                    # framing can no longer be trusted: drop everything on this connection
+                    return f"unusable answer from the acquirer: {exc}"
+                if event is NEED_DATA:
+                    break
+                if isinstance(event, AnswerReceived):
+                    pending = conn.pending.pop(event.key, None)
+                    if pending is not None:
+                        pending.result = event.result
+                        pending.done.set()
+                else:
+                    log.warning("answer %s for rrn %s matches no outstanding request", event.mti, event.key.rrn)
+
+
+@asynccontextmanager
+async def open_iso8583_link(
+    host: str,
+    port: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    clock: Clock = SYSTEM_CLOCK,
+    header: LengthHeader = LengthHeader.BINARY2,
+    spec: Spec = DEFAULT_SPEC,
+    max_frame: int = MAX_FRAME,
+    max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+    connect: Connector | None = None,
+) -> AsyncIterator[Iso8583Link]:
+    """``async with open_iso8583_link(host, port) as link:`` -- a plain TCP link."""
+
+    async def tcp() -> trio.abc.Stream:
+        return await trio.open_tcp_stream(host, port)
+
+    async with trio.open_nursery() as nursery:
+        link = Iso8583Link(
+            nursery,
+            connect or tcp,
+            timeout=timeout,
+            clock=clock,
+            header=header,
+            spec=spec,
+            max_frame=max_frame,
+            max_outstanding=max_outstanding,
+        )
+        try:
+            yield link
+        finally:
+            await link.aclose()
+            nursery.cancel_scope.cancel()
+
+
+__all__ = ["Connector", "Iso8583Link", "open_iso8583_link", "DEFAULT_TIMEOUT"]

@@ -1,0 +1,366 @@
+"""The subcommands of ``meshpos``: each one parses, calls the library, prints."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+
+from pathlib import Path
+from typing import Any
+
+from ..cards import check_pan, seal_card
+from ..currency import check_currency, parse_amount
+from ..errors import InputError
+from ..jsonfile import read_json, write_json
+from ..node import client
+from ..node.enroll import create_request, enroll_one_step, install_answer
+from ..site import check_switch_url, init_site, load_site, read_switch_key_file
+from .output import emit_json, table
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _site(sub)
+    _enroll(sub)
+    _sell(sub)
+    _sales(sub)
+    _status(sub)
+    _void(sub)
+    from . import more
+    more.register(sub)
+
+
+# -- site ----------------------------------------------------------------------------
+
+def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("site", help="create and manage a site (the organizer's CA and policy)",
+                       description="The organizer's site: its CA key, its policy, revocations.")
+    s = p.add_subparsers(dest="site_command", metavar="SITE_COMMAND", required=True)
+    i = s.add_parser("init", help="create a new site directory with its CA and policy",
+                     description="Create SITE_DIR: the site CA (Ed25519), its certificate and the signed "
+                                 "site policy. Keep ca.key offline: whoever holds it can enroll devices.")
+    i.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    i.add_argument("--name", required=True, help="the event or site name shown on receipts")
+    i.add_argument("--currency", default="EUR", help="ISO 4217 currency of every sale (default EUR)")
+    i.add_argument("--switch-key", type=_path, metavar="FILE",
+                   help="the switch's public key file (switch.pub, 64 hex characters); card sales need it")
+    i.add_argument("--switch-url", metavar="URL", help="the switch's forwarding address, https://HOST:PORT")
+    i.add_argument("--dashboard-password", metavar="PASSWORD", help="password of the organizer dashboard")
+    i.add_argument("--offline-window", type=int, metavar="HOURS", help="hours a sale may stay offline (default 24)")
+    i.add_argument("--max-sale", metavar="AMOUNT", help="per-sale offline cap (default 500.00)")
+    i.add_argument("--max-terminal-pending", metavar="AMOUNT", help="stored-total cap per terminal (default 10000.00)")
+    i.add_argument("--max-site-pending", metavar="AMOUNT", help="stored-total cap for the site (default 100000.00)")
+    i.add_argument("--json", action="store_true", help="print the site as JSON")
+    i.set_defaults(handler=cmd_site_init)
+
+    w = s.add_parser("set-switch", help="set the switch's key and address in the site policy",
+                     description="Sign a new policy version naming the switch. Enrolled nodes receive it "
+                                 "through the ledger once one of them imports it (meshpos site push).")
+    w.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    w.add_argument("--switch-key", type=_path, metavar="FILE", required=True)
+    w.add_argument("--switch-url", metavar="URL", required=True)
+    w.set_defaults(handler=cmd_site_set_switch)
+
+    r = s.add_parser("revoke", help="revoke an enrolled node (stolen, lost, misbehaving)",
+                     description="Sign a revocation of NODE (name or node id). With --node, the revocation "
+                                 "is put into that node's ledger at once and replicates to the whole mesh.")
+    r.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    r.add_argument("node", metavar="NODE", help="name or node id of the node to revoke")
+    r.add_argument("--reason", help="why (kept in the revocation)")
+    r.add_argument("--node", dest="via", type=_path, metavar="NODE_DIR", help="a node that takes it into the ledger")
+    r.set_defaults(handler=cmd_site_revoke)
+
+    push = s.add_parser("push", help="hand the current policy and revocations to a node's ledger",
+                        description="Put the site's current signed policy and all revocations into NODE_DIR's "
+                                    "ledger (running or not); the mesh spreads them.")
+    push.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    push.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    push.set_defaults(handler=cmd_site_push)
+
+    sh = s.add_parser("show", help="show the site, its policy and enrolled nodes")
+    sh.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    sh.add_argument("--json", action="store_true")
+    sh.set_defaults(handler=cmd_site_show)
+
+
+def _minor(text: str | None, currency: str) -> int | None:
+    return None if text is None else parse_amount(text, currency)
+
+
+def cmd_site_init(args: argparse.Namespace) -> int:
+    currency = check_currency(args.currency.upper())
+    key = read_switch_key_file(args.switch_key) if args.switch_key else None
+    if args.switch_url:
+        check_switch_url(args.switch_url)
+    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, args.dashboard_password)
+    changes: dict[str, Any] = {}
+    if args.offline_window:
+        if args.offline_window <= 0:
+            raise InputError("--offline-window must be a positive number of hours")
+        changes["offline_window_s"] = args.offline_window * 3600
+    for opt, field in (("max_sale", "max_sale_minor"), ("max_terminal_pending", "max_terminal_pending_minor"),
+                       ("max_site_pending", "max_site_pending_minor")):
+        value = _minor(getattr(args, opt), currency)
+        if value is not None:
+            changes[field] = value
+    if changes:
+        site.update_policy(**changes)
+    return _show_site(site, args.json, created=True)
+
+
+def _show_site(site: Any, as_json: bool, created: bool = False) -> int:
+    policy = {k: v for k, v in site.policy.to_json().items() if k != "dashboard_password"}
+    if as_json:
+        emit_json({"site_id": site.site_id, "name": site.policy.name, "path": str(site.path), "policy": policy,
+                   "enrolled": site.enrolled()})
+        return 0
+    if created:
+        print(f"created site {site.policy.name!r} ({site.site_id}) in {site.path}")
+        print(f"keep {site.path / 'ca.key'} offline: it enrolls devices")
+    else:
+        print(f"site {site.policy.name!r} ({site.site_id})")
+    for key, value in policy.items():
+        print(f"  {key}: {value}")
+    if not site.policy.switch_key:
+        print("  note: no switch key yet: card sales are refused until `meshpos site set-switch`")
+    nodes = site.enrolled()
+    if nodes:
+        print(table([[n["name"], n["role"], n["node_id"]] for n in nodes], ["NAME", "ROLE", "NODE ID"]))
+    return 0
+
+
+def cmd_site_show(args: argparse.Namespace) -> int:
+    return _show_site(load_site(args.site_dir), args.json)
+
+
+def cmd_site_set_switch(args: argparse.Namespace) -> int:
+    site = load_site(args.site_dir)
+    policy = site.update_policy(switch_key=read_switch_key_file(args.switch_key),
+                                switch_url=check_switch_url(args.switch_url))
+    print(f"policy version {policy.version}: switch {policy.switch_url} key {policy.switch_key[:16]}...")
+    print("push it to a node with `meshpos site push SITE_DIR NODE_DIR`; the mesh spreads it")
+    return 0
+
+
+def cmd_site_revoke(args: argparse.Namespace) -> int:
+    site = load_site(args.site_dir)
+    node_id = site.find_node(args.node)
+    raw = site.revoke(node_id, args.reason)
+    print(f"revoked {args.node} ({node_id}); revocation in {site.path / 'revocations' / (node_id + '.env')}")
+    if args.via:
+        client.call(args.via, "ingest", {"raw": raw.decode()})
+        print(f"taken into the ledger of {args.via}; it spreads to every node it reaches")
+    else:
+        print("hand it to any node: `meshpos site push SITE_DIR NODE_DIR`")
+    return 0
+
+
+def cmd_site_push(args: argparse.Namespace) -> int:
+    site = load_site(args.site_dir)
+    items = [site.policy_envelope()] + [p.read_bytes() for p in sorted((site.path / "revocations").glob("*.env"))]
+    for raw in items:
+        client.call(args.node_dir, "ingest", {"raw": raw.decode()})
+    print(f"pushed policy v{site.policy.version} and {len(items) - 1} revocation(s) to {args.node_dir}")
+    return 0
+
+
+# -- enrollment ------------------------------------------------------------------------
+
+def _enroll_node_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--role", required=True, choices=("terminal", "gateway", "inspector"))
+    p.add_argument("--name", required=True, help="the node's human name (on receipts and in the inspector)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address the node accepts mesh links on")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                   help="a static peer (repeat); for networks that block multicast")
+    p.add_argument("--uplink", action="store_true", help="allow this node to forward the site's queue")
+    p.add_argument("--language", default="en", choices=("en", "it"), help="receipt language")
+
+
+def _enroll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "enroll", help="enroll a device into a site (one step, or request/sign/install)",
+        description="One-step shortcut (organizer and device on one machine):\n"
+                    "  meshpos enroll SITE_DIR NODE_DIR --role ROLE --name NAME\n"
+                    "Real flow, the private key never leaves the device:\n"
+                    "  meshpos enroll request NODE_DIR --role ROLE --name NAME --out REQUEST.json\n"
+                    "  meshpos enroll sign SITE_DIR REQUEST.json --out ANSWER.json   (organizer)\n"
+                    "  meshpos enroll install NODE_DIR ANSWER.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    _enroll_node_opts(p)
+    p.add_argument("--valid-days", type=int, default=90, help="certificate validity (default 90 days)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_enroll)
+
+    r = sub.add_parser("enroll-request", help="(enroll request) make this device's key and request")
+    r.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    _enroll_node_opts(r)
+    r.add_argument("--out", type=_path, required=True, metavar="FILE", help="where to write the request")
+    r.set_defaults(handler=cmd_enroll_request)
+
+    s = sub.add_parser("enroll-sign", help="(enroll sign) the organizer signs a request")
+    s.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    s.add_argument("request", type=_path, metavar="REQUEST")
+    s.add_argument("--out", type=_path, required=True, metavar="FILE", help="where to write the answer")
+    s.add_argument("--valid-days", type=int, default=90)
+    s.set_defaults(handler=cmd_enroll_sign)
+
+    i = sub.add_parser("enroll-install", help="(enroll install) install the organizer's answer")
+    i.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    i.add_argument("answer", type=_path, metavar="ANSWER")
+    i.set_defaults(handler=cmd_enroll_install)
+
+
+def _print_enrolled(cfg: Any, as_json: bool = False) -> None:
+    if as_json:
+        emit_json(cfg.to_json())
+    else:
+        print(f"enrolled {cfg.role} {cfg.name!r} as node {cfg.node_id} of site {cfg.site_id}")
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    if args.valid_days <= 0:
+        raise InputError("--valid-days must be positive")
+    site = load_site(args.site_dir)
+    cfg = enroll_one_step(site, args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
+                          args.language, args.valid_days)
+    _print_enrolled(cfg, args.json)
+    return 0
+
+
+def cmd_enroll_request(args: argparse.Namespace) -> int:
+    request = create_request(args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
+                             args.language)
+    write_json(args.out, request)
+    print(f"request written to {args.out}: give it to the organizer (`meshpos enroll sign`)")
+    return 0
+
+
+def cmd_enroll_sign(args: argparse.Namespace) -> int:
+    site = load_site(args.site_dir)
+    answer = site.sign_request(read_json(args.request, "enrollment request"), valid_days=args.valid_days)
+    write_json(args.out, answer)
+    print(f"answer written to {args.out}: install it on the device (`meshpos enroll install`)")
+    return 0
+
+
+def cmd_enroll_install(args: argparse.Namespace) -> int:
+    _print_enrolled(install_answer(args.node_dir, read_json(args.answer, "enrollment answer")))
+    return 0
+
+
+# -- selling ---------------------------------------------------------------------------------
+
+def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("sell", help="take a sale (card or cash); prints it once it is durable",
+                       description="Take one offline sale. The card number is sealed to the switch's key at "
+                                   "once; only brand and last 4 digits are kept. The sale is acknowledged "
+                                   "(printed) only after it is on disk.")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("--amount", required=True, help="amount in the site currency, e.g. 12.50")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--card", metavar="PAN", help="card number (a test card stands in for the reader)")
+    how.add_argument("--cash", action="store_true", help="a cash sale")
+    p.add_argument("--expiry", metavar="MMYY", help="card expiry")
+    p.add_argument("--entry-mode", default="manual", choices=("chip", "contactless", "magstripe", "manual"))
+    p.add_argument("--description", help="what was sold")
+    p.add_argument("--json", action="store_true", help="print the sale as JSON (as `sales --json` lists it)")
+    p.set_defaults(handler=cmd_sell)
+
+
+def cmd_sell(args: argparse.Namespace) -> int:
+    policy = client.call(args.node_dir, "policy")
+    amount = parse_amount(args.amount, policy["currency"])
+    card = None
+    if args.card is not None:
+        pan = check_pan(args.card)
+        if not policy["switch_key"]:
+            from ..errors import PolicyError
+            raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: take cash, "
+                              "or have the organizer run `meshpos site set-switch`")
+        capture = seal_card(pan, args.expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]))
+        del pan
+        card = {"brand": capture.brand, "last4": capture.last4, "entry_mode": capture.entry_mode,
+                "sealed": base64.b64encode(capture.sealed).decode()}
+    sale = client.call(args.node_dir, "sell",
+                       {"amount_minor": amount, "card": card, "description": args.description})
+    if args.json:
+        emit_json(sale)
+    else:
+        how = f"{sale['card_brand']} **** {sale['card_last4']}" if sale["method"] == "card" else "cash"
+        print(f"sale {sale['id']}: {sale['amount']} {sale['currency']} {how}, {sale['status']}")
+    return 0
+
+
+def _sales(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("sales", help="list the sales this node knows (the whole site's)")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("--terminal", help="only this terminal's sales (node id)")
+    p.add_argument("--json", action="store_true", help="one JSON object per sale, in a list")
+    p.set_defaults(handler=cmd_sales)
+
+
+def cmd_sales(args: argparse.Namespace) -> int:
+    sales = client.call(args.node_dir, "sales", {"terminal": args.terminal})
+    if args.json:
+        emit_json(sales)
+        return 0
+    rows = [[s["id"], s["terminal_name"], s["amount"], s["currency"], s["method"],
+             s["card_last4"] and f"**** {s['card_last4']}", s["status"], s["auth_code"], s["created_at"]]
+            for s in sales]
+    print(table(rows, ["SALE", "TERMINAL", "AMOUNT", "CUR", "METHOD", "CARD", "STATUS", "AUTH", "CREATED"]))
+    print(f"{len(sales)} sale(s)")
+    return 0
+
+
+def _status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("status", help="the node's identity, ledger, queue and devices")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = client.call(args.node_dir, "status")
+    if args.json:
+        emit_json(st)
+        return 0
+    print(f"{st['role']} {st['name']!r} ({st['node_id']}) of site {st['site_name']!r} ({st['site_id']})")
+    print(f"  certificate expires {st['certificate_expires']}"
+          + ("" if st["certificate_valid"] else "  ** NOT VALID NOW **"))
+    print(f"  ledger: {st['ledger']['entries']} entries in {st['ledger']['shards']} shard(s)")
+    pend = st["pending"]
+    print(f"  sales: {st['sales']['total']} known, {st['sales']['own']} own; pending {pend['count']}")
+    print("  by status: " + ", ".join(f"{k} {v}" for k, v in st["sales"]["by_status"].items() if v))
+    print(f"  uplink allowed: {'yes' if st['uplink_allowed'] else 'no'};"
+          f" switch configured: {'yes' if st['switch_configured'] else 'no'}")
+    for key in ("running", "peers", "printer", "uplink"):
+        if key in st:
+            print(f"  {key}: {json.dumps(st[key])}")
+    return 0
+
+
+def _void(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("void", help="void a pending sale of this terminal")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("sale_id", metavar="SALE_ID")
+    p.add_argument("--reason")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_void)
+
+
+def cmd_void(args: argparse.Namespace) -> int:
+    sale = client.call(args.node_dir, "void", {"sale_id": args.sale_id, "reason": args.reason})
+    if args.json:
+        emit_json(sale)
+    else:
+        print(f"sale {sale['id']} is {sale['status']}")
+    return 0
+
+
+

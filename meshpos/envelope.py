@@ -1,0 +1,175 @@
+"""Signed envelopes: the one format of every entry of the site ledger.
+
+Normative spec: protocols/envelope.md. An envelope is canonical JSON
+(meshpos.canonical) of ``{"v", "type", "signer", "body", "sig"}``; the
+signature is Ed25519 over ``DOMAIN + canonical({"v","type","signer","body"})``.
+Decoding is strict: unknown keys, a wrong version, a non-canonical encoding or
+an oversize envelope are refused before any signature is checked.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import nacl.signing
+
+from . import canonical
+from .errors import EncodingError, VerificationError
+from .identity import keys
+
+VERSION = 1
+DOMAIN = b"meshpos-envelope-v1\0"
+MAX_ENVELOPE = 8192
+TYPES = ("sale", "void", "result", "cert", "revocation", "policy", "lease", "status")
+_FIELDS = {"v", "type", "signer", "body", "sig"}
+
+
+def b64e(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def b64d(text: str, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise EncodingError(f"{what} must be a base64url string")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise EncodingError(f"{what} is not base64url") from exc
+    if b64e(raw) != text:
+        raise EncodingError(f"{what} is not canonical base64url")
+    return raw
+
+
+@dataclass(frozen=True)
+class Envelope:
+    type: str
+    signer: str
+    body: dict[str, Any]
+    sig: bytes
+    raw: bytes
+
+    def signed_bytes(self) -> bytes:
+        return signed_bytes(self.type, self.signer, self.body)
+
+
+def signed_bytes(type_: str, signer: str, body: dict[str, Any]) -> bytes:
+    return DOMAIN + canonical.encode({"v": VERSION, "type": type_, "signer": signer, "body": body})
+
+
+def seal(type_: str, signer: str, body: dict[str, Any], key: nacl.signing.SigningKey) -> bytes:
+    if type_ not in TYPES:
+        raise EncodingError(f"unknown envelope type {type_!r}")
+    sig = keys.sign(key, signed_bytes(type_, signer, body))
+    raw = canonical.encode({"v": VERSION, "type": type_, "signer": signer, "body": body, "sig": b64e(sig)})
+    if len(raw) > MAX_ENVELOPE:
+        raise EncodingError(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE}")
+    return raw
+
+
+def decode(raw: bytes) -> Envelope:
+    if not isinstance(raw, (bytes, bytearray)):
+        raise EncodingError("envelope must be bytes")
+    raw = bytes(raw)
+    if len(raw) > MAX_ENVELOPE:
+        raise EncodingError(f"envelope of {len(raw)} bytes exceeds {MAX_ENVELOPE}")
+    obj = canonical.decode(raw)
+    if not isinstance(obj, dict) or set(obj) != _FIELDS:
+        raise EncodingError("envelope must have exactly the fields v, type, signer, body, sig")
+    if obj["v"] != VERSION:
+        raise EncodingError(f"unsupported envelope version {obj['v']!r}")
+    if obj["type"] not in TYPES:
+        raise EncodingError(f"unknown envelope type {obj['type']!r}")
+    signer = obj["signer"]
+    if not isinstance(signer, str) or not 1 <= len(signer) <= 64:
+        raise EncodingError("envelope signer must be a short string")
+    if not isinstance(obj["body"], dict):
+        raise EncodingError("envelope body must be an object")
+    sig = b64d(obj["sig"], "signature")
+    if len(sig) != keys.SIG_LEN:
+        raise EncodingError("signature must be 64 bytes")
+    return Envelope(type=obj["type"], signer=signer, body=obj["body"], sig=sig, raw=raw)
+
+
+def check_signature(env: Envelope, public_key: bytes) -> None:
+    keys.verify(public_key, env.signed_bytes(), env.sig)
+
+
+# -- body schemas --------------------------------------------------------------
+
+Check = Callable[[Any], bool]
+
+
+def _str(max_len: int) -> Check:
+    return lambda v: isinstance(v, str) and len(v) <= max_len
+
+
+def _int(lo: int, hi: int) -> Check:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _opt(check: Check) -> Check:
+    return lambda v: v is None or check(v)
+
+
+def _one_of(*values: Any) -> Check:
+    return lambda v: v in values
+
+
+def check_body(body: dict[str, Any], schema: dict[str, Check], what: str) -> None:
+    if set(body) != set(schema):
+        missing = set(schema) - set(body)
+        extra = set(body) - set(schema)
+        raise EncodingError(f"{what}: missing {sorted(missing)} / unexpected {sorted(extra)}")
+    for field, ok in schema.items():
+        if not ok(body[field]):
+            raise EncodingError(f"{what}: field {field!r} has a bad value")
+
+
+INT64 = 2**53
+SCHEMAS: dict[str, dict[str, Check]] = {
+    "sale": {
+        "sale_id": _str(64), "site": _str(32), "terminal": _str(32), "seq": _int(1, INT64),
+        "created_at": _int(0, INT64), "amount_minor": _int(1, 10**12), "currency": _str(3),
+        "method": _one_of("card", "cash"), "description": _opt(_str(200)),
+        "items": lambda v: isinstance(v, list) and len(v) <= 50 and all(isinstance(i, dict) for i in v),
+        "card": lambda v: v is None or isinstance(v, dict),
+    },
+    "void": {"sale_id": _str(64), "site": _str(32), "at": _int(0, INT64), "reason": _opt(_str(200))},
+    "result": {
+        "sale_id": _str(64), "site": _str(32), "status": _one_of("approved", "declined", "expired", "rejected", "voided"),
+        "auth_code": _opt(_str(12)), "response_code": _opt(_str(4)), "reason": _opt(_str(300)),
+        "settled_at": _int(0, INT64), "reversed": lambda v: isinstance(v, bool),
+    },
+    "cert": {"cert": _str(4096)},
+    "revocation": {"node_id": _str(32), "site": _str(32), "at": _int(0, INT64), "reason": _opt(_str(200))},
+    "policy": {"policy": lambda v: isinstance(v, dict)},
+    "lease": {"site": _str(32), "holder": _str(32), "scope": _str(64), "granted_at": _int(0, INT64), "until": _int(0, INT64)},
+    "status": {"status": lambda v: isinstance(v, dict)},
+}
+
+CARD_SCHEMA: dict[str, Check] = {
+    "brand": _str(16), "last4": lambda v: isinstance(v, str) and len(v) == 4 and v.isdigit(),
+    "entry_mode": _one_of("chip", "contactless", "magstripe", "manual"), "sealed": _str(1024),
+}
+
+
+def check_schema(env: Envelope) -> None:
+    check_body(env.body, SCHEMAS[env.type], f"{env.type} envelope")
+    if env.type == "sale":
+        card = env.body["card"]
+        if (env.body["method"] == "card") != (card is not None):
+            raise EncodingError("sale envelope: card data must be present exactly for card sales")
+        if card is not None:
+            check_body(card, CARD_SCHEMA, "sale envelope card")
+            b64d(card["sealed"], "sealed card data")
+        if env.body["terminal"] != env.signer:
+            raise VerificationError("sale envelope signed by another node than its terminal")
+        if env.body["sale_id"] != sale_id(env.body["terminal"], env.body["seq"]):
+            raise EncodingError("sale envelope: sale id does not match terminal and sequence")
+
+
+def sale_id(terminal_id: str, seq: int) -> str:
+    return f"{terminal_id}-{seq:08d}"

@@ -1,0 +1,1 @@
+"""Site CA, device keys and certificates, enrollment."""

@@ -1,0 +1,370 @@
+"""The site ledger: verified signed entries replicated as sharded Automerge documents.
+
+Layout (normative: protocols/ledger.md). Every node appends the entries it
+writes (its sales, voids, the results it brought back, its certificate...)
+to its own log, cut into shards of SEGMENT entries named
+``<node_id>/<segment>``. A shard is one Automerge document whose root map holds
+``entry key -> envelope bytes``. Sharding keeps every Automerge operation
+(sync round, scan, save) bounded by SEGMENT, whatever the size of the site's
+ledger, and lets a fresh node bootstrap shard by shard from snapshots.
+
+Automerge does not know who may write what, so the documents are only the
+transport. The node's view is the set of *verified* entries in its store:
+after each merge the shard is scanned; new entries are verified against the
+roster before they enter the view (an unknown signer is parked until its
+certificate arrives), invalid ones are logged and kept out, and an entry a
+peer deleted or overwrote in its home shard is re-asserted from the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import automerge.core as am
+
+from . import envelope as env_mod
+from .clock import Clock
+from .errors import EncodingError, MeshposError, VerificationError
+from .roster import Roster, UnknownSigner, Verified, entry_key
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+SEGMENT = 256
+COMPACT_AFTER_CHUNKS = 64
+MAX_SHARD_NAME = 48
+
+
+def entry_bytes(got: object) -> bytes | None:
+    """The envelope bytes of a ``doc.get`` answer, or None if it holds anything else.
+
+    automerge 1.0.0rc1 hands Bytes scalars back as a list of ints.
+    """
+    if not isinstance(got, tuple) or not got:
+        return None
+    value = got[0]
+    if not isinstance(value, tuple) or len(value) != 2 or value[0] != am.ScalarType.Bytes:
+        return None
+    data = value[1]
+    if isinstance(data, bytes):
+        return data
+    try:
+        return bytes(data)
+    except (TypeError, ValueError):
+        return None
+
+
+def digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
+
+
+def shard_name(node_id: str, position: int) -> str:
+    return f"{node_id}/{position // SEGMENT:06d}"
+
+
+def valid_shard_name(name: str) -> bool:
+    node, _, seg = name.partition("/")
+    return (len(name) <= MAX_SHARD_NAME and len(node) == 16 and all(c in "0123456789abcdef" for c in node)
+            and len(seg) == 6 and seg.isdigit())
+
+
+@dataclass
+class IngestReport:
+    accepted: list[Verified] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
+    parked: int = 0
+    reasserted: int = 0
+
+
+@dataclass
+class _Indexed:
+    digest: bytes
+    home: str
+
+
+class Ledger:
+    def __init__(self, store: Store, roster: Roster, node_id: str, clock: Clock) -> None:
+        self.store = store
+        self.roster = roster
+        self.node_id = node_id
+        self.clock = clock
+        self.actor = bytes.fromhex(node_id) + os.urandom(8)
+        self.docs: dict[str, am.Document] = {}
+        self.index: dict[str, _Indexed] = {}
+        self.homes: dict[str, set[str]] = {}
+        self._seen_bad: set[tuple[str, bytes]] = set()
+        self.on_accept: list[Callable[[Verified], None]] = []
+        self.on_shard_changed: list[Callable[[str], None]] = []
+
+    # -- opening ------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store: Store, roster: Roster, node_id: str, clock: Clock) -> "Ledger":
+        ledger = cls(store, roster, node_id, clock)
+        for raw in store.entries_of_type("cert", "revocation", "policy"):
+            roster.apply(env_mod.decode(raw))
+        for key, raw, shard in store.conn.execute("SELECT key, raw, shard FROM entries"):
+            ledger._index(str(key), bytes(raw), str(shard))
+        for shard in store.shard_names():
+            ledger._load_shard(shard)
+        return ledger
+
+    def _index(self, key: str, raw: bytes, home: str) -> None:
+        self.index[key] = _Indexed(digest(raw), home)
+        self.homes.setdefault(home, set()).add(key)
+
+    def _load_shard(self, shard: str) -> None:
+        data = self.store.load_shard(shard)
+        blob = (data.snapshot or b"") + b"".join(data.chunks)
+        try:
+            doc = am.Document.load(blob) if blob else am.Document(self.actor)
+            doc.set_actor(self.actor)
+        except Exception as exc:  # automerge raises bare Exception on bad input
+            log.warning("shard %s in %s does not load (%s): rebuilding it from verified entries",
+                        shard, self.store.path, exc)
+            doc = None
+        if doc is None or data.damaged:
+            if data.damaged:
+                log.warning("shard %s: %d damaged chunk(s) dropped; rebuilding from verified entries",
+                            shard, data.damaged)
+            doc = am.Document(self.actor)
+            with self.store.transaction():
+                with doc.transaction() as tx:
+                    for key, raw in self.store.entries_of_shard(shard):
+                        tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
+                self.store.put_snapshot(shard, doc.save())
+        self.docs[shard] = doc
+        self._reassert(shard, IngestReport())
+
+    # -- queries ------------------------------------------------------------------
+
+    def shards(self) -> list[str]:
+        return sorted(self.docs)
+
+    def heads(self, shard: str) -> list[bytes]:
+        doc = self.docs.get(shard)
+        return sorted(doc.get_heads()) if doc is not None else []
+
+    def summary(self) -> dict[str, bytes]:
+        """shard -> 8-byte digest of its heads: what a peer compares on link set-up."""
+        return {s: hashlib.blake2b(b"".join(self.heads(s)), digest_size=8).digest() for s in self.docs}
+
+    def has(self, key: str) -> bool:
+        return key in self.index
+
+    def raw(self, key: str) -> bytes | None:
+        got = self.store.entry(key)
+        return got[0] if got else None
+
+    def snapshot(self, shard: str) -> bytes:
+        return self.docs[shard].save()
+
+    # -- local writes ---------------------------------------------------------------
+
+    def write_local(self, raw: bytes) -> Verified:
+        """Verify and append an entry this node writes to its own log; durable on return."""
+        verified = self.roster.verify(env_mod.decode(raw), self.clock.now_ms())
+        if verified.key in self.index:
+            raise VerificationError(f"entry {verified.key} exists already")
+        with self.store.transaction():
+            position = int(self.store.get_meta("log_seq") or 0)
+            shard = shard_name(self.node_id, position)
+            self.store.set_meta("log_seq", str(position + 1))
+            self._put(shard, [(verified.key, raw)])
+            self._accept(verified, shard)
+        self._notify(shard, [verified])
+        return verified
+
+    def _doc(self, shard: str) -> am.Document:
+        doc = self.docs.get(shard)
+        if doc is None:
+            doc = self.docs[shard] = am.Document(self.actor)
+        return doc
+
+    def _put(self, shard: str, items: list[tuple[str, bytes]]) -> None:
+        doc = self._doc(shard)
+        before = doc.get_heads()
+        with doc.transaction() as tx:
+            for key, raw in items:
+                tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
+        self._persist(shard, before)
+
+    def _persist(self, shard: str, before: list[bytes]) -> None:
+        doc = self.docs[shard]
+        changes = doc.get_changes(before)
+        if not changes:
+            return
+        self.store.add_chunk(shard, b"".join(c.bytes for c in changes))
+        if self.store.chunk_count(shard) >= COMPACT_AFTER_CHUNKS:
+            self.store.put_snapshot(shard, doc.save())
+
+    def _accept(self, verified: Verified, shard: str) -> None:
+        env = verified.env
+        self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
+        self._index(verified.key, env.raw, shard)
+        body = env.body
+        if env.type == "sale":
+            self.store.insert_sale(body)
+            for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}"):
+                got = self.store.entry(later)
+                if got:
+                    self._apply_view(env_mod.decode(got[0]))
+        else:
+            self._apply_view(env)
+
+    def _apply_view(self, env: env_mod.Envelope) -> None:
+        if env.type == "void":
+            self.store.mark_void(env.body["sale_id"], env.body["at"])
+        elif env.type == "result":
+            self.store.set_result(env.body)
+        elif env.type in ("cert", "revocation", "policy"):
+            self.roster.apply(env)
+
+    def _notify(self, shard: str, accepted: list[Verified]) -> None:
+        for verified in accepted:
+            for callback in self.on_accept:
+                callback(verified)
+        for callback in self.on_shard_changed:
+            callback(shard)
+
+    # -- replication ----------------------------------------------------------------
+
+    def generate_sync(self, shard: str, state: am.SyncState) -> bytes | None:
+        msg = self._doc(shard).generate_sync_message(state)
+        return None if msg is None else msg.encode()
+
+    def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
+        if not valid_shard_name(shard):
+            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        try:
+            msg = am.Message.decode(data)
+        except Exception as exc:
+            raise EncodingError(f"bad Automerge sync message for shard {shard}: {exc}") from exc
+        doc = self._doc(shard)
+        before = doc.get_heads()
+        try:
+            doc.receive_sync_message(state, msg)
+        except Exception as exc:
+            raise EncodingError(f"Automerge refused a sync message for shard {shard}: {exc}") from exc
+        return self._after_merge(shard, before, peer)
+
+    def receive_snapshot(self, shard: str, data: bytes, peer: str) -> IngestReport:
+        if not valid_shard_name(shard):
+            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        try:
+            other = am.Document.load(data)
+        except Exception as exc:
+            raise EncodingError(f"bad Automerge snapshot for shard {shard}: {exc}") from exc
+        doc = self._doc(shard)
+        before = doc.get_heads()
+        doc.merge(other)
+        return self._after_merge(shard, before, peer)
+
+    def _after_merge(self, shard: str, before: list[bytes], peer: str) -> IngestReport:
+        doc = self.docs[shard]
+        if doc.get_heads() == before:
+            return IngestReport()
+        report = IngestReport()
+        try:
+            with self.store.transaction():
+                self._scan(shard, peer, report)
+                self._reassert(shard, report)
+                self._persist(shard, before)
+                if any(v.env.type == "cert" for v in report.accepted):
+                    self._retry_parked(report)
+        except MeshposError:
+            raise
+        except Exception:
+            # The store rolled back: drop the in-memory document so it reloads from disk.
+            self.docs.pop(shard, None)
+            self._load_shard(shard)
+            raise
+        self._notify(shard, report.accepted)
+        for key, reason in report.rejected:
+            log.warning("rejected entry %s in shard %s from peer %s: %s", key, shard, peer, reason)
+        return report
+
+    def _scan(self, shard: str, peer: str, report: IngestReport) -> None:
+        doc = self.docs[shard]
+        now = self.clock.now_ms()
+        for key in doc.keys(am.ROOT):
+            raw = entry_bytes(doc.get(am.ROOT, key))
+            if raw is None:
+                self._reject(report, shard, key, b"", "entry value is not bytes")
+                continue
+            d = digest(raw)
+            known = self.index.get(key)
+            if known is not None:
+                if known.digest != d and known.home != shard:
+                    self._reject(report, shard, key, d, "differs from the verified entry held for this key")
+                continue
+            if (key, d) in self._seen_bad:
+                continue
+            try:
+                verified = self.roster.verify(env_mod.decode(raw), now, key)
+            except UnknownSigner as exc:
+                self.store.park(key, raw, shard, str(exc), now)
+                report.parked += 1
+                continue
+            except (EncodingError, VerificationError) as exc:
+                self._reject(report, shard, key, d, str(exc))
+                continue
+            self._accept(verified, shard)
+            self.store.unpark(key)
+            report.accepted.append(verified)
+
+    def _reject(self, report: IngestReport, shard: str, key: str, d: bytes, reason: str) -> None:
+        if (key, d) in self._seen_bad:
+            return
+        if len(self._seen_bad) < 100_000:
+            self._seen_bad.add((key, d))
+        report.rejected.append((key[:80], reason))
+
+    def _reassert(self, shard: str, report: IngestReport) -> None:
+        """Put back, in its home shard, every verified entry a peer deleted or overwrote."""
+        doc = self.docs[shard]
+        missing: list[tuple[str, bytes]] = []
+        for key in self.homes.get(shard, ()):
+            raw = entry_bytes(doc.get(am.ROOT, key))
+            if raw is None or digest(raw) != self.index[key].digest:
+                stored = self.store.entry(key)
+                if stored is not None:
+                    missing.append((key, stored[0]))
+        if missing:
+            log.warning("re-asserting %d entr%s in shard %s that a peer deleted or overwrote",
+                        len(missing), "y" if len(missing) == 1 else "ies", shard)
+            before = doc.get_heads()
+            with doc.transaction() as tx:
+                for key, raw in missing:
+                    tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
+            report.reasserted += len(missing)
+            with self.store.transaction():
+                self._persist(shard, before)
+
+    def _retry_parked(self, report: IngestReport) -> None:
+        now = self.clock.now_ms()
+        for key, raw, shard in self.store.parked():
+            try:
+                verified = self.roster.verify(env_mod.decode(raw), now, key)
+            except UnknownSigner:
+                continue
+            except (EncodingError, VerificationError) as exc:
+                self.store.unpark(key)
+                self._reject(report, shard, key, digest(raw), str(exc))
+                continue
+            self.store.unpark(key)
+            if key not in self.index:
+                self._accept(verified, shard)
+                report.accepted.append(verified)
+
+    def ingest_raw(self, raw: bytes, peer: str) -> Verified:
+        """Take one envelope from outside the mesh (the switch, an organizer file) into our own log."""
+        verified = self.roster.verify(env_mod.decode(raw), self.clock.now_ms())
+        if verified.key in self.index:
+            return verified
+        return self.write_local(raw)
+

@@ -1,0 +1,214 @@
+"""The node's core: identity, roster, store and ledger opened together, and the
+operations a cashier or the mesh performs on them. No I/O but the store's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, envelope
+from ..cards import CardCapture, seal_card
+from ..clock import SYSTEM_CLOCK, Clock
+from ..currency import format_amount
+from ..errors import ConfigError, InputError, PolicyError, VerificationError
+from ..identity import certs
+from ..ledger import Ledger
+from ..roster import Roster
+from ..store import Store
+from .nodedir import NodeConfig, NodeDir
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("pending", "approved", "declined", "expired", "voided", "rejected")
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class NodeCore:
+    def __init__(self, nd: NodeDir, cfg: NodeConfig, clock: Clock) -> None:
+        self.dir = nd
+        self.config = cfg
+        self.clock = clock
+        self.key = nd.key()
+        self.ca_cert = nd.ca_cert()
+        self.cert = nd.cert()
+        self.identity = certs.verify_node_cert(self.cert, self.ca_cert, now_ms=None)
+        if self.identity.node_id != cfg.node_id or self.identity.public_key != bytes(self.key.verify_key):
+            raise ConfigError(f"{nd.path}: node.pem, node.key and config.json do not belong together")
+        policy = nd.policy(self.ca_cert)
+        if policy.site_id != cfg.site_id:
+            raise ConfigError(f"{nd.path}: policy.env is of site {policy.site_id}, config of {cfg.site_id}")
+        self.roster = Roster(self.ca_cert, policy)
+        self.store = Store.open(nd.db_path, create=True,
+                                identity={"site_id": cfg.site_id, "node_id": cfg.node_id})
+        self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
+
+    @classmethod
+    def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True) -> "NodeCore":
+        nd = NodeDir(path)
+        cfg = nd.config()
+        if lock:
+            nd.lock()
+        try:
+            core = cls(nd, cfg, clock)
+            core._bootstrap()
+        except BaseException:
+            nd.unlock()
+            raise
+        return core
+
+    def close(self) -> None:
+        self.store.close()
+        self.dir.unlock()
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def policy(self):  # type: ignore[no-untyped-def]
+        return self.roster.policy
+
+    def _bootstrap(self) -> None:
+        """First open: put our own certificate and the enrolled policy into the ledger;
+        take in whatever the organizer dropped into the inbox (revocations)."""
+        if not self.ledger.has(f"cert/{self.node_id}"):
+            body = {"cert": envelope.b64e(certs.to_der(self.cert))}
+            self.ledger.write_local(envelope.seal("cert", self.node_id, body, self.key))
+        policy_raw = self.dir.policy_path.read_bytes()
+        self.ingest(policy_raw, "enrollment")
+        if self.dir.inbox.is_dir():
+            for path in sorted(self.dir.inbox.glob("*.env")):
+                try:
+                    self.ingest(path.read_bytes(), f"inbox {path.name}")
+                except (VerificationError, InputError, Exception) as exc:
+                    log.warning("inbox entry %s refused: %s", path, exc)
+                    continue
+                path.unlink()
+
+    def ingest(self, raw: bytes, origin: str) -> str:
+        verified = self.ledger.ingest_raw(raw, origin)
+        return verified.key
+
+    # -- selling ------------------------------------------------------------------
+
+    def seal_card(self, pan: str, expiry: str | None, entry_mode: str = "manual") -> CardCapture:
+        key = self.policy.switch_key_bytes
+        if key is None:
+            raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: "
+                              "take cash, or have the organizer run `meshpos site set-switch`")
+        return seal_card(pan, expiry, entry_mode, key)
+
+    def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
+             currency: str | None = None) -> dict[str, Any]:
+        """Take one sale; returns only once it is durable (the acknowledgement)."""
+        if self.identity.role not in certs.SELLING_ROLES:
+            raise PolicyError(f"a {self.identity.role} node does not sell")
+        policy = self.policy
+        if currency is not None and currency != policy.currency:
+            raise InputError(f"this site sells in {policy.currency}, not {currency}")
+        if not isinstance(amount_minor, int) or amount_minor <= 0:
+            raise InputError("amount must be a positive number of minor units")
+        now = self.clock.now_ms()
+        with self.store.transaction():
+            window_start = now - policy.offline_window_ms
+            policy.check_sale(amount_minor, self.store.pending_total(self.node_id, window_start))
+            site_total = self.store.pending_total(None, window_start) + amount_minor
+            if site_total > policy.max_site_pending_minor:
+                over = site_total - policy.max_site_pending_minor
+                raise PolicyError(
+                    f"this sale would bring the site's pending offline total over its cap of "
+                    f"{format_amount(policy.max_site_pending_minor, policy.currency)} {policy.currency} by "
+                    f"{format_amount(over, policy.currency)} {policy.currency}")
+            seq = self.store.last_seq(self.node_id) + 1
+            body = {
+                "sale_id": envelope.sale_id(self.node_id, seq), "site": policy.site_id,
+                "terminal": self.node_id, "seq": seq, "created_at": now, "amount_minor": amount_minor,
+                "currency": policy.currency, "method": "card" if card else "cash",
+                "description": description, "items": [],
+                "card": None if card is None else {
+                    "brand": card.brand, "last4": card.last4, "entry_mode": card.entry_mode,
+                    "sealed": envelope.b64e(card.sealed)},
+            }
+            self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
+        return self.sale(body["sale_id"])
+
+    def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:
+        row = self.store.sale(sale_id)
+        if row is None:
+            raise InputError(f"no sale {sale_id} on this node")
+        if row["terminal"] != self.node_id:
+            raise InputError(f"sale {sale_id} was taken by another terminal: void it there")
+        current = self.status_of(row)
+        if current != "pending" and not (current == "approved" and row["result_status"] == "approved"):
+            raise InputError(f"sale {sale_id} is {current}: only a pending sale can be voided")
+        if self.ledger.has(f"void/{sale_id}"):
+            raise InputError(f"sale {sale_id} is voided already")
+        body = {"sale_id": sale_id, "site": self.policy.site_id, "at": self.clock.now_ms(), "reason": reason}
+        self.ledger.write_local(envelope.seal("void", self.node_id, body, self.key))
+        return self.sale(sale_id)
+
+    # -- views --------------------------------------------------------------------
+
+    def status_of(self, row: sqlite3.Row) -> str:
+        if row["result_status"] is not None:
+            return str(row["result_status"])
+        if row["voided_at"] is not None:
+            return "voided"
+        if row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
+            return "expired"
+        return "pending"
+
+    def sale_json(self, row: sqlite3.Row) -> dict[str, Any]:
+        currency = row["currency"]
+        return {
+            "id": row["sale_id"], "terminal": row["terminal"], "terminal_name": self.roster.name_of(row["terminal"]),
+            "seq": row["seq"], "amount_minor": row["amount_minor"],
+            "amount": format_amount(row["amount_minor"], currency), "currency": currency,
+            "method": row["method"], "card_brand": row["brand"], "card_last4": row["last4"],
+            "entry_mode": row["entry_mode"], "description": row["description"],
+            "status": self.status_of(row), "auth_code": row["auth_code"], "response_code": row["response_code"],
+            "reason": row["reason"], "created_at": iso(row["created_at"]), "created_at_ms": row["created_at"],
+            "deadline": iso(row["created_at"] + self.policy.offline_window_ms),
+            "voided_at": iso(row["voided_at"]), "settled_at": iso(row["settled_at"]),
+        }
+
+    def sale(self, sale_id: str) -> dict[str, Any]:
+        row = self.store.sale(sale_id)
+        if row is None:
+            raise InputError(f"no sale {sale_id} on this node")
+        return self.sale_json(row)
+
+    def sales(self, terminal: str | None = None) -> list[dict[str, Any]]:
+        return [self.sale_json(r) for r in self.store.sales(terminal)]
+
+    def status(self) -> dict[str, Any]:
+        sales = self.sales()
+        counts = {s: 0 for s in STATUSES}
+        for s in sales:
+            counts[s["status"]] += 1
+        pending = [s for s in sales if s["status"] == "pending"]
+        now = self.clock.now_ms()
+        return {
+            "node_id": self.node_id, "name": self.config.name, "role": self.identity.role,
+            "site_id": self.config.site_id, "site_name": self.policy.name, "version": __version__,
+            "certificate_expires": iso(self.identity.not_after_ms),
+            "certificate_valid": self.identity.not_before_ms <= now <= self.identity.not_after_ms,
+            "uplink_allowed": self.config.uplink, "switch_configured": self.policy.switch_key is not None,
+            "ledger": {"entries": self.store.entry_count(), "shards": len(self.ledger.shards())},
+            "sales": {"total": len(sales), "by_status": counts,
+                      "own": sum(1 for s in sales if s["terminal"] == self.node_id)},
+            "pending": {"count": len(pending), "amount_minor": sum(s["amount_minor"] for s in pending),
+                        "oldest_created_at": pending[0]["created_at"] if pending else None},
+            "revoked_nodes": sorted(self.roster.revoked),
+            "policy": {k: v for k, v in self.policy.to_json().items() if k != "dashboard_password"},
+        }

@@ -1,0 +1,84 @@
+"""Enrollment, device side: make a key and a request, install the organizer's answer.
+
+Real flow:  ``enroll request NODE_DIR``  ->  request file carried to the organizer
+            ``enroll sign SITE_DIR REQUEST`` -> answer file carried back
+            ``enroll install NODE_DIR ANSWER``
+Demo shortcut: ``enroll SITE_DIR NODE_DIR`` does all three on one machine.
+The private key is created inside NODE_DIR (0600) and never leaves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, CryptoError, InputError
+from ..identity import certs, keys
+from ..jsonfile import read_json, write_json
+from ..site import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
+from .nodedir import NodeConfig, NodeDir, parse_hostport
+
+PENDING = "enroll-pending.json"
+
+
+def create_request(node_dir: Path, role: str, name: str, listen: str | None = None,
+                   peers: list[str] | None = None, uplink: bool = False, language: str = "en") -> dict[str, Any]:
+    if listen:
+        parse_hostport(listen, "--listen")
+    for peer in peers or []:
+        parse_hostport(peer, "--peer")
+    nd = NodeDir(node_dir)
+    if nd.config_path.exists():
+        raise ConfigError(f"{node_dir}: this node is enrolled already")
+    node_dir.mkdir(parents=True, exist_ok=True)
+    node_dir.chmod(0o700)
+    if nd.key_path.exists():
+        key = nd.key()
+    else:
+        key = keys.generate()
+        keys.write_private_key(nd.key_path, key)
+    request = make_request(key, role, name)
+    write_json(node_dir / PENDING, {"listen": listen, "peers": peers or [], "uplink": uplink, "language": language})
+    return request
+
+
+def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
+    nd = NodeDir(node_dir)
+    if answer.get("format") != ANSWER_FORMAT:
+        raise InputError("not an enrollment answer")
+    if not nd.key_path.exists():
+        raise ConfigError(f"{node_dir}: no key here: run `meshpos enroll request` in this directory first")
+    key = nd.key()
+    try:
+        ca = certs.load_pem(answer["ca"].encode(), "answer CA")
+        cert = certs.load_pem(answer["cert"].encode(), "answer certificate")
+        policy_raw = answer["policy"].encode()
+        revocations = [r.encode() for r in answer.get("revocations", [])]
+    except (KeyError, AttributeError, CryptoError) as exc:
+        raise InputError(f"malformed enrollment answer: {exc}") from exc
+    ident = certs.verify_node_cert(cert, ca, now_ms=None)
+    if ident.public_key != bytes(key.verify_key):
+        raise InputError("the answer's certificate is for another key (wrong node directory?)")
+    policy = verify_policy_envelope(policy_raw, ca, "answer policy")
+    pending_path = node_dir / PENDING
+    pending = read_json(pending_path, "pending enrollment") if pending_path.exists() else {}
+    (node_dir / "ca.pem").write_bytes(certs.to_pem(ca))
+    (node_dir / "node.pem").write_bytes(certs.to_pem(cert))
+    (node_dir / "policy.env").write_bytes(policy_raw)
+    if revocations:
+        nd.inbox.mkdir(exist_ok=True)
+        for i, raw in enumerate(revocations):
+            (nd.inbox / f"revocation-{i}.env").write_bytes(raw)
+    cfg = NodeConfig(name=ident.name, role=ident.role, node_id=ident.node_id, site_id=policy.site_id,
+                     listen=pending.get("listen"), peers=list(pending.get("peers", [])),
+                     uplink=bool(pending.get("uplink", False)), language=pending.get("language", "en"))
+    nd.save_config(cfg)
+    pending_path.unlink(missing_ok=True)
+    return cfg
+
+
+def enroll_one_step(site: Site, node_dir: Path, role: str, name: str, listen: str | None = None,
+                    peers: list[str] | None = None, uplink: bool = False, language: str = "en",
+                    valid_days: int = 90) -> NodeConfig:
+    request = create_request(node_dir, role, name, listen, peers, uplink, language)
+    return install_answer(node_dir, site.sign_request(request, valid_days=valid_days))

@@ -1,0 +1,163 @@
+"""Who may write what: the verification context of a site.
+
+The roster holds the site CA, the certificates seen (``cert`` entries), the
+revocations (``revocation`` entries) and the current policy. ``verify`` is the
+single gate every envelope passes before a node accepts it, whatever its
+origin (local, a peer, the switch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from cryptography import x509
+
+from . import envelope as env_mod
+from .envelope import Envelope
+from .errors import VerificationError
+from .identity import certs, keys
+from .policy import SitePolicy
+
+log = logging.getLogger(__name__)
+
+UPLINK_ROLES = frozenset({"terminal", "gateway"})
+
+
+class UnknownSigner(VerificationError):
+    """The signer's certificate has not reached this node yet: retry later."""
+
+
+@dataclass(frozen=True)
+class Verified:
+    env: Envelope
+    key: str  # ledger key this entry lives under
+
+
+def entry_key(env: Envelope) -> str:
+    """The ledger key of an envelope: fixed by its content, so a peer cannot move it."""
+    b = env.body
+    if env.type in ("sale", "void", "result"):
+        return f"{env.type}/{b['sale_id']}"
+    if env.type == "cert":
+        return f"cert/{env.signer}"
+    if env.type == "revocation":
+        return f"revocation/{b['node_id']}"
+    if env.type == "policy":
+        return f"policy/{b['policy'].get('version')}"
+    if env.type == "lease":
+        return f"lease/{b['holder']}/{b['scope']}/{b['granted_at']}"
+    return f"status/{env.signer}"
+
+
+class Roster:
+    def __init__(self, ca_cert: x509.Certificate, policy: SitePolicy) -> None:
+        self.ca_cert = ca_cert
+        self.site_id = certs.site_id_of(ca_cert)
+        self.ca_key = certs.ca_public_key(ca_cert)
+        if policy.site_id != self.site_id:
+            raise VerificationError("policy belongs to another site")
+        self.policy = policy
+        self.identities: dict[str, certs.NodeIdentity] = {}
+        self.revoked: dict[str, int] = {}
+
+    # -- learning ---------------------------------------------------------------
+
+    def add_cert_der(self, der: bytes) -> certs.NodeIdentity:
+        ident = certs.verify_node_cert(certs.load_der(der), self.ca_cert, now_ms=None)
+        self.identities[ident.node_id] = ident
+        return ident
+
+    def apply(self, env: Envelope) -> None:
+        """Take the effect of a verified roster-changing entry."""
+        if env.type == "cert":
+            ident = certs.verify_node_cert(
+                certs.load_der(env_mod.b64d(env.body["cert"], "cert")), self.ca_cert,
+                now_ms=None)
+            self.identities.setdefault(ident.node_id, ident)
+        elif env.type == "revocation":
+            self.revoked[env.body["node_id"]] = env.body["at"]
+        elif env.type == "policy":
+            policy = SitePolicy.from_json(env.body["policy"], "policy entry")
+            if policy.version > self.policy.version:
+                self.policy = policy
+
+    def identity(self, node_id: str) -> certs.NodeIdentity:
+        ident = self.identities.get(node_id)
+        if ident is None:
+            raise UnknownSigner(f"no certificate known for node {node_id}")
+        return ident
+
+    def name_of(self, node_id: str) -> str:
+        ident = self.identities.get(node_id)
+        return ident.name if ident else node_id
+
+    # -- the gate ---------------------------------------------------------------
+
+    def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
+        """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""
+        env_mod.check_schema(env)
+        site = env.body.get("site")
+        if site is not None and site != self.site_id:
+            raise VerificationError(f"{env.type} entry of another site ({site})")
+        expected_key = entry_key(env)
+        if key is not None and key != expected_key:
+            raise VerificationError(f"{env.type} entry stored under the wrong key {key!r}")
+        getattr(self, f"_verify_{env.type}")(env, now_ms)
+        return Verified(env=env, key=expected_key)
+
+    def _signer_ok(self, env: Envelope, at_ms: int, roles: frozenset[str]) -> certs.NodeIdentity:
+        ident = self.identity(env.signer)
+        if env.signer in self.revoked:
+            raise VerificationError(f"{env.type} entry by revoked node {ident.name} ({env.signer})")
+        if ident.role not in roles:
+            raise VerificationError(f"role {ident.role} of {ident.name} may not write {env.type} entries")
+        if not ident.not_before_ms <= at_ms <= ident.not_after_ms:
+            raise VerificationError(f"certificate of {ident.name} not valid at the entry's time")
+        env_mod.check_signature(env, ident.public_key)
+        return ident
+
+    def _verify_sale(self, env: Envelope, now_ms: int) -> None:
+        self._signer_ok(env, env.body["created_at"], certs.SELLING_ROLES)
+
+    def _verify_void(self, env: Envelope, now_ms: int) -> None:
+        if not env.body["sale_id"].startswith(env.signer + "-"):
+            raise VerificationError("a void may only be written by the sale's own terminal")
+        self._signer_ok(env, env.body["at"], certs.SELLING_ROLES)
+
+    def _verify_result(self, env: Envelope, now_ms: int) -> None:
+        if env.signer != "switch":
+            raise VerificationError("settlement results are signed by the switch only")
+        key = self.policy.switch_key_bytes
+        if key is None:
+            raise UnknownSigner("this site's policy names no switch key yet")
+        keys.verify_by_x25519(key, env.signed_bytes(), env.sig)
+
+    def _verify_cert(self, env: Envelope, now_ms: int) -> None:
+        der = env_mod.b64d(env.body["cert"], "cert")
+        ident = certs.verify_node_cert(certs.load_der(der), self.ca_cert, now_ms=None)
+        if ident.node_id != env.signer:
+            raise VerificationError("cert entry must be written by the certificate's own node")
+        env_mod.check_signature(env, ident.public_key)
+
+    def _verify_ca_signed(self, env: Envelope, now_ms: int) -> None:
+        if env.signer != self.site_id:
+            raise VerificationError(f"{env.type} entries are signed by the site CA only")
+        env_mod.check_signature(env, self.ca_key)
+
+    _verify_revocation = _verify_ca_signed
+
+    def _verify_policy(self, env: Envelope, now_ms: int) -> None:
+        self._verify_ca_signed(env, now_ms)
+        SitePolicy.from_json(env.body["policy"], "policy entry")
+
+    def _verify_lease(self, env: Envelope, now_ms: int) -> None:
+        if env.body["holder"] != env.signer:
+            raise VerificationError("a lease is written by its holder")
+        self._signer_ok(env, env.body["granted_at"], UPLINK_ROLES)
+
+    def _verify_status(self, env: Envelope, now_ms: int) -> None:
+        self._signer_ok(env, now_ms, frozenset(certs.ROLES))
+
+
+def decode_and_verify(roster: Roster, raw: bytes, now_ms: int, key: str | None = None) -> Verified:
+    return roster.verify(env_mod.decode(raw), now_ms, key)

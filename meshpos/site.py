@@ -1,0 +1,226 @@
+"""The organizer's site directory: the site CA, the policy, enrollment, revocation.
+
+Layout of SITE_DIR (protocols/files.md):
+  site.json      readable summary: site id, name, current policy
+  ca.key         the site CA's Ed25519 private key (0600): keep it offline
+  ca.pem         the site CA certificate
+  policy.env     the current policy, signed by the CA (an envelope)
+  enrolled.json  every certificate issued: name, node id, role, serial
+  revocations/   signed revocation envelopes, one per revoked node
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+from cryptography import x509
+
+from . import envelope
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import ConfigError, CryptoError, InputError, VerificationError
+from .identity import certs, keys
+from .jsonfile import read_json, write_json
+from .policy import SitePolicy, hash_password
+
+SITE_FORMAT = "meshpos-site/1"
+REQUEST_FORMAT = "meshpos-enroll-request/1"
+ANSWER_FORMAT = "meshpos-enroll-answer/1"
+DEFAULT_VALID_DAYS = 90
+
+
+def read_switch_key_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: switch key file is missing") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read switch key file: {exc}") from exc
+    first = text.splitlines()[0].strip() if text else ""
+    try:
+        if len(bytes.fromhex(first)) != 32 or len(first) != 64:
+            raise ValueError
+    except ValueError as exc:
+        raise ConfigError(f"{path}: must hold the switch's X25519 public key as 64 hex characters") from exc
+    return first.lower()
+
+
+def check_switch_url(url: str) -> str:
+    if not url.startswith("https://") or len(url) < 12:
+        raise InputError(f"switch URL must be https://HOST:PORT, got {url!r}")
+    return url.rstrip("/")
+
+
+@dataclass
+class Site:
+    path: Path
+    ca_key: nacl.signing.SigningKey
+    ca_cert: x509.Certificate
+    policy: SitePolicy
+
+    @property
+    def site_id(self) -> str:
+        return self.policy.site_id
+
+    def policy_envelope(self) -> bytes:
+        return (self.path / "policy.env").read_bytes()
+
+    def _write_policy(self, policy: SitePolicy) -> None:
+        raw = envelope.seal("policy", self.site_id, {"policy": policy.to_json()}, self.ca_key)
+        tmp = self.path / "policy.env.tmp"
+        tmp.write_bytes(raw)
+        os.replace(tmp, self.path / "policy.env")
+        self.policy = policy
+        summary = read_json(self.path / "site.json", "site file", SITE_FORMAT)
+        summary["policy"] = {k: v for k, v in policy.to_json().items() if k != "dashboard_password"}
+        write_json(self.path / "site.json", summary)
+
+    def update_policy(self, **changes: Any) -> SitePolicy:
+        policy = dataclasses.replace(self.policy, version=self.policy.version + 1, **changes)
+        policy.validate("new policy")
+        self._write_policy(policy)
+        return policy
+
+    def sign_request(self, request: dict[str, Any], clock: Clock = SYSTEM_CLOCK,
+                     valid_days: int = DEFAULT_VALID_DAYS) -> dict[str, Any]:
+        public_key, role, name = check_request(request)
+        now = clock.now_ms()
+        cert = certs.issue(self.ca_cert, self.ca_key, public_key, role, name, now, valid_days)
+        node_id = keys.node_id_of(public_key)
+        self._record_enrollment(name, node_id, role, cert.serial_number, now)
+        return {
+            "format": ANSWER_FORMAT,
+            "cert": certs.to_pem(cert).decode(),
+            "ca": certs.to_pem(self.ca_cert).decode(),
+            "policy": self.policy_envelope().decode(),
+            "revocations": [p.read_bytes().decode() for p in sorted((self.path / "revocations").glob("*.env"))],
+        }
+
+    def _record_enrollment(self, name: str, node_id: str, role: str, serial: int, now: int) -> None:
+        path = self.path / "enrolled.json"
+        data = read_json(path, "enrollment list") if path.exists() else {"nodes": []}
+        data["nodes"].append({"name": name, "node_id": node_id, "role": role, "serial": str(serial), "at": now})
+        write_json(path, data)
+
+    def enrolled(self) -> list[dict[str, Any]]:
+        path = self.path / "enrolled.json"
+        return list(read_json(path, "enrollment list")["nodes"]) if path.exists() else []
+
+    def find_node(self, who: str) -> str:
+        matches = {n["node_id"] for n in self.enrolled() if who in (n["node_id"], n["name"])}
+        if not matches:
+            raise InputError(f"no node named or with id {who!r} was enrolled in this site")
+        if len(matches) > 1:
+            raise InputError(f"several nodes are named {who!r}: give the node id")
+        return matches.pop()
+
+    def revoke(self, node_id: str, reason: str | None, clock: Clock = SYSTEM_CLOCK) -> bytes:
+        raw = envelope.seal("revocation", self.site_id,
+                            {"node_id": node_id, "site": self.site_id, "at": clock.now_ms(), "reason": reason},
+                            self.ca_key)
+        (self.path / "revocations").mkdir(exist_ok=True)
+        (self.path / "revocations" / f"{node_id}.env").write_bytes(raw)
+        return raw
+
+
+def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | None = None,
+              switch_url: str | None = None, dashboard_password: str | None = None,
+              clock: Clock = SYSTEM_CLOCK) -> Site:
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path}: directory exists and is not empty; choose a new site directory")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "revocations").mkdir()
+    ca_key = keys.generate()
+    ca_cert = certs.make_ca(name, ca_key, clock.now_ms())
+    site_id = certs.site_id_of(ca_cert)
+    policy = SitePolicy(
+        site_id=site_id, name=name, currency=currency, switch_key=switch_key,
+        switch_url=check_switch_url(switch_url) if switch_url else None,
+        dashboard_password=hash_password(dashboard_password) if dashboard_password else None,
+    )
+    policy.validate("site policy")
+    keys.write_private_key(path / "ca.key", ca_key)
+    (path / "ca.pem").write_bytes(certs.to_pem(ca_cert))
+    write_json(path / "site.json", {"format": SITE_FORMAT, "site_id": site_id, "name": name, "policy": {}})
+    site = Site(path=path, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
+    site._write_policy(policy)
+    return site
+
+
+def load_site(path: Path) -> Site:
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such site directory")
+    read_json(path / "site.json", "site file", SITE_FORMAT)
+    ca_key = keys.read_private_key(path / "ca.key")
+    try:
+        ca_cert = certs.load_pem((path / "ca.pem").read_bytes(), str(path / "ca.pem"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path / 'ca.pem'}: site CA certificate is missing") from exc
+    if bytes(ca_key.verify_key) != certs.ca_public_key(ca_cert):
+        raise ConfigError(f"{path / 'ca.key'}: does not match {path / 'ca.pem'}")
+    policy = load_policy_envelope(path / "policy.env", ca_cert)
+    return Site(path=path, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
+
+
+def load_policy_envelope(path: Path, ca_cert: x509.Certificate) -> SitePolicy:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: signed site policy is missing") from exc
+    return verify_policy_envelope(raw, ca_cert, str(path))
+
+
+def verify_policy_envelope(raw: bytes, ca_cert: x509.Certificate, where: str) -> SitePolicy:
+    try:
+        env = envelope.decode(raw)
+        envelope.check_schema(env)
+        if env.type != "policy" or env.signer != certs.site_id_of(ca_cert):
+            raise VerificationError("not a policy of this site")
+        envelope.check_signature(env, certs.ca_public_key(ca_cert))
+    except (CryptoError, Exception) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{where}: signed site policy is invalid: {exc}") from exc
+    return SitePolicy.from_json(env.body["policy"], where)
+
+
+# -- enrollment requests -------------------------------------------------------
+
+def make_request(key: nacl.signing.SigningKey, role: str, name: str) -> dict[str, Any]:
+    if role not in certs.ROLES:
+        raise InputError(f"role must be one of {', '.join(certs.ROLES)}")
+    check_node_name(name)
+    public_key = bytes(key.verify_key)
+    body = {"public_key": public_key.hex(), "role": role, "name": name}
+    proof = keys.sign(key, envelope.canonical.encode(body))
+    return {"format": REQUEST_FORMAT, **body, "proof": proof.hex()}
+
+
+def check_request(request: dict[str, Any]) -> tuple[bytes, str, str]:
+    try:
+        if request.get("format") != REQUEST_FORMAT:
+            raise ValueError("not an enrollment request")
+        public_key = bytes.fromhex(request["public_key"])
+        role, name = request["role"], request["name"]
+        proof = bytes.fromhex(request["proof"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"malformed enrollment request: {exc}") from exc
+    if role not in certs.ROLES:
+        raise InputError(f"enrollment request has unknown role {role!r}")
+    check_node_name(name)
+    body = {"public_key": public_key.hex(), "role": role, "name": name}
+    try:
+        keys.verify(public_key, envelope.canonical.encode(body), proof)
+    except CryptoError as exc:
+        raise InputError("enrollment request is not signed by the key it names") from exc
+    return public_key, role, name
+
+
+def check_node_name(name: str) -> str:
+    if not isinstance(name, str) or not 1 <= len(name) <= 40 or not name.isprintable():
+        raise InputError("node name must be 1 to 40 printable characters")
+    return name

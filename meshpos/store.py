@@ -1,0 +1,268 @@
+"""The node's durable state: one SQLite file (WAL, synchronous=FULL).
+
+It holds every verified ledger entry, a materialized view of the sales, and
+the Automerge shards as snapshot + incremental change chunks. A sale, its
+ledger entry and its Automerge change commit in ONE transaction, so a sale is
+acknowledged only once all three are on disk, and a crash leaves all or none.
+SQLite's WAL frames carry checksums: a torn last write is dropped by SQLite on
+recovery, never loaded half. Each chunk also carries a CRC32 of its own, so a
+damaged chunk is detected (the shard is then rebuilt from the verified
+entries) instead of being fed to Automerge.
+
+Schema: protocols/storage.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import CorruptStoreError, StoreError
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(
+    key TEXT PRIMARY KEY, type TEXT NOT NULL, signer TEXT NOT NULL, raw BLOB NOT NULL,
+    shard TEXT NOT NULL, received_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_shard ON entries(shard);
+CREATE INDEX IF NOT EXISTS entries_type ON entries(type);
+CREATE TABLE IF NOT EXISTS sales(
+    sale_id TEXT PRIMARY KEY, terminal TEXT NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, method TEXT NOT NULL,
+    brand TEXT, last4 TEXT, entry_mode TEXT, description TEXT,
+    voided_at INTEGER, result_status TEXT, auth_code TEXT, response_code TEXT, reason TEXT,
+    settled_at INTEGER);
+CREATE INDEX IF NOT EXISTS sales_terminal ON sales(terminal, seq);
+CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_shard ON chunks(shard, id);
+CREATE TABLE IF NOT EXISTS parked(
+    key TEXT PRIMARY KEY, raw BLOB NOT NULL, shard TEXT NOT NULL, reason TEXT NOT NULL,
+    received_at INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ShardData:
+    shard: str
+    snapshot: bytes | None
+    chunks: list[bytes]
+    damaged: int  # chunks dropped because their CRC did not match
+
+
+class Store:
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self._depth = 0
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False, identity: dict[str, str] | None = None) -> "Store":
+        """Open (or create) the node database; ``identity`` must match what it holds."""
+        if not create and not path.exists():
+            raise StoreError(f"{path}: node database is missing")
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and app_id != APPLICATION_ID:
+                raise CorruptStoreError(f"{path}: not a meshpos node database (foreign SQLite file)")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise CorruptStoreError(f"{path}: database is damaged ({ok}); restore it from the mesh "
+                                        "(move it aside and restart the node)")
+            if not tables:
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise CorruptStoreError(f"{path}: database is damaged or not a database ({exc}); "
+                                    "move it aside and restart the node to recover from the mesh") from exc
+        store = cls(path, conn)
+        version = store.get_meta("schema")
+        if version is None:
+            with store.transaction():
+                store.set_meta("schema", str(SCHEMA_VERSION))
+        elif version != str(SCHEMA_VERSION):
+            raise StoreError(f"{path}: database schema {version} is not {SCHEMA_VERSION}")
+        if identity:
+            store.check_identity(identity)
+        return store
+
+    def check_identity(self, identity: dict[str, str]) -> None:
+        for key, value in identity.items():
+            held = self.get_meta(key)
+            if held is None:
+                with self.transaction():
+                    self.set_meta(key, value)
+            elif held != value:
+                raise StoreError(f"{self.path}: database belongs to {key} {held}, not {value} "
+                                 "(a node directory of another site or node?)")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- transactions -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT; nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self.conn
+            finally:
+                self._depth -= 1
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from exc
+        self._depth = 1
+        try:
+            yield self.conn
+        except BaseException:
+            self._depth = 0
+            self.conn.execute("ROLLBACK")
+            raise
+        self._depth = 0
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+
+    # -- meta -------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                          (key, value))
+
+    # -- entries ----------------------------------------------------------------
+
+    def entry(self, key: str) -> tuple[bytes, str] | None:
+        row = self.conn.execute("SELECT raw, shard FROM entries WHERE key=?", (key,)).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    def insert_entry(self, key: str, type_: str, signer: str, raw: bytes, shard: str, now_ms: int) -> None:
+        self.conn.execute("INSERT INTO entries(key, type, signer, raw, shard, received_at) VALUES(?,?,?,?,?,?)",
+                          (key, type_, signer, raw, shard, now_ms))
+
+    def entries_of_shard(self, shard: str) -> list[tuple[str, bytes]]:
+        return [(str(k), bytes(r)) for k, r in
+                self.conn.execute("SELECT key, raw FROM entries WHERE shard=? ORDER BY rowid", (shard,))]
+
+    def entries_of_type(self, *types: str) -> list[bytes]:
+        marks = ",".join("?" * len(types))
+        return [bytes(r[0]) for r in
+                self.conn.execute(f"SELECT raw FROM entries WHERE type IN ({marks}) ORDER BY rowid", types)]
+
+    def entry_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    # -- parked entries (signer not known yet) ----------------------------------
+
+    def park(self, key: str, raw: bytes, shard: str, reason: str, now_ms: int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO parked(key, raw, shard, reason, received_at) VALUES(?,?,?,?,?)",
+                          (key, raw, shard, reason, now_ms))
+
+    def parked(self) -> list[tuple[str, bytes, str]]:
+        return [(str(k), bytes(r), str(s)) for k, r, s in self.conn.execute("SELECT key, raw, shard FROM parked")]
+
+    def unpark(self, key: str) -> None:
+        self.conn.execute("DELETE FROM parked WHERE key=?", (key,))
+
+    # -- sales view -------------------------------------------------------------
+
+    def insert_sale(self, body: dict[str, Any]) -> None:
+        card = body.get("card") or {}
+        self.conn.execute(
+            "INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
+            " brand, last4, entry_mode, description) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (body["sale_id"], body["terminal"], body["seq"], body["created_at"], body["amount_minor"],
+             body["currency"], body["method"], card.get("brand"), card.get("last4"), card.get("entry_mode"),
+             body.get("description")))
+
+    def mark_void(self, sale_id: str, at_ms: int) -> None:
+        self.conn.execute("UPDATE sales SET voided_at=? WHERE sale_id=? AND voided_at IS NULL", (at_ms, sale_id))
+
+    def set_result(self, body: dict[str, Any]) -> None:
+        self.conn.execute(
+            "UPDATE sales SET result_status=?, auth_code=?, response_code=?, reason=?, settled_at=? WHERE sale_id=?",
+            (body["status"], body["auth_code"], body["response_code"], body["reason"], body["settled_at"],
+             body["sale_id"]))
+
+    def sales(self, terminal: str | None = None) -> list[sqlite3.Row]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            if terminal is None:
+                return list(self.conn.execute("SELECT * FROM sales ORDER BY created_at, sale_id"))
+            return list(self.conn.execute("SELECT * FROM sales WHERE terminal=? ORDER BY seq", (terminal,)))
+        finally:
+            self.conn.row_factory = None
+
+    def sale(self, sale_id: str) -> sqlite3.Row | None:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            row: sqlite3.Row | None = self.conn.execute("SELECT * FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
+            return row
+        finally:
+            self.conn.row_factory = None
+
+    def last_seq(self, terminal: str) -> int:
+        row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()
+        return int(row[0] or 0)
+
+    def pending_total(self, terminal: str | None, not_before_ms: int) -> int:
+        """Sum of sales with no result and no void, created after ``not_before_ms``."""
+        sql = ("SELECT coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
+               " AND voided_at IS NULL AND created_at >= ?")
+        args: tuple[Any, ...] = (not_before_ms,)
+        if terminal is not None:
+            sql += " AND terminal=?"
+            args += (terminal,)
+        return int(self.conn.execute(sql, args).fetchone()[0])
+
+    # -- Automerge shards ---------------------------------------------------------
+
+    def add_chunk(self, shard: str, data: bytes) -> None:
+        self.conn.execute("INSERT INTO chunks(shard, data, crc) VALUES(?,?,?)", (shard, data, zlib.crc32(data)))
+
+    def chunk_count(self, shard: str) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM chunks WHERE shard=?", (shard,)).fetchone()[0])
+
+    def put_snapshot(self, shard: str, snapshot: bytes) -> None:
+        """Replace a shard's snapshot and drop the chunks it now contains (same transaction)."""
+        self.conn.execute("INSERT INTO shards(shard, snapshot) VALUES(?, ?) "
+                          "ON CONFLICT(shard) DO UPDATE SET snapshot=excluded.snapshot", (shard, snapshot))
+        self.conn.execute("DELETE FROM chunks WHERE shard=?", (shard,))
+
+    def shard_names(self) -> list[str]:
+        rows = self.conn.execute("SELECT shard FROM shards UNION SELECT DISTINCT shard FROM chunks")
+        return sorted(str(r[0]) for r in rows)
+
+    def load_shard(self, shard: str) -> ShardData:
+        row = self.conn.execute("SELECT snapshot FROM shards WHERE shard=?", (shard,)).fetchone()
+        snapshot = bytes(row[0]) if row and row[0] is not None else None
+        chunks, damaged = [], 0
+        for data, crc in self.conn.execute("SELECT data, crc FROM chunks WHERE shard=? ORDER BY id", (shard,)):
+            if zlib.crc32(data) != crc:
+                damaged += 1
+                continue
+            chunks.append(bytes(data))
+        return ShardData(shard=shard, snapshot=snapshot, chunks=chunks, damaged=damaged)

@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""A multicast-capable lab of N hosts in Linux network namespaces.
+
+Topology (lab id L, hosts 0..N-1)::
+
+    mplL-h0 [eth0 10.77.L.1/24] --veth-- p0 ┐
+    mplL-h1 [eth0 10.77.L.2/24] --veth-- p1 ┼ br0 (bridge, in netns mplL-br,
+    ...                                     ┘      IGMP snooping off)
+
+Every host has ``lo`` up and a route for 224.0.0.0/4 on ``eth0``, so mDNS
+floods to every host through the bridge. The bridge lives in its own namespace,
+so nothing of the lab touches the root namespace's links. ``cut(i)`` takes the
+bridge port of host i down (the host keeps its address and routes, as when a
+terminal walks out of Wi-Fi range); ``restore(i)`` brings it back.
+
+Library::
+
+    with Lab(5) as lab:
+        p = lab.run(0, ["python", "node.py"], stdout=subprocess.PIPE)
+        lab.cut(2); lab.restore(2)
+
+CLI: ``python tools/netns_lab.py up N | down [--id L | --all] | exec I -- cmd... |
+status``. State of CLI-created labs lives in /run/meshpos-lab/<id>.json.
+
+``down()`` always removes every namespace the lab created (and ends the
+processes left in them); a context manager, an ``atexit`` hook and SIGTERM/
+SIGINT handlers call it too. Needs root and iproute2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+STATE_DIR = Path(os.environ.get("MESHPOS_LAB_STATE", "/run/meshpos-lab"))
+PREFIX = "mpl"
+MAX_HOSTS = 250
+HOST_IF = "eth0"
+BRIDGE = "br0"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise LabError(f"ip {' '.join(args)}: {proc.stderr.strip()}")
+    return proc
+
+
+def list_netns() -> list[str]:
+    out = _ip("netns", "list").stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+def usable() -> str | None:
+    """None if labs can be built here, else the reason they cannot."""
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces)"
+    probe = f"{PREFIX}probe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+    except (OSError, LabError) as exc:
+        return f"`ip netns` is unusable here: {exc}"
+    try:
+        _ip("-n", probe, "link", "add", "brprobe", "type", "bridge")
+        _ip("-n", probe, "link", "add", "vprobe0", "type", "veth", "peer", "name", "vprobe1")
+    except LabError as exc:
+        return f"bridge/veth unavailable in a namespace: {exc}"
+    finally:
+        _ip("netns", "del", probe, check=False)
+    return None
+
+
+_LIVE: weakref.WeakSet[Lab] = weakref.WeakSet()
+_HANDLERS_INSTALLED = False
+
+
+def _down_all_live() -> None:
+    for lab in list(_LIVE):
+        lab.down()
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    _down_all_live()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_safety_net() -> None:
+    global _HANDLERS_INSTALLED
+    if _HANDLERS_INSTALLED:
+        return
+    _HANDLERS_INSTALLED = True
+    atexit.register(_down_all_live)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(sig, _on_signal)
+        except ValueError:  # not the main thread: atexit still covers us
+            pass
+
+
+def _claim_id(preferred: int | None = None) -> int:
+    """Take a lab id that no namespace and no other lab uses (atomic via O_EXCL)."""
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    used = {n[len(PREFIX):].split("-")[0] for n in list_netns() if n.startswith(PREFIX)}
+    candidates = [preferred] if preferred is not None else random.sample(range(1, 255), 254)
+    for lab_id in candidates:
+        if str(lab_id) in used:
+            continue
+        try:
+            fd = os.open(STATE_DIR / f"{lab_id}.json", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return lab_id
+    raise LabError("no free lab id")
+
+
+class Lab:
+    def __init__(self, n: int, lab_id: int | None = None) -> None:
+        if not 1 <= n <= MAX_HOSTS:
+            raise LabError(f"1..{MAX_HOSTS} hosts")
+        self.n = n
+        self._want_id = lab_id
+        self.id: int | None = None
+        self.created: list[str] = []
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    # names and addresses
+    def host_ns(self, i: int) -> str:
+        return f"{PREFIX}{self.id}-h{i}"
+
+    @property
+    def bridge_ns(self) -> str:
+        return f"{PREFIX}{self.id}-br"
+
+    def addr(self, i: int) -> str:
+        return f"10.77.{self.id}.{i + 1}"
+
+    @property
+    def subnet(self) -> str:
+        return f"10.77.{self.id}.0/24"
+
+    def _check(self, i: int) -> None:
+        if self.id is None:
+            raise LabError("lab is not up")
+        if not 0 <= i < self.n:
+            raise LabError(f"no host {i} (0..{self.n - 1})")
+
+    # life cycle
+    def up(self) -> Lab:
+        if self.id is not None:
+            return self
+        _install_safety_net()
+        self.id = _claim_id(self._want_id)
+        _LIVE.add(self)
+        try:
+            self._build()
+        except BaseException:
+            self.down()
+            raise
+        self._save()
+        return self
+
+    def _add_ns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.created.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def _build(self) -> None:
+        br = self.bridge_ns
+        self._add_ns(br)
+        _ip("-n", br, "link", "add", BRIDGE, "type", "bridge", "mcast_snooping", "0")
+        _ip("-n", br, "link", "set", BRIDGE, "multicast", "on", "up")
+        for i in range(self.n):
+            h = self.host_ns(i)
+            self._add_ns(h)
+            _ip("-n", h, "link", "add", HOST_IF, "type", "veth", "peer", "name", f"p{i}", "netns", br)
+            _ip("-n", br, "link", "set", f"p{i}", "master", BRIDGE, "up")
+            _ip("-n", h, "addr", "add", f"{self.addr(i)}/24", "dev", HOST_IF)
+            _ip("-n", h, "link", "set", HOST_IF, "multicast", "on", "up")
+            _ip("-n", h, "route", "add", "224.0.0.0/4", "dev", HOST_IF)
+
+    def _save(self) -> None:
+        state = {"id": self.id, "n": self.n, "namespaces": self.created, "pid": os.getpid()}
+        (STATE_DIR / f"{self.id}.json").write_text(json.dumps(state))
+
+    def down(self) -> None:
+        """Remove every namespace this lab created; safe to call repeatedly."""
+        if self.id is None:
+            return
+        for proc in self.procs:
+            _stop(proc)
+        for ns in reversed(self.created):
+            pids = _ip("netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            for _ in range(50):
+                if _ip("netns", "del", ns, check=False).returncode == 0 or ns not in list_netns():
+                    break
+                time.sleep(0.1)
+        self.created = []
+        try:
+            (STATE_DIR / f"{self.id}.json").unlink()
+        except FileNotFoundError:
+            pass
+        _LIVE.discard(self)
+        self.id = None
+
+    def __enter__(self) -> Lab:
+        return self.up()
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.down()
+
+    # using it
+    def run(self, i: int, argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` inside host i (``ip netns exec``); the lab ends it on down()."""
+        self._check(i)
+        proc: subprocess.Popen[Any] = subprocess.Popen(
+            ["ip", "netns", "exec", self.host_ns(i), *argv], **popen
+        )
+        self.procs.append(proc)
+        return proc
+
+    def cut(self, i: int) -> None:
+        """Host i loses its link silently (its bridge port goes down)."""
+        self._check(i)
+        _ip("-n", self.bridge_ns, "link", "set", f"p{i}", "down")
+
+    def restore(self, i: int) -> None:
+        self._check(i)
+        _ip("-n", self.bridge_ns, "link", "set", f"p{i}", "up")
+
+
+def _stop(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=3)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=3)
+
+
+# --- CLI -----------------------------------------------------------------------------
+
+
+def _states() -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(STATE_DIR.glob("*.json")) if STATE_DIR.exists() else []:
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _pick(lab_id: int | None) -> dict[str, Any]:
+    states = _states()
+    if lab_id is not None:
+        states = [s for s in states if s["id"] == lab_id]
+    if len(states) != 1:
+        raise LabError("say which lab with --id" if states else "no lab is up (see `status`)")
+    return states[0]
+
+
+def _adopt(state: dict[str, Any]) -> Lab:
+    lab = Lab(state["n"])
+    lab.id = state["id"]
+    lab.created = list(state["namespaces"])
+    return lab
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netns_lab", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_up = sub.add_parser("up", help="build a lab of N hosts and leave it up")
+    p_up.add_argument("n", type=int)
+    p_up.add_argument("--id", type=int, help="lab id (1..254), default: a free one")
+    p_down = sub.add_parser("down", help="remove a lab built by `up`")
+    p_down.add_argument("--id", type=int)
+    p_down.add_argument("--all", action="store_true", help="every lab recorded in the state dir")
+    p_exec = sub.add_parser("exec", help="run a command in host I: exec I -- cmd...")
+    p_exec.add_argument("i", type=int)
+    p_exec.add_argument("--id", type=int)
+    p_exec.add_argument("argv", nargs=argparse.REMAINDER)
+    for name, helptext in (("cut", "take host I's link down"), ("restore", "bring host I's link up")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("i", type=int)
+        p.add_argument("--id", type=int)
+    sub.add_parser("status", help="list labs and their hosts")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.cmd == "up":
+            lab = Lab(args.n, args.id).up()
+            _LIVE.discard(lab)  # the CLI leaves it up on exit
+            print(json.dumps({"id": lab.id, "hosts": {lab.host_ns(i): lab.addr(i) for i in range(lab.n)}}))
+        elif args.cmd == "down":
+            states = _states() if args.all else [_pick(args.id)]
+            for state in states:
+                _adopt(state).down()
+                print(f"lab {state['id']} removed")
+        elif args.cmd == "exec":
+            cmd = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+            if not cmd:
+                parser.error("exec needs a command after --")
+            lab = _adopt(_pick(args.id))
+            lab._check(args.i)
+            return subprocess.call(["ip", "netns", "exec", lab.host_ns(args.i), *cmd])
+        elif args.cmd in ("cut", "restore"):
+            lab = _adopt(_pick(args.id))
+            getattr(lab, args.cmd)(args.i)
+        elif args.cmd == "status":
+            present = set(list_netns())
+            for state in _states():
+                lab = _adopt(state)
+                print(f"lab {lab.id}: {lab.n} hosts, bridge ns {lab.bridge_ns}")
+                for i in range(lab.n):
+                    mark = "" if lab.host_ns(i) in present else "  (missing)"
+                    print(f"  {i}: {lab.host_ns(i)} {lab.addr(i)}{mark}")
+    except LabError as exc:
+        print(f"netns_lab: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
