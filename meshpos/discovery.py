@@ -487,11 +487,12 @@ def _make_side_class() -> type:
     from zeroconf import RecordUpdateListener, ServiceStateChange
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
     from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_A, _TYPE_PTR, _TYPE_SRV, _TYPE_TXT
-    from zeroconf import DNSOutgoing, DNSQuestion
+    from zeroconf._dns import DNSQuestion
+    from zeroconf._protocol.outgoing import DNSOutgoing
 
     suffix = "." + SERVICE_TYPE
 
-    class Side(RecordUpdateListener):  # type: ignore[misc]
+    class Side(RecordUpdateListener):
         """Runs on zeroconf's loop: turns records and browser callbacks into notes."""
 
         def __init__(self, zc: Any, post: Post) -> None:

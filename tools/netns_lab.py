@@ -181,6 +181,7 @@ class Lab:
     def _add_ns(self, name: str) -> None:
         _ip("netns", "add", name)
         self.created.append(name)
+        self._save()  # so that `netns_lab.py down --all` finds it even after a SIGKILL
         _ip("-n", name, "link", "set", "lo", "up")
 
     def _build(self) -> None:
