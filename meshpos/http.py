@@ -143,6 +143,7 @@ async def _read_request(
     """The next request, None if the client closed or idled out; _Reject if it is unacceptable."""
     head: h11.Request | None = None
     body = bytearray()
+    started = bool(conn.trailing_data[0])
     with trio.move_on_after(limits.read_timeout):
         while True:
             try:
@@ -156,10 +157,14 @@ async def _read_request(
                     data = await stream.receive_some(RECEIVE_SIZE)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return None
+                started = started or bool(data)
                 conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
                 head = event
+                size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > limits.max_header_bytes:  # h11 bounds only a head still incomplete
+                    raise _Reject(431, "request header fields too large")
                 length = _headers(event.headers).get("content-length")
                 if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
                     raise _Reject(413, "request body too large")
@@ -174,7 +179,7 @@ async def _read_request(
                 return Request(head.method.decode("ascii"), path, query, _headers(head.headers), bytes(body), peer)
             else:  # ConnectionClosed, or PAUSED after an error
                 return None
-    if head is not None or conn.their_state is h11.SEND_BODY:
+    if started:
         raise _Reject(408, "request timeout")
     return None
 

@@ -33,7 +33,7 @@ from ..cards import mask
 from ..errors import ConfigError, EncodingError, InputError, ProtocolError
 from ..http import AbortConnection, Request, Response, json_response, listener_port, serve_http
 from .iso8583 import DEFAULT_SPEC, MAX_FRAME, NEED_DATA, LengthHeader, RequestKind, ServerConnection, Spec
-from .json_https import ADVICES_PATH, REVERSALS_PATH, request_from_json
+from .json_https import ADVICES_PATH, REVERSALS_PATH, request_from_json, request_to_json
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class Decider:
             code = rules.decline_above_code
         else:
             code = APPROVED
-        auth = auth_code(rules.seed, sale, amount_minor) if code == APPROVED else None
+        auth = auth_code(rules.seed, sale, amount_minor) if code == APPROVED and not reversal else None
         return Decision(action, code, auth, delay)
 
 
@@ -354,7 +354,8 @@ class Simulator:
         reversal = request.path == REVERSALS_PATH
         family = "reversal" if reversal else "advice"
         slot = (family, key)
-        fingerprint = hashlib.sha256(request.body).hexdigest()
+        # the same sale, whether sent as first try or repeat
+        fingerprint = hashlib.sha256(json.dumps(request_to_json(req, repeat=False), sort_keys=True).encode()).hexdigest()
         self.stats.count(key, family)
         self._file.changed()
         await self._file.sync()
