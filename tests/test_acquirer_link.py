@@ -321,3 +321,36 @@ async def test_closed_link_refuses_work(autojump_clock: trio.testing.MockClock) 
         assert len(waiter_error) == 1
         with pytest.raises(AcquirerError, match="closed"):
             await link.advise(sale(2), repeat=False)
+
+
+class BrokenOnSend(trio.abc.Stream):
+    """A stream whose peer vanished: writing fails, reading waits forever."""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        raise trio.BrokenResourceError("peer vanished")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_failed_write_fails_the_request_not_the_link(autojump_clock: trio.testing.MockClock) -> None:
+    opened: list[int] = []
+    async with trio.open_nursery() as nursery:
+
+        async def connect() -> trio.abc.Stream:
+            opened.append(1)
+            return BrokenOnSend()
+
+        link = Iso8583Link(nursery, connect, timeout=5)
+        for n in (1, 2):
+            with pytest.raises(AcquirerError, match="connection to the acquirer lost"):
+                await link.advise(sale(n), repeat=False)
+        await link.aclose()
+    assert len(opened) == 2  # each attempt got a fresh connection

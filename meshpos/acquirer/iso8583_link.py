@@ -56,6 +56,7 @@ class _Connection:
         self.outbox = bytearray()
         self.outbox_ready = trio.Event()
         self.closed = False
+        self.lost_reason: str | None = None
         self.cancel_scope = trio.CancelScope()
 
     def fail_all(self, reason: str) -> None:
@@ -157,16 +158,15 @@ class Iso8583Link:
             return conn
 
     async def _run_connection(self, conn: _Connection) -> None:
-        reason = "the acquirer closed the connection"
+        reason = "the acquirer link was closed"
         try:
             with conn.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, conn)
                     reason = await self._reader(conn)
                     nursery.cancel_scope.cancel()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            reason = f"connection to the acquirer lost ({type(exc).__name__})"
         finally:
+            reason = conn.lost_reason or reason
             conn.fail_all(reason)
             if self._conn is conn:
                 self._conn = None
@@ -178,11 +178,19 @@ class Iso8583Link:
             await conn.outbox_ready.wait()
             conn.outbox_ready = trio.Event()
             data, conn.outbox = bytes(conn.outbox), bytearray()
-            await conn.stream.send_all(data)
+            try:
+                await conn.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                conn.lost_reason = f"connection to the acquirer lost ({type(exc).__name__})"
+                conn.cancel_scope.cancel()
+                return
 
     async def _reader(self, conn: _Connection) -> str:
         while True:
-            data = await conn.stream.receive_some(RECEIVE_SIZE)
+            try:
+                data = await conn.stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                return f"connection to the acquirer lost ({type(exc).__name__})"
             if not data:
                 return "the acquirer closed the connection"
             conn.proto.receive_data(data)
