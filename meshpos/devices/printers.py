@@ -65,7 +65,7 @@ _KEYS = {
     "file": {"path"},
     "dummy": set(),
 }
-_COMMON_KEYS = {"kind", "profile", "timeout"}
+_COMMON_KEYS = {"kind", "profile", "timeout", "tz"}
 _HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
@@ -119,6 +119,7 @@ class PrinterConfig:
     device: str | None = None  # serial device, or the file printer's path
     baudrate: int = 9600
     timeout: float | None = None  # overrides PrinterTiming.io_timeout
+    tz: str = "UTC"  # time zone the receipts show
 
     def describe(self) -> str:
         where = {
@@ -151,7 +152,10 @@ def load_printer_config(cfg: Mapping[str, Any]) -> PrinterConfig:
     timeout = cfg.get("timeout")
     if timeout is not None and (not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0):
         raise PrinterConfigError("printer 'timeout' must be a positive number of seconds")
-    common: dict[str, Any] = {"kind": kind, "profile": profile, "timeout": timeout}
+    tz = cfg.get("tz", "UTC")
+    if not isinstance(tz, str) or not tz:
+        raise PrinterConfigError("printer 'tz' must be a time zone name such as UTC or Europe/Rome")
+    common: dict[str, Any] = {"kind": kind, "profile": profile, "timeout": timeout, "tz": tz}
     if kind == "network":
         return PrinterConfig(host=_check_host(cfg.get("host")), port=_check_port(cfg.get("port", DEFAULT_PORT)), **common)
     if kind == "usb":
@@ -256,6 +260,7 @@ class NetworkPrinter:
     def __init__(self, config: PrinterConfig, timing: PrinterTiming = DEFAULT_TIMING) -> None:
         assert config.host is not None
         self.config = config
+        self._host: str = config.host
         self.timing = timing
         self._where = f"printer at {config.host}:{config.port}"
 
@@ -263,7 +268,7 @@ class NetworkPrinter:
         t = self.timing
         try:
             with trio.fail_after(t.connect_timeout):
-                stream = await trio.open_tcp_stream(self.config.host, self.config.port)
+                stream = await trio.open_tcp_stream(self._host, self.config.port)
         except trio.TooSlowError as exc:
             raise PrinterUnreachableError(f"{self._where} did not accept a connection within {t.connect_timeout:g} s") from exc
         except OSError as exc:
@@ -367,7 +372,7 @@ class DummyPrinter:
     """python-escpos's ``Dummy``: keeps what it was sent (demos, tests, nodes without a printer)."""
 
     def __init__(self, config: PrinterConfig) -> None:
-        from escpos.printer import Dummy
+        from escpos.printer import Dummy  # type: ignore[import-untyped]
 
         self.config = config
         self.dummy = Dummy(profile=config.profile.escpos_profile)

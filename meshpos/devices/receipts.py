@@ -29,6 +29,7 @@ from ..cards import ENTRY_MODES
 from ..currency import check_currency, format_amount
 from ..errors import ConfigError, EncodingError, InputError, PrinterError
 from .messages import messages
+from .printers import PrinterConfig
 from .profiles import PaperProfile
 
 METHODS = ("card", "cash")
@@ -134,6 +135,11 @@ class ReceiptOptions:
     @property
     def width(self) -> int:
         return self.profile.chars_per_line
+
+    @classmethod
+    def for_printer(cls, config: PrinterConfig, language: str) -> ReceiptOptions:
+        """The options of a terminal: its printer's profile and time zone, its language."""
+        return cls(profile=config.profile, language=language, tz=config.tz)
 
 
 @lru_cache(maxsize=32)

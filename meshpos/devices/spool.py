@@ -247,19 +247,11 @@ class PrinterWorker:
 
     async def wait_until(self, predicate: Callable[[PrinterStatus], bool]) -> PrinterStatus:
         """Wait (no polling) until the status satisfies ``predicate``; for the node and tests."""
-        while True:
-            status = self.status()
-            if predicate(status):
-                return status
-            changed = self._changed
+        while not predicate(status := self.status()):
             async with trio.open_nursery() as nursery:
-                async def on_spool() -> None:
-                    await self.spool.wait_changed()
-                    nursery.cancel_scope.cancel()
-
-                nursery.start_soon(on_spool)
-                await changed.wait()
-                nursery.cancel_scope.cancel()
+                for wait in (self._changed.wait, self.spool.wait_changed):
+                    nursery.start_soon(_cancel_after, wait, nursery.cancel_scope)
+        return status
 
     def _set(self, state: str, error: str | None = None) -> None:
         self._state = state
@@ -278,6 +270,10 @@ class PrinterWorker:
         return self._printer
 
     async def run(self, *, task_status: trio.TaskStatus[PrinterWorker] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            self._get_printer()  # report a bad config in the status at once, not at the first sale
+        except PrinterConfigError as exc:
+            self._set(f"misconfigured: {exc}", str(exc))
         task_status.started(self)
         backoff = self.timing.backoff_initial
         while True:
@@ -314,6 +310,11 @@ class PrinterWorker:
             self._last_printed_at_ms = self.clock.now_ms()
             self.spool.remove(job.job_id)
             self._set(condition if condition in ("ok", "paper_out", "cover_open") else "ok")
+
+
+async def _cancel_after(wait: Callable[[], Any], scope: trio.CancelScope) -> None:
+    await wait()
+    scope.cancel()
 
 
 async def run_printer_worker(
