@@ -422,3 +422,23 @@ async def test_misconfigured_printer_shows_in_status_and_keeps_jobs(
 def test_printer_config_describe() -> None:
     cfg: PrinterConfig = load_printer_config(net_cfg(9100))
     assert cfg.describe() == "network printer 127.0.0.1:9100 (generic-58mm)"
+
+
+@pytest.mark.parametrize("name", ["terminal", "gateway", "inspector"])
+def test_example_node_configs_are_valid(name: str) -> None:
+    import json
+
+    from meshpos.devices.profiles import devices_dir
+    from meshpos.node.nodedir import NodeConfig
+
+    path = devices_dir() / "examples" / f"{name}.json"
+    data = json.loads(path.read_text())
+    cfg = NodeConfig.from_json(data, str(path))
+    assert cfg.role == name
+    if cfg.printer is not None:
+        printer = dict(cfg.printer)
+        if printer["kind"] == "usb":
+            assert load_printer_config(printer).vendor_id
+        else:
+            assert load_printer_config(printer).profile.name == printer["profile"]
+        ReceiptOptions.for_printer(load_printer_config(printer), cfg.language)
