@@ -29,8 +29,8 @@ class SystemClock:
 class FakeClock:
     """A clock tests move by hand."""
 
-    def __init__(self, now_ms: int = 1_767_225_600_000, monotonic: float = 0.0) -> None:
-        self._now_ms = now_ms
+    def __init__(self, now_ms: int | None = None, monotonic: float = 0.0) -> None:
+        self._now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
         self._mono = monotonic
 
     def now_ms(self) -> int:

@@ -1,0 +1,35 @@
+"""Helpers the tests import: the real CLI in a subprocess, a scanner for card numbers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+TEST_PANS = ("4111111111111111", "5555555555554444", "4000000000000002")
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``meshpos`` command in a subprocess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "meshpos.cli.main", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=120)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"meshpos {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def scan_for(root: Path, needles: list[bytes]) -> list[str]:
+    """Every file under ``root`` holding any of ``needles`` (also as UTF-16 and hex)."""
+    forms = []
+    for n in needles:
+        forms += [n, n.decode().encode("utf-16-le"), n.hex().encode()]
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            for form in forms:
+                if form in data:
+                    hits.append(f"{path}: {form[:8]!r}...")
+    return hits

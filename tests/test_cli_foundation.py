@@ -1,0 +1,140 @@
+"""The foundation's acceptance, through the real `meshpos` command."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import nacl.signing
+import pytest
+
+from meshpos import envelope
+from meshpos.identity import keys
+from meshpos.node.core import NodeCore
+
+from helpers import TEST_PANS, run_cli, scan_for
+
+
+@pytest.fixture
+def cli_site(tmp_path: Path) -> Path:
+    key = nacl.signing.SigningKey.generate()
+    (tmp_path / "switch.pub").write_text(keys.x25519_public_of(key).hex() + "\n")
+    run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", "--switch-key",
+            str(tmp_path / "switch.pub"), "--switch-url", "https://127.0.0.1:9443", check=True)
+    for name in ("t1", "t2"):
+        run_cli("enroll", str(tmp_path / "site"), str(tmp_path / name), "--role", "terminal", "--name", name,
+                check=True)
+    return tmp_path
+
+
+def test_two_terminals_five_sales_each_all_pending_and_verifying(cli_site: Path) -> None:
+    made = []
+    for name in ("t1", "t2"):
+        for i in range(5):
+            args = ["sell", str(cli_site / name), "--amount", f"{i + 1}.50", "--json"]
+            args += ["--card", TEST_PANS[i % 3], "--expiry", "1230"] if i % 2 == 0 else ["--cash"]
+            made.append(json.loads(run_cli(*args, check=True).stdout))
+    for name in ("t1", "t2"):
+        listed = json.loads(run_cli("sales", str(cli_site / name), "--json", check=True).stdout)
+        assert len(listed) == 5
+        assert {s["status"] for s in listed} == {"pending"}
+        for sale in listed:
+            assert {"id", "terminal", "amount_minor", "currency", "method", "card_last4", "status", "auth_code",
+                    "created_at"} <= set(sale)
+        assert listed == [m for m in made if m["terminal"] == listed[0]["terminal"]]
+        core = NodeCore.open(cli_site / name)
+        try:
+            for sale in listed:
+                raw = core.ledger.raw(f"sale/{sale['id']}")
+                core.roster.verify(envelope.decode(raw), core.clock.now_ms())
+        finally:
+            core.close()
+    card = next(m for m in made if m["method"] == "card")
+    assert card["card_last4"] == TEST_PANS[0][-4:] and card["card_brand"] == "visa"
+
+
+def test_no_full_card_number_anywhere_in_the_node_directory(cli_site: Path) -> None:
+    for i, pan in enumerate(TEST_PANS):
+        run_cli("-vv", "sell", str(cli_site / "t1"), "--amount", "2.00", "--card", pan, check=True)
+    run_cli("sales", str(cli_site / "t1"), check=True)
+    hits = scan_for(cli_site / "t1", [p.encode() for p in TEST_PANS])
+    assert hits == []
+    conn = sqlite3.connect(cli_site / "t1" / "meshpos.db")
+    last4 = {r[0] for r in conn.execute("SELECT last4 FROM sales")}
+    assert last4 == {p[-4:] for p in TEST_PANS}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--amount", "0", "--cash"], "greater than zero"),
+    (["--amount", "-5", "--cash"], "greater than zero"),
+    (["--amount", "1.234", "--cash"], "decimal places"),
+    (["--amount", "abc", "--cash"], "not a number"),
+    (["--amount", "600", "--cash"], "per-sale offline cap"),
+    (["--amount", "5", "--card", "4111111111111112"], "Luhn"),
+    (["--amount", "5", "--card", "41111"], "12 to 19 digits"),
+    (["--amount", "5", "--card", "4111111111111111", "--expiry", "1399"], "MMYY"),
+])
+def test_bad_sale_input_is_a_clear_error(cli_site: Path, args: list[str], message: str) -> None:
+    proc = run_cli("sell", str(cli_site / "t1"), *args)
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert "4111111111111112" not in proc.stderr + proc.stdout
+
+
+def test_unknown_currency_and_missing_node_dir(tmp_path: Path, cli_site: Path) -> None:
+    proc = run_cli("site", "init", str(tmp_path / "s2"), "--name", "X", "--currency", "XYZ")
+    assert proc.returncode != 0 and "unknown currency" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("sales", str(tmp_path / "nowhere"))
+    assert proc.returncode != 0 and "no such node directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_node_dir_of_another_site(tmp_path: Path, cli_site: Path) -> None:
+    run_cli("site", "init", str(tmp_path / "other"), "--name", "Other", check=True)
+    (cli_site / "t1" / "policy.env").write_bytes((tmp_path / "other" / "policy.env").read_bytes())
+    proc = run_cli("sales", str(cli_site / "t1"))
+    assert proc.returncode != 0 and "policy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_truncated_and_corrupt_database(cli_site: Path) -> None:
+    run_cli("sell", str(cli_site / "t1"), "--amount", "1", "--cash", check=True)
+    db = cli_site / "t1" / "meshpos.db"
+    db.write_bytes(db.read_bytes()[:2048])
+    proc = run_cli("sales", str(cli_site / "t1"))
+    assert proc.returncode != 0 and "meshpos.db" in proc.stderr and "Traceback" not in proc.stderr
+    db.write_bytes(b"\x00garbage" * 1000)
+    proc = run_cli("status", str(cli_site / "t1"))
+    assert proc.returncode != 0 and "meshpos.db" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_corrupt_config_names_the_file(cli_site: Path) -> None:
+    (cli_site / "t1" / "config.json").write_text("{ not json")
+    proc = run_cli("status", str(cli_site / "t1"))
+    assert proc.returncode != 0 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_card_sale_without_switch_key_is_refused_but_cash_works(tmp_path: Path) -> None:
+    run_cli("site", "init", str(tmp_path / "site"), "--name", "No switch", check=True)
+    run_cli("enroll", str(tmp_path / "site"), str(tmp_path / "t1"), "--role", "terminal", "--name", "t1",
+            check=True)
+    proc = run_cli("sell", str(tmp_path / "t1"), "--amount", "3", "--card", "4111111111111111")
+    assert proc.returncode != 0 and "no switch key" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_cli("sell", str(tmp_path / "t1"), "--amount", "3", "--cash").returncode == 0
+
+
+def test_real_enrollment_flow_through_the_cli(tmp_path: Path, cli_site: Path) -> None:
+    run_cli("enroll", "request", str(tmp_path / "g"), "--role", "gateway", "--name", "Gate",
+            "--out", str(tmp_path / "req.json"), check=True)
+    assert "PRIVATE" not in (tmp_path / "req.json").read_text()
+    run_cli("enroll", "sign", str(cli_site / "site"), str(tmp_path / "req.json"), "--out", str(tmp_path / "ans.json"),
+            check=True)
+    run_cli("enroll", "install", str(tmp_path / "g"), str(tmp_path / "ans.json"), check=True)
+    status = json.loads(run_cli("status", str(tmp_path / "g"), "--json", check=True).stdout)
+    assert status["role"] == "gateway" and status["name"] == "Gate"
+
+
+def test_every_command_has_help() -> None:
+    for cmd in (["site", "init"], ["site", "set-switch"], ["site", "revoke"], ["enroll"], ["enroll", "request"],
+                ["enroll", "sign"], ["enroll", "install"], ["sell"], ["sales"], ["status"], ["void"]):
+        proc = run_cli(*cmd, "--help")
+        assert proc.returncode == 0 and "usage:" in proc.stdout, cmd

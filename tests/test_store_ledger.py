@@ -1,0 +1,151 @@
+"""The durable store and the site ledger: acknowledgement, recovery, verification, re-assertion."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from pathlib import Path
+
+import automerge.core as am
+import pytest
+
+from meshpos import envelope
+from meshpos.errors import CorruptStoreError, LockedError, PolicyError, StoreError
+from meshpos.ledger import entry_bytes
+from meshpos.node.core import NodeCore
+from meshpos.site import Site
+
+
+def test_sale_is_durable_before_it_is_returned(make_node, clock) -> None:
+    path = make_node("t1")
+    core = NodeCore.open(path, clock)
+    sale = core.sell(1250, description="panino")
+    core.store.conn.close()  # no clean shutdown: what was returned must be on disk
+    core.dir.unlock()
+    reopened = NodeCore.open(path, clock)
+    try:
+        assert reopened.sale(sale["id"])["amount_minor"] == 1250
+        assert reopened.ledger.has(f"sale/{sale['id']}")
+    finally:
+        reopened.close()
+
+
+def test_directory_is_locked_against_a_second_process(make_node, open_node) -> None:
+    path = make_node("t1")
+    open_node(path)
+    with pytest.raises(LockedError):
+        NodeCore.open(path)
+
+
+def test_caps_refuse_with_which_limit_and_by_how_much(make_node, open_node, site: Site) -> None:
+    core = open_node(make_node("t1"))
+    with pytest.raises(PolicyError, match=r"per-sale offline cap of 500.00 EUR by 0.01 EUR"):
+        core.sell(50_001)
+    for _ in range(20):
+        core.sell(50_000)
+    with pytest.raises(PolicyError, match=r"terminal's pending offline total .* by 0.01 EUR"):
+        core.sell(1)
+
+
+def test_corrupt_and_foreign_databases_name_the_file(make_node, clock, tmp_path: Path) -> None:
+    path = make_node("t1")
+    core = NodeCore.open(path, clock)
+    core.sell(100)
+    core.close()
+    db = path / "meshpos.db"
+    shutil.copy(db, tmp_path / "backup.db")
+    db.write_bytes(db.read_bytes()[:1000])
+    for name in ("meshpos.db-wal", "meshpos.db-shm"):
+        (path / name).unlink(missing_ok=True)
+    with pytest.raises(CorruptStoreError, match="meshpos.db"):
+        NodeCore.open(path, clock)
+    foreign = sqlite3.connect(db.with_name("x.db"))
+    foreign.execute("CREATE TABLE t(x)")
+    foreign.commit()
+    foreign.close()
+    db.unlink()
+    db.with_name("x.db").rename(db)
+    with pytest.raises(CorruptStoreError, match="foreign"):
+        NodeCore.open(path, clock)
+
+
+def test_database_of_another_node_is_refused(make_node, clock) -> None:
+    a, b = make_node("a"), make_node("b")
+    NodeCore.open(a, clock).close()
+    shutil.copy(a / "meshpos.db", b / "meshpos.db")
+    with pytest.raises(StoreError, match="another site or node"):
+        NodeCore.open(b, clock)
+
+
+def test_damaged_chunk_is_dropped_and_shard_rebuilt_from_verified_entries(make_node, clock) -> None:
+    path = make_node("t1")
+    core = NodeCore.open(path, clock)
+    ids = [core.sell(100 + i)["id"] for i in range(5)]
+    core.close()
+    conn = sqlite3.connect(path / "meshpos.db")
+    conn.execute("UPDATE chunks SET data = substr(data, 1, 10) WHERE id = (SELECT max(id) FROM chunks)")
+    conn.commit()
+    conn.close()
+    core = NodeCore.open(path, clock)
+    try:
+        doc = core.ledger.docs[core.ledger.shards()[0]]
+        for sale_id in ids:
+            assert entry_bytes(doc.get(am.ROOT, f"sale/{sale_id}")) == core.ledger.raw(f"sale/{sale_id}")
+    finally:
+        core.close()
+
+
+def _peer_doc(src: NodeCore, shard: str) -> am.Document:
+    return am.Document.load(src.ledger.snapshot(shard))
+
+
+def test_replicated_entries_are_verified_and_forgeries_kept_out(make_node, open_node, site: Site) -> None:
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sale = t1.sell(999)
+    shard = t1.ledger.shards()[0]
+    hostile = _peer_doc(t1, shard)
+    forged_body = {**envelope.decode(t1.ledger.raw(f"sale/{sale['id']}")).body, "seq": 2,
+                   "sale_id": envelope.sale_id(t1.node_id, 2), "amount_minor": 5}
+    forged = envelope.seal("sale", t1.node_id, forged_body, t2.key)  # signed with the wrong key
+    with hostile.transaction() as tx:
+        tx.put(am.ROOT, f"sale/{forged_body['sale_id']}", am.ScalarType.Bytes, forged)
+        tx.put(am.ROOT, "garbage", am.ScalarType.Str, "x")
+    report = t2.ledger.receive_snapshot(shard, hostile.save(), "hostile")
+    keys = sorted(v.key for v in report.accepted)
+    assert f"sale/{sale['id']}" in keys and f"cert/{t1.node_id}" in keys
+    assert {k for k, _ in report.rejected} == {f"sale/{forged_body['sale_id']}", "garbage"}
+    assert [s["id"] for s in t2.sales()] == [sale["id"]]
+
+
+def test_deleted_and_overwritten_entries_are_reasserted(make_node, open_node) -> None:
+    t1 = open_node(make_node("t1"))
+    a, b = t1.sell(100), t1.sell(200)
+    shard = t1.ledger.shards()[0]
+    hostile = _peer_doc(t1, shard)
+    with hostile.transaction() as tx:
+        tx.delete(am.ROOT, f"sale/{a['id']}")
+        tx.put(am.ROOT, f"sale/{b['id']}", am.ScalarType.Bytes, b"overwritten")
+    report = t1.ledger.receive_snapshot(shard, hostile.save(), "hostile")
+    assert report.reasserted == 2
+    doc = t1.ledger.docs[shard]
+    assert entry_bytes(doc.get(am.ROOT, f"sale/{a['id']}")) == t1.ledger.raw(f"sale/{a['id']}")
+    assert entry_bytes(doc.get(am.ROOT, f"sale/{b['id']}")) == t1.ledger.raw(f"sale/{b['id']}")
+    # the re-assertion wins on the hostile side too once it merges back
+    hostile.merge(am.Document.load(t1.ledger.snapshot(shard)))
+    assert entry_bytes(hostile.get(am.ROOT, f"sale/{b['id']}")) == t1.ledger.raw(f"sale/{b['id']}")
+
+
+def test_entry_of_unknown_signer_is_parked_until_its_certificate_arrives(make_node, open_node) -> None:
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sale = t1.sell(700)
+    shard = t1.ledger.shards()[0]
+    partial = _peer_doc(t1, shard)
+    with partial.transaction() as tx:
+        tx.delete(am.ROOT, f"cert/{t1.node_id}")
+    report = t2.ledger.receive_snapshot(shard, partial.save(), "t1")
+    assert report.parked >= 1 and t2.sales() == []
+    # t1 sees the deletion of its certificate entry, re-asserts it, and t2 gets it from there
+    assert t1.ledger.receive_snapshot(shard, partial.save(), "t2").reasserted == 1
+    t2.ledger.receive_snapshot(shard, t1.ledger.snapshot(shard), "t1")
+    assert [s["id"] for s in t2.sales()] == [sale["id"]]
+    assert t2.store.parked() == []
