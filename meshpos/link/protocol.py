@@ -1,0 +1,431 @@
+"""The link protocol as a sans-IO state machine (protocols/link.md).
+
+Bytes go in with ``receive_data(data, now)``, events come out of
+``next_event()``, ``send(event)`` returns the bytes to write, ``tick(now)``
+runs the timers and returns keep-alive bytes. No socket, no clock of its own:
+``now`` is monotonic seconds given by the caller.
+
+States and transitions (the only ones):
+
+    AWAIT_HELLO --recv HELLO, common version, same site, not self--> OPEN
+    AWAIT_HELLO --recv HELLO, no common version / other site / self--> CLOSED  (Closed event)
+    AWAIT_HELLO --recv any other frame--------------------------------> CLOSED  (out of order)
+    AWAIT_HELLO --no HELLO within hello_timeout (tick)----------------> CLOSED
+    OPEN        --recv SUMMARY/SYNC/SNAPSHOT/HAVE/PING/PONG-----------> OPEN    (event)
+    OPEN        --recv HELLO------------------------------------------> CLOSED  (out of order)
+    OPEN        --recv PONG with no PING outstanding / wrong nonce----> CLOSED
+    OPEN        --nothing received within idle_timeout (tick)---------> CLOSED
+    any         --recv GOODBYE----------------------------------------> CLOSED  (Closed, by_peer)
+    any         --bad frame, bad payload, oversize, EOF, partial frame
+                  older than frame_timeout----------------------------> CLOSED
+    any         --send Goodbye----------------------------------------> CLOSED
+
+Our HELLO is the first thing ``start()`` returns; both ends send HELLO at
+once, so there is no client/server asymmetry. Every way in to CLOSED yields
+exactly one ``Closed(reason)`` event; after that the connection ignores input.
+The caller answers a Closed it did not ask for with ``send(Goodbye(reason))``
+(empty bytes if a GOODBYE was sent already), as wsproto's CloseConnection.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .. import canonical
+from ..errors import EncodingError, ProtocolError
+from ..ledger import valid_shard_name
+from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+
+SUPPORTED_VERSIONS = (1,)
+HELLO_TIMEOUT = 10.0
+IDLE_TIMEOUT = 45.0
+KEEPALIVE_INTERVAL = 15.0
+FRAME_TIMEOUT = 60.0
+MAX_REASON = 512
+ROLES = ("terminal", "gateway", "inspector")
+_NONCE = struct.Struct(">Q")
+
+
+class LinkState(enum.Enum):
+    AWAIT_HELLO = "await-hello"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+# -- events (received and sent) ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Hello:
+    versions: tuple[int, ...]
+    site_id: str
+    node_id: str
+    role: str
+    summary: dict[str, bytes] = field(default_factory=dict)  # shard -> 8-byte digest
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    """The peer's HELLO was accepted; ``version`` is the one both ends speak."""
+
+    peer: Hello
+    version: int
+
+
+@dataclass(frozen=True)
+class Summary:
+    summary: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Sync:
+    shard: str
+    data: bytes  # one Automerge sync message
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    shard: str
+    data: bytes  # one saved Automerge document
+
+
+@dataclass(frozen=True)
+class Have:
+    """The sender's heads digest of these shards, as of now."""
+
+    shards: dict[str, bytes]
+
+
+@dataclass(frozen=True)
+class Ping:
+    nonce: int
+
+
+@dataclass(frozen=True)
+class Pong:
+    nonce: int
+    rtt: float | None = None  # filled in on receipt of the answer to our own PING
+
+
+@dataclass(frozen=True)
+class Goodbye:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Closed:
+    reason: str
+    by_peer: bool = False
+    error: bool = False  # the peer broke the protocol or timed out
+
+
+Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Ping, Pong, Closed]
+Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Ping, Pong, Goodbye]
+
+
+# -- payload layouts ------------------------------------------------------------------
+
+def _digests_to_json(digests: dict[str, bytes]) -> dict[str, str]:
+    return {shard: d.hex() for shard, d in digests.items()}
+
+
+def _digests_from_json(obj: Any) -> dict[str, bytes]:
+    if not isinstance(obj, dict):
+        raise EncodingError("digest map must be an object")
+    out: dict[str, bytes] = {}
+    for shard, text in obj.items():
+        if not valid_shard_name(shard):
+            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        if not isinstance(text, str) or len(text) != 16 or text != text.lower():
+            raise EncodingError(f"bad digest for shard {shard}")
+        try:
+            out[shard] = bytes.fromhex(text)
+        except ValueError as exc:
+            raise EncodingError(f"bad digest for shard {shard}") from exc
+    return out
+
+
+def _shard_payload(shard: str, data: bytes) -> bytes:
+    name = shard.encode("ascii")
+    return bytes([len(name)]) + name + data
+
+
+def _parse_shard_payload(payload: bytes) -> tuple[str, bytes]:
+    if not payload:
+        raise EncodingError("empty shard payload")
+    n = payload[0]
+    if len(payload) < 1 + n:
+        raise EncodingError("shard name runs past the payload")
+    try:
+        shard = payload[1:1 + n].decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise EncodingError("shard name is not ASCII") from exc
+    if not valid_shard_name(shard):
+        raise EncodingError(f"bad shard name {shard[:60]!r}")
+    data = payload[1 + n:]
+    if not data:
+        raise EncodingError(f"no data for shard {shard}")
+    return shard, data
+
+
+def encode_event(event: Sendable) -> bytes:
+    """The one byte encoding of each frame (deterministic: canonical JSON or a fixed layout)."""
+    if isinstance(event, Hello):
+        body = {"versions": list(event.versions), "site": event.site_id, "node": event.node_id,
+                "role": event.role, "summary": _digests_to_json(event.summary)}
+        return encode_frame(FrameType.HELLO, canonical.encode(body))
+    if isinstance(event, Summary):
+        return encode_frame(FrameType.SUMMARY, canonical.encode({"summary": _digests_to_json(event.summary)}))
+    if isinstance(event, Sync):
+        return encode_frame(FrameType.SYNC, _shard_payload(event.shard, event.data))
+    if isinstance(event, Snapshot):
+        return encode_frame(FrameType.SNAPSHOT, _shard_payload(event.shard, event.data))
+    if isinstance(event, Have):
+        return encode_frame(FrameType.HAVE, canonical.encode({"shards": _digests_to_json(event.shards)}))
+    if isinstance(event, Ping):
+        return encode_frame(FrameType.PING, _NONCE.pack(event.nonce))
+    if isinstance(event, Pong):
+        return encode_frame(FrameType.PONG, _NONCE.pack(event.nonce))
+    if isinstance(event, Goodbye):
+        return encode_frame(FrameType.GOODBYE, event.reason.encode("utf-8")[:MAX_REASON])
+    raise ProtocolError(f"cannot send {type(event).__name__}")
+
+
+def _json_object(payload: bytes, keys: set[str], what: str) -> dict[str, Any]:
+    obj = canonical.decode(payload)
+    if not isinstance(obj, dict) or set(obj) != keys:
+        raise EncodingError(f"{what} must be an object with exactly {sorted(keys)}")
+    return obj
+
+
+def decode_frame(frame: Frame) -> Sendable:
+    """Parse one frame's payload; EncodingError if it does not match its type's layout."""
+    t, p = frame.type, frame.payload
+    if t is FrameType.HELLO:
+        obj = _json_object(p, {"versions", "site", "node", "role", "summary"}, "HELLO")
+        versions = obj["versions"]
+        if (not isinstance(versions, list) or not 1 <= len(versions) <= 16
+                or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536 for v in versions)):
+            raise EncodingError("HELLO versions must be a short list of small positive integers")
+        for key in ("site", "node"):
+            v = obj[key]
+            if not isinstance(v, str) or len(v) != 16 or any(c not in "0123456789abcdef" for c in v):
+                raise EncodingError(f"HELLO {key} must be a 16-hex-digit id")
+        if obj["role"] not in ROLES:
+            raise EncodingError(f"HELLO role {str(obj['role'])[:20]!r} is unknown")
+        return Hello(tuple(versions), obj["site"], obj["node"], obj["role"], _digests_from_json(obj["summary"]))
+    if t is FrameType.SUMMARY:
+        return Summary(_digests_from_json(_json_object(p, {"summary"}, "SUMMARY")["summary"]))
+    if t is FrameType.SYNC:
+        return Sync(*_parse_shard_payload(p))
+    if t is FrameType.SNAPSHOT:
+        return Snapshot(*_parse_shard_payload(p))
+    if t is FrameType.HAVE:
+        return Have(_digests_from_json(_json_object(p, {"shards"}, "HAVE")["shards"]))
+    if t in (FrameType.PING, FrameType.PONG):
+        if len(p) != _NONCE.size:
+            raise EncodingError(f"{t.name} payload must be {_NONCE.size} bytes")
+        (nonce,) = _NONCE.unpack(p)
+        return Ping(nonce) if t is FrameType.PING else Pong(nonce)
+    if t is FrameType.GOODBYE:
+        if len(p) > MAX_REASON:
+            raise EncodingError("GOODBYE reason too long")
+        return Goodbye(p.decode("utf-8", errors="replace"))
+    raise EncodingError(f"unhandled frame type {t!r}")  # pragma: no cover - FrameType is closed
+
+
+# -- the machine ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timeouts:
+    hello: float = HELLO_TIMEOUT
+    idle: float = IDLE_TIMEOUT
+    keepalive: float = KEEPALIVE_INTERVAL
+    frame: float = FRAME_TIMEOUT
+
+
+class LinkConnection:
+    def __init__(self, hello: Hello, now: float, *, timeouts: Timeouts = Timeouts(),
+                 expect_node: str | None = None, max_payload: int = MAX_PAYLOAD) -> None:
+        self.our_hello = hello
+        self.timeouts = timeouts
+        self.expect_node = expect_node
+        self.state = LinkState.AWAIT_HELLO
+        self.peer: Hello | None = None
+        self.version: int | None = None
+        self.close_reason: str | None = None
+        self._decoder = FrameDecoder(max_payload)
+        self._events: list[Event] = []
+        self._started_at = now
+        self._last_rx = now
+        self._partial_since: float | None = None
+        self._nonces = itertools.count(1)
+        self._ping_out: tuple[int, float] | None = None
+        self._goodbye_sent = False
+        self._hello_sent = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.rtt: float | None = None
+
+    # -- output -------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """Our HELLO: the first bytes on the link."""
+        return self.send(self.our_hello)
+
+    def send(self, event: Sendable) -> bytes:
+        if isinstance(event, Goodbye):
+            if self._goodbye_sent:
+                return b""
+            self._goodbye_sent = True
+            self._close(event.reason, by_peer=False, error=False)
+            return self._count(encode_event(event))
+        if self.state is LinkState.CLOSED:
+            raise ProtocolError(f"cannot send {type(event).__name__}: link is closed")
+        if isinstance(event, Hello):
+            if self._hello_sent:
+                raise ProtocolError("HELLO was sent already")
+            self._hello_sent = True
+        elif self.state is not LinkState.OPEN or not self._hello_sent:
+            raise ProtocolError(f"cannot send {type(event).__name__} before the link is open")
+        return self._count(encode_event(event))
+
+    def _count(self, data: bytes) -> bytes:
+        self.bytes_out += len(data)
+        return data
+
+    def ping(self, now: float) -> bytes:
+        if self.state is not LinkState.OPEN or self._ping_out is not None:
+            return b""
+        nonce = next(self._nonces)
+        self._ping_out = (nonce, now)
+        return self.send(Ping(nonce))
+
+    def tick(self, now: float) -> bytes:
+        """Run the timers: a timeout closes the link (Closed event); a due keep-alive returns a PING."""
+        if self.state is LinkState.CLOSED:
+            return b""
+        if self._partial_since is not None and now - self._partial_since > self.timeouts.frame:
+            self._fail(f"peer stalled mid-frame for more than {self.timeouts.frame:g}s")
+            return b""
+        if self.state is LinkState.AWAIT_HELLO:
+            if now - self._started_at > self.timeouts.hello:
+                self._fail(f"no HELLO within {self.timeouts.hello:g}s")
+            return b""
+        if now - self._last_rx > self.timeouts.idle:
+            self._fail(f"nothing received for {self.timeouts.idle:g}s")
+            return b""
+        if self._ping_out is None and now - self._last_rx >= self.timeouts.keepalive:
+            return self.ping(now)
+        return b""
+
+    def next_deadline(self) -> float:
+        """The monotonic time at which ``tick`` has something to do."""
+        if self.state is LinkState.CLOSED:
+            return float("inf")
+        if self.state is LinkState.AWAIT_HELLO:
+            deadline = self._started_at + self.timeouts.hello
+        else:
+            deadline = self._last_rx + self.timeouts.idle
+            if self._ping_out is None:
+                deadline = min(deadline, self._last_rx + self.timeouts.keepalive)
+        if self._partial_since is not None:
+            deadline = min(deadline, self._partial_since + self.timeouts.frame)
+        return deadline + 1e-3
+
+    # -- input --------------------------------------------------------------------
+
+    def receive_data(self, data: bytes, now: float) -> None:
+        """Feed bytes from the peer; ``b""`` means the peer closed its side."""
+        if self.state is LinkState.CLOSED:
+            return
+        if not data:
+            self._fail("peer closed the connection" + (" mid-frame" if self._decoder.partial else ""),
+                       by_peer=True)
+            return
+        self.bytes_in += len(data)
+        self._last_rx = now
+        self._decoder.receive_data(data)
+        while self.state is not LinkState.CLOSED:
+            try:
+                frame = self._decoder.next_frame()
+            except ProtocolError as exc:
+                self._fail(str(exc))
+                return
+            if frame is None:
+                break
+            self._handle(frame, now)
+        if self.state is not LinkState.CLOSED:
+            if self._decoder.partial:
+                if self._partial_since is None:
+                    self._partial_since = now
+            else:
+                self._partial_since = None
+
+    def next_event(self) -> Event | None:
+        """The next event, or None: feed more data (or tick)."""
+        return self._events.pop(0) if self._events else None
+
+    def events(self) -> list[Event]:
+        out, self._events = self._events, []
+        return out
+
+    def _handle(self, frame: Frame, now: float) -> None:
+        try:
+            event = decode_frame(frame)
+        except EncodingError as exc:
+            self._fail(f"bad {frame.type.name} frame: {exc}")
+            return
+        if isinstance(event, Goodbye):
+            self._close(event.reason or "peer said goodbye", by_peer=True, error=False)
+            self._goodbye_sent = True  # nothing more to say to a peer that left
+            return
+        if self.state is LinkState.AWAIT_HELLO:
+            if not isinstance(event, Hello):
+                self._fail(f"{frame.type.name} before HELLO")
+                return
+            self._on_hello(event)
+            return
+        if isinstance(event, Hello):
+            self._fail("second HELLO")
+            return
+        if isinstance(event, Pong):
+            if self._ping_out is None or self._ping_out[0] != event.nonce:
+                self._fail("PONG that answers no PING")
+                return
+            self.rtt = now - self._ping_out[1]
+            self._ping_out = None
+            self._events.append(Pong(event.nonce, self.rtt))
+            return
+        assert not isinstance(event, Goodbye)
+        self._events.append(event)
+
+    def _on_hello(self, hello: Hello) -> None:
+        ours = self.our_hello
+        common = set(ours.versions) & set(hello.versions)
+        if not common:
+            self._fail(f"no common protocol version (ours {list(ours.versions)}, peer's {list(hello.versions)})")
+        elif hello.site_id != ours.site_id:
+            self._fail(f"peer is of site {hello.site_id}, not {ours.site_id}")
+        elif hello.node_id == ours.node_id:
+            self._fail("link to ourselves")
+        elif self.expect_node is not None and hello.node_id != self.expect_node:
+            self._fail(f"peer says it is node {hello.node_id} but its certificate names {self.expect_node}")
+        else:
+            self.peer = hello
+            self.version = max(common)
+            self.state = LinkState.OPEN
+            self._events.append(LinkUp(hello, self.version))
+
+    def _fail(self, reason: str, by_peer: bool = False) -> None:
+        self._close(reason, by_peer=by_peer, error=True)
+
+    def _close(self, reason: str, by_peer: bool, error: bool) -> None:
+        if self.state is LinkState.CLOSED:
+            return
+        self.state = LinkState.CLOSED
+        self.close_reason = reason
+        self._events.append(Closed(reason, by_peer=by_peer, error=error))

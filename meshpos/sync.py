@@ -1,0 +1,403 @@
+"""Replication over links: one sans-IO SyncSession per link, one Replicator per node.
+
+What a session does (protocols/link.md, "Replication"):
+
+* On LinkUp it compares the peer's HELLO summary with ours. A shard the peer
+  lacks entirely goes over as one SNAPSHOT (a fresh node pays about the size
+  of the data, not the ~3x of the sync protocol from nothing). A shard whose
+  digest differs runs the Automerge sync protocol for that shard only, with
+  a SyncState per (link, shard).
+* Afterwards every change of a local shard (``Ledger.on_shard_changed``,
+  whether a sale, a merge from another link, or a re-assertion) marks that
+  shard on every open link; the next ``data_to_send`` generates its sync
+  message. Only touched shards cost anything, whatever the ledger's size.
+* When a sync exchange on a shard ends on our side (a peer's message needs no
+  answer) we send HAVE with our digest of it. A peer whose digest differs
+  restarts that shard's sync from a fresh SyncState (once per pair of
+  digests), which repairs a lost or reordered message without a full resync.
+* Every entry a peer sends goes through ``Ledger.receive_sync`` /
+  ``receive_snapshot``, which verify it; the rejected ones are counted per
+  link, and a peer past ``max_rejected`` is cut off with the reason logged.
+* A read-only peer (an inspector) is served but never trusted: its sync
+  messages are applied to a throw-away fork of the shard (so the sync state
+  learns what it has and needs) and its snapshots are ignored.
+
+Nothing here does I/O: bytes in with ``receive_data``, bytes out with
+``data_to_send``, timers with ``tick``; time comes from the injected Clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+import automerge.core as am
+
+from .clock import Clock
+from .errors import EncodingError, MeshposError
+from .ledger import IngestReport, Ledger
+from .link.frames import MAX_PAYLOAD
+from .link.protocol import (SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp,
+                            Ping, Pong, Snapshot, Summary, Sync, Timeouts)
+
+if TYPE_CHECKING:
+    from .node.core import NodeCore
+
+log = logging.getLogger(__name__)
+
+MAX_REJECTED = 16
+FLUSH_BUDGET = 1 << 20
+READ_ONLY_ROLES = frozenset({"inspector"})
+
+
+def shard_digest(ledger: Ledger, shard: str) -> bytes:
+    """One shard's entry of ``Ledger.summary()`` without hashing every shard."""
+    return hashlib.blake2b(b"".join(ledger.heads(shard)), digest_size=8).digest()
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    timeouts: Timeouts = Timeouts()
+    max_rejected: int = MAX_REJECTED
+    flush_budget: int = FLUSH_BUDGET
+    versions: tuple[int, ...] = SUPPORTED_VERSIONS
+    max_payload: int = MAX_PAYLOAD
+
+
+@dataclass(frozen=True)
+class LinkHealth:
+    label: str
+    peer_node: str | None
+    peer_role: str | None
+    read_only: bool
+    state: str
+    opened_at: float
+    rtt: float | None
+    last_sync_at: float | None
+    bytes_in: int
+    bytes_out: int
+    entries_received: int
+    entries_rejected: int
+    entries_reasserted: int
+    snapshots_sent: int
+    snapshots_received: int
+    close_reason: str | None
+
+
+@dataclass
+class _Counters:
+    entries_received: int = 0
+    entries_rejected: int = 0
+    entries_reasserted: int = 0
+    snapshots_sent: int = 0
+    snapshots_received: int = 0
+    last_sync_at: float | None = None
+    last_rejection: str = ""
+
+
+class Replicator:
+    """The node-wide side: owns the ledger hook and the set of live sessions."""
+
+    def __init__(self, ledger: Ledger, site_id: str, node_id: str, role: str, clock: Clock,
+                 config: SyncConfig = SyncConfig()) -> None:
+        self.ledger = ledger
+        self.site_id = site_id
+        self.node_id = node_id
+        self.role = role
+        self.clock = clock
+        self.config = config
+        self.sessions: list[SyncSession] = []
+        ledger.on_shard_changed.append(self._on_shard_changed)
+
+    @classmethod
+    def for_core(cls, core: "NodeCore", config: SyncConfig = SyncConfig()) -> "Replicator":
+        return cls(core.ledger, core.identity.site_id, core.identity.node_id, core.identity.role, core.clock, config)
+
+    def open_session(self, *, label: str = "", expect_node: str | None = None, read_only: bool = False) -> "SyncSession":
+        """A session for one new link. ``expect_node``/``read_only`` come from the peer's certificate."""
+        session = SyncSession(self, label=label, expect_node=expect_node, read_only=read_only)
+        self.sessions.append(session)
+        return session
+
+    def detach(self, reason: str = "node shutting down") -> None:
+        """Close every session and unhook from the ledger (before closing the NodeCore)."""
+        for session in list(self.sessions):
+            session.close(reason)
+        if self._on_shard_changed in self.ledger.on_shard_changed:
+            self.ledger.on_shard_changed.remove(self._on_shard_changed)
+
+    def health(self) -> list[LinkHealth]:
+        return [s.health() for s in self.sessions]
+
+    def _forget(self, session: "SyncSession") -> None:
+        if session in self.sessions:
+            self.sessions.remove(session)
+
+    def _on_shard_changed(self, shard: str) -> None:
+        for session in self.sessions:
+            session.local_change(shard)
+
+    def hello(self) -> Hello:
+        return Hello(self.config.versions, self.site_id, self.node_id, self.role, self.ledger.summary())
+
+
+class SyncSession:
+    def __init__(self, replicator: Replicator, *, label: str, expect_node: str | None, read_only: bool) -> None:
+        self.replicator = replicator
+        self.ledger = replicator.ledger
+        self.clock = replicator.clock
+        self.config = replicator.config
+        self.label = label or "link"
+        self.read_only = read_only
+        self.conn = LinkConnection(replicator.hello(), self.clock.monotonic(), timeouts=self.config.timeouts,
+                                   expect_node=expect_node, max_payload=self.config.max_payload)
+        self.opened_at = self.clock.monotonic()
+        self.states: dict[str, am.SyncState] = {}
+        self._dirty: dict[str, bool] = {}  # shard -> "answers a peer message" (send HAVE if nothing to say)
+        self._snapshots: list[str] = []
+        self._snapshot_set: set[str] = set()
+        self._last_reset: dict[str, tuple[bytes, bytes]] = {}
+        self._out = bytearray(self.conn.start())
+        self._counters = _Counters()
+        self.wakeup: Callable[[], None] | None = None
+
+    # -- driver API -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.state is LinkState.CLOSED
+
+    @property
+    def close_reason(self) -> str | None:
+        return self.conn.close_reason
+
+    @property
+    def peer_node(self) -> str | None:
+        return self.conn.peer.node_id if self.conn.peer else None
+
+    def receive_data(self, data: bytes) -> None:
+        """Bytes from the peer (``b""``: it closed). Never raises for anything the peer sends."""
+        self.conn.receive_data(data, self.clock.monotonic())
+        self._process()
+
+    def tick(self) -> None:
+        self._out += self.conn.tick(self.clock.monotonic())
+        self._process()
+
+    def next_deadline(self) -> float:
+        return self.conn.next_deadline()
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._out) or (self.conn.state is LinkState.OPEN and bool(self._dirty or self._snapshots))
+
+    def data_to_send(self, budget: int | None = None) -> bytes:
+        """What to write now: at most about ``budget`` bytes of replication data; call again while
+        ``wants_write``."""
+        budget = self.config.flush_budget if budget is None else budget
+        out = self._out
+        self._out = bytearray()
+        if self.conn.state is not LinkState.OPEN:
+            return bytes(out)
+        try:
+            self._generate(out, budget)
+        except MeshposError as exc:
+            log.error("link %s: local failure while generating sync data: %s", self.label, exc)
+            out += self._close_now(f"local failure: {exc}")
+        return bytes(out)
+
+    def close(self, reason: str) -> None:
+        """Say GOODBYE; the bytes come out of the next ``data_to_send``."""
+        self._out += self.conn.send(Goodbye(reason))
+        self._process()
+
+    def local_change(self, shard: str) -> None:
+        if self.conn.state is not LinkState.OPEN:
+            return
+        was_idle = not self.wants_write
+        self._dirty.setdefault(shard, False)
+        if was_idle and self.wakeup is not None:
+            self.wakeup()
+
+    def request_summary(self) -> None:
+        """Ask for a full comparison (the peer answers with shards to sync and snapshots)."""
+        if self.conn.state is LinkState.OPEN:
+            self._out += self.conn.send(Summary(self.ledger.summary()))
+
+    def health(self) -> LinkHealth:
+        c = self._counters
+        peer = self.conn.peer
+        return LinkHealth(
+            label=self.label, peer_node=peer.node_id if peer else None, peer_role=peer.role if peer else None,
+            read_only=self.read_only, state=self.conn.state.value, opened_at=self.opened_at, rtt=self.conn.rtt,
+            last_sync_at=c.last_sync_at, bytes_in=self.conn.bytes_in, bytes_out=self.conn.bytes_out,
+            entries_received=c.entries_received, entries_rejected=c.entries_rejected,
+            entries_reasserted=c.entries_reasserted, snapshots_sent=c.snapshots_sent,
+            snapshots_received=c.snapshots_received, close_reason=self.conn.close_reason)
+
+    # -- events -----------------------------------------------------------------
+
+    def _process(self) -> None:
+        while (event := self.conn.next_event()) is not None:
+            try:
+                if isinstance(event, LinkUp):
+                    self._on_link_up(event)
+                elif isinstance(event, Summary):
+                    self._compare(event.summary)
+                elif isinstance(event, Sync):
+                    self._on_sync(event)
+                elif isinstance(event, Snapshot):
+                    self._on_snapshot(event)
+                elif isinstance(event, Have):
+                    self._on_have(event)
+                elif isinstance(event, Ping):
+                    self._out += self.conn.send(Pong(event.nonce))
+                elif isinstance(event, Pong):
+                    pass  # conn.rtt holds it
+                elif isinstance(event, Closed):
+                    self._on_closed(event)
+            except EncodingError as exc:
+                self._out += self._close_now(f"peer sent bad replication data: {exc}", warn=True)
+            except MeshposError as exc:
+                log.error("link %s: local failure: %s", self.label, exc)
+                self._out += self._close_now(f"local failure: {exc}")
+        if self.wants_write and self.wakeup is not None:
+            self.wakeup()
+
+    def _on_link_up(self, event: LinkUp) -> None:
+        peer = event.peer
+        if peer.role in READ_ONLY_ROLES:
+            self.read_only = True
+        if peer.node_id != self.label and self.label == "link":
+            self.label = peer.node_id
+        log.info("link %s up: peer %s (%s), protocol v%d%s", self.label, peer.node_id, peer.role, event.version,
+                 ", read-only" if self.read_only else "")
+        self._compare(peer.summary)
+
+    def _compare(self, theirs: dict[str, bytes]) -> None:
+        for shard, ours in self.ledger.summary().items():
+            if shard not in theirs:
+                if shard not in self._snapshot_set:
+                    self._snapshot_set.add(shard)
+                    self._snapshots.append(shard)
+            elif theirs[shard] != ours:
+                self._dirty.setdefault(shard, False)
+
+    def _state(self, shard: str) -> am.SyncState:
+        state = self.states.get(shard)
+        if state is None:
+            state = self.states[shard] = am.SyncState()
+        return state
+
+    def _on_sync(self, event: Sync) -> None:
+        state = self._state(event.shard)
+        if self.read_only:
+            self._absorb_read_only(event.shard, state, event.data)
+        else:
+            self._count(self.ledger.receive_sync(event.shard, state, event.data, self._peer_name()))
+        self._dirty[event.shard] = True
+
+    def _absorb_read_only(self, shard: str, state: am.SyncState, data: bytes) -> None:
+        """Let the sync state learn a read-only peer's heads and needs; drop any change it carries."""
+        try:
+            msg = am.Message.decode(data)
+        except Exception as exc:  # automerge raises bare Exception on bad input
+            raise EncodingError(f"bad Automerge sync message for shard {shard}: {exc}") from exc
+        doc = self.ledger.docs.get(shard)
+        scratch = doc.fork() if doc is not None else am.Document()
+        try:
+            scratch.receive_sync_message(state, msg)
+        except Exception as exc:
+            raise EncodingError(f"Automerge refused a sync message for shard {shard}: {exc}") from exc
+        if doc is not None and scratch.get_heads() != doc.get_heads():
+            # It offered changes we will not take from a read-only peer: forget what it told us.
+            self.states[shard] = am.SyncState()
+
+    def _on_snapshot(self, event: Snapshot) -> None:
+        if self.read_only:
+            log.warning("link %s: ignoring SNAPSHOT of %s from read-only peer", self.label, event.shard)
+            return
+        self._counters.snapshots_received += 1
+        self._count(self.ledger.receive_snapshot(event.shard, event.data, self._peer_name()))
+
+    def _on_have(self, event: Have) -> None:
+        now = self.clock.monotonic()
+        for shard, theirs in event.shards.items():
+            ours = shard_digest(self.ledger, shard)
+            if ours == theirs:
+                self._counters.last_sync_at = now
+                continue
+            pair = (ours, theirs)
+            if self._last_reset.get(shard) == pair or shard in self._snapshot_set and shard in self._snapshots:
+                continue
+            self._last_reset[shard] = pair
+            self.states[shard] = am.SyncState()
+            self._dirty.setdefault(shard, False)
+
+    def _on_closed(self, event: Closed) -> None:
+        if event.error or event.by_peer:
+            level = logging.WARNING if event.error else logging.INFO
+            log.log(level, "link %s closed: %s", self.label, event.reason)
+        else:
+            log.info("link %s closed by us: %s", self.label, event.reason)
+        self._out += self.conn.send(Goodbye(event.reason))
+        self._dirty.clear()
+        self._snapshots.clear()
+        self.replicator._forget(self)
+
+    def _count(self, report: IngestReport) -> None:
+        c = self._counters
+        c.entries_received += len(report.accepted)
+        c.entries_reasserted += report.reasserted
+        c.last_sync_at = self.clock.monotonic()
+        if report.rejected:
+            c.entries_rejected += len(report.rejected)
+            c.last_rejection = report.rejected[-1][1]
+            if c.entries_rejected > self.config.max_rejected:
+                self._out += self._close_now(
+                    f"peer sent {c.entries_rejected} invalid entries (last: {c.last_rejection})", warn=True)
+
+    def _close_now(self, reason: str, warn: bool = False) -> bytes:
+        if self.conn.state is not LinkState.CLOSED:
+            log.log(logging.WARNING if warn else logging.INFO, "link %s: cutting off peer: %s", self.label, reason)
+        data = self.conn.send(Goodbye(reason))
+        for event in self.conn.events():
+            if isinstance(event, Closed):
+                self._dirty.clear()
+                self._snapshots.clear()
+                self.replicator._forget(self)
+        return data
+
+    def _peer_name(self) -> str:
+        return self.conn.peer.node_id if self.conn.peer else self.label
+
+    # -- output -----------------------------------------------------------------
+
+    def _generate(self, out: bytearray, budget: int) -> None:
+        start = len(out)
+        while self._snapshots and len(out) - start < budget:
+            shard = self._snapshots.pop(0)
+            self._snapshot_set.discard(shard)
+            out += self.conn.send(Snapshot(shard, self.ledger.snapshot(shard)))
+            self._counters.snapshots_sent += 1
+        have: dict[str, bytes] = {}
+        for shard in list(self._dirty):
+            if len(out) - start >= budget:
+                break
+            if shard in self._snapshot_set:
+                continue  # its snapshot goes first
+            answers = self._dirty.pop(shard)
+            try:
+                msg = self.ledger.generate_sync(shard, self._state(shard))
+            except Exception as exc:  # a state confused by a dropped message: start that shard afresh
+                log.info("link %s: restarting sync of %s (%s)", self.label, shard, exc)
+                self.states[shard] = am.SyncState()
+                msg = self.ledger.generate_sync(shard, self._state(shard))
+            if msg is not None:
+                out += self.conn.send(Sync(shard, msg))
+            elif answers:
+                have[shard] = shard_digest(self.ledger, shard)
+        if have:
+            out += self.conn.send(Have(have))

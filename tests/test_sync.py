@@ -1,0 +1,182 @@
+"""Replication sessions joined in memory (no sockets)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import automerge.core as am
+import pytest
+
+from meshpos import envelope
+from meshpos.ledger import entry_bytes
+from meshpos.link.memnet import MemNetwork
+from meshpos.link.protocol import Hello, LinkConnection, Sync, Snapshot
+from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
+
+
+@pytest.fixture
+def clock():  # type: ignore[no-untyped-def]
+    return wall_clock()
+
+
+def _nodes(tmp_path: Path, clock, n: int, roles: list[str] | None = None) -> list[SimNode]:  # type: ignore[no-untyped-def]
+    site = make_site(tmp_path / "site")
+    roles = roles or ["terminal"] * n
+    return [SimNode.open(enroll(site, tmp_path / f"n{i}", f"t{i}", roles[i]), clock) for i in range(n)]
+
+
+def assert_identical(nodes: list[SimNode]) -> None:
+    first = nodes[0]
+    for other in nodes[1:]:
+        assert other.entries() == first.entries()
+        assert other.core.ledger.summary() == first.core.ledger.summary()
+        assert other.sale_ids() == first.sale_ids()
+
+
+def test_two_nodes_bootstrap_by_snapshot_then_sync(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    a, b = _nodes(tmp_path, clock, 2)
+    sold = [a.core.sell(100 + i)["id"] for i in range(5)]
+    net = MemNetwork()
+    link = net.connect(a.replicator, b.replicator)
+    net.pump()
+    assert_identical([a, b])
+    assert set(sold) <= b.sale_ids()
+    assert link.a.health().snapshots_sent >= 1
+    # After link up, a new sale on either end crosses by the sync protocol.
+    s1 = b.core.sell(777)["id"]
+    s2 = a.core.sell(778)["id"]
+    net.pump()
+    assert {s1, s2} <= a.sale_ids() and {s1, s2} <= b.sale_ids()
+    assert_identical([a, b])
+    h = link.b.health()
+    assert h.entries_received >= 6 and h.entries_rejected == 0 and h.peer_node == a.core.node_id
+
+
+def test_line_of_ten_nodes_converges(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    nodes = _nodes(tmp_path, clock, 10)
+    net = MemNetwork()
+    for left, right in zip(nodes, nodes[1:]):
+        net.connect(left.replicator, right.replicator)
+    net.pump()
+    ids = [nodes[0].core.sell(100 + i)["id"] for i in range(3)]
+    ids += [nodes[-1].core.sell(200 + i)["id"] for i in range(3)]
+    net.pump()
+    ids.append(nodes[0].core.sell(300)["id"])
+    ids.append(nodes[-1].core.sell(301)["id"])
+    ids.append(nodes[4].core.sell(302)["id"])
+    net.pump()
+    assert_identical(nodes)
+    for node in nodes:
+        assert set(ids) <= node.sale_ids()
+
+
+def test_restart_resumes(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    a, b = _nodes(tmp_path, clock, 2)
+    net = MemNetwork()
+    link = net.connect(a.replicator, b.replicator)
+    a.core.sell(100)
+    net.pump()
+    link.cut()
+    b = b.reopen(clock)
+    sid = a.core.sell(101)["id"]
+    b.core.sell(102)
+    net.connect(a.replicator, b.replicator)
+    net.pump()
+    assert sid in b.sale_ids()
+    assert_identical([a, b])
+
+
+def _hostile_peer(victim: SimNode, attacker: SimNode, clock):  # type: ignore[no-untyped-def]
+    """A raw protocol end speaking as ``attacker`` (a real enrolled node) with its own Automerge forks."""
+    rep = attacker.replicator
+    conn = LinkConnection(Hello((1,), rep.site_id, rep.node_id, rep.role, {}), clock.monotonic())
+    session = victim.replicator.open_session(label="hostile", expect_node=rep.node_id)
+    session.receive_data(conn.start())
+    conn.receive_data(session.data_to_send(), clock.monotonic())
+    return conn, session
+
+
+def _exchange(conn, session, docs, states, clock, rounds: int = 20) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(rounds):
+        out = bytearray()
+        for shard, doc in docs.items():
+            msg = doc.generate_sync_message(states[shard])
+            if msg is not None:
+                out += conn.send(Sync(shard, msg.encode()))
+        if out:
+            session.receive_data(bytes(out))
+        back = session.data_to_send()
+        if not back and not out:
+            return
+        conn.receive_data(back, clock.monotonic())
+        for ev in conn.events():
+            if isinstance(ev, Sync) and ev.shard in docs:
+                docs[ev.shard].receive_sync_message(states[ev.shard], am.Message.decode(ev.data))
+            elif isinstance(ev, Snapshot) and ev.shard not in docs:
+                docs[ev.shard] = am.Document.load(ev.data)
+                states[ev.shard] = am.SyncState()
+
+
+def test_hostile_peer_deletes_and_overwrites_are_reasserted(tmp_path: Path, clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    victim, attacker = _nodes(tmp_path, clock, 2)
+    sold = [victim.core.sell(100 + i)["id"] for i in range(4)]
+    net = MemNetwork()
+    net.connect(victim.replicator, attacker.replicator)
+    net.pump()  # the attacker is an enrolled peer holding the victim's shard
+    before = victim.entries()
+    shard = next(s for s in victim.core.ledger.shards() if s.startswith(victim.core.node_id))
+    doc = am.Document.load(victim.core.ledger.snapshot(shard))
+    doc.set_actor(bytes.fromhex(attacker.core.node_id) + b"\x01" * 8)
+    keys = sorted(k for k in doc.keys(am.ROOT) if k.startswith("sale/"))
+    forged_body = dict(envelope.decode(entry_bytes(doc.get(am.ROOT, keys[1]))).body, amount_minor=1)
+    forged = envelope.seal("sale", victim.core.node_id, forged_body, attacker.core.key)  # wrong key
+    with doc.transaction() as tx:
+        tx.delete(am.ROOT, keys[0])
+        tx.put(am.ROOT, keys[1], am.ScalarType.Bytes, forged)
+        tx.put(am.ROOT, "sale/feedfacefeedface-1", am.ScalarType.Bytes, b"not an envelope")
+    conn, session = _hostile_peer(victim, attacker, clock)
+    docs, states = {shard: doc}, {shard: am.SyncState()}
+    caplog.set_level(logging.WARNING)
+    _exchange(conn, session, docs, states, clock)
+    assert victim.entries() == before
+    assert {s["id"] for s in victim.core.sales()} == victim.sale_ids() and set(sold) <= victim.sale_ids()
+    assert all(row["amount_minor"] != 1 for row in victim.core.store.sales())
+    assert "feedfacefeedface-1" not in str(victim.sale_ids())
+    # the victim's re-assertion flowed back: the attacker's document holds the true entries again
+    for key in keys[:2]:
+        assert entry_bytes(docs[shard].get(am.ROOT, key)) == dict(before)[key]
+    h = session.health()
+    assert h.entries_rejected >= 1 and h.entries_reasserted >= 2
+    assert "re-asserting" in caplog.text
+
+
+def test_peer_past_rejection_threshold_is_cut_off(tmp_path: Path, clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    victim, attacker = _nodes(tmp_path, clock, 2)
+    shard = f"{attacker.core.node_id}/000009"
+    doc = am.Document(bytes.fromhex(attacker.core.node_id) + b"\x02" * 8)
+    with doc.transaction() as tx:
+        for i in range(40):
+            tx.put(am.ROOT, f"sale/{attacker.core.node_id}-{i + 1000}", am.ScalarType.Bytes, b"junk%d" % i)
+    conn, session = _hostile_peer(victim, attacker, clock)
+    caplog.set_level(logging.WARNING)
+    _exchange(conn, session, {shard: doc}, {shard: am.SyncState()}, clock)
+    assert session.closed and "invalid entries" in (session.close_reason or "")
+    assert "invalid entries" in caplog.text
+    assert session not in victim.replicator.sessions
+    assert not any(k.endswith("-1000") for k, _ in victim.entries())
+
+
+def test_read_only_inspector_is_served_but_never_trusted(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    term, insp = _nodes(tmp_path, clock, 2, ["terminal", "inspector"])
+    sid = term.core.sell(500)["id"]
+    net = MemNetwork()
+    link = net.connect(term.replicator, insp.replicator)
+    net.pump()
+    assert sid in insp.sale_ids()
+    assert link.a.read_only and link.a.health().read_only
+    # the inspector's own cert entry (its shard) never enters the terminal through this link
+    assert not any(k == f"cert/{insp.core.node_id}" for k, _ in term.entries())
+    sid2 = term.core.sell(501)["id"]
+    net.pump()
+    assert sid2 in insp.sale_ids()
