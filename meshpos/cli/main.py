@@ -18,6 +18,20 @@ log = logging.getLogger("meshpos")
 ENROLL_STEPS = {"request": "enroll-request", "sign": "enroll-sign", "install": "enroll-install"}
 
 
+def _switch(argv: list[str]) -> int:
+    from ..switch.cli import main_switch
+    return main_switch(argv)
+
+
+def _acquirer_sim(argv: list[str]) -> int:
+    from ..acquirer.cli import main_acquirer_sim
+    return main_acquirer_sim(argv)
+
+
+# Commands with a parser of their own: `meshpos switch ...`, `meshpos acquirer-sim ...`.
+PASSTHROUGH: dict[str, Callable[[list[str]], int]] = {"switch": _switch, "acquirer-sim": _acquirer_sim}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshpos",
@@ -36,6 +50,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if len(args_list) >= 2 and args_list[0] == "enroll" and args_list[1] in ENROLL_STEPS:
         args_list = [ENROLL_STEPS[args_list[1]]] + args_list[2:]
+    if args_list and args_list[0] in PASSTHROUGH:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            return PASSTHROUGH[args_list[0]](args_list[1:])
+        except MeshposError as exc:
+            print(f"meshpos: error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            return 130
     parser = build_parser()
     args = parser.parse_args(args_list)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -1,9 +1,87 @@
-"""Subcommands of the later components (run, switch, uplink, devices, inspection)."""
+"""Subcommands of the later components: run, receipt, uplink, switch, acquirer-sim."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..node import client
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    pass
+    p = sub.add_parser("run", help="run a node: mesh links, discovery, replication, forwarding, printing",
+                       description="Run the node in NODE_DIR until SIGINT/SIGTERM: it discovers the site's "
+                                   "nodes (mDNS and static peers), keeps links to some of them, replicates the "
+                                   "ledger, forwards the site's queue when it has an uplink, prints receipts, "
+                                   "and answers `meshpos sell/sales/status` through its control socket.")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("--log-file", type=_path, metavar="FILE", help="also write the log to FILE")
+    p.add_argument("--no-mdns", action="store_true", help="static peers only (networks that block multicast)")
+    p.set_defaults(handler=cmd_run)
+
+    r = sub.add_parser("receipt", help="print again, or preview, the receipt of a sale",
+                       description="Queue a receipt of SALE_ID on the node's printer, or with --preview show "
+                                   "it as text (what the printer would print).")
+    r.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    r.add_argument("sale_id", metavar="SALE_ID")
+    r.add_argument("--copy", choices=("customer", "merchant", "outcome"), default="customer")
+    r.add_argument("--preview", action="store_true", help="render as text here instead of printing")
+    r.set_defaults(handler=cmd_receipt)
+
+    u = sub.add_parser("uplink", help="allow or forbid this node to forward the site's queue",
+                       description="`on` lets the node forward the site's queue whenever the switch answers; "
+                                   "`off` stops it. Persisted in config.json; applied at once to a running node.")
+    u.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    u.add_argument("state", choices=("on", "off"))
+    u.set_defaults(handler=cmd_uplink)
+
+    # Parsed by their own modules (see main.PASSTHROUGH); listed here for `meshpos --help`.
+    sub.add_parser("switch", help="the processor-side switch: init, add-site, run (meshpos switch --help)")
+    sub.add_parser("acquirer-sim", help="the acquirer host simulator (meshpos acquirer-sim --help)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import trio
+
+    from ..node.runner import run_node
+    if args.log_file:
+        handler = logging.FileHandler(args.log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+    if logging.getLogger().level > logging.INFO:
+        logging.getLogger().setLevel(logging.INFO)
+    trio.run(run_node, args.node_dir, not args.no_mdns)
+    return 0
+
+
+def cmd_receipt(args: argparse.Namespace) -> int:
+    if args.preview:
+        from ..devices.receipts import render_text
+        from ..node.core import NodeCore
+        from ..node.receipts import receipt_data, receipt_options
+        sale = client.call(args.node_dir, "sale", {"sale_id": args.sale_id})
+        core = None
+        try:
+            core = NodeCore.open(args.node_dir, lock=False)
+            print(render_text(receipt_data(core, sale), receipt_options(core), args.copy))
+        finally:
+            if core is not None:
+                core.store.close()
+        return 0
+    result: Any = client.call_running(args.node_dir, "reprint", {"sale_id": args.sale_id, "copy": args.copy})
+    print(f"{result['queued']} copy of {result['sale_id']} queued for printing")
+    return 0
+
+
+def cmd_uplink(args: argparse.Namespace) -> int:
+    result = client.call(args.node_dir, "uplink", {"on": args.state == "on"})
+    print(f"uplink {'allowed' if result['uplink'] else 'forbidden'} on {args.node_dir}")
+    return 0
+
+

@@ -63,3 +63,17 @@ def _ingest(core: NodeCore, p: dict[str, Any]) -> Any:
 
 
 OPS["ingest"] = _ingest
+
+
+def _uplink(core: NodeCore, p: dict[str, Any]) -> Any:
+    on = p.get("on")
+    if not isinstance(on, bool):
+        raise InputError("uplink needs on: true or false")
+    if on and core.identity.role not in ("terminal", "gateway"):
+        raise InputError(f"a {core.identity.role} node does not forward")
+    core.config.uplink = on
+    core.dir.save_config(core.config)
+    return {"uplink": on}
+
+
+OPS["uplink"] = _uplink

@@ -1,0 +1,145 @@
+"""``meshpos run``: the node's long-running service.
+
+One trio nursery holds: the control socket, the mesh (link listener, dialler,
+discovery), the forwarder when the node may uplink, the printer worker, and
+the status publisher. SIGINT/SIGTERM cancel it; everything closes cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..devices.spool import PrinterWorker, Spool, run_printer_worker
+from ..errors import InputError, MeshposError, PrinterError
+from .core import NodeCore
+from .control import serve_control
+from .ops import dispatch
+from .receipts import copies_for, printer_config, receipt_data, receipt_options
+
+log = logging.getLogger(__name__)
+
+
+class NodeService:
+    def __init__(self, core: NodeCore, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.core = core
+        self.clock = clock
+        self.spool = Spool(core.dir.path)
+        self.printer: PrinterWorker | None = None
+        self.printer_problem: str | None = None
+        self.started_at = clock.now_ms()
+        self.extra_status: list[Callable[[], dict[str, Any]]] = []
+        self.extra_ops: dict[str, Callable[[NodeCore, dict[str, Any]], Any]] = {
+            "reprint": self._op_reprint,
+        }
+        self.async_ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
+        self.nursery: trio.Nursery | None = None
+        core.ledger.on_accept.append(self._on_accept)
+
+    # -- control --------------------------------------------------------------------
+
+    async def handle(self, method: str, params: dict[str, Any]) -> Any:
+        if method == "status":
+            return self.status()
+        if method in self.async_ops:
+            return await self.async_ops[method](params)
+        result = dispatch(self.core, method, params, self.extra_ops)
+        if method == "sell":
+            self._print_sale(result)
+        return result
+
+    def status(self) -> dict[str, Any]:
+        st = self.core.status()
+        st["running"] = {"since": self.started_at, "pid": os.getpid()}
+        if self.printer is not None:
+            st["printer"] = self.printer.status().to_json()
+        elif self.printer_problem:
+            st["printer"] = {"state": "misconfigured", "last_error": self.printer_problem, "queued": len(self.spool)}
+        else:
+            st["printer"] = {"state": "none", "queued": len(self.spool)}
+        for extra in self.extra_status:
+            st.update(extra())
+        return st
+
+    # -- receipts -------------------------------------------------------------------
+
+    def _print_sale(self, sale: dict[str, Any], copies: list[str] | None = None) -> None:
+        """Queue the receipt copies of a sale; never fails the sale (it is durable already)."""
+        if self.core.config.printer is None:
+            return
+        try:
+            data, options = receipt_data(self.core, sale), receipt_options(self.core)
+            for copy in copies or copies_for(sale):
+                self.spool.enqueue_receipt(data, options, copy, self.clock)
+        except MeshposError as exc:
+            log.warning("receipt of sale %s not queued: %s", sale.get("id"), exc)
+
+    def _op_reprint(self, core: NodeCore, params: dict[str, Any]) -> Any:
+        sale = core.sale(str(params.get("sale_id")))
+        copy = params.get("copy") or "customer"
+        if copy not in ("customer", "merchant", "outcome"):
+            raise InputError("copy must be customer, merchant or outcome")
+        if core.config.printer is None:
+            raise PrinterError("this node has no printer configured")
+        self._print_sale(sale, [copy])
+        return {"queued": copy, "sale_id": sale["id"]}
+
+    def _on_accept(self, verified: Any) -> None:
+        env = verified.env
+        if env.type != "result" or not env.body["sale_id"].startswith(self.core.node_id + "-"):
+            return
+        try:
+            sale = self.core.sale(env.body["sale_id"])
+        except InputError:
+            return
+        self._print_sale(sale, ["outcome"])
+
+    async def _run_printer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            cfg = printer_config(self.core)
+        except PrinterError as exc:
+            self.printer_problem = str(exc)
+            log.error("printer misconfigured: %s (the node keeps selling; receipts stay queued)", exc)
+            task_status.started()
+            return
+        if cfg is None:
+            task_status.started()
+            return
+        assert self.nursery is not None
+        self.printer = await self.nursery.start(run_printer_worker, self.spool, cfg, self.clock)
+        task_status.started()
+
+    # -- the service ------------------------------------------------------------------
+
+    async def run(self, *, components: list[Callable[..., Any]] | None = None,
+                  task_status: trio.TaskStatus["NodeService"] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            await nursery.start(self._run_printer)
+            for component in components or []:
+                await nursery.start(component, self)
+            await nursery.start(serve_control, self.core.dir.control_path, self.handle)
+            log.info("node %s (%s, %s) running", self.core.config.name, self.core.node_id, self.core.identity.role)
+            task_status.started(self)
+
+
+async def run_until_signal(path: Path, components: list[Callable[..., Any]] | None = None,
+                           clock: Clock = SYSTEM_CLOCK) -> None:
+    core = NodeCore.open(path, clock)
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                service = NodeService(core, clock)
+                await nursery.start(lambda task_status: service.run(components=components, task_status=task_status))
+                async for signum in signals:
+                    log.info("signal %s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+    finally:
+        core.close()
