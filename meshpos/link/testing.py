@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..clock import SYSTEM_CLOCK, FakeClock
+from ..clock import SYSTEM_CLOCK, Clock, FakeClock
 from ..node.core import NodeCore
 from ..node.enroll import enroll_one_step
 from ..site import Site, init_site
@@ -35,7 +35,7 @@ class SimNode:
     replicator: Replicator
 
     @classmethod
-    def open(cls, path: Path, clock: FakeClock, config: SyncConfig = SyncConfig()) -> "SimNode":
+    def open(cls, path: Path, clock: Clock, config: SyncConfig = SyncConfig()) -> "SimNode":
         core = NodeCore.open(path, clock)
         return cls(path, core, Replicator.for_core(core, config))
 
@@ -43,7 +43,7 @@ class SimNode:
         self.replicator.detach()
         self.core.close()
 
-    def reopen(self, clock: FakeClock) -> "SimNode":
+    def reopen(self, clock: Clock) -> "SimNode":
         self.close()
         return SimNode.open(self.path, clock, self.replicator.config)
 
