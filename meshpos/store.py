@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS sales(
     voided_at INTEGER, result_status TEXT, auth_code TEXT, response_code TEXT, reason TEXT,
     settled_at INTEGER);
 CREATE INDEX IF NOT EXISTS sales_terminal ON sales(terminal, seq);
+CREATE INDEX IF NOT EXISTS sales_pending ON sales(terminal, created_at, amount_minor)
+    WHERE result_status IS NULL AND voided_at IS NULL;
 CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
