@@ -1,0 +1,575 @@
+"""The switch's decisions for a forwarded batch: no HTTP here, only the store and the acquirer link.
+
+Rules for one sale, in this order (protocols/forwarding.md, "Processing"):
+
+1. The envelope must decode. Roster entries of the batch (policy, cert, revocation) are
+   verified and taken first, voids next, sales last, whatever their order in the batch.
+2. A sale id already in the de-duplication table with the SAME envelope bytes skips
+   verification and gets the stored signed result (or continues where it stopped). With
+   DIFFERENT bytes it is refused ("conflict"): a forger cannot borrow a real sale's id.
+3. A new sale is verified by the site roster (signature, enrollment, site, role,
+   certificate validity at ``created_at``). An envelope the switch cannot authenticate
+   (forged, unknown or foreign signer, other site, malformed) is *refused*: answered
+   ``rejected`` with the reason, logged, but never given a signed result, because a signed
+   ``result/<sale id>`` would settle the real sale of that id in every ledger. An
+   authentic sale of a revoked terminal gets a signed ``rejected`` result.
+4. State machine of an accepted sale (store.py holds the states)::
+
+       (new) --batch taken--> received --0220 about to leave--> advice_sent --answer--> settled
+       received --voided | expired | cash | card data unusable--> settled   (acquirer never sees it)
+       advice_sent --void known--> 0420 until answered --> settled (voided, reversed=true)
+       settled(approved) --void known--> 0420 until answered (reversal: sent -> done); the result stays
+
+   Each arrow commits before the switch acts on it, so a crash never sends a second 0220.
+   Expiry (switch now > created_at + the site's offline window) applies only while nothing
+   was sent. Cash sales are recorded ``approved`` without the acquirer.
+5. An acquirer that does not answer within the attempts leaves the sale ``advice_sent``; the
+   reply lists it as pending and the next forward goes on with 0221.
+
+One sale is handled by one task at a time in this process (``_exclusive``); sales of a batch
+run concurrently, with at most ``in_flight`` requests outstanding at the acquirer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.signing
+import trio
+
+from .. import envelope
+from ..acquirer.base import AcquirerLink, AcquirerRequest, AcquirerResult, advise_until_answered, exponential_backoff
+from ..cards import open_card
+from ..clock import Clock
+from ..envelope import Envelope
+from ..errors import AcquirerError, CryptoError, EncodingError, InputError, VerificationError
+from ..identity import certs, keys
+from ..policy import SitePolicy
+from ..roster import UPLINK_ROLES, Roster
+from ..site import verify_policy_envelope
+from .api import ForwardReply, Pending, Refusal
+from .const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, MAX_SALES,
+                    REVERSAL_ATTEMPTS)
+from .store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, GroupCommit, SaleRow, SiteRow,
+                    SwitchStore)
+
+log = logging.getLogger(__name__)
+
+ROSTER_ORDER = {"policy": 0, "cert": 1, "revocation": 2}
+VERIFY_CHUNK = 64  # sales verified between two checkpoints, so a big batch does not stall the loop
+
+RESPONSE_CODES = {
+    "05": "do not honour", "12": "invalid transaction", "14": "invalid card number", "51": "insufficient funds",
+    "54": "expired card", "57": "transaction not permitted", "61": "exceeds amount limit",
+    "62": "restricted card", "91": "issuer unavailable",
+}
+
+
+def digest_of(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+def rrn_of(ref: int) -> str:
+    """Field 37 of a sale: its switch sequence number, 12 digits."""
+    return f"{ref % 10**12:012d}"
+
+
+def stan_of(ref: int) -> int:
+    """Field 11 of a sale: 1..999999, cycling."""
+    return (ref - 1) % 999_999 + 1
+
+
+def terminal_id_of(node_id: str) -> str:
+    """Field 41: the first 8 hex digits of the selling terminal's node id."""
+    return node_id[:8]
+
+
+def decline_reason(code: str) -> str:
+    meaning = RESPONSE_CODES.get(code)
+    return f"declined by the card issuer (code {code}{': ' + meaning if meaning else ''})"
+
+
+@dataclass
+class SiteState:
+    row: SiteRow
+    roster: Roster
+    known: set[bytes]  # digests of roster entries taken already
+
+    @property
+    def site_id(self) -> str:
+        return self.row.site_id
+
+    @property
+    def policy(self) -> SitePolicy:
+        return self.roster.policy
+
+
+@dataclass(frozen=True)
+class _Settled:
+    raw: bytes
+    reversed_now: bool = False
+
+
+@dataclass(frozen=True)
+class _Work:
+    index: int
+    env: Envelope
+    digest: bytes
+
+
+Outcome = _Settled | Pending | Refusal
+
+
+class Switch:
+    """The switch's logic over its store, its key and one acquirer link."""
+
+    def __init__(
+        self,
+        store: SwitchStore,
+        key: nacl.signing.SigningKey,
+        link: AcquirerLink,
+        clock: Clock,
+        *,
+        in_flight: int = ACQUIRER_IN_FLIGHT,
+        advice_attempts: int = ADVICE_ATTEMPTS,
+        reversal_attempts: int = REVERSAL_ATTEMPTS,
+        backoff: Callable[[int], float] = exponential_backoff(BACKOFF_BASE_S, BACKOFF_CAP_S),
+        sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.x25519_private = keys.x25519_private_of(key)
+        self.x25519_public = keys.x25519_public_of(key)
+        self.link = link
+        self.clock = clock
+        self.advice_attempts = advice_attempts
+        self.reversal_attempts = reversal_attempts
+        self.backoff = backoff
+        self.sleep = sleep
+        self.slots = trio.Semaphore(in_flight)
+        self.writer = GroupCommit(store)
+        self.sites: dict[str, SiteState] = {}
+        self._busy: dict[str, trio.Event] = {}
+        self.counters: dict[str, int] = {"refused": 0, "settled": 0, "repeated": 0, "pending": 0}
+        self.load_sites()
+
+    # -- sites -----------------------------------------------------------------------
+
+    def load_sites(self) -> None:
+        for row in self.store.sites():
+            self.sites[row.site_id] = self._site_state(row)
+
+    def _site_state(self, row: SiteRow) -> SiteState:
+        ca = certs.load_pem(row.ca_pem, f"site {row.site_id} CA")
+        policy = verify_policy_envelope(row.policy_env, ca, f"site {row.site_id} policy")
+        roster = Roster(ca, policy)
+        state = SiteState(row=row, roster=roster, known=set())
+        now = self.clock.now_ms()
+        for raw in self.store.site_entries(row.site_id):
+            try:
+                env = envelope.decode(raw)
+                roster.verify(env, now)
+            except (EncodingError, VerificationError) as exc:
+                log.warning("stored roster entry of site %s no longer verifies: %s", row.site_id, exc)
+                continue
+            roster.apply(env)
+            state.known.add(digest_of(raw))
+        return state
+
+    def add_site(self, row: SiteRow) -> SiteState:
+        state = self.sites[row.site_id] = self._site_state(row)
+        return state
+
+    def identify_client(self, cert_der: bytes | None) -> tuple[SiteState, certs.NodeIdentity]:
+        """The registered site and the identity of a forwarder's TLS client certificate."""
+        if cert_der is None:
+            raise VerificationError("no client certificate: forwarders authenticate with their node certificate")
+        cert = certs.load_der(cert_der)
+        for site in self.sites.values():
+            if cert.issuer != site.roster.ca_cert.subject:
+                continue
+            ident = certs.verify_node_cert(cert, site.roster.ca_cert, now_ms=self.clock.now_ms(),
+                                           revoked=frozenset(site.roster.revoked), roles=UPLINK_ROLES)
+            return site, ident
+        raise VerificationError("client certificate of a site not registered at this switch")
+
+    # -- one batch ---------------------------------------------------------------------
+
+    async def forward(self, site: SiteState, entries: list[bytes]) -> ForwardReply:
+        """Process one batch of a site's entries (see the rules at the top of this module)."""
+        now = self.clock.now_ms()
+        refused: list[Refusal] = []
+        decoded: list[tuple[int, Envelope]] = []
+        for i, raw in enumerate(entries):
+            try:
+                decoded.append((i, envelope.decode(raw)))
+            except EncodingError as exc:
+                refused.append(Refusal(i, None, None, f"not an envelope: {exc}"))
+        n_sales = sum(1 for _, env in decoded if env.type == "sale")
+        if n_sales > MAX_SALES:
+            raise InputError(f"{n_sales} sales exceed the limit of {MAX_SALES} per request")
+
+        self._take_roster_entries(site, [(i, e) for i, e in decoded if e.type in ROSTER_ORDER], now, refused)
+        voids = self._take_voids(site, [(i, e) for i, e in decoded if e.type == "void"], now, refused)
+        for i, env in decoded:
+            if env.type not in ROSTER_ORDER and env.type not in ("sale", "void"):
+                refused.append(Refusal(i, env.type, None, f"{env.type} entries are not forwarded to the switch"))
+
+        work: dict[str, _Work] = {}
+        for i, env in decoded:
+            if env.type != "sale":
+                continue
+            sale_id = env.body.get("sale_id") if isinstance(env.body.get("sale_id"), str) else None
+            d = digest_of(env.raw)
+            if sale_id is not None and sale_id in work:
+                if work[sale_id].digest != d:
+                    refused.append(Refusal(i, "sale", sale_id, "two different sale envelopes with one sale id"))
+                continue
+            try:
+                envelope.check_schema(env)
+            except (EncodingError, VerificationError) as exc:
+                refused.append(Refusal(i, "sale", sale_id, str(exc)))
+                continue
+            assert sale_id is not None
+            work[sale_id] = _Work(i, env, d)
+
+        outcomes: dict[str, Outcome] = {}
+        new = await self._verify_new(site, list(work.values()), now, refused, outcomes)
+        if new or voids:
+            with self.store.transaction():  # `received` is durable before anything else happens
+                for w in new:
+                    self.store.insert_received(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest,
+                                               w.env.raw, now)
+                for sale_id, void in voids.items():
+                    self.store.put_void(sale_id, site.site_id, void.raw, void.body["at"])
+
+        async def one(w: _Work) -> None:
+            outcomes[w.env.body["sale_id"]] = await self._process(site, w, voids.get(w.env.body["sale_id"]))
+
+        async def reverse_only(sale_id: str, void: Envelope) -> None:
+            outcomes[sale_id] = await self._void_settled(site, sale_id)
+
+        async with trio.open_nursery() as nursery:
+            for w in work.values():
+                if w.env.body["sale_id"] not in outcomes:
+                    nursery.start_soon(one, w)
+            for sale_id, void in voids.items():
+                if sale_id not in work:
+                    nursery.start_soon(reverse_only, sale_id, void)
+
+        results: list[bytes] = []
+        pending: list[Pending] = []
+        reversed_: list[str] = []
+        for sale_id, outcome in outcomes.items():
+            if isinstance(outcome, _Settled):
+                if sale_id in work:
+                    results.append(outcome.raw)
+                if outcome.reversed_now:
+                    reversed_.append(sale_id)
+            elif isinstance(outcome, Pending):
+                pending.append(outcome)
+                self.counters["pending"] += 1
+            elif isinstance(outcome, Refusal):
+                refused.append(outcome)
+        for r in refused:
+            self.counters["refused"] += 1
+            log.warning("site %s: refused %s entry %d (sale %s): %s", site.site_id, r.type or "an", r.index,
+                        r.sale_id, r.reason)
+        refused.sort(key=lambda r: r.index)
+        return ForwardReply(results=tuple(results), pending=tuple(pending), refused=tuple(refused),
+                            reversed=tuple(reversed_))
+
+    def _take_roster_entries(self, site: SiteState, items: list[tuple[int, Envelope]], now: int,
+                             refused: list[Refusal]) -> None:
+        learned: list[tuple[str, str, bytes]] = []
+        for i, env in sorted(items, key=lambda item: ROSTER_ORDER[item[1].type]):
+            d = digest_of(env.raw)
+            if d in site.known:
+                continue
+            try:
+                verified = site.roster.verify(env, now)
+            except (EncodingError, VerificationError) as exc:
+                refused.append(Refusal(i, env.type, None, str(exc)))
+                continue
+            site.roster.apply(env)
+            site.known.add(d)
+            learned.append((verified.key, env.type, env.raw))
+        if learned:
+            with self.store.transaction():
+                for key, type_, raw in learned:
+                    self.store.put_site_entry(site.site_id, key, type_, raw)
+
+    def _take_voids(self, site: SiteState, items: list[tuple[int, Envelope]], now: int,
+                    refused: list[Refusal]) -> dict[str, Envelope]:
+        voids: dict[str, Envelope] = {}
+        for i, env in items:
+            try:
+                site.roster.verify(env, now)
+            except (EncodingError, VerificationError) as exc:
+                refused.append(Refusal(i, "void", None, str(exc)))
+                continue
+            voids.setdefault(env.body["sale_id"], env)
+        return voids
+
+    async def _verify_new(self, site: SiteState, work: list[_Work], now: int, refused: list[Refusal],
+                          outcomes: dict[str, Outcome]) -> list[_Work]:
+        """Verify the sales not in the table yet; the authentic ones are returned."""
+        new: list[_Work] = []
+        for n, w in enumerate(work):
+            if n and n % VERIFY_CHUNK == 0:
+                await trio.lowlevel.checkpoint()
+            sale_id = w.env.body["sale_id"]
+            row = self.store.sale(sale_id)
+            if row is not None:
+                continue  # known: _process compares the bytes
+            try:
+                site.roster.verify(w.env, now)
+            except (EncodingError, VerificationError) as exc:
+                if self._authentic_but_revoked(site, w.env):
+                    outcomes[sale_id] = await self._settle_new_rejected(site, w, f"rejected: {exc}")
+                else:
+                    outcomes[sale_id] = Refusal(w.index, "sale", sale_id, str(exc))
+                continue
+            new.append(w)
+        return new
+
+    @staticmethod
+    def _authentic_but_revoked(site: SiteState, env: Envelope) -> bool:
+        ident = site.roster.identities.get(env.signer)
+        if ident is None or env.signer not in site.roster.revoked or env.body.get("site") != site.site_id:
+            return False
+        try:
+            envelope.check_signature(env, ident.public_key)
+        except VerificationError:
+            return False
+        return True
+
+    # -- one sale ------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _exclusive(self, sale_id: str) -> AsyncIterator[None]:
+        while (busy := self._busy.get(sale_id)) is not None:
+            await busy.wait()
+        event = self._busy[sale_id] = trio.Event()
+        try:
+            yield
+        finally:
+            del self._busy[sale_id]
+            event.set()
+
+    def _result(self, site: SiteState, sale_id: str, status: str, *, auth_code: str | None = None,
+                response_code: str | None = None, reason: str | None = None, reversed_: bool = False) -> bytes:
+        body: dict[str, Any] = {
+            "sale_id": sale_id, "site": site.site_id, "status": status, "auth_code": auth_code,
+            "response_code": response_code, "reason": reason[:300] if reason else None,
+            "settled_at": self.clock.now_ms(), "reversed": reversed_,
+        }
+        return envelope.seal("result", "switch", body, self.key)
+
+    async def _settle(self, sale_id: str, raw: bytes, status: str, reversal: str | None = None) -> _Settled:
+        now = self.clock.now_ms()
+        await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now))
+        self.counters["settled"] += 1
+        log.info("sale %s settled: %s", sale_id, status)
+        return _Settled(raw)
+
+    async def _settle_new_rejected(self, site: SiteState, w: _Work, reason: str) -> Outcome:
+        sale_id = w.env.body["sale_id"]
+        async with self._exclusive(sale_id):
+            row = self.store.sale(sale_id)
+            if row is not None:
+                return self._known(row, w)
+            raw = self._result(site, sale_id, "rejected", reason=reason)
+            now = self.clock.now_ms()
+
+            def op(s: SwitchStore) -> None:
+                s.insert_received(sale_id, site.site_id, w.env.signer, w.digest, w.env.raw, now)
+                s.settle(sale_id, raw, "rejected", None, now)
+
+            await self.writer.commit(op)
+            self.counters["settled"] += 1
+            return _Settled(raw)
+
+    def _known(self, row: SaleRow, w: _Work) -> Outcome:
+        if row.digest != w.digest:
+            return Refusal(w.index, "sale", row.sale_id,
+                           "conflict: another sale envelope under this sale id reached the switch first")
+        assert row.result is not None
+        self.counters["repeated"] += 1
+        return _Settled(row.result)
+
+    async def _process(self, site: SiteState, w: _Work, void: Envelope | None) -> Outcome:
+        sale_id = w.env.body["sale_id"]
+        async with self._exclusive(sale_id):
+            row = self.store.sale(sale_id)
+            if row is None:
+                return Pending(sale_id, "not recorded by the switch yet: forward it again")
+            if row.digest != w.digest:
+                return self._known(row, w)
+            if void is None:
+                void_raw = self.store.void_of(sale_id)
+                void = envelope.decode(void_raw) if void_raw is not None else None
+            if row.state == SETTLED:
+                if void is not None and row.result_status == "approved" and row.reversal != REVERSAL_DONE:
+                    return await self._reverse_settled(site, row)
+                return self._known(row, w)
+            if row.state == RECEIVED:
+                return await self._first_time(site, row, w.env, void)
+            return await self._after_advice(site, row, w.env, void)
+
+    async def _first_time(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
+        body = env.body
+        sale_id = row.sale_id
+        if void is not None:
+            return await self._settle(sale_id, self._result(
+                site, sale_id, "voided", reason="voided before it was sent to the acquirer"), "voided")
+        if body["method"] == "cash":
+            return await self._settle(sale_id, self._result(
+                site, sale_id, "approved", reason="cash sale: recorded, not sent to the acquirer"), "approved")
+        deadline = body["created_at"] + site.policy.offline_window_ms
+        now = self.clock.now_ms()
+        if now > deadline:
+            return await self._settle(sale_id, self._result(
+                site, sale_id, "expired",
+                reason=f"reached the switch {(now - deadline) // 1000} s after its offline window closed"),
+                "expired")
+        try:
+            req = self._request(site, row, env)
+        except (CryptoError, InputError, EncodingError) as exc:
+            return await self._settle(sale_id, self._result(site, sale_id, "rejected", reason=str(exc)), "rejected")
+        async def on_sent() -> None:
+            at = self.clock.now_ms()
+            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at))
+
+        return await self._advise(site, row, req, already_sent=False, on_sent=on_sent)
+
+    async def _after_advice(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
+        try:
+            req = self._request(site, row, env)
+        except (CryptoError, InputError, EncodingError) as exc:
+            return Pending(row.sale_id, f"an advice went out but the card data no longer opens: {exc}")
+        if void is not None:
+            try:
+                await self._reverse_until_answered(req)
+            except AcquirerError as exc:
+                return Pending(row.sale_id, f"voided after its advice went out; reversal not answered yet: {exc}")
+            return await self._settle(row.sale_id, self._result(
+                site, row.sale_id, "voided", reason="voided after its advice went out: reversed (0420)",
+                reversed_=True), "voided", REVERSAL_DONE)
+
+        async def on_sent() -> None:  # never called: already_sent
+            raise AssertionError("a second 0220")
+
+        return await self._advise(site, row, req, already_sent=True, on_sent=on_sent)
+
+    async def _advise(self, site: SiteState, row: SaleRow, req: AcquirerRequest, *, already_sent: bool,
+                      on_sent: Callable[[], Awaitable[None]]) -> Outcome:
+        counting = _CountingLink(self.link)
+        try:
+            async with self.slots:
+                answer = await advise_until_answered(
+                    counting, req, already_sent=already_sent, on_sent=on_sent,
+                    max_attempts=self.advice_attempts, backoff=self.backoff, sleep=self.sleep)
+        except AcquirerError as exc:
+            repeats = counting.calls - (0 if already_sent else 1)
+            if repeats > 0:
+                at = self.clock.now_ms()
+                await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+            log.warning("%s: acquirer gave no answer: %s", req.describe(), exc)
+            return Pending(row.sale_id, "the acquirer did not answer yet: forward again (a repeat advice follows)")
+        repeats = counting.calls - (0 if already_sent else 1)
+        if repeats > 0:
+            at = self.clock.now_ms()
+            await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+        return await self._settle_answer(site, row.sale_id, answer)
+
+    async def _settle_answer(self, site: SiteState, sale_id: str, answer: AcquirerResult) -> _Settled:
+        if answer.approved:
+            raw = self._result(site, sale_id, "approved", auth_code=answer.auth_code,
+                               response_code=answer.response_code)
+            return await self._settle(sale_id, raw, "approved")
+        raw = self._result(site, sale_id, "declined", response_code=answer.response_code,
+                           reason=decline_reason(answer.response_code))
+        return await self._settle(sale_id, raw, "declined")
+
+    def _request(self, site: SiteState, row: SaleRow, env: Envelope) -> AcquirerRequest:
+        body = env.body
+        card = body["card"]
+        opened = open_card(envelope.b64d(card["sealed"], "sealed card data"), self.x25519_private)
+        if opened.pan[-4:] != card["last4"]:
+            raise CryptoError("sealed card data does not match the card's last 4 digits")
+        return AcquirerRequest(
+            sale_id=row.sale_id, pan=opened.pan, expiry=opened.expiry, amount_minor=body["amount_minor"],
+            currency=body["currency"], created_at_ms=body["created_at"], entry_mode=card["entry_mode"],
+            terminal_id=terminal_id_of(row.terminal), merchant_id=site.row.merchant_id,
+            stan=stan_of(row.ref), rrn=rrn_of(row.ref))
+
+    # -- voids after settlement -----------------------------------------------------------
+
+    async def _void_settled(self, site: SiteState, sale_id: str) -> Outcome:
+        """A void whose sale is not in this batch: reverse it if it was charged."""
+        async with self._exclusive(sale_id):
+            row = self.store.sale(sale_id)
+            if row is None or row.state != SETTLED:
+                # kept in the voids table; applied when the sale itself is forwarded
+                return Pending(sale_id, "void recorded; the sale itself was not forwarded with it")
+            if row.result_status == "approved" and row.reversal != REVERSAL_DONE:
+                return await self._reverse_settled(site, row)
+            assert row.result is not None
+            return _Settled(row.result)
+
+    async def _reverse_settled(self, site: SiteState, row: SaleRow) -> Outcome:
+        assert row.result is not None
+        try:
+            req = self._request(site, row, envelope.decode(row.sale_raw))
+        except (CryptoError, InputError, EncodingError) as exc:
+            return Pending(row.sale_id, f"cannot reverse: {exc}")
+        if row.reversal is None:
+            at = self.clock.now_ms()
+            await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at))
+        try:
+            await self._reverse_until_answered(req)
+        except AcquirerError as exc:
+            return Pending(row.sale_id, f"voided after approval; reversal not answered yet: {exc}")
+        at = self.clock.now_ms()
+        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at))
+        log.info("sale %s: voided after approval, reversed (0420)", row.sale_id)
+        return _Settled(row.result, reversed_now=True)
+
+    async def _reverse_until_answered(self, req: AcquirerRequest) -> AcquirerResult:
+        last: AcquirerError | None = None
+        async with self.slots:
+            for attempt in range(self.reversal_attempts):
+                if attempt:
+                    await self.sleep(self.backoff(attempt))
+                try:
+                    return await self.link.reverse(req)
+                except AcquirerError as exc:
+                    last = exc
+        raise AcquirerError(f"no answer to the reversal of {req.describe()}: {last}") from last
+
+
+class _CountingLink:
+    """Counts the advices one sale's attempts make (for the ``attempts`` column)."""
+
+    def __init__(self, link: AcquirerLink) -> None:
+        self._link = link
+        self.calls = 0
+
+    async def advise(self, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
+        self.calls += 1
+        return await self._link.advise(req, repeat=repeat)
+
+    async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
+        return await self._link.reverse(req)
+
+    async def aclose(self) -> None:
+        pass
+
+
+__all__ = ["Switch", "SiteState", "rrn_of", "stan_of", "terminal_id_of", "decline_reason", "digest_of"]

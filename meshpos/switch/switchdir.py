@@ -1,0 +1,200 @@
+"""A switch directory: key, TLS certificate, config, database; and site registration.
+
+Layout of SWITCH_DIR:
+  config.json   listen address, acquirer address and format, limits
+  switch.key    the switch's Ed25519 private key (0600): signs results, opens sealed card data
+                (its X25519 form), and is the key of the TLS certificate
+  switch.pub    the X25519 public key as 64 hex characters: what ``meshpos site init --switch-key`` takes
+  tls.pem       the self-signed TLS certificate of switch.key (nodes pin the key, not the certificate)
+  switch.db     the de-duplication table and the registered sites (SQLite, WAL)
+  switch.lock   held by the running switch
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+
+from .. import envelope
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ConfigError, EncodingError, InputError, LockedError, VerificationError
+from ..identity import certs, keys
+from ..jsonfile import read_json, write_json
+from ..node.nodedir import parse_hostport
+from ..roster import Roster
+from ..site import verify_policy_envelope
+from .const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, SWITCH_FORMAT
+from .store import SiteRow, SwitchStore
+from .tls import make_tls_cert
+
+ACQUIRER_FORMATS = ("iso8583", "json")
+_MERCHANT = re.compile(r"^[A-Za-z0-9 \-_./]{15}$")
+
+
+@dataclass
+class SwitchConfig:
+    listen: str
+    acquirer: str
+    acquirer_format: str = "iso8583"
+    acquirer_ca: str | None = None
+    acquirer_timeout_s: float = ACQUIRER_TIMEOUT_S
+    in_flight: int = ACQUIRER_IN_FLIGHT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": SWITCH_FORMAT, "listen": self.listen, "acquirer": self.acquirer,
+                "acquirer_format": self.acquirer_format, "acquirer_ca": self.acquirer_ca,
+                "acquirer_timeout_s": self.acquirer_timeout_s, "in_flight": self.in_flight}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str) -> "SwitchConfig":
+        try:
+            cfg = cls(listen=str(data["listen"]), acquirer=str(data["acquirer"]),
+                      acquirer_format=str(data.get("acquirer_format", "iso8583")),
+                      acquirer_ca=data.get("acquirer_ca"),
+                      acquirer_timeout_s=float(data.get("acquirer_timeout_s", ACQUIRER_TIMEOUT_S)),
+                      in_flight=int(data.get("in_flight", ACQUIRER_IN_FLIGHT)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str) -> None:
+        try:
+            parse_hostport(self.listen, "listen")
+            parse_hostport(self.acquirer, "acquirer")
+        except InputError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+        if self.acquirer_format not in ACQUIRER_FORMATS:
+            raise ConfigError(f"{where}: acquirer format must be one of {', '.join(ACQUIRER_FORMATS)}")
+        if not 1 <= self.in_flight <= 10_000 or self.acquirer_timeout_s <= 0:
+            raise ConfigError(f"{where}: in_flight must be 1..10000 and acquirer_timeout_s positive")
+
+
+class SwitchDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock_fd: int | None = None
+
+    config_path = property(lambda self: self.path / "config.json")
+    key_path = property(lambda self: self.path / "switch.key")
+    pub_path = property(lambda self: self.path / "switch.pub")
+    tls_path = property(lambda self: self.path / "tls.pem")
+    db_path = property(lambda self: self.path / "switch.db")
+
+    def check_exists(self) -> None:
+        if not self.config_path.exists():
+            raise ConfigError(f"{self.path}: not a switch directory (run `meshpos switch init` first)")
+
+    def config(self) -> SwitchConfig:
+        self.check_exists()
+        return SwitchConfig.from_json(read_json(self.config_path, "switch config", SWITCH_FORMAT),
+                                      str(self.config_path))
+
+    def key(self) -> nacl.signing.SigningKey:
+        mode = self.key_path.stat().st_mode & 0o777 if self.key_path.exists() else 0o600
+        if mode & 0o077:
+            raise ConfigError(f"{self.key_path}: private key is readable by others (mode {mode:o}); chmod 600 it")
+        return keys.read_private_key(self.key_path)
+
+    def open_store(self) -> SwitchStore:
+        self.check_exists()
+        return SwitchStore.open(self.db_path)
+
+    def lock(self) -> None:
+        fd = os.open(self.path / "switch.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            os.close(fd)
+            raise LockedError(f"{self.path}: another switch process runs on this directory") from exc
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "iso8583",
+                acquirer_ca: Path | None = None, key: nacl.signing.SigningKey | None = None,
+                clock: Clock = SYSTEM_CLOCK) -> SwitchDir:
+    """Create SWITCH_DIR with a new key (or ``key``, for tests), its TLS certificate, config and database."""
+    cfg = SwitchConfig(listen=listen, acquirer=acquirer, acquirer_format=acquirer_format,
+                       acquirer_ca=str(acquirer_ca.resolve()) if acquirer_ca else None)
+    cfg.validate("switch config")
+    if path.exists() and any(path.iterdir()):
+        raise ConfigError(f"{path}: directory exists and is not empty; choose a new switch directory")
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    sd = SwitchDir(path)
+    key = key or keys.generate()
+    keys.write_private_key(sd.key_path, key)
+    host = parse_hostport(listen, "listen")[0]
+    hosts = [h for h in (host, "localhost", "127.0.0.1", "::1") if h not in ("0.0.0.0", "::", "")]
+    from ..identity.certs import to_pem
+    sd.tls_path.write_bytes(to_pem(make_tls_cert(key, hosts, clock.now_ms())))
+    sd.pub_path.write_text(keys.x25519_public_of(key).hex() + "\n", encoding="ascii")
+    write_json(sd.config_path, cfg.to_json())
+    SwitchStore.open(sd.db_path, create=True).close()
+    return sd
+
+
+def default_merchant_id(site_id: str) -> str:
+    return site_id[:15].upper()
+
+
+def add_site(path: Path, site_dir: Path, merchant_id: str | None = None, clock: Clock = SYSTEM_CLOCK) -> SiteRow:
+    """Register (or update) a site from its directory: ca.pem, policy.env and revocations/*.env.
+
+    The private CA key is not needed; the policy must be signed by the site's CA and
+    name this switch's key.
+    """
+    sd = SwitchDir(path)
+    switch_pub = keys.x25519_public_of(sd.key()).hex()
+    try:
+        ca_pem = (site_dir / "ca.pem").read_bytes()
+        policy_raw = (site_dir / "policy.env").read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{site_dir}: not a site directory ({exc.filename} is missing)") from exc
+    ca_cert = certs.load_pem(ca_pem, str(site_dir / "ca.pem"))
+    policy = verify_policy_envelope(policy_raw, ca_cert, str(site_dir / "policy.env"))
+    if policy.switch_key is None:
+        raise ConfigError(f"{site_dir}: the site policy names no switch key; run "
+                          f"`meshpos site set-switch {site_dir} --switch-key {sd.pub_path} --switch-url URL` first")
+    if policy.switch_key.lower() != switch_pub:
+        raise ConfigError(f"{site_dir}: the site policy names switch key {policy.switch_key[:16]}..., "
+                          f"not this switch's {switch_pub[:16]}... (see {sd.pub_path})")
+    merchant = merchant_id if merchant_id is not None else default_merchant_id(policy.site_id)
+    if not _MERCHANT.match(merchant):
+        raise InputError("merchant id must be exactly 15 letters, digits, spaces or -_./")
+    roster = Roster(ca_cert, policy)
+    revocations: list[tuple[str, bytes]] = []
+    for rpath in sorted((site_dir / "revocations").glob("*.env")) if (site_dir / "revocations").is_dir() else []:
+        raw = rpath.read_bytes()
+        try:
+            verified = roster.verify(envelope.decode(raw), clock.now_ms())
+        except (EncodingError, VerificationError) as exc:
+            raise ConfigError(f"{rpath}: not a valid revocation of this site: {exc}") from exc
+        if verified.env.type != "revocation":
+            raise ConfigError(f"{rpath}: not a revocation")
+        revocations.append((verified.key, raw))
+    row = SiteRow(site_id=policy.site_id, name=policy.name, ca_pem=certs.to_pem(ca_cert),
+                  policy_env=policy_raw, merchant_id=merchant)
+    store = sd.open_store()
+    try:
+        with store.transaction():
+            store.put_site(row, clock.now_ms())
+            for key, raw in revocations:
+                store.put_site_entry(policy.site_id, key, "revocation", raw)
+    finally:
+        store.close()
+    return row

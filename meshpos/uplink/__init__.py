@@ -1,0 +1,9 @@
+"""The node side of forwarding: reach the switch, decide what to forward, take results back.
+
+Public API (what the node service calls):
+  client.make_client_context(core_or_node_dir, policy=None) -> ssl context pinned to the switch
+  client.forward_batch(switch_url, ssl_ctx, entries) -> list of signed result envelopes
+  client.forward(switch_url, ssl_ctx, entries) -> ForwardReply (results, pending, refused, reversed)
+  client.probe(switch_url, ssl_ctx) -> bool
+  forwarder.run_forwarder(core, clock, is_allowed, task_status=...) -> the loop; started() gives the Forwarder
+"""

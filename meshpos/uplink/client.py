@@ -1,0 +1,166 @@
+"""The node's HTTPS client of the switch's forwarding API (protocols/forwarding.md).
+
+The node presents its enrolled certificate (TLS client certificate) and pins the
+switch: after the handshake the server certificate's Ed25519 key must be one of
+the two whose X25519 form is the site policy's ``switch_key``
+(:func:`meshpos.switch.tls.check_pin`). No CA is trusted for the switch.
+
+Every failure (no route, TLS, pin, timeout, HTTP error, bad reply) is an
+:class:`~meshpos.errors.UplinkError`; :class:`SwitchRefused` carries the HTTP status.
+"""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import trio
+
+from ..errors import ConfigError, EncodingError, ProtocolError, UplinkError, VerificationError
+from ..http import HttpClientConnection, Response, open_https, peer_cert_der
+from ..node.nodedir import NodeDir
+from ..policy import SitePolicy
+from ..switch.api import ForwardReply, decode_reply, encode_request
+from ..switch.const import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES
+from ..switch.tls import check_pin
+
+if TYPE_CHECKING:
+    from ..node.core import NodeCore
+
+FORWARD_TIMEOUT_S = 300.0  # a batch waits for the acquirer's answers to all of its sales
+PROBE_TIMEOUT_S = 5.0
+
+
+class SwitchRefused(UplinkError):
+    """The switch answered, but not 200: ``status`` says why (400 malformed, 403 not allowed...)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PinnedContext(ssl.SSLContext):
+    """A client context that trusts no CA: the server's key is checked against ``switch_key``."""
+
+    switch_key: bytes | None = None
+
+
+def make_client_context(source: "NodeCore | Path", policy: SitePolicy | None = None) -> PinnedContext:
+    """TLS 1.3 client context with the node's certificate, pinned to the policy's switch key.
+
+    ``source`` is a NodeCore (its current policy is the default) or a node directory
+    (then the enrolled policy.env, unless ``policy`` is given: pass the ledger's newest).
+    """
+    if isinstance(source, Path):
+        nd = NodeDir(source)
+        nd.check_exists()
+        if policy is None:
+            policy = nd.policy(nd.ca_cert())
+    else:
+        nd = source.dir
+        if policy is None:
+            policy = source.policy
+    if policy.switch_key_bytes is None:
+        raise ConfigError("the site policy names no switch key: nothing to pin, so nothing is forwarded")
+    nd.key()  # refuses a key file readable by others
+    ctx = PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # replaced by the pin, checked on every connection
+    try:
+        ctx.load_cert_chain(nd.cert_path, nd.key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{nd.path}: cannot load the node certificate and key for TLS: {exc}") from exc
+    ctx.switch_key = policy.switch_key_bytes
+    return ctx
+
+
+def parse_switch_url(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ConfigError(f"switch URL must be https://HOST:PORT, got {url!r}")
+    try:
+        port = parts.port or 443
+    except ValueError as exc:
+        raise ConfigError(f"switch URL has a bad port: {url!r}") from exc
+    return parts.hostname, port
+
+
+async def open_switch(switch_url: str, ssl_ctx: ssl.SSLContext) -> HttpClientConnection:
+    """A TLS connection to the switch, its pin checked; UplinkError otherwise."""
+    host, port = parse_switch_url(switch_url)
+    try:
+        stream = await open_https(host, port, ssl_ctx, server_hostname=host)
+    except ProtocolError as exc:
+        raise UplinkError(f"cannot reach the switch at {switch_url}: {exc}") from exc
+    pin = getattr(ssl_ctx, "switch_key", None)
+    if pin is None and ssl_ctx.verify_mode == ssl.CERT_NONE:
+        await trio.aclose_forcefully(stream)
+        raise UplinkError("refusing an unauthenticated switch: the TLS context neither pins nor verifies it")
+    if pin is not None:
+        try:
+            check_pin(peer_cert_der(stream), pin)
+        except VerificationError as exc:
+            await trio.aclose_forcefully(stream)
+            raise UplinkError(f"{switch_url}: {exc}") from exc
+    return HttpClientConnection(stream, max_body_bytes=MAX_REPLY_BYTES)
+
+
+async def _exchange(switch_url: str, ssl_ctx: ssl.SSLContext, method: str, path: str, body: bytes,
+                    timeout: float) -> Response:
+    host, port = parse_switch_url(switch_url)
+    headers = {"host": f"{host}:{port}", "content-type": "application/json", "accept": "application/json"}
+    conn: HttpClientConnection | None = None
+    response: Response | None = None
+    with trio.move_on_after(timeout):
+        conn = await open_switch(switch_url, ssl_ctx)
+        try:
+            response = await conn.request(method, path, headers, body)
+        except ProtocolError as exc:
+            raise UplinkError(f"switch at {switch_url}: {exc}") from exc
+        finally:
+            await conn.aclose()
+    if response is None:
+        raise UplinkError(f"switch at {switch_url} gave no answer within {timeout:g} s")
+    return response
+
+
+def _refusal(response: Response) -> str:
+    try:
+        detail = response.json().get("error", "")
+    except (ProtocolError, AttributeError):
+        detail = response.body[:200].decode("utf-8", "replace")
+    return str(detail)
+
+
+async def forward(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes],
+                  timeout: float = FORWARD_TIMEOUT_S) -> ForwardReply:
+    """POST one batch; the full reply (results, pending, refused, reversed)."""
+    try:
+        body = encode_request(entries)
+    except EncodingError as exc:
+        raise UplinkError(f"batch cannot be sent: {exc}") from exc
+    response = await _exchange(switch_url, ssl_ctx, "POST", FORWARD_PATH, body, timeout)
+    if response.status != 200:
+        raise SwitchRefused(response.status, f"switch refused the batch (HTTP {response.status}): "
+                                             f"{_refusal(response)}")
+    try:
+        return decode_reply(response.body)
+    except EncodingError as exc:
+        raise UplinkError(f"switch answered something unusable: {exc}") from exc
+
+
+async def forward_batch(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes]) -> list[bytes]:
+    """POST one batch; the signed result envelopes (one per settled sale)."""
+    return list((await forward(switch_url, ssl_ctx, entries)).results)
+
+
+async def probe(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Can this node reach the switch, and does the switch accept it? Never raises."""
+    try:
+        response = await _exchange(switch_url, ssl_ctx, "GET", HEALTH_PATH, b"", timeout)
+    except (UplinkError, ConfigError, OSError):
+        return False
+    return response.status == 200

@@ -1,0 +1,388 @@
+"""The node's forwarder: which of the site's sales to send to the switch, and when.
+
+Everything it needs lives in the ledger (pending sales, voids, certificates,
+revocations, leases), so a restarted node resumes where it stopped. What it
+keeps in memory is only back-off: a sale the switch left pending or refused waits
+``sale_backoff(attempts)`` before it is sent again; a batch the switch could not
+take (no route, HTTP error) makes the whole loop wait ``backoff(failures)``.
+
+:class:`Forwarder` makes one decision at a time (:meth:`Forwarder.step`) against
+an injected clock and an injected :class:`Transport`; :func:`run_forwarder` is the
+loop the node service runs. No sqlite transaction is ever held across an await:
+every store access is synchronous and finishes before the next await.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from .. import envelope
+from ..acquirer.base import exponential_backoff
+from ..clock import Clock
+from ..errors import ConfigError, EncodingError, UplinkError, VerificationError
+from ..roster import Verified
+from ..switch.api import ForwardReply, request_size
+from ..switch.const import MAX_BODY_BYTES
+from . import leases as lease_rules
+from .client import forward, make_client_context
+
+if TYPE_CHECKING:
+    from ..node.core import NodeCore
+
+log = logging.getLogger(__name__)
+
+BATCH_SALES = 200
+BATCH_BYTES = MAX_BODY_BYTES // 2
+PARALLEL_BATCHES = 2  # batches in flight at once
+POLL_S = 5.0  # how often the loop looks for work when nothing wakes it
+RELEASE_AFTER_FAILURES = 3  # consecutive failed batches before this node gives its leases up
+
+
+class Transport(Protocol):
+    async def forward(self, entries: list[bytes]) -> ForwardReply:
+        """Send one batch to the switch; UplinkError if it did not take it."""
+
+
+class HttpsTransport:
+    """The real transport: HTTPS to the policy's switch URL, pinned to the policy's switch key."""
+
+    def __init__(self, core: "NodeCore", switch_url: str | None = None) -> None:
+        self.core = core
+        self.switch_url = switch_url  # overrides the policy's (a static route, or tests)
+        self._ctx: ssl.SSLContext | None = None
+        self._for: tuple[str | None, str | None] = (None, None)
+
+    def _context(self) -> tuple[str, ssl.SSLContext]:
+        policy = self.core.policy
+        url = self.switch_url or policy.switch_url
+        if url is None or policy.switch_key is None:
+            raise UplinkError("the site policy names no switch (meshpos site set-switch)")
+        if self._ctx is None or self._for != (url, policy.switch_key):
+            try:
+                self._ctx = make_client_context(self.core, policy)
+            except ConfigError as exc:
+                raise UplinkError(str(exc)) from exc
+            self._for = (url, policy.switch_key)
+        return url, self._ctx
+
+    async def forward(self, entries: list[bytes]) -> ForwardReply:
+        url, ctx = self._context()
+        return await forward(url, ctx, entries)
+
+
+@dataclass
+class StepReport:
+    """What one :meth:`Forwarder.step` did."""
+
+    forwarded: list[str] = field(default_factory=list)  # sale ids (and voided sale ids) sent
+    settled: int = 0  # results taken into the ledger
+    pending: int = 0
+    refused: int = 0
+    reversed: int = 0
+    held_by_others: dict[str, str] = field(default_factory=dict)
+    leases_written: int = 0
+    more: bool = False  # work is left in scopes this node holds
+    error: str | None = None
+
+
+@dataclass
+class _Backoff:
+    attempts: int
+    not_before_ms: int
+
+
+class Forwarder:
+    def __init__(
+        self,
+        core: "NodeCore",
+        clock: Clock,
+        transport: Transport | None = None,
+        *,
+        batch_sales: int = BATCH_SALES,
+        buckets: int = lease_rules.BUCKETS,
+        lease_ms: int = lease_rules.LEASE_MS,
+        renew_left_ms: int = lease_rules.RENEW_LEFT_MS,
+        sale_backoff: Callable[[int], float] = exponential_backoff(5.0, 600.0),
+    ) -> None:
+        self.core = core
+        self.clock = clock
+        self.transport: Transport = transport if transport is not None else HttpsTransport(core)
+        self.batch_sales = batch_sales
+        self.buckets = buckets
+        self.lease_ms = lease_ms
+        self.renew_left_ms = renew_left_ms
+        self.sale_backoff = sale_backoff
+        self._backoff: dict[str, _Backoff] = {}
+        self._in_flight: set[str] = set()  # sent in a batch whose reply has not come back yet
+        self._reversal_done: set[str] = set()
+        self._leases: dict[str, lease_rules.Lease] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.core.node_id
+
+    # -- reading the ledger ----------------------------------------------------------
+
+    def pending(self, now: int) -> list[str]:
+        """Sale ids to forward now: no result yet, or voided after approval and not reversed yet."""
+        rows = self.core.store.conn.execute(
+            "SELECT sale_id, result_status FROM sales WHERE result_status IS NULL"
+            " OR (voided_at IS NOT NULL AND result_status='approved') ORDER BY created_at, sale_id").fetchall()
+        out = []
+        for sale_id, status in rows:
+            if sale_id in self._in_flight or (status is not None and sale_id in self._reversal_done):
+                continue
+            b = self._backoff.get(sale_id)
+            if b is not None and now < b.not_before_ms:
+                continue
+            out.append(str(sale_id))
+        return out
+
+    def leases(self) -> list[lease_rules.Lease]:
+        for key, raw in self.core.store.conn.execute("SELECT key, raw FROM entries WHERE type='lease'"):
+            if key not in self._leases:
+                self._leases[key] = lease_rules.Lease.from_body(envelope.decode(bytes(raw)).body)
+        return list(self._leases.values())
+
+    def rank(self, node_id: str) -> int:
+        ident = self.core.roster.identities.get(node_id)
+        return 0 if ident is not None and ident.role == "gateway" else 1
+
+    def entries_for(self, sale_ids: list[str]) -> list[bytes]:
+        """The batch: roster entries first (policy, certificates of the terminals, revocations), then sales and voids."""
+        ledger = self.core.ledger
+        out: list[bytes] = []
+        policies = [int(k.split("/", 1)[1]) for (k,) in self.core.store.conn.execute(
+            "SELECT key FROM entries WHERE type='policy'") if k.split("/", 1)[1].isdigit()]
+        if policies:
+            raw = ledger.raw(f"policy/{max(policies)}")
+            if raw is not None:
+                out.append(raw)
+        terminals = sorted({sale_id.rsplit("-", 1)[0] for sale_id in sale_ids})
+        for terminal in terminals:
+            raw = ledger.raw(f"cert/{terminal}")
+            if raw is not None:
+                out.append(raw)
+        out.extend(self.core.store.entries_of_type("revocation"))
+        for sale_id in sale_ids:
+            row = self.core.store.sale(sale_id)
+            if row is None:
+                continue
+            if row["result_status"] is None:
+                raw = ledger.raw(f"sale/{sale_id}")
+                if raw is not None:
+                    out.append(raw)
+            void = ledger.raw(f"void/{sale_id}")
+            if void is not None:
+                out.append(void)
+        return out
+
+    # -- leases ------------------------------------------------------------------------
+
+    def _write_leases(self, writes: tuple[lease_rules.LeaseWrite, ...] | list[lease_rules.LeaseWrite]) -> int:
+        n = 0
+        site = self.core.policy.site_id
+        for w in writes:
+            body = {"site": site, "holder": self.node_id, "scope": w.scope, "granted_at": w.granted_at,
+                    "until": w.until}
+            try:
+                verified = self.core.ledger.write_local(envelope.seal("lease", self.node_id, body, self.core.key))
+            except VerificationError as exc:  # the same lease exists already
+                log.debug("lease not written: %s", exc)
+                continue
+            self._leases[verified.key] = lease_rules.Lease.from_body(body)
+            n += 1
+        return n
+
+    def release(self) -> int:
+        """Give up every live lease this node holds (uplink lost, or shutting down)."""
+        return self._write_leases(lease_rules.releases(self.node_id, self.leases(), self.clock.now_ms()))
+
+    # -- one step ------------------------------------------------------------------------
+
+    def plan(self, now: int) -> tuple[list[str], lease_rules.LeasePlan, bool]:
+        """The next batch (sale ids), the lease plan, and whether more work waits after it."""
+        pending = self.pending(now)
+        scopes = {s: lease_rules.scope_of(s, self.buckets) for s in pending}
+        lp = lease_rules.plan(self.node_id, set(scopes.values()), self.leases(), now, self.rank,
+                              self.lease_ms, self.renew_left_ms)
+        mine = [s for s in pending if scopes[s] in lp.forward]
+        batch: list[str] = []
+        size = 0
+        for sale_id in mine:
+            if len(batch) >= self.batch_sales:
+                break
+            est = 2 * envelope.MAX_ENVELOPE
+            if batch and size + est > BATCH_BYTES:
+                break
+            batch.append(sale_id)
+            size += est
+        return batch, lp, len(mine) > len(batch)
+
+    async def step(self) -> StepReport:
+        """Claim or renew leases, forward at most one batch, take the results into the ledger."""
+        now = self.clock.now_ms()
+        batch, lp, more = self.plan(now)
+        report = StepReport(held_by_others=dict(lp.held_by_others), more=more)
+        report.leases_written = self._write_leases(lp.write)
+        if not batch:
+            return report
+        entries = self.entries_for(batch)
+        if request_size(entries) > MAX_BODY_BYTES:  # defensive: estimates above keep well under
+            raise UplinkError("batch too large for the switch")
+        report.forwarded = batch
+        self._in_flight.update(batch)
+        try:
+            reply = await self.transport.forward(entries)
+        finally:
+            self._in_flight.difference_update(batch)
+        self._take_reply(batch, reply, report)
+        return report
+
+    async def drain(self, parallel: int = PARALLEL_BATCHES) -> int:
+        """Forward until nothing is left that this node may forward now; the number of sales sent.
+
+        ``parallel`` batches are in flight at once, so the switch works on one while this
+        node takes the results of another into its ledger.
+        """
+        sent = 0
+
+        async def worker() -> None:
+            nonlocal sent
+            while True:
+                report = await self.step()
+                sent += len(report.forwarded)
+                if not report.forwarded:
+                    return
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(parallel):
+                nursery.start_soon(worker)
+        return sent
+
+    def _take_reply(self, batch: list[str], reply: ForwardReply, report: StepReport) -> None:
+        now = self.clock.now_ms()
+        settled: set[str] = set()
+        for verified in self._ingest(reply.results):
+            settled.add(verified.env.body["sale_id"])
+            self._backoff.pop(verified.env.body["sale_id"], None)
+            report.settled += 1
+        for sale_id in reply.reversed:
+            self._reversal_done.add(sale_id)
+            report.reversed += 1
+        sent = set(batch)
+        for p in reply.pending:
+            report.pending += 1
+            self._defer(p.sale_id, now)
+        for r in reply.refused:
+            report.refused += 1
+            log.warning("switch refused %s entry (sale %s): %s", r.type or "an", r.sale_id, r.reason)
+            if r.sale_id is not None:
+                self._defer(r.sale_id, now)
+        for sale_id in sent - settled - {p.sale_id for p in reply.pending} - {r.sale_id for r in reply.refused}:
+            row = self.core.store.sale(sale_id)
+            if row is not None and row["result_status"] is not None and sale_id not in self._reversal_done:
+                # a void after approval the switch did not report as reversed yet
+                self._defer(sale_id, now)
+            elif row is not None and row["result_status"] is None:
+                self._defer(sale_id, now)
+
+    def _ingest(self, results: tuple[bytes, ...]) -> list[Verified]:
+        """Take signed results into the ledger (so they replicate), in ONE durable commit.
+
+        ``ingest_raw`` verifies before it changes anything, so a refused result is skipped
+        without disturbing the others. Only a failing disk aborts the commit; the results
+        are then simply forwarded again (the switch returns the same bytes).
+        """
+        out: list[Verified] = []
+        with self.core.store.transaction():
+            for raw in results:
+                try:
+                    out.append(self.core.ledger.ingest_raw(raw, "switch"))
+                except (EncodingError, VerificationError) as exc:
+                    log.warning("a result from the switch was refused by the ledger: %s", exc)
+        return out
+
+    def _defer(self, sale_id: str, now: int) -> None:
+        b = self._backoff.get(sale_id)
+        attempts = 1 if b is None else b.attempts + 1
+        self._backoff[sale_id] = _Backoff(attempts, now + int(self.sale_backoff(attempts) * 1000))
+
+
+async def run_forwarder(
+    core: "NodeCore",
+    clock: Clock,
+    is_allowed: Callable[[], bool],
+    *,
+    transport: Transport | None = None,
+    backoff: Callable[[int], float] = exponential_backoff(2.0, 300.0),
+    poll_s: float = POLL_S,
+    parallel: int = PARALLEL_BATCHES,
+    task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forward the site's queue while ``is_allowed()`` (this node has an uplink and may use it).
+
+    ``parallel`` workers each send one batch at a time (disjoint batches). A worker wakes
+    on new sales, voids and leases in the ledger, or every ``poll_s``; after a failed batch
+    it waits ``backoff(failures)``. After RELEASE_AFTER_FAILURES failures in a row, or when
+    no longer allowed, the node releases its leases so another uplink node takes over at
+    once. ``task_status.started`` gets the :class:`Forwarder`.
+    """
+    fwd = Forwarder(core, clock, transport)
+    wakes: list[trio.Event] = [trio.Event() for _ in range(parallel)]
+
+    def on_accept(verified: Verified) -> None:
+        if verified.env.type in ("sale", "void", "lease"):
+            for event in wakes:
+                event.set()
+
+    failures = 0
+    released = False  # leases from before a restart may still be live
+
+    async def worker(n: int) -> None:
+        nonlocal failures, released
+
+        async def wait(seconds: float) -> None:
+            with trio.move_on_after(seconds):
+                await wakes[n].wait()
+            wakes[n] = trio.Event()
+
+        while True:
+            if not is_allowed():
+                if not released:
+                    fwd.release()
+                    released = True
+                await wait(poll_s)
+                continue
+            try:
+                report = await fwd.step()
+            except UplinkError as exc:
+                failures += 1
+                log.warning("forwarding failed (%d in a row): %s", failures, exc)
+                if failures >= RELEASE_AFTER_FAILURES and not released:
+                    fwd.release()
+                    released = True
+                await wait(backoff(failures))
+                continue
+            failures = 0
+            if report.forwarded or report.leases_written:
+                released = False
+            if report.more or (report.forwarded and report.settled):
+                await trio.lowlevel.checkpoint()
+                continue
+            await wait(poll_s)
+
+    core.ledger.on_accept.append(on_accept)
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(parallel):
+                nursery.start_soon(worker, n)
+            task_status.started(fwd)
+    finally:
+        core.ledger.on_accept.remove(on_accept)

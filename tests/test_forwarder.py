@@ -1,0 +1,216 @@
+"""The node's forwarder: lease rules, two uplink nodes sharing a site, back-off, restart, the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+
+from meshpos import envelope
+from meshpos.clock import FakeClock
+from meshpos.errors import UplinkError
+from meshpos.node.core import NodeCore
+from meshpos.switch.api import ForwardReply, Pending
+from meshpos.uplink import leases as L
+from meshpos.uplink.forwarder import Forwarder, run_forwarder
+
+VISA = "4111111111111111"
+
+
+# -- the rules, pure ---------------------------------------------------------------------
+
+def terminal_rank(node_id: str) -> int:
+    return 0 if node_id.startswith("g") else 1
+
+
+def test_lease_rules() -> None:
+    a, b, g = "a" * 16, "b" * 16, "g" * 16
+    p = L.plan(b, ["bucket/0"], [], 1000, terminal_rank, lease_ms=100, renew_left_ms=50)
+    assert p.forward == {"bucket/0"} and p.write == (L.LeaseWrite("bucket/0", 1000, 1100),)
+    held = [L.Lease(b, "bucket/0", 1000, 1100)]
+    # another node does not claim while the lease is live, and takes over once it lapsed
+    assert L.plan(a, ["bucket/0"], held, 1099, terminal_rank, 100, 50).held_by_others == {"bucket/0": b}
+    assert L.plan(a, ["bucket/0"], held, 1100, terminal_rank, 100, 50).forward == {"bucket/0"}
+    # the holder renews when less than renew_left is left
+    assert L.plan(b, ["bucket/0"], held, 1040, terminal_rank, 100, 50).write == ()
+    assert L.plan(b, ["bucket/0"], held, 1060, terminal_rank, 100, 50).write == (L.LeaseWrite("bucket/0", 1060, 1160),)
+    # concurrent claims: the lowest node id wins on every node, a gateway before any terminal
+    both = held + [L.Lease(a, "bucket/0", 1001, 1101)]
+    for me in (a, b):
+        assert L.holder_of("bucket/0", L.newest(both), 1050, terminal_rank) == a
+    assert L.holder_of("bucket/0", L.newest(both + [L.Lease(g, "bucket/0", 1002, 1102)]), 1050, terminal_rank) == g
+    # a release (newest lease with until == granted_at) frees the scope at once
+    released = held + [L.Lease(b, "bucket/0", 1050, 1050)]
+    assert L.holder_of("bucket/0", L.newest(released), 1051, terminal_rank) is None
+    assert L.releases(b, held, 1050) == [L.LeaseWrite("bucket/0", 1050, 1050)]
+    # an endless lease counts for nothing
+    assert not L.Lease(a, "bucket/0", 0, 10**12).live(5)
+    assert {L.scope_of(f"t-{i:08d}", 4) for i in range(100)} == {f"bucket/{i}" for i in range(4)}
+
+
+# -- two uplink nodes --------------------------------------------------------------------
+
+
+def merge(dst: NodeCore, *sources: NodeCore) -> None:
+    for type_ in ("cert", "revocation", "policy", "sale", "void", "lease", "result"):
+        for src in sources:
+            for raw in src.store.entries_of_type(type_):
+                dst.ingest(raw, "peer")
+
+
+class FakeSwitch:
+    """A transport that records batches; settles them (signed by the real switch key) only when told to."""
+
+    def __init__(self, key: nacl.signing.SigningKey, clock: FakeClock, settle: bool = True) -> None:
+        self.key = key
+        self.clock = clock
+        self.settle = settle
+        self.batches: list[list[str]] = []
+        self.fail_next = 0
+
+    async def forward(self, entries: list[bytes]) -> ForwardReply:
+        await trio.lowlevel.checkpoint()
+        if self.fail_next:
+            self.fail_next -= 1
+            raise UplinkError("no route to the switch")
+        sales = [envelope.decode(raw) for raw in entries if envelope.decode(raw).type == "sale"]
+        self.batches.append([s.body["sale_id"] for s in sales])
+        if not self.settle:
+            return ForwardReply(pending=tuple(Pending(s.body["sale_id"], "acquirer silent") for s in sales))
+        results = tuple(envelope.seal("result", "switch", {
+            "sale_id": s.body["sale_id"], "site": s.body["site"], "status": "approved", "auth_code": "A1B2C3",
+            "response_code": "00", "reason": None, "settled_at": self.clock.now_ms(), "reversed": False,
+        }, self.key) for s in sales)
+        return ForwardReply(results=results)
+
+    def sent(self) -> list[str]:
+        return [s for batch in self.batches for s in batch]
+
+
+@pytest.fixture
+def nodes(make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore]) -> tuple[NodeCore, NodeCore, NodeCore]:
+    """Two uplink terminals (ids sorted: low, high) and a selling terminal, sales replicated to both."""
+    u1, u2 = open_node(make_node("u1", uplink=True)), open_node(make_node("u2", uplink=True))
+    low, high = sorted((u1, u2), key=lambda c: c.node_id)
+    seller = open_node(make_node("seller"))
+    for n in range(12):
+        seller.sell(1000 + n, card=seller.seal_card(VISA, "1228", "chip"))
+    merge(low, seller)
+    merge(high, seller)
+    return low, high, seller
+
+
+async def test_only_the_lease_holder_forwards_and_another_takes_over_after_expiry(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    low, high, seller = nodes
+    all_ids = sorted(s["id"] for s in seller.sales())
+    to_low, to_high = FakeSwitch(switch_key, clock, settle=False), FakeSwitch(switch_key, clock, settle=False)
+    f_low = Forwarder(low, clock, to_low, lease_ms=60_000, renew_left_ms=30_000)
+    f_high = Forwarder(high, clock, to_high, lease_ms=60_000, renew_left_ms=30_000)
+
+    first = await f_high.step()  # high claims every scope with work and forwards
+    assert sorted(first.forwarded) == all_ids and first.leases_written == 4
+    merge(low, high)  # its leases reach the other uplink node
+    blocked = await f_low.step()
+    assert blocked.forwarded == [] and set(blocked.held_by_others.values()) == {high.node_id}
+    assert to_low.batches == []
+    clock.advance(50)  # still live (60 s), and high does not forward again while the switch said "pending"
+    assert (await f_low.step()).forwarded == []
+    # high dies mid-batch (it never renews): once its lease lapses, low takes the scopes over
+    clock.advance(11)
+    takeover = await f_low.step()
+    assert sorted(takeover.forwarded) == all_ids and takeover.leases_written == 4
+    assert to_high.sent() == all_ids
+
+
+async def test_concurrent_claims_resolve_to_the_lowest_node_id(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    low, high, _ = nodes
+    to_low, to_high = FakeSwitch(switch_key, clock, settle=False), FakeSwitch(switch_key, clock, settle=False)
+    f_low = Forwarder(low, clock, to_low, sale_backoff=lambda n: 0.0)
+    f_high = Forwarder(high, clock, to_high, sale_backoff=lambda n: 0.0)
+    await f_low.step()
+    await f_high.step()  # both claimed before they saw each other: one batch went twice (the switch de-duplicates)
+    merge(low, high)
+    merge(high, low)
+    clock.advance(1)
+    assert len((await f_low.step()).forwarded) == 12
+    yielded = await f_high.step()
+    assert yielded.forwarded == [] and set(yielded.held_by_others.values()) == {low.node_id}
+
+
+async def test_release_lets_another_node_take_over_at_once(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    low, high, _ = nodes
+    to_low = FakeSwitch(switch_key, clock, settle=False)
+    f_low, f_high = Forwarder(low, clock, to_low), Forwarder(high, clock, FakeSwitch(switch_key, clock))
+    await f_low.step()
+    merge(high, low)
+    assert (await f_high.step()).forwarded == []
+    assert f_low.release() == 4  # low lost its uplink
+    merge(high, low)
+    clock.advance(0.001)
+    assert len((await f_high.step()).forwarded) == 12
+    assert all(s["status"] == "approved" and s["auth_code"] == "A1B2C3" for s in high.sales())
+
+
+async def test_results_enter_the_ledger_and_nothing_is_forwarded_twice(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    low, _, seller = nodes
+    fake = FakeSwitch(switch_key, clock)
+    fwd = Forwarder(low, clock, fake, batch_sales=5)
+    assert await fwd.drain(parallel=2) == 12
+    assert sorted(len(b) for b in fake.batches) == [2, 5, 5]
+    assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())  # each sale once
+    assert (await fwd.step()).forwarded == []
+    merge(seller, low)  # the selling terminal learns its outcomes by replication
+    assert {s["status"] for s in seller.sales()} == {"approved"}
+
+
+async def test_resume_after_restart_from_the_ledger(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
+        open_node: Callable[[Path], NodeCore]) -> None:
+    low, _, _ = nodes
+    broken = FakeSwitch(switch_key, clock)
+    broken.fail_next = 1
+    with pytest.raises(UplinkError):
+        await Forwarder(low, clock, broken).step()  # leases claimed, then the uplink failed
+    path = low.dir.path
+    low.close()
+    again = open_node(path)
+    fake = FakeSwitch(switch_key, clock)
+    report = await Forwarder(again, clock, fake).step()
+    assert len(report.forwarded) == 12 and report.leases_written == 0  # still the holder, from the ledger
+    assert {s["status"] for s in again.sales()} == {"approved"}
+
+
+async def test_run_forwarder_backs_off_and_releases_when_the_uplink_goes(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
+        autojump_clock: trio.testing.MockClock) -> None:
+    low, high, seller = nodes
+    fake = FakeSwitch(switch_key, clock)
+    fake.fail_next = 2
+    allowed = True
+    async with trio.open_nursery() as nursery:
+        fwd: Forwarder = await nursery.start(lambda task_status: run_forwarder(
+            low, clock, lambda: allowed, transport=fake, backoff=lambda n: 10.0, poll_s=1.0,
+            task_status=task_status))
+        while any(s["status"] == "pending" for s in low.sales()):
+            await trio.sleep(1)
+        assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())
+        # a new sale wakes the loop; then the uplink goes and the leases are released
+        new_id = seller.sell(777, card=seller.seal_card(VISA, "1228", "chip"))["id"]
+        merge(low, seller)
+        while low.sale(new_id)["status"] == "pending":
+            await trio.sleep(1)
+        allowed = False
+        while not any(lease.until == lease.granted_at for lease in fwd.leases()):
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    merge(high, low)
+    f_high = Forwarder(high, clock, FakeSwitch(switch_key, clock))
+    assert f_high.plan(clock.now_ms())[1].held_by_others == {}
