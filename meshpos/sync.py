@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_REJECTED = 16
 FLUSH_BUDGET = 1 << 20
 READ_ONLY_ROLES = frozenset({"inspector"})
+RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a message went astray
 
 
 def shard_digest(ledger: Ledger, shard: str) -> bytes:
@@ -64,6 +65,7 @@ class SyncConfig:
     flush_budget: int = FLUSH_BUDGET
     versions: tuple[int, ...] = SUPPORTED_VERSIONS
     max_payload: int = MAX_PAYLOAD
+    resync_interval: float = RESYNC_INTERVAL
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class SyncSession:
         self._snapshots: list[str] = []
         self._snapshot_set: set[str] = set()
         self._last_reset: dict[str, tuple[bytes, bytes]] = {}
+        self._last_summary = self.opened_at
         self._out = bytearray(self.conn.start())
         self._counters = _Counters()
         self.wakeup: Callable[[], None] | None = None
@@ -183,11 +186,17 @@ class SyncSession:
         self._process()
 
     def tick(self) -> None:
-        self._out += self.conn.tick(self.clock.monotonic())
+        now = self.clock.monotonic()
+        self._out += self.conn.tick(now)
+        if self.conn.state is LinkState.OPEN and now - self._last_summary >= self.config.resync_interval:
+            self.request_summary()
         self._process()
 
     def next_deadline(self) -> float:
-        return self.conn.next_deadline()
+        deadline = self.conn.next_deadline()
+        if self.conn.state is LinkState.OPEN:
+            deadline = min(deadline, self._last_summary + self.config.resync_interval)
+        return deadline
 
     @property
     def wants_write(self) -> bool:
@@ -224,7 +233,10 @@ class SyncSession:
     def request_summary(self) -> None:
         """Ask for a full comparison (the peer answers with shards to sync and snapshots)."""
         if self.conn.state is LinkState.OPEN:
+            self._last_summary = self.clock.monotonic()
             self._out += self.conn.send(Summary(self.ledger.summary()))
+            if self.wakeup is not None:
+                self.wakeup()
 
     def health(self) -> LinkHealth:
         c = self._counters
@@ -245,7 +257,7 @@ class SyncSession:
                 if isinstance(event, LinkUp):
                     self._on_link_up(event)
                 elif isinstance(event, Summary):
-                    self._compare(event.summary)
+                    self._compare(event.summary, restart=True)
                 elif isinstance(event, Sync):
                     self._on_sync(event)
                 elif isinstance(event, Snapshot):
@@ -276,13 +288,22 @@ class SyncSession:
                  ", read-only" if self.read_only else "")
         self._compare(peer.summary)
 
-    def _compare(self, theirs: dict[str, bytes]) -> None:
-        for shard, ours in self.ledger.summary().items():
+    def _compare(self, theirs: dict[str, bytes], restart: bool = False) -> None:
+        """Plan the work a peer's summary calls for; ``restart`` (a later SUMMARY) also restarts the
+        sync of every differing shard from a fresh state, which repairs a lost message."""
+        mine = self.ledger.summary()
+        if restart and not self.read_only:
+            for shard in theirs.keys() - mine.keys():  # pull what we lack by the sync protocol
+                self.states[shard] = am.SyncState()
+                self._dirty.setdefault(shard, False)
+        for shard, ours in mine.items():
             if shard not in theirs:
                 if shard not in self._snapshot_set:
                     self._snapshot_set.add(shard)
                     self._snapshots.append(shard)
             elif theirs[shard] != ours:
+                if restart:
+                    self.states[shard] = am.SyncState()
                 self._dirty.setdefault(shard, False)
 
     def _state(self, shard: str) -> am.SyncState:
