@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MAX_REJECTED = 16
 FLUSH_BUDGET = 1 << 20
 READ_ONLY_ROLES = frozenset({"inspector"})
+STALL_ROUNDS = 8  # sync messages on one shard that change nothing before we suspect a lost message
 RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a message went astray
 
 
@@ -162,6 +163,8 @@ class SyncSession:
         self._snapshot_set: set[str] = set()
         self._last_reset: dict[str, tuple[bytes, bytes]] = {}
         self._last_summary = self.opened_at
+        self._stale: dict[str, int] = {}
+        self._stall_reset: dict[str, bytes] = {}
         self._out = bytearray(self.conn.start())
         self._counters = _Counters()
         self.wakeup: Callable[[], None] | None = None
@@ -313,12 +316,34 @@ class SyncSession:
         return state
 
     def _on_sync(self, event: Sync) -> None:
-        state = self._state(event.shard)
+        shard = event.shard
+        state = self._state(shard)
+        before = shard_digest(self.ledger, shard)
         if self.read_only:
-            self._absorb_read_only(event.shard, state, event.data)
+            self._absorb_read_only(shard, state, event.data)
         else:
-            self._count(self.ledger.receive_sync(event.shard, state, event.data, self._peer_name()))
-        self._dirty[event.shard] = True
+            self._count(self.ledger.receive_sync(shard, state, event.data, self._peer_name()))
+        after = shard_digest(self.ledger, shard)
+        if after != before:
+            self._stale[shard] = 0
+            self._dirty[shard] = True
+            return
+        # The Automerge sync protocol assumes no message is ever lost: after a loss both ends can
+        # trade messages forever, each waiting for a change the other believes it sent. Restart the
+        # shard once per state of our heads; if that does not help, stop answering until it changes.
+        stale = self._stale[shard] = self._stale.get(shard, 0) + 1
+        if stale <= STALL_ROUNDS:
+            self._dirty[shard] = True
+            return
+        self._stale[shard] = 0
+        if self._stall_reset.get(shard) != after:
+            self._stall_reset[shard] = after
+            log.info("link %s: sync of %s makes no progress; restarting it", self.label, shard)
+            self.states[shard] = am.SyncState()
+            self._dirty[shard] = False
+        else:
+            log.info("link %s: sync of %s makes no progress; pausing it until the shard changes",
+                     self.label, shard)
 
     def _absorb_read_only(self, shard: str, state: am.SyncState, data: bytes) -> None:
         """Let the sync state learn a read-only peer's heads and needs; drop any change it carries."""
