@@ -112,8 +112,9 @@ async def test_only_the_lease_holder_forwards_and_another_takes_over_after_expir
     f_low = Forwarder(low, clock, to_low, lease_ms=60_000, renew_left_ms=30_000)
     f_high = Forwarder(high, clock, to_high, lease_ms=60_000, renew_left_ms=30_000)
 
+    scopes = len({L.scope_of(s) for s in all_ids})  # buckets with work (node ids are random)
     first = await f_high.step()  # high claims every scope with work and forwards
-    assert sorted(first.forwarded) == all_ids and first.leases_written == 4
+    assert sorted(first.forwarded) == all_ids and first.leases_written == scopes
     merge(low, high)  # its leases reach the other uplink node
     blocked = await f_low.step()
     assert blocked.forwarded == [] and set(blocked.held_by_others.values()) == {high.node_id}
@@ -123,7 +124,7 @@ async def test_only_the_lease_holder_forwards_and_another_takes_over_after_expir
     # high dies mid-batch (it never renews): once its lease lapses, low takes the scopes over
     clock.advance(11)
     takeover = await f_low.step()
-    assert sorted(takeover.forwarded) == all_ids and takeover.leases_written == 4
+    assert sorted(takeover.forwarded) == all_ids and takeover.leases_written == scopes
     assert to_high.sent() == all_ids
 
 
@@ -151,7 +152,7 @@ async def test_release_lets_another_node_take_over_at_once(
     await f_low.step()
     merge(high, low)
     assert (await f_high.step()).forwarded == []
-    assert f_low.release() == 4  # low lost its uplink
+    assert f_low.release() == len({L.scope_of(s["id"]) for s in low.sales()})  # low lost its uplink
     merge(high, low)
     clock.advance(0.001)
     assert len((await f_high.step()).forwarded) == 12

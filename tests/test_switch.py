@@ -286,7 +286,12 @@ async def test_voids(switch_dir: Path, make_node: Callable[..., Path], open_node
         # the dropped 0220 was booked by the host (only its answer was lost): both charges are undone
         assert h.sim.stats.snapshot()["reversed"] == sorted([h.rrn(after_advice), h.rrn(after_approval)])
         assert (await fwd.step()).forwarded == []  # nothing left to forward, no second reversal
-        assert h.at_acquirer(after_approval)["0420"] == 1
+        # a restarted node sends that void once more: told it is reversed, without a second 0420
+        fresh = Forwarder(core, clock, transport(core, h.url))
+        report = await fresh.step()
+        assert (report.forwarded, report.reversed) == ([after_approval], 1)
+        assert (await fresh.step()).forwarded == []
+        assert h.at_acquirer(after_approval) == {"0220": 1, "0420": 1}
 
 
 # -- what the switch refuses, and that it goes on serving -------------------------------

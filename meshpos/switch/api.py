@@ -11,7 +11,7 @@ Reply (200)::
      "pending":  [{"sale_id": "...", "reason": "..."}],   taken, not settled yet: forward again later
      "refused":  [{"index": 3, "type": "sale" | null, "sale_id": "..." | null,
                    "status": "rejected", "reason": "..."}],  not taken, no signed result
-     "reversed": ["<sale id>", ...]}                      reversals (0420) done for voids after settlement
+     "reversed": ["<sale id>", ...]}                      voids after approval whose reversal (0420) is done
 
 An envelope travels as the JSON string of its canonical bytes (they are UTF-8
 JSON text), so the bytes come back unchanged with ``.encode("utf-8")``.

@@ -112,7 +112,7 @@ class SiteState:
 @dataclass(frozen=True)
 class _Settled:
     raw: bytes
-    reversed_now: bool = False
+    reversed: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,14 @@ class Switch:
         if n_sales > MAX_SALES:
             raise InputError(f"{n_sales} sales exceed the limit of {MAX_SALES} per request")
 
-        self._take_roster_entries(site, [(i, e) for i, e in decoded if e.type in ROSTER_ORDER], now, refused)
+        learned = self._take_roster_entries(site, [(i, e) for i, e in decoded if e.type in ROSTER_ORDER], now,
+                                            refused)
+        if learned:
+            def remember(s: SwitchStore) -> None:
+                for key, type_, raw in learned:
+                    s.put_site_entry(site.site_id, key, type_, raw)
+
+            await self.writer.commit(remember)
         voids = self._take_voids(site, [(i, e) for i, e in decoded if e.type == "void"], now, refused)
         for i, env in decoded:
             if env.type not in ROSTER_ORDER and env.type not in ("sale", "void"):
@@ -241,12 +248,13 @@ class Switch:
         outcomes: dict[str, Outcome] = {}
         new = await self._verify_new(site, list(work.values()), now, refused, outcomes)
         if new or voids:
-            with self.store.transaction():  # `received` is durable before anything else happens
+            def received(s: SwitchStore) -> None:  # durable before anything else happens to these sales
                 for w in new:
-                    self.store.insert_received(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest,
-                                               w.env.raw, now)
+                    s.insert_received(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest, w.env.raw, now)
                 for sale_id, void in voids.items():
-                    self.store.put_void(sale_id, site.site_id, void.raw, void.body["at"])
+                    s.put_void(sale_id, site.site_id, void.raw, void.body["at"])
+
+            await self.writer.commit(received)
 
         async def one(w: _Work) -> None:
             outcomes[w.env.body["sale_id"]] = await self._process(site, w, voids.get(w.env.body["sale_id"]))
@@ -269,7 +277,7 @@ class Switch:
             if isinstance(outcome, _Settled):
                 if sale_id in work:
                     results.append(outcome.raw)
-                if outcome.reversed_now:
+                if outcome.reversed:
                     reversed_.append(sale_id)
             elif isinstance(outcome, Pending):
                 pending.append(outcome)
@@ -285,7 +293,7 @@ class Switch:
                             reversed=tuple(reversed_))
 
     def _take_roster_entries(self, site: SiteState, items: list[tuple[int, Envelope]], now: int,
-                             refused: list[Refusal]) -> None:
+                             refused: list[Refusal]) -> list[tuple[str, str, bytes]]:
         learned: list[tuple[str, str, bytes]] = []
         for i, env in sorted(items, key=lambda item: ROSTER_ORDER[item[1].type]):
             d = digest_of(env.raw)
@@ -299,10 +307,7 @@ class Switch:
             site.roster.apply(env)
             site.known.add(d)
             learned.append((verified.key, env.type, env.raw))
-        if learned:
-            with self.store.transaction():
-                for key, type_, raw in learned:
-                    self.store.put_site_entry(site.site_id, key, type_, raw)
+        return learned
 
     def _take_voids(self, site: SiteState, items: list[tuple[int, Envelope]], now: int,
                     refused: list[Refusal]) -> dict[str, Envelope]:
@@ -415,8 +420,11 @@ class Switch:
                 void_raw = self.store.void_of(sale_id)
                 void = envelope.decode(void_raw) if void_raw is not None else None
             if row.state == SETTLED:
-                if void is not None and row.result_status == "approved" and row.reversal != REVERSAL_DONE:
-                    return await self._reverse_settled(site, row)
+                if void is not None and row.result_status == "approved":
+                    if row.reversal != REVERSAL_DONE:
+                        return await self._reverse_settled(site, row)
+                    assert row.result is not None
+                    return _Settled(row.result, reversed=True)
                 return self._known(row, w)
             if row.state == RECEIVED:
                 return await self._first_time(site, row, w.env, void)
@@ -521,7 +529,7 @@ class Switch:
             if row.result_status == "approved" and row.reversal != REVERSAL_DONE:
                 return await self._reverse_settled(site, row)
             assert row.result is not None
-            return _Settled(row.result)
+            return _Settled(row.result, reversed=row.reversal == REVERSAL_DONE)
 
     async def _reverse_settled(self, site: SiteState, row: SaleRow) -> Outcome:
         assert row.result is not None
@@ -539,7 +547,7 @@ class Switch:
         at = self.clock.now_ms()
         await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at))
         log.info("sale %s: voided after approval, reversed (0420)", row.sale_id)
-        return _Settled(row.result, reversed_now=True)
+        return _Settled(row.result, reversed=True)
 
     async def _reverse_until_answered(self, req: AcquirerRequest) -> AcquirerResult:
         last: AcquirerError | None = None

@@ -100,9 +100,15 @@ Op = Callable[["SwitchStore"], None]
 
 
 class SwitchStore:
+    """``conn`` writes (in :class:`GroupCommit`'s worker thread while a service runs);
+    ``reader`` serves the event loop's queries and sees committed data only."""
+
     def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
         self.path = path
         self.conn = conn
+        self.reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.reader.execute("PRAGMA query_only=1")
+        self.reader.execute("PRAGMA busy_timeout=5000")
         self._depth = 0
 
     @classmethod
@@ -133,6 +139,7 @@ class SwitchStore:
         return store
 
     def close(self) -> None:
+        self.reader.close()
         self.conn.close()
 
     @contextlib.contextmanager
@@ -165,7 +172,7 @@ class SwitchStore:
     # -- meta ----------------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
-        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        row = self.reader.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else str(row[0])
 
     def set_meta(self, key: str, value: str) -> None:
@@ -182,7 +189,7 @@ class SwitchStore:
             (site.site_id, site.name, site.ca_pem.decode("ascii"), site.policy_env, site.merchant_id, now_ms))
 
     def sites(self) -> list[SiteRow]:
-        rows = self.conn.execute("SELECT site_id, name, ca_pem, policy_env, merchant_id FROM sites ORDER BY site_id")
+        rows = self.reader.execute("SELECT site_id, name, ca_pem, policy_env, merchant_id FROM sites ORDER BY site_id")
         return [SiteRow(str(r[0]), str(r[1]), str(r[2]).encode("ascii"), bytes(r[3]), str(r[4])) for r in rows]
 
     def put_site_entry(self, site_id: str, key: str, type_: str, raw: bytes) -> bool:
@@ -192,7 +199,7 @@ class SwitchStore:
         return cur.rowcount > 0
 
     def site_entries(self, site_id: str) -> list[bytes]:
-        rows = self.conn.execute(
+        rows = self.reader.execute(
             "SELECT raw FROM site_entries WHERE site_id=? ORDER BY "
             "CASE type WHEN 'policy' THEN 0 WHEN 'cert' THEN 1 ELSE 2 END, rowid", (site_id,))
         return [bytes(r[0]) for r in rows]
@@ -200,7 +207,7 @@ class SwitchStore:
     # -- sales ---------------------------------------------------------------------
 
     def sale(self, sale_id: str) -> SaleRow | None:
-        row = self.conn.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
+        row = self.reader.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
         return None if row is None else _sale(row)
 
     def insert_received(self, sale_id: str, site_id: str, terminal: str, digest: bytes, raw: bytes,
@@ -231,7 +238,7 @@ class SwitchStore:
 
     def count_states(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
-        for state, n in self.conn.execute("SELECT state, count(*) FROM sales GROUP BY state"):
+        for state, n in self.reader.execute("SELECT state, count(*) FROM sales GROUP BY state"):
             counts[str(state)] = int(n)
         return counts
 
@@ -242,52 +249,67 @@ class SwitchStore:
                           (sale_id, site_id, raw, at_ms))
 
     def void_of(self, sale_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT raw FROM voids WHERE sale_id=?", (sale_id,)).fetchone()
+        row = self.reader.execute("SELECT raw FROM voids WHERE sale_id=?", (sale_id,)).fetchone()
         return None if row is None else bytes(row[0])
 
 
 class _Group:
-    __slots__ = ("ops", "done", "error", "leader")
+    __slots__ = ("ops", "done", "errors", "leader")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.done = trio.Event()
-        self.error: BaseException | None = None
+        self.errors: dict[int, BaseException] = {}
         self.leader = False
 
 
 class GroupCommit:
-    """Durable writes from many tasks, several per fsync.
+    """Durable writes from many tasks, many per fsync (group commit).
 
-    ``await commit(op)`` returns once ``op`` is committed. The first caller of a
-    round yields once (shielded, so a cancelled caller never strands the others)
-    so that every task runnable in that round can add its op, then runs them all
-    in one transaction. The sqlite calls are synchronous: no transaction is ever
-    held across an await.
+    ``await commit(op)`` returns once ``op`` is committed. Ops join the open group;
+    its first caller leads it: it waits until the previous group's commit is done (so
+    the group grows meanwhile), then runs all its ops in ONE transaction in a worker
+    thread, so the event loop goes on while SQLite writes and fsyncs. Each op runs in
+    its own savepoint: one that raises is undone alone and its caller gets the error.
+    The leader is shielded: a cancelled caller never strands the others. Every write of
+    a running switch goes through here; no transaction is held across an await.
     """
 
     def __init__(self, store: SwitchStore) -> None:
         self.store = store
         self._group = _Group()
+        self._lock = trio.Lock()
         self.commits = 0
+
+    def _run(self, group: _Group) -> None:
+        conn = self.store.conn
+        with self.store.transaction():
+            for i, each in enumerate(group.ops):
+                conn.execute("SAVEPOINT op")
+                try:
+                    each(self.store)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    group.errors[i] = exc
+                conn.execute("RELEASE op")
 
     async def commit(self, op: Op) -> None:
         group = self._group
+        index = len(group.ops)
         group.ops.append(op)
         if group.leader:
             await group.done.wait()
         else:
             group.leader = True
             with trio.CancelScope(shield=True):
-                await trio.lowlevel.checkpoint()
-            self._group = _Group()
-            try:
-                with self.store.transaction():
-                    for each in group.ops:
-                        each(self.store)
-                self.commits += 1
-            except BaseException as exc:  # every waiter hears about it
-                group.error = exc
-            group.done.set()
-        if group.error is not None:
-            raise StoreError(f"switch database write failed: {group.error}") from group.error
+                async with self._lock:
+                    self._group = _Group()  # later ops form the next group
+                    try:
+                        await trio.to_thread.run_sync(self._run, group)
+                        self.commits += 1
+                    except Exception as exc:  # the commit itself failed: nothing of the group is durable
+                        group.errors = {i: exc for i in range(len(group.ops))}
+                    group.done.set()
+        error = group.errors.get(index)
+        if error is not None:
+            raise StoreError(f"switch database write failed: {error}") from error
