@@ -75,7 +75,7 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) 
     async def reader() -> None:
         while not session.closed:
             try:
-                data = await stream.receive_some(READ_SIZE)
+                data = bytes(await stream.receive_some(READ_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 cause = exc.__cause__ or exc
                 log.info("link %s: read failed: %s", session.label, cause)

@@ -270,6 +270,10 @@ class LinkConnection:
         self.bytes_out = 0
         self.rtt: float | None = None
 
+    @property
+    def closed(self) -> bool:
+        return self.state is LinkState.CLOSED
+
     # -- output -------------------------------------------------------------------
 
     def start(self) -> bytes:
@@ -349,7 +353,7 @@ class LinkConnection:
         self.bytes_in += len(data)
         self._last_rx = now
         self._decoder.receive_data(data)
-        while self.state is not LinkState.CLOSED:
+        while not self.closed:
             try:
                 frame = self._decoder.next_frame()
             except ProtocolError as exc:
@@ -358,7 +362,7 @@ class LinkConnection:
             if frame is None:
                 break
             self._handle(frame, now)
-        if self.state is not LinkState.CLOSED:
+        if not self.closed:
             if self._decoder.partial:
                 if self._partial_since is None:
                     self._partial_since = now
