@@ -34,6 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--preview", action="store_true", help="render as text here instead of printing")
     r.set_defaults(handler=cmd_receipt)
 
+    d = sub.add_parser("demo", help="a whole simulated fair on this machine (no root, loopback only)",
+                       description="Start an acquirer simulator, the switch, a gateway and N terminals as "
+                                   "separate processes with real TLS links on loopback; sell offline, kill and "
+                                   "restart a terminal, give one terminal an uplink, and wait until every sale "
+                                   "is final on every node. Exit 0 only then.")
+    d.add_argument("--terminals", type=int, default=4, help="number of terminals (default 4)")
+    d.add_argument("--sales", type=int, default=36, help="offline sales across the terminals (default 36)")
+    d.add_argument("--out", type=_path, default=Path("demo-out"), help="folder for receipts, logs and state")
+    d.set_defaults(handler=cmd_demo)
+
     u = sub.add_parser("uplink", help="allow or forbid this node to forward the site's queue",
                        description="`on` lets the node forward the site's queue whenever the switch answers; "
                                    "`off` stops it. Persisted in config.json; applied at once to a running node.")
@@ -85,3 +95,11 @@ def cmd_uplink(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import main_demo
+    if args.terminals < 1 or args.sales < 6:
+        from ..errors import InputError
+        raise InputError("the demo needs at least 1 terminal and 6 sales")
+    return main_demo(args)

@@ -7,6 +7,7 @@ certificate. It is stored as PKCS#8 PEM (what ``ssl`` loads) with mode 0600.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -97,6 +98,7 @@ def read_private_key(path: Path) -> nacl.signing.SigningKey:
     return nacl.signing.SigningKey(raw)
 
 
+@functools.lru_cache(maxsize=64)
 def montgomery_to_edwards_candidates(x25519_public: bytes) -> tuple[bytes, bytes]:
     """The two Ed25519 public keys whose X25519 form is ``x25519_public``.
 

@@ -22,12 +22,16 @@ from ..errors import MeshposError
 from ..link.driver import LinkEndpoint, connect_link, serve_links
 from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
 from ..sync import Replicator, SyncSession
+from ..uplink.client import make_client_context, probe
+from ..uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from .nodedir import parse_hostport
 from .service import NodeService, run_until_signal
 
 log = logging.getLogger(__name__)
 
 MESH_TICK = 1.0
+UPLINK_POLL = 2.0  # forwarder: look for work at least this often
+PROBE_EVERY = 5.0  # how often an uplink node checks that the switch answers
 # Discovery TTL for real nodes; overridable for the lab (a cut host is noticed within ~TTL).
 MDNS_TTL = int(os.environ.get("MESHPOS_MDNS_TTL", "120"))
 
@@ -188,10 +192,94 @@ class Mesh:
                     s.close("duplicate link: keeping the one the smaller node id dialled")
 
 
+class RecordingTransport(HttpsTransport):
+    """The real HTTPS transport, remembering how the last exchanges went (for the status)."""
+
+    def __init__(self, core: Any) -> None:
+        super().__init__(core)
+        self.last_ok_ms: int | None = None
+        self.last_error: str | None = None
+        self.last_error_ms: int | None = None
+        self.forwarded = 0
+
+    async def forward(self, entries: list[bytes]) -> Any:
+        try:
+            reply = await super().forward(entries)
+        except MeshposError as exc:
+            self.last_error, self.last_error_ms = str(exc), self.core.clock.now_ms()
+            raise
+        self.last_ok_ms = self.core.clock.now_ms()
+        self.forwarded += len(reply.results)
+        return reply
+
+
+class Uplink:
+    """Forwarding on this node: the forwarder loop, a reachability probe, the advertised state."""
+
+    def __init__(self, service: NodeService, mesh: Mesh | None) -> None:
+        self.service = service
+        self.core = service.core
+        self.mesh = mesh
+        self.transport = RecordingTransport(self.core)
+        self.reachable: bool | None = None
+        self.forwarder: Forwarder | None = None
+        service.extra_status.append(self.status)
+
+    def allowed(self) -> bool:
+        return bool(self.core.config.uplink) and self.core.identity.role in ("terminal", "gateway")
+
+    def state(self) -> str:
+        if not self.allowed():
+            return "off"
+        if self.core.policy.switch_url is None:
+            return "no switch configured"
+        return {None: "checking", True: "up", False: "down"}[self.reachable]
+
+    def status(self) -> dict[str, Any]:
+        t = self.transport
+        return {"uplink": {"state": self.state(), "allowed": self.allowed(), "last_forward_ms": t.last_ok_ms,
+                           "results_received": t.forwarded, "last_error": t.last_error,
+                           "last_error_ms": t.last_error_ms}}
+
+    async def run(self, service: NodeService, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.forwarder = await nursery.start(
+                lambda task_status: run_forwarder(self.core, self.core.clock, self.allowed,
+                                                  transport=self.transport, poll_s=UPLINK_POLL,
+                                                  task_status=task_status))
+            nursery.start_soon(self._probe_loop)
+            task_status.started()
+
+    async def _probe_loop(self) -> None:
+        advertised: bool | None = None
+        while True:
+            if self.allowed() and self.core.policy.switch_url:
+                try:
+                    ctx = make_client_context(self.core)
+                    up = await probe(self.core.policy.switch_url, ctx)
+                except MeshposError as exc:
+                    log.warning("uplink probe impossible: %s", exc)
+                    up = False
+                if up != self.reachable:
+                    log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
+                self.reachable = up
+            else:
+                self.reachable = None
+            advertise = bool(self.allowed() and self.reachable)
+            if advertise != advertised and self.mesh is not None:
+                await self.mesh.set_uplink(advertise)
+                advertised = advertise
+            await trio.sleep(PROBE_EVERY)
+
+
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
     async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
         mesh = Mesh(service, mdns)
         service.mesh = mesh  # type: ignore[attr-defined]
         await mesh.run(service, task_status=task_status)
 
-    await run_until_signal(path, [mesh_component], clock)
+    async def uplink_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
+        uplink = Uplink(service, getattr(service, "mesh", None))
+        await uplink.run(service, task_status=task_status)
+
+    await run_until_signal(path, [mesh_component, uplink_component], clock)
