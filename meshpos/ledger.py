@@ -78,6 +78,7 @@ class IngestReport:
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, reason)
     parked: int = 0
     reasserted: int = 0
+    stripped: list[str] = field(default_factory=list)  # invalid keys deleted from the shard
 
 
 @dataclass
@@ -149,9 +150,13 @@ class Ledger:
         doc = self.docs.get(shard)
         return sorted(doc.get_heads()) if doc is not None else []
 
+    def shard_digest(self, shard: str) -> bytes:
+        """8-byte digest of a shard's heads: equal digests, equal shards."""
+        return hashlib.blake2b(b"".join(self.heads(shard)), digest_size=8).digest()
+
     def summary(self) -> dict[str, bytes]:
-        """shard -> 8-byte digest of its heads: what a peer compares on link set-up."""
-        return {s: hashlib.blake2b(b"".join(self.heads(s)), digest_size=8).digest() for s in self.docs}
+        """shard -> digest of its heads: what a peer compares on link set-up."""
+        return {s: self.shard_digest(s) for s in self.docs}
 
     def has(self, key: str) -> bool:
         return key in self.index
@@ -226,10 +231,10 @@ class Ledger:
 
     def _notify(self, shard: str, accepted: list[Verified]) -> None:
         for verified in accepted:
-            for callback in self.on_accept:
-                callback(verified)
-        for callback in self.on_shard_changed:
-            callback(shard)
+            for on_accept in self.on_accept:
+                on_accept(verified)
+        for on_change in self.on_shard_changed:
+            on_change(shard)
 
     # -- replication ----------------------------------------------------------------
 
@@ -272,6 +277,7 @@ class Ledger:
         try:
             with self.store.transaction():
                 self._scan(shard, peer, report)
+                self._strip(shard, report)
                 self._reassert(shard, report)
                 self._persist(shard, before)
                 if any(v.env.type == "cert" for v in report.accepted):
@@ -295,12 +301,14 @@ class Ledger:
             raw = entry_bytes(doc.get(am.ROOT, key))
             if raw is None:
                 self._reject(report, shard, key, b"", "entry value is not bytes")
+                report.stripped.append(key)
                 continue
             d = digest(raw)
             known = self.index.get(key)
             if known is not None:
                 if known.digest != d and known.home != shard:
                     self._reject(report, shard, key, d, "differs from the verified entry held for this key")
+                    report.stripped.append(key)
                 continue
             if (key, d) in self._seen_bad:
                 continue
@@ -312,10 +320,26 @@ class Ledger:
                 continue
             except (EncodingError, VerificationError) as exc:
                 self._reject(report, shard, key, d, str(exc))
+                report.stripped.append(key)
                 continue
             self._accept(verified, shard)
             self.store.unpark(key)
             report.accepted.append(verified)
+
+    def _strip(self, shard: str, report: IngestReport) -> None:
+        """Delete invalid keys from the shard, so honest nodes do not relay a forgery onward.
+
+        Only keys that failed verification for good (not parked ones) and that are
+        not verified entries homed in this shard; the home shard's true entry, if
+        any, is put back by re-assertion.
+        """
+        doomed = [k for k in report.stripped if self.index.get(k) is None or self.index[k].home != shard]
+        if not doomed:
+            return
+        doc = self.docs[shard]
+        with doc.transaction() as tx:
+            for key in dict.fromkeys(doomed):
+                tx.delete(am.ROOT, key)
 
     def _reject(self, report: IngestReport, shard: str, key: str, d: bytes, reason: str) -> None:
         if (key, d) in self._seen_bad:

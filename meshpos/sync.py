@@ -56,7 +56,7 @@ RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a me
 
 def shard_digest(ledger: Ledger, shard: str) -> bytes:
     """One shard's entry of ``Ledger.summary()`` without hashing every shard."""
-    return hashlib.blake2b(b"".join(ledger.heads(shard)), digest_size=8).digest()
+    return ledger.shard_digest(shard)
 
 
 @dataclass(frozen=True)

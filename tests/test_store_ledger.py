@@ -149,3 +149,20 @@ def test_entry_of_unknown_signer_is_parked_until_its_certificate_arrives(make_no
     t2.ledger.receive_snapshot(shard, t1.ledger.snapshot(shard), "t1")
     assert [s["id"] for s in t2.sales()] == [sale["id"]]
     assert t2.store.parked() == []
+
+
+def test_honest_relay_strips_forgeries_so_its_neighbours_never_see_them(make_node, open_node) -> None:
+    t1, t2, t3 = (open_node(make_node(n)) for n in ("t1", "t2", "t3"))
+    sale = t1.sell(100)
+    shard = t1.ledger.shards()[0]
+    hostile = _peer_doc(t1, shard)
+    forged_body = {**envelope.decode(t1.ledger.raw(f"sale/{sale['id']}")).body, "seq": 2,
+                   "sale_id": envelope.sale_id(t1.node_id, 2)}
+    with hostile.transaction() as tx:
+        tx.put(am.ROOT, f"sale/{forged_body['sale_id']}", am.ScalarType.Bytes,
+               envelope.seal("sale", t1.node_id, forged_body, t3.key))
+        tx.put(am.ROOT, "junk", am.ScalarType.Bytes, b"not an envelope")
+    first = t2.ledger.receive_snapshot(shard, hostile.save(), "hostile")
+    assert len(first.rejected) == 2 and sorted(first.stripped) == sorted([f"sale/{forged_body['sale_id']}", "junk"])
+    relayed = t3.ledger.receive_snapshot(shard, t2.ledger.snapshot(shard), "t2")
+    assert relayed.rejected == [] and [s["id"] for s in t3.sales()] == [sale["id"]]
