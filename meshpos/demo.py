@@ -13,6 +13,7 @@ acquirer saw each card sale advised once.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import signal
@@ -243,9 +244,12 @@ class Demo:
             core = NodeCore.open(path, lock=False)
             try:
                 lines = []
+                options = receipt_options(core)
                 for sale in core.sales(core.node_id):
-                    for copy in ("customer", "outcome"):
-                        lines.append(render_text(receipt_data(core, sale), receipt_options(core), copy))
+                    final = receipt_data(core, sale)
+                    offline = dataclasses.replace(final, status="pending", auth_code=None, response_code=None)
+                    lines.append(render_text(offline, options, "customer"))  # as printed at the stall
+                    lines.append(render_text(final, options, "outcome"))  # once settled
                 (self.out / "receipts" / f"{name}.txt").write_text("\n\n".join(lines) + "\n")
             finally:
                 core.store.close()
@@ -261,10 +265,15 @@ def main_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True)
     (out / ".meshpos-demo").write_text("made by meshpos demo; removed by the next run\n")
     demo = Demo(out, args.terminals, args.sales)
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
     try:
         code = demo.run()
         demo.procs.stop_all()
         demo.write_text_receipts()
+        print(f"receipts as text: {out / 'receipts'}/*.txt; logs: {out / 'logs'}")
         return code
     except KeyboardInterrupt:
         print("\ndemo interrupted: stopping every process", file=sys.stderr)

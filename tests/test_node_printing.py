@@ -1,0 +1,108 @@
+"""Receipts from a running node: printer failures never block a sale; the queue prints later."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+
+from meshpos.node import client
+from meshpos.procs import ProcessGroup, wait_for
+
+from helpers import run_cli
+
+
+@pytest.fixture
+def procs(tmp_path: Path):
+    group = ProcessGroup(tmp_path / "logs")
+    yield group
+    group.stop_all()
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def _set_printer(node: Path, printer: dict) -> None:
+    cfg = json.loads((node / "config.json").read_text())
+    cfg["printer"] = printer
+    (node / "config.json").write_text(json.dumps(cfg))
+
+
+class FakePrinter:
+    """A real TCP 'printer' on loopback that keeps every byte it receives."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", port))
+        self.sock.listen(8)
+        self.received = bytearray()
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                while True:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    with self.lock:
+                        self.received += data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_unreachable_printer_never_blocks_a_sale_and_prints_when_back(make_node, procs) -> None:
+    node = make_node("t1")
+    port = _free_port()  # nobody listens: connection refused
+    _set_printer(node, {"kind": "network", "host": "127.0.0.1", "port": port, "profile": "generic-58mm",
+                        "timeout": 2})
+    procs.start_node("t1", node, "--no-mdns")
+    sale = client.call_running(node, "sell", {"amount_minor": 450, "description": "polenta"}, timeout=10)
+    assert sale["status"] == "pending"
+    wait_for(lambda: client.call_running(node, "status", {})["printer"]["state"] == "unreachable", 30,
+             "printer state did not become unreachable")
+    assert client.call_running(node, "status", {})["printer"]["queued"] >= 1
+    client.call_running(node, "sell", {"amount_minor": 120}, timeout=10)  # still selling
+    printer = FakePrinter(port)
+    try:
+        wait_for(lambda: sale["id"].encode() in bytes(printer.received)
+                 and client.call_running(node, "status", {})["printer"]["queued"] == 0, 90,
+                 "queued receipts were not printed once the printer listened again")
+    finally:
+        printer.close()
+
+
+def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_node, procs) -> None:
+    node = make_node("t1")
+    _set_printer(node, {"kind": "network", "host": "127.0.0.1", "port": 9100, "profile": "no-such-profile"})
+    procs.start_node("t1", node, "--no-mdns")
+    assert client.call_running(node, "sell", {"amount_minor": 300}, timeout=10)["status"] == "pending"
+    proc = run_cli("status", str(node))
+    assert proc.returncode == 0
+    assert "misconfigured" in proc.stdout and "no-such-profile" in proc.stdout
+
+
+def test_receipt_preview_shows_pending_wording_and_last4_only(tmp_path: Path, make_node) -> None:
+    import nacl.signing  # noqa: F401  (the site fixture has a switch key)
+    node = make_node("t1", language="it")
+    run_cli("sell", str(node), "--amount", "7.20", "--card", "5555555555554444", check=True)
+    sale_id = json.loads(run_cli("sales", str(node), "--json", check=True).stdout)[0]["id"]
+    out = run_cli("receipt", str(node), sale_id, "--preview", check=True).stdout
+    assert sale_id in out and "7,20 EUR" in out and "**** 4444" in out  # Italian decimal comma
+    assert "5555555555554444" not in out
+    assert "autorizzazione" in out.lower()
