@@ -40,6 +40,11 @@ def _check(value: Any, depth: int = 0) -> None:
 
 def encode(value: Any) -> bytes:
     _check(value)
+    return dumps_trusted(value)
+
+
+def dumps_trusted(value: Any) -> bytes:
+    """Encode a value already known to hold only canonical types (it came from ``decode``)."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
@@ -47,13 +52,24 @@ def _reject_float(text: str) -> Any:
     raise EncodingError("floats are not allowed in canonical JSON")
 
 
+def _checked_int(text: str) -> int:
+    value = int(text)
+    if not -MAX_SAFE_INT <= value <= MAX_SAFE_INT:
+        raise EncodingError(f"integer out of range: {text[:30]}")
+    return value
+
+
 def decode(data: bytes) -> Any:
+    """Parse canonical JSON. The parser itself refuses floats and out-of-range integers and
+    only builds JSON types, so the re-encoding that proves canonical form needs no type walk."""
     try:
-        value = json.loads(data.decode("utf-8"), parse_float=_reject_float, parse_constant=_reject_float)
+        value = json.loads(data.decode("utf-8"), parse_float=_reject_float, parse_constant=_reject_float,
+                           parse_int=_checked_int)
+        again = dumps_trusted(value)
     except EncodingError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise EncodingError(f"not valid JSON: {exc}") from exc
-    if encode(value) != data:
+    if again != data:
         raise EncodingError("JSON is not in canonical form")
     return value

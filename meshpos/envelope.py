@@ -52,7 +52,9 @@ class Envelope:
     raw: bytes
 
     def signed_bytes(self) -> bytes:
-        return signed_bytes(self.type, self.signer, self.body)
+        # the envelope was decoded (or sealed) from canonical JSON: its parts hold canonical types only
+        return DOMAIN + canonical.dumps_trusted({"v": VERSION, "type": self.type, "signer": self.signer,
+                                                 "body": self.body})
 
 
 def signed_bytes(type_: str, signer: str, body: dict[str, Any]) -> bytes:
@@ -78,7 +80,7 @@ def decode(raw: bytes) -> Envelope:
     obj = canonical.decode(raw)
     if not isinstance(obj, dict) or set(obj) != _FIELDS:
         raise EncodingError("envelope must have exactly the fields v, type, signer, body, sig")
-    if obj["v"] != VERSION:
+    if obj["v"] != VERSION or type(obj["v"]) is not int:  # true == 1 in Python: no second encoding
         raise EncodingError(f"unsupported envelope version {obj['v']!r}")
     if obj["type"] not in TYPES:
         raise EncodingError(f"unknown envelope type {obj['type']!r}")

@@ -98,6 +98,7 @@ class Ledger:
         self.index: dict[str, _Indexed] = {}
         self.homes: dict[str, set[str]] = {}
         self._seen_bad: set[tuple[str, bytes]] = set()
+        self._parked: set[str] = set()
         self.on_accept: list[Callable[[Verified], None]] = []
         self.on_shard_changed: list[Callable[[str], None]] = []
 
@@ -112,6 +113,7 @@ class Ledger:
             ledger._index(str(key), bytes(raw), str(shard))
         for shard in store.shard_names():
             ledger._load_shard(shard)
+        ledger._parked = {key for key, _, _ in store.parked()}
         return ledger
 
     def _index(self, key: str, raw: bytes, home: str) -> None:
@@ -215,9 +217,10 @@ class Ledger:
         if env.type == "sale":
             self.store.insert_sale(body)
             for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}"):
-                got = self.store.entry(later)
-                if got:
-                    self._apply_view(env_mod.decode(got[0]))
+                if later in self.index:  # the void or result arrived before the sale
+                    got = self.store.entry(later)
+                    if got:
+                        self._apply_view(env_mod.decode(got[0]))
         else:
             self._apply_view(env)
 
@@ -316,14 +319,22 @@ class Ledger:
                 verified = self.roster.verify(env_mod.decode(raw), now, key)
             except UnknownSigner as exc:
                 self.store.park(key, raw, shard, str(exc), now)
+                self._parked.add(key)
                 report.parked += 1
                 continue
             except (EncodingError, VerificationError) as exc:
                 self._reject(report, shard, key, d, str(exc))
                 report.stripped.append(key)
                 continue
+            except Exception as exc:  # a decoder bug must not let one peer's entry stop the merge
+                log.exception("verifying entry %s of shard %s from peer %s failed unexpectedly", key[:80], shard, peer)
+                self._reject(report, shard, key, d, f"does not verify ({type(exc).__name__})")
+                report.stripped.append(key)
+                continue
             self._accept(verified, shard)
-            self.store.unpark(key)
+            if key in self._parked:
+                self.store.unpark(key)
+                self._parked.discard(key)
             report.accepted.append(verified)
 
     def _strip(self, shard: str, report: IngestReport) -> None:
@@ -378,9 +389,11 @@ class Ledger:
                 continue
             except (EncodingError, VerificationError) as exc:
                 self.store.unpark(key)
+                self._parked.discard(key)
                 self._reject(report, shard, key, digest(raw), str(exc))
                 continue
             self.store.unpark(key)
+            self._parked.discard(key)
             if key not in self.index:
                 self._accept(verified, shard)
                 report.accepted.append(verified)
