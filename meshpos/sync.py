@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -37,13 +38,14 @@ import automerge.core as am
 
 from .clock import Clock
 from .errors import EncodingError, MeshposError
-from .ledger import IngestReport, Ledger
+from .ledger import SEGMENT, IngestReport, Ledger
 from .link.frames import MAX_PAYLOAD
 from .link.protocol import (SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp,
                             Ping, Pong, Snapshot, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:
     from .node.core import NodeCore
+    from .roster import Verified
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +115,43 @@ class Replicator:
         self.config = config
         self.sessions: list[SyncSession] = []
         ledger.on_shard_changed.append(self._on_shard_changed)
+        ledger.on_accept.append(self._on_accept)
+        # Set while the node's store was re-created (NodeCore.recovery_flag): no selling until a peer
+        # has given its own log back, so no sale id is used twice (see ``recovered``).
+        self.recovery_flag: Path | None = None
 
     @classmethod
     def for_core(cls, core: "NodeCore", config: SyncConfig = SyncConfig()) -> "Replicator":
-        return cls(core.ledger, core.identity.site_id, core.identity.node_id, core.identity.role, core.clock, config)
+        rep = cls(core.ledger, core.identity.site_id, core.identity.node_id, core.identity.role, core.clock, config)
+        rep.recovery_flag = core.recovery_flag if core.recovery_flag.exists() else None
+        return rep
+
+    def _on_accept(self, verified: "Verified") -> None:
+        """A revocation that reaches this node cuts every open link to the revoked node at once
+        (new links are refused by ``link.tls.peer_identity``, its entries by the roster)."""
+        if verified.env.type != "revocation":
+            return
+        revoked = verified.env.body["node_id"]
+        for session in list(self.sessions):
+            if session.peer_node == revoked and not session.closed:
+                session.cut_off(f"peer {revoked} is revoked")
+
+    def recovered(self, session: "SyncSession") -> None:
+        """A writing peer holds nothing of our own log that we lack: sell again, with sale ids and
+        log positions past everything the mesh gave back."""
+        flag, self.recovery_flag = self.recovery_flag, None
+        if flag is None:
+            return
+        own = [s for s in self.ledger.shards() if s.startswith(self.node_id + "/")]
+        store = self.ledger.store
+        with store.transaction():
+            position = int(store.get_meta("log_seq") or 0)
+            if own:
+                position = max(position, (max(int(s.rsplit("/", 1)[1]) for s in own) + 1) * SEGMENT)
+            store.set_meta("log_seq", str(position))
+        flag.unlink(missing_ok=True)
+        log.warning("store recovery: peer %s gave back this node's log (%d own sales, last seq %d); selling "
+                    "resumes", session.peer_node, len(store.sales(self.node_id)), store.last_seq(self.node_id))
 
     def open_session(self, *, label: str = "", expect_node: str | None = None, read_only: bool = False) -> "SyncSession":
         """A session for one new link. ``expect_node``/``read_only`` come from the peer's certificate."""
@@ -130,6 +165,8 @@ class Replicator:
             session.close(reason)
         if self._on_shard_changed in self.ledger.on_shard_changed:
             self.ledger.on_shard_changed.remove(self._on_shard_changed)
+        if self._on_accept in self.ledger.on_accept:
+            self.ledger.on_accept.remove(self._on_accept)
 
     def health(self) -> list[LinkHealth]:
         return [s.health() for s in self.sessions]
@@ -167,6 +204,7 @@ class SyncSession:
         self._stall_reset: dict[str, bytes] = {}
         self._out = bytearray(self.conn.start())
         self._counters = _Counters()
+        self._theirs: dict[str, bytes] = {}  # the peer's digest of each shard, as it last told us
         self.wakeup: Callable[[], None] | None = None
 
     # -- driver API -------------------------------------------------------------
@@ -260,6 +298,7 @@ class SyncSession:
                 if isinstance(event, LinkUp):
                     self._on_link_up(event)
                 elif isinstance(event, Summary):
+                    self._theirs.update(event.summary)
                     self._compare(event.summary, restart=True)
                 elif isinstance(event, Sync):
                     self._on_sync(event)
@@ -278,7 +317,24 @@ class SyncSession:
             except MeshposError as exc:
                 log.error("link %s: local failure: %s", self.label, exc)
                 self._out += self._close_now(f"local failure: {exc}")
+        if self.replicator.recovery_flag is not None:
+            self._check_recovered()
         if self.wants_write and self.wakeup is not None:
+            self.wakeup()
+
+    def _check_recovered(self) -> None:
+        """While the store recovers: has this writing peer given back all it holds of our own log?"""
+        if self.conn.state is not LinkState.OPEN or self.read_only:
+            return
+        prefix = self.replicator.node_id + "/"
+        own = {s: d for s, d in self._theirs.items() if s.startswith(prefix)}
+        if own and all(shard_digest(self.ledger, s) == d for s, d in own.items()):
+            self.replicator.recovered(self)
+
+    def cut_off(self, reason: str) -> None:
+        """Close this link now, as for a misbehaving peer (the reason is logged as a warning)."""
+        self._out += self._close_now(reason, warn=True)
+        if self.wakeup is not None:
             self.wakeup()
 
     def _on_link_up(self, event: LinkUp) -> None:
@@ -289,6 +345,7 @@ class SyncSession:
             self.label = peer.node_id
         log.info("link %s up: peer %s (%s), protocol v%d%s", self.label, peer.node_id, peer.role, event.version,
                  ", read-only" if self.read_only else "")
+        self._theirs = dict(peer.summary)
         self._compare(peer.summary)
 
     def _compare(self, theirs: dict[str, bytes], restart: bool = False) -> None:
@@ -369,6 +426,7 @@ class SyncSession:
         self._count(self.ledger.receive_snapshot(event.shard, event.data, self._peer_name()))
 
     def _on_have(self, event: Have) -> None:
+        self._theirs.update(event.shards)
         now = self.clock.monotonic()
         for shard, theirs in event.shards.items():
             ours = shard_digest(self.ledger, shard)

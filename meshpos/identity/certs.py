@@ -156,6 +156,14 @@ def verify_node_cert(
     roles: AbstractSet[str] = frozenset(ROLES),
 ) -> NodeIdentity:
     """Check chain to the site CA, validity at ``now_ms`` (None: skip), revocation and role."""
+    try:
+        return _verify_node_cert(cert, ca_cert, now_ms, revoked, roles)
+    except ValueError as exc:  # cryptography parses lazily: a malformed field fails only when read
+        raise VerificationError(f"certificate does not parse: {exc}") from exc
+
+
+def _verify_node_cert(cert: x509.Certificate, ca_cert: x509.Certificate, now_ms: int | None,
+                      revoked: AbstractSet[str], roles: AbstractSet[str]) -> NodeIdentity:
     if cert.issuer != ca_cert.subject:
         raise VerificationError("certificate was not issued by this site's CA (another site?)")
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,24 @@ from .nodedir import NodeConfig, NodeDir
 log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "approved", "declined", "expired", "voided", "rejected")
+
+
+STORE_CREATED_FILE = "meshpos.db.created"  # the node has had a store: a missing one is a loss
+RECOVERING_FILE = "RECOVERING"  # the store was re-created: no selling until a peer gave our log back
+
+
+def _write_durably(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def iso(ms: int | None) -> str | None:
@@ -48,8 +67,19 @@ class NodeCore:
         if policy.site_id != cfg.site_id:
             raise ConfigError(f"{nd.path}: policy.env is of site {policy.site_id}, config of {cfg.site_id}")
         self.roster = Roster(self.ca_cert, policy)
+        # A store that existed once and is gone (moved aside after damage, a lost disk) comes back
+        # empty: until a peer gives back this node's own log, selling would reuse sale ids the mesh
+        # (and the switch) hold already. The flag file is written before the new store exists.
+        created = nd.path / STORE_CREATED_FILE
+        self.recovery_flag = nd.path / RECOVERING_FILE
+        if not nd.db_path.exists() and created.exists():
+            _write_durably(self.recovery_flag, f"store {nd.db_path} re-created; selling waits for a peer\n")
+            log.warning("%s was created once and is missing: recovering this node's log from the mesh "
+                        "before it sells again", nd.db_path)
         self.store = Store.open(nd.db_path, create=True,
                                 identity={"site_id": cfg.site_id, "node_id": cfg.node_id})
+        if not created.exists():
+            _write_durably(created, f"node {cfg.node_id}\n")
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
 
     @classmethod
@@ -118,6 +148,11 @@ class NodeCore:
             raise InputError(f"this site sells in {policy.currency}, not {currency}")
         if not isinstance(amount_minor, int) or amount_minor <= 0:
             raise InputError("amount must be a positive number of minor units")
+        if self.recovery_flag.exists():
+            raise PolicyError(
+                f"{self.dir.path}: this node's database was re-created and waits for a peer to give back its "
+                f"own sales, so that no sale id is used twice; link it to the mesh (or, if it never sold "
+                f"before, delete {self.recovery_flag})")
         now = self.clock.now_ms()
         with self.store.transaction():
             window_start = now - policy.offline_window_ms
