@@ -20,7 +20,11 @@ What a session does (protocols/link.md, "Replication"):
   link, and a peer past ``max_rejected`` is cut off with the reason logged.
 * A read-only peer (an inspector) is served but never trusted: its sync
   messages are applied to a throw-away fork of the shard (so the sync state
-  learns what it has and needs) and its snapshots are ignored.
+  learns what it has and needs) and its snapshots and STATUS frames are ignored.
+* Node statuses (version-2 links) are gossip, not ledger: on LinkUp a session
+  sends every status the node's ``StatusGossip`` holds; a STATUS from a
+  writing peer goes to the gossip, which verifies it and, if newer, has the
+  Replicator flood it to the other links (``broadcast_status``).
 
 Nothing here does I/O: bytes in with ``receive_data``, bytes out with
 ``data_to_send``, timers with ``tick``; time comes from the injected Clock.
@@ -32,7 +36,7 @@ import hashlib
 import logging
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import automerge.core as am
 
@@ -41,7 +45,7 @@ from .errors import EncodingError, MeshposError
 from .ledger import SEGMENT, IngestReport, Ledger
 from .link.frames import MAX_PAYLOAD
 from .link.protocol import (SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp,
-                            Ping, Pong, Snapshot, Summary, Sync, Timeouts)
+                            Ping, Pong, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:
     from .node.core import NodeCore
@@ -102,6 +106,14 @@ class _Counters:
     last_rejection: str = ""
 
 
+class StatusGossip(Protocol):
+    """Where STATUS frames go (meshpos.statusboard.StatusBoard)."""
+
+    def received(self, raw: bytes, session: "SyncSession") -> None: ...
+
+    def known(self) -> list[bytes]: ...
+
+
 class Replicator:
     """The node-wide side: owns the ledger hook and the set of live sessions."""
 
@@ -114,6 +126,7 @@ class Replicator:
         self.clock = clock
         self.config = config
         self.sessions: list[SyncSession] = []
+        self.gossip: StatusGossip | None = None
         ledger.on_shard_changed.append(self._on_shard_changed)
         ledger.on_accept.append(self._on_accept)
         # Set while the node's store was re-created (NodeCore.recovery_flag): no selling until a peer
@@ -178,6 +191,14 @@ class Replicator:
     def _on_shard_changed(self, shard: str) -> None:
         for session in self.sessions:
             session.local_change(shard)
+
+    def broadcast_status(self, raw: bytes, exclude: "SyncSession | None" = None) -> int:
+        """Send one status envelope on every open version-2 link but ``exclude``; how many got it."""
+        sent = 0
+        for session in list(self.sessions):
+            if session is not exclude and session.send_status(raw):
+                sent += 1
+        return sent
 
     def hello(self) -> Hello:
         return Hello(self.config.versions, self.site_id, self.node_id, self.role, self.ledger.summary())
@@ -279,6 +300,25 @@ class SyncSession:
             if self.wakeup is not None:
                 self.wakeup()
 
+    def send_status(self, raw: bytes) -> bool:
+        """Queue one STATUS frame (False if the link is not open or speaks version 1)."""
+        if self.conn.state is not LinkState.OPEN or (self.conn.version or 0) < STATUS_VERSION:
+            return False
+        was_idle = not self.wants_write
+        self._out += self.conn.send(Status(raw))
+        if was_idle and self.wakeup is not None:
+            self.wakeup()
+        return True
+
+    def ping(self) -> bool:
+        """Send a PING now if none is outstanding (its PONG updates ``conn.rtt``)."""
+        data = self.conn.ping(self.clock.monotonic())
+        if data:
+            self._out += data
+            if self.wakeup is not None:
+                self.wakeup()
+        return bool(data)
+
     def health(self) -> LinkHealth:
         c = self._counters
         peer = self.conn.peer
@@ -310,6 +350,8 @@ class SyncSession:
                     self._out += self.conn.send(Pong(event.nonce))
                 elif isinstance(event, Pong):
                     pass  # conn.rtt holds it
+                elif isinstance(event, Status):
+                    self._on_status(event)
                 elif isinstance(event, Closed):
                     self._on_closed(event)
             except EncodingError as exc:
@@ -347,6 +389,18 @@ class SyncSession:
                  ", read-only" if self.read_only else "")
         self._theirs = dict(peer.summary)
         self._compare(peer.summary)
+        gossip = self.replicator.gossip
+        if gossip is not None and not self.closed and (self.conn.version or 0) >= STATUS_VERSION:
+            for raw in gossip.known():
+                self._out += self.conn.send(Status(raw))
+
+    def _on_status(self, event: Status) -> None:
+        if self.read_only:
+            log.debug("link %s: ignoring STATUS from read-only peer", self.label)
+            return
+        gossip = self.replicator.gossip
+        if gossip is not None:
+            gossip.received(event.envelope, self)
 
     def _compare(self, theirs: dict[str, bytes], restart: bool = False) -> None:
         """Plan the work a peer's summary calls for; ``restart`` (a later SUMMARY) also restarts the

@@ -178,6 +178,8 @@ def _enroll_node_opts(p: argparse.ArgumentParser) -> None:
                    help="a static peer (repeat); for networks that block multicast")
     p.add_argument("--uplink", action="store_true", help="allow this node to forward the site's queue")
     p.add_argument("--language", default="en", choices=("en", "it"), help="receipt language")
+    p.add_argument("--dashboard", metavar="HOST:PORT",
+                   help="serve the organizer dashboard here (a gateway; password from the site policy)")
 
 
 def _enroll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -228,14 +230,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise InputError("--valid-days must be positive")
     site = load_site(args.site_dir)
     cfg = enroll_one_step(site, args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
-                          args.language, args.valid_days)
+                          args.language, args.valid_days, dashboard=args.dashboard)
     _print_enrolled(cfg, args.json)
     return 0
 
 
 def cmd_enroll_request(args: argparse.Namespace) -> int:
     request = create_request(args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
-                             args.language)
+                             args.language, dashboard=args.dashboard)
     write_json(args.out, request)
     print(f"request written to {args.out}: give it to the organizer (`meshpos enroll sign`)")
     return 0

@@ -51,6 +51,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     u.add_argument("state", choices=("on", "off"))
     u.set_defaults(handler=cmd_uplink)
 
+    from . import doctor_cmd, inspect_cmd, report_cmd  # issue 6: seeing the mesh
+    inspect_cmd.register(sub)
+    doctor_cmd.register(sub)
+    report_cmd.register(sub)
+
     # Parsed by their own modules (see main.PASSTHROUGH); listed here for `meshpos --help`.
     sub.add_parser("switch", help="the processor-side switch: init, add-site, run (meshpos switch --help)")
     sub.add_parser("acquirer-sim", help="the acquirer host simulator (meshpos acquirer-sim --help)")

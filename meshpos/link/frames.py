@@ -29,6 +29,7 @@ class FrameType(enum.IntEnum):
     PING = 6
     PONG = 7
     GOODBYE = 8
+    STATUS = 9  # version 2 links only
 
 
 @dataclass(frozen=True)

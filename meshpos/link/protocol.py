@@ -12,6 +12,7 @@ States and transitions (the only ones):
     AWAIT_HELLO --recv any other frame--------------------------------> CLOSED  (out of order)
     AWAIT_HELLO --no HELLO within hello_timeout (tick)----------------> CLOSED
     OPEN        --recv SUMMARY/SYNC/SNAPSHOT/HAVE/PING/PONG-----------> OPEN    (event)
+    OPEN        --recv STATUS on a version-1 link---------------------> CLOSED
     OPEN        --recv HELLO------------------------------------------> CLOSED  (out of order)
     OPEN        --recv PONG with no PING outstanding / wrong nonce----> CLOSED
     OPEN        --nothing received within idle_timeout (tick)---------> CLOSED
@@ -40,7 +41,9 @@ from ..errors import EncodingError, ProtocolError
 from ..ledger import valid_shard_name
 from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
+STATUS_VERSION = 2  # the first version with STATUS frames
+MAX_STATUS = 8192  # one signed envelope (protocols/envelope.md)
 HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 45.0
 KEEPALIVE_INTERVAL = 15.0
@@ -111,6 +114,13 @@ class Pong:
 
 
 @dataclass(frozen=True)
+class Status:
+    """One signed ``status`` envelope (version 2 links): gossip, never part of the ledger."""
+
+    envelope: bytes
+
+
+@dataclass(frozen=True)
 class Goodbye:
     reason: str
 
@@ -122,8 +132,8 @@ class Closed:
     error: bool = False  # the peer broke the protocol or timed out
 
 
-Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Ping, Pong, Closed]
-Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Ping, Pong, Goodbye]
+Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Ping, Pong, Status, Closed]
+Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Ping, Pong, Status, Goodbye]
 
 
 # -- payload layouts ------------------------------------------------------------------
@@ -189,6 +199,10 @@ def encode_event(event: Sendable) -> bytes:
         return encode_frame(FrameType.PING, _NONCE.pack(event.nonce))
     if isinstance(event, Pong):
         return encode_frame(FrameType.PONG, _NONCE.pack(event.nonce))
+    if isinstance(event, Status):
+        if not 0 < len(event.envelope) <= MAX_STATUS:
+            raise ProtocolError(f"STATUS envelope of {len(event.envelope)} bytes (1..{MAX_STATUS})")
+        return encode_frame(FrameType.STATUS, event.envelope)
     if isinstance(event, Goodbye):
         return encode_frame(FrameType.GOODBYE, event.reason.encode("utf-8")[:MAX_REASON])
     raise ProtocolError(f"cannot send {type(event).__name__}")
@@ -230,6 +244,10 @@ def decode_frame(frame: Frame) -> Sendable:
             raise EncodingError(f"{t.name} payload must be {_NONCE.size} bytes")
         (nonce,) = _NONCE.unpack(p)
         return Ping(nonce) if t is FrameType.PING else Pong(nonce)
+    if t is FrameType.STATUS:
+        if not 0 < len(p) <= MAX_STATUS:
+            raise EncodingError(f"STATUS payload must be 1..{MAX_STATUS} bytes")
+        return Status(p)
     if t is FrameType.GOODBYE:
         if len(p) > MAX_REASON:
             raise EncodingError("GOODBYE reason too long")
@@ -295,6 +313,8 @@ class LinkConnection:
             self._hello_sent = True
         elif self.state is not LinkState.OPEN or not self._hello_sent:
             raise ProtocolError(f"cannot send {type(event).__name__} before the link is open")
+        elif isinstance(event, Status) and (self.version or 0) < STATUS_VERSION:
+            raise ProtocolError(f"cannot send STATUS on a version-{self.version} link")
         return self._count(encode_event(event))
 
     def _count(self, data: bytes) -> bytes:
@@ -395,6 +415,9 @@ class LinkConnection:
             return
         if isinstance(event, Hello):
             self._fail("second HELLO")
+            return
+        if isinstance(event, Status) and (self.version or 0) < STATUS_VERSION:
+            self._fail(f"STATUS on a version-{self.version} link")
             return
         if isinstance(event, Pong):
             if self._ping_out is None or self._ping_out[0] != event.nonce:

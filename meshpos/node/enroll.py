@@ -22,9 +22,12 @@ PENDING = "enroll-pending.json"
 
 
 def create_request(node_dir: Path, role: str, name: str, listen: str | None = None,
-                   peers: list[str] | None = None, uplink: bool = False, language: str = "en") -> dict[str, Any]:
+                   peers: list[str] | None = None, uplink: bool = False, language: str = "en",
+                   dashboard: str | None = None) -> dict[str, Any]:
     if listen:
         parse_hostport(listen, "--listen")
+    if dashboard:
+        parse_hostport(dashboard, "--dashboard")
     for peer in peers or []:
         parse_hostport(peer, "--peer")
     nd = NodeDir(node_dir)
@@ -38,7 +41,10 @@ def create_request(node_dir: Path, role: str, name: str, listen: str | None = No
         key = keys.generate()
         keys.write_private_key(nd.key_path, key)
     request = make_request(key, role, name)
-    write_json(node_dir / PENDING, {"listen": listen, "peers": peers or [], "uplink": uplink, "language": language})
+    pending: dict[str, Any] = {"listen": listen, "peers": peers or [], "uplink": uplink, "language": language}
+    if dashboard:
+        pending["dashboard"] = dashboard
+    write_json(node_dir / PENDING, pending)
     return request
 
 
@@ -71,7 +77,8 @@ def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
             (nd.inbox / f"revocation-{i}.env").write_bytes(raw)
     cfg = NodeConfig(name=ident.name, role=ident.role, node_id=ident.node_id, site_id=policy.site_id,
                      listen=pending.get("listen"), peers=list(pending.get("peers", [])),
-                     uplink=bool(pending.get("uplink", False)), language=pending.get("language", "en"))
+                     uplink=bool(pending.get("uplink", False)), language=pending.get("language", "en"),
+                     dashboard=pending.get("dashboard"))
     nd.save_config(cfg)
     pending_path.unlink(missing_ok=True)
     return cfg
@@ -79,6 +86,6 @@ def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
 
 def enroll_one_step(site: Site, node_dir: Path, role: str, name: str, listen: str | None = None,
                     peers: list[str] | None = None, uplink: bool = False, language: str = "en",
-                    valid_days: int = 90) -> NodeConfig:
-    request = create_request(node_dir, role, name, listen, peers, uplink, language)
+                    valid_days: int = 90, dashboard: str | None = None) -> NodeConfig:
+    request = create_request(node_dir, role, name, listen, peers, uplink, language, dashboard)
     return install_answer(node_dir, site.sign_request(request, valid_days=valid_days))

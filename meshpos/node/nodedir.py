@@ -52,16 +52,20 @@ class NodeConfig:
     mdns: bool = True
     language: str = "en"
     printer: dict[str, Any] | None = None
+    dashboard: str | None = None  # HOST:PORT of the organizer dashboard (gateway), None: not served
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": NODE_FORMAT, "name": self.name, "role": self.role, "node_id": self.node_id,
-                "site_id": self.site_id, "listen": self.listen, "peers": self.peers, "uplink": self.uplink,
-                "mdns": self.mdns, "language": self.language, "printer": self.printer}
+        out = {"format": NODE_FORMAT, "name": self.name, "role": self.role, "node_id": self.node_id,
+               "site_id": self.site_id, "listen": self.listen, "peers": self.peers, "uplink": self.uplink,
+               "mdns": self.mdns, "language": self.language, "printer": self.printer}
+        if self.dashboard is not None:
+            out["dashboard"] = self.dashboard
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "NodeConfig":
         known = {"format", "name", "role", "node_id", "site_id", "listen", "peers", "uplink", "mdns",
-                 "language", "printer"}
+                 "language", "printer", "dashboard"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
@@ -69,7 +73,8 @@ class NodeConfig:
             cfg = cls(name=data["name"], role=data["role"], node_id=data["node_id"], site_id=data["site_id"],
                       listen=data.get("listen"), peers=list(data.get("peers") or []),
                       uplink=bool(data.get("uplink", False)), mdns=bool(data.get("mdns", True)),
-                      language=data.get("language", "en"), printer=data.get("printer"))
+                      language=data.get("language", "en"), printer=data.get("printer"),
+                      dashboard=data.get("dashboard"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         if cfg.role not in certs.ROLES:
@@ -81,6 +86,10 @@ class NodeConfig:
                 parse_hostport(cfg.listen, "listen")
             for peer in cfg.peers:
                 parse_hostport(peer, "peer")
+            if cfg.dashboard is not None:
+                if not isinstance(cfg.dashboard, str):
+                    raise InputError("dashboard must be HOST:PORT")
+                parse_hostport(cfg.dashboard, "dashboard")
         except InputError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         return cfg

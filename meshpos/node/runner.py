@@ -282,4 +282,6 @@ async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -
         uplink = Uplink(service, getattr(service, "mesh", None))
         await uplink.run(service, task_status=task_status)
 
-    await run_until_signal(path, [mesh_component, uplink_component], clock)
+    from ..dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
+    from .status_pub import status_component
+    await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component], clock)

@@ -1,0 +1,49 @@
+"""``meshpos report``: end-of-day reconciliation of one node's view of the site."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .output import emit_json
+
+
+def _path(text: str) -> Path:
+    return Path(text).expanduser()
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("report", help="end-of-day reconciliation: totals by status and method, pending, mismatches",
+                       description="Per terminal and for the site: counts and totals by status and by method, the "
+                                   "sales still pending with their deadline, and every mismatch between what the "
+                                   "terminals recorded and what the switch settled. Any node holds the whole "
+                                   "site's ledger; running or not.")
+    p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
+    p.add_argument("--csv", type=_path, metavar="FILE", help="also write the report as CSV")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..errors import NodeNotRunningError
+    from ..node import client
+    from ..report import collect, render_text, summarize, write_csv
+    try:
+        data = client.call_running(args.node_dir, "report", {})
+    except NodeNotRunningError:
+        from ..node.core import NodeCore
+        core = NodeCore.open(args.node_dir)
+        try:
+            data = collect(core)
+        finally:
+            core.close()
+    rep = summarize(data)
+    if args.csv is not None:
+        n = write_csv(rep, args.csv)
+    if args.json:
+        emit_json(rep)
+    else:
+        print(render_text(rep))
+        if args.csv is not None:
+            print(f"{n} rows written to {args.csv}")
+    return 0

@@ -1,0 +1,204 @@
+"""The state of the mesh from gossiped statuses: one table, site totals, warnings, topology.
+
+Pure (``now_ms`` comes in): the inspector (``meshpos inspect``) and the
+organizer dashboard both call :func:`analyze`, so they agree.
+
+* A status is **fresh** while ``now - at <= STALE_FACTOR * every_ms`` (at least
+  MIN_STALE_MS): statuses flood through the mesh, so a node whose status stops
+  arriving is cut off from us, whichever path it used to take.
+* A node is **reachable** when its status is fresh, or when we hold an open
+  link to it and it never sent a status (an older node).
+* **Partition**: the link graph drawn from fresh statuses (an edge counts only
+  between two fresh nodes: a working edge would carry the stale end's status)
+  plus the stale nodes' last known links among themselves splits into more than
+  one group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+STALE_FACTOR = 3
+MIN_STALE_MS = 5_000
+DEFAULT_EVERY_MS = 10_000
+UNSEEN_WARN_MS = 60_000  # "not heard from for a while"
+NON_NODE_ROLES = frozenset({"inspector"})
+
+
+@dataclass(frozen=True)
+class Known:
+    """What we know of a node apart from its status: roster, discovery, our own link."""
+
+    name: str | None = None
+    role: str | None = None
+    address: str | None = None
+    linked: bool = False
+    rtt_ms: int | None = None
+    revoked: bool = False
+
+
+@dataclass
+class _Uf:
+    parent: dict[str, str] = field(default_factory=dict)
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _age_s(now_ms: int, at: int | None) -> float | None:
+    return None if at is None else round(max(0, now_ms - at) / 1000, 1)
+
+
+def _fmt_duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now_ms: int,
+            offline_window_ms: int, warn_before_ms: int, currency: str = "EUR",
+            me: str | None = None) -> dict[str, Any]:
+    """``statuses``: node id -> status object; ``known``: node id -> Known. JSON-ready view."""
+    ids = sorted((set(statuses) | set(known)) - {me})
+    nodes: dict[str, dict[str, Any]] = {}
+    fresh: set[str] = set()
+    for node_id in ids:
+        st = statuses.get(node_id)
+        k = known.get(node_id, Known())
+        role = (st or {}).get("role") or k.role or "unknown"
+        if role in NON_NODE_ROLES or (k.revoked and st is None):
+            continue
+        at = st.get("at") if st else None
+        every = (st or {}).get("every_ms") or DEFAULT_EVERY_MS
+        stale_after = max(MIN_STALE_MS, STALE_FACTOR * int(every))
+        is_fresh = at is not None and now_ms - int(at) <= stale_after
+        if is_fresh:
+            fresh.add(node_id)
+        pend = (st or {}).get("pending") or {}
+        oldest = pend.get("oldest_created_at")
+        addr = k.address
+        if addr is None and st and st.get("addresses") and st.get("port"):
+            addr = f"{st['addresses'][0]}:{st['port']}"
+        uplink = (st or {}).get("uplink") or {}
+        printer = (st or {}).get("printer") or {}
+        nodes[node_id] = {
+            "node_id": node_id, "name": (st or {}).get("name") or k.name or node_id, "role": role,
+            "address": addr, "reachable": bool(is_fresh or (k.linked and st is None)), "fresh": is_fresh,
+            "linked": k.linked, "rtt_ms": k.rtt_ms, "status_age_s": _age_s(now_ms, at),
+            "ledger_entries": ((st or {}).get("ledger") or {}).get("entries"), "behind": None,
+            "pending": pend.get("count"), "pending_amount_minor": pend.get("amount_minor"),
+            "oldest_pending_age_s": _age_s(now_ms, oldest),
+            "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
+            "uplink": uplink.get("state"), "last_forward_at": uplink.get("last_forward_at"),
+            "printer": printer.get("state"), "battery": (st or {}).get("battery"),
+            "version": (st or {}).get("version"), "links": [l["node"] for l in (st or {}).get("links") or []
+                                                            if l.get("role") not in NON_NODE_ROLES],
+            "revoked": k.revoked, "warnings": [],
+        }
+    entries = [n["ledger_entries"] for n in nodes.values() if n["fresh"] and n["ledger_entries"] is not None]
+    top = max(entries) if entries else None
+    for n in nodes.values():
+        if top is not None and n["ledger_entries"] is not None:
+            n["behind"] = max(0, top - n["ledger_entries"])
+
+    # topology
+    edges: set[tuple[str, str]] = set()
+    uf = _Uf()
+    with_status = [i for i in nodes if i in statuses]
+    for a in with_status:
+        uf.find(a)
+        for b in nodes[a]["links"]:
+            if b not in nodes:
+                continue
+            if (a in fresh) == (b in fresh) and b in statuses:
+                edges.add((min(a, b), max(a, b)))
+                uf.union(a, b)
+    groups_map: dict[str, list[str]] = {}
+    for a in with_status:
+        groups_map.setdefault(uf.find(a), []).append(a)
+    groups = sorted((sorted(g, key=lambda i: nodes[i]["name"]) for g in groups_map.values()),
+                    key=lambda g: (-sum(1 for i in g if i in fresh), nodes[g[0]]["name"]))
+
+    warnings: list[str] = []
+
+    def warn(node: dict[str, Any] | None, text: str) -> None:
+        warnings.append(text)
+        if node is not None:
+            node["warnings"].append(text)
+
+    for n in sorted(nodes.values(), key=lambda n: n["name"]):
+        if not n["reachable"]:
+            if n["status_age_s"] is None:
+                warn(n, f"{n['name']} is unreachable: no status ever received")
+            elif n["status_age_s"] * 1000 >= UNSEEN_WARN_MS:
+                warn(n, f"{n['name']} is unreachable: not heard from for {_fmt_duration(n['status_age_s'])}")
+            else:
+                warn(n, f"{n['name']} is unreachable: its status is stale "
+                        f"({_fmt_duration(n['status_age_s'])} old) while others are fresh"
+                     if fresh else f"{n['name']} is unreachable: its status is stale")
+        if n["window_left_s"] is not None and n["pending"]:
+            left = n["window_left_s"] * 1000
+            if left <= 0:
+                warn(n, f"{n['name']}: the offline window of its oldest pending sale has closed")
+            elif left <= warn_before_ms:
+                warn(n, f"{n['name']}: offline window closes in {_fmt_duration(left / 1000)} "
+                        f"for {n['pending']} pending sale(s): get an uplink")
+        if n["printer"] in ("unreachable", "paper_out", "cover_open", "misconfigured"):
+            warn(n, f"{n['name']}: printer {n['printer']}")
+    partition = len(groups) > 1
+    if partition:
+        parts = " | ".join("{" + ", ".join(nodes[i]["name"] for i in g) + "}" for g in groups)
+        warnings.append(f"partition: the mesh is split into {len(groups)} parts that cannot reach each other: "
+                        f"{parts}")
+        for g in groups[1:]:
+            for i in g:
+                nodes[i]["warnings"].append("partition: cut off from the largest part of the mesh")
+
+    listed = sorted(nodes.values(), key=lambda n: (n["role"] != "gateway", n["name"]))
+    reachable = [n for n in listed if n["reachable"]]
+    # Site totals from the freshest view of each terminal's own pending sales.
+    totals = {
+        "nodes": len(listed), "reachable": len(reachable),
+        "pending": sum(n["pending"] or 0 for n in listed),
+        "pending_amount_minor": sum(n["pending_amount_minor"] or 0 for n in listed),
+        "oldest_pending_age_s": max((n["oldest_pending_age_s"] for n in listed
+                                     if n["oldest_pending_age_s"] is not None), default=None),
+        "window_left_s": min((n["window_left_s"] for n in listed if n["window_left_s"] is not None and n["pending"]),
+                             default=None),
+        "max_ledger_entries": top, "currency": currency,
+    }
+    return {"nodes": listed, "totals": totals, "warnings": warnings, "partition": partition,
+            "groups": [[nodes[i]["name"] for i in g] for g in groups],
+            "edges": sorted(sorted([nodes[a]["name"], nodes[b]["name"]]) for a, b in edges),
+            "generated_at": now_ms, "offline_window_s": offline_window_ms // 1000}
+
+
+def to_dot(view: dict[str, Any]) -> str:
+    """The link topology as a Graphviz graph: fresh nodes green, unreachable ones red and dashed."""
+    def q(text: str) -> str:
+        return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines = ["graph meshpos {", "  node [shape=box, style=rounded, fontname=Helvetica];"]
+    rtt = {n["name"]: n["rtt_ms"] for n in view["nodes"]}
+    for n in view["nodes"]:
+        color = "darkgreen" if n["reachable"] else "red"
+        style = "rounded" if n["reachable"] else "rounded,dashed"
+        label = f"{n['name']}\\n{n['role']}, pending {n['pending'] if n['pending'] is not None else '?'}"
+        if rtt.get(n["name"]) is not None:
+            label += f"\\nrtt {rtt[n['name']]} ms"
+        lines.append(f"  {q(n['name'])} [label=\"{label}\", color={color}, style=\"{style}\"];")
+    for a, b in view["edges"]:
+        lines.append(f"  {q(a)} -- {q(b)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
