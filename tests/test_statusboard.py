@@ -1,0 +1,99 @@
+"""Status gossip without sockets: the STATUS frame, the board's rules, the mesh view's warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from meshpos import canonical, envelope
+from meshpos.clock import FakeClock
+from meshpos.errors import ProtocolError
+from meshpos.link.protocol import Hello, LinkConnection, Status
+from meshpos.meshview import Known, analyze
+from meshpos.node.core import NodeCore
+from meshpos.statusboard import StatusBoard
+
+SITE, A, B = "a" * 16, "b" * 16, "c" * 16
+WINDOW, WARN = 24 * 3_600_000, 3 * 3_600_000
+
+
+def pair(versions: tuple[int, ...] = (1, 2)) -> tuple[LinkConnection, LinkConnection]:
+    left = LinkConnection(Hello(versions, SITE, A, "terminal"), 0.0)
+    right = LinkConnection(Hello((1, 2), SITE, B, "terminal"), 0.0)
+    right.receive_data(left.start(), 0.0)
+    left.receive_data(right.start(), 0.0)
+    left.events(), right.events()
+    return left, right
+
+
+def test_status_frames_only_on_version_2_links() -> None:
+    left, right = pair()
+    assert left.version == 2
+    right.receive_data(left.send(Status(b"{}")), 1.0)
+    assert right.events() == [Status(b"{}")]
+    old, peer = pair(versions=(1,))
+    assert old.version == 1
+    with pytest.raises(ProtocolError):
+        old.send(Status(b"{}"))
+    from meshpos.link.protocol import encode_event
+    peer.receive_data(encode_event(Status(b"{}")), 1.0)
+    assert peer.closed and "STATUS on a version-1 link" in (peer.close_reason or "")
+
+
+def seal(core: NodeCore, at: int, **extra: Any) -> bytes:
+    return envelope.seal("status", core.node_id, {"status": {"at": at, "role": core.identity.role,
+                                                             "name": core.config.name, **extra}}, core.key)
+
+
+def test_board_keeps_the_newest_verified_status_and_refuses_inspectors(
+        make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore], clock: FakeClock) -> None:
+    t1, t2, insp = open_node(make_node("T1")), open_node(make_node("T2")), open_node(make_node("I", role="inspector"))
+    board = StatusBoard(t1.roster, clock)
+    now = clock.now_ms()
+    assert board.offer(seal(t2, now), "x") is None  # T2's certificate is not known yet: parked
+    t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "peer")
+    board.retry_parked()
+    assert board.statuses[t2.node_id].at == now
+    assert board.offer(seal(t2, now - 1), "x") is None and board.statuses[t2.node_id].at == now
+    assert board.offer(seal(t2, now + 5), "x") is not None
+    obj = canonical.decode(seal(t2, now + 10))
+    obj["body"]["status"]["at"] = now + 100  # newer, but the signature is of another body
+    assert board.offer(canonical.encode(obj), "x") is None and board.rejected == 1
+    t1.ingest(insp.ledger.raw(f"cert/{insp.node_id}"), "peer")
+    assert board.offer(seal(insp, now), "x") is None and insp.node_id not in board.statuses
+
+
+def st(at: int, links: list[str], pending: int = 0, oldest: int | None = None, every: int = 2000) -> dict[str, Any]:
+    return {"at": at, "role": "terminal", "links": [{"node": n, "role": "terminal"} for n in links],
+            "pending": {"count": pending, "amount_minor": 100 * pending, "oldest_created_at": oldest},
+            "ledger": {"entries": 10}, "every_ms": every}
+
+
+def test_view_finds_stale_nodes_partitions_and_closing_windows() -> None:
+    now = 10_000_000_000
+    names = {n: Known(name=n.upper(), role="terminal") for n in ("n1", "n2", "n3", "n4")}
+    fresh = {"n1": st(now, ["n2"]), "n2": st(now, ["n1", "n3"]), "n3": st(now, ["n2", "n4"]),
+             "n4": st(now, ["n3"])}
+    view = analyze(fresh, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert not view["partition"] and view["warnings"] == [] and len(view["groups"]) == 1
+
+    # n4 falls silent: others still list their link to it, yet it is cut off
+    silent = {**fresh, "n4": st(now - 20_000, ["n3"])}
+    view = analyze(silent, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    nodes = {n["name"]: n for n in view["nodes"]}
+    assert not nodes["N4"]["reachable"] and nodes["N3"]["reachable"]
+    assert view["partition"] and view["groups"] == [["N1", "N2", "N3"], ["N4"]]
+    assert any("N4 is unreachable" in w and "while others are fresh" in w for w in view["warnings"])
+
+    # two fresh halves that no link joins (an inspector sees both): a partition too
+    split = {"n1": st(now, ["n2"]), "n2": st(now, ["n1"]), "n3": st(now, ["n4"]), "n4": st(now, ["n3"])}
+    view = analyze(split, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert view["partition"] and len(view["groups"]) == 2 and all(n["reachable"] for n in view["nodes"])
+
+    # a pending sale 22 h old: its window closes within the warning time
+    late = {**fresh, "n2": st(now, ["n1", "n3"], pending=2, oldest=now - 22 * 3_600_000)}
+    view = analyze(late, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert any("offline window closes in 2 h" in w for w in view["warnings"]), view["warnings"]
+    assert view["totals"]["pending"] == 2 and view["totals"]["window_left_s"] == 2 * 3600
