@@ -390,6 +390,7 @@ class Switch:
             if row is not None:
                 return self._known(row, w)
             raw = self._result(site, sale_id, "rejected", reason=reason)
+            log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, reason)
             now = self.clock.now_ms()
 
             def op(s: SwitchStore) -> None:
@@ -449,6 +450,7 @@ class Switch:
         try:
             req = self._request(site, row, env)
         except (CryptoError, InputError, EncodingError) as exc:
+            log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, exc)
             return await self._settle(sale_id, self._result(site, sale_id, "rejected", reason=str(exc)), "rejected")
         async def on_sent() -> None:
             at = self.clock.now_ms()
