@@ -9,6 +9,7 @@ Everything runs in one process on 127.0.0.1; prints each run and the median.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--delay-ms", type=int, default=50)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-outstanding", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = p.parse_args()
     rates = []
     for i in range(args.runs):
@@ -68,6 +70,9 @@ def main() -> int:
         print(f"run {i + 1}: {rate:,.0f} advices/s")
     print(f"median of {args.runs}: {statistics.median(rates):,.0f} advices/s "
           f"({args.count} advices, host answers after {args.delay_ms} ms, one connection)")
+    if args.json:
+        print(json.dumps({"advices_per_s": statistics.median(rates), "runs": rates, "count": args.count,
+                          "delay_ms": args.delay_ms}))
     return 0
 
 

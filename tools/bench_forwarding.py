@@ -13,6 +13,7 @@ one process and the node's forwarder in this one (--one-process puts all three i
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import shutil
 import statistics
@@ -144,6 +145,7 @@ def main() -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--terminals", type=int, default=4)
     p.add_argument("--one-process", action="store_true", help="switch, simulator and forwarder in one process")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="meshpos-bench-") as tmp:
         root = Path(tmp)
@@ -155,6 +157,9 @@ def main() -> int:
             print(f"run {run + 1}: {args.sales} sales in {elapsed:.2f} s = {rates[-1]:.0f} sales/s", flush=True)
         print(f"median: {statistics.median(rates):.0f} sales/s end to end "
               f"({args.sales} sales, acquirer delay {args.delay_ms} ms, {args.runs} runs)")
+        if args.json:
+            print(json.dumps({"sales_per_s": statistics.median(rates), "runs": rates, "sales": args.sales,
+                              "delay_ms": args.delay_ms, "terminals": args.terminals}))
     return 0
 
 

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import tempfile
@@ -131,6 +132,7 @@ def main() -> None:
     ap.add_argument("--levels", default="1000,10000,100000")
     ap.add_argument("--per-level", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true", help="print one JSON object after the tables")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     levels = sorted({int(x) for x in args.levels.split(",") if x} | {args.sales})
@@ -177,6 +179,12 @@ def main() -> None:
     print(f"    {'sales in ledger':>16} {'meshpos ms':>12} {'one-doc ms':>12}")
     for level, ours, theirs in rows:
         print(f"    {level:>16,} {ours * 1000:>12.2f} {theirs * 1000:>12.2f}")
+    if args.json:
+        print(json.dumps({"sales": args.sales, "entries": total, "raw_bytes": raw_bytes, "runs": args.runs,
+                          "join_bytes": link_bytes, "join_s": link_wall, "baseline_join_bytes": base_bytes,
+                          "baseline_join_s": base_wall, "per_level": args.per_level,
+                          "cpu_ms_per_sale": {str(lv): o * 1000 for lv, o, _ in rows},
+                          "baseline_cpu_ms_per_sale": {str(lv): t * 1000 for lv, _, t in rows}}))
     source.close()
     peer.close()
 
