@@ -64,7 +64,7 @@ class ProcessGroup:
 
     def start_node(self, name: str, node_dir: Path, *extra: str, timeout: float = 30.0) -> Child:
         child = self.start(name, "-v", "run", str(node_dir), *extra)
-        wait_for(lambda: _answers(node_dir), timeout, f"node {name} did not start:\n{child.log_tail()}",
+        wait_for(lambda: _answers(node_dir), timeout, lambda: f"node {name} did not start:\n{child.log_tail()}",
                  alive=child)
         return child
 
@@ -101,8 +101,10 @@ def _answers(node_dir: Path) -> bool:
         return False
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, message: str, interval: float = 0.1,
-             alive: Child | None = None) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, message: str | Callable[[], str],
+             interval: float = 0.1, alive: Child | None = None) -> None:
+    """Poll ``predicate`` until true; MeshposError(message) after ``timeout`` s (message may be a
+    callable, evaluated then, so it can show the latest logs)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -110,8 +112,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, message: str, interv
                 return
         except MeshposError:
             pass
-        if alive is not None and not alive.alive:
-            raise MeshposError(f"{message} (process exited)")
-        if time.monotonic() > deadline:
-            raise MeshposError(message)
+        exited = alive is not None and not alive.alive
+        if exited or time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise MeshposError(f"{text} (process exited)" if exited else text)
         time.sleep(interval)

@@ -199,8 +199,8 @@ class NodeCore:
             return str(row["result_status"])
         if row["voided_at"] is not None:
             return "voided"
-        if row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
-            return "expired"
+        if row["method"] == "card" and row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
+            return "expired"  # the window bounds card authorization; cash is in the till already
         return "pending"
 
     def sale_json(self, row: sqlite3.Row) -> dict[str, Any]:
