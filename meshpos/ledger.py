@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -56,6 +57,59 @@ def entry_bytes(got: object) -> bytes | None:
         return bytes(data)
     except (TypeError, ValueError):
         return None
+
+
+_PATCH_KEY = re.compile(r'(?:PutMap|DeleteMap) \{ key: "((?:[^"\\]|\\.)*)"')
+_RUST_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "0": "\0", "\\": "\\", '"': '"', "'": "'"}
+
+
+def _unescape(text: str) -> str | None:
+    out, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        nxt = text[i + 1: i + 2]
+        if nxt in _RUST_ESCAPES:
+            out.append(_RUST_ESCAPES[nxt])
+            i += 2
+        elif nxt == "u" and text[i + 2: i + 3] == "{":
+            end = text.find("}", i)
+            if end < 0:
+                return None
+            out.append(chr(int(text[i + 3: end], 16)))
+            i = end + 1
+        else:
+            return None
+    return "".join(out)
+
+
+def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
+    """Root keys a merge put or deleted since ``before``, from Automerge's own diff.
+
+    automerge 1.0.0rc1's Python binding exposes patches only through their
+    Debug text, so the keys are read from it; anything unexpected returns None
+    and the caller scans the whole shard instead.
+    """
+    try:
+        patches = doc.diff(before, doc.get_heads())
+    except Exception:
+        return None
+    keys: set[str] = set()
+    for patch in patches:
+        text = repr(patch)
+        if not text.startswith("Patch { obj: Root, path: [], action: "):
+            return None
+        found = _PATCH_KEY.search(text)
+        if found is None:
+            return None
+        key = _unescape(found.group(1))
+        if key is None:
+            return None
+        keys.add(key)
+    return keys
 
 
 def digest(raw: bytes) -> bytes:
@@ -277,11 +331,12 @@ class Ledger:
         if doc.get_heads() == before:
             return IngestReport()
         report = IngestReport()
+        touched = changed_keys(doc, before)
         try:
             with self.store.transaction():
-                self._scan(shard, peer, report)
+                self._scan(shard, peer, report, touched)
                 self._strip(shard, report)
-                self._reassert(shard, report)
+                self._reassert(shard, report, touched)
                 self._persist(shard, before)
                 if any(v.env.type == "cert" for v in report.accepted):
                     self._retry_parked(report)
@@ -297,11 +352,15 @@ class Ledger:
             log.warning("rejected entry %s in shard %s from peer %s: %s", key, shard, peer, reason)
         return report
 
-    def _scan(self, shard: str, peer: str, report: IngestReport) -> None:
+    def _scan(self, shard: str, peer: str, report: IngestReport, keys: set[str] | None = None) -> None:
+        """Verify what a merge brought: the keys it touched, or (None) every key of the shard."""
         doc = self.docs[shard]
         now = self.clock.now_ms()
-        for key in doc.keys(am.ROOT):
-            raw = entry_bytes(doc.get(am.ROOT, key))
+        for key in (doc.keys(am.ROOT) if keys is None else sorted(keys)):
+            got = doc.get(am.ROOT, key)
+            if got is None:  # deleted: _reassert puts it back if it is ours to keep
+                continue
+            raw = entry_bytes(got)
             if raw is None:
                 self._reject(report, shard, key, b"", "entry value is not bytes")
                 report.stripped.append(key)
@@ -314,6 +373,9 @@ class Ledger:
                     report.stripped.append(key)
                 continue
             if (key, d) in self._seen_bad:
+                # refused before, and a peer put it back: strip it again, or this node relays it and
+                # its honest peers cut it off for entries it never wrote
+                report.stripped.append(key)
                 continue
             try:
                 verified = self.roster.verify(env_mod.decode(raw), now, key)
@@ -359,11 +421,13 @@ class Ledger:
             self._seen_bad.add((key, d))
         report.rejected.append((key[:80], reason))
 
-    def _reassert(self, shard: str, report: IngestReport) -> None:
-        """Put back, in its home shard, every verified entry a peer deleted or overwrote."""
+    def _reassert(self, shard: str, report: IngestReport, keys: set[str] | None = None) -> None:
+        """Put back, in its home shard, every verified entry a peer deleted or overwrote
+        (checking only ``keys`` when the merge says which keys it touched)."""
         doc = self.docs[shard]
         missing: list[tuple[str, bytes]] = []
-        for key in self.homes.get(shard, ()):
+        home = self.homes.get(shard, set())
+        for key in (home if keys is None else home & keys):
             raw = entry_bytes(doc.get(am.ROOT, key))
             if raw is None or digest(raw) != self.index[key].digest:
                 stored = self.store.entry(key)

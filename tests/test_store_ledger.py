@@ -166,3 +166,32 @@ def test_honest_relay_strips_forgeries_so_its_neighbours_never_see_them(make_nod
     assert len(first.rejected) == 2 and sorted(first.stripped) == sorted([f"sale/{forged_body['sale_id']}", "junk"])
     relayed = t3.ledger.receive_snapshot(shard, t2.ledger.snapshot(shard), "t2")
     assert relayed.rejected == [] and [s["id"] for s in t3.sales()] == [sale["id"]]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from meshpos.ledger import changed_keys  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=8, unique=True),
+       st.lists(st.integers(min_value=0, max_value=7), max_size=4))
+def test_changed_keys_reads_exactly_the_keys_a_merge_touched(keys: list[str], deletes: list[int]) -> None:
+    doc = am.Document()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "untouched", am.ScalarType.Bytes, b"0")
+    before = doc.get_heads()
+    with doc.transaction() as tx:
+        for key in keys:
+            tx.put(am.ROOT, key, am.ScalarType.Bytes, key.encode())
+    touched = changed_keys(doc, before)
+    assert touched is None or touched == set(keys)  # None: the caller falls back to a full scan
+    if all(k.isascii() and k.isprintable() for k in keys):
+        assert touched == set(keys)
+    before = doc.get_heads()
+    gone = {keys[i] for i in deletes if i < len(keys)}
+    if gone:
+        with doc.transaction() as tx:
+            for key in gone:
+                tx.delete(am.ROOT, key)
+        assert changed_keys(doc, before) in (None, gone)
