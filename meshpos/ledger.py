@@ -93,6 +93,8 @@ def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
     Debug text, so the keys are read from it; anything unexpected returns None
     and the caller scans the whole shard instead.
     """
+    if not before:
+        return None  # a whole new shard (a snapshot): scanning it is cheaper than printing its diff
     try:
         patches = doc.diff(before, doc.get_heads())
     except Exception:
