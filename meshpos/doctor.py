@@ -373,7 +373,8 @@ async def check_printer(ctx: _Ctx) -> Check:
     assert ctx.cfg is not None
     if ctx.cfg.printer is None:
         return Check(name, "skip", "no printer configured")
-    from .devices.printers import STATUS_QUERY, PrinterError, load_printer_config, status_condition
+    from .devices.printers import STATUS_QUERY, load_printer_config, status_condition
+    from .errors import PrinterError
     try:
         pc = load_printer_config(ctx.cfg.printer)
     except PrinterError as exc:

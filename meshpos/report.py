@@ -81,8 +81,7 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
                            "amount_minor": sale["amount_minor"] if sale else None, "detail": detail})
 
     for sale_id, result in sorted(results.items()):
-        sale = by_id.get(sale_id)
-        if sale is None:
+        if by_id.get(sale_id) is None:
             mismatch("unknown_sale", sale_id, f"the switch settled {sale_id} ({result['status']}) "
                                               "but no terminal recorded that sale")
             continue

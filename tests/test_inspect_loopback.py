@@ -4,6 +4,7 @@ node and the partition it makes, and proof that nodes refuse everything an inspe
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -82,6 +83,11 @@ def test_inspector_sees_nodes_beyond_its_links_and_reports_a_partition(
     assert view["partition"] is False and view["edges"] == [["G", "T1"], ["T1", "T2"]]
     dot = (tmp_path / "mesh.dot").read_text()
     assert dot.startswith("graph meshpos") and '"G" -- "T1"' in dot
+    proc = run_cli("inspect", str(insp), "--no-mdns", "--wait", "1", "--graph", str(tmp_path / "mesh.svg"))
+    if shutil.which("dot"):
+        assert proc.returncode == 0 and "<svg" in (tmp_path / "mesh.svg").read_text()
+    else:
+        assert proc.returncode != 0 and "apt-get install graphviz" in proc.stderr
 
     # T1 dies: G can no longer reach T2 nor us; a partition
     procs.kill("T1", signal.SIGKILL)
