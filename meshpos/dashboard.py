@@ -139,7 +139,7 @@ class Dashboard:
                        warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None)
         summary = self._sales_summary(now)
         pending = summary["pending"]
-        oldest = min((p["created_at_ms"] for p in pending), default=None)
+        oldest = min((p["created_at_ms"] for p in pending if p["method"] == "card"), default=None)
         closes = None if oldest is None else oldest + policy.offline_window_ms
         alerts = list(view["warnings"])
         if closes is not None and closes - now <= policy.warn_before_s * 1000:
@@ -243,7 +243,8 @@ function render(s) {
   text('site', s.site.name + ' (' + s.site.currency + ')');
   text('updated', s.generated_at); text('node', s.node); text('error', '');
   text('site-pending', s.queue.pending); text('site-pending-amount', s.queue.amount + ' ' + s.site.currency);
-  text('window-left', s.queue.pending ? left(s.queue.window_left_s) : 'no pending sale');
+  text('window-left', s.queue.window_left_s === null ? (s.queue.pending ? 'cash only: no window' : 'no pending sale')
+                                                     : left(s.queue.window_left_s));
   text('window-closes', s.queue.window_closes_at ? 'closes ' + s.queue.window_closes_at : '');
   text('total-count', s.total.count); text('total-amount', s.total.amount + ' ' + s.site.currency);
   const alerts = document.getElementById('alerts'); alerts.replaceChildren();

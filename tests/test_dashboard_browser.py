@@ -12,11 +12,13 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
 from meshpos.procs import ProcessGroup
 from meshpos.site import init_site
 from tests.cdp import Browser, chromium_path
+from tests.helpers import run_cli
 from tests.test_mesh_loopback import free_ports
 
 PASSWORD = "sagra-2026"
@@ -43,8 +45,9 @@ def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> None:
-    site = init_site(tmp_path / "site", "Sagra del Test", "EUR", dashboard_password=PASSWORD)
+def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, switch_key: Any) -> None:
+    site = init_site(tmp_path / "site", "Sagra del Test", "EUR", dashboard_password=PASSWORD,
+                     switch_key=keys.x25519_public_of(switch_key).hex(), switch_url="https://127.0.0.1:9")
     pg, p1, p2, dash = free_ports(4)
     g, t1, t2 = tmp_path / "g", tmp_path / "t1", tmp_path / "t2"
     enroll_one_step(site, g, "gateway", "Gateway", listen=f"127.0.0.1:{pg}", dashboard=f"127.0.0.1:{dash}")
@@ -52,7 +55,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> 
     enroll_one_step(site, t2, "terminal", "Stall 2", listen=f"127.0.0.1:{p2}", peers=[f"127.0.0.1:{pg}"])
     for path, name in ((g, "gw"), (t1, "t1"), (t2, "t2")):
         procs.start_node(name, path, "--no-mdns")
-    client.call_running(t1, "sell", {"amount_minor": 1_250})
+    run_cli("sell", str(t1), "--amount", "12.50", "--card", "4111111111111111", check=True)  # the window: cards
     client.call_running(t2, "sell", {"amount_minor": 300})
     client.call_running(t2, "sell", {"amount_minor": 450})
     url = f"http://127.0.0.1:{dash}/"

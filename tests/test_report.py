@@ -40,7 +40,8 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
     t1 = NodeCore.open(t1_path, clock)
     t2 = NodeCore.open(t2_path, clock)
     try:
-        old = t1.sell(1_100)["id"]  # will pass its offline window unsettled -> expired
+        card = t1.seal_card("4111111111111111", "1230")
+        old = t1.sell(1_100, card=card)["id"]  # a card sale that passes its offline window unsettled: expired
         clock.advance(25 * 3600)
         amounts = {"T1": [1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 7_000], "T2": [250, 350, 450, 550]}
         ids1 = [t1.sell(a)["id"] for a in amounts["T1"]]
@@ -89,7 +90,8 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
     # the CLI on the (stopped) node: the same numbers, and a CSV whose site rows add up
     out = run_cli("report", str(t1_path), "--json", "--csv", str(tmp_path / "r.csv"), check=True).stdout
     cli_rep = json.loads(out)
-    assert cli_rep["site"]["by_method"]["cash"]["amount_minor"] == site["total"]["amount_minor"]
+    assert cli_rep["site"]["by_method"]["card"] == {"count": 1, "amount_minor": 1_100}
+    assert cli_rep["site"]["by_method"]["cash"]["amount_minor"] == site["total"]["amount_minor"] - 1_100
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     site_status = [r for r in rows if r["kind"] == "total" and r["scope"] == "site" and r["group"] == "status"]
     assert sum(int(r["amount_minor"]) for r in site_status) == site["total"]["amount_minor"]

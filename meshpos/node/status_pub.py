@@ -48,10 +48,12 @@ def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
-    """Count, amount and oldest ``created_at`` of the pending sales (of one terminal, or all)."""
+    """Count and amount of the pending sales (of one terminal, or all), and the ``created_at`` of the
+    oldest pending card sale: the offline window bounds card authorization only (cash never expires)."""
     window_start = core.clock.now_ms() - core.policy.offline_window_ms
-    sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(created_at) FROM sales"
-           " WHERE result_status IS NULL AND voided_at IS NULL AND created_at >= ?")
+    sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(CASE WHEN method='card' THEN created_at END)"
+           " FROM sales WHERE result_status IS NULL AND voided_at IS NULL"
+           " AND (method='cash' OR created_at >= ?)")
     args: tuple[Any, ...] = (window_start,)
     if terminal is not None:
         sql += " AND terminal=?"
