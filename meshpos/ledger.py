@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
+RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
 
 
@@ -154,6 +155,7 @@ class Ledger:
         self.index: dict[str, _Indexed] = {}
         self.homes: dict[str, set[str]] = {}
         self._seen_bad: set[tuple[str, bytes]] = set()
+        self._restrips: dict[tuple[str, bytes], int] = {}
         self._parked: set[str] = set()
         self.on_accept: list[Callable[[Verified], None]] = []
         self.on_shard_changed: list[Callable[[str], None]] = []
@@ -376,8 +378,13 @@ class Ledger:
                 continue
             if (key, d) in self._seen_bad:
                 # refused before, and a peer put it back: strip it again, or this node relays it and
-                # its honest peers cut it off for entries it never wrote
-                report.stripped.append(key)
+                # its honest peers cut it off for entries it never wrote; a few times only, because a
+                # peer that holds it as verified (one that accepted it before a revocation) re-asserts
+                # it, and the two must not trade changes forever
+                restrips = self._restrips.get((key, d), 0)
+                if restrips < RESTRIP_LIMIT and len(self._restrips) < 100_000:
+                    self._restrips[(key, d)] = restrips + 1
+                    report.stripped.append(key)
                 continue
             try:
                 verified = self.roster.verify(env_mod.decode(raw), now, key)
