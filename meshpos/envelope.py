@@ -52,9 +52,18 @@ class Envelope:
     raw: bytes
 
     def signed_bytes(self) -> bytes:
-        # the envelope was decoded (or sealed) from canonical JSON: its parts hold canonical types only
-        return DOMAIN + canonical.dumps_trusted({"v": VERSION, "type": self.type, "signer": self.signer,
-                                                 "body": self.body})
+        """DOMAIN + canonical JSON without "sig", cut out of ``raw`` itself.
+
+        ``raw`` is canonical with keys sorted body < sig < signer < type < v, so removing
+        its top-level ``,"sig":"..."`` member yields exactly the signed encoding. The
+        top-level member is the last occurrence (nothing after it can hold that text); if
+        a body were to hold the same text, the wrong cut only makes verification fail.
+        """
+        member = b',"sig":"' + b64e(self.sig).encode("ascii") + b'"'
+        at = self.raw.rfind(member)
+        if at < 0:
+            return signed_bytes(self.type, self.signer, self.body)
+        return DOMAIN + self.raw[:at] + self.raw[at + len(member):]
 
 
 def signed_bytes(type_: str, signer: str, body: dict[str, Any]) -> bytes:

@@ -260,6 +260,9 @@ class Ledger:
 
     def _persist(self, shard: str, before: list[bytes]) -> None:
         doc = self.docs[shard]
+        if not before:  # a whole shard arrived (bootstrap): keep it as a compact snapshot
+            self.store.put_snapshot(shard, doc.save())
+            return
         changes = doc.get_changes(before)
         if not changes:
             return
@@ -436,7 +439,12 @@ class Ledger:
         doc = self.docs[shard]
         missing: list[tuple[str, bytes]] = []
         home = self.homes.get(shard, set())
-        for key in (home if keys is None else home & keys):
+        if keys is None:  # full check, but what this very merge accepted is in the shard as received
+            fresh = {v.key for v in report.accepted}
+            candidates = home - fresh if fresh else home
+        else:
+            candidates = home & keys
+        for key in candidates:
             raw = entry_bytes(doc.get(am.ROOT, key))
             if raw is None or digest(raw) != self.index[key].digest:
                 stored = self.store.entry(key)
