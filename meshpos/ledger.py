@@ -363,7 +363,32 @@ class Ledger:
         """Verify what a merge brought: the keys it touched, or (None) every key of the shard."""
         doc = self.docs[shard]
         now = self.clock.now_ms()
-        for key in (doc.keys(am.ROOT) if keys is None else sorted(keys)):
+        todo = doc.keys(am.ROOT) if keys is None else sorted(keys)
+        decoded = self._presign(doc, todo) if len(todo) >= 32 else {}
+        try:
+            self._scan_keys(doc, todo, shard, peer, report, now, decoded)
+        finally:
+            self.roster.forget_presigned()
+
+    def _presign(self, doc: am.Document, keys: list[str]) -> dict[bytes, env_mod.Envelope]:
+        """Decode the new entries of a big merge and check their signatures on all cores."""
+        decoded: dict[bytes, env_mod.Envelope] = {}
+        for key in keys:
+            if key in self.index:
+                continue
+            raw = entry_bytes(doc.get(am.ROOT, key))
+            if raw is None:
+                continue
+            try:
+                decoded[raw] = env_mod.decode(raw)
+            except EncodingError:
+                continue
+        self.roster.presign(list(decoded.values()))
+        return decoded
+
+    def _scan_keys(self, doc: am.Document, todo: list[str], shard: str, peer: str, report: IngestReport,
+                   now: int, decoded: dict[bytes, env_mod.Envelope]) -> None:
+        for key in todo:
             got = doc.get(am.ROOT, key)
             if got is None:  # deleted: _reassert puts it back if it is ours to keep
                 continue
@@ -390,7 +415,8 @@ class Ledger:
                     report.stripped.append(key)
                 continue
             try:
-                verified = self.roster.verify(env_mod.decode(raw), now, key)
+                env = decoded.get(raw) or env_mod.decode(raw)
+                verified = self.roster.verify(env, now, key)
             except UnknownSigner as exc:
                 self.store.park(key, raw, shard, str(exc), now)
                 self._parked.add(key)

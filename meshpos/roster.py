@@ -9,6 +9,8 @@ origin (local, a peer, the switch).
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from cryptography import x509
 
@@ -21,6 +23,16 @@ from .policy import SitePolicy
 log = logging.getLogger(__name__)
 
 UPLINK_ROLES = frozenset({"terminal", "gateway"})
+PRESIGN_MIN = 32  # below this, a thread hand-off costs more than it saves
+_WORKERS = max(1, min(4, os.cpu_count() or 1))
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="meshpos-verify")
+    return _POOL
 
 
 class UnknownSigner(VerificationError):
@@ -59,6 +71,7 @@ class Roster:
         self.policy = policy
         self.identities: dict[str, certs.NodeIdentity] = {}
         self.revoked: dict[str, int] = {}
+        self._presigned: set[tuple[bytes, bytes]] = set()  # (public key, raw) whose signature verified
 
     # -- learning ---------------------------------------------------------------
 
@@ -93,6 +106,44 @@ class Roster:
 
     # -- the gate ---------------------------------------------------------------
 
+    # -- signatures, checked in bulk when a whole shard arrives ---------------------------
+
+    def _check_sig(self, env: Envelope, public_key: bytes) -> None:
+        if (public_key, env.raw) in self._presigned:
+            self._presigned.discard((public_key, env.raw))
+            return
+        env_mod.check_signature(env, public_key)
+
+    def presign(self, envs: list[Envelope]) -> None:
+        """Check the Ed25519 signatures of many envelopes on all cores (libsodium releases the
+        GIL), ahead of ``verify``; the verdicts are only a cache: ``verify`` still runs every
+        rule, and an envelope whose signer is not known yet is left to it."""
+        jobs = []
+        for env in envs:
+            if env.type in ("revocation", "policy"):
+                jobs.append((self.ca_key, env))
+            elif env.type != "result" and env.signer in self.identities:
+                jobs.append((self.identities[env.signer].public_key, env))
+        if len(jobs) < PRESIGN_MIN:
+            return
+
+        def check(batch: list[tuple[bytes, Envelope]]) -> list[tuple[bytes, bytes]]:
+            ok = []
+            for public_key, env in batch:
+                try:
+                    env_mod.check_signature(env, public_key)
+                except VerificationError:
+                    continue
+                ok.append((public_key, env.raw))
+            return ok
+
+        step = max(1, len(jobs) // _WORKERS)
+        for verified in _pool().map(check, [jobs[i:i + step] for i in range(0, len(jobs), step)]):
+            self._presigned.update(verified)
+
+    def forget_presigned(self) -> None:
+        self._presigned.clear()
+
     def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
         """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""
         env_mod.check_schema(env)
@@ -113,7 +164,7 @@ class Roster:
             raise VerificationError(f"role {ident.role} of {ident.name} may not write {env.type} entries")
         if not ident.not_before_ms <= at_ms <= ident.not_after_ms:
             raise VerificationError(f"certificate of {ident.name} not valid at the entry's time")
-        env_mod.check_signature(env, ident.public_key)
+        self._check_sig(env, ident.public_key)
         return ident
 
     def _verify_sale(self, env: Envelope, now_ms: int) -> None:
@@ -137,12 +188,12 @@ class Roster:
         ident = certs.verify_node_cert(certs.load_der(der), self.ca_cert, now_ms=None)
         if ident.node_id != env.signer:
             raise VerificationError("cert entry must be written by the certificate's own node")
-        env_mod.check_signature(env, ident.public_key)
+        self._check_sig(env, ident.public_key)
 
     def _verify_ca_signed(self, env: Envelope, now_ms: int) -> None:
         if env.signer != self.site_id:
             raise VerificationError(f"{env.type} entries are signed by the site CA only")
-        env_mod.check_signature(env, self.ca_key)
+        self._check_sig(env, self.ca_key)
 
     _verify_revocation = _verify_ca_signed
 

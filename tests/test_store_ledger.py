@@ -195,3 +195,19 @@ def test_changed_keys_reads_exactly_the_keys_a_merge_touched(keys: list[str], de
             for key in gone:
                 tx.delete(am.ROOT, key)
         assert changed_keys(doc, before) in (None, gone)
+
+
+def test_bulk_merge_checks_signatures_in_parallel_and_still_refuses_forgeries(make_node, open_node) -> None:
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sales = [t1.sell(100 + i)["id"] for i in range(40)]  # a big merge: signatures are pre-checked in bulk
+    shard = t1.ledger.shards()[0]
+    doc = _peer_doc(t1, shard)
+    forged_body = {**envelope.decode(t1.ledger.raw(f"sale/{sales[0]}")).body, "seq": 41,
+                   "sale_id": envelope.sale_id(t1.node_id, 41)}
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, f"sale/{forged_body['sale_id']}", am.ScalarType.Bytes,
+               envelope.seal("sale", t1.node_id, forged_body, t2.key))
+    report = t2.ledger.receive_snapshot(shard, doc.save(), "hostile")
+    assert [k for k, _ in report.rejected] == [f"sale/{forged_body['sale_id']}"]
+    assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
+    assert t2.roster._presigned == set()
