@@ -370,9 +370,9 @@ class Ledger:
         finally:
             self.roster.forget_presigned()
 
-    def _presign(self, doc: am.Document, keys: list[str]) -> dict[bytes, env_mod.Envelope]:
+    def _presign(self, doc: am.Document, keys: list[str]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
         """Decode the new entries of a big merge and check their signatures on all cores."""
-        decoded: dict[bytes, env_mod.Envelope] = {}
+        decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
         for key in keys:
             if key in self.index:
                 continue
@@ -380,19 +380,23 @@ class Ledger:
             if raw is None:
                 continue
             try:
-                decoded[raw] = env_mod.decode(raw)
+                decoded[key] = (raw, env_mod.decode(raw))
             except EncodingError:
                 continue
-        self.roster.presign(list(decoded.values()))
+        self.roster.presign([env for _, env in decoded.values()])
         return decoded
 
     def _scan_keys(self, doc: am.Document, todo: list[str], shard: str, peer: str, report: IngestReport,
-                   now: int, decoded: dict[bytes, env_mod.Envelope]) -> None:
+                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]]) -> None:
         for key in todo:
-            got = doc.get(am.ROOT, key)
-            if got is None:  # deleted: _reassert puts it back if it is ours to keep
-                continue
-            raw = entry_bytes(got)
+            pre = decoded.get(key)
+            if pre is not None:
+                raw: bytes | None = pre[0]
+            else:
+                got = doc.get(am.ROOT, key)
+                if got is None:  # deleted: _reassert puts it back if it is ours to keep
+                    continue
+                raw = entry_bytes(got)
             if raw is None:
                 self._reject(report, shard, key, b"", "entry value is not bytes")
                 report.stripped.append(key)
@@ -415,7 +419,7 @@ class Ledger:
                     report.stripped.append(key)
                 continue
             try:
-                env = decoded.get(raw) or env_mod.decode(raw)
+                env = pre[1] if pre is not None else env_mod.decode(raw)
                 verified = self.roster.verify(env, now, key)
             except UnknownSigner as exc:
                 self.store.park(key, raw, shard, str(exc), now)
