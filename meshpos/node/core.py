@@ -127,6 +127,7 @@ class NodeCore:
 
     def ingest(self, raw: bytes, origin: str) -> str:
         verified = self.ledger.ingest_raw(raw, origin)
+        self.store.flush()
         return verified.key
 
     # -- selling ------------------------------------------------------------------
@@ -175,6 +176,7 @@ class NodeCore:
                     "sealed": envelope.b64e(card.sealed)},
             }
             self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
+        self.store.flush()  # the acknowledgement: durable before it is returned
         return self.sale(body["sale_id"])
 
     def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:
@@ -190,6 +192,7 @@ class NodeCore:
             raise InputError(f"sale {sale_id} is voided already")
         body = {"sale_id": sale_id, "site": self.policy.site_id, "at": self.clock.now_ms(), "reason": reason}
         self.ledger.write_local(envelope.seal("void", self.node_id, body, self.key))
+        self.store.flush()
         return self.sale(sale_id)
 
     # -- views --------------------------------------------------------------------

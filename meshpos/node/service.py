@@ -25,6 +25,8 @@ from .receipts import copies_for, printer_config, receipt_data, receipt_options
 
 log = logging.getLogger(__name__)
 
+GROUP_COMMIT_S = 0.005
+
 
 class NodeService:
     def __init__(self, core: NodeCore, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -115,12 +117,34 @@ class NodeService:
         self.printer = await self.nursery.start(run_printer_worker, self.spool, cfg, self.clock)
         task_status.started()
 
+    async def _group_commit(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Entries that links bring in are made durable together, GROUP_COMMIT_S after the
+        first of them: one fsync for many sync messages (storage.md, "Group commit")."""
+        store = self.core.store
+        dirty = trio.Event()
+
+        def on_dirty() -> None:
+            dirty.set()
+        store.hold()
+        store.on_dirty = on_dirty
+        try:
+            task_status.started()
+            while True:
+                await dirty.wait()
+                dirty = trio.Event()
+                await trio.sleep(GROUP_COMMIT_S)
+                store.flush()
+        finally:
+            store.on_dirty = None
+            store.release()
+
     # -- the service ------------------------------------------------------------------
 
     async def run(self, *, components: list[Callable[..., Any]] | None = None,
                   task_status: trio.TaskStatus["NodeService"] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            await nursery.start(self._group_commit)
             await nursery.start(self._run_printer)
             for component in components or []:
                 await nursery.start(component, self)
