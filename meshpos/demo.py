@@ -17,7 +17,6 @@ import dataclasses
 import json
 import shutil
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -25,21 +24,11 @@ from typing import Any
 
 from .errors import MeshposError
 from .node import client
-from .procs import ProcessGroup, wait_for
+from .procs import ProcessGroup, free_ports, wait_for
 
 FINAL = {"approved", "declined", "voided", "expired", "rejected"}
 CARDS = ("4111111111111111", "5555555555554444")
 DECLINED_CARD = "4000000000000002"
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Demo:
@@ -79,7 +68,7 @@ class Demo:
 
     def setup(self) -> None:
         out = self.out
-        acq_port, switch_port, *node_ports = _ports(2 + self.n + 1)
+        acq_port, switch_port, *node_ports = free_ports(2 + self.n + 1)
         self.say(f"setting up in {out}: acquirer simulator, switch, gateway and {self.n} terminals")
         rules = out / "acquirer-rules.json"
         rules.write_text(json.dumps({"seed": 1, "delay_ms": 20, "cards": [

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, wait_for
+from meshpos.procs import ProcessGroup, free_ports, wait_for
 from meshpos.site import Site, init_site
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshpos.node import client
-from meshpos.procs import ProcessGroup, wait_for
+from meshpos.procs import ProcessGroup, free_ports, wait_for
 
 from helpers import run_cli
 
@@ -20,14 +20,6 @@ def procs(tmp_path: Path):
     group = ProcessGroup(tmp_path / "logs")
     yield group
     group.stop_all()
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def _set_printer(node: Path, printer: dict) -> None:
@@ -68,7 +60,7 @@ class FakePrinter:
 
 def test_unreachable_printer_never_blocks_a_sale_and_prints_when_back(make_node, procs) -> None:
     node = make_node("t1")
-    port = _free_port()  # nobody listens: connection refused
+    port = free_ports(1)[0]  # nobody listens: connection refused
     _set_printer(node, {"kind": "network", "host": "127.0.0.1", "port": port, "profile": "generic-58mm",
                         "timeout": 2})
     procs.start_node("t1", node, "--no-mdns")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import socket
 import sqlite3
 import statistics
 import sys
@@ -30,15 +29,7 @@ from bench_sync import Seller  # noqa: E402
 from meshpos.link.testing import SimNode, make_site, wall_clock  # noqa: E402
 from meshpos.node import client  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
-from meshpos.procs import ProcessGroup, wait_for  # noqa: E402
-
-
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+from meshpos.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
 
 
 def entry_count(db: Path) -> int:
@@ -61,7 +52,7 @@ def main() -> int:
     logging.basicConfig(level=logging.ERROR)
     root = Path(tempfile.mkdtemp(prefix="meshpos-join-"))
     site = make_site(root / "site")
-    port = free_port()
+    port = free_ports(1)[0]
     source_dir = root / "source"
     enroll_one_step(site, source_dir, "terminal", "source", listen=f"127.0.0.1:{port}")
     t = time.perf_counter()
