@@ -91,3 +91,10 @@ def test_node_dir_of_another_site_is_refused(tmp_path: Path, make_node, site: Si
     (node / "policy.env").write_bytes(other.policy_envelope())
     with pytest.raises(ConfigError):
         NodeCore.open(node)
+
+
+def test_a_private_key_readable_by_others_is_refused(make_node) -> None:
+    node = make_node("t1")
+    (node / "node.key").chmod(0o644)
+    with pytest.raises(ConfigError, match="readable by others"):
+        NodeCore.open(node)

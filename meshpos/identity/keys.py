@@ -86,6 +86,9 @@ def write_secret(path: Path, data: bytes) -> None:
 
 
 def read_private_key(path: Path) -> nacl.signing.SigningKey:
+    if path.exists() and path.stat().st_mode & 0o077:
+        mode = path.stat().st_mode & 0o777
+        raise ConfigError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
     try:
         loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except FileNotFoundError as exc:

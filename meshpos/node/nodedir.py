@@ -14,7 +14,6 @@ Layout (protocols/files.md):
 
 from __future__ import annotations
 
-import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,8 @@ from typing import Any
 import nacl.signing
 from cryptography import x509
 
-from ..errors import ConfigError, InputError, LockedError
+from ..errors import ConfigError, InputError
+from ..fsutil import lock_file
 from ..identity import certs, keys
 from ..jsonfile import read_json, write_json
 from ..policy import SitePolicy
@@ -124,9 +124,6 @@ class NodeDir:
         write_json(self.config_path, cfg.to_json())
 
     def key(self) -> nacl.signing.SigningKey:
-        mode = self.key_path.stat().st_mode & 0o777 if self.key_path.exists() else 0o600
-        if mode & 0o077:
-            raise ConfigError(f"{self.key_path}: private key is readable by others (mode {mode:o}); chmod 600 it")
         return keys.read_private_key(self.key_path)
 
     def ca_cert(self) -> x509.Certificate:
@@ -146,16 +143,9 @@ class NodeDir:
 
     def lock(self) -> None:
         """Hold node.lock for this process's lifetime; a second process gets LockedError."""
-        fd = os.open(self.path / "node.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise LockedError(f"{self.path}: another meshpos process holds this node directory "
-                              "(is `meshpos run` running? then commands go through it)") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = lock_file(self.path / "node.lock",
+                                  f"{self.path}: another meshpos process holds this node directory "
+                                  "(is `meshpos run` running? then commands go through it)")
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

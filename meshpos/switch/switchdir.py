@@ -12,7 +12,6 @@ Layout of SWITCH_DIR:
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +22,8 @@ import nacl.signing
 
 from .. import envelope
 from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ConfigError, EncodingError, InputError, LockedError, VerificationError
+from ..errors import ConfigError, EncodingError, InputError, VerificationError
+from ..fsutil import lock_file
 from ..identity import certs, keys
 from ..jsonfile import read_json, write_json
 from ..node.nodedir import parse_hostport
@@ -98,9 +98,6 @@ class SwitchDir:
                                       str(self.config_path))
 
     def key(self) -> nacl.signing.SigningKey:
-        mode = self.key_path.stat().st_mode & 0o777 if self.key_path.exists() else 0o600
-        if mode & 0o077:
-            raise ConfigError(f"{self.key_path}: private key is readable by others (mode {mode:o}); chmod 600 it")
         return keys.read_private_key(self.key_path)
 
     def open_store(self) -> SwitchStore:
@@ -108,15 +105,7 @@ class SwitchDir:
         return SwitchStore.open(self.db_path)
 
     def lock(self) -> None:
-        fd = os.open(self.path / "switch.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as exc:
-            os.close(fd)
-            raise LockedError(f"{self.path}: another switch process runs on this directory") from exc
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._lock_fd = fd
+        self._lock_fd = lock_file(self.path / "switch.lock", f"{self.path}: another switch process runs on this directory")
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
