@@ -79,14 +79,20 @@ def test_unreachable_printer_never_blocks_a_sale_and_prints_when_back(make_node,
         printer.close()
 
 
-def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_node, procs) -> None:
+@pytest.mark.parametrize("printer, named", [
+    ({"kind": "network", "host": "127.0.0.1", "port": 9100, "profile": "no-such-profile"}, "no-such-profile"),
+    ({"kind": "network", "host": "bad host!", "port": 9100}, "bad host!"),
+    ({"kind": "serial", "device": "/dev/ttyMESHPOS-NONE0"}, "/dev/ttyMESHPOS-NONE0"),
+], ids=["unknown profile", "bad host", "missing device"])
+def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_node, procs, printer: dict,
+                                                                         named: str) -> None:
     node = make_node("t1")
-    _set_printer(node, {"kind": "network", "host": "127.0.0.1", "port": 9100, "profile": "no-such-profile"})
+    _set_printer(node, printer)
     procs.start_node("t1", node, "--no-mdns")
     assert client.call_running(node, "sell", {"amount_minor": 300}, timeout=10)["status"] == "pending"
     proc = run_cli("status", str(node))
     assert proc.returncode == 0
-    assert "misconfigured" in proc.stdout and "no-such-profile" in proc.stdout
+    assert "misconfigured" in proc.stdout and named in proc.stdout
 
 
 def test_receipt_preview_shows_pending_wording_and_last4_only(tmp_path: Path, make_node) -> None:
