@@ -25,7 +25,7 @@ from .receipts import copies_for, printer_config, receipt_data, receipt_options
 
 log = logging.getLogger(__name__)
 
-GROUP_COMMIT_S = 0.005
+GROUP_COMMIT_S = 0.05
 
 
 class NodeService:
