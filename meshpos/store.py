@@ -52,6 +52,25 @@ CREATE TABLE IF NOT EXISTS parked(
 """
 
 
+@contextlib.contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, path: Path, begin: str = "BEGIN") -> Iterator[None]:
+    """One top-level SQLite transaction: ``begin`` ... COMMIT, ROLLBACK on any exception;
+    failures to start or commit become StoreError naming the file."""
+    try:
+        conn.execute(begin)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot start a transaction: {exc}") from exc
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: commit failed: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ShardData:
     shard: str
@@ -147,22 +166,12 @@ class Store:
             if self._held and self._depth == 1 and self.on_dirty is not None:
                 self.on_dirty()
             return
-        try:
-            self.conn.execute("BEGIN")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from exc
         self._depth = 1
         try:
-            yield self.conn
-        except BaseException:
+            with sqlite_transaction(self.conn, self.path):
+                yield self.conn
+        finally:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
-            raise
-        self._depth = 0
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
 
     # -- group commit (the running node) ---------------------------------------------
 

@@ -13,21 +13,11 @@ import pytest
 from meshpos.clock import FakeClock
 from meshpos.node import client
 from meshpos.node.enroll import create_request, install_answer
-from meshpos.procs import ProcessGroup
+from meshpos.procs import ProcessGroup, free_ports
 from meshpos.site import load_site
 from tests.helpers import run_cli
 
 DAY_MS = 86_400_000
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class PrinterStub:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import sqlite3
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from meshpos.errors import MeshposError
 from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup
+from meshpos.procs import ProcessGroup, free_ports
 from meshpos.site import Site, init_site
 from meshpos.switch.processor import rrn_of
 from meshpos.switch.switchdir import add_site, init_switch
@@ -38,16 +37,6 @@ DECLINED_51 = "4000000000009995"  # the acquirer answers 51, insufficient funds
 DECLINES = {DECLINED_05: "05", DECLINED_51: "51"}
 FINAL = {"approved", "declined", "voided", "expired", "rejected"}
 WAIT_S = 60.0
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def base_rules(**extra: Any) -> dict[str, Any]:

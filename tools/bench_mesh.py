@@ -27,7 +27,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import sqlite3
 import statistics
 import sys
@@ -49,20 +48,10 @@ from meshpos.mesh import ring_targets  # noqa: E402
 from meshpos.node import client  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
 from meshpos.node.nodedir import NodeDir  # noqa: E402
-from meshpos.procs import ProcessGroup, wait_for  # noqa: E402
+from meshpos.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
 from meshpos.site import Site, init_site  # noqa: E402
 
 CARDS = ("4111111111111111", "5555555555554444")
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def pct(values: list[float], q: float) -> float:

@@ -330,8 +330,8 @@ def build_answer(request: RequestReceived, response_code: str, auth_code: str | 
 # --- the two ends ------------------------------------------------------------
 
 
-class ClientConnection:
-    """The sending end: requests out, answers matched to outstanding requests in."""
+class _FramedEnd:
+    """What both ends share: the wire format and a frame decoder fed by ``receive_data``."""
 
     def __init__(
         self,
@@ -343,6 +343,16 @@ class ClientConnection:
         self._header = header
         self._spec = spec
         self._frames = FrameDecoder(header, max_frame=max_frame, spec=spec)
+
+    def receive_data(self, data: bytes | bytearray) -> None:
+        self._frames.receive_data(data)
+
+
+class ClientConnection(_FramedEnd):
+    """The sending end: requests out, answers matched to outstanding requests in."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self._outstanding: set[MatchKey] = set()
 
     @property
@@ -361,9 +371,6 @@ class ClientConnection:
         """Stop waiting for ``key`` (timed out); a late answer becomes UnexpectedAnswer."""
         self._outstanding.discard(key)
 
-    def receive_data(self, data: bytes | bytearray) -> None:
-        self._frames.receive_data(data)
-
     def next_event(self) -> AnswerReceived | UnexpectedAnswer | Literal[NeedData.NEED_DATA]:
         payload = self._frames.next_frame()
         if payload is NEED_DATA:
@@ -375,22 +382,8 @@ class ClientConnection:
         return answer
 
 
-class ServerConnection:
+class ServerConnection(_FramedEnd):
     """The host end: requests in, answers out."""
-
-    def __init__(
-        self,
-        *,
-        header: LengthHeader = LengthHeader.BINARY2,
-        spec: Spec = DEFAULT_SPEC,
-        max_frame: int = MAX_FRAME,
-    ) -> None:
-        self._header = header
-        self._spec = spec
-        self._frames = FrameDecoder(header, max_frame=max_frame, spec=spec)
-
-    def receive_data(self, data: bytes | bytearray) -> None:
-        self._frames.receive_data(data)
 
     def next_event(self) -> RequestReceived | Literal[NeedData.NEED_DATA]:
         payload = self._frames.next_frame()

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import trio
 
 from ..errors import CorruptStoreError, StoreError
+from ..store import sqlite_transaction
 
 APPLICATION_ID = 0x4D505357  # "MPSW"
 SCHEMA_VERSION = "1"
@@ -152,22 +153,12 @@ class SwitchStore:
             finally:
                 self._depth -= 1
             return
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: cannot start a transaction: {exc}") from exc
         self._depth = 1
         try:
-            yield self.conn
-        except BaseException:
+            with sqlite_transaction(self.conn, self.path, "BEGIN IMMEDIATE"):
+                yield self.conn
+        finally:
             self._depth = 0
-            self.conn.execute("ROLLBACK")
-            raise
-        self._depth = 0
-        try:
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
 
     # -- meta ----------------------------------------------------------------------
 
