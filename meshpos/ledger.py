@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
+PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
 
@@ -115,6 +116,29 @@ def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
     return keys
 
 
+def _uleb128(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        out.append(low | 0x80 if n else low)
+        if not n:
+            return bytes(out)
+
+
+def changes_message(changes: list[bytes]) -> bytes:
+    """An Automerge sync message (format v1) that carries just ``changes``.
+
+    automerge 1.0.0rc1's binding has no ``apply_changes``; ``receive_sync_message`` on a
+    throw-away SyncState applies such a message's changes, queueing any whose dependencies
+    are missing, exactly as Automerge's own apply would.
+    """
+    out = bytearray(b"\x42\x00\x00\x00")  # message type; no heads, no needs, no haves
+    out += _uleb128(len(changes))
+    for change in changes:
+        out += _uleb128(len(change)) + change
+    return bytes(out)
+
+
 def digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
 
@@ -158,7 +182,8 @@ class Ledger:
         self._restrips: dict[tuple[str, bytes], int] = {}
         self._parked: set[str] = set()
         self.on_accept: list[Callable[[Verified], None]] = []
-        self.on_shard_changed: list[Callable[[str], None]] = []
+        # (shard, its new Automerge changes, or None when too many to push as they are)
+        self.on_changes: list[Callable[[str, list[bytes] | None], None]] = []
 
     # -- opening ------------------------------------------------------------------
 
@@ -239,9 +264,9 @@ class Ledger:
             position = int(self.store.get_meta("log_seq") or 0)
             shard = shard_name(self.node_id, position)
             self.store.set_meta("log_seq", str(position + 1))
-            self._put(shard, [(verified.key, raw)])
+            before = self._put(shard, [(verified.key, raw)])
             self._accept(verified, shard)
-        self._notify(shard, [verified])
+        self._notify(shard, [verified], before)
         return verified
 
     def _doc(self, shard: str) -> am.Document:
@@ -250,13 +275,15 @@ class Ledger:
             doc = self.docs[shard] = am.Document(self.actor)
         return doc
 
-    def _put(self, shard: str, items: list[tuple[str, bytes]]) -> None:
+    def _put(self, shard: str, items: list[tuple[str, bytes]]) -> list[bytes]:
+        """Write ``items`` into the shard; the heads before, for ``_notify``."""
         doc = self._doc(shard)
         before = doc.get_heads()
         with doc.transaction() as tx:
             for key, raw in items:
                 tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
         self._persist(shard, before)
+        return before
 
     def _persist(self, shard: str, before: list[bytes]) -> None:
         doc = self.docs[shard]
@@ -293,12 +320,17 @@ class Ledger:
         elif env.type in ("cert", "revocation", "policy"):
             self.roster.apply(env)
 
-    def _notify(self, shard: str, accepted: list[Verified]) -> None:
+    def _notify(self, shard: str, accepted: list[Verified], before: list[bytes]) -> None:
         for verified in accepted:
             for on_accept in self.on_accept:
                 on_accept(verified)
-        for on_change in self.on_shard_changed:
-            on_change(shard)
+        if not self.on_changes:
+            return
+        changes: list[bytes] | None = [c.bytes for c in self.docs[shard].get_changes(before)]
+        if sum(map(len, changes)) > PUSH_LIMIT:
+            changes = None
+        for on_changes in self.on_changes:
+            on_changes(shard, changes)
 
     # -- replication ----------------------------------------------------------------
 
@@ -333,6 +365,19 @@ class Ledger:
         doc.merge(other)
         return self._after_merge(shard, before, peer)
 
+    def receive_push(self, shard: str, changes: list[bytes], peer: str) -> IngestReport:
+        """Apply changes a peer pushed (a change whose dependencies are missing waits inside
+        Automerge until they arrive; the heads do not move meanwhile)."""
+        if not valid_shard_name(shard):
+            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        doc = self._doc(shard)
+        before = doc.get_heads()
+        try:
+            doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
+        except Exception as exc:  # automerge raises bare Exception on bad input
+            raise EncodingError(f"Automerge refused pushed changes for shard {shard}: {exc}") from exc
+        return self._after_merge(shard, before, peer)
+
     def _after_merge(self, shard: str, before: list[bytes], peer: str) -> IngestReport:
         doc = self.docs[shard]
         if doc.get_heads() == before:
@@ -354,7 +399,7 @@ class Ledger:
             self.docs.pop(shard, None)
             self._load_shard(shard)
             raise
-        self._notify(shard, report.accepted)
+        self._notify(shard, report.accepted, before)
         for key, reason in report.rejected:
             log.warning("rejected entry %s in shard %s from peer %s: %s", key, shard, peer, reason)
         return report

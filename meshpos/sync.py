@@ -7,10 +7,15 @@ What a session does (protocols/link.md, "Replication"):
   of the data, not the ~3x of the sync protocol from nothing). A shard whose
   digest differs runs the Automerge sync protocol for that shard only, with
   a SyncState per (link, shard).
-* Afterwards every change of a local shard (``Ledger.on_shard_changed``,
-  whether a sale, a merge from another link, or a re-assertion) marks that
-  shard on every open link; the next ``data_to_send`` generates its sync
-  message. Only touched shards cost anything, whatever the ledger's size.
+* Afterwards every change of a local shard (``Ledger.on_changes``, whether a
+  sale, a merge from another link, or a re-assertion) goes out on every other
+  open link. A version-3 link gets the new Automerge changes themselves in a
+  PUSH frame, with our digest of the shard once they are applied; the peer
+  applies them and answers nothing unless its digest then differs, in which
+  case it runs the sync protocol for that shard (as for HAVE, below). One
+  frame per link per change, where the sync protocol costs three. An older
+  link marks the shard; the next ``data_to_send`` generates its sync message.
+  Only touched shards cost anything, whatever the ledger's size.
 * When a sync exchange on a shard ends on our side (a peer's message needs no
   answer) we send HAVE with our digest of it. A peer whose digest differs
   restarts that shard's sync from a fresh SyncState (once per pair of
@@ -44,8 +49,8 @@ from .clock import Clock
 from .errors import EncodingError, MeshposError
 from .ledger import SEGMENT, IngestReport, Ledger
 from .link.frames import MAX_PAYLOAD
-from .link.protocol import (SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp,
-                            Ping, Pong, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
+from .link.protocol import (PUSH_VERSION, SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState,
+                            LinkUp, Ping, Pong, Push, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:
     from .node.core import NodeCore
@@ -58,6 +63,8 @@ FLUSH_BUDGET = 1 << 20
 READ_ONLY_ROLES = frozenset({"inspector"})
 STALL_ROUNDS = 8  # sync messages on one shard that change nothing before we suspect a lost message
 RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a message went astray
+PUSH_QUEUE_LIMIT = 512 * 1024  # unsent pushed changes per (link, shard); past it, the sync protocol
+MAX_ORPHAN_PUSHES = 256  # PUSH frames in a row that neither apply nor match: a peer gone wrong
 
 
 def shard_digest(ledger: Ledger, shard: str) -> bytes:
@@ -127,7 +134,8 @@ class Replicator:
         self.config = config
         self.sessions: list[SyncSession] = []
         self.gossip: StatusGossip | None = None
-        ledger.on_shard_changed.append(self._on_shard_changed)
+        ledger.on_changes.append(self._on_changes)
+        self._origin: SyncSession | None = None  # the session whose frames are being applied
         ledger.on_accept.append(self._on_accept)
         # Set while the node's store was re-created (NodeCore.recovery_flag): no selling until a peer
         # has given its own log back, so no sale id is used twice (see ``recovered``).
@@ -176,8 +184,8 @@ class Replicator:
         """Close every session and unhook from the ledger (before closing the NodeCore)."""
         for session in list(self.sessions):
             session.close(reason)
-        if self._on_shard_changed in self.ledger.on_shard_changed:
-            self.ledger.on_shard_changed.remove(self._on_shard_changed)
+        if self._on_changes in self.ledger.on_changes:
+            self.ledger.on_changes.remove(self._on_changes)
         if self._on_accept in self.ledger.on_accept:
             self.ledger.on_accept.remove(self._on_accept)
 
@@ -188,9 +196,12 @@ class Replicator:
         if session in self.sessions:
             self.sessions.remove(session)
 
-    def _on_shard_changed(self, shard: str) -> None:
+    def _on_changes(self, shard: str, changes: list[bytes] | None) -> None:
+        # Not back to the link they came from: a SYNC there is answered by its own exchange, a
+        # PUSH needs nothing.
         for session in self.sessions:
-            session.local_change(shard)
+            if session is not self._origin:
+                session.local_change(shard, changes)
 
     def broadcast_status(self, raw: bytes, exclude: "SyncSession | None" = None) -> int:
         """Send one status envelope on every open version-2 link but ``exclude``; how many got it."""
@@ -226,6 +237,9 @@ class SyncSession:
         self._out = bytearray(self.conn.start())
         self._counters = _Counters()
         self._theirs: dict[str, bytes] = {}  # the peer's digest of each shard, as it last told us
+        self._push: dict[str, list[bytes]] = {}  # shard -> changes to PUSH (version-3 links)
+        self._push_size: dict[str, int] = {}
+        self._orphans = 0
         self.wakeup: Callable[[], None] | None = None
 
     # -- driver API -------------------------------------------------------------
@@ -262,7 +276,8 @@ class SyncSession:
 
     @property
     def wants_write(self) -> bool:
-        return bool(self._out) or (self.conn.state is LinkState.OPEN and bool(self._dirty or self._snapshots))
+        return bool(self._out) or (self.conn.state is LinkState.OPEN
+                                   and bool(self._push or self._dirty or self._snapshots))
 
     def data_to_send(self, budget: int | None = None) -> bytes:
         """What to write now: at most about ``budget`` bytes of replication data; call again while
@@ -284,11 +299,19 @@ class SyncSession:
         self._out += self.conn.send(Goodbye(reason))
         self._process()
 
-    def local_change(self, shard: str) -> None:
+    def local_change(self, shard: str, changes: list[bytes] | None = None) -> None:
+        """Our shard changed: push ``changes`` (version-3 link) or mark the shard for a sync message."""
         if self.conn.state is not LinkState.OPEN:
             return
         was_idle = not self.wants_write
-        self._dirty.setdefault(shard, False)
+        size = self._push_size.get(shard, 0) + sum(map(len, changes or ()))
+        if changes and (self.conn.version or 0) >= PUSH_VERSION and size <= PUSH_QUEUE_LIMIT:
+            self._push.setdefault(shard, []).extend(changes)
+            self._push_size[shard] = size
+        else:
+            self._push.pop(shard, None)
+            self._push_size.pop(shard, None)
+            self._dirty.setdefault(shard, False)
         if was_idle and self.wakeup is not None:
             self.wakeup()
 
@@ -335,8 +358,12 @@ class SyncSession:
     def _process(self) -> None:
         # Every frame that arrived together is taken in ONE store transaction: one fsync per
         # read from the socket instead of one per sync message (the node's hottest cost).
-        with self.ledger.store.transaction():
-            self._process_events()
+        self.replicator._origin = self
+        try:
+            with self.ledger.store.transaction():
+                self._process_events()
+        finally:
+            self.replicator._origin = None
         if self.replicator.recovery_flag is not None:
             self._check_recovered()
         if self.wants_write and self.wakeup is not None:
@@ -354,6 +381,8 @@ class SyncSession:
                     self._on_sync(event)
                 elif isinstance(event, Snapshot):
                     self._on_snapshot(event)
+                elif isinstance(event, Push):
+                    self._on_push(event)
                 elif isinstance(event, Have):
                     self._on_have(event)
                 elif isinstance(event, Ping):
@@ -485,6 +514,25 @@ class SyncSession:
         self._counters.snapshots_received += 1
         self._count(self.ledger.receive_snapshot(event.shard, event.data, self._peer_name()))
 
+    def _on_push(self, event: Push) -> None:
+        if self.read_only:
+            log.debug("link %s: ignoring PUSH from read-only peer", self.label)
+            return
+        shard = event.shard
+        before = shard_digest(self.ledger, shard)
+        self._count(self.ledger.receive_push(shard, list(event.changes), self._peer_name()))
+        after = shard_digest(self.ledger, shard)
+        if after == event.digest or after != before:
+            self._orphans = 0
+        else:
+            self._orphans += 1
+            if self._orphans > MAX_ORPHAN_PUSHES:
+                self._out += self._close_now(
+                    f"peer pushed {self._orphans} changes in a row that do not apply", warn=True)
+                return
+        # A digest that differs once applied (a dependency missing, or we hold more): sync the shard.
+        self._on_have(Have({shard: event.digest}))
+
     def _on_have(self, event: Have) -> None:
         self._theirs.update(event.shards)
         now = self.clock.monotonic()
@@ -507,8 +555,7 @@ class SyncSession:
         else:
             log.info("link %s closed by us: %s", self.label, event.reason)
         self._out += self.conn.send(Goodbye(event.reason))
-        self._dirty.clear()
-        self._snapshots.clear()
+        self._clear_work()
         self.replicator._forget(self)
 
     def _count(self, report: IngestReport) -> None:
@@ -529,10 +576,15 @@ class SyncSession:
         data = self.conn.send(Goodbye(reason))
         for event in self.conn.events():
             if isinstance(event, Closed):
-                self._dirty.clear()
-                self._snapshots.clear()
+                self._clear_work()
                 self.replicator._forget(self)
         return data
+
+    def _clear_work(self) -> None:
+        self._dirty.clear()
+        self._snapshots.clear()
+        self._push.clear()
+        self._push_size.clear()
 
     def _peer_name(self) -> str:
         return self.conn.peer.node_id if self.conn.peer else self.label
@@ -541,6 +593,11 @@ class SyncSession:
 
     def _generate(self, out: bytearray, budget: int) -> None:
         start = len(out)
+        for shard in list(self._push):  # first: small and waited for
+            changes = self._push.pop(shard)
+            self._push_size.pop(shard, None)
+            if shard not in self._snapshot_set:  # else its snapshot holds them
+                out += self.conn.send(Push(shard, shard_digest(self.ledger, shard), tuple(changes)))
         while self._snapshots and len(out) - start < budget:
             shard = self._snapshots.pop(0)
             self._snapshot_set.discard(shard)

@@ -26,16 +26,20 @@ from meshpos.identity import certs
 from meshpos.ledger import IngestReport, Ledger
 from meshpos.link import tls
 from meshpos.link.memnet import MemLink, MemNetwork
+from meshpos.link.protocol import SUPPORTED_VERSIONS
 from meshpos.link.testing import SimNode, wall_clock
 from meshpos.roster import Roster, Verified, entry_key
+from meshpos.sync import SyncConfig
 
 
 class Mesh:
-    def __init__(self, make_node: Any, site: Any, switch_key: nacl.signing.SigningKey) -> None:
+    def __init__(self, make_node: Any, site: Any, switch_key: nacl.signing.SigningKey,
+                 versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> None:
         self.clock = wall_clock()
         self.site = site
         self.switch_key = switch_key
-        self.nodes = {n: SimNode.open(make_node(n), self.clock) for n in ("a", "b", "c", "h")}
+        config = SyncConfig(versions=versions)
+        self.nodes = {n: SimNode.open(make_node(n), self.clock, config) for n in ("a", "b", "c", "h")}
         self.h = self.nodes["h"]
         # H's code is hostile: it takes whatever arrives and never re-asserts or strips anything
         self.h.core.ledger._after_merge = lambda shard, before, peer: IngestReport()  # type: ignore[method-assign]
@@ -68,14 +72,16 @@ class Mesh:
     def hostile_write(self, shard: str, items: dict[str, bytes | None]) -> None:
         """H changes a shard of its copy (None deletes) and lets its links carry the change."""
         doc = self.h.core.ledger._doc(shard)
+        before = doc.get_heads()
         with doc.transaction() as tx:
             for key, value in items.items():
                 if value is None:
                     tx.delete(am.ROOT, key)
                 else:
                     tx.put(am.ROOT, key, am.ScalarType.Bytes, value)
-        for callback in list(self.h.core.ledger.on_shard_changed):
-            callback(shard)
+        changes = [c.bytes for c in doc.get_changes(before)]
+        for callback in list(self.h.core.ledger.on_changes):
+            callback(shard, changes)
         self.pump()
 
     def shard_of(self, node: str) -> str:
@@ -98,9 +104,10 @@ class Mesh:
             node.close()
 
 
-@pytest.fixture
-def mesh(make_node, site, switch_key):
-    m = Mesh(make_node, site, switch_key)
+@pytest.fixture(params=[SUPPORTED_VERSIONS, (1, 2)], ids=["push", "sync"])
+def mesh(request, make_node, site, switch_key):
+    """Links that carry changes in PUSH frames (version 3), and links that only sync (version 2)."""
+    m = Mesh(make_node, site, switch_key, request.param)
     yield m
     m.close()
 

@@ -48,6 +48,8 @@ def _event(desc: dict[str, Any]) -> lp.Sendable:
         return lp.Snapshot(desc["shard"], bytes.fromhex(desc["data_hex"]))
     if kind == "have":
         return lp.Have(digests(desc["shards"]))
+    if kind == "push":
+        return lp.Push(desc["shard"], bytes.fromhex(desc["digest_hex"]), tuple(bytes.fromhex(c) for c in desc["changes_hex"]))
     if kind == "ping":
         return lp.Ping(desc["nonce"])
     if kind == "pong":

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from meshpos.errors import ProtocolError
 from meshpos.link.frames import FrameType, encode_frame
 from meshpos.link.protocol import (Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp, Ping, Pong,
-                                   Sync, Timeouts)
+                                   Push, Sync, Timeouts)
 
 SITE = "a" * 16
 SHARD = "0123456789abcdef/000000"
@@ -190,3 +190,33 @@ def test_random_bytes_after_hello_never_escape(data: bytes, step: int) -> None:
     if a.state is LinkState.OPEN:
         a.tick(1e6)
     assert a.state is LinkState.CLOSED
+
+
+def test_push_needs_a_version_3_link() -> None:
+    a, b = pair(hello("1" * 16, (1, 2, 3)), hello("2" * 16, (1, 2, 3)))
+    a.events(), b.events()
+    push = Push(SHARD, bytes(8), (b"\x85\x6f\x4a\x83",))
+    b.receive_data(a.send(push), 1.0)
+    assert b.events() == [push]
+    old_a, old_b = pair(hello("1" * 16, (1, 2)), hello("2" * 16, (1, 2, 3)))
+    with pytest.raises(ProtocolError, match="version-2"):
+        old_a.send(push)
+    old_b.events()
+    old_b.receive_data(encode_frame(FrameType.PUSH, bytes([len(SHARD)]) + SHARD.encode() + bytes(8)
+                                    + b"\x00\x00\x00\x01\x01"), 1.0)
+    assert "PUSH on a version-2 link" in closed(old_b).reason
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b"", "no data"),
+    (bytes(8), "no change"),
+    (bytes(8) + b"\x00\x00", "no change"),
+    (bytes(8) + b"\x00\x00\x00\x00\x01", "zero or runs past"),
+    (bytes(8) + b"\x00\x00\x00\x05\x01", "zero or runs past"),
+    (bytes(8) + b"\x00\x00\x00\x01\x01\x00\x00", "truncated"),
+])
+def test_malformed_push_closes_with_reason(body: bytes, reason: str) -> None:
+    a, b = pair(hello("1" * 16, (3,)), hello("2" * 16, (3,)))
+    b.events()
+    b.receive_data(encode_frame(FrameType.PUSH, bytes([len(SHARD)]) + SHARD.encode() + body), 1.0)
+    assert reason in closed(b).reason

@@ -11,8 +11,11 @@ import pytest
 from meshpos import envelope
 from meshpos.ledger import entry_bytes
 from meshpos.link.memnet import MemNetwork
-from meshpos.link.protocol import Hello, LinkConnection, Sync, Snapshot
+from meshpos.ledger import shard_name
+from meshpos.link.frames import FrameDecoder, FrameType
+from meshpos.link.protocol import Hello, LinkConnection, Push, Sync, Snapshot
 from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
+from meshpos.sync import MAX_ORPHAN_PUSHES, SyncConfig
 
 
 @pytest.fixture
@@ -87,10 +90,10 @@ def test_restart_resumes(tmp_path: Path, clock) -> None:  # type: ignore[no-unty
     assert_identical([a, b])
 
 
-def _hostile_peer(victim: SimNode, attacker: SimNode, clock):  # type: ignore[no-untyped-def]
+def _hostile_peer(victim: SimNode, attacker: SimNode, clock, versions: tuple[int, ...] = (1,)):  # type: ignore[no-untyped-def]
     """A raw protocol end speaking as ``attacker`` (a real enrolled node) with its own Automerge forks."""
     rep = attacker.replicator
-    conn = LinkConnection(Hello((1,), rep.site_id, rep.node_id, rep.role, {}), clock.monotonic())
+    conn = LinkConnection(Hello(versions, rep.site_id, rep.node_id, rep.role, {}), clock.monotonic())
     session = victim.replicator.open_session(label="hostile", expect_node=rep.node_id)
     session.receive_data(conn.start())
     conn.receive_data(session.data_to_send(), clock.monotonic())
@@ -180,3 +183,100 @@ def test_read_only_inspector_is_served_but_never_trusted(tmp_path: Path, clock) 
     sid2 = term.core.sell(501)["id"]
     net.pump()
     assert sid2 in insp.sale_ids()
+
+
+def _frame_types(data: bytes) -> list[FrameType]:
+    dec = FrameDecoder()
+    dec.receive_data(data)
+    types = []
+    while (frame := dec.next_frame()) is not None:
+        types.append(frame.type)
+    return types
+
+
+def test_a_new_sale_crosses_a_link_as_one_push_frame_with_no_answer(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    a, b = _nodes(tmp_path, clock, 2)
+    a.core.sell(100)
+    net = MemNetwork()
+    link = net.connect(a.replicator, b.replicator)
+    net.pump()
+    assert link.a.conn.version == 3
+    seen: list[bytes] = []
+
+    def record(data: bytes) -> bytes:
+        seen.append(data)
+        return data
+
+    back = link.bytes_ba
+    sid = a.core.sell(101)["id"]
+    net.pump(mangle=record)
+    assert sid in b.sale_ids()
+    assert link.bytes_ba == back  # B answers nothing: its digest matched A's
+    assert [t for data in seen for t in _frame_types(data)] == [FrameType.PUSH]
+    assert_identical([a, b])
+
+
+def test_push_with_a_missing_dependency_is_repaired_by_sync(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    a, b = _nodes(tmp_path, clock, 2)
+    net = MemNetwork()
+    link = net.connect(a.replicator, b.replicator)
+    net.pump()
+    lost = a.core.sell(100)["id"]
+    assert link.a.data_to_send()  # the PUSH of the first sale never reaches B
+    later = a.core.sell(101)["id"]
+    net.pump()
+    assert {lost, later} <= b.sale_ids()
+    assert_identical([a, b])
+
+
+def test_mixed_link_versions_converge(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    """A version-2 node (sync only) between version-3 nodes relays both ways."""
+    site = make_site(tmp_path / "site")
+    versions = [(1, 2, 3), (1, 2), (1, 2, 3), (1, 2, 3)]
+    nodes = [SimNode.open(enroll(site, tmp_path / f"n{i}", f"t{i}"), clock, SyncConfig(versions=v))
+             for i, v in enumerate(versions)]
+    net = MemNetwork()
+    links = [net.connect(x.replicator, y.replicator) for x, y in zip(nodes, nodes[1:])]
+    net.pump()
+    assert [link.a.conn.version for link in links] == [2, 2, 3]
+    ids = [nodes[0].core.sell(100)["id"], nodes[3].core.sell(200)["id"], nodes[1].core.sell(300)["id"]]
+    net.pump()
+    assert_identical(nodes)
+    for node in nodes:
+        assert set(ids) <= node.sale_ids()
+
+
+def test_peer_pushing_changes_that_never_apply_is_cut_off(tmp_path: Path, clock, caplog) -> None:  # type: ignore[no-untyped-def]
+    victim, attacker = _nodes(tmp_path, clock, 2)
+    doc = am.Document(bytes.fromhex(attacker.core.node_id) + b"\x03" * 8)
+    for i in range(2):
+        with doc.transaction() as tx:
+            tx.put(am.ROOT, f"junk/{i}", am.ScalarType.Bytes, b"x")
+    orphan = doc.get_changes([])[1].bytes  # its dependency is never sent
+    shard = shard_name(attacker.core.node_id, 9 * 256)
+    conn, session = _hostile_peer(victim, attacker, clock, versions=(3,))
+    caplog.set_level(logging.WARNING)
+    for _ in range(MAX_ORPHAN_PUSHES + 1):
+        session.receive_data(conn.send(Push(shard, b"\x01" * 8, (orphan,))))
+        assert session.data_to_send() is not None
+    assert session.closed and "do not apply" in (session.close_reason or "")
+    assert session not in victim.replicator.sessions
+
+
+def test_push_from_a_read_only_peer_is_ignored(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    term, insp, other = _nodes(tmp_path, clock, 3, ["terminal", "inspector", "terminal"])
+    net = MemNetwork()
+    link = net.connect(term.replicator, insp.replicator)
+    net.pump()
+    before = term.entries()
+    sid = other.core.sell(100)["id"]  # a valid sale the terminal has not seen, carried by the inspector
+    key, raw = next((k, r) for k, r in other.entries() if sid in k)
+    shard = shard_name(insp.core.node_id, 5 * 256)  # a new shard: the change needs nothing else
+    doc = am.Document(bytes.fromhex(insp.core.node_id) + b"\x04" * 8)
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
+    changes = [c.bytes for c in doc.get_changes([])]
+    link.a.receive_data(link.b.conn.send(Push(shard, b"\x00" * 8, tuple(changes))))
+    assert not link.a.closed
+    assert term.entries() == before and sid not in term.sale_ids()
+    assert shard not in term.core.ledger.docs and not term.core.store.parked()  # not even held for later

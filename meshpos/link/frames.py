@@ -30,6 +30,7 @@ class FrameType(enum.IntEnum):
     PONG = 7
     GOODBYE = 8
     STATUS = 9  # version 2 links only
+    PUSH = 10  # version 3 links only
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ States and transitions (the only ones):
     AWAIT_HELLO --no HELLO within hello_timeout (tick)----------------> CLOSED
     OPEN        --recv SUMMARY/SYNC/SNAPSHOT/HAVE/PING/PONG-----------> OPEN    (event)
     OPEN        --recv STATUS on a version-1 link---------------------> CLOSED
+    OPEN        --recv PUSH on a version-1 or -2 link-----------------> CLOSED
     OPEN        --recv HELLO------------------------------------------> CLOSED  (out of order)
     OPEN        --recv PONG with no PING outstanding / wrong nonce----> CLOSED
     OPEN        --nothing received within idle_timeout (tick)---------> CLOSED
@@ -41,8 +42,9 @@ from ..errors import EncodingError, ProtocolError
 from ..ledger import valid_shard_name
 from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 STATUS_VERSION = 2  # the first version with STATUS frames
+PUSH_VERSION = 3  # the first version with PUSH frames
 MAX_STATUS = 8192  # one signed envelope (protocols/envelope.md)
 HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 45.0
@@ -51,6 +53,8 @@ FRAME_TIMEOUT = 60.0
 MAX_REASON = 512
 ROLES = ("terminal", "gateway", "inspector")
 _NONCE = struct.Struct(">Q")
+_LENGTH = struct.Struct(">I")
+DIGEST_LEN = 8
 
 
 class LinkState(enum.Enum):
@@ -103,6 +107,16 @@ class Have:
 
 
 @dataclass(frozen=True)
+class Push:
+    """New Automerge changes of one shard (version 3 links): ``digest`` is the sender's heads
+    digest of the shard once they are applied; nothing is answered unless it differs from ours."""
+
+    shard: str
+    digest: bytes
+    changes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
 class Ping:
     nonce: int
 
@@ -132,8 +146,9 @@ class Closed:
     error: bool = False  # the peer broke the protocol or timed out
 
 
-Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Ping, Pong, Status, Closed]
-Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Ping, Pong, Status, Goodbye]
+Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Push, Ping, Pong, Status, Closed]
+Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Push, Ping, Pong, Status, Goodbye]
+MIN_VERSION: dict[type, int] = {Status: STATUS_VERSION, Push: PUSH_VERSION}  # frames later versions added
 
 
 # -- payload layouts ------------------------------------------------------------------
@@ -195,6 +210,11 @@ def encode_event(event: Sendable) -> bytes:
         return encode_frame(FrameType.SNAPSHOT, _shard_payload(event.shard, event.data))
     if isinstance(event, Have):
         return encode_frame(FrameType.HAVE, canonical.encode({"shards": _digests_to_json(event.shards)}))
+    if isinstance(event, Push):
+        if len(event.digest) != DIGEST_LEN or not event.changes:
+            raise ProtocolError("PUSH needs an 8-byte digest and at least one change")
+        body = b"".join(_LENGTH.pack(len(c)) + c for c in event.changes)
+        return encode_frame(FrameType.PUSH, _shard_payload(event.shard, event.digest + body))
     if isinstance(event, Ping):
         return encode_frame(FrameType.PING, _NONCE.pack(event.nonce))
     if isinstance(event, Pong):
@@ -213,6 +233,23 @@ def _json_object(payload: bytes, keys: set[str], what: str) -> dict[str, Any]:
     if not isinstance(obj, dict) or set(obj) != keys:
         raise EncodingError(f"{what} must be an object with exactly {sorted(keys)}")
     return obj
+
+
+def _parse_push(payload: bytes) -> Push:
+    shard, data = _parse_shard_payload(payload)
+    if len(data) < DIGEST_LEN + _LENGTH.size:
+        raise EncodingError("PUSH carries no change")
+    digest, changes, at = data[:DIGEST_LEN], [], DIGEST_LEN
+    while at < len(data):
+        if len(data) - at < _LENGTH.size:
+            raise EncodingError("PUSH change length is truncated")
+        (n,) = _LENGTH.unpack_from(data, at)
+        at += _LENGTH.size
+        if n == 0 or n > len(data) - at:
+            raise EncodingError("PUSH change length is zero or runs past the payload")
+        changes.append(data[at:at + n])
+        at += n
+    return Push(shard, digest, tuple(changes))
 
 
 def decode_frame(frame: Frame) -> Sendable:
@@ -248,11 +285,17 @@ def decode_frame(frame: Frame) -> Sendable:
         if not 0 < len(p) <= MAX_STATUS:
             raise EncodingError(f"STATUS payload must be 1..{MAX_STATUS} bytes")
         return Status(p)
+    if t is FrameType.PUSH:
+        return _parse_push(p)
     if t is FrameType.GOODBYE:
         if len(p) > MAX_REASON:
             raise EncodingError("GOODBYE reason too long")
         return Goodbye(p.decode("utf-8", errors="replace"))
     raise EncodingError(f"unhandled frame type {t!r}")  # pragma: no cover - FrameType is closed
+
+
+def _min_version(event: Sendable) -> int:
+    return MIN_VERSION.get(type(event), 1)
 
 
 # -- the machine ------------------------------------------------------------------------
@@ -313,8 +356,8 @@ class LinkConnection:
             self._hello_sent = True
         elif self.state is not LinkState.OPEN or not self._hello_sent:
             raise ProtocolError(f"cannot send {type(event).__name__} before the link is open")
-        elif isinstance(event, Status) and (self.version or 0) < STATUS_VERSION:
-            raise ProtocolError(f"cannot send STATUS on a version-{self.version} link")
+        elif (self.version or 0) < _min_version(event):
+            raise ProtocolError(f"cannot send {type(event).__name__} on a version-{self.version} link")
         return self._count(encode_event(event))
 
     def _count(self, data: bytes) -> bytes:
@@ -416,8 +459,8 @@ class LinkConnection:
         if isinstance(event, Hello):
             self._fail("second HELLO")
             return
-        if isinstance(event, Status) and (self.version or 0) < STATUS_VERSION:
-            self._fail(f"STATUS on a version-{self.version} link")
+        if (self.version or 0) < _min_version(event):
+            self._fail(f"{frame.type.name} on a version-{self.version} link")
             return
         if isinstance(event, Pong):
             if self._ping_out is None or self._ping_out[0] != event.nonce:
