@@ -15,6 +15,7 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import zlib
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ class Store:
         self._depth = 0
         self._held = False
         self._flushed_changes = 0
+        self._wal_fd: int | None = None
         self.on_dirty: Callable[[], None] | None = None
 
     # -- opening -----------------------------------------------------------------
@@ -184,31 +186,64 @@ class Store:
         still means "on disk"."""
         if self._held or self._depth:
             raise StoreError("hold() inside a transaction")
+        # Held commits do not fsync by themselves (synchronous=NORMAL: SQLite still syncs around
+        # checkpoints); durability comes from sync_wal(), which the running node calls off its
+        # event loop and flush() calls inline.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
         self.conn.execute("BEGIN")
+        self.conn.execute("SELECT count(*) FROM meta").fetchone()  # the WAL file exists from here on
+        try:
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.conn.execute("ROLLBACK")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            raise StoreError(f"{self.path}-wal: cannot open the write-ahead log: {exc}") from exc
         self._held, self._depth = True, 1
         self._flushed_changes = self.conn.total_changes
 
-    def flush(self) -> None:
-        """Make everything written so far durable (COMMIT with synchronous=FULL)."""
+    def commit(self) -> bool:
+        """COMMIT what was written under hold(), without waiting for the disk (then sync_wal()).
+        False if nothing was written since the last commit."""
         if not self._held:
-            return
+            return False
         if self._depth != 1:
-            raise StoreError("flush() inside a transaction")
+            raise StoreError("commit inside a nested transaction")
         if self.conn.total_changes == self._flushed_changes:
-            return
+            return False
         try:
             self.conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: commit failed: {exc}") from exc
         self.conn.execute("BEGIN")
         self._flushed_changes = self.conn.total_changes
+        return True
+
+    def sync_wal(self) -> None:
+        """Wait until every committed transaction is on disk: fdatasync of the WAL file, what
+        synchronous=FULL does at each COMMIT. Touches no SQLite state, so a worker thread may run
+        it while the connection goes on."""
+        if self._wal_fd is None:
+            raise StoreError("sync_wal() without hold()")
+        try:
+            os.fdatasync(self._wal_fd)
+        except OSError as exc:
+            raise StoreError(f"{self.path}-wal: cannot sync to disk: {exc}") from exc
+
+    def flush(self) -> None:
+        """Make everything written so far durable before returning."""
+        if self.commit():
+            self.sync_wal()
 
     def release(self) -> None:
         if not self._held:
             return
         self.flush()
         self.conn.execute("COMMIT")
+        self.conn.execute("PRAGMA synchronous=FULL")
         self._held, self._depth = False, 0
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
 
     # -- meta -------------------------------------------------------------------
 

@@ -30,6 +30,46 @@ def test_sale_is_durable_before_it_is_returned(make_node, clock) -> None:
         reopened.close()
 
 
+def test_held_store_syncs_the_wal_before_a_sale_returns_and_only_off_loop_otherwise(
+        make_node, clock, monkeypatch) -> None:
+    """Under hold() (the running node) COMMIT no longer fsyncs by itself: flush() (what a sale
+    calls before it is acknowledged) must fdatasync the WAL after its COMMIT; commit() alone
+    must not touch the disk (the group commit does that on a worker thread)."""
+    import os
+    path = make_node("t1")
+    core = NodeCore.open(path, clock)
+    store = core.store
+    log: list[str] = []
+    real_fdatasync = os.fdatasync
+    store.conn.set_trace_callback(lambda sql: log.append(sql) if sql in ("COMMIT", "BEGIN") else None)
+
+    def fdatasync(fd: int) -> None:
+        assert os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(f"{store.path}-wal")
+        log.append("fdatasync")
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    store.hold()
+    try:
+        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        log.clear()
+        sale = core.sell(1250)
+        assert log[-3:] == ["COMMIT", "BEGIN", "fdatasync"], log
+        log.clear()
+        with store.transaction():
+            store.set_meta("probe", "1")
+        assert store.commit() and log == ["COMMIT", "BEGIN"]
+        assert not store.commit()  # nothing new: no COMMIT at all
+        store.sync_wal()
+        assert log[-1] == "fdatasync"
+    finally:
+        store.release()
+        core.close()
+    reopened = NodeCore.open(path, clock)
+    assert reopened.sale(sale["id"]) is not None
+    reopened.close()
+
+
 def test_directory_is_locked_against_a_second_process(make_node, open_node) -> None:
     path = make_node("t1")
     open_node(path)

@@ -119,7 +119,8 @@ class NodeService:
 
     async def _group_commit(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Entries that links bring in are made durable together, GROUP_COMMIT_S after the
-        first of them: one fsync for many sync messages (storage.md, "Group commit")."""
+        first of them: one fsync for many sync messages, waited for on a worker thread so the
+        event loop goes on serving links meanwhile (storage.md, "Group commit")."""
         store = self.core.store
         dirty = trio.Event()
 
@@ -133,7 +134,8 @@ class NodeService:
                 await dirty.wait()
                 dirty = trio.Event()
                 await trio.sleep(GROUP_COMMIT_S)
-                store.flush()
+                if store.commit():
+                    await trio.to_thread.run_sync(store.sync_wal)
         finally:
             store.on_dirty = None
             store.release()
