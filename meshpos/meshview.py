@@ -22,6 +22,18 @@ from typing import Any
 STALE_FACTOR = 3
 MIN_STALE_MS = 5_000
 DEFAULT_EVERY_MS = 10_000
+
+
+MAX_EVERY_MS = 60_000
+
+
+def stale_after_ms(status: dict[str, Any]) -> int:
+    """How long after it was made a status stops being fresh (a period that is not a sane
+    integer counts as the default one)."""
+    every = status.get("every_ms")
+    if not isinstance(every, int) or isinstance(every, bool) or not 0 < every <= MAX_EVERY_MS:
+        every = DEFAULT_EVERY_MS
+    return max(MIN_STALE_MS, STALE_FACTOR * every)
 UNSEEN_WARN_MS = 60_000  # "not heard from for a while"
 NON_NODE_ROLES = frozenset({"inspector"})
 
@@ -80,9 +92,7 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         if role in NON_NODE_ROLES or (k.revoked and st is None):
             continue
         at = st.get("at") if st else None
-        every = (st or {}).get("every_ms") or DEFAULT_EVERY_MS
-        stale_after = max(MIN_STALE_MS, STALE_FACTOR * int(every))
-        is_fresh = at is not None and now_ms - int(at) <= stale_after
+        is_fresh = at is not None and now_ms - int(at) <= stale_after_ms(st or {})
         if is_fresh:
             fresh.add(node_id)
         pend = (st or {}).get("pending") or {}

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from . import envelope as env_mod
 from .clock import Clock
 from .errors import EncodingError, MeshposError, VerificationError
+from .meshview import stale_after_ms
 from .roster import Roster, UnknownSigner
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class StatusBoard:
         self.on_new: list[Callable[[NodeStatus], None]] = []
         self.rejected = 0
         self._parked: dict[str, bytes] = {}
+        self._links: dict[str, tuple[NodeStatus, frozenset[str]]] = {}
 
     def attach(self, replicator: "Replicator") -> None:
         self.replicator = replicator
@@ -79,6 +81,20 @@ class StatusBoard:
 
     def known(self) -> list[bytes]:
         return [s.raw for s in self.statuses.values()]
+
+    def links_of(self, node_id: str) -> frozenset[str]:
+        """The nodes ``node_id`` is linked to, by its status, if that arrived recently enough to
+        trust (``meshview.stale_after_ms``, on our clock); else none."""
+        status = self.statuses.get(node_id)
+        if status is None or self.clock.now_ms() - status.received_at_ms > stale_after_ms(status.body):
+            return frozenset()
+        cached = self._links.get(node_id)
+        if cached is None or cached[0] is not status:
+            links = status.body.get("links")
+            nodes = frozenset(str(link.get("node")) for link in links if isinstance(link, dict)) \
+                if isinstance(links, list) else frozenset()
+            cached = self._links[node_id] = (status, nodes)
+        return cached[1]
 
     def received(self, raw: bytes, session: "SyncSession | None") -> None:
         status = self.offer(raw, session.label if session is not None else "local")

@@ -120,6 +120,8 @@ class StatusGossip(Protocol):
 
     def known(self) -> list[bytes]: ...
 
+    def links_of(self, node_id: str) -> frozenset[str]: ...
+
 
 class Replicator:
     """The node-wide side: owns the ledger hook and the set of live sessions."""
@@ -198,10 +200,17 @@ class Replicator:
 
     def _on_changes(self, shard: str, changes: list[bytes] | None) -> None:
         # Not back to the link they came from: a SYNC there is answered by its own exchange, a
-        # PUSH needs nothing.
+        # PUSH needs nothing. Nor to the neighbours of the peer they came from: it pushed them
+        # to all of its links itself (its status lists them).
+        origin = self._origin
+        theirs = self._links_of(origin.peer_node) if origin is not None and origin.peer_node else frozenset()
         for session in self.sessions:
-            if session is not self._origin:
+            if session is not origin and session.peer_node not in theirs:
                 session.local_change(shard, changes)
+
+    def _links_of(self, node_id: str) -> frozenset[str]:
+        gossip = self.gossip
+        return gossip.links_of(node_id) if gossip is not None else frozenset()
 
     def broadcast_status(self, raw: bytes, exclude: "SyncSession | None" = None) -> int:
         """Send one status envelope on every open version-2 link but ``exclude``; how many got it."""

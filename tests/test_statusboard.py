@@ -97,3 +97,22 @@ def test_view_finds_stale_nodes_partitions_and_closing_windows() -> None:
     view = analyze(late, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     assert any("offline window closes in 2 h" in w for w in view["warnings"]), view["warnings"]
     assert view["totals"]["pending"] == 2 and view["totals"]["window_left_s"] == 2 * 3600
+
+
+def test_links_of_trusts_only_a_recent_status_and_survives_junk(
+        make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore], clock: FakeClock) -> None:
+    t1, t2 = open_node(make_node("T1")), open_node(make_node("T2"))
+    t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "peer")
+    board = StatusBoard(t1.roster, clock)
+    assert board.links_of(t2.node_id) == frozenset()
+    raw = envelope.seal("status", t2.node_id, {"status": st(clock.now_ms(), [A, B], every=2000)}, t2.key)
+    assert board.offer(raw, "x") is not None
+    assert board.links_of(t2.node_id) == {A, B}
+    clock.advance(6.0)  # 3 x every_ms: still fresh
+    assert board.links_of(t2.node_id) == {A, B}
+    clock.advance(0.5)
+    assert board.links_of(t2.node_id) == frozenset()  # stale: forwarding must not rely on it
+    junk = st(clock.now_ms(), [], every=2000)
+    junk["links"], junk["every_ms"] = "everyone", "soon"
+    assert board.offer(envelope.seal("status", t2.node_id, {"status": junk}, t2.key), "x") is not None
+    assert board.links_of(t2.node_id) == frozenset()

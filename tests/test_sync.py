@@ -280,3 +280,40 @@ def test_push_from_a_read_only_peer_is_ignored(tmp_path: Path, clock) -> None:  
     assert not link.a.closed
     assert term.entries() == before and sid not in term.sale_ids()
     assert shard not in term.core.ledger.docs and not term.core.store.parked()  # not even held for later
+
+
+class _Links:
+    """Status gossip reduced to what forwarding reads: who each node says it is linked to."""
+
+    def __init__(self, links: dict[str, frozenset[str]]) -> None:
+        self.links = links
+
+    def known(self) -> list[bytes]:
+        return []
+
+    def received(self, raw: bytes, session) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def links_of(self, node_id: str) -> frozenset[str]:
+        return self.links.get(node_id, frozenset())
+
+
+def test_no_push_to_a_neighbour_of_the_peer_it_came_from(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    """A-B, A-C, B-C: a sale of A reaches B and C from A; B does not send it on to C, which A's
+    status says A is linked to. Without that status (stale, or none), B does."""
+    a, b, c = _nodes(tmp_path, clock, 3)
+    ids = [n.core.node_id for n in (a, b, c)]
+    net = MemNetwork()
+    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
+    net.pump()
+    for trusted in (True, False):
+        links = {ids[0]: frozenset(ids[1:])} if trusted else {}
+        for node in (a, b, c):
+            node.replicator.gossip = _Links(links)
+        before = bc.bytes_ab
+        sid = a.core.sell(100)["id"]
+        ab.deliver()  # A's pushes reach B first
+        net.pump()
+        assert sid in c.sale_ids()
+        assert (bc.bytes_ab == before) is trusted
+        assert_identical([a, b, c])
