@@ -201,6 +201,10 @@ class Store:
         self._held, self._depth = True, 1
         self._flushed_changes = self.conn.total_changes
 
+    @property
+    def held(self) -> bool:
+        return self._held
+
     def commit(self) -> bool:
         """COMMIT what was written under hold(), without waiting for the disk (then sync_wal()).
         False if nothing was written since the last commit."""

@@ -37,6 +37,7 @@ Nothing here does I/O: bytes in with ``receive_data``, bytes out with
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -368,8 +369,10 @@ class SyncSession:
         # Every frame that arrived together is taken in ONE store transaction: one fsync per
         # read from the socket instead of one per sync message (the node's hottest cost).
         self.replicator._origin = self
+        store = self.ledger.store
         try:
-            with self.ledger.store.transaction():
+            # (a held store, the running node, commits in groups anyway: no savepoint per read)
+            with contextlib.nullcontext() if store.held else store.transaction():
                 self._process_events()
         finally:
             self.replicator._origin = None

@@ -80,9 +80,9 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) 
                 cause = exc.__cause__ or exc
                 log.info("link %s: read failed: %s", session.label, cause)
                 data = b""
-            session.receive_data(data)
-            wake.set()
-            if not data:
+            session.receive_data(data)  # calls wakeup() itself when there is something to send
+            if not data or session.closed:
+                wake.set()
                 return
 
     try:
