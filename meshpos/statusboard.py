@@ -19,6 +19,7 @@ No I/O here: time comes from the injected Clock, sending is the Replicator's.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_PARKED = 256
 MAX_NODES = 4096
+MAX_SEEN = 16384
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class StatusBoard:
         self.rejected = 0
         self._parked: dict[str, bytes] = {}
         self._links: dict[str, tuple[NodeStatus, frozenset[str]]] = {}
+        self._seen: set[bytes] = set()  # digests of statuses taken or refused for good
 
     def attach(self, replicator: "Replicator") -> None:
         self.replicator = replicator
@@ -112,6 +115,12 @@ class StatusBoard:
 
     def offer(self, raw: bytes, origin: str) -> NodeStatus | None:
         """Take ``raw`` if it verifies and is newer than what we hold; the new NodeStatus or None."""
+        # A flood brings the same bytes over several links: known ones cost a hash, not a decode.
+        seen = hashlib.blake2b(raw, digest_size=16).digest()
+        if seen in self._seen:
+            return None
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
         now = self.clock.now_ms()
         try:
             env = env_mod.decode(raw)
@@ -120,20 +129,23 @@ class StatusBoard:
             status = check_status_body(env.body)
             current = self.statuses.get(env.signer)
             if current is not None and current.at >= status["at"]:
+                self._seen.add(seen)
                 return None
             if current is None and len(self.statuses) >= MAX_NODES:
                 raise VerificationError("too many nodes on the status board")
             self.roster.verify(env, now)
             if self.roster.identity(env.signer).role == "inspector":
                 raise VerificationError("inspectors publish no status")
-        except UnknownSigner:
+        except UnknownSigner:  # not remembered as seen: it is tried again when the certificate comes
             if len(self._parked) < MAX_PARKED or env.signer in self._parked:
                 self._parked[env.signer] = raw
             return None
         except (MeshposError, KeyError, ValueError) as exc:
+            self._seen.add(seen)
             self.rejected += 1
             log.info("status from %s refused: %s", origin, exc)
             return None
+        self._seen.add(seen)
         self._parked.pop(env.signer, None)
         node = NodeStatus(env.signer, status, raw, now)
         self.statuses[env.signer] = node

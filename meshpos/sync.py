@@ -214,10 +214,12 @@ class Replicator:
         return gossip.links_of(node_id) if gossip is not None else frozenset()
 
     def broadcast_status(self, raw: bytes, exclude: "SyncSession | None" = None) -> int:
-        """Send one status envelope on every open version-2 link but ``exclude``; how many got it."""
+        """Send one status envelope on every open version-2 link but ``exclude`` and the links to
+        the nodes ``exclude``'s peer is linked to (it sent the status to them); how many got it."""
+        theirs = self._links_of(exclude.peer_node) if exclude is not None and exclude.peer_node else frozenset()
         sent = 0
         for session in list(self.sessions):
-            if session is not exclude and session.send_status(raw):
+            if session is not exclude and session.peer_node not in theirs and session.send_status(raw):
                 sent += 1
         return sent
 

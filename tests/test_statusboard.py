@@ -61,6 +61,7 @@ def test_board_keeps_the_newest_verified_status_and_refuses_inspectors(
     obj = canonical.decode(seal(t2, now + 10))
     obj["body"]["status"]["at"] = now + 100  # newer, but the signature is of another body
     assert board.offer(canonical.encode(obj), "x") is None and board.rejected == 1
+    assert board.offer(canonical.encode(obj), "y") is None and board.rejected == 1  # the same bytes again: known
     t1.ingest(insp.ledger.raw(f"cert/{insp.node_id}"), "peer")
     assert board.offer(seal(insp, now), "x") is None and insp.node_id not in board.statuses
 

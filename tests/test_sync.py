@@ -317,3 +317,17 @@ def test_no_push_to_a_neighbour_of_the_peer_it_came_from(tmp_path: Path, clock) 
         assert sid in c.sale_ids()
         assert (bc.bytes_ab == before) is trusted
         assert_identical([a, b, c])
+
+
+def test_status_is_not_relayed_to_the_neighbours_of_the_peer_it_came_from(tmp_path: Path, clock) -> None:  # type: ignore[no-untyped-def]
+    a, b, c, d = _nodes(tmp_path, clock, 4)
+    net = MemNetwork()
+    ab = net.connect(a.replicator, b.replicator)
+    for other in (c, d):
+        net.connect(b.replicator, other.replicator)
+    net.pump()
+    from_a = ab.b  # B's end of the link to A
+    b.replicator.gossip = _Links({a.core.node_id: frozenset({b.core.node_id, c.core.node_id})})
+    assert b.replicator.broadcast_status(b"{}", exclude=from_a) == 1  # D only: A sent it to C itself
+    b.replicator.gossip = _Links({})
+    assert b.replicator.broadcast_status(b"{}", exclude=from_a) == 2
