@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
+PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
 
@@ -385,8 +386,10 @@ class Ledger:
             self.roster.forget_presigned()
 
     def _presign(self, found: list[tuple[str, object]]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
-        """Decode the new entries of a big merge and check their signatures on all cores."""
+        """Decode the new entries of a big merge; their signatures go to the helper process a
+        batch at a time, so it checks the first ones while this one decodes the rest."""
         decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
+        batch: list[env_mod.Envelope] = []
         for key, got in found:
             if key in self.index:
                 continue
@@ -394,10 +397,15 @@ class Ledger:
             if raw is None:
                 continue
             try:
-                decoded[key] = (raw, env_mod.decode(raw))
+                env = env_mod.decode(raw)
             except EncodingError:
                 continue
-        self.roster.presign([env for _, env in decoded.values()])
+            decoded[key] = (raw, env)
+            batch.append(env)
+            if len(batch) == PRESIGN_BATCH:
+                self.roster.presign(batch)
+                batch = []
+        self.roster.presign(batch)
         return decoded
 
     def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
