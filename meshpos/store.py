@@ -15,6 +15,7 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import zlib
 from dataclasses import dataclass
@@ -23,7 +24,11 @@ from typing import Any, Callable, Iterator
 
 from .errors import CorruptStoreError, StoreError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
+CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
 APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
 
 SCHEMA = """
@@ -86,6 +91,7 @@ class Store:
         self._depth = 0
         self._held = False
         self._flushed_changes = 0
+        self._checkpoint_mark = 0
         self.on_dirty: Callable[[], None] | None = None
 
     # -- opening -----------------------------------------------------------------
@@ -184,6 +190,7 @@ class Store:
         still means "on disk"."""
         if self._held or self._depth:
             raise StoreError("hold() inside a transaction")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() does it, beside the writer
         self.conn.execute("BEGIN")
         self._held, self._depth = True, 1
         self._flushed_changes = self.conn.total_changes
@@ -209,6 +216,28 @@ class Store:
         self.flush()
         self.conn.execute("COMMIT")
         self._held, self._depth = False, 0
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+
+    def checkpoint_due(self) -> bool:
+        """Under ``hold()``, where SQLite no longer checkpoints by itself: True once per
+        CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval); the caller
+        then runs ``checkpoint()``."""
+        if self.conn.total_changes - self._checkpoint_mark < CHECKPOINT_ROWS:
+            return False
+        self._checkpoint_mark = self.conn.total_changes
+        return True
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, on a connection of its own, so a
+        worker thread can do it while this one goes on writing (PASSIVE: it never waits for or
+        blocks the writer). Under ``hold()`` nothing else checkpoints."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.DatabaseError as exc:
+            log.warning("%s: checkpoint failed: %s", self.path, exc)
+        finally:
+            conn.close()
 
     # -- meta -------------------------------------------------------------------
 

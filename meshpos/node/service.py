@@ -119,7 +119,8 @@ class NodeService:
 
     async def _group_commit(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Entries that links bring in are made durable together, GROUP_COMMIT_S after the
-        first of them: one fsync for many sync messages (storage.md, "Group commit")."""
+        first of them: one fsync for many sync messages (storage.md, "Group commit"). The
+        write-ahead log is checkpointed here too, in a worker thread, not inside a commit."""
         store = self.core.store
         dirty = trio.Event()
 
@@ -134,6 +135,8 @@ class NodeService:
                 dirty = trio.Event()
                 await trio.sleep(GROUP_COMMIT_S)
                 store.flush()
+                if store.checkpoint_due():  # in a thread: the node goes on meanwhile
+                    await trio.to_thread.run_sync(store.checkpoint)
         finally:
             store.on_dirty = None
             store.release()
