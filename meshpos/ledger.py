@@ -375,6 +375,7 @@ class Ledger:
         """Verify what a merge brought: the keys it touched, or (None) every key of the shard."""
         doc = self.docs[shard]
         now = self.clock.now_ms()
+        found: list[tuple[str, object]]
         if keys is None:  # every value in one call: far cheaper than a get per key
             found = list(zip(doc.keys(am.ROOT), doc.values(am.ROOT)))
         else:

@@ -30,7 +30,7 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import BinaryIO
+from typing import IO
 
 from . import keys
 from ..errors import VerificationError
@@ -78,7 +78,7 @@ class SigChecker:
         if proc is None or not all(len(pk) == keys.KEY_LEN and len(sig) == keys.SIG_LEN for pk, _, sig in jobs):
             batch.answers = b""
             return batch
-        parts = []
+        parts: list[bytes] = []
         for pk, msg, sig in jobs:
             parts += (pk, sig, U32.pack(len(msg)), msg)
         body = b"".join(parts)
@@ -156,7 +156,7 @@ class SigChecker:
         self.close()
 
 
-def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+def _read_exactly(stream: IO[bytes], n: int) -> bytes:
     data = bytearray()
     while len(data) < n:
         got = stream.read(n - len(data))
@@ -189,7 +189,7 @@ def close() -> None:
         helper.close()
 
 
-def serve(inp: BinaryIO, out: BinaryIO) -> None:
+def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     """The helper's side: answer batches until the input ends."""
     while len(head := _read_exactly(inp, U32.size)) == U32.size:
         body = _read_exactly(inp, U32.unpack(head)[0])
