@@ -43,9 +43,13 @@ def encode(value: Any) -> bytes:
     return dumps_trusted(value)
 
 
+# built once: a JSONEncoder or JSONDecoder costs more to make than a ledger entry costs to parse
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps_trusted(value: Any) -> bytes:
     """Encode a value already known to hold only canonical types (it came from ``decode``)."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
 
 
 def _reject_float(text: str) -> Any:
@@ -59,12 +63,14 @@ def _checked_int(text: str) -> int:
     return value
 
 
+_DECODER = json.JSONDecoder(parse_float=_reject_float, parse_constant=_reject_float, parse_int=_checked_int)
+
+
 def decode(data: bytes) -> Any:
     """Parse canonical JSON. The parser itself refuses floats and out-of-range integers and
     only builds JSON types, so the re-encoding that proves canonical form needs no type walk."""
     try:
-        value = json.loads(data.decode("utf-8"), parse_float=_reject_float, parse_constant=_reject_float,
-                           parse_int=_checked_int)
+        value = _DECODER.decode(data.decode("utf-8"))
         again = dumps_trusted(value)
     except EncodingError:
         raise

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
+PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
 
@@ -360,10 +361,15 @@ class Ledger:
             other = am.Document.load(data)
         except Exception as exc:
             raise EncodingError(f"bad Automerge snapshot for shard {shard}: {exc}") from exc
-        doc = self._doc(shard)
-        before = doc.get_heads()
-        doc.merge(other)
-        return self._after_merge(shard, before, peer)
+        doc = self.docs.get(shard)
+        if doc is not None and doc.get_heads():
+            before = doc.get_heads()
+            doc.merge(other)
+            return self._after_merge(shard, before, peer)
+        # a shard new to this node (a fresh node's bootstrap): the loaded document is the shard
+        other.set_actor(self.actor)
+        self.docs[shard] = other
+        return self._after_merge(shard, [], peer, received=data)
 
     def receive_push(self, shard: str, changes: list[bytes], peer: str) -> IngestReport:
         """Apply changes a peer pushed (a change whose dependencies are missing waits inside
@@ -378,9 +384,12 @@ class Ledger:
             raise EncodingError(f"Automerge refused pushed changes for shard {shard}: {exc}") from exc
         return self._after_merge(shard, before, peer)
 
-    def _after_merge(self, shard: str, before: list[bytes], peer: str) -> IngestReport:
+    def _after_merge(self, shard: str, before: list[bytes], peer: str, received: bytes | None = None) -> IngestReport:
+        """Verify, strip, re-assert and persist what a merge brought; ``received`` is the
+        snapshot a new shard was loaded from, stored as it is if the checks leave it unchanged."""
         doc = self.docs[shard]
-        if doc.get_heads() == before:
+        heads = doc.get_heads()
+        if heads == before:
             return IngestReport()
         report = IngestReport()
         touched = changed_keys(doc, before)
@@ -389,7 +398,10 @@ class Ledger:
                 self._scan(shard, peer, report, touched)
                 self._strip(shard, report)
                 self._reassert(shard, report, touched)
-                self._persist(shard, before)
+                if received is not None and doc.get_heads() == heads:
+                    self.store.put_snapshot(shard, received)  # save() would re-encode the very same document
+                else:
+                    self._persist(shard, before)
                 if any(v.env.type == "cert" for v in report.accepted):
                     self._retry_parked(report)
         except MeshposError:
@@ -408,37 +420,47 @@ class Ledger:
         """Verify what a merge brought: the keys it touched, or (None) every key of the shard."""
         doc = self.docs[shard]
         now = self.clock.now_ms()
-        todo = doc.keys(am.ROOT) if keys is None else sorted(keys)
-        decoded = self._presign(doc, todo) if len(todo) >= 32 else {}
+        found: list[tuple[str, object]]
+        if keys is None:  # every value in one call: far cheaper than a get per key
+            found = list(zip(doc.keys(am.ROOT), doc.values(am.ROOT)))
+        else:
+            found = [(key, doc.get(am.ROOT, key)) for key in sorted(keys)]
+        decoded = self._presign(found) if len(found) >= 32 else {}
         try:
-            self._scan_keys(doc, todo, shard, peer, report, now, decoded)
+            self._scan_keys(found, shard, peer, report, now, decoded)
         finally:
             self.roster.forget_presigned()
 
-    def _presign(self, doc: am.Document, keys: list[str]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
-        """Decode the new entries of a big merge and check their signatures on all cores."""
+    def _presign(self, found: list[tuple[str, object]]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
+        """Decode the new entries of a big merge; their signatures go to the helper process a
+        batch at a time, so it checks the first ones while this one decodes the rest."""
         decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
-        for key in keys:
+        batch: list[env_mod.Envelope] = []
+        for key, got in found:
             if key in self.index:
                 continue
-            raw = entry_bytes(doc.get(am.ROOT, key))
+            raw = entry_bytes(got)
             if raw is None:
                 continue
             try:
-                decoded[key] = (raw, env_mod.decode(raw))
+                env = env_mod.decode(raw)
             except EncodingError:
                 continue
-        self.roster.presign([env for _, env in decoded.values()])
+            decoded[key] = (raw, env)
+            batch.append(env)
+            if len(batch) == PRESIGN_BATCH:
+                self.roster.presign(batch)
+                batch = []
+        self.roster.presign(batch)
         return decoded
 
-    def _scan_keys(self, doc: am.Document, todo: list[str], shard: str, peer: str, report: IngestReport,
+    def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
                    now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]]) -> None:
-        for key in todo:
+        for key, got in found:
             pre = decoded.get(key)
             if pre is not None:
                 raw: bytes | None = pre[0]
             else:
-                got = doc.get(am.ROOT, key)
                 if got is None:  # deleted: _reassert puts it back if it is ours to keep
                     continue
                 raw = entry_bytes(got)

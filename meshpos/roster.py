@@ -9,30 +9,19 @@ origin (local, a peer, the switch).
 from __future__ import annotations
 
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from cryptography import x509
 
 from . import envelope as env_mod
 from .envelope import Envelope
 from .errors import VerificationError
-from .identity import certs, keys
+from .identity import certs, keys, sigcheck
 from .policy import SitePolicy
 
 log = logging.getLogger(__name__)
 
 UPLINK_ROLES = frozenset({"terminal", "gateway"})
-PRESIGN_MIN = 32  # below this, a thread hand-off costs more than it saves
-_WORKERS = max(1, min(4, os.cpu_count() or 1))
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(_WORKERS, thread_name_prefix="meshpos-verify")
-    return _POOL
+PRESIGN_MIN = 8  # below this, the hand-off to the helper process costs more than it saves
 
 
 class UnknownSigner(VerificationError):
@@ -71,7 +60,8 @@ class Roster:
         self.policy = policy
         self.identities: dict[str, certs.NodeIdentity] = {}
         self.revoked: dict[str, int] = {}
-        self._presigned: set[tuple[bytes, bytes]] = set()  # (public key, raw) whose signature verified
+        # (public key, raw) -> where the helper process answers for its signature
+        self._presigned: dict[tuple[bytes, bytes], tuple[sigcheck.Batch, int]] = {}
 
     # -- learning ---------------------------------------------------------------
 
@@ -109,40 +99,36 @@ class Roster:
     # -- signatures, checked in bulk when a whole shard arrives ---------------------------
 
     def _check_sig(self, env: Envelope, public_key: bytes) -> None:
-        if (public_key, env.raw) in self._presigned:
-            self._presigned.discard((public_key, env.raw))
+        pending = self._presigned.pop((public_key, env.raw), None)
+        if pending is not None and pending[0].valid(pending[1]):
             return
         env_mod.check_signature(env, public_key)
 
     def presign(self, envs: list[Envelope]) -> None:
-        """Check the Ed25519 signatures of many envelopes on all cores (libsodium releases the
-        GIL), ahead of ``verify``; the verdicts are only a cache: ``verify`` still runs every
-        rule, and an envelope whose signer is not known yet is left to it."""
-        jobs = []
+        """Have the Ed25519 signatures of many envelopes checked in the helper process while
+        this one goes on (``verify`` takes its answers as they come); the answers are only a
+        cache: ``verify`` still runs every rule, and an envelope whose signer is not known
+        yet is left to it."""
+        jobs, marks = [], []
         for env in envs:
             if env.type in ("revocation", "policy"):
-                jobs.append((self.ca_key, env))
+                public_key = self.ca_key
             elif env.type != "result" and env.signer in self.identities:
-                jobs.append((self.identities[env.signer].public_key, env))
+                public_key = self.identities[env.signer].public_key
+            else:
+                continue
+            jobs.append((public_key, env.signed_bytes(), env.sig))
+            marks.append((public_key, env.raw))
         if len(jobs) < PRESIGN_MIN:
             return
-
-        def check(batch: list[tuple[bytes, Envelope]]) -> list[tuple[bytes, bytes]]:
-            ok = []
-            for public_key, env in batch:
-                try:
-                    env_mod.check_signature(env, public_key)
-                except VerificationError:
-                    continue
-                ok.append((public_key, env.raw))
-            return ok
-
-        step = max(1, len(jobs) // _WORKERS)
-        for verified in _pool().map(check, [jobs[i:i + step] for i in range(0, len(jobs), step)]):
-            self._presigned.update(verified)
+        batch = sigcheck.submit(jobs)
+        for i, mark in enumerate(marks):
+            self._presigned[mark] = (batch, i)
 
     def forget_presigned(self) -> None:
-        self._presigned.clear()
+        if self._presigned:
+            self._presigned.clear()
+            sigcheck.settle()
 
     def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
         """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""

@@ -15,6 +15,7 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import zlib
@@ -24,7 +25,11 @@ from typing import Any, Callable, Iterator
 
 from .errors import CorruptStoreError, StoreError
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
+WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
+CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
 APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
 
 SCHEMA = """
@@ -88,6 +93,7 @@ class Store:
         self._held = False
         self._flushed_changes = 0
         self._wal_fd: int | None = None
+        self._checkpoint_mark = 0
         self.on_dirty: Callable[[], None] | None = None
 
     # -- opening -----------------------------------------------------------------
@@ -186,10 +192,11 @@ class Store:
         still means "on disk"."""
         if self._held or self._depth:
             raise StoreError("hold() inside a transaction")
-        # Held commits do not fsync by themselves (synchronous=NORMAL: SQLite still syncs around
-        # checkpoints); durability comes from sync_wal(), which the running node calls off its
+        # Held commits do not fsync by themselves (synchronous=NORMAL; checkpoint() syncs on its
+        # own connection); durability comes from sync_wal(), which the running node calls off its
         # event loop and flush() calls inline.
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() does it, beside the writer
         self.conn.execute("BEGIN")
         self.conn.execute("SELECT count(*) FROM meta").fetchone()  # the WAL file exists from here on
         try:
@@ -197,6 +204,7 @@ class Store:
         except OSError as exc:
             self.conn.execute("ROLLBACK")
             self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
             raise StoreError(f"{self.path}-wal: cannot open the write-ahead log: {exc}") from exc
         self._held, self._depth = True, 1
         self._flushed_changes = self.conn.total_changes
@@ -248,6 +256,28 @@ class Store:
         if self._wal_fd is not None:
             os.close(self._wal_fd)
             self._wal_fd = None
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+
+    def checkpoint_due(self) -> bool:
+        """Under ``hold()``, where SQLite no longer checkpoints by itself: True once per
+        CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval); the caller
+        then runs ``checkpoint()``."""
+        if self.conn.total_changes - self._checkpoint_mark < CHECKPOINT_ROWS:
+            return False
+        self._checkpoint_mark = self.conn.total_changes
+        return True
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, on a connection of its own, so a
+        worker thread can do it while this one goes on writing (PASSIVE: it never waits for or
+        blocks the writer). Under ``hold()`` nothing else checkpoints."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.DatabaseError as exc:
+            log.warning("%s: checkpoint failed: %s", self.path, exc)
+        finally:
+            conn.close()
 
     # -- meta -------------------------------------------------------------------
 

@@ -250,4 +250,25 @@ def test_bulk_merge_checks_signatures_in_parallel_and_still_refuses_forgeries(ma
     report = t2.ledger.receive_snapshot(shard, doc.save(), "hostile")
     assert [k for k, _ in report.rejected] == [f"sale/{forged_body['sale_id']}"]
     assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
-    assert t2.roster._presigned == set()
+    assert not t2.roster._presigned
+
+
+def test_a_held_store_checkpoints_only_when_told_on_a_connection_of_its_own(make_node, clock, monkeypatch) -> None:
+    from meshpos import store as store_mod
+    monkeypatch.setattr(store_mod, "CHECKPOINT_ROWS", 50)
+    core = NodeCore.open(make_node("t1"), clock)
+    try:
+        store, db = core.store, core.store.path
+        store.hold()
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        size = db.stat().st_size
+        while not store.checkpoint_due():
+            core.sell(100)  # acknowledged: flushed
+        assert not store.checkpoint_due()
+        assert db.stat().st_size == size
+        store.checkpoint()
+        assert db.stat().st_size > size
+        store.release()
+        assert store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == store_mod.WAL_CHECKPOINT_PAGES
+    finally:
+        core.close()

@@ -120,7 +120,8 @@ class NodeService:
     async def _group_commit(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Entries that links bring in are made durable together, GROUP_COMMIT_S after the
         first of them: one fsync for many sync messages, waited for on a worker thread so the
-        event loop goes on serving links meanwhile (storage.md, "Group commit")."""
+        event loop goes on serving links meanwhile (storage.md, "Group commit"). The
+        write-ahead log is checkpointed here too, in a worker thread, not inside a commit."""
         store = self.core.store
         dirty = trio.Event()
 
@@ -136,6 +137,8 @@ class NodeService:
                 await trio.sleep(GROUP_COMMIT_S)
                 if store.commit():
                     await trio.to_thread.run_sync(store.sync_wal)
+                if store.checkpoint_due():  # in a thread: the node goes on meanwhile
+                    await trio.to_thread.run_sync(store.checkpoint)
         finally:
             store.on_dirty = None
             store.release()

@@ -1,0 +1,213 @@
+"""Bulk Ed25519 signature checks in a helper process, beside the node's own work.
+
+PyNaCl lets go of the GIL for each ~45 us check, too briefly for threads to gain
+anything: on a 2-core host two verifying threads ran no faster than one, and a
+verifying thread beside the interpreter's own work slowed both (a thread that wants
+the GIL back waits out the switch interval). A child process (``python -m
+meshpos.identity.sigcheck``) has no such limit: it checks the signatures of a big merge
+while the node decodes, verifies and stores the entries.
+
+Its answers are only a cache for ``Roster.verify``, which runs every rule itself and
+checks any signature the helper did not call valid (a bad one, or no answer because
+the helper could not start or died).
+
+Pipe protocol, in order both ways: a batch is ``u32 length`` then, per signature,
+``public key (32) | signature (64) | u32 length | message``; its answer is one byte
+per signature, 1 for a valid one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import contextlib
+import fcntl
+import itertools
+import os
+import logging
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from typing import IO
+
+from . import keys
+from ..errors import VerificationError
+
+log = logging.getLogger(__name__)
+
+U32 = struct.Struct(">I")
+ITEM_HEAD = keys.KEY_LEN + keys.SIG_LEN + U32.size
+PIPE_SIZE = 1 << 20
+HELPERS = max(1, min(3, (os.cpu_count() or 2) - 1))  # this process keeps a core of its own
+
+
+class Batch:
+    """The answers to one batch, read from the helper when first asked for."""
+
+    def __init__(self, checker: "SigChecker", count: int) -> None:
+        self._checker = checker
+        self.count = count
+        self.answers: bytes | None = None
+
+    def valid(self, index: int) -> bool:
+        if self.answers is None:
+            self._checker.read_until(self)
+        assert self.answers is not None
+        return index < len(self.answers) and self.answers[index] == 1
+
+
+class SigChecker:
+    """One helper process, started on first use; batches go in, answers come back in order."""
+
+    def __init__(self) -> None:
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._failed = False
+        self._sent: collections.deque[Batch] = collections.deque()
+        self._lock = threading.Lock()  # answers come back in order: one caller at a time
+
+    def submit(self, jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
+        """Send (public key, message, signature) triples to be checked; never raises."""
+        with self._lock:
+            return self._submit(jobs)
+
+    def _submit(self, jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
+        batch = Batch(self, len(jobs))
+        proc = self._start()
+        if proc is None or not all(len(pk) == keys.KEY_LEN and len(sig) == keys.SIG_LEN for pk, _, sig in jobs):
+            batch.answers = b""
+            return batch
+        parts: list[bytes] = []
+        for pk, msg, sig in jobs:
+            parts += (pk, sig, U32.pack(len(msg)), msg)
+        body = b"".join(parts)
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(U32.pack(len(body)) + body)
+            proc.stdin.flush()
+        except OSError as exc:
+            self._fail(f"cannot write to it: {exc}")
+            batch.answers = b""
+            return batch
+        self._sent.append(batch)
+        return batch
+
+    def read_until(self, batch: Batch) -> None:
+        """Read answers in order until ``batch`` has its own."""
+        with self._lock:
+            while batch.answers is None:
+                self._read_one()
+
+    def settle(self) -> None:
+        """Read every outstanding answer (so answers nobody asks for cannot fill the pipe)."""
+        with self._lock:
+            while self._sent:
+                self._read_one()
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for batch in self._sent:
+            batch.answers = b""
+        self._sent.clear()
+        try:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def _read_one(self) -> None:
+        batch = self._sent.popleft()
+        data = b""
+        if self._proc is not None:
+            assert self._proc.stdout is not None
+            try:
+                data = _read_exactly(self._proc.stdout, batch.count)
+            except OSError as exc:
+                self._fail(f"cannot read from it: {exc}")
+            else:
+                if len(data) < batch.count:
+                    self._fail("it exited")
+        batch.answers = data
+
+    def _start(self) -> subprocess.Popen[bytes] | None:
+        if self._proc is None and not self._failed:
+            try:
+                self._proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            except OSError as exc:
+                self._fail(f"cannot start it: {exc}")
+                return None
+            assert self._proc.stdin is not None
+            with contextlib.suppress(OSError, AttributeError):  # Linux only: room for a few shards ahead
+                fcntl.fcntl(self._proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        return self._proc
+
+    def _fail(self, reason: str) -> None:
+        log.warning("signature helper process: %s; signatures are checked in this process", reason)
+        self._failed = True
+        self.close()
+
+
+def _read_exactly(stream: IO[bytes], n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        got = stream.read(n - len(data))
+        if not got:
+            break
+        data += got
+    return bytes(data)
+
+
+_HELPERS: list[SigChecker] = []
+_turn = itertools.count()
+
+
+def submit(jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
+    """Send a batch to the next of the process-wide helpers (one per core: when this process
+    waits for answers, its core is theirs)."""
+    if not _HELPERS:
+        _HELPERS.extend(SigChecker() for _ in range(HELPERS))
+        atexit.register(close)
+    return _HELPERS[next(_turn) % len(_HELPERS)].submit(jobs)
+
+
+def settle() -> None:
+    for helper in _HELPERS:
+        helper.settle()
+
+
+def close() -> None:
+    for helper in _HELPERS:
+        helper.close()
+
+
+def serve(inp: IO[bytes], out: IO[bytes]) -> None:
+    """The helper's side: answer batches until the input ends."""
+    while len(head := _read_exactly(inp, U32.size)) == U32.size:
+        body = _read_exactly(inp, U32.unpack(head)[0])
+        answers = bytearray()
+        at = 0
+        while at + ITEM_HEAD <= len(body):
+            pk, sig = body[at:at + keys.KEY_LEN], body[at + keys.KEY_LEN:at + keys.KEY_LEN + keys.SIG_LEN]
+            end = at + ITEM_HEAD + U32.unpack_from(body, at + ITEM_HEAD - U32.size)[0]
+            try:
+                keys.verify(pk, body[at + ITEM_HEAD:end], sig)
+                answers.append(1)
+            except VerificationError:
+                answers.append(0)
+            at = end
+        out.write(answers)
+        out.flush()
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the node: it ends us by closing our input
+    serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -1,0 +1,68 @@
+"""The signature helper process: its answers, and the ledger going on without it."""
+
+from __future__ import annotations
+
+import automerge.core as am
+import nacl.signing
+import pytest
+
+from meshpos import envelope
+from meshpos.identity import sigcheck
+
+
+def _jobs(n: int) -> list[tuple[bytes, bytes, bytes]]:
+    key = nacl.signing.SigningKey(bytes(range(32)))
+    jobs = []
+    for i in range(n):
+        msg = b"message %d" % i
+        jobs.append((bytes(key.verify_key), msg, key.sign(msg).signature))
+    return jobs
+
+
+def test_helper_answers_each_batch_in_order() -> None:
+    helper = sigcheck.SigChecker()
+    try:
+        good = _jobs(5)
+        pk, msg, sig = good[2]
+        bad = good[:2] + [(pk, msg + b"!", sig), (pk, msg, bytes(64))] + good[4:]
+        first, second = helper.submit(good), helper.submit(bad)
+        assert [second.valid(i) for i in range(5)] == [True, True, False, False, True]
+        assert all(first.valid(i) for i in range(5))
+        assert not first.valid(5)
+    finally:
+        helper.close()
+
+
+def test_a_helper_that_cannot_start_or_dies_answers_nothing_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    helper = sigcheck.SigChecker()
+    monkeypatch.setattr(sigcheck.sys, "executable", "/nonexistent/python")
+    assert not helper.submit(_jobs(3)).valid(0)
+    monkeypatch.undo()
+    helper = sigcheck.SigChecker()
+    try:
+        helper.submit(_jobs(3)).valid(0)
+        assert helper._proc is not None
+        helper._proc.kill()
+        helper._proc.wait()
+        batch = helper.submit(_jobs(3))
+        assert not batch.valid(0) and not helper.submit(_jobs(3)).valid(0)
+    finally:
+        helper.close()
+
+
+def test_bulk_merge_without_the_helper_still_verifies_every_entry(make_node, open_node, monkeypatch) -> None:
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sales = [t1.sell(100 + i)["id"] for i in range(40)]
+    shard = t1.ledger.shards()[0]
+    doc = am.Document.load(t1.ledger.snapshot(shard))
+    forged_body = {**envelope.decode(t1.ledger.raw(f"sale/{sales[0]}")).body, "seq": 41,
+                   "sale_id": envelope.sale_id(t1.node_id, 41)}
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, f"sale/{forged_body['sale_id']}", am.ScalarType.Bytes,
+               envelope.seal("sale", t1.node_id, forged_body, t2.key))
+    broken = sigcheck.SigChecker()
+    broken._failed = True
+    monkeypatch.setattr(sigcheck, "_HELPERS", [broken])
+    report = t2.ledger.receive_snapshot(shard, doc.save(), "hostile")
+    assert [k for k, _ in report.rejected] == [f"sale/{forged_body['sale_id']}"]
+    assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
