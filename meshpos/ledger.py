@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
+PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
 PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
@@ -327,9 +328,14 @@ class Ledger:
                 on_accept(verified)
         if not self.on_changes:
             return
-        changes: list[bytes] | None = [c.bytes for c in self.docs[shard].get_changes(before)]
-        if sum(map(len, changes)) > PUSH_LIMIT:
-            changes = None
+        doc = self.docs[shard]
+        changes: list[bytes] | None = None
+        # A whole shard that just arrived (a snapshot) is not pushed change by change: links
+        # that need it sync it. A new shard of our own log (one entry) is.
+        if before or doc.length(am.ROOT) <= PUSH_WHOLE_SHARD_MAX:
+            changes = [c.bytes for c in doc.get_changes(before)]
+            if sum(map(len, changes)) > PUSH_LIMIT:
+                changes = None
         for on_changes in self.on_changes:
             on_changes(shard, changes)
 

@@ -230,11 +230,14 @@ class NodeCore:
         return [self.sale_json(r) for r in self.store.sales(terminal)]
 
     def status(self) -> dict[str, Any]:
-        sales = self.sales()
+        rows = self.store.sales()  # classified row by row: a busy node holds 100,000 sales
         counts = {s: 0 for s in STATUSES}
-        for s in sales:
-            counts[s["status"]] += 1
-        pending = [s for s in sales if s["status"] == "pending"]
+        pending = []
+        for row in rows:
+            status = self.status_of(row)
+            counts[status] += 1
+            if status == "pending":
+                pending.append(row)
         now = self.clock.now_ms()
         return {
             "node_id": self.node_id, "name": self.config.name, "role": self.identity.role,
@@ -243,10 +246,10 @@ class NodeCore:
             "certificate_valid": self.identity.not_before_ms <= now <= self.identity.not_after_ms,
             "uplink_allowed": self.config.uplink, "switch_configured": self.policy.switch_key is not None,
             "ledger": {"entries": self.store.entry_count(), "shards": len(self.ledger.shards())},
-            "sales": {"total": len(sales), "by_status": counts,
-                      "own": sum(1 for s in sales if s["terminal"] == self.node_id)},
-            "pending": {"count": len(pending), "amount_minor": sum(s["amount_minor"] for s in pending),
-                        "oldest_created_at": pending[0]["created_at"] if pending else None},
+            "sales": {"total": len(rows), "by_status": counts,
+                      "own": sum(1 for r in rows if r["terminal"] == self.node_id)},
+            "pending": {"count": len(pending), "amount_minor": sum(r["amount_minor"] for r in pending),
+                        "oldest_created_at": iso(min(r["created_at"] for r in pending)) if pending else None},
             "revoked_nodes": sorted(self.roster.revoked),
             "policy": {k: v for k, v in self.policy.to_json().items() if k != "dashboard_password"},
         }
