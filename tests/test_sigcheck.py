@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import automerge.core as am
 import nacl.signing
 import pytest
@@ -66,3 +68,16 @@ def test_bulk_merge_without_the_helper_still_verifies_every_entry(make_node, ope
     report = t2.ledger.receive_snapshot(shard, doc.save(), "hostile")
     assert [k for k, _ in report.rejected] == [f"sale/{forged_body['sale_id']}"]
     assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
+
+
+def test_a_helper_that_stops_answering_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sigcheck, "ANSWER_TIMEOUT", 0.2)
+    helper = sigcheck.SigChecker()
+    try:
+        assert helper.submit(_jobs(2)).valid(0)
+        assert helper._proc is not None
+        helper._proc.send_signal(signal.SIGSTOP)
+        assert not helper.submit(_jobs(2)).valid(0)
+        assert not helper.submit(_jobs(2)).valid(0)  # not asked again
+    finally:
+        helper.close()
