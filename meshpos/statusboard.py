@@ -19,6 +19,7 @@ No I/O here: time comes from the injected Clock, sending is the Replicator's.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ class NodeStatus:
     def at(self) -> int:
         return int(self.body["at"])
 
+    @functools.cached_property
+    def links(self) -> frozenset[str]:
+        """The nodes it says it is linked to (nothing, if its ``links`` is not a list)."""
+        links = self.body.get("links")
+        if not isinstance(links, list):
+            return frozenset()
+        return frozenset(str(link.get("node")) for link in links if isinstance(link, dict))
+
 
 def check_status_body(body: dict[str, Any]) -> dict[str, Any]:
     """The status object of an envelope body; EncodingError unless it has an integer ``at``."""
@@ -73,7 +82,6 @@ class StatusBoard:
         self.on_new: list[Callable[[NodeStatus], None]] = []
         self.rejected = 0
         self._parked: dict[str, bytes] = {}
-        self._links: dict[str, tuple[NodeStatus, frozenset[str]]] = {}
         self._seen: set[bytes] = set()  # digests of statuses taken or refused for good
 
     def attach(self, replicator: "Replicator") -> None:
@@ -91,13 +99,7 @@ class StatusBoard:
         status = self.statuses.get(node_id)
         if status is None or self.clock.now_ms() - status.received_at_ms > stale_after_ms(status.body):
             return frozenset()
-        cached = self._links.get(node_id)
-        if cached is None or cached[0] is not status:
-            links = status.body.get("links")
-            nodes = frozenset(str(link.get("node")) for link in links if isinstance(link, dict)) \
-                if isinstance(links, list) else frozenset()
-            cached = self._links[node_id] = (status, nodes)
-        return cached[1]
+        return status.links
 
     def received(self, raw: bytes, session: "SyncSession | None") -> None:
         status = self.offer(raw, session.label if session is not None else "local")

@@ -204,19 +204,21 @@ class Replicator:
         # PUSH needs nothing. Nor to the neighbours of the peer they came from: it pushed them
         # to all of its links itself (its status lists them).
         origin = self._origin
-        theirs = self._links_of(origin.peer_node) if origin is not None and origin.peer_node else frozenset()
+        theirs = self._links_of(origin)
         for session in self.sessions:
             if session is not origin and session.peer_node not in theirs:
                 session.local_change(shard, changes)
 
-    def _links_of(self, node_id: str) -> frozenset[str]:
-        gossip = self.gossip
-        return gossip.links_of(node_id) if gossip is not None else frozenset()
+    def _links_of(self, session: "SyncSession | None") -> frozenset[str]:
+        """The nodes ``session``'s peer is linked to, by its fresh status (none if unknown)."""
+        if session is None or not session.peer_node or self.gossip is None:
+            return frozenset()
+        return self.gossip.links_of(session.peer_node)
 
     def broadcast_status(self, raw: bytes, exclude: "SyncSession | None" = None) -> int:
         """Send one status envelope on every open version-2 link but ``exclude`` and the links to
         the nodes ``exclude``'s peer is linked to (it sent the status to them); how many got it."""
-        theirs = self._links_of(exclude.peer_node) if exclude is not None and exclude.peer_node else frozenset()
+        theirs = self._links_of(exclude)
         sent = 0
         for session in list(self.sessions):
             if session is not exclude and session.peer_node not in theirs and session.send_status(raw):

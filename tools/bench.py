@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from bench_mesh import cpu_model  # tools/ is this script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN = "<!-- bench:begin (written by tools/bench.py; edit outside these markers) -->"
 END = "<!-- bench:end -->"
@@ -153,14 +155,7 @@ FULL_ONLY = {"mesh-tmpfs"}
 
 
 def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model() or platform.processor() or "unknown CPU"
     return f"{os.cpu_count()} x {model}, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 

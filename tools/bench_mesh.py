@@ -94,16 +94,19 @@ def cpu_seconds(pid: int) -> float:
     return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
-def machine() -> dict[str, Any]:
-    model = "unknown"
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "cpu": model}
+    return None
+
+
+def machine() -> dict[str, Any]:
+    return {"nproc": os.cpu_count(), "cpu": cpu_model() or "unknown"}
 
 
 @dataclass
