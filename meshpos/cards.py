@@ -14,20 +14,10 @@ import nacl.public
 
 from . import canonical
 from .errors import CryptoError, EncodingError, InputError
+from .rules import ENTRY_MODES, expiry_problem, luhn_ok, pan_problem
 
-ENTRY_MODES = ("chip", "contactless", "magstripe", "manual")
 
 
-def luhn_ok(pan: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(pan)):
-        d = ord(ch) - 48
-        if i % 2 == 1:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-    return total % 10 == 0
 
 
 def brand_of(pan: str) -> str:
@@ -44,19 +34,19 @@ def brand_of(pan: str) -> str:
 
 
 def check_pan(pan: str) -> str:
+    """A typed card number, spaces and dashes allowed between digits; ASCII digits only."""
     pan = pan.replace(" ", "").replace("-", "")
-    if not pan.isdigit() or not 12 <= len(pan) <= 19:
-        raise InputError("card number must be 12 to 19 digits")
-    if not luhn_ok(pan):
-        raise InputError(f"card number ending {pan[-4:]} fails the Luhn check (mistyped?)")
+    problem = pan_problem(pan)
+    if problem:
+        raise InputError(problem)
     return pan
 
 
-def check_expiry(expiry: str | None) -> str | None:
-    if expiry is None:
-        return None
-    if len(expiry) != 4 or not expiry.isdigit() or not 1 <= int(expiry[:2]) <= 12:
-        raise InputError(f"expiry must be MMYY, got {expiry!r}")
+def check_expiry(expiry: str | None, at_ms: int | None = None) -> str | None:
+    """MMYY in ASCII digits; with ``at_ms``, also not expired at that time."""
+    problem = expiry_problem(expiry, at_ms)
+    if problem:
+        raise InputError(f"{problem} (got {len(expiry or '')} characters)" if "MMYY" in problem else problem)
     return expiry
 
 
@@ -74,10 +64,12 @@ class CardCapture:
     sealed: bytes
 
 
-def seal_card(pan: str, expiry: str | None, entry_mode: str, switch_key: bytes) -> CardCapture:
-    """Validate a PAN and seal it (with expiry) to the switch's X25519 public key."""
+def seal_card(pan: str, expiry: str | None, entry_mode: str, switch_key: bytes,
+              at_ms: int | None = None) -> CardCapture:
+    """Validate a PAN (and, with ``at_ms``, that the card is not expired then) and seal it
+    with its expiry to the switch's X25519 public key."""
     pan = check_pan(pan)
-    expiry = check_expiry(expiry)
+    expiry = check_expiry(expiry, at_ms)
     if entry_mode not in ENTRY_MODES:
         raise InputError(f"entry mode must be one of {', '.join(ENTRY_MODES)}")
     if len(switch_key) != 32:
@@ -101,6 +93,6 @@ def open_card(sealed: bytes, switch_private_key: bytes) -> OpenedCard:
         pan, expiry = data["pan"], data["expiry"]
     except (nacl.exceptions.CryptoError, EncodingError, KeyError, TypeError, ValueError) as exc:
         raise CryptoError("sealed card data cannot be opened (tampered, or sealed to another switch)") from exc
-    if not isinstance(pan, str) or not pan.isdigit() or not luhn_ok(pan):
+    if not isinstance(pan, str) or not luhn_ok(pan):
         raise CryptoError("sealed card data holds no valid card number")
     return OpenedCard(pan=pan, expiry=expiry if isinstance(expiry, str) else None)

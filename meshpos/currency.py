@@ -6,6 +6,7 @@ as integers in minor units.
 
 from __future__ import annotations
 
+import re
 from decimal import Decimal, InvalidOperation
 
 from .errors import InputError
@@ -34,9 +35,15 @@ def minor_units(code: str) -> int:
     return CURRENCIES[check_currency(code)][1]
 
 
+_AMOUNT = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,3})?", re.ASCII)
+
+
 def parse_amount(text: str, currency: str) -> int:
     """'12.50' in EUR -> 1250. Rejects zero, negative and over-precise amounts."""
     digits = minor_units(currency)
+    if not isinstance(text, str) or not _AMOUNT.fullmatch(text.strip()):
+        raise InputError(f"amount {str(text)[:32]!r} is not a plain decimal amount such as 12.50 "
+                         "(ASCII digits, one optional '.', no sign, exponent or '_')")
     try:
         value = Decimal(text.strip())
     except (InvalidOperation, AttributeError) as exc:

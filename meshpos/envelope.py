@@ -19,6 +19,7 @@ import nacl.signing
 from . import canonical
 from .errors import EncodingError, VerificationError
 from .identity import keys
+from .rules import is_ascii_digits
 
 VERSION = 1
 DOMAIN = b"meshpos-envelope-v1\0"
@@ -162,7 +163,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
 }
 
 CARD_SCHEMA: dict[str, Check] = {
-    "brand": _str(16), "last4": lambda v: isinstance(v, str) and len(v) == 4 and v.isdigit(),
+    "brand": _str(16), "last4": lambda v: is_ascii_digits(v, 4, 4),
     "entry_mode": _one_of("chip", "contactless", "magstripe", "manual"), "sealed": _str(1024),
 }
 

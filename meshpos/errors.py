@@ -26,6 +26,11 @@ class PolicyError(MeshposError):
     exit_code = 3
 
 
+class ContentError(PolicyError):
+    """A validly signed entry breaks a content rule (meshpos.rules): kept out of views,
+    totals and caps, shown as refused with this message, never failing its neighbours."""
+
+
 class ConfigError(MeshposError):
     """A site, node or switch directory, or a config file, is missing, foreign or malformed."""
 

@@ -31,6 +31,9 @@ class SitePolicy:
     switch_key: str | None = None
     switch_url: str | None = None
     dashboard_password: str | None = None
+    # ms since the epoch from which this version is in force (0: from the start); sales are
+    # judged by the version in force at their own time (meshpos.rules.policy_at)
+    effective_at: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,6 +56,8 @@ class SitePolicy:
     def validate(self, where: str) -> None:
         ints = ("version", "offline_window_s", "warn_before_s", "max_sale_minor",
                 "max_terminal_pending_minor", "max_site_pending_minor")
+        if not isinstance(self.effective_at, int) or isinstance(self.effective_at, bool) or self.effective_at < 0:
+            raise ConfigError(f"{where}: effective_at must be a non-negative integer (ms)")
         for name in ints:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:

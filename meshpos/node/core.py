@@ -137,7 +137,7 @@ class NodeCore:
         if key is None:
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: "
                               "take cash, or have the organizer run `meshpos site set-switch`")
-        return seal_card(pan, expiry, entry_mode, key)
+        return seal_card(pan, expiry, entry_mode, key, at_ms=self.clock.now_ms())
 
     def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
              currency: str | None = None) -> dict[str, Any]:
