@@ -24,7 +24,7 @@ from .rules import is_ascii_digits
 VERSION = 1
 DOMAIN = b"meshpos-envelope-v1\0"
 MAX_ENVELOPE = 8192
-TYPES = ("sale", "void", "result", "cert", "revocation", "policy", "lease", "status")
+TYPES = ("sale", "void", "result", "reversal", "cert", "revocation", "policy", "lease", "status")
 _FIELDS = {"v", "type", "signer", "body", "sig"}
 
 
@@ -126,17 +126,26 @@ def _opt(check: Check) -> Check:
     return lambda v: v is None or check(v)
 
 
+def _may_lack(check: Check) -> Check:
+    """A field that may be absent (added after version 1 of the body; absent = None)."""
+    def ok(v: Any) -> bool:
+        return check(v)
+    ok.optional = True  # type: ignore[attr-defined]
+    return ok
+
+
 def _one_of(*values: Any) -> Check:
     return lambda v: v in values
 
 
 def check_body(body: dict[str, Any], schema: dict[str, Check], what: str) -> None:
-    if set(body) != set(schema):
+    optional = {f for f, ok in schema.items() if getattr(ok, "optional", False)}
+    if not set(schema) - optional <= set(body) <= set(schema):
         missing = set(schema) - set(body)
         extra = set(body) - set(schema)
         raise EncodingError(f"{what}: missing {sorted(missing)} / unexpected {sorted(extra)}")
     for field, ok in schema.items():
-        if not ok(body[field]):
+        if field in body and not ok(body[field]):
             raise EncodingError(f"{what}: field {field!r} has a bad value")
 
 
@@ -155,8 +164,16 @@ SCHEMAS: dict[str, dict[str, Check]] = {
         "auth_code": _opt(_str(12)), "response_code": _opt(_str(4)), "reason": _opt(_str(300)),
         "settled_at": _int(0, INT64), "reversed": lambda v: isinstance(v, bool),
     },
+    # a void after approval, reversed at the acquirer (0420): signed by the switch
+    "reversal": {
+        "sale_id": _str(64), "site": _str(32), "reversed_at": _int(0, INT64),
+        "response_code": _opt(_str(4)), "reason": _opt(_str(300)),
+    },
     "cert": {"cert": _str(4096)},
-    "revocation": {"node_id": _str(32), "site": _str(32), "at": _int(0, INT64), "reason": _opt(_str(200))},
+    # cut_seq: entries of the revoked terminal with seq <= cut_seq stay valid; with no
+    # cut_seq, entries dated up to ``at`` do (protocols/rules.md, "Revocation")
+    "revocation": {"node_id": _str(32), "site": _str(32), "at": _int(0, INT64), "reason": _opt(_str(200)),
+                   "cut_seq": _may_lack(_opt(_int(0, INT64)))},
     "policy": {"policy": lambda v: isinstance(v, dict)},
     "lease": {"site": _str(32), "holder": _str(32), "scope": _str(64), "granted_at": _int(0, INT64), "until": _int(0, INT64)},
     "status": {"status": lambda v: isinstance(v, dict)},

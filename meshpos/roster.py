@@ -37,7 +37,7 @@ class Verified:
 def entry_key(env: Envelope) -> str:
     """The ledger key of an envelope: fixed by its content, so a peer cannot move it."""
     b = env.body
-    if env.type in ("sale", "void", "result"):
+    if env.type in ("sale", "void", "result", "reversal"):
         return f"{env.type}/{b['sale_id']}"
     if env.type == "cert":
         return f"cert/{env.signer}"
@@ -113,7 +113,7 @@ class Roster:
         for env in envs:
             if env.type in ("revocation", "policy"):
                 public_key = self.ca_key
-            elif env.type != "result" and env.signer in self.identities:
+            elif env.type not in ("result", "reversal") and env.signer in self.identities:
                 public_key = self.identities[env.signer].public_key
             else:
                 continue
@@ -168,6 +168,8 @@ class Roster:
         if key is None:
             raise UnknownSigner("this site's policy names no switch key yet")
         keys.verify_by_x25519(key, env.signed_bytes(), env.sig)
+
+    _verify_reversal = _verify_result
 
     def _verify_cert(self, env: Envelope, now_ms: int) -> None:
         der = env_mod.b64d(env.body["cert"], "cert")

@@ -173,6 +173,18 @@ def check_sale(body: dict[str, Any], policy: SitePolicy, now_ms: int | None) -> 
         raise ContentError(problem)
 
 
+def beyond_cut(revocation: dict[str, Any], seq: int | None, at_ms: int) -> bool:
+    """Whether an entry of a revoked node falls after its revocation's cut (and is refused).
+
+    A revocation with a ``cut_seq`` keeps the node's sales with ``seq <= cut_seq`` (and
+    their voids); without one, entries dated up to ``at``. Entries with no sequence number
+    (voids are judged by their sale, leases and statuses by time) use ``at``."""
+    cut_seq = revocation.get("cut_seq")
+    if cut_seq is not None and seq is not None:
+        return seq > cut_seq
+    return at_ms > revocation["at"]
+
+
 def card_problem(pan: str, expiry: str | None, body: dict[str, Any]) -> str | None:
     """What the switch checks once it has opened the sealed card data: the card number is
     valid, matches the envelope's last 4 and brand, and the card was not expired at the

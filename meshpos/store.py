@@ -27,7 +27,7 @@ from .errors import CorruptStoreError, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: sales.refused (content rules) and sales.reversed_at
 WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
 CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
 APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
@@ -44,10 +44,10 @@ CREATE TABLE IF NOT EXISTS sales(
     amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, method TEXT NOT NULL,
     brand TEXT, last4 TEXT, entry_mode TEXT, description TEXT,
     voided_at INTEGER, result_status TEXT, auth_code TEXT, response_code TEXT, reason TEXT,
-    settled_at INTEGER);
+    settled_at INTEGER, refused TEXT, reversed_at INTEGER);
 CREATE INDEX IF NOT EXISTS sales_terminal ON sales(terminal, seq);
 CREATE INDEX IF NOT EXISTS sales_pending ON sales(terminal, created_at, amount_minor)
-    WHERE result_status IS NULL AND voided_at IS NULL;
+    WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL;
 CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
@@ -124,6 +124,9 @@ class Store:
                                     "move it aside and restart the node to recover from the mesh") from exc
         store = cls(path, conn)
         version = store.get_meta("schema")
+        if version == "1":
+            store._migrate_1_to_2()
+            version = "2"
         if version is None:
             with store.transaction():
                 store.set_meta("schema", str(SCHEMA_VERSION))
@@ -132,6 +135,17 @@ class Store:
         if identity:
             store.check_identity(identity)
         return store
+
+    def _migrate_1_to_2(self) -> None:
+        with self.transaction():
+            cols = {row[1] for row in self.conn.execute("PRAGMA table_info(sales)")}
+            for col, kind in (("refused", "TEXT"), ("reversed_at", "INTEGER")):
+                if col not in cols:
+                    self.conn.execute(f"ALTER TABLE sales ADD COLUMN {col} {kind}")
+            self.conn.execute("DROP INDEX IF EXISTS sales_pending")
+            self.conn.execute("CREATE INDEX sales_pending ON sales(terminal, created_at, amount_minor)"
+                              " WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL")
+            self.set_meta("schema", "2")
 
     def check_identity(self, identity: dict[str, str]) -> None:
         for key, value in identity.items():
