@@ -46,7 +46,7 @@ def check_expiry(expiry: str | None, at_ms: int | None = None) -> str | None:
     """MMYY in ASCII digits; with ``at_ms``, also not expired at that time."""
     problem = expiry_problem(expiry, at_ms)
     if problem:
-        raise InputError(f"{problem} (got {len(expiry or '')} characters)" if "MMYY" in problem else problem)
+        raise InputError(problem)
     return expiry
 
 

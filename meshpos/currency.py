@@ -41,8 +41,10 @@ _AMOUNT = re.compile(r"[0-9]{1,13}(?:\.[0-9]{1,3})?", re.ASCII)
 def parse_amount(text: str, currency: str) -> int:
     """'12.50' in EUR -> 1250. Rejects zero, negative and over-precise amounts."""
     digits = minor_units(currency)
+    if isinstance(text, str) and text.strip().startswith("-"):
+        raise InputError(f"amount must be greater than zero, got {text.strip()[:32]}")
     if not isinstance(text, str) or not _AMOUNT.fullmatch(text.strip()):
-        raise InputError(f"amount {str(text)[:32]!r} is not a plain decimal amount such as 12.50 "
+        raise InputError(f"amount {str(text)[:32]!r} is not a number in the plain form 12.50 "
                          "(ASCII digits, one optional '.', no sign, exponent or '_')")
     try:
         value = Decimal(text.strip())
@@ -62,7 +64,9 @@ def parse_amount(text: str, currency: str) -> int:
 
 
 def format_amount(minor: int, currency: str) -> str:
-    digits = minor_units(currency)
+    """1250 in EUR -> '12.50'. A currency meshpos does not know (only a refused sale can carry
+    one) is shown in minor units as they are, so one bad entry never breaks a listing."""
+    digits = CURRENCIES[currency][1] if currency in CURRENCIES else 0
     sign = "-" if minor < 0 else ""
     minor = abs(minor)
     if digits == 0:

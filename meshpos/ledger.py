@@ -28,8 +28,10 @@ from typing import Callable
 import automerge.core as am
 
 from . import envelope as env_mod
+from . import rules
 from .clock import Clock
 from .errors import EncodingError, MeshposError, VerificationError
+from .policy import SitePolicy
 from .roster import Roster, UnknownSigner, Verified, entry_key
 from .store import Store
 
@@ -183,6 +185,7 @@ class Ledger:
         self._seen_bad: set[tuple[str, bytes]] = set()
         self._restrips: dict[tuple[str, bytes], int] = {}
         self._parked: set[str] = set()
+        self._purged_shards: set[str] = set()  # changed by a revocation's purge: pushed by the sync path
         self.on_accept: list[Callable[[Verified], None]] = []
         # (shard, its new Automerge changes, or None when too many to push as they are)
         self.on_changes: list[Callable[[str, list[bytes] | None], None]] = []
@@ -299,14 +302,25 @@ class Ledger:
         if self.store.chunk_count(shard) >= COMPACT_AFTER_CHUNKS:
             self.store.put_snapshot(shard, doc.save())
 
+    def judge_sale(self, body: dict[str, object]) -> str | None:
+        """Why a verified sale breaks a content rule, or None (meshpos.rules; the same verdict
+        on every node that holds the same policies, whatever its clock)."""
+        created_at = body["created_at"]
+        assert isinstance(created_at, int)
+        return rules.sale_problem(body, self.roster.policy_at(created_at))
+
     def _accept(self, verified: Verified, shard: str) -> None:
         env = verified.env
         self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
         self._index(verified.key, env.raw, shard)
         body = env.body
         if env.type == "sale":
-            self.store.insert_sale(body)
-            for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}"):
+            refused = self.judge_sale(body)
+            if refused is not None:
+                # kept (every node holds it and reaches the same verdict), out of views and totals
+                log.warning("sale %s by %s refused: %s", body["sale_id"], self.roster.name_of(env.signer), refused)
+            self.store.insert_sale(body, refused)
+            for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}", f"reversal/{body['sale_id']}"):
                 if later in self.index:  # the void or result arrived before the sale
                     got = self.store.entry(later)
                     if got:
@@ -319,15 +333,84 @@ class Ledger:
             self.store.mark_void(env.body["sale_id"], env.body["at"])
         elif env.type == "result":
             self.store.set_result(env.body)
-        elif env.type in ("cert", "revocation", "policy"):
+        elif env.type == "reversal":
+            self.store.mark_reversed(env.body["sale_id"], env.body["reversed_at"])
+        elif env.type == "cert":
             self.roster.apply(env)
+        elif env.type == "revocation":
+            self.roster.apply(env)
+            self._purge_beyond_cut(env.body["node_id"])
+        elif env.type == "policy":
+            known = set(self.roster.policies)
+            self.roster.apply(env)
+            if set(self.roster.policies) != known:
+                self._rejudge(SitePolicy.from_json(env.body["policy"], "policy entry").effective_at)
+
+    def _rejudge(self, since_ms: int) -> None:
+        """A policy version arrived: judge again every sale it may now be the one in force for."""
+        changed = 0
+        for raw in self.store.sale_entries_since(since_ms):
+            body = env_mod.decode(raw).body
+            changed += self.store.set_refused(body["sale_id"], self.judge_sale(body))
+        if changed:
+            log.info("a new policy version changed the verdict on %d sale(s)", changed)
+
+    def _purge_beyond_cut(self, node_id: str) -> None:
+        """A revocation arrived: entries of the revoked node after its cut leave the ledger (and
+        the shards, so that every node ends with the same ledger whatever it saw first)."""
+        doomed: dict[str, list[str]] = {}
+        for key, raw, shard in self.store.entries_of_signer(node_id):
+            env = env_mod.decode(raw)
+            if env.type == "sale":
+                beyond = self.roster.beyond_cut(node_id, env.body["seq"], env.body["created_at"])
+            elif env.type == "void":
+                seq_text = env.body["sale_id"][len(node_id) + 1:]
+                seq = int(seq_text) if rules.is_ascii_digits(seq_text, 1, 16) else None
+                beyond = (self.roster.beyond_cut(node_id, None, env.body["at"])
+                          or self.roster.beyond_cut(node_id, seq, env.body["at"]))
+            elif env.type in ("lease", "status"):
+                at = env.body["granted_at"] if env.type == "lease" else 0
+                beyond = self.roster.beyond_cut(node_id, None, at)
+            else:
+                continue  # its certificate stays: entries up to the cut are checked against it
+            if beyond:
+                doomed.setdefault(shard, []).append(key)
+        if not doomed:
+            return
+        n = 0
+        for shard, keys in doomed.items():
+            doc = self.docs.get(shard)
+            before = doc.get_heads() if doc is not None else []
+            for key in keys:
+                self.store.delete_entry(key)
+                if key.startswith("sale/"):
+                    self.store.delete_sale(key[len("sale/"):])
+                elif key.startswith("void/"):
+                    self.store.unmark_void(key[len("void/"):])
+                known = self.index.pop(key, None)
+                if known is not None:
+                    self.homes.get(known.home, set()).discard(key)
+                n += 1
+            if doc is not None:
+                with doc.transaction() as tx:
+                    for key in keys:
+                        if doc.get(am.ROOT, key) is not None:
+                            tx.delete(am.ROOT, key)
+                self._persist(shard, before)
+                self._purged_shards.add(shard)
+        log.warning("revocation of %s: %d entr%s after its cut left the ledger", node_id, n, "y" if n == 1 else "ies")
 
     def _notify(self, shard: str, accepted: list[Verified], before: list[bytes]) -> None:
         for verified in accepted:
             for on_accept in self.on_accept:
                 on_accept(verified)
         if not self.on_changes:
+            self._purged_shards.clear()
             return
+        purged, self._purged_shards = self._purged_shards - {shard}, set()
+        for other in sorted(purged):
+            for on_changes in self.on_changes:
+                on_changes(other, None)
         doc = self.docs[shard]
         changes: list[bytes] | None = None
         # A whole shard that just arrived (a snapshot) is not pushed change by change: links

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from . import envelope as env_mod
+from . import rules
 from .envelope import Envelope
 from .errors import VerificationError
 from .identity import certs, keys, sigcheck
@@ -57,9 +58,11 @@ class Roster:
         self.ca_key = certs.ca_public_key(ca_cert)
         if policy.site_id != self.site_id:
             raise VerificationError("policy belongs to another site")
-        self.policy = policy
+        self.policy = policy  # the highest version: what this node sells under now
+        self.policies: dict[int, SitePolicy] = {policy.version: policy}
         self.identities: dict[str, certs.NodeIdentity] = {}
-        self.revoked: dict[str, int] = {}
+        self.revoked: dict[str, int] = {}  # node id -> the revocation's time
+        self.revocations: dict[str, dict[str, object]] = {}  # node id -> the revocation's body
         # (public key, raw) -> where the helper process answers for its signature
         self._presigned: dict[tuple[bytes, bytes], tuple[sigcheck.Batch, int]] = {}
 
@@ -78,11 +81,22 @@ class Roster:
                 now_ms=None)
             self.identities.setdefault(ident.node_id, ident)
         elif env.type == "revocation":
-            self.revoked[env.body["node_id"]] = env.body["at"]
+            self.revoked.setdefault(env.body["node_id"], env.body["at"])
+            self.revocations.setdefault(env.body["node_id"], dict(env.body))
         elif env.type == "policy":
             policy = SitePolicy.from_json(env.body["policy"], "policy entry")
+            self.policies.setdefault(policy.version, policy)
             if policy.version > self.policy.version:
                 self.policy = policy
+
+    def policy_at(self, at_ms: int) -> SitePolicy:
+        """The policy version in force at ``at_ms`` (protocols/rules.md, "Policy in force")."""
+        return rules.policy_at(self.policies.values(), at_ms)
+
+    def beyond_cut(self, node_id: str, seq: int | None, at_ms: int) -> bool:
+        """Whether an entry of ``node_id`` falls after its revocation's cut (False if not revoked)."""
+        revocation = self.revocations.get(node_id)
+        return revocation is not None and rules.beyond_cut(revocation, seq, at_ms)
 
     def identity(self, node_id: str) -> certs.NodeIdentity:
         ident = self.identities.get(node_id)
@@ -142,10 +156,12 @@ class Roster:
         getattr(self, f"_verify_{env.type}")(env, now_ms)
         return Verified(env=env, key=expected_key)
 
-    def _signer_ok(self, env: Envelope, at_ms: int, roles: frozenset[str]) -> certs.NodeIdentity:
+    def _signer_ok(self, env: Envelope, at_ms: int, roles: frozenset[str],
+                   seq: int | None = None) -> certs.NodeIdentity:
         ident = self.identity(env.signer)
-        if env.signer in self.revoked:
-            raise VerificationError(f"{env.type} entry by revoked node {ident.name} ({env.signer})")
+        if self.beyond_cut(env.signer, seq, at_ms):
+            raise VerificationError(f"{env.type} entry by revoked node {ident.name} ({env.signer}) "
+                                    "after its revocation's cut")
         if ident.role not in roles:
             raise VerificationError(f"role {ident.role} of {ident.name} may not write {env.type} entries")
         if not ident.not_before_ms <= at_ms <= ident.not_after_ms:
@@ -154,12 +170,17 @@ class Roster:
         return ident
 
     def _verify_sale(self, env: Envelope, now_ms: int) -> None:
-        self._signer_ok(env, env.body["created_at"], certs.SELLING_ROLES)
+        self._signer_ok(env, env.body["created_at"], certs.SELLING_ROLES, seq=env.body["seq"])
 
     def _verify_void(self, env: Envelope, now_ms: int) -> None:
         if not env.body["sale_id"].startswith(env.signer + "-"):
             raise VerificationError("a void may only be written by the sale's own terminal")
-        self._signer_ok(env, env.body["at"], certs.SELLING_ROLES)
+        seq_text = env.body["sale_id"][len(env.signer) + 1:]
+        seq = int(seq_text) if rules.is_ascii_digits(seq_text, 1, 16) else None
+        # a revoked terminal's void counts with its sale (up to the cut) and only if written by then
+        if seq is not None and self.beyond_cut(env.signer, None, env.body["at"]):
+            raise VerificationError(f"void by revoked node {env.signer} written after its revocation")
+        self._signer_ok(env, env.body["at"], certs.SELLING_ROLES, seq=seq)
 
     def _verify_result(self, env: Envelope, now_ms: int) -> None:
         if env.signer != "switch":
@@ -195,6 +216,8 @@ class Roster:
         self._signer_ok(env, env.body["granted_at"], UPLINK_ROLES)
 
     def _verify_status(self, env: Envelope, now_ms: int) -> None:
+        if env.signer in self.revocations:
+            raise VerificationError(f"status of revoked node {env.signer}")
         self._signer_ok(env, now_ms, frozenset(certs.ROLES))
 
 

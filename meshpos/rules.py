@@ -55,7 +55,7 @@ def luhn_ok(pan: str) -> bool:
 def pan_problem(pan: object) -> str | None:
     """Why ``pan`` is not a card number, or None. Never echoes the number."""
     if not is_ascii_digits(pan, PAN_MIN, PAN_MAX):
-        return f"card number must be {PAN_MIN} to {PAN_MAX} ASCII digits 0-9"
+        return f"card number must be {PAN_MIN} to {PAN_MAX} digits, ASCII 0-9 only"
     assert isinstance(pan, str)
     if not luhn_ok(pan):
         return f"card number ending {pan[-4:]} fails the Luhn check (mistyped?)"
@@ -75,7 +75,7 @@ def expiry_problem(expiry: object, at_ms: int | None) -> str | None:
     assert isinstance(expiry, str)
     month, year = int(expiry[:2]), 2000 + int(expiry[2:])
     if not 1 <= month <= 12:
-        return f"expiry month {expiry[:2]} is not 01-12"
+        return f"expiry must be MMYY: month {expiry[:2]} is not 01-12"
     if at_ms is not None:
         at_year, at_month = _year_month(at_ms)
         if (year, month) < (at_year, at_month):

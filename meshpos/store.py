@@ -339,14 +339,40 @@ class Store:
 
     # -- sales view -------------------------------------------------------------
 
-    def insert_sale(self, body: dict[str, Any]) -> None:
+    def insert_sale(self, body: dict[str, Any], refused: str | None = None) -> None:
         card = body.get("card") or {}
         self.conn.execute(
             "INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
-            " brand, last4, entry_mode, description) VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            " brand, last4, entry_mode, description, refused) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
             (body["sale_id"], body["terminal"], body["seq"], body["created_at"], body["amount_minor"],
              body["currency"], body["method"], card.get("brand"), card.get("last4"), card.get("entry_mode"),
-             body.get("description")))
+             body.get("description"), refused))
+
+    def set_refused(self, sale_id: str, refused: str | None) -> int:
+        """Record a (new) verdict; the number of rows whose verdict changed."""
+        return self.conn.execute("UPDATE sales SET refused=? WHERE sale_id=? AND refused IS NOT ?",
+                                 (refused, sale_id, refused)).rowcount
+
+    def sale_entries_since(self, created_at_ms: int) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute(
+            "SELECT e.raw FROM sales s JOIN entries e ON e.key = 'sale/' || s.sale_id WHERE s.created_at >= ?",
+            (created_at_ms,))]
+
+    def delete_sale(self, sale_id: str) -> None:
+        self.conn.execute("DELETE FROM sales WHERE sale_id=?", (sale_id,))
+
+    def unmark_void(self, sale_id: str) -> None:
+        self.conn.execute("UPDATE sales SET voided_at=NULL WHERE sale_id=?", (sale_id,))
+
+    def mark_reversed(self, sale_id: str, at_ms: int) -> None:
+        self.conn.execute("UPDATE sales SET reversed_at=? WHERE sale_id=? AND reversed_at IS NULL", (at_ms, sale_id))
+
+    def entries_of_signer(self, signer: str) -> list[tuple[str, bytes, str]]:
+        return [(str(k), bytes(r), str(s)) for k, r, s in self.conn.execute(
+            "SELECT key, raw, shard FROM entries WHERE signer=?", (signer,))]
+
+    def delete_entry(self, key: str) -> None:
+        self.conn.execute("DELETE FROM entries WHERE key=?", (key,))
 
     def mark_void(self, sale_id: str, at_ms: int) -> None:
         self.conn.execute("UPDATE sales SET voided_at=? WHERE sale_id=? AND voided_at IS NULL", (at_ms, sale_id))
@@ -378,15 +404,24 @@ class Store:
         row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()
         return int(row[0] or 0)
 
-    def pending_total(self, terminal: str | None, not_before_ms: int) -> int:
-        """Sum of sales with no result and no void, created after ``not_before_ms``."""
-        sql = ("SELECT coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
-               " AND voided_at IS NULL AND created_at >= ?")
+    def pending_total(self, terminal: str | None, not_before_ms: int, not_after_ms: int | None = None) -> int:
+        """Sum of valid sales with no result and no void, created in [not_before_ms, not_after_ms]."""
+        return sum(self.pending_by_terminal(not_before_ms, not_after_ms, terminal).values())
+
+    def pending_by_terminal(self, not_before_ms: int, not_after_ms: int | None = None,
+                            terminal: str | None = None) -> dict[str, int]:
+        """terminal -> sum of its valid sales with no result and no void, created in the range
+        (refused sales are never counted: they are not the site's exposure)."""
+        sql = ("SELECT terminal, coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
+               " AND voided_at IS NULL AND refused IS NULL AND created_at >= ?")
         args: tuple[Any, ...] = (not_before_ms,)
+        if not_after_ms is not None:
+            sql += " AND created_at <= ?"
+            args += (not_after_ms,)
         if terminal is not None:
             sql += " AND terminal=?"
             args += (terminal,)
-        return int(self.conn.execute(sql, args).fetchone()[0])
+        return {str(t): int(v) for t, v in self.conn.execute(sql + " GROUP BY terminal", args)}
 
     # -- Automerge shards ---------------------------------------------------------
 

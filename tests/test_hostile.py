@@ -227,6 +227,7 @@ def test_revocation_cuts_the_hostile_node_off_everywhere(mesh: Mesh, caplog: pyt
     assert "is revoked" in caplog.text
     # what H writes later is refused everywhere, even relayed by an honest-looking path
     mesh.h.core.ledger._after_merge = Ledger._after_merge.__get__(mesh.h.core.ledger)  # type: ignore[method-assign]
+    mesh.clock.advance(1)  # a revocation without a sequence cut keeps what is dated up to its time
     late = h.core.sell(555)["id"]
     mesh.link("ha")  # a link the TLS layer would refuse; in memory it opens: the ledger must still refuse
     mesh.pump()

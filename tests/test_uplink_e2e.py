@@ -11,6 +11,7 @@ Every wait is bounded and polls; no assertion depends on how long something took
 from __future__ import annotations
 
 import json
+import time
 import os
 import signal
 from pathlib import Path
@@ -239,10 +240,13 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
             for raw in thief.store.entries_of_type(type_):
                 core.ingest(raw, "peer")
         core.ingest(fair.site.revoke(thief.node_id, "stolen"), "organizer")
+        time.sleep(0.01)  # the thief goes on selling after the revocation's time: beyond its cut
+        stolen_late = _card(thief, 1450)
+        stolen_late_raw = thief.ledger.raw(f"sale/{stolen_late}") or b""
 
         # the batch t1's forwarder builds (policy, certificates, revocation, its sales) plus the intruders
         batch = Forwarder(core, SYSTEM_CLOCK).entries_for([tampered, stolen, good])
-        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries]  # the valid sale stays last
+        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries, stolen_late_raw]  # the valid sale stays last
         url = core.policy.switch_url
         ctx = make_client_context(core)
         reply = trio.run(forward, url, ctx, batch)
@@ -252,19 +256,21 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         assert "no certificate known" in refused[rogue_sale]
         assert "another site" in refused[foreign]
         results = {envelope.decode(r).body["sale_id"]: envelope.decode(r).body for r in reply.results}
-        assert set(results) == {good, tampered, stolen}
+        assert set(results) == {good, tampered, stolen, stolen_late}
         assert results[good]["status"] == "approved" and results[good]["auth_code"]
         assert results[tampered]["status"] == "rejected" and "cannot be opened" in results[tampered]["reason"]
-        assert results[stolen]["status"] == "rejected" and "revoked" in results[stolen]["reason"]
+        # the revoked terminal's sale before the revocation's cut is honest business: settled
+        assert results[stolen]["status"] == "approved"
+        assert results[stolen_late]["status"] == "rejected" and "revoked" in results[stolen_late]["reason"]
         stats = fair.stats()
-        assert stats["totals"].get("0220") == 1 and len(stats["by_sale"]) == 1  # only the valid sale
+        assert stats["totals"].get("0220") == 2 and len(stats["by_sale"]) == 2  # the valid sales only
 
         # every refusal and rejection is in the switch's log, with its reason
         log = fair.switch_log()
         for sale_id, reason in ((forged_id, "bad signature"), (rogue_sale, "no certificate known"),
                                 (foreign, "another site")):
             assert any(sale_id in line and reason in line for line in log.splitlines()), (sale_id, reason)
-        for sale_id, reason in ((tampered, "cannot be opened"), (stolen, "revoked")):
+        for sale_id, reason in ((tampered, "cannot be opened"), (stolen_late, "revoked")):
             assert any(sale_id in line and "rejected" in line and reason in line for line in log.splitlines()), \
                 (sale_id, reason)
 
@@ -278,7 +284,7 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         for raw in reply.results + again.results:
             core.ingest(raw, "switch")
         assert core.sale(good)["status"] == "approved" and core.sale(tampered)["status"] == "rejected"
-        assert fair.stats()["totals"].get("0220") == 2
+        assert fair.stats()["totals"].get("0220") == 3
     finally:
         for c in (core, thief, o1):
             c.close()

@@ -14,8 +14,9 @@ from typing import Any
 from .. import __version__, envelope
 from ..cards import CardCapture, seal_card
 from ..clock import SYSTEM_CLOCK, Clock
+from .. import rules
 from ..currency import format_amount
-from ..errors import ConfigError, InputError, PolicyError, VerificationError
+from ..errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
 from ..identity import certs
 from ..ledger import Ledger
 from ..roster import Roster
@@ -24,7 +25,10 @@ from .nodedir import NodeConfig, NodeDir
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("pending", "approved", "declined", "expired", "voided", "rejected")
+# refused: breaks a content rule (meshpos.rules), kept out of totals; deferred: dated ahead of this
+# node's clock by more than the skew, judged once the clock gets there; reversed: voided after
+# approval and reversed at the acquirer
+STATUSES = ("pending", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused", "deferred")
 
 
 STORE_CREATED_FILE = "meshpos.db.created"  # the node has had a store: a missing one is a loss
@@ -155,10 +159,19 @@ class NodeCore:
                 f"own sales, so that no sale id is used twice; link it to the mesh (or, if it never sold "
                 f"before, delete {self.recovery_flag})")
         now = self.clock.now_ms()
+        policy = self.roster.policy_at(now)
+        problem = rules.description_problem(description)
+        if problem:
+            raise ContentError(problem)
         with self.store.transaction():
             window_start = now - policy.offline_window_ms
-            policy.check_sale(amount_minor, self.store.pending_total(self.node_id, window_start))
-            site_total = self.store.pending_total(None, window_start) + amount_minor
+            pending = self.store.pending_by_terminal(window_start, now + rules.MAX_SKEW_MS)
+            policy.check_sale(amount_minor, pending.get(self.node_id, 0))
+            # No other terminal counts for more than its own cap: one that signs more (a hostile
+            # or broken one) cannot stop the whole site from selling (protocols/rules.md)
+            cap = policy.max_terminal_pending_minor
+            site_total = sum(min(v, cap) for t, v in pending.items() if t != self.node_id)
+            site_total += pending.get(self.node_id, 0) + amount_minor
             if site_total > policy.max_site_pending_minor:
                 over = site_total - policy.max_site_pending_minor
                 raise PolicyError(
@@ -175,6 +188,7 @@ class NodeCore:
                     "brand": card.brand, "last4": card.last4, "entry_mode": card.entry_mode,
                     "sealed": envelope.b64e(card.sealed)},
             }
+            rules.check_sale(body, policy, now)  # the very rules every node and the switch apply
             self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
         self.store.flush()  # the acknowledgement: durable before it is returned
         return self.sale(body["sale_id"])
@@ -198,8 +212,14 @@ class NodeCore:
     # -- views --------------------------------------------------------------------
 
     def status_of(self, row: sqlite3.Row) -> str:
+        if row["refused"] is not None:
+            return "refused"
+        if row["reversed_at"] is not None:
+            return "reversed"
         if row["result_status"] is not None:
             return str(row["result_status"])
+        if rules.future_problem(row["created_at"], self.clock.now_ms(), "sale") is not None:
+            return "deferred"
         if row["voided_at"] is not None:
             return "voided"
         if row["method"] == "card" and row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
@@ -215,10 +235,19 @@ class NodeCore:
             "method": row["method"], "card_brand": row["brand"], "card_last4": row["last4"],
             "entry_mode": row["entry_mode"], "description": row["description"],
             "status": self.status_of(row), "auth_code": row["auth_code"], "response_code": row["response_code"],
-            "reason": row["reason"], "created_at": iso(row["created_at"]), "created_at_ms": row["created_at"],
+            "reason": self._reason(row), "created_at": iso(row["created_at"]), "created_at_ms": row["created_at"],
             "deadline": iso(row["created_at"] + self.policy.offline_window_ms),
             "voided_at": iso(row["voided_at"]), "settled_at": iso(row["settled_at"]),
         }
+
+    def _reason(self, row: sqlite3.Row) -> str | None:
+        if row["refused"] is not None:
+            return str(row["refused"])
+        if row["result_status"] is None and row["reversed_at"] is None:
+            ahead = rules.future_problem(row["created_at"], self.clock.now_ms(), "the sale's time")
+            if ahead is not None:
+                return ahead + "; judged once this node's clock gets there"
+        return None if row["reason"] is None else str(row["reason"])
 
     def sale(self, sale_id: str) -> dict[str, Any]:
         row = self.store.sale(sale_id)

@@ -9,6 +9,8 @@ every link (meshpos.statusboard). It also registers the control operations
 
 from __future__ import annotations
 
+from ..rules import MAX_SKEW_MS
+
 import logging
 import math
 import os
@@ -54,11 +56,12 @@ def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
 def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
     """Count and amount of the pending sales (of one terminal, or all), and the ``created_at`` of the
     oldest pending card sale: the offline window bounds card authorization only (cash never expires)."""
-    window_start = core.clock.now_ms() - core.policy.offline_window_ms
+    now = core.clock.now_ms()
+    window_start = now - core.policy.offline_window_ms
     sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(CASE WHEN method='card' THEN created_at END)"
-           " FROM sales WHERE result_status IS NULL AND voided_at IS NULL"
-           " AND (method='cash' OR created_at >= ?)")
-    args: tuple[Any, ...] = (window_start,)
+           " FROM sales WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL"
+           " AND (method='cash' OR created_at >= ?) AND created_at <= ?")
+    args: tuple[Any, ...] = (window_start, now + MAX_SKEW_MS)
     if terminal is not None:
         sql += " AND terminal=?"
         args += (terminal,)
