@@ -118,12 +118,23 @@ class Site:
             raise InputError(f"several nodes are named {who!r}: give the node id")
         return matches.pop()
 
-    def revoke(self, node_id: str, reason: str | None, clock: Clock = SYSTEM_CLOCK) -> bytes:
-        raw = envelope.seal("revocation", self.site_id,
-                            {"node_id": node_id, "site": self.site_id, "at": clock.now_ms(), "reason": reason},
-                            self.ca_key)
+    def revoke(self, node_id: str, reason: str | None, clock: Clock = SYSTEM_CLOCK,
+               cut_seq: int | None = None) -> bytes:
+        """Sign a revocation. ``cut_seq``: the node's sales up to this sequence number stay valid
+        (the last one the organizer's node holds); without it, those dated up to now do.
+        One revocation per node: every node must apply the same cut."""
+        path = self.path / "revocations" / f"{node_id}.env"
+        if path.exists():
+            raise InputError(f"node {node_id} is revoked already ({path}); one revocation per node, so that "
+                             "every node applies the same cut")
+        if cut_seq is not None and (not isinstance(cut_seq, int) or cut_seq < 0):
+            raise InputError("the cut must be a sequence number (0 or more)")
+        body: dict[str, Any] = {"node_id": node_id, "site": self.site_id, "at": clock.now_ms(), "reason": reason}
+        if cut_seq is not None:
+            body["cut_seq"] = cut_seq
+        raw = envelope.seal("revocation", self.site_id, body, self.ca_key)
         (self.path / "revocations").mkdir(exist_ok=True)
-        (self.path / "revocations" / f"{node_id}.env").write_bytes(raw)
+        path.write_bytes(raw)
         return raw
 
 

@@ -66,12 +66,18 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     w.set_defaults(handler=cmd_site_set_switch)
 
     r = s.add_parser("revoke", help="revoke an enrolled node (stolen, lost, misbehaving)",
-                     description="Sign a revocation of NODE (name or node id). With --node, the revocation "
-                                 "is put into that node's ledger at once and replicates to the whole mesh.")
+                     description="Sign a revocation of NODE (name or node id). Its sales up to the "
+                                 "revocation's cut stay valid and are forwarded; later ones are refused by "
+                                 "every node and the switch. The cut is --cut-seq, or with --node the last sale "
+                                 "of NODE that node holds, or else the time of the revocation. With --node, the "
+                                 "revocation is put into that node's ledger at once and replicates to the whole "
+                                 "mesh.")
     r.add_argument("site_dir", type=_path, metavar="SITE_DIR")
     r.add_argument("node", metavar="NODE", help="name or node id of the node to revoke")
     r.add_argument("--reason", help="why (kept in the revocation)")
     r.add_argument("--node", dest="via", type=_path, metavar="NODE_DIR", help="a node that takes it into the ledger")
+    r.add_argument("--cut-seq", type=int, metavar="N",
+                   help="keep the node's sales up to sequence number N (default with --node: the last one it holds)")
     r.set_defaults(handler=cmd_site_revoke)
 
     push = s.add_parser("push", help="hand the current policy and revocations to a node's ledger",
@@ -149,8 +155,14 @@ def cmd_site_set_switch(args: argparse.Namespace) -> int:
 def cmd_site_revoke(args: argparse.Namespace) -> int:
     site = load_site(args.site_dir)
     node_id = site.find_node(args.node)
-    raw = site.revoke(node_id, args.reason)
-    print(f"revoked {args.node} ({node_id}); revocation in {site.path / 'revocations' / (node_id + '.env')}")
+    cut_seq = args.cut_seq
+    if cut_seq is None and args.via:
+        held = client.call(args.via, "sales", {"terminal": node_id})
+        cut_seq = max((int(s["seq"]) for s in held), default=0)
+    raw = site.revoke(node_id, args.reason, cut_seq=cut_seq)
+    cut = f"its sales up to #{cut_seq} stay valid" if cut_seq is not None else "its sales made until now stay valid"
+    print(f"revoked {args.node} ({node_id}); {cut}; revocation in "
+          f"{site.path / 'revocations' / (node_id + '.env')}")
     if args.via:
         client.call(args.via, "ingest", {"raw": raw.decode()})
         print(f"taken into the ledger of {args.via}; it spreads to every node it reaches")
