@@ -12,6 +12,9 @@ pending with their deadline, and the mismatches:
   confirmed (``reversed`` false);
 * a result ``voided`` for a sale its terminal never voided;
 * a sale past its offline window with no result (expired unsettled).
+
+Sales that break a content rule (meshpos.rules) are listed apart, each with its reason: every
+node holds them and reaches the same verdict, and no total but their own "refused" one counts them.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ if TYPE_CHECKING:
     from .node.core import NodeCore
 
 METHODS = ("card", "cash")
+OUT_OF_TOTALS = ("refused", "deferred")  # counted in their own status only, never in a total
 
 
 def collect(core: "NodeCore") -> dict[str, Any]:
     results = [env_mod.decode(raw).body for raw in core.store.entries_of_type("result")]
+    reversals = {env_mod.decode(raw).body["sale_id"] for raw in core.store.entries_of_type("reversal")}
     voids = [env_mod.decode(raw).body for raw in core.store.entries_of_type("void")]
     policy = core.policy
     return {
@@ -40,7 +45,7 @@ def collect(core: "NodeCore") -> dict[str, Any]:
         "offline_window_s": policy.offline_window_s, "generated_at": core.clock.now_ms(),
         "node": core.node_id, "node_name": core.config.name,
         "names": {node_id: ident.name for node_id, ident in core.roster.identities.items()},
-        "sales": core.sales(), "results": results, "voids": voids,
+        "sales": core.sales(), "results": results, "voids": voids, "reversals": sorted(reversals),
     }
 
 
@@ -53,8 +58,10 @@ def _totals(sales: Iterable[dict[str, Any]]) -> dict[str, Any]:
     by_method = {m: _bucket() for m in METHODS}
     total = _bucket()
     for sale in sales:
-        for b in (by_status.setdefault(sale["status"], _bucket()), by_method.setdefault(sale["method"], _bucket()),
-                  total):
+        counted = [by_status.setdefault(sale["status"], _bucket())]
+        if sale["status"] not in OUT_OF_TOTALS:
+            counted += [by_method.setdefault(sale["method"], _bucket()), total]
+        for b in counted:
             b["count"] += 1
             b["amount_minor"] += sale["amount_minor"]
     return {"by_status": by_status, "by_method": by_method, "total": total}
@@ -73,6 +80,10 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     pending = [{"sale_id": s["id"], "terminal": s["terminal"], "name": s["terminal_name"],
                 "amount_minor": s["amount_minor"], "method": s["method"], "created_at": s["created_at"],
                 "deadline": s["deadline"]} for s in sales if s["status"] == "pending"]
+    refused = [{"sale_id": s["id"], "terminal": s["terminal"], "name": s["terminal_name"],
+                "amount_minor": s["amount_minor"], "currency": s["currency"], "status": s["status"],
+                "reason": s["reason"]} for s in sales if s["status"] in ("refused", "deferred")]
+    reversals = set(data.get("reversals", ()))
     mismatches: list[dict[str, Any]] = []
 
     def mismatch(kind: str, sale_id: str, detail: str) -> None:
@@ -87,7 +98,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
             continue
         if result["site"] != data["site_id"]:
             mismatch("other_site", sale_id, f"result names site {result['site']}, the sale is of {data['site_id']}")
-        if result["status"] == "approved" and sale_id in voided and not result["reversed"]:
+        if (result["status"] == "approved" and sale_id in voided and not result["reversed"]
+                and sale_id not in reversals):
             mismatch("voided_after_approval", sale_id,
                      "approved by the switch but voided by its terminal; no reversal confirmed yet")
         if result["status"] == "voided" and sale_id not in voided:
@@ -99,7 +111,8 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
     return {
         "site_id": data["site_id"], "site_name": data["site_name"], "currency": data["currency"],
         "generated_at": iso(data["generated_at"]), "node": data["node_name"],
-        "site": _totals(sales), "terminals": per_terminal, "pending": pending, "mismatches": mismatches,
+        "site": _totals(sales), "terminals": per_terminal, "pending": pending, "refused": refused,
+        "mismatches": mismatches,
     }
 
 
@@ -132,6 +145,11 @@ def render_text(rep: dict[str, Any]) -> str:
         out.append(f"\n{len(rep['pending'])} sale(s) still pending:")
         out.append(table([[p["sale_id"], p["name"], money(p["amount_minor"]), p["method"], p["deadline"]]
                           for p in rep["pending"]], ["SALE", "TERMINAL", "AMOUNT", "METHOD", "DEADLINE"]))
+    if rep.get("refused"):
+        out.append(f"\n{len(rep['refused'])} sale(s) refused by the site's rules (kept out of every other total):")
+        out.append(table([[r["sale_id"], r["name"], f"{r['amount_minor']} {r['currency']}"[:24], r["status"],
+                           r["reason"]] for r in rep["refused"]],
+                         ["SALE", "TERMINAL", "AMOUNT (MINOR)", "STATUS", "REASON"]))
     if rep["mismatches"]:
         out.append(f"\n{len(rep['mismatches'])} mismatch(es) between terminals and switch:")
         out.append(table([[m["kind"], m["sale_id"], m["detail"]] for m in rep["mismatches"]],
@@ -165,6 +183,10 @@ def write_csv(rep: dict[str, Any], path: Path) -> int:
                      "key": p["method"], "count": 1, "amount_minor": p["amount_minor"],
                      "amount": format_amount(p["amount_minor"], cur), "sale_id": p["sale_id"],
                      "deadline": p["deadline"]})
+    for r in rep.get("refused", ()):
+        rows.append({"kind": r["status"], "scope": "terminal", "terminal": r["terminal"], "name": r["name"],
+                     "key": r["currency"], "count": 1, "amount_minor": r["amount_minor"], "sale_id": r["sale_id"],
+                     "detail": r["reason"]})
     for m in rep["mismatches"]:
         rows.append({"kind": "mismatch", "scope": "terminal", "terminal": m["terminal"] or "", "key": m["kind"],
                      "amount_minor": m["amount_minor"] if m["amount_minor"] is not None else "",

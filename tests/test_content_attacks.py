@@ -90,6 +90,9 @@ def test_harmful_sales_are_refused_alone_on_every_node(mesh: Mesh) -> None:
         # listing and reporting go on: no unknown-currency crash
         rep = report.summarize(report.collect(node.core))
         assert rep["site"]["by_status"]["refused"]["count"] == len(harmful)
+        assert rep["site"]["total"]["amount_minor"] == sum(  # refused and deferred are in no total
+            s["amount_minor"] for s in view.values() if s["status"] not in ("refused", "deferred"))
+        assert {r["sale_id"] for r in rep["refused"]} == {sid for sid, _ in harmful.values()} | {future_id}
         assert "refused" in report.render_text(rep).lower()
     first = mesh.honest[0].entries()
     assert all(n.entries() == first for n in mesh.honest), "honest ledgers differ"
