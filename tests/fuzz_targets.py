@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import automerge.core as am
 
-from meshpos import canonical, envelope
+from meshpos import canonical, envelope, rules
+from meshpos.cards import check_expiry, check_pan
+from meshpos.currency import parse_amount
 from meshpos.acquirer.base import AcquirerRequest
 from meshpos.acquirer.iso8583 import (NEED_DATA, ClientConnection, FrameDecoder as IsoFrameDecoder, LengthHeader,
                                       RequestKind, ServerConnection, build_answer, decode_message, encode_message,
@@ -174,6 +176,36 @@ def t_envelope(data: bytes) -> None:
     w.b.core.roster.verify(env, w.b.core.clock.now_ms())
 
 
+def t_sale_rules(data: bytes) -> None:
+    """The content rules on whatever passes the envelope schema: a verdict, never a crash."""
+    w = world()
+    env = envelope.decode(data)
+    envelope.check_schema(env)
+    if env.type == "sale":
+        roster = w.b.core.roster
+        problem = rules.sale_problem(env.body, roster.policy_at(env.body["created_at"]))
+        assert problem is None or isinstance(problem, str)
+        rules.check_sale(env.body, roster.policy, w.b.core.clock.now_ms())
+
+
+def t_typed_input(data: bytes) -> None:
+    """What a cashier types: card number, expiry, amount, description. InputError or a value."""
+    text = data.decode("utf-8", errors="replace")
+    for check in (check_pan, lambda t: check_expiry(t[:8], 1767225600000), lambda t: parse_amount(t, "EUR"),
+                  lambda t: parse_amount(t, "JPY")):
+        try:
+            check(text)
+        except MeshposError:
+            pass
+    problem = rules.description_problem(text)
+    assert problem is None or isinstance(problem, str)
+
+
+def typed_input_corpus() -> list[bytes]:
+    return [t.encode() for t in ("4111111111111111", "4111 1111 1111 1111", "1230", "12.50", "٤١١١", "１２.５０",
+                                 "paid 4111-1111-1111-1111", "1e2", "+5", "0000000000000000")]
+
+
 def t_canonical(data: bytes) -> None:
     canonical.decode(data)
 
@@ -250,6 +282,8 @@ TARGETS: dict[str, tuple[Target, Callable[[], list[bytes]]]] = {
     "sync_session": (t_sync_session, link_corpus),
     "envelope": (t_envelope, envelope_corpus),
     "canonical": (t_canonical, envelope_corpus),
+    "sale_rules": (t_sale_rules, envelope_corpus),
+    "typed_input": (t_typed_input, typed_input_corpus),
     "ledger_snapshot": (t_ledger_snapshot, snapshot_corpus),
     "ledger_sync": (t_ledger_sync, sync_corpus),
     "forward_request": (t_forward_request, lambda: forwarding_corpus()[:1]),
