@@ -86,3 +86,12 @@ async def test_read_delay_runs_on_trio_time(switch_key: nacl.public.PrivateKey,
     start = trio.current_time()
     await r.read(100, "EUR")
     assert trio.current_time() - start == pytest.approx(2.5)
+
+
+async def test_a_card_past_its_expiry_is_refused_at_the_read(switch_key: nacl.public.PrivateKey) -> None:
+    from meshpos.clock import FakeClock
+    january_2031 = 1924992000000  # the test cards expire 12/30
+    with pytest.raises(InputError, match="expired"):
+        await reader(switch_key, clock=FakeClock(now_ms=january_2031)).read(500, "EUR")
+    capture = await reader(switch_key, clock=FakeClock(now_ms=january_2031 - 86_400_000)).read(500, "EUR")
+    assert capture.last4 == "1111"

@@ -21,6 +21,7 @@ from typing import Protocol
 import trio
 
 from ..cards import CardCapture, seal_card
+from ..clock import SYSTEM_CLOCK, Clock
 from ..currency import check_currency
 from ..errors import DeviceError, InputError
 
@@ -73,7 +74,8 @@ class SimulatedReader:
     """
 
     def __init__(self, switch_key: bytes, *, default_card: str | None = DEFAULT_TEST_CARD,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, clock: Clock = SYSTEM_CLOCK) -> None:
+        self._clock = clock
         if default_card is not None:
             self._card(default_card)
         self._switch_key = bytes(switch_key)
@@ -111,4 +113,5 @@ class SimulatedReader:
             raise item
         card = self._card(item[0])
         # Sealed here, at the read: the capture carries brand, last 4 and the sealed box only.
-        return seal_card(card.pan, card.expiry, item[1] or card.entry_mode, self._switch_key)
+        return seal_card(card.pan, card.expiry, item[1] or card.entry_mode, self._switch_key,
+                         at_ms=self._clock.now_ms())  # an expired card is refused at the read
