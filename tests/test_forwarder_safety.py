@@ -203,7 +203,8 @@ async def test_failed_batches_do_not_release_the_leases_a_lost_uplink_does(
 
 class Poisoned(FakeSwitch):
     """The switch fails every batch that holds ``poison`` (an HTTP 500 or a connection lost after
-    sending), and settles every other batch; ``broken`` fails every batch."""
+    sending), and settles every other batch; ``broken`` fails every batch; ``fail_next`` batches
+    never reach it. Every batch tried is recorded."""
 
     def __init__(self, key: nacl.signing.SigningKey, clock: FakeClock, poison: str | None,
                  error: Callable[[], UplinkError]) -> None:
@@ -216,6 +217,9 @@ class Poisoned(FakeSwitch):
     async def forward(self, entries: list[bytes]) -> ForwardReply:
         ids = [envelope.decode(raw).body["sale_id"] for raw in entries if envelope.decode(raw).type == "sale"]
         self.tried.append(ids)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise NotSent("no route to the switch")
         if self.broken or self.poison in ids:
             await trio.lowlevel.checkpoint()
             raise self.error()
@@ -272,6 +276,20 @@ async def test_a_sale_that_fails_every_batch_is_set_aside_and_the_others_are_for
     merge(uplink, seller)
     report = await fwd.step()
     assert report.forwarded == [new_id] and uplink.sale(new_id)["status"] == "approved"
+
+
+async def test_the_search_for_the_failing_sale_resumes_where_an_outage_stopped_it(
+        fair: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    uplink, _, seller = fair
+    ids = sorted(s["id"] for s in seller.sales())
+    switch = Poisoned(switch_key, clock, ids[0], lambda: SwitchRefused(500, "internal error"))
+    fwd = Forwarder(uplink, clock, switch)
+    assert (await fwd.step()).error  # the whole batch failed: split in halves
+    switch.fail_next = 1
+    with pytest.raises(NotSent):
+        await fwd.step()  # the uplink went while the first half was being sent
+    await fwd.step()
+    assert [len(b) for b in switch.tried] == [12, 6, 6] and switch.tried[1] == switch.tried[2] == ids[:6]
 
 
 async def test_a_switch_that_fails_every_batch_sets_nothing_aside(

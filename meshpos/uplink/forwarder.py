@@ -336,6 +336,8 @@ class Forwarder:
             reply = await self.transport.forward(entries)
         except UplinkError as exc:
             if not batch_fault(exc):
+                if len(batch) > 1 and all(s in self._trouble for s in batch):
+                    self._split.insert(0, batch)  # a half being searched: the search goes on from it
                 raise
             self._batch_failed(batch, exc, report)
             return report
