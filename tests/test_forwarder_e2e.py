@@ -19,6 +19,7 @@ import pytest
 
 from meshpos import envelope
 from meshpos.clock import SYSTEM_CLOCK
+from meshpos.node import client
 from meshpos.node.core import NodeCore
 from meshpos.procs import ProcessGroup
 from meshpos.uplink import leases as L
@@ -101,3 +102,28 @@ def test_hoarded_and_revoked_leases_do_not_stop_the_terminal_with_uplink(tmp_pat
     fair.wait_settled(["t2", "t3"])
     fair.check_exactly_once(repeats_allowed=False, names=["t1", "t2", "t3"])
     assert "from T3" in fair.switch_log()
+    assert client.call_running(fair.nodes["t3"], "status", {})["uplink"]["set_aside"] == 0
+
+
+def test_the_leases_of_a_terminal_that_is_gone_are_taken_over_at_once(tmp_path: Path, procs: ProcessGroup) -> None:
+    """t4 claimed every bucket for the longest life a lease may have and then went dark (not revoked):
+    t3 has no link to it and no fresh status of it, so it forwards at once, not 10 minutes later."""
+    fair = Fair.create(tmp_path, procs, terminals=4, start_nodes=False)
+    gone = NodeCore.open(fair.nodes["t4"], SYSTEM_CLOCK)
+    gateway = NodeCore.open(fair.nodes["t3"], SYSTEM_CLOCK)
+    try:
+        gone_id = gone.node_id
+        gateway.ingest(gone.ledger.raw(f"cert/{gone_id}") or b"", "peer")
+        for raw in sign_leases(gone, SYSTEM_CLOCK.now_ms(), L.MAX_LEASE_MS):
+            gateway.ingest(raw, "peer")
+    finally:
+        gone.close()
+        gateway.close()
+    for name in ("t1", "t2", "t3"):
+        fair.start_node(name)
+    fair.sell_mix(6, names=["t1", "t2"])
+    fair.wait_converged(["t1", "t2", "t3"])
+    fair.uplink("t3")
+    fair.wait_settled(["t1", "t2", "t3"])
+    fair.check_exactly_once(repeats_allowed=False, names=["t1", "t2", "t3"])
+    assert lease_holders(fair.nodes["t3"])[gone_id] == L.BUCKETS
