@@ -178,6 +178,28 @@ async def test_each_worker_backs_off_on_its_own_failures_and_keeps_the_leases(
     assert sorted(switch.sent()) == sorted(s["id"] for s in uplink.sales())
 
 
+async def test_new_sales_do_not_cut_a_back_off_short(
+        fair: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
+        autojump_clock: trio.testing.MockClock) -> None:
+    """During an outage a busy site sells all the time: each new sale must not cost an attempt."""
+    uplink, _, seller = fair
+    switch = Outage(switch_key, clock, failures=100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_forwarder(
+            uplink, clock, lambda: True, transport=switch, parallel=1, backoff=switch.backoff, poll_s=1.0,
+            task_status=task_status))
+        while not switch.backoffs:
+            await trio.sleep(0.1)
+        for n in range(5):  # within the 10 s back-off
+            seller.sell(900 + n, card=seller.seal_card(VISA, "1228", "chip"))
+            merge(uplink, seller)
+            await trio.sleep(1)
+        assert switch.backoffs == [1]
+        await trio.sleep(5)
+        assert switch.backoffs == [1, 2]
+        nursery.cancel_scope.cancel()
+
+
 async def test_failed_batches_do_not_release_the_leases_a_lost_uplink_does(
         fair: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
         autojump_clock: trio.testing.MockClock) -> None:
@@ -246,11 +268,15 @@ async def test_a_sale_that_fails_every_batch_is_set_aside_and_the_others_are_for
     switch = Poisoned(switch_key, clock, poison, error)
     fwd = Forwarder(uplink, clock, switch, sale_backoff=lambda n: 60.0, set_aside_s=1800.0)
     caplog.set_level(logging.INFO, logger="meshpos.uplink.forwarder")
+    reports = []
     for _ in range(40):
         if fwd.status()["set_aside"]:
             break
-        await run_steps(fwd, clock, steps=1, idle_s=60.0)
+        reports.append(await fwd.step())
+        if not reports[-1].forwarded:
+            clock.advance(60.0)
     set_aside_at = clock.now_ms()
+    assert reports[-1].set_aside == [poison] and reports[-1].forwarded == [poison]
 
     by_id = {s["id"]: s for s in uplink.sales()}
     assert all(by_id[s]["status"] == "approved" for s in ids if s != poison)
