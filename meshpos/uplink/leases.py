@@ -12,10 +12,11 @@ lease's ``received_at`` is that node's clock when it accepted the entry.
    b. its holder is not revoked (whatever the lease's times: a revoked node may no
       longer forward, so its leases stop counting the moment the revocation arrives);
    c. its holder is reachable from this node, or is this node. *Reachable* means: this
-      node holds an open link to it, or received a status of it (gossiped over the mesh)
-      recently enough that the status is fresh (``meshview.stale_after_ms``), measured on
-      this node's clock from when the status arrived. A node that no one can reach cannot
-      be forwarding for the site: its scopes are taken over at once.
+      node holds an open link to it, or a fresh status of it (gossiped over the mesh):
+      one that arrived within its staleness bound (``meshview.stale_after_ms``) on this
+      node's clock, and is itself not older than that bound plus the skew
+      (:func:`meshpos.uplink.reach.is_reachable`). A holder this node cannot reach may be
+      dead or cut off: its scopes are taken over at once (at worst a batch travels twice).
 2. Of one holder's counting leases for one scope only the newest (greatest
    ``granted_at``) counts; a lease with ``until <= granted_at`` is therefore a *release*.
 3. A counting lease is live at ``now`` when ``0 < until - granted_at <= MAX_LEASE_MS``
