@@ -10,15 +10,13 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos import envelope
 from meshpos.clock import FakeClock
 from meshpos.errors import UplinkError
 from meshpos.node.core import NodeCore
-from meshpos.switch.api import ForwardReply, Pending
 from meshpos.uplink import leases as L
 from meshpos.uplink.forwarder import Forwarder, run_forwarder
 
-VISA = "4111111111111111"
+from forwarder_helpers import VISA, FakeSwitch, merge
 
 
 # -- the rules, pure ---------------------------------------------------------------------
@@ -53,42 +51,6 @@ def test_lease_rules() -> None:
 
 
 # -- two uplink nodes --------------------------------------------------------------------
-
-
-def merge(dst: NodeCore, *sources: NodeCore) -> None:
-    for type_ in ("cert", "revocation", "policy", "sale", "void", "lease", "result"):
-        for src in sources:
-            for raw in src.store.entries_of_type(type_):
-                dst.ingest(raw, "peer")
-
-
-class FakeSwitch:
-    """A transport that records batches; settles them (signed by the real switch key) only when told to."""
-
-    def __init__(self, key: nacl.signing.SigningKey, clock: FakeClock, settle: bool = True) -> None:
-        self.key = key
-        self.clock = clock
-        self.settle = settle
-        self.batches: list[list[str]] = []
-        self.fail_next = 0
-
-    async def forward(self, entries: list[bytes]) -> ForwardReply:
-        await trio.lowlevel.checkpoint()
-        if self.fail_next:
-            self.fail_next -= 1
-            raise UplinkError("no route to the switch")
-        sales = [envelope.decode(raw) for raw in entries if envelope.decode(raw).type == "sale"]
-        self.batches.append([s.body["sale_id"] for s in sales])
-        if not self.settle:
-            return ForwardReply(pending=tuple(Pending(s.body["sale_id"], "acquirer silent") for s in sales))
-        results = tuple(envelope.seal("result", "switch", {
-            "sale_id": s.body["sale_id"], "site": s.body["site"], "status": "approved", "auth_code": "A1B2C3",
-            "response_code": "00", "reason": None, "settled_at": self.clock.now_ms(), "reversed": False,
-        }, self.key) for s in sales)
-        return ForwardReply(results=results)
-
-    def sent(self) -> list[str]:
-        return [s for batch in self.batches for s in batch]
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
 from ..sync import Replicator, SyncSession
 from ..uplink.client import make_client_context, probe
 from ..uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
+from ..uplink.reach import is_reachable
 from .nodedir import parse_hostport
 from .service import NodeService, run_until_signal
 
@@ -228,6 +229,19 @@ class Uplink:
     def allowed(self) -> bool:
         return bool(self.core.config.uplink) and self.core.identity.role in ("terminal", "gateway")
 
+    def has_uplink(self) -> bool:
+        """May forward, and the probe has not found the switch unreachable: the forwarder
+        releases its leases when this turns false (a real loss of uplink), not on failed batches."""
+        return self.allowed() and self.reachable is not False
+
+    def node_reachable(self, node_id: str) -> bool:
+        """Lease rule 1c (meshpos/uplink/reach.py): an open link, or a fresh gossiped status."""
+        if self.mesh is None:
+            return True
+        board = getattr(self.service, "statusboard", None)  # the status component starts after this one
+        status = board.statuses.get(node_id) if board is not None else None
+        return is_reachable(node_id, self.core.clock.now_ms(), self.mesh.linked_peers(), status)
+
     def state(self) -> str:
         if not self.allowed():
             return "off"
@@ -237,16 +251,17 @@ class Uplink:
 
     def status(self) -> dict[str, Any]:
         t = self.transport
+        set_aside = self.forwarder.status()["set_aside"] if self.forwarder is not None else 0
         return {"uplink": {"state": self.state(), "allowed": self.allowed(), "last_forward_ms": t.last_ok_ms,
                            "results_received": t.forwarded, "last_error": t.last_error,
-                           "last_error_ms": t.last_error_ms}}
+                           "last_error_ms": t.last_error_ms, "set_aside": set_aside}}
 
     async def run(self, service: NodeService, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.forwarder = await nursery.start(
-                lambda task_status: run_forwarder(self.core, self.core.clock, self.allowed,
-                                                  transport=self.transport, poll_s=UPLINK_POLL,
-                                                  task_status=task_status))
+                lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
+                                                  transport=self.transport, reachable=self.node_reachable,
+                                                  poll_s=UPLINK_POLL, task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
 

@@ -5,5 +5,6 @@ Public API (what the node service calls):
   client.forward_batch(switch_url, ssl_ctx, entries) -> list of signed result envelopes
   client.forward(switch_url, ssl_ctx, entries) -> ForwardReply (results, pending, refused, reversed)
   client.probe(switch_url, ssl_ctx) -> bool
-  forwarder.run_forwarder(core, clock, is_allowed, task_status=...) -> the loop; started() gives the Forwarder
+  forwarder.run_forwarder(core, clock, has_uplink, reachable=..., task_status=...) -> the loop; started() gives the Forwarder
+  reach.is_reachable(node_id, now_ms, linked, status) -> whether a lease holder counts as reachable (lease rule 1c)
 """

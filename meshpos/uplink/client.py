@@ -6,7 +6,10 @@ the two whose X25519 form is the site policy's ``switch_key``
 (:func:`meshpos.switch.tls.check_pin`). No CA is trusted for the switch.
 
 Every failure (no route, TLS, pin, timeout, HTTP error, bad reply) is an
-:class:`~meshpos.errors.UplinkError`; :class:`SwitchRefused` carries the HTTP status.
+:class:`~meshpos.errors.UplinkError`: :class:`NotSent` when the request never left this
+node (nothing can be learnt about what it carried), :class:`SwitchRefused` (with the HTTP
+status) when the switch answered but not 200, a plain UplinkError when the exchange broke
+once the request was under way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ if TYPE_CHECKING:
 
 FORWARD_TIMEOUT_S = 300.0  # a batch waits for the acquirer's answers to all of its sales
 PROBE_TIMEOUT_S = 5.0
+
+
+class NotSent(UplinkError):
+    """The request never left this node: no route, TLS or pin failure, no switch configured."""
 
 
 class SwitchRefused(UplinkError):
@@ -94,17 +101,17 @@ async def open_switch(switch_url: str, ssl_ctx: ssl.SSLContext) -> HttpClientCon
     try:
         stream = await open_https(host, port, ssl_ctx, server_hostname=host)
     except ProtocolError as exc:
-        raise UplinkError(f"cannot reach the switch at {switch_url}: {exc}") from exc
+        raise NotSent(f"cannot reach the switch at {switch_url}: {exc}") from exc
     pin = getattr(ssl_ctx, "switch_key", None)
     if pin is None and ssl_ctx.verify_mode == ssl.CERT_NONE:
         await trio.aclose_forcefully(stream)
-        raise UplinkError("refusing an unauthenticated switch: the TLS context neither pins nor verifies it")
+        raise NotSent("refusing an unauthenticated switch: the TLS context neither pins nor verifies it")
     if pin is not None:
         try:
             check_pin(peer_cert_der(stream), pin)
         except VerificationError as exc:
             await trio.aclose_forcefully(stream)
-            raise UplinkError(f"{switch_url}: {exc}") from exc
+            raise NotSent(f"{switch_url}: {exc}") from exc
     return HttpClientConnection(stream, max_body_bytes=MAX_REPLY_BYTES)
 
 
@@ -123,6 +130,8 @@ async def _exchange(switch_url: str, ssl_ctx: ssl.SSLContext, method: str, path:
         finally:
             await conn.aclose()
     if response is None:
+        if conn is None:
+            raise NotSent(f"switch at {switch_url} could not be reached within {timeout:g} s")
         raise UplinkError(f"switch at {switch_url} gave no answer within {timeout:g} s")
     return response
 
@@ -140,7 +149,7 @@ async def forward(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes]
     """POST one batch; the full reply (results, pending, refused, reversed)."""
     try:
         body = encode_request(entries)
-    except EncodingError as exc:
+    except EncodingError as exc:  # this batch's content: splitting it finds the entry
         raise UplinkError(f"batch cannot be sent: {exc}") from exc
     response = await _exchange(switch_url, ssl_ctx, "POST", FORWARD_PATH, body, timeout)
     if response.status != 200:

@@ -2,9 +2,23 @@
 
 Everything it needs lives in the ledger (pending sales, voids, certificates,
 revocations, leases), so a restarted node resumes where it stopped. What it
-keeps in memory is only back-off: a sale the switch left pending or refused waits
-``sale_backoff(attempts)`` before it is sent again; a batch the switch could not
-take (no route, HTTP error) makes the whole loop wait ``backoff(failures)``.
+keeps in memory is only back-off and suspicion:
+
+* a sale the switch left pending or refused waits ``sale_backoff(attempts)`` before
+  it is sent again;
+* a batch that never left this node (no route, TLS, the switch refusing this node)
+  makes the worker that sent it wait ``backoff(failures)``, each worker counting its
+  own failures;
+* a batch the switch failed as a whole (HTTP 400/413/5xx, or the connection lost once
+  it was sent) may hold one sale that fails every batch it is in: the batch is split
+  in halves, each sent on its own, until a failing sale stands alone. A sale that fails
+  alone is sent alone from then on; once it failed alone ``SET_ASIDE_AFTER`` times while
+  the switch took other batches, it is *set aside*: logged once with its id, counted in
+  :meth:`Forwarder.status`, retried every ``set_aside_s`` only. Every other sale goes on.
+
+Not forwarded at all: sales the node's view holds as refused (``sales.refused``), sales
+dated more than ``rules.MAX_SKEW_MS`` ahead of this node's clock (not valid yet), and
+voids after approval whose reversal is known (``sales.reversed_at``).
 
 :class:`Forwarder` makes one decision at a time (:meth:`Forwarder.step`) against
 an injected clock and an injected :class:`Transport`; :func:`run_forwarder` is the
@@ -27,10 +41,11 @@ from ..acquirer.base import exponential_backoff
 from ..clock import Clock
 from ..errors import ConfigError, EncodingError, UplinkError, VerificationError
 from ..roster import Verified
+from ..rules import MAX_SKEW_MS
 from ..switch.api import ForwardReply, request_size
 from ..switch.const import MAX_BODY_BYTES
 from . import leases as lease_rules
-from .client import forward, make_client_context
+from .client import NotSent, SwitchRefused, forward, make_client_context
 
 if TYPE_CHECKING:
     from ..node.core import NodeCore
@@ -41,12 +56,28 @@ BATCH_SALES = 200
 BATCH_BYTES = MAX_BODY_BYTES // 2
 PARALLEL_BATCHES = 2  # batches in flight at once
 POLL_S = 5.0  # how often the loop looks for work when nothing wakes it
-RELEASE_AFTER_FAILURES = 3  # consecutive failed batches before this node gives its leases up
+SET_ASIDE_AFTER = 3  # failures alone (while the switch took other batches) before a sale is set aside
+SET_ASIDE_S = 1800.0  # how often a set-aside sale is tried again: 48 times in a 24 h offline window
+# Answers that say the switch will take nothing from this node (who it is, where it sends, how
+# fast), whatever the batch holds: splitting the batch would learn nothing.
+NODE_REFUSALS = frozenset({401, 403, 404, 405, 429, 503})
 
 
 class Transport(Protocol):
     async def forward(self, entries: list[bytes]) -> ForwardReply:
-        """Send one batch to the switch; UplinkError if it did not take it."""
+        """Send one batch to the switch; NotSent if it never left this node, another
+        UplinkError if the switch did not take it (SwitchRefused: it answered so)."""
+
+
+def batch_fault(exc: UplinkError) -> bool:
+    """Whether a failed exchange may be the batch's own doing, so that splitting it can find
+    the sale: the switch failed it (HTTP 400, 413, 5xx...) or the connection was lost once it
+    was sent. Not when it never left this node, nor when the switch refuses this node."""
+    if isinstance(exc, NotSent):
+        return False
+    if isinstance(exc, SwitchRefused):
+        return exc.status not in NODE_REFUSALS
+    return True
 
 
 class HttpsTransport:
@@ -62,18 +93,21 @@ class HttpsTransport:
         policy = self.core.policy
         url = self.switch_url or policy.switch_url
         if url is None or policy.switch_key is None:
-            raise UplinkError("the site policy names no switch (meshpos site set-switch)")
+            raise NotSent("the site policy names no switch (meshpos site set-switch)")
         if self._ctx is None or self._for != (url, policy.switch_key):
             try:
                 self._ctx = make_client_context(self.core, policy)
             except ConfigError as exc:
-                raise UplinkError(str(exc)) from exc
+                raise NotSent(str(exc)) from exc
             self._for = (url, policy.switch_key)
         return url, self._ctx
 
     async def forward(self, entries: list[bytes]) -> ForwardReply:
         url, ctx = self._context()
-        return await forward(url, ctx, entries)
+        try:
+            return await forward(url, ctx, entries)
+        except ConfigError as exc:  # a switch URL that cannot be used
+            raise NotSent(str(exc)) from exc
 
 
 @dataclass
@@ -88,13 +122,23 @@ class StepReport:
     held_by_others: dict[str, str] = field(default_factory=dict)
     leases_written: int = 0
     more: bool = False  # work is left in scopes this node holds
-    error: str | None = None
+    error: str | None = None  # the switch failed the batch (it was split, or its one sale deferred)
+    set_aside: list[str] = field(default_factory=list)  # sales set aside by this step
 
 
 @dataclass
 class _Backoff:
     attempts: int
     not_before_ms: int
+
+
+@dataclass
+class _Trouble:
+    """A sale that was in a batch the switch failed."""
+
+    ok_mark: int  # batches the switch took (Forwarder._ok) when its failures began
+    alone: bool = False  # it failed alone once: from now on it is sent alone
+    counted: int = 0  # failures alone while the switch took other batches
 
 
 class Forwarder:
@@ -109,7 +153,11 @@ class Forwarder:
         lease_ms: int = lease_rules.LEASE_MS,
         renew_left_ms: int = lease_rules.RENEW_LEFT_MS,
         sale_backoff: Callable[[int], float] = exponential_backoff(5.0, 600.0),
+        set_aside_s: float = SET_ASIDE_S,
+        reachable: Callable[[str], bool] | None = None,
     ) -> None:
+        """``reachable(node_id)``: whether this node can reach that node now (lease rule 1c,
+        meshpos/uplink/leases.py); by default every node is taken as reachable."""
         self.core = core
         self.clock = clock
         self.transport: Transport = transport if transport is not None else HttpsTransport(core)
@@ -118,7 +166,13 @@ class Forwarder:
         self.lease_ms = lease_ms
         self.renew_left_ms = renew_left_ms
         self.sale_backoff = sale_backoff
+        self.set_aside_s = set_aside_s
+        self.reachable: Callable[[str], bool] = reachable if reachable is not None else (lambda node_id: True)
         self._backoff: dict[str, _Backoff] = {}
+        self._split: list[list[str]] = []  # halves of failed batches, each to be sent as a batch of its own
+        self._trouble: dict[str, _Trouble] = {}
+        self._set_aside: set[str] = set()
+        self._ok = 0  # batches the switch took
         self._in_flight: set[str] = set()  # sent in a batch whose reply has not come back yet
         self._reversal_done: set[str] = set()
         self._leases: dict[str, lease_rules.Lease] = {}
@@ -130,10 +184,13 @@ class Forwarder:
     # -- reading the ledger ----------------------------------------------------------
 
     def pending(self, now: int) -> list[str]:
-        """Sale ids to forward now: no result yet, or voided after approval and not reversed yet."""
+        """Sale ids to forward now: no result yet, or voided after approval and not reversed yet;
+        never a sale this node's view refuses, nor one dated beyond the skew ahead of ``now``."""
         rows = self.core.store.conn.execute(
-            "SELECT sale_id, result_status FROM sales WHERE result_status IS NULL"
-            " OR (voided_at IS NOT NULL AND result_status='approved') ORDER BY created_at, sale_id").fetchall()
+            "SELECT sale_id, result_status FROM sales WHERE refused IS NULL AND created_at <= ?"
+            " AND (result_status IS NULL"
+            "      OR (voided_at IS NOT NULL AND result_status='approved' AND reversed_at IS NULL))"
+            " ORDER BY created_at, sale_id", (now + MAX_SKEW_MS,)).fetchall()
         out = []
         for sale_id, status in rows:
             if sale_id in self._in_flight or (status is not None and sale_id in self._reversal_done):
@@ -142,13 +199,34 @@ class Forwarder:
             if b is not None and now < b.not_before_ms:
                 continue
             out.append(str(sale_id))
+        self._forget_settled({str(sale_id) for sale_id, _ in rows})
         return out
 
+    def _forget_settled(self, open_ids: set[str]) -> None:
+        """Drop the suspicion of sales that need no forwarding any more (settled through another node)."""
+        if self._set_aside - open_ids:
+            self._set_aside &= open_ids
+        for sale_id in [s for s in self._trouble if s not in open_ids and s not in self._in_flight]:
+            del self._trouble[sale_id]
+
     def leases(self) -> list[lease_rules.Lease]:
-        for key, raw in self.core.store.conn.execute("SELECT key, raw FROM entries WHERE type='lease'"):
+        """Every lease entry this node holds, with when it received each (lease rule 3)."""
+        for key, raw, received_at in self.core.store.conn.execute(
+                "SELECT key, raw, received_at FROM entries WHERE type='lease'"):
             if key not in self._leases:
-                self._leases[key] = lease_rules.Lease.from_body(envelope.decode(bytes(raw)).body)
+                body = envelope.decode(bytes(raw)).body
+                self._leases[key] = lease_rules.Lease.from_body(body, int(received_at))
         return list(self._leases.values())
+
+    def ignored_holders(self, leases: list[lease_rules.Lease]) -> set[str]:
+        """Lease rules 1b and 1c: holders whose leases do not count here (revoked; not reachable)."""
+        revoked = self.core.roster.revoked
+        return {h for h in {lease.holder for lease in leases}
+                if h in revoked or (h != self.node_id and not self.reachable(h))}
+
+    def status(self) -> dict[str, object]:
+        """For the node's status: the sales set aside (failing alone while others are forwarded)."""
+        return {"set_aside": len(self._set_aside), "set_aside_sales": sorted(self._set_aside)}
 
     def rank(self, node_id: str) -> int:
         ident = self.core.roster.identities.get(node_id)
@@ -196,7 +274,7 @@ class Forwarder:
             except VerificationError as exc:  # the same lease exists already
                 log.debug("lease not written: %s", exc)
                 continue
-            self._leases[verified.key] = lease_rules.Lease.from_body(body)
+            self._leases[verified.key] = lease_rules.Lease.from_body(body, self.clock.now_ms())
             n += 1
         return n
 
@@ -207,15 +285,28 @@ class Forwarder:
     # -- one step ------------------------------------------------------------------------
 
     def plan(self, now: int) -> tuple[list[str], lease_rules.LeasePlan, bool]:
-        """The next batch (sale ids), the lease plan, and whether more work waits after it."""
+        """The next batch (sale ids), the lease plan, and whether more work waits after it.
+
+        A half of a failed batch goes first, as it was split; a sale that failed alone goes
+        alone, after the batches of sales that did not fail."""
         pending = self.pending(now)
         scopes = {s: lease_rules.scope_of(s, self.buckets) for s in pending}
-        lp = lease_rules.plan(self.node_id, set(scopes.values()), self.leases(), now, self.rank,
-                              self.lease_ms, self.renew_left_ms)
+        leases = self.leases()
+        lp = lease_rules.plan(self.node_id, set(scopes.values()), leases, now, self.rank,
+                              self.lease_ms, self.renew_left_ms, ignore=self.ignored_holders(leases))
         mine = [s for s in pending if scopes[s] in lp.forward]
+        eligible = set(mine)
+        while self._split:
+            group = [s for s in self._split.pop(0) if s in eligible]
+            if group:
+                return group, lp, len(mine) > len(group)
+        alone = [s for s in mine if s in self._trouble and self._trouble[s].alone]
+        together = [s for s in mine if not (s in self._trouble and self._trouble[s].alone)]
+        if not together:
+            return alone[:1], lp, len(alone) > 1
         batch: list[str] = []
         size = 0
-        for sale_id in mine:
+        for sale_id in together:
             if len(batch) >= self.batch_sales:
                 break
             est = 2 * envelope.MAX_ENVELOPE
@@ -226,24 +317,69 @@ class Forwarder:
         return batch, lp, len(mine) > len(batch)
 
     async def step(self) -> StepReport:
-        """Claim or renew leases, forward at most one batch, take the results into the ledger."""
+        """Claim or renew leases, forward at most one batch, take the results into the ledger.
+
+        NotSent (and a refusal of this node) propagate: the uplink, not the batch, failed. A
+        batch the switch failed is split, or, if it was one sale, that sale deferred."""
         now = self.clock.now_ms()
         batch, lp, more = self.plan(now)
         report = StepReport(held_by_others=dict(lp.held_by_others), more=more)
         report.leases_written = self._write_leases(lp.write)
         if not batch:
             return report
-        entries = self.entries_for(batch)
-        if request_size(entries) > MAX_BODY_BYTES:  # defensive: estimates above keep well under
-            raise UplinkError("batch too large for the switch")
         report.forwarded = batch
         self._in_flight.update(batch)
         try:
+            entries = self.entries_for(batch)
+            if request_size(entries) > MAX_BODY_BYTES:  # defensive: estimates above keep well under
+                raise UplinkError("batch too large for the switch")
             reply = await self.transport.forward(entries)
+        except UplinkError as exc:
+            if not batch_fault(exc):
+                if len(batch) > 1 and all(s in self._trouble for s in batch):
+                    self._split.insert(0, batch)  # a half being searched: the search goes on from it
+                raise
+            self._batch_failed(batch, exc, report)
+            return report
         finally:
             self._in_flight.difference_update(batch)
+        self._ok += 1
+        for sale_id in batch:
+            self._trouble.pop(sale_id, None)
+            if sale_id in self._set_aside:
+                self._set_aside.discard(sale_id)
+                log.info("sale %s, set aside, was taken by the switch", sale_id)
         self._take_reply(batch, reply, report)
         return report
+
+    def _batch_failed(self, batch: list[str], exc: UplinkError, report: StepReport) -> None:
+        report.error = str(exc)
+        for sale_id in batch:
+            self._trouble.setdefault(sale_id, _Trouble(ok_mark=self._ok))
+        if len(batch) > 1:
+            half = len(batch) // 2
+            self._split.extend([batch[:half], batch[half:]])
+            report.more = True
+            log.warning("the switch failed a batch of %d sales (%s): sending it in halves to find the sale "
+                        "that fails", len(batch), exc)
+            return
+        sale_id = batch[0]
+        trouble = self._trouble[sale_id]
+        trouble.alone = True
+        if self._ok > trouble.ok_mark:  # the switch took other batches meanwhile: it is this sale
+            trouble.counted += 1
+        now = self.clock.now_ms()
+        if trouble.counted >= SET_ASIDE_AFTER:
+            if sale_id not in self._set_aside:
+                self._set_aside.add(sale_id)
+                report.set_aside.append(sale_id)
+                log.error("sale %s set aside: the switch failed it alone %d times while it took other "
+                          "batches (last: %s); it is tried again every %g s", sale_id, trouble.counted, exc,
+                          self.set_aside_s)
+            self._backoff[sale_id] = _Backoff(trouble.counted, now + int(self.set_aside_s * 1000))
+        else:
+            log.warning("the switch failed sale %s alone: %s", sale_id, exc)
+            self._defer(sale_id, now)
 
     async def drain(self, parallel: int = PARALLEL_BATCHES) -> int:
         """Forward until nothing is left that this node may forward now; the number of sales sent.
@@ -318,23 +454,28 @@ class Forwarder:
 async def run_forwarder(
     core: "NodeCore",
     clock: Clock,
-    is_allowed: Callable[[], bool],
+    has_uplink: Callable[[], bool],
     *,
     transport: Transport | None = None,
+    reachable: Callable[[str], bool] | None = None,
+    batch_sales: int = BATCH_SALES,
     backoff: Callable[[int], float] = exponential_backoff(2.0, 300.0),
     poll_s: float = POLL_S,
     parallel: int = PARALLEL_BATCHES,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Forward the site's queue while ``is_allowed()`` (this node has an uplink and may use it).
+    """Forward the site's queue while ``has_uplink()`` (this node may forward and its uplink
+    works, as far as it knows).
 
     ``parallel`` workers each send one batch at a time (disjoint batches). A worker wakes
-    on new sales, voids and leases in the ledger, or every ``poll_s``; after a failed batch
-    it waits ``backoff(failures)``. After RELEASE_AFTER_FAILURES failures in a row, or when
-    no longer allowed, the node releases its leases so another uplink node takes over at
-    once. ``task_status.started`` gets the :class:`Forwarder`.
+    on new sales, voids and leases in the ledger, or every ``poll_s``. A worker whose batch
+    never reached the switch waits ``backoff(failures)``, ``failures`` counting that
+    worker's own failures in a row (one worker's bad luck does not slow the other), and is
+    not woken early by new entries. Leases are released only on a real loss of uplink, when
+    ``has_uplink()`` turns false: failed batches alone never give them up.
+    ``task_status.started`` gets the :class:`Forwarder`.
     """
-    fwd = Forwarder(core, clock, transport)
+    fwd = Forwarder(core, clock, transport, batch_sales=batch_sales, reachable=reachable)
     wakes: list[trio.Event] = [trio.Event() for _ in range(parallel)]
 
     def on_accept(verified: Verified) -> None:
@@ -342,11 +483,11 @@ async def run_forwarder(
             for event in wakes:
                 event.set()
 
-    failures = 0
-    released = False  # leases from before a restart may still be live
+    released = False  # the node's leases, shared by the workers; leases from before a restart may be live
 
     async def worker(n: int) -> None:
-        nonlocal failures, released
+        nonlocal released
+        failures = 0
 
         async def wait(seconds: float) -> None:
             with trio.move_on_after(seconds):
@@ -354,7 +495,7 @@ async def run_forwarder(
             wakes[n] = trio.Event()
 
         while True:
-            if not is_allowed():
+            if not has_uplink():
                 if not released:
                     fwd.release()
                     released = True
@@ -364,11 +505,8 @@ async def run_forwarder(
                 report = await fwd.step()
             except UplinkError as exc:
                 failures += 1
-                log.warning("forwarding failed (%d in a row): %s", failures, exc)
-                if failures >= RELEASE_AFTER_FAILURES and not released:
-                    fwd.release()
-                    released = True
-                await wait(backoff(failures))
+                log.warning("forwarding failed (worker %d, %d in a row): %s", n, failures, exc)
+                await trio.sleep(backoff(failures))
                 continue
             failures = 0
             if report.forwarded or report.leases_written:
