@@ -40,6 +40,7 @@ from meshpos.site import init_site
 from meshpos.switch.api import ForwardReply
 from meshpos.switch.processor import Switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
+from meshpos.uplink.client import NotSent
 from meshpos.uplink.forwarder import Forwarder
 
 N = 3
@@ -101,7 +102,7 @@ class FakeSwitchTransport:
 
     async def forward(self, entries: list[bytes]) -> ForwardReply:
         if not self.up:
-            raise UplinkError("no route to the switch (simulated)")
+            raise NotSent("no route to the switch (simulated)")
         switch = self.sim.switch()  # a fresh processor over the same database: restarts included
         site = next(iter(switch.sites.values()))
         reply = await switch.forward(site, entries)
@@ -299,6 +300,12 @@ class Simulation(RuleBasedStateMachine):
         for node in self.nodes:
             assert set(self.acked) <= node.sale_ids(), "an acknowledged sale is missing once the mesh is whole"
             assert node.entries() == first.entries(), "ledgers differ once the mesh is whole"
+        # Sales of a terminal whose clock runs ahead are deferred by every slower clock until it
+        # gets there (protocols/rules.md, "Clocks: the skew"): let the slowest clock catch up with
+        # the fastest, so that every sale is judged before the queue is forwarded.
+        lag_ms = max(c.now_ms() for c in self.clocks) - min(c.now_ms() for c in self.clocks + [self.switch_clock])
+        if lag_ms > 0:
+            self.time_passes(lag_ms / 1000 / HOUR)
         # uplink back on every node, acquirer up: forward until the whole queue is settled
         self.acquirer.down = False
         for t in self.transports:
