@@ -35,3 +35,19 @@ def scan_for(root: Path, needles: list[bytes]) -> list[str]:
                 if form in data:
                     hits.append(f"{path}: {form[:8]!r}...")
     return hits
+
+
+def fill_disk(path: Path) -> int:
+    """Write ``path`` until its file system is full (ENOSPC); the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    written = 0
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                written += os.write(fd, block)
+            except OSError:
+                break
+    finally:
+        os.close(fd)
+    return written

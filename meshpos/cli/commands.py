@@ -100,22 +100,21 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     key = read_switch_key_file(args.switch_key) if args.switch_key else None
     if args.switch_url:
         check_switch_url(args.switch_url)
-    password = None
-    if args.dashboard_password is not None:
-        password = secrets.read_password(args.dashboard_password, "--dashboard-password")
-    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password)
-    changes: dict[str, Any] = {}
-    if args.offline_window:
+    limits: dict[str, int] = {}
+    if args.offline_window is not None:
         if args.offline_window <= 0:
             raise InputError("--offline-window must be a positive number of hours")
-        changes["offline_window_s"] = args.offline_window * 3600
+        limits["offline_window_s"] = args.offline_window * 3600
     for opt, field in (("max_sale", "max_sale_minor"), ("max_terminal_pending", "max_terminal_pending_minor"),
                        ("max_site_pending", "max_site_pending_minor")):
         value = _minor(getattr(args, opt), currency)
         if value is not None:
-            changes[field] = value
-    if changes:
-        site.update_policy(**changes)
+            limits[field] = value
+    password = None
+    if args.dashboard_password is not None:
+        password = secrets.read_password(args.dashboard_password, "--dashboard-password")
+    # Everything is checked above and in init_site before SITE_DIR appears: a bad option leaves nothing.
+    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, **limits)
     return _show_site(site, args.json, created=True)
 
 
