@@ -20,6 +20,7 @@ from ..identity import certs
 from ..ledger import Ledger
 from ..roster import Roster
 from ..store import Store
+from .diskspace import check_room_for_sale
 from .nodedir import NodeConfig, NodeDir
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,7 @@ class NodeCore:
                 f"{self.dir.path}: this node's database was re-created and waits for a peer to give back its "
                 f"own sales, so that no sale id is used twice; link it to the mesh (or, if it never sold "
                 f"before, delete {self.recovery_flag})")
+        check_room_for_sale(self.dir.db_path)  # before anything of the sale exists, in memory or on disk
         now = self.clock.now_ms()
         with self.store.transaction():
             window_start = now - policy.offline_window_ms
