@@ -129,3 +129,58 @@ def test_running_node_on_a_full_disk_refuses_sales_stays_up_and_loses_nothing(tm
     held = {s["id"] for s in json.loads(run_cli("sales", str(node), "--json", check=True).stdout)}
     assert set(acknowledged) <= held
     assert len(acknowledged) > 2
+
+
+def _sale_ids(node: Path) -> set[str]:
+    return {s["id"] for s in client.call_running(node, "sales", {})}
+
+
+def _until(cond: object, timeout: float, what: str) -> None:
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out: {what}")
+        time.sleep(0.2)
+
+
+def test_a_node_whose_disk_fills_with_what_its_links_bring_stays_up(tmp_path: Path, small_disk: Path) -> None:
+    """The disk fills with entries replicated from a peer (no sale of its own to refuse first):
+    SQLite meets the full disk inside the node's held transaction. The node stays up; once
+    space is back and it re-syncs, it holds everything."""
+    from meshpos.procs import free_ports
+    run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", check=True)
+    pa, pb = free_ports(2)
+    a, b = small_disk / "a", tmp_path / "b"
+    run_cli("enroll", str(tmp_path / "site"), str(a), "--role", "terminal", "--name", "A",
+            "--listen", f"127.0.0.1:{pa}", check=True)
+    run_cli("enroll", str(tmp_path / "site"), str(b), "--role", "terminal", "--name", "B",
+            "--listen", f"127.0.0.1:{pb}", "--peer", f"127.0.0.1:{pa}", check=True)
+    procs = ProcessGroup(tmp_path / "logs")
+    try:
+        node_a = procs.start_node("a", a, "--no-mdns")
+        procs.start_node("b", b, "--no-mdns")
+        own = client.call_running(a, "sell", {"amount_minor": 500})["id"]
+        _until(lambda: own in _sale_ids(b), 60, "B has A's sale")
+        ballast = small_disk / "ballast"
+        fill_disk(ballast)
+        made = {own}
+        for i in range(60):
+            made.add(client.call_running(b, "sell", {"amount_minor": 100 + i, "description": "y" * 190})["id"])
+        _until(lambda: "the disk is full" in node_a.log_tail(200) or "rolled back" in node_a.log_tail(200), 60,
+               "A met the full disk")
+        assert node_a.alive
+        with pytest.raises(DiskFullError):
+            client.call_running(a, "sell", {"amount_minor": 700})
+        assert client.call_running(a, "status", {})["running"]
+
+        ballast.unlink()
+        extra = client.call_running(a, "sell", {"amount_minor": 800})["id"]  # sells again at once
+        made.add(extra)
+        assert node_a.alive
+        procs.stop("a")  # what SQLite rolled back comes back from B at the next sync
+        node_a = procs.start_node("a", a, "--no-mdns")
+        _until(lambda: made <= _sale_ids(a), 120, "A holds every sale again")
+        _until(lambda: made <= _sale_ids(b), 60, "B holds every sale")
+    finally:
+        procs.stop_all()

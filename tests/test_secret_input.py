@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from meshpos.identity import keys
 from meshpos.policy import check_password
 from meshpos.site import load_site
 
+from argv_watch import ArgvWatch
 from helpers import TEST_PANS, run_cli
 
 
@@ -35,9 +37,20 @@ def cli_node(tmp_path: Path) -> Path:
     return tmp_path / "t1"
 
 
-def test_card_number_on_the_command_line_is_refused_without_repeating_it(cli_node: Path) -> None:
+def _run_with_a_card_in_argv(argv_watch: ArgvWatch, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real CLI given a card number in its argv, on purpose: the session's argv watch
+    must see it (and forgive it: this test is about what the CLI does with it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "meshpos.cli.main", *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    argv_watch.forgive(proc.pid)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def test_card_number_on_the_command_line_is_refused_without_repeating_it(cli_node: Path,
+                                                                          argv_watch: ArgvWatch) -> None:
     for form in (["--card", TEST_PANS[0]], [f"--card={TEST_PANS[1]}"], ["--card", "4111 1111 1111 1111"]):
-        proc = run_cli("sell", str(cli_node), "--amount", "5", *form)
+        proc = _run_with_a_card_in_argv(argv_watch, "sell", str(cli_node), "--amount", "5", *form)
         assert proc.returncode == InputError.exit_code, proc.stderr
         assert "--card -" in proc.stderr and "command line" in proc.stderr and "Traceback" not in proc.stderr
         assert "1111 1111" not in proc.stderr and not any(p in proc.stderr + proc.stdout for p in TEST_PANS)
