@@ -60,17 +60,9 @@ CREATE TABLE IF NOT EXISTS parked(
 
 
 SQLITE_FULL = 13
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """SQLITE_FULL ("database or disk is full"), or ENOSPC / EDQUOT from the file system."""
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None)
-        return (code is not None and code & 0xFF == SQLITE_FULL) or "database or disk is full" in str(exc)
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-NEARLY_FULL_BYTES = 256 * 1024  # less than this free: a rolled-back write is taken for a full disk
+SQLITE_IOERR = 10
+SQLITE_IOERR_SHMSIZE = 4874  # the WAL's -shm file could not grow: "may indicate ... out of space"
+NEARLY_FULL_BYTES = 256 * 1024  # less than this free: an I/O error or a rolled-back write is a full disk
 
 
 def free_bytes(path: Path) -> int:
@@ -82,6 +74,19 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """SQLITE_FULL ("database or disk is full"), SQLITE_IOERR_SHMSIZE, ENOSPC / EDQUOT; with
+    ``where`` (the store's directory), also an I/O error while that disk is (nearly) full:
+    SQLite reports a -shm file it cannot create on a full disk as "disk I/O error"."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None) or 0
+        if code & 0xFF == SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE or "database or disk is full" in str(exc):
+            return True
+        io_error = code & 0xFF == SQLITE_IOERR or "disk I/O error" in str(exc)
+        return io_error and where is not None and free_bytes(where) < NEARLY_FULL_BYTES
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def disk_full(path: Path, detail: str) -> DiskFullError:
     return DiskFullError(f"{path}: the disk is full ({detail}): nothing acknowledged was lost, but no new sale "
                          "can be recorded until space is freed on that disk (the store is not damaged: do not "
@@ -90,7 +95,7 @@ def disk_full(path: Path, detail: str) -> DiskFullError:
 
 def store_error(path: Path, doing: str, exc: BaseException) -> StoreError:
     """The error to raise for ``exc``, met while ``doing`` something to the store at ``path``."""
-    if is_disk_full(exc):
+    if is_disk_full(exc, path.parent):
         return disk_full(path, doing)
     return StoreError(f"{path}: {doing} failed: {exc}")
 
@@ -109,7 +114,7 @@ def sqlite_transaction(conn: sqlite3.Connection, path: Path, begin: str = "BEGIN
     except BaseException as exc:
         if conn.in_transaction:  # SQLite rolls back by itself on a full disk
             conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc):
+        if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, path.parent):
             raise disk_full(path, "writing") from exc
         raise
     try:
@@ -164,7 +169,7 @@ class Store:
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
-            if is_disk_full(exc):
+            if is_disk_full(exc, path.parent):
                 if conn is not None:
                     conn.close()
                 raise disk_full(path, "opening the node database") from exc
@@ -234,7 +239,7 @@ class Store:
                     self.conn.execute(f"RELEASE {name}")
                 else:  # SQLite rolled back the whole (held) transaction: a full disk
                     self._repair_held()
-                if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc):
+                if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, self.path.parent):
                     raise disk_full(self.path, "writing") from exc
                 raise
             self._depth -= 1

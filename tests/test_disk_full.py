@@ -184,3 +184,24 @@ def test_a_node_whose_disk_fills_with_what_its_links_bring_stays_up(tmp_path: Pa
         _until(lambda: made <= _sale_ids(b), 60, "B holds every sale")
     finally:
         procs.stop_all()
+
+
+def test_tools_on_a_stopped_node_with_a_full_disk_say_so(tmp_path: Path, small_disk: Path) -> None:
+    """Opening an existing store on a full disk fails in SQLite as "disk I/O error" (its -shm file
+    cannot grow): `sales` and `doctor` must still say the disk is full, not that it is damaged."""
+    run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", check=True)
+    node = small_disk / "t1"
+    run_cli("enroll", str(tmp_path / "site"), str(node), "--role", "terminal", "--name", "T1", check=True)
+    sale = json.loads(run_cli("sell", str(node), "--amount", "1", "--cash", "--json", check=True).stdout)
+    for leftover in ("meshpos.db-shm", "meshpos.db-wal"):
+        (node / leftover).unlink(missing_ok=True)
+    fill_disk(small_disk / "ballast")
+    proc = run_cli("sales", str(node))
+    assert proc.returncode == DiskFullError.exit_code and "Traceback" not in proc.stderr, proc.stderr
+    _is_disk_full_message(proc.stderr)
+    doctor = run_cli("doctor", str(node))
+    assert "the disk is full" in doctor.stdout and "do not move it aside" in doctor.stdout
+    assert "is damaged" not in doctor.stdout and "move meshpos.db" not in doctor.stdout
+    (small_disk / "ballast").unlink()
+    listed = json.loads(run_cli("sales", str(node), "--json", check=True).stdout)
+    assert [s["id"] for s in listed] == [sale["id"]]

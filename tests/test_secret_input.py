@@ -16,7 +16,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from meshpos.cli.secrets import Console, read_card, read_password, split_card_line
+from meshpos.cli.secret_input import Console, read_card, read_password, split_card_line
 from meshpos.errors import InputError
 from meshpos.identity import keys
 from meshpos.policy import check_password

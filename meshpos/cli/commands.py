@@ -16,7 +16,7 @@ from ..jsonfile import read_json, write_json
 from ..node import client
 from ..node.enroll import create_request, enroll_one_step, install_answer
 from ..site import check_switch_url, init_site, load_site, read_switch_key_file
-from . import secrets
+from . import secret_input
 from .output import emit_json, table
 
 
@@ -50,7 +50,7 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i.add_argument("--switch-key", type=_path, metavar="FILE",
                    help="the switch's public key file (switch.pub, 64 hex characters); card sales need it")
     i.add_argument("--switch-url", metavar="URL", help="the switch's forwarding address, https://HOST:PORT")
-    i.add_argument("--dashboard-password", nargs="?", const=secrets.ASK, metavar="-",
+    i.add_argument("--dashboard-password", nargs="?", const=secret_input.ASK, metavar="-",
                    help="set a password for the organizer dashboard: `-` reads it from standard input (one "
                         "line), no value asks for it without echo; never on the command line")
     i.add_argument("--offline-window", type=int, metavar="HOURS", help="hours a sale may stay offline (default 24)")
@@ -95,7 +95,7 @@ def _minor(text: str | None, currency: str) -> int | None:
 
 
 def cmd_site_init(args: argparse.Namespace) -> int:
-    secrets.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
+    secret_input.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
     currency = check_currency(args.currency.upper())
     key = read_switch_key_file(args.switch_key) if args.switch_key else None
     if args.switch_url:
@@ -112,7 +112,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
             limits[field] = value
     password = None
     if args.dashboard_password is not None:
-        password = secrets.read_password(args.dashboard_password, "--dashboard-password")
+        password = secret_input.read_password(args.dashboard_password, "--dashboard-password")
     # Everything is checked above and in init_site before SITE_DIR appears: a bad option leaves nothing.
     site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, **limits)
     return _show_site(site, args.json, created=True)
@@ -272,7 +272,7 @@ def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
     p.add_argument("--amount", required=True, help="amount in the site currency, e.g. 12.50")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--card", nargs="?", const=secrets.ASK, metavar="-",
+    how.add_argument("--card", nargs="?", const=secret_input.ASK, metavar="-",
                      help="a card sale (keyed card numbers stand in for the reader): `--card -` reads one line "
                           "`PAN [MMYY]` from standard input, `--card` alone asks for the number without echo; "
                           "never on the command line")
@@ -285,12 +285,12 @@ def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_sell(args: argparse.Namespace) -> int:
-    secrets.refuse_argv(args.card, "--card", "card number")
+    secret_input.refuse_argv(args.card, "--card", "card number")
     policy = client.call(args.node_dir, "policy")
     amount = parse_amount(args.amount, policy["currency"])
     card = None
     if args.card is not None:
-        pan, expiry = secrets.read_card(args.card, args.expiry)
+        pan, expiry = secret_input.read_card(args.card, args.expiry)
         pan = check_pan(pan)
         if not policy["switch_key"]:
             from ..errors import PolicyError
