@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import nacl.signing
 from cryptography import x509
@@ -133,12 +133,13 @@ class Site:
 
 def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | None = None,
               switch_url: str | None = None, dashboard_password: str | None = None,
-              clock: Clock = SYSTEM_CLOCK, **limits: int) -> Site:
+              clock: Clock = SYSTEM_CLOCK, limits: Mapping[str, int] | None = None) -> Site:
     """Create SITE_DIR whole or not at all: everything is checked first, then written into a
     hidden directory beside it that is renamed into place (``limits``: SitePolicy fields such as
     ``max_sale_minor``, in the first policy version)."""
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise ConfigError(f"{path}: exists and is not an empty directory; choose a new site directory")
+    limits = dict(limits or {})
     unknown = set(limits) - POLICY_LIMITS
     if unknown:
         raise InputError(f"unknown policy settings {sorted(unknown)}")
@@ -191,7 +192,7 @@ def check_site_dir(path: Path) -> str:
         ca_cert = certs.load_pem((path / "ca.pem").read_bytes(), str(path / "ca.pem"))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: not a site directory (ca.pem is missing)") from exc
-    site_id = certs.site_id_of(ca_cert)
+    site_id: str = certs.site_id_of(ca_cert)
     if summary.get("site_id") != site_id:
         raise ConfigError(f"{path}: site.json names site {summary.get('site_id')!r} but ca.pem is of {site_id}")
     return site_id

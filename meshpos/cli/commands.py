@@ -114,7 +114,7 @@ def cmd_site_init(args: argparse.Namespace) -> int:
     if args.dashboard_password is not None:
         password = secret_input.read_password(args.dashboard_password, "--dashboard-password")
     # Everything is checked above and in init_site before SITE_DIR appears: a bad option leaves nothing.
-    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, **limits)
+    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, limits=limits)
     return _show_site(site, args.json, created=True)
 
 
