@@ -158,6 +158,10 @@ def test_reading_rules() -> None:
     term = FakeTerminal(TEST_PANS[1])
     assert read_card("", "0131", console=Console(stdin=TtyText(), ask=term.ask)) == (TEST_PANS[1], "0131")
     assert term.prompts and "not shown" in term.prompts[0]
+    term = FakeTerminal(TEST_PANS[0] + " 1230")  # `--card -` on a terminal: no echo either
+    assert read_card("-", None, console=Console(stdin=TtyText("typed with echo\n"), ask=term.ask)) \
+        == (TEST_PANS[0], "1230")
+    assert len(term.prompts) == 1
     with pytest.raises(InputError, match="none here"):
         read_card("", None, console=Console(stdin=io.StringIO(), ask=FakeTerminal().ask))
     with pytest.raises(InputError, match="longer than"):

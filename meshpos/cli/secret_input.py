@@ -5,6 +5,7 @@ shell history, so an option that takes a secret accepts only:
 
 - ``-``: read it from standard input, one line (a pipe, a file, a card reader's keyboard
   wedge): ``printf '4111111111111111 1230\\n' | meshpos sell NODE --amount 5 --card -``;
+  when standard input is a terminal, it is asked for without echo instead;
 - no value: ask for it on the terminal without echo (``getpass``).
 
 Anything else on the command line is refused, without repeating it.
@@ -66,7 +67,8 @@ def _source(value: str | None, option: str, what: str, console: Console) -> str:
     """'-' (stdin) or ASK (terminal): the way to read ``option``; anything else is refused."""
     refuse_argv(value, option, what)
     if value == FROM_STDIN:
-        return FROM_STDIN
+        # standard input that is a terminal would echo what is typed: ask without echo instead
+        return ASK if console.is_terminal() else FROM_STDIN
     if value == ASK:
         if not console.is_terminal():
             raise InputError(f"{option} without a value asks on a terminal, and there is none here: "
