@@ -46,10 +46,10 @@ class Demo:
         if not self.quiet:
             print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
 
-    def cli(self, *args: str) -> str:
+    def cli(self, *args: str, stdin: str = "") -> str:
         import subprocess
         proc = subprocess.run([sys.executable, "-m", "meshpos.cli.main", *args], capture_output=True, text=True,
-                              timeout=120)
+                              timeout=120, input=stdin)
         if proc.returncode != 0:
             raise MeshposError(f"meshpos {' '.join(args[:2])} failed: {proc.stderr.strip() or proc.stdout.strip()}")
         return proc.stdout
@@ -80,7 +80,7 @@ class Demo:
                  "--acquirer", f"127.0.0.1:{acq_port}")
         self.cli("site", "init", str(out / "site"), "--name", "Sagra della Castagna", "--switch-key",
                  str(out / "switch" / "switch.pub"), "--switch-url", f"https://127.0.0.1:{switch_port}",
-                 "--dashboard-password", "demo")
+                 "--dashboard-password", "-", stdin="demo\n")  # never on the command line
         self.cli("switch", "add-site", str(out / "switch"), str(out / "site"))
         receipts = out / "receipts"
         receipts.mkdir()

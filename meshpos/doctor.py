@@ -30,7 +30,7 @@ from .identity import certs
 from .node.nodedir import NodeConfig, NodeDir, parse_hostport
 from .policy import SitePolicy
 from .roster import Roster
-from .store import APPLICATION_ID, Store
+from .store import APPLICATION_ID, Store, is_disk_full
 
 CERT_WARN_DAYS = 7
 DISK_FAIL_MB = 50
@@ -157,9 +157,13 @@ def check_database(ctx: _Ctx) -> Check:
     path = ctx.nd.db_path
     if not path.exists():
         return Check(name, "warn", f"{path} does not exist yet", "start the node once (meshpos run) to create it")
+    full = ("free space on that disk: the database is not damaged (do not move it aside), the node keeps "
+            "every sale it acknowledged and sells again once there is room")
     try:
         store = _ro_store(ctx.nd)
     except sqlite3.DatabaseError as exc:
+        if is_disk_full(exc, path.parent):
+            return _fail(name, f"{path} cannot be opened: the disk is full", full)
         return _fail(name, f"{path} cannot be opened: {exc}", remedy)
     try:
         conn = store.conn
@@ -185,6 +189,8 @@ def check_database(ctx: _Ctx) -> Check:
                 unloadable.append(f"{shard} ({exc})")
         sales = int(conn.execute("SELECT count(*) FROM sales").fetchone()[0])
     except sqlite3.DatabaseError as exc:
+        if is_disk_full(exc, path.parent):
+            return _fail(name, f"{path} cannot be read: the disk is full", full)
         return _fail(name, f"{path} is damaged: {exc}", remedy)
     finally:
         store.close()

@@ -63,6 +63,14 @@ class CorruptStoreError(StoreError):
     """A store or ledger file is damaged; the message names the file."""
 
 
+class DiskFullError(StoreError):
+    """The disk holding a store is full: the write was refused whole (SQLite rolls it back), so
+    nothing already acknowledged is lost; new sales are refused until space is freed. Never a
+    damaged database: moving the store aside would discard unreplicated sales."""
+
+    exit_code = 11
+
+
 class LockedError(StoreError):
     """Another process holds the node directory."""
 

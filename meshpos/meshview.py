@@ -194,19 +194,37 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
             "generated_at": now_ms, "offline_window_s": offline_window_ms // 1000}
 
 
+def dot_escape(text: object) -> str:
+    """Text inside a DOT double-quoted string, shown as it is: a backslash is doubled (Graphviz
+    reads \\n, \\N, \\l... in labels), a quote escaped, a control character written as its escape."""
+    out = []
+    for ch in str(text):
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == '"':
+            out.append('\\"')
+        elif ord(ch) < 32 or 127 <= ord(ch) < 160 or ch in "\u2028\u2029":
+            out.append("\\\\" + ch.encode("unicode_escape").decode("ascii")[1:])  # newline: \\n, shown as \n
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def to_dot(view: dict[str, Any]) -> str:
-    """The link topology as a Graphviz graph: fresh nodes green, unreachable ones red and dashed."""
+    """The link topology as a Graphviz graph: fresh nodes green, unreachable ones red and dashed.
+    Every name is escaped (dot_escape): a name cannot break the graph or inject attributes."""
     def q(text: str) -> str:
-        return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + dot_escape(text) + '"'
 
     lines = ["graph meshpos {", "  node [shape=box, style=rounded, fontname=Helvetica];"]
     rtt = {n["name"]: n["rtt_ms"] for n in view["nodes"]}
     for n in view["nodes"]:
         color = "darkgreen" if n["reachable"] else "red"
         style = "rounded" if n["reachable"] else "rounded,dashed"
-        label = f"{n['name']}\\n{n['role']}, pending {n['pending'] if n['pending'] is not None else '?'}"
+        pending = n["pending"] if n["pending"] is not None else "?"
+        label = f"{dot_escape(n['name'])}\\n{dot_escape(n['role'])}, pending {dot_escape(pending)}"
         if rtt.get(n["name"]) is not None:
-            label += f"\\nrtt {rtt[n['name']]} ms"
+            label += f"\\nrtt {dot_escape(rtt[n['name']])} ms"
         lines.append(f"  {q(n['name'])} [label=\"{label}\", color={color}, style=\"{style}\"];")
     for a, b in view["edges"]:
         lines.append(f"  {q(a)} -- {q(b)};")

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import nacl.signing
 from cryptography import x509
@@ -24,13 +26,15 @@ from . import envelope
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, CryptoError, InputError, VerificationError
 from .identity import certs, keys
-from .jsonfile import read_json, write_json
+from .jsonfile import fsync_dir, read_json, write_json
 from .policy import SitePolicy, hash_password
 
 SITE_FORMAT = "meshpos-site/1"
 REQUEST_FORMAT = "meshpos-enroll-request/1"
 ANSWER_FORMAT = "meshpos-enroll-answer/1"
 DEFAULT_VALID_DAYS = 90
+POLICY_LIMITS = frozenset({"offline_window_s", "warn_before_s", "max_sale_minor", "max_terminal_pending_minor",
+                           "max_site_pending_minor"})
 
 
 def read_switch_key_file(path: Path) -> str:
@@ -140,26 +144,69 @@ class Site:
 
 def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | None = None,
               switch_url: str | None = None, dashboard_password: str | None = None,
-              clock: Clock = SYSTEM_CLOCK) -> Site:
-    if path.exists() and any(path.iterdir()):
-        raise ConfigError(f"{path}: directory exists and is not empty; choose a new site directory")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "revocations").mkdir()
+              clock: Clock = SYSTEM_CLOCK, limits: Mapping[str, int] | None = None) -> Site:
+    """Create SITE_DIR whole or not at all: everything is checked first, then written into a
+    hidden directory beside it that is renamed into place (``limits``: SitePolicy fields such as
+    ``max_sale_minor``, in the first policy version)."""
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"{path}: exists and is not an empty directory; choose a new site directory")
+    limits = dict(limits or {})
+    unknown = set(limits) - POLICY_LIMITS
+    if unknown:
+        raise InputError(f"unknown policy settings {sorted(unknown)}")
     ca_key = keys.generate()
     ca_cert = certs.make_ca(name, ca_key, clock.now_ms())
     site_id = certs.site_id_of(ca_cert)
     policy = SitePolicy(
         site_id=site_id, name=name, currency=currency, switch_key=switch_key,
         switch_url=check_switch_url(switch_url) if switch_url else None,
-        dashboard_password=hash_password(dashboard_password) if dashboard_password else None,
+        dashboard_password=hash_password(dashboard_password) if dashboard_password else None, **limits,
     )
     policy.validate("site policy")
-    keys.write_private_key(path / "ca.key", ca_key)
-    (path / "ca.pem").write_bytes(certs.to_pem(ca_cert))
-    write_json(path / "site.json", {"format": SITE_FORMAT, "site_id": site_id, "name": name, "policy": {}})
-    site = Site(path=path, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
-    site._write_policy(policy)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".new", dir=path.parent))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the site directory: {exc.strerror or exc}") from exc
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        work.chmod(0o777 & ~umask)  # what mkdir would have given; ca.key itself is 0600
+        (work / "revocations").mkdir()
+        keys.write_private_key(work / "ca.key", ca_key)
+        (work / "ca.pem").write_bytes(certs.to_pem(ca_cert))
+        write_json(work / "site.json", {"format": SITE_FORMAT, "site_id": site_id, "name": name, "policy": {}})
+        site = Site(path=work, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
+        site._write_policy(policy)
+        os.rename(work, path)  # also replaces an empty directory, atomically
+    except BaseException as exc:
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise ConfigError(f"{path}: cannot create the site directory: {exc.strerror or exc}") from exc
+        raise
+    fsync_dir(path.parent)
+    site.path = path
     return site
+
+
+def check_site_dir(path: Path) -> str:
+    """That ``path`` is an organizer's site directory (made by ``meshpos site init``), not a
+    node directory or a copy of some of its files; its site id."""
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such site directory")
+    if (path / "config.json").exists() or (path / "node.key").exists() or (path / "node.pem").exists():
+        raise ConfigError(f"{path}: this is a node directory, not a site directory: its policy.env is the one "
+                          "it was enrolled with and it holds no revocations; give the organizer's site "
+                          "directory (made by `meshpos site init`)")
+    summary = read_json(path / "site.json", "site file", SITE_FORMAT)
+    try:
+        ca_cert = certs.load_pem((path / "ca.pem").read_bytes(), str(path / "ca.pem"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: not a site directory (ca.pem is missing)") from exc
+    site_id: str = certs.site_id_of(ca_cert)
+    if summary.get("site_id") != site_id:
+        raise ConfigError(f"{path}: site.json names site {summary.get('site_id')!r} but ca.pem is of {site_id}")
+    return site_id
 
 
 def load_site(path: Path) -> Site:

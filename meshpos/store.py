@@ -15,6 +15,7 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .errors import CorruptStoreError, StoreError
+from .errors import CorruptStoreError, DiskFullError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +59,70 @@ CREATE TABLE IF NOT EXISTS parked(
 """
 
 
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+SQLITE_IOERR_SHMSIZE = 4874  # the WAL's -shm file could not grow: "may indicate ... out of space"
+NEARLY_FULL_BYTES = 256 * 1024  # less than this free: an I/O error or a rolled-back write is a full disk
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for this user on the file system holding ``path`` (0 if it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """SQLITE_FULL ("database or disk is full"), SQLITE_IOERR_SHMSIZE, ENOSPC / EDQUOT; with
+    ``where`` (the store's directory), also an I/O error while that disk is (nearly) full:
+    SQLite reports a -shm file it cannot create on a full disk as "disk I/O error"."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None) or 0
+        if code & 0xFF == SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE or "database or disk is full" in str(exc):
+            return True
+        io_error = code & 0xFF == SQLITE_IOERR or "disk I/O error" in str(exc)
+        return io_error and where is not None and free_bytes(where) < NEARLY_FULL_BYTES
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: Path, detail: str) -> DiskFullError:
+    return DiskFullError(f"{path}: the disk is full ({detail}): nothing acknowledged was lost, but no new sale "
+                         "can be recorded until space is freed on that disk (the store is not damaged: do not "
+                         "move it aside)")
+
+
+def store_error(path: Path, doing: str, exc: BaseException) -> StoreError:
+    """The error to raise for ``exc``, met while ``doing`` something to the store at ``path``."""
+    if is_disk_full(exc, path.parent):
+        return disk_full(path, doing)
+    return StoreError(f"{path}: {doing} failed: {exc}")
+
+
 @contextlib.contextmanager
 def sqlite_transaction(conn: sqlite3.Connection, path: Path, begin: str = "BEGIN") -> Iterator[None]:
     """One top-level SQLite transaction: ``begin`` ... COMMIT, ROLLBACK on any exception;
-    failures to start or commit become StoreError naming the file."""
+    failures to start or commit become StoreError naming the file (DiskFullError when the disk
+    is full: SQLite then rolls the transaction back itself)."""
     try:
         conn.execute(begin)
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: cannot start a transaction: {exc}") from exc
+        raise store_error(path, "starting a transaction", exc) from exc
     try:
         yield
-    except BaseException:
-        conn.execute("ROLLBACK")
+    except BaseException as exc:
+        if conn.in_transaction:  # SQLite rolls back by itself on a full disk
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, path.parent):
+            raise disk_full(path, "writing") from exc
         raise
     try:
         conn.execute("COMMIT")
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: commit failed: {exc}") from exc
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise store_error(path, "commit", exc) from exc
 
 
 @dataclass(frozen=True)
@@ -103,6 +151,7 @@ class Store:
         """Open (or create) the node database; ``identity`` must match what it holds."""
         if not create and not path.exists():
             raise StoreError(f"{path}: node database is missing")
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -120,6 +169,10 @@ class Store:
                 conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc, path.parent):
+                if conn is not None:
+                    conn.close()
+                raise disk_full(path, "opening the node database") from exc
             raise CorruptStoreError(f"{path}: database is damaged or not a database ({exc}); "
                                     "move it aside and restart the node to recover from the mesh") from exc
         store = cls(path, conn)
@@ -173,15 +226,21 @@ class Store:
         acknowledgement) costs no fsync. Under ``hold()`` (the running node) every
         transaction is a savepoint of the held one, made durable by ``flush()``."""
         if self._depth:
+            self._repair_held()
             name = f"sp{self._depth}"
             self.conn.execute(f"SAVEPOINT {name}")
             self._depth += 1
             try:
                 yield self.conn
-            except BaseException:
+            except BaseException as exc:
                 self._depth -= 1
-                self.conn.execute(f"ROLLBACK TO {name}")
-                self.conn.execute(f"RELEASE {name}")
+                if self.conn.in_transaction:
+                    self.conn.execute(f"ROLLBACK TO {name}")
+                    self.conn.execute(f"RELEASE {name}")
+                else:  # SQLite rolled back the whole (held) transaction: a full disk
+                    self._repair_held()
+                if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, self.path.parent):
+                    raise disk_full(self.path, "writing") from exc
                 raise
             self._depth -= 1
             self.conn.execute(f"RELEASE {name}")
@@ -227,6 +286,16 @@ class Store:
     def held(self) -> bool:
         return self._held
 
+    def _repair_held(self) -> None:
+        """Under hold(), SQLite rolls the held transaction back by itself when a write meets a
+        full disk: what was written since the last commit (never acknowledged: acknowledgements
+        wait for flush()) is gone from disk. Open a new one, so that writes go on joining it."""
+        if self._held and self._depth == 1 and not self.conn.in_transaction:
+            log.error("%s: uncommitted writes were rolled back by SQLite (disk full?); they come back from "
+                      "the mesh", self.path)
+            self.conn.execute("BEGIN")
+            self._flushed_changes = self.conn.total_changes
+
     def commit(self) -> bool:
         """COMMIT what was written under hold(), without waiting for the disk (then sync_wal()).
         False if nothing was written since the last commit."""
@@ -234,12 +303,20 @@ class Store:
             return False
         if self._depth != 1:
             raise StoreError("commit inside a nested transaction")
+        if not self.conn.in_transaction:  # a write outside our savepoints met a full disk or an I/O error
+            self._repair_held()
+            lost = "the writes since the last commit were rolled back"
+            if free_bytes(self.path.parent) < NEARLY_FULL_BYTES:
+                raise disk_full(self.path, lost)
+            raise StoreError(f"{self.path}: {lost} by SQLite (an I/O error?)")
         if self.conn.total_changes == self._flushed_changes:
             return False
         try:
             self.conn.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: commit failed: {exc}") from exc
+            failed = store_error(self.path, "commit", exc)
+            self._repair_held()
+            raise failed from exc
         self.conn.execute("BEGIN")
         self._flushed_changes = self.conn.total_changes
         return True
@@ -253,7 +330,7 @@ class Store:
         try:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
-            raise StoreError(f"{self.path}-wal: cannot sync to disk: {exc}") from exc
+            raise store_error(Path(f"{self.path}-wal"), "sync to disk", exc) from exc
 
     def flush(self) -> None:
         """Make everything written so far durable before returning."""

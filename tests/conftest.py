@@ -14,6 +14,22 @@ from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
 from meshpos.site import Site, init_site
 
+from argv_watch import ArgvWatch
+from helpers import TEST_PANS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def argv_watch() -> Iterator[ArgvWatch]:
+    """No full card number in the argv of any process of this test run, the whole session long
+    (issue 12): sampled from /proc every 50 ms; the session fails, naming the process, if one
+    was seen. A test that does it on purpose calls ``argv_watch.forgive(pid)``."""
+    watch = ArgvWatch(known=TEST_PANS).start()
+    yield watch
+    watch.stop()
+    offenders = watch.offenders()
+    if offenders:
+        pytest.fail("a full card number was in the command line of " + "; ".join(map(str, offenders))
+                    + " (card numbers are read from stdin: `meshpos sell --card -`)", pytrace=False)
 
 
 @pytest.fixture

@@ -10,11 +10,13 @@ from pathlib import Path
 TEST_PANS = ("4111111111111111", "5555555555554444", "4000000000000002")
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess[str]:
-    """Run the real ``meshpos`` command in a subprocess."""
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real ``meshpos`` command in a subprocess; ``input`` is its standard input
+    (a card number for ``--card -``, a password for ``--dashboard-password -``)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run([sys.executable, "-m", "meshpos.cli.main", *args], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+                          cwd=cwd, env=env, timeout=120, input=input if input is not None else "")
     if check and proc.returncode != 0:
         raise AssertionError(f"meshpos {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -33,3 +35,19 @@ def scan_for(root: Path, needles: list[bytes]) -> list[str]:
                 if form in data:
                     hits.append(f"{path}: {form[:8]!r}...")
     return hits
+
+
+def fill_disk(path: Path) -> int:
+    """Write ``path`` until its file system is full (ENOSPC); the bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    written = 0
+    try:
+        block = b"\0" * 4096
+        while True:
+            try:
+                written += os.write(fd, block)
+            except OSError:
+                break
+    finally:
+        os.close(fd)
+    return written

@@ -33,8 +33,9 @@ def test_two_terminals_five_sales_each_all_pending_and_verifying(cli_site: Path)
     for name in ("t1", "t2"):
         for i in range(5):
             args = ["sell", str(cli_site / name), "--amount", f"{i + 1}.50", "--json"]
-            args += ["--card", TEST_PANS[i % 3], "--expiry", "1230"] if i % 2 == 0 else ["--cash"]
-            made.append(json.loads(run_cli(*args, check=True).stdout))
+            args += ["--card", "-"] if i % 2 == 0 else ["--cash"]
+            card_line = f"{TEST_PANS[i % 3]} 1230\n" if i % 2 == 0 else None
+            made.append(json.loads(run_cli(*args, check=True, input=card_line).stdout))
     for name in ("t1", "t2"):
         listed = json.loads(run_cli("sales", str(cli_site / name), "--json", check=True).stdout)
         assert len(listed) == 5
@@ -56,7 +57,7 @@ def test_two_terminals_five_sales_each_all_pending_and_verifying(cli_site: Path)
 
 def test_no_full_card_number_anywhere_in_the_node_directory(cli_site: Path) -> None:
     for i, pan in enumerate(TEST_PANS):
-        run_cli("-vv", "sell", str(cli_site / "t1"), "--amount", "2.00", "--card", pan, check=True)
+        run_cli("-vv", "sell", str(cli_site / "t1"), "--amount", "2.00", "--card", "-", check=True, input=pan + "\n")
     run_cli("sales", str(cli_site / "t1"), check=True)
     hits = scan_for(cli_site / "t1", [p.encode() for p in TEST_PANS])
     assert hits == []
@@ -65,18 +66,22 @@ def test_no_full_card_number_anywhere_in_the_node_directory(cli_site: Path) -> N
     assert last4 == {p[-4:] for p in TEST_PANS}
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--amount", "0", "--cash"], "greater than zero"),
-    (["--amount", "-5", "--cash"], "greater than zero"),
-    (["--amount", "1.234", "--cash"], "decimal places"),
-    (["--amount", "abc", "--cash"], "not a number"),
-    (["--amount", "600", "--cash"], "per-sale offline cap"),
-    (["--amount", "5", "--card", "4111111111111112"], "Luhn"),
-    (["--amount", "5", "--card", "41111"], "12 to 19 digits"),
-    (["--amount", "5", "--card", "4111111111111111", "--expiry", "1399"], "MMYY"),
+@pytest.mark.parametrize("args, stdin, message", [
+    (["--amount", "0", "--cash"], None, "greater than zero"),
+    (["--amount", "-5", "--cash"], None, "no sign"),
+    (["--amount", "1.234", "--cash"], None, "decimal places"),
+    (["--amount", "abc", "--cash"], None, "plain decimal amount"),
+    (["--amount", "600", "--cash"], None, "per-sale offline cap"),
+    (["--amount", "5", "--card", "-"], "4111111111111112\n", "Luhn"),
+    (["--amount", "5", "--card", "-"], "41111\n", "12 to 19"),
+    (["--amount", "5", "--card", "-", "--expiry", "1399"], "4111111111111111\n", "month 13"),
+    (["--amount", "5", "--card", "-"], "4111111111111111 1399\n", "month 13"),
+    (["--amount", "5", "--card", "-", "--expiry", "1230"], "4111111111111111 1230\n", "expiry was given twice"),
+    (["--amount", "5", "--card", "-"], "", "no card number on standard input"),
+    (["--amount", "5", "--card"], "", "there is none here"),
 ])
-def test_bad_sale_input_is_a_clear_error(cli_site: Path, args: list[str], message: str) -> None:
-    proc = run_cli("sell", str(cli_site / "t1"), *args)
+def test_bad_sale_input_is_a_clear_error(cli_site: Path, args: list[str], stdin: str | None, message: str) -> None:
+    proc = run_cli("sell", str(cli_site / "t1"), *args, input=stdin)
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert "4111111111111112" not in proc.stderr + proc.stdout
@@ -117,7 +122,7 @@ def test_card_sale_without_switch_key_is_refused_but_cash_works(tmp_path: Path) 
     run_cli("site", "init", str(tmp_path / "site"), "--name", "No switch", check=True)
     run_cli("enroll", str(tmp_path / "site"), str(tmp_path / "t1"), "--role", "terminal", "--name", "t1",
             check=True)
-    proc = run_cli("sell", str(tmp_path / "t1"), "--amount", "3", "--card", "4111111111111111")
+    proc = run_cli("sell", str(tmp_path / "t1"), "--amount", "3", "--card", "-", input="4111111111111111\n")
     assert proc.returncode != 0 and "no switch key" in proc.stderr and "Traceback" not in proc.stderr
     assert run_cli("sell", str(tmp_path / "t1"), "--amount", "3", "--cash").returncode == 0
 

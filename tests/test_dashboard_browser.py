@@ -55,7 +55,8 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, swi
     enroll_one_step(site, t2, "terminal", "Stall 2", listen=f"127.0.0.1:{p2}", peers=[f"127.0.0.1:{pg}"])
     for path, name in ((g, "gw"), (t1, "t1"), (t2, "t2")):
         procs.start_node(name, path, "--no-mdns")
-    run_cli("sell", str(t1), "--amount", "12.50", "--card", "4111111111111111", check=True)  # the window: cards
+    run_cli("sell", str(t1), "--amount", "12.50", "--card", "-", check=True,
+            input="4111111111111111\n")  # the window: cards
     client.call_running(t2, "sell", {"amount_minor": 300})
     client.call_running(t2, "sell", {"amount_minor": 450})
     url = f"http://127.0.0.1:{dash}/"

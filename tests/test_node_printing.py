@@ -98,7 +98,8 @@ def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_n
 def test_receipt_preview_shows_pending_wording_and_last4_only(tmp_path: Path, make_node) -> None:
     import nacl.signing  # noqa: F401  (the site fixture has a switch key)
     node = make_node("t1", language="it")
-    run_cli("sell", str(node), "--amount", "7.20", "--card", "5555555555554444", check=True)
+    run_cli("sell", str(node), "--amount", "7.20", "--card", "-", check=True,
+            input="5555555555554444\n")
     sale_id = json.loads(run_cli("sales", str(node), "--json", check=True).stdout)[0]["id"]
     out = run_cli("receipt", str(node), sale_id, "--preview", check=True).stdout
     assert sale_id in out and "7,20 EUR" in out and "**** 4444" in out  # Italian decimal comma

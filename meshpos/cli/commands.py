@@ -16,6 +16,7 @@ from ..jsonfile import read_json, write_json
 from ..node import client
 from ..node.enroll import create_request, enroll_one_step, install_answer
 from ..site import check_switch_url, init_site, load_site, read_switch_key_file
+from . import secret_input
 from .output import emit_json, table
 
 
@@ -49,7 +50,9 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i.add_argument("--switch-key", type=_path, metavar="FILE",
                    help="the switch's public key file (switch.pub, 64 hex characters); card sales need it")
     i.add_argument("--switch-url", metavar="URL", help="the switch's forwarding address, https://HOST:PORT")
-    i.add_argument("--dashboard-password", metavar="PASSWORD", help="password of the organizer dashboard")
+    i.add_argument("--dashboard-password", nargs="?", const=secret_input.ASK, metavar="-",
+                   help="set a password for the organizer dashboard: `-` reads it from standard input (one "
+                        "line), no value asks for it without echo; never on the command line")
     i.add_argument("--offline-window", type=int, metavar="HOURS", help="hours a sale may stay offline (default 24)")
     i.add_argument("--max-sale", metavar="AMOUNT", help="per-sale offline cap (default 500.00)")
     i.add_argument("--max-terminal-pending", metavar="AMOUNT", help="stored-total cap per terminal (default 10000.00)")
@@ -98,23 +101,26 @@ def _minor(text: str | None, currency: str) -> int | None:
 
 
 def cmd_site_init(args: argparse.Namespace) -> int:
+    secret_input.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
     currency = check_currency(args.currency.upper())
     key = read_switch_key_file(args.switch_key) if args.switch_key else None
     if args.switch_url:
         check_switch_url(args.switch_url)
-    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, args.dashboard_password)
-    changes: dict[str, Any] = {}
-    if args.offline_window:
+    limits: dict[str, int] = {}
+    if args.offline_window is not None:
         if args.offline_window <= 0:
             raise InputError("--offline-window must be a positive number of hours")
-        changes["offline_window_s"] = args.offline_window * 3600
+        limits["offline_window_s"] = args.offline_window * 3600
     for opt, field in (("max_sale", "max_sale_minor"), ("max_terminal_pending", "max_terminal_pending_minor"),
                        ("max_site_pending", "max_site_pending_minor")):
         value = _minor(getattr(args, opt), currency)
         if value is not None:
-            changes[field] = value
-    if changes:
-        site.update_policy(**changes)
+            limits[field] = value
+    password = None
+    if args.dashboard_password is not None:
+        password = secret_input.read_password(args.dashboard_password, "--dashboard-password")
+    # Everything is checked above and in init_site before SITE_DIR appears: a bad option leaves nothing.
+    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, limits=limits)
     return _show_site(site, args.json, created=True)
 
 
@@ -278,9 +284,12 @@ def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
     p.add_argument("--amount", required=True, help="amount in the site currency, e.g. 12.50")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--card", metavar="PAN", help="card number (a test card stands in for the reader)")
+    how.add_argument("--card", nargs="?", const=secret_input.ASK, metavar="-",
+                     help="a card sale (keyed card numbers stand in for the reader): `--card -` reads one line "
+                          "`PAN [MMYY]` from standard input, `--card` alone asks for the number without echo; "
+                          "never on the command line")
     how.add_argument("--cash", action="store_true", help="a cash sale")
-    p.add_argument("--expiry", metavar="MMYY", help="card expiry")
+    p.add_argument("--expiry", metavar="MMYY", help="card expiry (or after the card number on its line)")
     p.add_argument("--entry-mode", default="manual", choices=("chip", "contactless", "magstripe", "manual"))
     p.add_argument("--description", help="what was sold")
     p.add_argument("--json", action="store_true", help="print the sale as JSON (as `sales --json` lists it)")
@@ -288,16 +297,18 @@ def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_sell(args: argparse.Namespace) -> int:
+    secret_input.refuse_argv(args.card, "--card", "card number")
     policy = client.call(args.node_dir, "policy")
     amount = parse_amount(args.amount, policy["currency"])
     card = None
     if args.card is not None:
-        pan = check_pan(args.card)
+        pan, expiry = secret_input.read_card(args.card, args.expiry)
+        pan = check_pan(pan)
         if not policy["switch_key"]:
             from ..errors import PolicyError
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: take cash, "
                               "or have the organizer run `meshpos site set-switch`")
-        capture = seal_card(pan, args.expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]))
+        capture = seal_card(pan, expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]))
         del pan
         card = {"brand": capture.brand, "last4": capture.last4, "entry_mode": capture.entry_mode,
                 "sealed": base64.b64encode(capture.sealed).decode()}

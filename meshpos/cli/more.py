@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from ..node import client
 
 
@@ -21,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                    "ledger, forwards the site's queue when it has an uplink, prints receipts, "
                                    "and answers `meshpos sell/sales/status` through its control socket.")
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
-    p.add_argument("--log-file", type=_path, metavar="FILE", help="also write the log to FILE")
+    p.add_argument("--log-file", type=_path, metavar="FILE",
+                   help=f"also write the log to FILE, rotated at {LOG_MAX_BYTES // 2**20} MiB keeping "
+                        f"{LOG_BACKUPS} old files (FILE.1 ... FILE.{LOG_BACKUPS})")
     p.add_argument("--no-mdns", action="store_true", help="static peers only (networks that block multicast)")
     p.set_defaults(handler=cmd_run)
 
@@ -61,14 +65,28 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     sub.add_parser("acquirer-sim", help="the acquirer host simulator (meshpos acquirer-sim --help)")
 
 
+LOG_MAX_BYTES = 10 * 2**20  # --log-file: rotated at this size...
+LOG_BACKUPS = 5  # ...keeping this many old files: at most 60 MiB of log in all
+
+
+def open_log_file(path: Path) -> logging.Handler:
+    """A rotating log file (a node that logs a flood of errors cannot fill its disk);
+    ConfigError naming the file when it cannot be opened."""
+    try:
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS,
+                                                       encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot open the log file: {exc.strerror or exc}") from exc
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
     from ..node.runner import run_node
     if args.log_file:
-        handler = logging.FileHandler(args.log_file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
+        logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
     trio.run(run_node, args.node_dir, not args.no_mdns)

@@ -39,7 +39,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             core.close()
     rep = summarize(data)
     if args.csv is not None:
-        n = write_csv(rep, args.csv)
+        try:
+            n = write_csv(rep, args.csv)
+        except OSError as exc:
+            from ..errors import ConfigError
+            raise ConfigError(f"{args.csv}: cannot write the CSV report: {exc.strerror or exc}") from exc
     if args.json:
         emit_json(rep)
     else:

@@ -21,6 +21,7 @@ from ..identity import certs
 from ..ledger import Ledger
 from ..roster import Roster
 from ..store import Store
+from .diskspace import check_room_for_sale
 from .nodedir import NodeConfig, NodeDir
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,11 @@ class NodeCore:
                 f"{self.dir.path}: this node's database was re-created and waits for a peer to give back its "
                 f"own sales, so that no sale id is used twice; link it to the mesh (or, if it never sold "
                 f"before, delete {self.recovery_flag})")
+        # A full disk refuses the sale before anything of it exists, in memory or on disk: the
+        # room is checked, and what links brought in is committed apart (a failing commit is
+        # DiskFullError here), so the sale's own commit holds only the sale.
+        check_room_for_sale(self.dir.db_path)
+        self.store.commit()
         now = self.clock.now_ms()
         policy = self.roster.policy_at(now)
         problem = rules.description_problem(description)

@@ -33,8 +33,13 @@ def create_request(node_dir: Path, role: str, name: str, listen: str | None = No
     nd = NodeDir(node_dir)
     if nd.config_path.exists():
         raise ConfigError(f"{node_dir}: this node is enrolled already")
-    node_dir.mkdir(parents=True, exist_ok=True)
-    node_dir.chmod(0o700)
+    if not node_dir.exists():
+        node_dir.parent.mkdir(parents=True, exist_ok=True)
+        node_dir.mkdir(mode=0o700)
+        node_dir.chmod(0o700)  # mkdir's mode is filtered by the umask
+    elif not node_dir.is_dir():
+        raise ConfigError(f"{node_dir}: exists and is not a directory")
+    # An existing directory keeps its mode: it may be shared (a mount, a home); node.key is 0600 anyway.
     if nd.key_path.exists():
         key = nd.key()
     else:

@@ -17,7 +17,7 @@ import trio
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..devices.spool import PrinterWorker, Spool, run_printer_worker
-from ..errors import InputError, MeshposError, PrinterError
+from ..errors import DiskFullError, InputError, MeshposError, PrinterError
 from .core import NodeCore
 from .control import serve_control
 from .ops import dispatch
@@ -26,6 +26,7 @@ from .receipts import copies_for, printer_config, receipt_data, receipt_options
 log = logging.getLogger(__name__)
 
 GROUP_COMMIT_S = 0.05
+DISK_FULL_RETRY_S = 1.0  # a commit that met a full disk is tried again this often
 
 
 class NodeService:
@@ -79,7 +80,7 @@ class NodeService:
             data, options = receipt_data(self.core, sale), receipt_options(self.core)
             for copy in copies or copies_for(sale):
                 self.spool.enqueue_receipt(data, options, copy, self.clock)
-        except MeshposError as exc:
+        except (MeshposError, OSError) as exc:  # OSError: a full disk, the spool's directory
             log.warning("receipt of sale %s not queued: %s", sale.get("id"), exc)
 
     def _op_reprint(self, core: NodeCore, params: dict[str, Any]) -> Any:
@@ -131,12 +132,25 @@ class NodeService:
         store.on_dirty = on_dirty
         try:
             task_status.started()
+            full_since: float | None = None
             while True:
                 await dirty.wait()
                 dirty = trio.Event()
                 await trio.sleep(GROUP_COMMIT_S)
-                if store.commit():
-                    await trio.to_thread.run_sync(store.sync_wal)
+                try:
+                    if store.commit():
+                        await trio.to_thread.run_sync(store.sync_wal)
+                except DiskFullError as exc:
+                    # Stay up: sales are refused meanwhile (diskspace), links go on; try again.
+                    if full_since is None:
+                        log.error("%s", exc)
+                        full_since = self.clock.monotonic()
+                    dirty.set()
+                    await trio.sleep(DISK_FULL_RETRY_S)
+                    continue
+                if full_since is not None:
+                    log.warning("the disk has room again: storing resumed")
+                    full_since = None
                 if store.checkpoint_due():  # in a thread: the node goes on meanwhile
                     await trio.to_thread.run_sync(store.checkpoint)
         finally:

@@ -28,7 +28,7 @@ set-up, in order:
   meshpos switch init /srv/switch --listen 0.0.0.0:8443 --acquirer acq.example:8583
   meshpos site init SITE_DIR --name "Fiera" --switch-key /srv/switch/switch.pub \\
       --switch-url https://switch.example:8443
-  meshpos switch add-site /srv/switch SITE_DIR      (needs only ca.pem, policy.env, revocations/)
+  meshpos switch add-site /srv/switch SITE_DIR      (needs only site.json, ca.pem, policy.env, revocations/)
   meshpos switch run /srv/switch
 """
 
@@ -97,6 +97,8 @@ def _cmd(args: argparse.Namespace) -> int:
             f"give {sd.pub_path} to each organizer: meshpos site init SITE_DIR --switch-key {sd.pub_path} ...",
         ])
     elif args.switch_command == "add-site":
+        from ..site import check_site_dir
+        check_site_dir(args.site_dir)  # not a node directory: its policy may be stale, its revocations missing
         row = add_site(args.switch_dir, args.site_dir, args.merchant_id)
         _emit({"site_id": row.site_id, "name": row.name, "merchant_id": row.merchant_id}, args.json, [
             f"site {row.name!r} ({row.site_id}) registered, merchant id {row.merchant_id!r}",
