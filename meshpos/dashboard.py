@@ -134,7 +134,7 @@ class Dashboard:
         now = core.clock.now_ms()
         cur = policy.currency
         board = getattr(self.service, "statusboard", None)
-        statuses = {s.node_id: s.body for s in board.statuses.values()} if board is not None else {}
+        statuses = {s.node_id: s.body for s in board.current().values()} if board is not None else {}
         view = analyze(statuses, self._known(), now_ms=now, offline_window_ms=policy.offline_window_ms,
                        warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None)
         summary = self._sales_summary(now)

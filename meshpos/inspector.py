@@ -65,17 +65,13 @@ class Inspector:
         self.replicator = Replicator.for_core(core)
         self.board = StatusBoard(core.roster, core.clock, relay=False)
         self.board.attach(self.replicator)
-        core.ledger.on_accept.append(self._on_accept)
+        core.ledger.on_accept.append(self.board.on_accept)
         self.endpoint = LinkEndpoint.for_core(core, self.replicator)
         self.discovered: dict[str, PeerSeen] = {}
         self.address_of: dict[str, str] = {}  # node id -> the address our link to it goes to
         self.dialling: set[str] = set()
         self.nursery: trio.Nursery | None = None
         self.mdns_problem: str | None = None
-
-    def _on_accept(self, verified: Any) -> None:
-        if verified.env.type == "cert":
-            self.board.retry_parked()
 
     def open_links(self) -> dict[str, SyncSession]:
         return {s.peer_node: s for s in self.replicator.sessions if s.peer_node and not s.closed}
@@ -165,7 +161,7 @@ class Inspector:
 
     def view(self) -> dict[str, Any]:
         policy = self.core.policy
-        statuses = {s.node_id: s.body for s in self.board.statuses.values()}
+        statuses = {s.node_id: s.body for s in self.board.current().values()}
         view = analyze(statuses, self.known(), now_ms=self.clock.now_ms(),
                        offline_window_ms=policy.offline_window_ms, warn_before_ms=policy.warn_before_s * 1000,
                        currency=policy.currency, me=self.core.node_id)
