@@ -20,6 +20,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..discovery import DiscoveryHandle, LocalService, PeerGone, PeerSeen, run_discovery
 from ..errors import MeshposError
 from ..link.driver import LinkEndpoint, connect_link, serve_links
+from ..netguard import install_log_limits
 from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
 from ..sync import Replicator, SyncSession
 from ..uplink.client import make_client_context, probe
@@ -273,6 +274,7 @@ class Uplink:
 
 
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+    install_log_limits()  # a peer must not fill the disk through what we log about it
     async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
         mesh = Mesh(service, mdns)
         service.mesh = mesh  # type: ignore[attr-defined]
