@@ -152,8 +152,9 @@ class Inspector:
             address = self.address_of.get(node_id) or (f"{seen.addresses[0]}:{seen.port}" if seen else None)
             session = linked.get(node_id)
             rtt = session.conn.rtt if session is not None else None
-            out[node_id] = Known(name=ident.name if ident else (seen.name if seen else None),
-                                 role=ident.role if ident else (seen.role if seen else None), address=address,
+            # name and role from the certificate only: an mDNS announcement is signed by nobody
+            out[node_id] = Known(name=ident.name if ident else None, role=ident.role if ident else None,
+                                 address=address,
                                  linked=session is not None,
                                  rtt_ms=None if rtt is None else int(math.ceil(rtt * 1000)),
                                  revoked=node_id in roster.revoked)
@@ -249,7 +250,7 @@ async def probe_node(inspector_dir: Path, address: str, clock: Clock, pings: int
                     peer = session.peer_node
                     ident = ledger.roster.identities.get(peer) if peer else None
                     result = ProbeResult(address, peer, ident.name if ident else None,
-                                         session.conn.peer.role if session.conn.peer else None, connect_ms, rtts,
+                                         ident.role if ident else None, connect_ms, rtts,
                                          last_bytes, transfer_s, store.entry_count())
                     session.close("probe done")
                     replicator.detach("probe done")
