@@ -33,8 +33,8 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
 class IdleFlood:
     """Holds ``n`` idle TCP connections to a port from one address, re-opening those the server closes."""
 
-    def __init__(self, port: int, n: int, source: str = ATTACKER) -> None:
-        self.port, self.n, self.source = port, n, source
+    def __init__(self, port: int, n: int, source: str = ATTACKER, payload: bytes = b"") -> None:
+        self.port, self.n, self.source, self.payload = port, n, source, payload
         self.socks: list[socket.socket] = []
         self.closed_by_server = 0
         self.stop = threading.Event()
@@ -46,6 +46,8 @@ class IdleFlood:
             s.bind((self.source, 0))
             s.settimeout(2)
             s.connect(("127.0.0.1", self.port))
+            if self.payload:
+                s.sendall(self.payload)
             s.setblocking(False)
             return s
         except OSError:
@@ -114,6 +116,21 @@ def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
     assert any("refused link" in line and "at once" in line for line in lines)
     status = client.call_running(a, "status", {})
     assert any(link["state"] == "open" and link["peer_name"] == "B" for link in status["peers"]["links"])
+
+
+def test_a_flood_of_garbage_handshakes_is_logged_a_few_times_only(
+        tmp_path: Path, site: Site, procs: ProcessGroup) -> None:
+    (pa,) = free_ports(1)
+    a = tmp_path / "a"
+    enroll_one_step(site, a, "terminal", "A", listen=f"127.0.0.1:{pa}")
+    child = procs.start_node("A", a, "--no-mdns")
+    garbage = b"GET / HTTP/1.0\r\n\r\n" * 8  # not TLS: every connection is refused with a reason
+    with IdleFlood(pa, 4, payload=garbage) as flood:
+        wait_for(lambda: flood.closed_by_server >= 500, 120, lambda: f"A closed {flood.closed_by_server}")
+    text = child.log_path.read_text()
+    refusals = text.count("TLS handshake failed")
+    assert 1 <= refusals <= 20, f"{refusals} log lines for {flood.closed_by_server} refused handshakes"
+    assert "Traceback" not in text
 
 
 def test_running_out_of_file_descriptors_is_logged_once_not_per_accept(
