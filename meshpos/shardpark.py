@@ -31,7 +31,7 @@ import automerge.core as am
 from . import envelope as env_mod
 from .clock import Clock
 from .errors import EncodingError, MeshposError
-from .ledger import IngestReport, Ledger, entry_bytes, valid_shard_name
+from .ledger import IngestReport, Ledger, changes_message, entry_bytes, valid_shard_name
 from .netguard import LogLimiter
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,6 @@ class ShardPark:
         return True
 
     def receive_push(self, shard: str, changes: list[bytes], peer: str) -> bool:
-        from .ledger import changes_message
         parked = self._slot(shard, peer, sum(map(len, changes)))
         if parked is None:
             return False

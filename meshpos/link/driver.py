@@ -211,4 +211,5 @@ async def serve_links(endpoint: LinkEndpoint, host: str, port: int, *, limits: I
             log.warning("refused link %s: no TLS handshake and HELLO within %gs", where, limits.proof_timeout)
 
     listeners = await trio.open_tcp_listeners(port, host=host)
-    await serve_bounded(handler, listeners, gate, what="link", task_status=task_status)
+    task_status.started(listeners)  # bound: the kernel queues connections until the loop accepts them
+    await serve_bounded(handler, listeners, gate, what="link")
