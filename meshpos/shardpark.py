@@ -56,6 +56,7 @@ class _Parked:
     peer: str
     size: int = 0
     checked: bool = False  # looked for its node's certificate since it last changed
+    snapshot: bytes | None = None  # the one snapshot the document is exactly, if so (taken in as it is)
 
 
 @dataclass
@@ -158,6 +159,7 @@ class ShardPark:
         assert parked is not None
         parked.size += size
         parked.checked = False
+        parked.snapshot = None
         self._bytes += size
         return parked
 
@@ -177,7 +179,11 @@ class ShardPark:
         if parked is None:
             return False
         try:
-            parked.doc.merge(am.Document.load(data))
+            loaded = am.Document.load(data)
+            if parked.doc.get_heads():
+                parked.doc.merge(loaded)
+            else:
+                parked.doc, parked.snapshot = loaded, data
         except Exception as exc:
             raise EncodingError(f"bad Automerge snapshot for shard {shard}: {exc}") from exc
         return True
@@ -221,7 +227,8 @@ class ShardPark:
                 self._forget(shard)
                 if not parked.doc.get_heads():
                     continue  # nothing arrived yet: the sync protocol goes on against the ledger
-                reports.append(self.ledger.receive_snapshot(shard, parked.doc.save(), parked.peer))
+                data = parked.snapshot if parked.snapshot is not None else parked.doc.save()
+                reports.append(self.ledger.receive_snapshot(shard, data, parked.peer))
                 self.stats.taken_in += 1
                 progress = True
         return reports
