@@ -116,6 +116,7 @@ def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
     assert any("refused link" in line and "at once" in line for line in lines)
     status = client.call_running(a, "status", {})
     assert any(link["state"] == "open" and link["peer_name"] == "B" for link in status["peers"]["links"])
+    assert status["peers"]["shards_parked"] == 0 and status["peers"]["shard_frames_dropped"] == 0
 
 
 def test_a_flood_of_garbage_handshakes_is_logged_a_few_times_only(

@@ -65,9 +65,12 @@ class Mesh:
             d = dataclasses.asdict(h)
             d["peer_name"] = self.core.roster.name_of(h.peer_node) if h.peer_node else None
             links.append(d)
+        park = self.replicator.park
         return {"peers": {
             "listen_port": self.listen_port, "mdns": self.mdns,
-            "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links}}
+            "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
+            # shards no known node can have written yet (meshpos.shardpark): held apart, and frames dropped
+            "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
 
     def linked_peers(self) -> set[str]:
         return {s.peer_node for s in self.replicator.sessions if s.peer_node and not s.closed}
