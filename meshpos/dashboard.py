@@ -62,8 +62,8 @@ LOGIN_BURST = 5
 LOGIN_REFILL_S = 12.0
 MAX_LOGIN_SOURCES = 4096
 SCRYPT_AT_ONCE = 2
-LIMITS = HttpLimits(max_body_bytes=4096, read_timeout=30.0, handshake_timeout=5.0, max_connections=128,
-                    max_handshakes=32, max_handshakes_per_source=8)
+LIMITS = HttpLimits(max_body_bytes=4096, read_timeout=10.0, handshake_timeout=5.0, max_connections=128,
+                    max_pending=32, max_pending_per_source=8)
 TLS_CERT, TLS_KEY = "dashboard-tls.pem", "dashboard-tls.key"
 TLS_VALID_DAYS = 825
 REFRESH_MS = 2000

@@ -92,10 +92,11 @@ class HttpLimits:
     max_body_bytes: int = MAX_BODY_BYTES
     read_timeout: float = READ_TIMEOUT  # for a whole request, idle keep-alive wait included
     handshake_timeout: float = HANDSHAKE_TIMEOUT
-    # connections held at once; TLS handshakes under way, in all and from one address (meshpos.netguard)
+    # connections held at once; connections that have not sent a whole request yet, in all and from one
+    # address (meshpos.netguard)
     max_connections: int = 1024
-    max_handshakes: int = 256
-    max_handshakes_per_source: int = 64
+    max_pending: int = 256
+    max_pending_per_source: int = 64
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -203,7 +204,6 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
             if scope.cancelled_caught:
                 return
             peer = peer_cert_der(stream)
-        proved()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         while True:
             try:
@@ -214,6 +214,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
                 return
             if request is None:
                 return
+            proved()  # a whole request arrived: no longer an idle connection of unknown purpose
             try:
                 response = await handler(request)
             except AbortConnection:
@@ -255,8 +256,8 @@ async def serve_http(
     async def serve_one(stream: trio.abc.Stream, source: str, where: str, proved: Callable[[], None]) -> None:
         await _serve_connection(stream, handler, limits, source, proved)
 
-    gate = InboundGate(InboundLimits(total=limits.max_connections, pending=limits.max_handshakes,
-                                     per_source=limits.max_handshakes_per_source,
+    gate = InboundGate(InboundLimits(total=limits.max_connections, pending=limits.max_pending,
+                                     per_source=limits.max_pending_per_source,
                                      proof_timeout=limits.handshake_timeout))
     await serve_bounded(serve_one, listeners, gate, what="HTTP connection", task_status=task_status)
 

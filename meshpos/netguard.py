@@ -3,8 +3,8 @@
 Rules (used by the link listener and the HTTP server; the numbers are the callers'):
 
 * A connection is *pending* from accept until it has proved itself (a link:
-  the TLS handshake and the peer's HELLO; HTTP: its TLS handshake, at once
-  over plain TCP), then *open*. At most ``per_source`` connections of one source address may be
+  the TLS handshake and the peer's HELLO; HTTP: its first whole request),
+  then *open*. At most ``per_source`` connections of one source address may be
   pending at once, at most ``pending`` from all sources, and at most ``total``
   connections may be held at all. A connection past a cap is closed at once,
   before any TLS work, and the refusal is logged at most once per

@@ -15,10 +15,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshpos.dashboard import LOGIN_BURST, LoginLimiter
+from meshpos.dashboard import LIMITS, LOGIN_BURST, LoginLimiter
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports
+from meshpos.procs import ProcessGroup, free_ports, wait_for
 from meshpos.site import Site, init_site
 
 PASSWORD = "sagra-2026"
@@ -98,6 +98,27 @@ def test_wrong_passwords_are_rate_limited_per_address_at_a_fixed_memory_cost(
     grown_mib = (peak_rss_kib(child.proc.pid) - before) / 1024
     assert grown_mib < 160, f"40 parallel wrong passwords raised the gateway's peak memory by {grown_mib:.0f} MiB"
     assert get(dash, PASSWORD, source="127.0.0.5").status == 200
+
+    idle = []  # connections that never send a request: a few held (briefly), the rest closed at once
+    for _ in range(50):
+        s = socket.socket()
+        s.bind(("127.0.0.6", 0))
+        s.connect(("127.0.0.1", dash))
+        idle.append(s)
+
+    def closed(s: socket.socket) -> bool:
+        s.settimeout(0.01)
+        try:
+            return s.recv(1) == b""
+        except socket.timeout:
+            return False
+        except OSError:
+            return True
+    wait_for(lambda: sum(closed(s) for s in idle) >= 50 - LIMITS.max_pending_per_source, 20,
+             "the dashboard did not close the idle connections past its per-address bound")
+    assert get(dash, PASSWORD, source="127.0.0.7").status == 200
+    for s in idle:
+        s.close()
 
 
 def test_the_dashboard_is_https_only_when_not_on_loopback(tmp_path: Path, dash_site: Site, procs: ProcessGroup) -> None:
