@@ -1,10 +1,20 @@
 """The organizer dashboard: a read-only web page served by the gateway on the local network.
 
 ``dashboard: "HOST:PORT"`` in the node's config.json turns it on. Every
-request needs HTTP Basic auth whose password matches the site policy's
-``dashboard_password`` (an scrypt hash, meshpos.policy.check_password; the user
-name is not checked). With no password in the policy the dashboard is not
-served at all. The page (``/``, ``/app.js``) polls ``/api/state`` every few
+request needs HTTP Basic auth whose password matches the hash in the node's
+``dashboard.json`` (0600, written when a gateway is enrolled with
+``--dashboard`` from a site with a dashboard password: the hash is in no policy,
+so no terminal or inspector holds it; meshpos.policy.check_password; the user
+name is not checked). With no hash the dashboard is not served at all.
+
+Logins are bounded: each source address may try ``LOGIN_BURST`` passwords, then
+one per ``LOGIN_REFILL_S`` (429 with Retry-After meanwhile; a table of at most
+``MAX_LOGIN_SOURCES`` addresses, least recently seen forgotten), and at most
+``SCRYPT_AT_ONCE`` password checks (16 MiB of scrypt each) run at once, so
+failed logins cost a fixed amount of memory. On a loopback address the page is
+plain HTTP; on any other it is HTTPS only, with a P-256 certificate the gateway
+makes for it (browsers refuse the nodes' Ed25519 certificates): its SHA-256
+fingerprint is logged and shown by ``meshpos status``. The page (``/``, ``/app.js``) polls ``/api/state`` every few
 seconds: terminals and their state (from the gossiped statuses, the same
 analysis as ``meshpos inspect``), the site-wide pending queue and the time left
 in its offline window, settled totals by status, alerts. Nothing here writes.
@@ -14,15 +24,27 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime
 import hashlib
+import ipaddress
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+import os
+import ssl
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 import trio
 
 from .currency import format_amount
-from .http import Request, Response, json_response, listener_port, serve_http, text_response
+from .http import HttpLimits, Request, Response, json_response, listener_port, serve_http, text_response
 from .meshview import Known, analyze
 from .node.core import iso
 from .node.nodedir import parse_hostport
@@ -36,6 +58,14 @@ log = logging.getLogger(__name__)
 
 REALM = "meshpos dashboard"
 AUTH_CACHE = 64
+LOGIN_BURST = 5
+LOGIN_REFILL_S = 12.0
+MAX_LOGIN_SOURCES = 4096
+SCRYPT_AT_ONCE = 2
+LIMITS = HttpLimits(max_body_bytes=4096, read_timeout=10.0, handshake_timeout=5.0, max_connections=128,
+                    max_pending=32, max_pending_per_source=8)
+TLS_CERT, TLS_KEY = "dashboard-tls.pem", "dashboard-tls.key"
+TLS_VALID_DAYS = 825
 REFRESH_MS = 2000
 SECURITY_HEADERS = {
     "cache-control": "no-store", "x-frame-options": "DENY", "x-content-type-options": "nosniff",
@@ -44,17 +74,48 @@ SECURITY_HEADERS = {
 }
 
 
+class LoginLimiter:
+    """A token bucket per source address, in an LRU table of bounded size (time injected)."""
+
+    def __init__(self, now: Callable[[], float] = time.monotonic, burst: int = LOGIN_BURST,
+                 refill_s: float = LOGIN_REFILL_S, max_sources: int = MAX_LOGIN_SOURCES) -> None:
+        self.now, self.burst, self.refill_s, self.max_sources = now, burst, refill_s, max_sources
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # source -> (tokens, at)
+
+    def take(self, source: str) -> float | None:
+        """None: one attempt allowed now (a token taken); else seconds until the next one."""
+        now = self.now()
+        tokens, at = self._buckets.get(source, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) / self.refill_s)
+        allowed = tokens >= 1.0
+        if allowed:
+            tokens -= 1.0
+        self._buckets[source] = (tokens, now)
+        self._buckets.move_to_end(source)
+        while len(self._buckets) > self.max_sources:
+            self._buckets.popitem(last=False)
+        return None if allowed else (1.0 - tokens) * self.refill_s
+
+
 class Dashboard:
-    def __init__(self, service: "NodeService") -> None:
+    def __init__(self, service: "NodeService", password_hash: str) -> None:
         self.service = service
         self.core = service.core
+        self.password_hash = password_hash
         self._ok: dict[bytes, None] = {}  # digests of Authorization headers that passed (bounded)
         self._sales_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
+        self.logins = LoginLimiter(service.clock.monotonic)
+        self.scrypt = trio.CapacityLimiter(SCRYPT_AT_ONCE)
 
     # -- HTTP ---------------------------------------------------------------------------
 
     async def handle(self, request: Request) -> Response:
-        if not await self._authorized(request):
+        verdict = await self._authorized(request)
+        if verdict is not True:
+            if verdict is not False:
+                return Response(429, {"retry-after": str(math.ceil(verdict)),
+                                      "content-type": "text/plain; charset=utf-8", **SECURITY_HEADERS},
+                                b"too many wrong passwords from this address: wait and try again\n")
             return Response(401, {"www-authenticate": f'Basic realm="{REALM}", charset="UTF-8"',
                                   "content-type": "text/plain; charset=utf-8", **SECURITY_HEADERS},
                             b"the organizer dashboard needs the site's dashboard password\n")
@@ -69,8 +130,9 @@ class Dashboard:
             return json_response(200, self.state(), SECURITY_HEADERS)
         return text_response(404, "not found\n")
 
-    async def _authorized(self, request: Request) -> bool:
-        stored = self.core.policy.dashboard_password
+    async def _authorized(self, request: Request) -> bool | float:
+        """True, False (no or a wrong password), or seconds to wait before this source may try again."""
+        stored = self.password_hash
         header = request.headers.get("authorization", "")
         if not stored or not header.lower().startswith("basic "):
             return False
@@ -84,7 +146,10 @@ class Dashboard:
         _, sep, password = user_pass.partition(":")
         if not sep:
             return False
-        ok = await trio.to_thread.run_sync(check_password, stored, password)
+        wait = self.logins.take(request.peer_addr or "unknown")
+        if wait is not None:
+            return wait
+        ok = await trio.to_thread.run_sync(check_password, stored, password, limiter=self.scrypt)
         if ok:
             if len(self._ok) >= AUTH_CACHE:
                 self._ok.pop(next(iter(self._ok)))
@@ -134,7 +199,7 @@ class Dashboard:
         now = core.clock.now_ms()
         cur = policy.currency
         board = getattr(self.service, "statusboard", None)
-        statuses = {s.node_id: s.body for s in board.statuses.values()} if board is not None else {}
+        statuses = {s.node_id: s.body for s in board.current().values()} if board is not None else {}
         view = analyze(statuses, self._known(), now_ms=now, offline_window_ms=policy.offline_window_ms,
                        warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None)
         summary = self._sales_summary(now)
@@ -171,25 +236,82 @@ class Dashboard:
         }
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_context(node_dir: Path, name: str, host: str, now_ms: int) -> tuple[ssl.SSLContext, str]:
+    """The dashboard's HTTPS context and its certificate's SHA-256 fingerprint; the P-256 key and
+    self-signed certificate are made on first use and kept in the node directory (key 0600)."""
+    cert_path, key_path = node_dir / TLS_CERT, node_dir / TLS_KEY
+    if not (cert_path.exists() and key_path.exists()):
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshpos dashboard {name}"[:64])])
+        now = datetime.datetime.fromtimestamp(now_ms / 1000, datetime.timezone.utc)
+        alt: list[x509.GeneralName] = [x509.DNSName("localhost")]
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+            if not ip.is_unspecified:
+                alt.append(x509.IPAddress(ip))
+        except ValueError:
+            alt.append(x509.DNSName(host))
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                .not_valid_after(now + datetime.timedelta(days=TLS_VALID_DAYS))
+                .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+                .sign(key, hashes.SHA256()))
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    fingerprint = cert.fingerprint(hashes.SHA256()).hex(":").upper()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert_path), str(key_path))
+    return ctx, fingerprint
+
+
 async def dashboard_component(service: "NodeService", *,
                               task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """The run_node component: serve the dashboard if config.json asks for it."""
-    cfg = service.core.config
+    core = service.core
+    cfg = core.config
     if not cfg.dashboard:
         task_status.started()
         return
-    if not service.core.policy.dashboard_password:
-        log.error("dashboard not served: the site policy has no dashboard password "
-                  "(meshpos site init ... --dashboard-password)")
+    stored = core.dir.dashboard_hash()
+    if not stored and core.policy.dashboard_password:
+        stored = core.policy.dashboard_password
+        log.warning("the dashboard password hash comes from the site policy, which every node receives: make a "
+                    "new site (its hash stays in the site and this gateway's %s only)", core.dir.dashboard_path.name)
+    if not stored:
+        log.error("dashboard not served: no dashboard password for this node (%s); enroll the gateway with "
+                  "--dashboard from a site made with a dashboard password", core.dir.dashboard_path)
         task_status.started()
         return
     host, port = parse_hostport(cfg.dashboard, "dashboard")
-    dashboard = Dashboard(service)
+    context, fingerprint = (None, None) if is_loopback(host) else tls_context(core.dir.path, cfg.name, host,
+                                                                                core.clock.now_ms())
+    dashboard = Dashboard(service, stored)
     async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(serve_http, dashboard.handle, (host, port, None))
+        listeners = await nursery.start(lambda task_status: serve_http(dashboard.handle, (host, port, context),
+                                                                       limits=LIMITS, task_status=task_status))
         bound = listener_port(listeners[0])
-        service.extra_status.append(lambda: {"dashboard": {"url": f"http://{host}:{bound}/", "port": bound}})
-        log.info("organizer dashboard on http://%s:%d/", host, bound)
+        scheme = "http" if context is None else "https"
+        url = f"{scheme}://{host}:{bound}/"
+        service.extra_status.append(lambda: {"dashboard": {"url": url, "port": bound,
+                                                           "tls_fingerprint_sha256": fingerprint}})
+        if fingerprint:
+            log.info("organizer dashboard on %s (certificate SHA-256 %s)", url, fingerprint)
+        else:
+            log.info("organizer dashboard on %s (loopback: plain HTTP)", url)
         task_status.started()
 
 

@@ -3,7 +3,9 @@
 Server: :func:`serve_http` runs ``handler(Request) -> Response`` for each request
 with bounded header and body sizes (431 / 413), a read deadline per request,
 keep-alive, and a 500 for a handler that raises; the connection and the server
-live on. Over TLS the handler sees the client's certificate as
+live on. Connections are bounded (meshpos.netguard): past ``HttpLimits``'s caps a
+new one is closed at once, and running out of file descriptors is logged once a
+minute, not as a traceback per accept. Over TLS the handler sees the client's certificate as
 ``Request.peer_cert_der``.
 
 Client: :class:`HttpClientConnection` (keep-alive on one stream), the one-shot
@@ -25,6 +27,7 @@ import h11
 import trio
 
 from .errors import ProtocolError
+from .netguard import InboundGate, InboundLimits, serve_bounded
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class Request:
     headers: Mapping[str, str]  # names lowercased; repeated headers joined with ", "
     body: bytes
     peer_cert_der: bytes | None = None
+    peer_addr: str | None = None  # the client's IP address
 
     def params(self) -> dict[str, list[str]]:
         return parse_qs(self.query, keep_blank_values=True)
@@ -88,6 +92,11 @@ class HttpLimits:
     max_body_bytes: int = MAX_BODY_BYTES
     read_timeout: float = READ_TIMEOUT  # for a whole request, idle keep-alive wait included
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    # connections held at once; connections that have not sent a whole request yet, in all and from one
+    # address (meshpos.netguard)
+    max_connections: int = 1024
+    max_pending: int = 256
+    max_pending_per_source: int = 64
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -138,7 +147,7 @@ async def _send_response(stream: trio.abc.Stream, conn: h11.Connection, response
 
 
 async def _read_request(
-    stream: trio.abc.Stream, conn: h11.Connection, limits: HttpLimits, peer: bytes | None
+    stream: trio.abc.Stream, conn: h11.Connection, limits: HttpLimits, peer: bytes | None, addr: str | None = None
 ) -> Request | None:
     """The next request, None if the client closed or idled out; _Reject if it is unacceptable."""
     head: h11.Request | None = None
@@ -176,7 +185,8 @@ async def _read_request(
                 assert head is not None
                 target = head.target.decode("latin-1")
                 path, _, query = target.partition("?")
-                return Request(head.method.decode("ascii"), path, query, _headers(head.headers), bytes(body), peer)
+                return Request(head.method.decode("ascii"), path, query, _headers(head.headers), bytes(body), peer,
+                               addr)
             else:  # ConnectionClosed, or PAUSED after an error
                 return None
     if started:
@@ -184,7 +194,8 @@ async def _read_request(
     return None
 
 
-async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: HttpLimits) -> None:
+async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: HttpLimits,
+                            addr: str | None = None, proved: Callable[[], None] = lambda: None) -> None:
     try:
         peer = None
         if isinstance(stream, trio.SSLStream):
@@ -196,13 +207,14 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         while True:
             try:
-                request = await _read_request(stream, conn, limits, peer)
+                request = await _read_request(stream, conn, limits, peer, addr)
             except _Reject as reject:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send_response(stream, conn, text_response(reject.status, f"{reject}\n"), close=True)
                 return
             if request is None:
                 return
+            proved()  # a whole request arrived: no longer an idle connection of unknown purpose
             try:
                 response = await handler(request)
             except AbortConnection:
@@ -241,10 +253,13 @@ async def serve_http(
     else:
         listeners = list(where)
 
-    async def serve_one(stream: trio.abc.Stream) -> None:
-        await _serve_connection(stream, handler, limits)
+    async def serve_one(stream: trio.abc.Stream, source: str, where: str, proved: Callable[[], None]) -> None:
+        await _serve_connection(stream, handler, limits, source, proved)
 
-    await trio.serve_listeners(serve_one, listeners, task_status=task_status)
+    gate = InboundGate(InboundLimits(total=limits.max_connections, pending=limits.max_pending,
+                                     per_source=limits.max_pending_per_source,
+                                     proof_timeout=limits.handshake_timeout))
+    await serve_bounded(serve_one, listeners, gate, what="HTTP connection", task_status=task_status)
 
 
 def listener_port(listener: trio.abc.Listener[Any]) -> int:

@@ -65,17 +65,13 @@ class Inspector:
         self.replicator = Replicator.for_core(core)
         self.board = StatusBoard(core.roster, core.clock, relay=False)
         self.board.attach(self.replicator)
-        core.ledger.on_accept.append(self._on_accept)
+        core.ledger.on_accept.append(self.board.on_accept)
         self.endpoint = LinkEndpoint.for_core(core, self.replicator)
         self.discovered: dict[str, PeerSeen] = {}
         self.address_of: dict[str, str] = {}  # node id -> the address our link to it goes to
         self.dialling: set[str] = set()
         self.nursery: trio.Nursery | None = None
         self.mdns_problem: str | None = None
-
-    def _on_accept(self, verified: Any) -> None:
-        if verified.env.type == "cert":
-            self.board.retry_parked()
 
     def open_links(self) -> dict[str, SyncSession]:
         return {s.peer_node: s for s in self.replicator.sessions if s.peer_node and not s.closed}
@@ -156,8 +152,9 @@ class Inspector:
             address = self.address_of.get(node_id) or (f"{seen.addresses[0]}:{seen.port}" if seen else None)
             session = linked.get(node_id)
             rtt = session.conn.rtt if session is not None else None
-            out[node_id] = Known(name=ident.name if ident else (seen.name if seen else None),
-                                 role=ident.role if ident else (seen.role if seen else None), address=address,
+            # name and role from the certificate only: an mDNS announcement is signed by nobody
+            out[node_id] = Known(name=ident.name if ident else None, role=ident.role if ident else None,
+                                 address=address,
                                  linked=session is not None,
                                  rtt_ms=None if rtt is None else int(math.ceil(rtt * 1000)),
                                  revoked=node_id in roster.revoked)
@@ -165,7 +162,7 @@ class Inspector:
 
     def view(self) -> dict[str, Any]:
         policy = self.core.policy
-        statuses = {s.node_id: s.body for s in self.board.statuses.values()}
+        statuses = {s.node_id: s.body for s in self.board.current().values()}
         view = analyze(statuses, self.known(), now_ms=self.clock.now_ms(),
                        offline_window_ms=policy.offline_window_ms, warn_before_ms=policy.warn_before_s * 1000,
                        currency=policy.currency, me=self.core.node_id)
@@ -253,7 +250,7 @@ async def probe_node(inspector_dir: Path, address: str, clock: Clock, pings: int
                     peer = session.peer_node
                     ident = ledger.roster.identities.get(peer) if peer else None
                     result = ProbeResult(address, peer, ident.name if ident else None,
-                                         session.conn.peer.role if session.conn.peer else None, connect_ms, rtts,
+                                         ident.role if ident else None, connect_ms, rtts,
                                          last_bytes, transfer_s, store.entry_count())
                     session.close("probe done")
                     replicator.detach("probe done")

@@ -12,6 +12,8 @@ Rules (the planner is pure; time comes in as ``now``):
 * Static peers (config) are always dialled: the operator asked for them.
 * At most one link per pair: when both ends dial at once, the link initiated by
   the smaller node id is kept and the other is closed.
+* Inbound links are bounded (MAX_INBOUND held, MAX_PENDING_* not yet
+  authenticated, AUTH_TIMEOUT to authenticate): see meshpos.netguard.
 * A failed dial backs off exponentially (BACKOFF_MIN .. BACKOFF_MAX, with
   jitter); a link that stayed up for BACKOFF_RESET seconds resets the back-off.
 """
@@ -27,7 +29,12 @@ CHORDS = 1
 BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 BACKOFF_RESET = 10.0
-MAX_INBOUND = 24
+# Inbound links (meshpos.netguard rules): held at once; not yet authenticated (TLS handshake and
+# HELLO), from all sources and from one address; and how long authenticating may take.
+MAX_INBOUND = 64
+MAX_PENDING_INBOUND = 16
+MAX_PENDING_PER_SOURCE = 4
+AUTH_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,18 @@ def _fmt_duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+def _links(status: dict[str, Any] | None, known: dict[str, Known]) -> list[str]:
+    """The nodes a status says it is linked to, minus those the roster calls inspectors."""
+    out = []
+    for link in (status or {}).get("links") or []:
+        if not isinstance(link, dict) or not isinstance(link.get("node"), str):
+            continue
+        role = known[link["node"]].role if link["node"] in known else link.get("role")
+        if role not in NON_NODE_ROLES:
+            out.append(link["node"])
+    return out
+
+
 def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now_ms: int,
             offline_window_ms: int, warn_before_ms: int, currency: str = "EUR",
             me: str | None = None) -> dict[str, Any]:
@@ -88,7 +100,8 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
     for node_id in ids:
         st = statuses.get(node_id)
         k = known.get(node_id, Known())
-        role = (st or {}).get("role") or k.role or "unknown"
+        # who a node is comes from its certificate (the roster), never from what its status says
+        role = k.role or "unknown"
         if role in NON_NODE_ROLES or (k.revoked and st is None):
             continue
         at = st.get("at") if st else None
@@ -103,7 +116,7 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         uplink = (st or {}).get("uplink") or {}
         printer = (st or {}).get("printer") or {}
         nodes[node_id] = {
-            "node_id": node_id, "name": (st or {}).get("name") or k.name or node_id, "role": role,
+            "node_id": node_id, "name": k.name or node_id, "role": role,
             "address": addr, "reachable": bool(is_fresh or (k.linked and st is None)), "fresh": is_fresh,
             "linked": k.linked, "rtt_ms": k.rtt_ms, "status_age_s": _age_s(now_ms, at),
             "ledger_entries": ((st or {}).get("ledger") or {}).get("entries"), "behind": None,
@@ -112,8 +125,7 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
             "uplink": uplink.get("state"), "last_forward_at": uplink.get("last_forward_at"),
             "printer": printer.get("state"), "battery": (st or {}).get("battery"),
-            "version": (st or {}).get("version"), "links": [l["node"] for l in (st or {}).get("links") or []
-                                                            if l.get("role") not in NON_NODE_ROLES],
+            "version": (st or {}).get("version"), "links": _links(st, known),
             "revoked": k.revoked, "warnings": [],
         }
     entries = [n["ledger_entries"] for n in nodes.values() if n["fresh"] and n["ledger_entries"] is not None]

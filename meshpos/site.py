@@ -7,6 +7,8 @@ Layout of SITE_DIR (protocols/files.md):
   policy.env     the current policy, signed by the CA (an envelope)
   enrolled.json  every certificate issued: name, node id, role, serial
   revocations/   signed revocation envelopes, one per revoked node
+  dashboard.json the organizer dashboard's password hash (0600): given to gateways at enrollment
+                 only, never put in the policy (which every node, inspectors too, receives)
 """
 
 from __future__ import annotations
@@ -35,6 +37,23 @@ ANSWER_FORMAT = "meshpos-enroll-answer/1"
 DEFAULT_VALID_DAYS = 90
 POLICY_LIMITS = frozenset({"offline_window_s", "warn_before_s", "max_sale_minor", "max_terminal_pending_minor",
                            "max_site_pending_minor"})
+DASHBOARD_FILE = "dashboard.json"
+DASHBOARD_FORMAT = "meshpos-dashboard/1"
+DASHBOARD_ROLES = frozenset({"gateway"})  # the roles an enrollment answer hands the password hash to
+
+
+def read_dashboard_hash(path: Path) -> str | None:
+    """The dashboard password hash kept in ``path`` (a site's or a gateway's dashboard.json), if any."""
+    if not path.exists():
+        return None
+    stored = read_json(path, "dashboard password file", DASHBOARD_FORMAT).get("password_hash")
+    if not isinstance(stored, str) or not stored.startswith("scrypt$"):
+        raise ConfigError(f"{path}: no dashboard password hash in it")
+    return stored
+
+
+def write_dashboard_hash(path: Path, stored: str) -> None:
+    write_json(path, {"format": DASHBOARD_FORMAT, "password_hash": stored}, mode=0o600)
 
 
 def read_switch_key_file(path: Path) -> str:
@@ -70,6 +89,10 @@ class Site:
     def site_id(self) -> str:
         return self.policy.site_id
 
+    def dashboard_hash(self) -> str | None:
+        """The dashboard password hash (a site made before it moved out of the policy: the policy's)."""
+        return read_dashboard_hash(self.path / DASHBOARD_FILE) or self.policy.dashboard_password
+
     def policy_envelope(self) -> bytes:
         return (self.path / "policy.env").read_bytes()
 
@@ -96,13 +119,17 @@ class Site:
         cert = certs.issue(self.ca_cert, self.ca_key, public_key, role, name, now, valid_days)
         node_id = keys.node_id_of(public_key)
         self._record_enrollment(name, node_id, role, cert.serial_number, now)
-        return {
+        answer = {
             "format": ANSWER_FORMAT,
             "cert": certs.to_pem(cert).decode(),
             "ca": certs.to_pem(self.ca_cert).decode(),
             "policy": self.policy_envelope().decode(),
             "revocations": [p.read_bytes().decode() for p in sorted((self.path / "revocations").glob("*.env"))],
         }
+        dashboard = self.dashboard_hash() if role in DASHBOARD_ROLES else None
+        if dashboard:
+            answer["dashboard_hash"] = dashboard
+        return answer
 
     def _record_enrollment(self, name: str, node_id: str, role: str, serial: int, now: int) -> None:
         path = self.path / "enrolled.json"
@@ -160,7 +187,7 @@ def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | No
     policy = SitePolicy(
         site_id=site_id, name=name, currency=currency, switch_key=switch_key,
         switch_url=check_switch_url(switch_url) if switch_url else None,
-        dashboard_password=hash_password(dashboard_password) if dashboard_password else None, **limits,
+        **limits,
     )
     policy.validate("site policy")
     try:
@@ -178,6 +205,8 @@ def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | No
         write_json(work / "site.json", {"format": SITE_FORMAT, "site_id": site_id, "name": name, "policy": {}})
         site = Site(path=work, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
         site._write_policy(policy)
+        if dashboard_password:
+            write_dashboard_hash(work / DASHBOARD_FILE, hash_password(dashboard_password))
         os.rename(work, path)  # also replaces an empty directory, atomically
     except BaseException as exc:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,11 @@ Rules (protocols/link.md, "Status gossip"):
   board does not relay (nodes ignore what it sends anyway).
 * A status whose signer's certificate has not arrived is parked (bounded) and
   tried again when a certificate is accepted.
+* A status tells only what its signer may say: one dated more than
+  ``rules.MAX_SKEW_MS`` ahead of our clock is refused (it would stay "fresh"
+  for as long as it lies), a revoked node's statuses are refused and the one
+  held is dropped when the revocation arrives. Who a node *is* (name, role)
+  comes from its certificate, never from its status (meshpos.meshview).
 
 No I/O here: time comes from the injected Clock, sending is the Replicator's.
 """
@@ -26,10 +31,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from . import envelope as env_mod
+from . import rules
 from .clock import Clock
 from .errors import EncodingError, MeshposError, VerificationError
 from .meshview import stale_after_ms
-from .roster import Roster, UnknownSigner
+from .roster import Roster, UnknownSigner, Verified
 
 if TYPE_CHECKING:
     from .sync import Replicator, SyncSession
@@ -129,6 +135,9 @@ class StatusBoard:
             if env.type != "status":
                 raise EncodingError(f"a {env.type} envelope where a status was expected")
             status = check_status_body(env.body)
+            ahead = rules.future_problem(status["at"], now, "status time")
+            if ahead is not None:
+                raise VerificationError(ahead)
             current = self.statuses.get(env.signer)
             if current is not None and current.at >= status["at"]:
                 self._seen.add(seen)
@@ -154,6 +163,21 @@ class StatusBoard:
         for hook in self.on_new:
             hook(node)
         return node
+
+    def current(self) -> dict[str, NodeStatus]:
+        """The statuses to show: those of nodes not revoked (a revocation may come after them)."""
+        revoked = self.roster.revoked
+        return {node: s for node, s in self.statuses.items() if node not in revoked}
+
+    def on_accept(self, verified: Verified) -> None:
+        """A ledger entry was accepted: a certificate may let parked statuses in; a revocation
+        drops the revoked node's status."""
+        if verified.env.type == "cert":
+            self.retry_parked()
+        elif verified.env.type == "revocation":
+            node = str(verified.env.body.get("node_id"))
+            self.statuses.pop(node, None)
+            self._parked.pop(node, None)
 
     def retry_parked(self) -> None:
         """A certificate arrived: parked statuses may verify now."""

@@ -20,6 +20,10 @@ What a session does (protocols/link.md, "Replication"):
   answer) we send HAVE with our digest of it. A peer whose digest differs
   restarts that shard's sync from a fresh SyncState (once per pair of
   digests), which repairs a lost or reordered message without a full resync.
+* A shard's name names its node: frames for a shard that no known node can have written yet
+  (an unknown node id, a segment far past its log) go to the node's ``ShardPark``
+  (meshpos.shardpark: bounded, kept out of our summary) and are taken into the ledger once its
+  node's certificate arrives; so a peer's made-up shard names never grow our HELLO.
 * Every entry a peer sends goes through ``Ledger.receive_sync`` /
   ``receive_snapshot``, which verify it; the rejected ones are counted per
   link, and a peer past ``max_rejected`` is cut off with the reason logged.
@@ -50,6 +54,7 @@ from .clock import Clock
 from .errors import EncodingError, MeshposError
 from .ledger import SEGMENT, IngestReport, Ledger
 from .link.frames import MAX_PAYLOAD
+from .shardpark import ShardPark
 from .link.protocol import (PUSH_VERSION, SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState,
                             LinkUp, Ping, Pong, Push, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
@@ -136,6 +141,7 @@ class Replicator:
         self.clock = clock
         self.config = config
         self.sessions: list[SyncSession] = []
+        self.park = ShardPark(ledger, clock)
         self.gossip: StatusGossip | None = None
         ledger.on_changes.append(self._on_changes)
         self._origin: SyncSession | None = None  # the session whose frames are being applied
@@ -391,7 +397,7 @@ class SyncSession:
                 if isinstance(event, LinkUp):
                     self._on_link_up(event)
                 elif isinstance(event, Summary):
-                    self._theirs.update(event.summary)
+                    self._theirs.update(self._admissible(event.summary))
                     self._compare(event.summary, restart=True)
                 elif isinstance(event, Sync):
                     self._on_sync(event)
@@ -409,11 +415,39 @@ class SyncSession:
                     self._on_status(event)
                 elif isinstance(event, Closed):
                     self._on_closed(event)
+                if isinstance(event, (Sync, Snapshot, Push)):
+                    self._take_in()
             except EncodingError as exc:
                 self._out += self._close_now(f"peer sent bad replication data: {exc}", warn=True)
             except MeshposError as exc:
                 log.error("link %s: local failure: %s", self.label, exc)
                 self._out += self._close_now(f"local failure: {exc}")
+
+    def _digest(self, shard: str) -> bytes:
+        """Our digest of a shard: the ledger's, or the parked document's while it is parked."""
+        park = self.replicator.park
+        if shard not in self.ledger.docs and park.holds(shard):
+            return park.digest(shard)
+        return shard_digest(self.ledger, shard)
+
+    def _admissible(self, shards: dict[str, bytes]) -> dict[str, bytes]:
+        """Of shards a peer names, those worth a thought: admitted or parked ones, and no more than
+        one peer may park of the others (the rest may not exist: see meshpos.shardpark)."""
+        park = self.replicator.park
+        out: dict[str, bytes] = {}
+        others = 0
+        for shard, digest in shards.items():
+            if park.admitted(shard) or park.holds(shard):
+                out[shard] = digest
+            elif others < park.limits.max_per_peer:
+                others += 1
+                out[shard] = digest
+        return out
+
+    def _take_in(self) -> None:
+        """Parked shards that are admitted now (a certificate arrived, a log grew) enter the ledger."""
+        for report in self.replicator.park.take_in():
+            self._count(report)
 
     def _check_recovered(self) -> None:
         """While the store recovers: has this writing peer given back all it holds of our own log?"""
@@ -438,7 +472,7 @@ class SyncSession:
             self.label = peer.node_id
         log.info("link %s up: peer %s (%s), protocol v%d%s", self.label, peer.node_id, peer.role, event.version,
                  ", read-only" if self.read_only else "")
-        self._theirs = dict(peer.summary)
+        self._theirs = self._admissible(peer.summary)
         self._compare(peer.summary)
         gossip = self.replicator.gossip
         if gossip is not None and not self.closed and (self.conn.version or 0) >= STATUS_VERSION:
@@ -458,7 +492,7 @@ class SyncSession:
         sync of every differing shard from a fresh state, which repairs a lost message."""
         mine = self.ledger.summary()
         if restart and not self.read_only:
-            for shard in theirs.keys() - mine.keys():  # pull what we lack by the sync protocol
+            for shard in self._admissible(theirs).keys() - mine.keys():  # pull what we lack by the sync protocol
                 self.states[shard] = am.SyncState()
                 self._dirty.setdefault(shard, False)
         for shard, ours in mine.items():
@@ -479,13 +513,21 @@ class SyncSession:
 
     def _on_sync(self, event: Sync) -> None:
         shard = event.shard
+        park = self.replicator.park
+        parked = not self.read_only and not park.admitted(shard)
+        if parked and not park.holds(shard):
+            self.states.pop(shard, None)  # a new shard that may not exist: a fresh exchange if parked
         state = self._state(shard)
-        before = shard_digest(self.ledger, shard)
+        before = self._digest(shard)
         if self.read_only:
             self._absorb_read_only(shard, state, event.data)
+        elif parked:
+            if not park.receive_sync(shard, state, event.data, self._peer_name()):
+                self.states.pop(shard, None)
+                return
         else:
             self._count(self.ledger.receive_sync(shard, state, event.data, self._peer_name()))
-        after = shard_digest(self.ledger, shard)
+        after = self._digest(shard)
         if after != before:
             self._stale[shard] = 0
             self._dirty[shard] = True
@@ -528,6 +570,10 @@ class SyncSession:
             log.warning("link %s: ignoring SNAPSHOT of %s from read-only peer", self.label, event.shard)
             return
         self._counters.snapshots_received += 1
+        park = self.replicator.park
+        if not park.admitted(event.shard):
+            park.receive_snapshot(event.shard, event.data, self._peer_name())
+            return
         self._count(self.ledger.receive_snapshot(event.shard, event.data, self._peer_name()))
 
     def _on_push(self, event: Push) -> None:
@@ -535,9 +581,14 @@ class SyncSession:
             log.debug("link %s: ignoring PUSH from read-only peer", self.label)
             return
         shard = event.shard
-        before = shard_digest(self.ledger, shard)
-        self._count(self.ledger.receive_push(shard, list(event.changes), self._peer_name()))
-        after = shard_digest(self.ledger, shard)
+        before = self._digest(shard)
+        park = self.replicator.park
+        if not park.admitted(shard):
+            if not park.receive_push(shard, list(event.changes), self._peer_name()):
+                return
+        else:
+            self._count(self.ledger.receive_push(shard, list(event.changes), self._peer_name()))
+        after = self._digest(shard)
         if after == event.digest or after != before:
             self._orphans = 0
         else:
@@ -550,10 +601,11 @@ class SyncSession:
         self._on_have(Have({shard: event.digest}))
 
     def _on_have(self, event: Have) -> None:
-        self._theirs.update(event.shards)
+        shards = self._admissible(event.shards)
+        self._theirs.update(shards)
         now = self.clock.monotonic()
-        for shard, theirs in event.shards.items():
-            ours = shard_digest(self.ledger, shard)
+        for shard, theirs in shards.items():
+            ours = self._digest(shard)
             if ours == theirs:
                 self._counters.last_sync_at = now
                 continue
@@ -613,7 +665,7 @@ class SyncSession:
             changes = self._push.pop(shard)
             self._push_size.pop(shard, None)
             if shard not in self._snapshot_set:  # else its snapshot holds them
-                out += self.conn.send(Push(shard, shard_digest(self.ledger, shard), tuple(changes)))
+                out += self.conn.send(Push(shard, self._digest(shard), tuple(changes)))
         while self._snapshots and len(out) - start < budget:
             shard = self._snapshots.pop(0)
             self._snapshot_set.discard(shard)
@@ -626,6 +678,14 @@ class SyncSession:
             if shard in self._snapshot_set:
                 continue  # its snapshot goes first
             answers = self._dirty.pop(shard)
+            park = self.replicator.park
+            if not park.admitted(shard):
+                msg = park.generate_sync(shard, self._state(shard), self._peer_name())
+                if msg is not None:
+                    out += self.conn.send(Sync(shard, msg))
+                elif answers and park.holds(shard):
+                    have[shard] = park.digest(shard)
+                continue
             try:
                 msg = self.ledger.generate_sync(shard, self._state(shard))
             except Exception as exc:  # a state confused by a dropped message: start that shard afresh
@@ -635,6 +695,6 @@ class SyncSession:
             if msg is not None:
                 out += self.conn.send(Sync(shard, msg))
             elif answers:
-                have[shard] = shard_digest(self.ledger, shard)
+                have[shard] = self._digest(shard)
         if have:
             out += self.conn.send(Have(have))

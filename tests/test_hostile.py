@@ -257,3 +257,42 @@ def test_flood_check_catches_a_ledger_that_relays_what_it_refused(mesh: Mesh, ca
     monkeypatch.setattr(Ledger, "_strip", lambda self, shard, report: None)
     with pytest.raises(AssertionError, match="honest links must survive|garbage kept"):
         test_hostile_node_cannot_delete_forge_replay_or_flood(mesh, caplog)
+
+
+def test_made_up_shards_and_lying_statuses_do_not_spread(mesh: Mesh) -> None:
+    """H writes into hundreds of shards no node can have written (unknown node ids, segments far past
+    any log) and signs statuses that lie about who it is or what time it is."""
+    import os
+
+    from meshpos import rules
+    from meshpos.meshview import Known, analyze
+    from meshpos.statusboard import StatusBoard
+
+    mesh.pump()
+    tables = {n.core.node_id: set(n.core.ledger.shards()) for n in mesh.honest}
+    h_id, a_id = mesh.h.core.node_id, mesh.nodes["a"].core.node_id
+    names = ([f"{os.urandom(8).hex()}/000000" for _ in range(150)]
+             + [f"{h_id}/{seg:06d}" for seg in range(200, 300)] + [f"{a_id}/{seg:06d}" for seg in range(900, 950)])
+    for i, shard in enumerate(names):
+        mesh.hostile_write(shard, {f"note/{i}": b"made up"})
+    mesh.sell("c", 2)
+    mesh.pump()
+    mesh.check()  # honest sales everywhere, the links kept replicating
+    for node in mesh.honest:
+        assert set(node.core.ledger.shards()) == tables[node.core.node_id]
+        assert len(node.replicator.park.shards) <= node.replicator.park.limits.max_per_peer
+    assert mesh.open("ab") and mesh.open("bc")
+
+    board = StatusBoard(mesh.nodes["a"].core.roster, mesh.clock)
+    now = mesh.clock.now_ms()
+    liar = envelope.seal("status", h_id, {"status": {"at": now, "role": "gateway", "name": "A"}}, mesh.h.core.key)
+    ahead = envelope.seal("status", h_id, {"status": {"at": now + rules.MAX_SKEW_MS + 60_000, "role": "terminal"}},
+                          mesh.h.core.key)
+    assert board.offer(ahead, "h") is None and h_id not in board.statuses
+    assert board.offer(liar, "h") is not None
+    roster = mesh.nodes["a"].core.roster
+    known = {n: Known(name=i.name, role=i.role) for n, i in roster.identities.items()}
+    view = analyze({s.node_id: s.body for s in board.current().values()}, known, now_ms=now,
+                   offline_window_ms=3_600_000, warn_before_ms=60_000)
+    shown = {n["node_id"]: (n["name"], n["role"]) for n in view["nodes"]}
+    assert shown[h_id] == (roster.identities[h_id].name, "terminal")

@@ -166,3 +166,35 @@ async def test_nodes_refuse_everything_an_inspector_sends(tmp_path: Path, site: 
         assert core.node_id in statuses(a)
     finally:
         core.close()
+
+
+async def test_a_status_tells_only_what_its_certificate_says(tmp_path: Path, site: Site, procs: ProcessGroup) -> None:
+    """A terminal's status that says it is the gateway, or an inspector, shows the terminal as its certificate
+    names it; a status dated 30 days ahead (that would keep its node "fresh" for a month) is refused."""
+    (pa,) = free_ports(1)
+    a, x, y, insp = tmp_path / "a", tmp_path / "x", tmp_path / "y", tmp_path / "insp"
+    enroll_one_step(site, a, "terminal", "A", listen=f"127.0.0.1:{pa}")
+    enroll_one_step(site, x, "terminal", "X")
+    enroll_one_step(site, y, "terminal", "Y")
+    enroll_one_step(site, insp, "inspector", "Inspector", peers=[f"127.0.0.1:{pa}"])
+    procs.start_node("A", a, "--no-mdns")
+    for path, name, role, ahead_ms in ((x, "A", "inspector", 0), (y, "Y", "terminal", 30 * 24 * 3_600_000)):
+        core = NodeCore.open(path)
+        try:
+            status = envelope.seal("status", core.node_id, {"status": {
+                "at": core.clock.now_ms() + ahead_ms, "role": role, "name": name, "every_ms": 1000}}, core.key)
+            await _push(core, path, pa, status, seconds=1.0)
+        finally:
+            core.close()
+    x_id, y_id = NodeDir(x).config().node_id, NodeDir(y).config().node_id
+
+    def settled(view: dict[str, Any]) -> bool:
+        ids = {n["node_id"] for n in view["nodes"]}
+        return {x_id, y_id} <= ids and by_name(view).get("A", {}).get("reachable", False)
+    view = poll(insp, settled, 30, "A, X and Y in the inspector's view")
+    nodes = {n["node_id"]: n for n in view["nodes"]}
+    assert (nodes[x_id]["name"], nodes[x_id]["role"]) == ("X", "terminal")  # not a second "A", not hidden
+    assert nodes[x_id]["status_age_s"] is not None  # its status (of a valid time) was taken
+    assert [n["name"] for n in view["nodes"]].count("A") == 1
+    assert nodes[y_id]["status_age_s"] is None and not nodes[y_id]["fresh"]  # the future status was refused
+    assert y_id not in {s["node_id"] for s in client.call_running(a, "statuses", {})}

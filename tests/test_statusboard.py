@@ -7,12 +7,13 @@ from typing import Any, Callable
 
 import pytest
 
-from meshpos import canonical, envelope
+from meshpos import canonical, envelope, rules
 from meshpos.clock import FakeClock
 from meshpos.errors import ProtocolError
 from meshpos.link.protocol import Hello, LinkConnection, Status
 from meshpos.meshview import Known, analyze
 from meshpos.node.core import NodeCore
+from meshpos.site import Site
 from meshpos.statusboard import StatusBoard
 
 SITE, A, B = "a" * 16, "b" * 16, "c" * 16
@@ -117,3 +118,47 @@ def test_links_of_trusts_only_a_recent_status_and_survives_junk(
     junk["links"], junk["every_ms"] = "everyone", "soon"
     assert board.offer(envelope.seal("status", t2.node_id, {"status": junk}, t2.key), "x") is not None
     assert board.links_of(t2.node_id) == frozenset()
+
+
+DAY_MS = 24 * 3_600_000
+
+
+def test_a_status_from_the_future_is_refused(
+        make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore], clock: FakeClock) -> None:
+    t1, t2 = open_node(make_node("T1")), open_node(make_node("T2"))
+    t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "peer")
+    board = StatusBoard(t1.roster, clock)
+    now = clock.now_ms()
+    assert board.offer(seal(t2, now + 30 * DAY_MS), "x") is None  # would stay "fresh" for 30 days
+    assert t2.node_id not in board.statuses and board.rejected == 1
+    assert board.offer(seal(t2, now + rules.MAX_SKEW_MS + 1), "x") is None and board.rejected == 2
+    assert board.offer(seal(t2, now + rules.MAX_SKEW_MS), "x") is not None  # within the skew: a clock a bit ahead
+
+
+def test_a_revoked_nodes_status_is_dropped_and_refused(
+        make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore], clock: FakeClock, site: Site) -> None:
+    t1, t2 = open_node(make_node("T1")), open_node(make_node("T2"))
+    board = StatusBoard(t1.roster, clock)
+    t1.ledger.on_accept.append(board.on_accept)
+    t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "peer")
+    now = clock.now_ms()
+    assert board.offer(seal(t2, now), "x") is not None and t2.node_id in board.current()
+    t1.ingest(site.revoke(t2.node_id, "stolen"), "organizer")
+    assert t2.node_id not in board.current() and t2.node_id not in board.statuses
+    clock.advance(1.0)
+    assert board.offer(seal(t2, clock.now_ms()), "x") is None and t2.node_id not in board.current()
+
+
+def test_name_and_role_come_from_the_certificate_not_the_status() -> None:
+    now = 10_000_000_000
+    known = {"n1": Known(name="T1", role="terminal"), "n2": Known(name="T5", role="terminal"),
+             "n5": Known(name="T5", role="gateway"), "n3": Known(name="T3", role="terminal")}
+    liar = {**st(now, ["n1"]), "name": "T5", "role": "gateway"}  # n2 poses as the gateway T5
+    hider = {**st(now, ["n1"]), "name": "nobody", "role": "inspector"}  # n3 tries to vanish
+    view = analyze({"n1": st(now, ["n2", "n3"]), "n2": liar, "n3": hider}, known, now_ms=now,
+                   offline_window_ms=WINDOW, warn_before_ms=WARN)
+    nodes = {n["node_id"]: n for n in view["nodes"]}
+    assert (nodes["n2"]["name"], nodes["n2"]["role"]) == ("T5", "terminal")
+    assert (nodes["n3"]["name"], nodes["n3"]["role"]) == ("T3", "terminal")
+    assert nodes["n5"]["role"] == "gateway" and not nodes["n5"]["reachable"]
+    assert nodes["n1"]["links"] == ["n2", "n3"]

@@ -156,6 +156,7 @@ def test_hostile_peer_deletes_and_overwrites_are_reasserted(tmp_path: Path, cloc
 
 def test_peer_past_rejection_threshold_is_cut_off(tmp_path: Path, clock, caplog) -> None:  # type: ignore[no-untyped-def]
     victim, attacker = _nodes(tmp_path, clock, 2)
+    victim.core.ingest(attacker.core.ledger.raw(f"cert/{attacker.core.node_id}"), "peer")  # a shard it may write
     shard = f"{attacker.core.node_id}/000009"
     doc = am.Document(bytes.fromhex(attacker.core.node_id) + b"\x02" * 8)
     with doc.transaction() as tx:

@@ -4,7 +4,10 @@
 and ``serve_links`` add TCP, the TLS 1.3 handshake and the identity check.
 Whatever one peer does (garbage, stalls, resets, a failed handshake), its task
 ends with a logged reason and never raises into the caller's nursery, so one
-misbehaving link cannot stop the node or its other links.
+misbehaving link cannot stop the node or its other links. Inbound connections
+are bounded (meshpos.netguard, numbers in meshpos.mesh): one that has not
+finished its TLS handshake and HELLO within ``AUTH_TIMEOUT`` is closed, one
+past a cap is closed at once.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ import math
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
 from ..clock import Clock
 from ..errors import MeshposError, VerificationError
+from ..mesh import AUTH_TIMEOUT, MAX_INBOUND, MAX_PENDING_INBOUND, MAX_PENDING_PER_SOURCE
+from ..netguard import InboundGate, InboundLimits, serve_bounded
 from ..roster import Roster
 from ..sync import Replicator, SyncSession
 from . import tls
@@ -35,6 +40,8 @@ HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 2.0
 READ_SIZE = 65536
+INBOUND = InboundLimits(total=MAX_INBOUND, pending=MAX_PENDING_INBOUND, per_source=MAX_PENDING_PER_SOURCE,
+                        proof_timeout=AUTH_TIMEOUT)
 
 
 @dataclass
@@ -62,9 +69,10 @@ class LinkEndpoint:
                    tls.client_context(cert_path, key_path, ca_pem), clock)
 
 
-async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) -> str:
+async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock,
+                   opened: Callable[[], None] | None = None) -> str:
     """Drive ``session`` over ``stream`` until the link closes; returns the reason. Never raises
-    (but cancellation)."""
+    (but cancellation). ``opened`` is called once the peer's HELLO is accepted."""
     wake = trio.Event()
 
     def wakeup() -> None:
@@ -73,6 +81,7 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) 
     session.wakeup = wakeup
 
     async def reader() -> None:
+        nonlocal opened
         while not session.closed:
             try:
                 data = bytes(await stream.receive_some(READ_SIZE))
@@ -81,6 +90,9 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) 
                 log.info("link %s: read failed: %s", session.label, cause)
                 data = b""
             session.receive_data(data)  # calls wakeup() itself when there is something to send
+            if opened is not None and session.peer_node is not None:
+                opened()
+                opened = None
             if not data or session.closed:
                 wake.set()
                 return
@@ -118,6 +130,8 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock) 
             session.close(f"internal error: {type(exc).__name__}")
     finally:
         session.wakeup = None
+        if not session.closed:  # cancelled: the replicator must not keep a session nobody drives
+            session.close("link task ended")
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             try:
@@ -148,7 +162,7 @@ async def _handshake(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where:
 
 
 async def _link(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where: str,
-                task_status: trio.TaskStatus[SyncSession | None]) -> str:
+                task_status: trio.TaskStatus[SyncSession | None], opened: Callable[[], None] | None = None) -> str:
     peer = await _handshake(endpoint, stream, where)
     if peer is None:
         task_status.started(None)
@@ -158,7 +172,7 @@ async def _link(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where: str,
     log.info("link %s: authenticated %s (%s)%s", where, peer.node_id, peer.identity.role,
              ", read-only" if peer.read_only else "")
     task_status.started(session)
-    reason = await run_link(stream, session, endpoint.clock)
+    reason = await run_link(stream, session, endpoint.clock, opened)
     log.info("link %s ended: %s", session.label, reason)
     return reason
 
@@ -178,23 +192,24 @@ async def connect_link(endpoint: LinkEndpoint, host: str, port: int, *,
     return await _link(endpoint, stream, where, task_status)
 
 
-async def serve_links(endpoint: LinkEndpoint, host: str, port: int, *,
+async def serve_links(endpoint: LinkEndpoint, host: str, port: int, *, limits: InboundLimits = INBOUND,
                       task_status: trio.TaskStatus[list[trio.SocketListener]] = trio.TASK_STATUS_IGNORED) -> None:
     """Accept links on host:port forever; ``started`` gets the listeners (their port if 0 was asked)."""
+    gate = InboundGate(limits)
 
-    async def handler(tcp: trio.SocketStream) -> None:
-        try:
-            addr = tcp.socket.getpeername()
-            where = f"{addr[0]}:{addr[1]}"
-        except OSError:
-            where = "unknown peer"
-        try:
-            stream = trio.SSLStream(tcp, endpoint.server_ctx, server_side=True, https_compatible=False)
-            await _link(endpoint, stream, where, trio.TASK_STATUS_IGNORED)
-        except Exception:
-            log.exception("link %s: unexpected failure", where)
+    async def handler(tcp: trio.SocketStream, source: str, where: str, proved: Callable[[], None]) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + limits.proof_timeout) as scope:
+            def opened() -> None:
+                scope.deadline = math.inf  # authenticated: from now on the link protocol's own timers
+                proved()
+            try:
+                stream = trio.SSLStream(tcp, endpoint.server_ctx, server_side=True, https_compatible=False)
+                await _link(endpoint, stream, where, trio.TASK_STATUS_IGNORED, opened)
+            except Exception:
+                log.exception("link %s: unexpected failure", where)
+        if scope.cancelled_caught:
+            log.warning("refused link %s: no TLS handshake and HELLO within %gs", where, limits.proof_timeout)
 
-    async with trio.open_nursery() as nursery:
-        listeners = await trio.open_tcp_listeners(port, host=host)
-        task_status.started(listeners)
-        await trio.serve_listeners(handler, listeners, handler_nursery=nursery)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    task_status.started(listeners)  # bound: the kernel queues connections until the loop accepts them
+    await serve_bounded(handler, listeners, gate, what="link")

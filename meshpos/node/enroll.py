@@ -84,6 +84,9 @@ def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
                      listen=pending.get("listen"), peers=list(pending.get("peers", [])),
                      uplink=bool(pending.get("uplink", False)), language=pending.get("language", "en"),
                      dashboard=pending.get("dashboard"))
+    dashboard = answer.get("dashboard_hash")
+    if cfg.dashboard and isinstance(dashboard, str) and dashboard:
+        nd.save_dashboard_hash(dashboard)  # the gateway that serves the dashboard, and no other node, keeps it
     nd.save_config(cfg)
     pending_path.unlink(missing_ok=True)
     return cfg

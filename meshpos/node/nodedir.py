@@ -8,6 +8,7 @@ Layout (protocols/files.md):
   policy.env    the site policy signed by the CA, as enrolled (newer versions arrive by the ledger)
   inbox/        signed envelopes from the organizer (revocations) to take into the ledger
   meshpos.db    the durable store (SQLite, WAL)
+  dashboard.json  a gateway serving the organizer dashboard: its password hash (0600)
   node.lock     held by the one process that owns the directory
   control.sock  the running node's local control socket
 """
@@ -27,7 +28,7 @@ from ..fsutil import lock_file
 from ..identity import certs, keys
 from ..jsonfile import read_json, write_json
 from ..policy import SitePolicy
-from ..site import load_policy_envelope
+from ..site import DASHBOARD_FILE, load_policy_envelope, read_dashboard_hash, write_dashboard_hash
 
 NODE_FORMAT = "meshpos-node/1"
 LANGUAGES = ("en", "it")
@@ -108,6 +109,7 @@ class NodeDir:
     db_path = property(lambda self: self.path / "meshpos.db")
     inbox = property(lambda self: self.path / "inbox")
     control_path = property(lambda self: self.path / "control.sock")
+    dashboard_path = property(lambda self: self.path / DASHBOARD_FILE)
 
     def check_exists(self) -> None:
         if not self.path.is_dir():
@@ -140,6 +142,12 @@ class NodeDir:
 
     def policy(self, ca_cert: x509.Certificate) -> SitePolicy:
         return load_policy_envelope(self.policy_path, ca_cert)
+
+    def dashboard_hash(self) -> str | None:
+        return read_dashboard_hash(self.dashboard_path)
+
+    def save_dashboard_hash(self, stored: str) -> None:
+        write_dashboard_hash(self.dashboard_path, stored)
 
     def lock(self) -> None:
         """Hold node.lock for this process's lifetime; a second process gets LockedError."""

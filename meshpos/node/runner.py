@@ -20,6 +20,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..discovery import DiscoveryHandle, LocalService, PeerGone, PeerSeen, run_discovery
 from ..errors import MeshposError
 from ..link.driver import LinkEndpoint, connect_link, serve_links
+from ..netguard import install_log_limits
 from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
 from ..sync import Replicator, SyncSession
 from ..uplink.client import make_client_context, probe
@@ -65,9 +66,12 @@ class Mesh:
             d = dataclasses.asdict(h)
             d["peer_name"] = self.core.roster.name_of(h.peer_node) if h.peer_node else None
             links.append(d)
+        park = self.replicator.park
         return {"peers": {
             "listen_port": self.listen_port, "mdns": self.mdns,
-            "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links}}
+            "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
+            # shards no known node can have written yet (meshpos.shardpark): held apart, and frames dropped
+            "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
 
     def linked_peers(self) -> set[str]:
         return {s.peer_node for s in self.replicator.sessions if s.peer_node and not s.closed}
@@ -288,6 +292,7 @@ class Uplink:
 
 
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+    install_log_limits()  # a peer must not fill the disk through what we log about it
     async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
         mesh = Mesh(service, mdns)
         service.mesh = mesh  # type: ignore[attr-defined]

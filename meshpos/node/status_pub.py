@@ -97,13 +97,9 @@ class StatusPublisher:
         self.published = 0
         if mesh is not None:
             self.board.attach(mesh.replicator)
-        self.core.ledger.on_accept.append(self._on_accept)
+        self.core.ledger.on_accept.append(self.board.on_accept)
         service.extra_ops["statuses"] = lambda core, params: self.statuses_json()
         service.extra_ops["report"] = lambda core, params: _report_data(core)
-
-    def _on_accept(self, verified: Any) -> None:
-        if verified.env.type == "cert":
-            self.board.retry_parked()
 
     def links(self) -> list[dict[str, Any]]:
         if self.mesh is None:
@@ -153,7 +149,7 @@ class StatusPublisher:
 
     def statuses_json(self) -> list[dict[str, Any]]:
         return [{"node_id": s.node_id, "status": s.body, "received_at": s.received_at_ms}
-                for s in self.board.statuses.values()]
+                for s in self.board.current().values()]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
