@@ -17,7 +17,7 @@ import pytest
 import trio
 from test_http import client_context, make_self_signed, server_context
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, advise_until_answered
+from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, UnsendableRequest, advise_until_answered
 from meshpos.acquirer.cli import main_acquirer_sim
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json
@@ -212,7 +212,7 @@ async def test_json_key_reused_for_another_request_is_refused(tmp_path: Path) ->
     async with json_host(SimRules(), tmp_path) as (sim, link):
         await link.advise(sale(5), repeat=False)
         other = sale(5, amount=9999)  # same sale_id, different amount
-        with pytest.raises(AcquirerError, match="HTTP 422") as info:
+        with pytest.raises(UnsendableRequest, match="HTTP 422") as info:  # final: no retry can help
             await link.advise(other, repeat=False)
     assert VISA not in str(info.value)
     assert sim.stats.snapshot()["totals"]["charged"] == 1
