@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -233,16 +234,20 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         foreign_entries = [o1.ledger.raw(f"cert/{o1.node_id}") or b"", o1.ledger.raw(f"sale/{foreign}") or b""]
         # tampered sealed card data in an authentic envelope
         tampered = str(core.sell(700, card=CardCapture("visa", "1111", "chip", b"\x01" * 80))["id"])
-        # revoked: a stolen terminal whose sale reached t1's ledger before the revocation did
+        # revoked: a stolen terminal whose sale reached t1's ledger before the revocation did (valid: up
+        # to the revocation's cut), and one it signed after the revocation (rejected)
         stolen = _card(thief, 1400)
         for type_ in ("cert", "sale"):
             for raw in thief.store.entries_of_type(type_):
                 core.ingest(raw, "peer")
         core.ingest(fair.site.revoke(thief.node_id, "stolen"), "organizer")
+        time.sleep(0.01)
+        late_stolen = _card(thief, 1450)
 
         # the batch t1's forwarder builds (policy, certificates, revocation, its sales) plus the intruders
         batch = Forwarder(core, SYSTEM_CLOCK).entries_for([tampered, stolen, good])
-        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries]  # the valid sale stays last
+        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries,  # the valid sale stays last
+                        thief.ledger.raw(f"sale/{late_stolen}") or b""]
         url = core.policy.switch_url
         ctx = make_client_context(core)
         reply = trio.run(forward, url, ctx, batch)
@@ -252,19 +257,20 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         assert "no certificate known" in refused[rogue_sale]
         assert "another site" in refused[foreign]
         results = {envelope.decode(r).body["sale_id"]: envelope.decode(r).body for r in reply.results}
-        assert set(results) == {good, tampered, stolen}
+        assert set(results) == {good, tampered, stolen, late_stolen}
         assert results[good]["status"] == "approved" and results[good]["auth_code"]
         assert results[tampered]["status"] == "rejected" and "cannot be opened" in results[tampered]["reason"]
-        assert results[stolen]["status"] == "rejected" and "revoked" in results[stolen]["reason"]
+        assert results[stolen]["status"] == "approved"
+        assert results[late_stolen]["status"] == "rejected" and "revoked" in results[late_stolen]["reason"]
         stats = fair.stats()
-        assert stats["totals"].get("0220") == 1 and len(stats["by_sale"]) == 1  # only the valid sale
+        assert stats["totals"].get("0220") == 2 and len(stats["by_sale"]) == 2  # only the valid sales
 
         # every refusal and rejection is in the switch's log, with its reason
         log = fair.switch_log()
         for sale_id, reason in ((forged_id, "bad signature"), (rogue_sale, "no certificate known"),
                                 (foreign, "another site")):
             assert any(sale_id in line and reason in line for line in log.splitlines()), (sale_id, reason)
-        for sale_id, reason in ((tampered, "cannot be opened"), (stolen, "revoked")):
+        for sale_id, reason in ((tampered, "cannot be opened"), (late_stolen, "revoked")):
             assert any(sale_id in line and "rejected" in line and reason in line for line in log.splitlines()), \
                 (sale_id, reason)
 
@@ -278,7 +284,7 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         for raw in reply.results + again.results:
             core.ingest(raw, "switch")
         assert core.sale(good)["status"] == "approved" and core.sale(tampered)["status"] == "rejected"
-        assert fair.stats()["totals"].get("0220") == 2
+        assert fair.stats()["totals"].get("0220") == 3
     finally:
         for c in (core, thief, o1):
             c.close()
