@@ -321,3 +321,20 @@ def test_a_schema_1_database_gains_the_reversal_column_in_place(tmp_path: Path) 
     assert store.get_meta("schema") == "2" and row is not None and row.reversal_entry is None
     assert row.state != ADVICE_SENT
     store.close()
+
+
+def test_add_site_again_keeps_every_policy_version(switch_dir: Path, site: Site, clock: FakeClock) -> None:
+    from meshpos.switch.processor import Switch
+    from meshpos.switch.switchdir import SwitchDir, add_site
+
+    site.update_policy(max_sale_minor=100_000, effective_at=clock.now_ms() + 1000)
+    add_site(switch_dir, site.path)  # the site row now holds version 2 only
+    sd = SwitchDir(switch_dir)
+    store = sd.open_store()
+    try:
+        state = Switch(store, sd.key(), _FailsFor(None, ""), clock).sites[site.site_id]  # type: ignore[arg-type]
+        assert sorted(state.policies) == [1, 2]
+        assert state.policy_at(clock.now_ms()).max_sale_minor == 50_000  # version 2 is not in force yet
+        assert state.policy_at(clock.now_ms() + 1000).max_sale_minor == 100_000
+    finally:
+        store.close()
