@@ -19,6 +19,7 @@ from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator
 from meshpos.acquirer.tls import self_signed, server_context
 from meshpos.clock import FakeClock
 from meshpos.errors import ConfigError
+from meshpos.http import Request, Response, json_response, listener_port, serve_http
 from meshpos.node.core import NodeCore
 from meshpos.site import Site
 from meshpos.switch.cli import main_switch
@@ -153,3 +154,34 @@ def test_init_options_for_the_acquirer_link(tmp_path: Path, capsys: pytest.Captu
         init_switch(tmp_path / "y", "127.0.0.1:0", "127.0.0.1:1", acquirer_cert=cert)
     with pytest.raises(ConfigError, match="ISO 8583 acquirer only"):
         init_switch(tmp_path / "z", "127.0.0.1:0", "127.0.0.1:1", acquirer_format="json", acquirer_plain=True)
+
+
+async def test_a_json_acquirer_refusing_one_sale_rejects_that_sale_alone(
+        tmp_path: Path, site: Site, switch_key: nacl.signing.SigningKey, make_node: Callable[..., Path],
+        open_node: Callable[[Path], NodeCore], clock: FakeClock) -> None:
+    """A stub HTTPS host that answers 422 for one amount: that sale is rejected (final, no retry),
+    the others of the batch are approved."""
+    cert, key = pem_pair(tmp_path, "acquirer")
+    seen: list[int] = []
+
+    async def host(request: Request) -> Response:
+        amount = request.json()["amount_minor"]
+        seen.append(amount)
+        if amount == 666:
+            return json_response(422, {"error": "refused"})
+        return json_response(200, {"approved": True, "response_code": "00", "auth_code": "OK0001"})
+
+    core = open_node(make_node("t"))
+    ids = [card_sale(core, 500), card_sale(core, 666), card_sale(core, 700)]
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(serve_http, host, ("127.0.0.1", 0, server_context(cert, key)))
+        path = make_switch(tmp_path, site, switch_key, listener_port(listeners[0]), acquirer_format="json",
+                           acquirer_ca=cert)
+        async with switch_running(path, clock) as running:
+            reply = await forward(f"https://127.0.0.1:{running.port}", make_client_context(core),
+                                  Forwarder(core, clock).entries_for(ids))
+        nursery.cancel_scope.cancel()
+    results = {envelope.decode(r).body["sale_id"]: envelope.decode(r).body for r in reply.results}
+    assert results[ids[1]]["status"] == "rejected" and "HTTP 422" in results[ids[1]]["reason"]
+    assert results[ids[0]]["status"] == results[ids[2]]["status"] == "approved"
+    assert sorted(seen) == [500, 666, 700]  # asked once each: a refusal is not retried

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    total: int = 512
-    per_source: int = 16
+    total: int = 1024
+    per_source: int = 64  # a whole fair may reach the switch from one NAT address
     idle_s: float = 5.0  # no byte for this long while the switch waits for one: closed
     handshake_s: float = 5.0  # the whole TLS handshake
 
