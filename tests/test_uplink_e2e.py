@@ -2,7 +2,7 @@
 
 Every test runs the acquirer host simulator (``meshpos acquirer-sim``), the switch
 (``meshpos switch run``) and terminals (``meshpos run``) as separate processes with
-real TLS links and ISO 8583 over TCP (tests/uplink_harness.py). What reached the
+real TLS links and ISO 8583 over TLS (tests/uplink_harness.py). What reached the
 acquirer is read from the simulator's stats file; what the switch decided from its
 de-duplication table; what each terminal shows from its ``sales`` operation.
 Every wait is bounded and polls; no assertion depends on how long something took.
