@@ -103,6 +103,7 @@ async def test_each_poison_sale_is_refused_alone_and_the_honest_sales_are_charge
     poison("60 days ahead", 1005, "ahead of this node's clock", created_at=now + 60 * DAY_MS)
     poison("expired card", 1006, "card expired at the end of 01/20", expiry="0120")
     poison("PAN of zeros", 1007, "not an issued card number", pan="0000000000000000")
+    poison("last 4 digits of another card", 1008, "does not match the envelope's last 4", last4="4444")
 
     honest: list[str] = []
     async with running_switch(switch_dir, clock) as h:
