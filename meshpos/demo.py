@@ -74,10 +74,13 @@ class Demo:
         rules.write_text(json.dumps({"seed": 1, "delay_ms": 20, "cards": [
             {"prefix": DECLINED_CARD, "response_code": "05"}]}, indent=1))
         self.stats = out / "acquirer-stats.json"
-        self.procs.start("acquirer", "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--rules", str(rules),
-                         "--stats", str(self.stats))
+        acquirer_ca = out / "acquirer-ca.pem"  # the simulator's own certificate: the ISO 8583 link is TLS
+        acquirer = self.procs.start("acquirer", "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--rules",
+                                    str(rules), "--stats", str(self.stats), "--tls-cert-out", str(acquirer_ca))
+        wait_for(lambda: acquirer.log_path.exists() and "listening on" in acquirer.log_path.read_text(), 60,
+                 lambda: f"the acquirer simulator did not start: {acquirer.log_tail(5)}", alive=acquirer)
         self.cli("switch", "init", str(out / "switch"), "--listen", f"127.0.0.1:{switch_port}",
-                 "--acquirer", f"127.0.0.1:{acq_port}")
+                 "--acquirer", f"127.0.0.1:{acq_port}", "--acquirer-ca", str(acquirer_ca))
         self.cli("site", "init", str(out / "site"), "--name", "Sagra della Castagna", "--switch-key",
                  str(out / "switch" / "switch.pub"), "--switch-url", f"https://127.0.0.1:{switch_port}",
                  "--dashboard-password", "-", stdin="demo\n")  # never on the command line

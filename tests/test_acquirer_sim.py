@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ import pytest
 import trio
 from test_http import client_context, make_self_signed, server_context
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, advise_until_answered
+from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, UnsendableRequest, advise_until_answered
 from meshpos.acquirer.cli import main_acquirer_sim
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json
@@ -134,9 +135,10 @@ async def test_cli_serves_counts_and_stops_on_sigterm(tmp_path: Path) -> None:
     stats_path = tmp_path / "stats.json"
     code = "import sys; from meshpos.acquirer.cli import main_acquirer_sim; sys.exit(main_acquirer_sim(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    ca = tmp_path / "acquirer-ca.pem"  # TLS by default: the certificate it makes for itself
     proc = await trio.lowlevel.open_process(
         [sys.executable, "-c", code, "--listen", "127.0.0.1:0", "--rules", str(EXAMPLE_RULES),
-         "--stats", str(stats_path)],
+         "--stats", str(stats_path), "--tls-cert-out", str(ca)],
         stdout=subprocess.PIPE, env=env,
     )
     try:
@@ -148,10 +150,20 @@ async def test_cli_serves_counts_and_stops_on_sigterm(tmp_path: Path) -> None:
                 assert chunk, "simulator exited before listening"
                 line += chunk
         port = int(line.decode().rsplit(":", 1)[1])
-        async with open_iso8583_link("127.0.0.1", port) as link:
+        assert "TLS" in line.decode()
+        trusting = ssl.create_default_context(cafile=str(ca))
+        async with open_iso8583_link("127.0.0.1", port, ssl_context=trusting) as link:
             declined = await link.advise(sale(1, DECLINE_51), repeat=False)
         assert (declined.approved, declined.response_code) == (False, "51")
         assert json.loads(stats_path.read_text())["by_sale"]["000000000001"] == {"0220": 1}
+        # plain TCP to it, or TLS trusting another CA: nothing is advised
+        async with open_iso8583_link("127.0.0.1", port, timeout=2) as plain:
+            with pytest.raises(AcquirerError):
+                await plain.advise(sale(2, DECLINE_51), repeat=False)
+        async with open_iso8583_link("127.0.0.1", port, ssl_context=ssl.create_default_context()) as untrusted:
+            with pytest.raises(AcquirerError, match="TLS handshake"):
+                await untrusted.advise(sale(3, DECLINE_51), repeat=False)
+        assert set(json.loads(stats_path.read_text())["by_sale"]) == {"000000000001"}
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(20):
             assert await proc.wait() == 0
@@ -212,7 +224,7 @@ async def test_json_key_reused_for_another_request_is_refused(tmp_path: Path) ->
     async with json_host(SimRules(), tmp_path) as (sim, link):
         await link.advise(sale(5), repeat=False)
         other = sale(5, amount=9999)  # same sale_id, different amount
-        with pytest.raises(AcquirerError, match="HTTP 422") as info:
+        with pytest.raises(UnsendableRequest, match="HTTP 422") as info:  # final: no retry can help
             await link.advise(other, repeat=False)
     assert VISA not in str(info.value)
     assert sim.stats.snapshot()["totals"]["charged"] == 1

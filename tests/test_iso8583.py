@@ -186,7 +186,7 @@ def test_a_forgotten_request_turns_its_late_answer_into_unexpected() -> None:
     [received] = feed_all(server, data)
     client.forget(key)
     [event] = feed_all(client, server.send_answer(received, "00", "LATE01"))
-    assert event == UnexpectedAnswer("0230", key)
+    assert event == UnexpectedAnswer("0230", key, AcquirerResult(True, "00", "LATE01"))  # the verdict travels on
 
 
 def test_the_same_request_cannot_be_outstanding_twice() -> None:

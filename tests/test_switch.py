@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,104 +13,25 @@ import pytest
 import trio
 
 from meshpos import envelope
-from meshpos.acquirer.iso8583_link import open_iso8583_link
-from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, auth_code, serve_simulator
+from meshpos.acquirer.simulator import CardRule, SimRules, auth_code
 from meshpos.cards import CardCapture
 from meshpos.clock import FakeClock
 from meshpos.errors import ProtocolError, UplinkError
-from meshpos.http import HttpClientConnection
 from meshpos.identity import certs, keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
 from meshpos.site import Site, init_site
 from meshpos.switch.api import ForwardReply
 from meshpos.switch.const import FORWARD_PATH
-from meshpos.switch.processor import Switch, rrn_of
-from meshpos.switch.service import SwitchService, serve_switch
 from meshpos.switch.store import ADVICE_SENT, SETTLED
-from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
-from meshpos.switch.tls import server_context
+from meshpos.switch.switchdir import SwitchDir, add_site
 from meshpos.uplink.client import forward, make_client_context, open_switch, probe
-from meshpos.uplink.forwarder import Forwarder, HttpsTransport
+from meshpos.uplink.forwarder import Forwarder
 
 from helpers import scan_for
+from switch_harness import DECLINED, VISA, card_sale, drain, merge, running_switch, switch_dir, transport
 
-VISA, DECLINED = "4111111111111111", "4000000000000002"
-EXAMPLE_RULES = SimRules(seed=1, cards=(CardRule(DECLINED, response_code="05"),))
-
-
-@dataclass
-class Harness:
-    sim: Simulator
-    switch: Switch
-    service: SwitchService
-    url: str
-    cancel: trio.CancelScope
-
-    def rrn(self, sale_id: str) -> str:
-        row = self.switch.store.sale(sale_id)
-        assert row is not None
-        return rrn_of(row.ref)
-
-    def at_acquirer(self, sale_id: str) -> dict[str, int]:
-        row = self.switch.store.sale(sale_id)
-        return {} if row is None else dict(self.sim.stats.by_sale.get(rrn_of(row.ref), {}))
-
-
-@asynccontextmanager
-async def running_switch(switch_dir: Path, clock: FakeClock, rules: SimRules = EXAMPLE_RULES, *,
-                         link_timeout: float = 5.0, attempts: int = 5) -> AsyncIterator[Harness]:
-    sd = SwitchDir(switch_dir)
-    store = sd.open_store()
-    try:
-        async with trio.open_nursery() as nursery:
-            sim: Simulator = await nursery.start(
-                lambda task_status: serve_simulator(rules, "127.0.0.1", 0, task_status=task_status))
-            async with open_iso8583_link("127.0.0.1", sim.port, timeout=link_timeout) as link:
-                switch = Switch(store, sd.key(), link, clock, advice_attempts=attempts, reversal_attempts=attempts,
-                                backoff=lambda attempt: 0.0)
-                ctx = server_context(sd.tls_path, sd.key_path, [s.ca_pem for s in store.sites()])
-                service = SwitchService(switch, ctx)
-                port = await nursery.start(serve_switch, service, "127.0.0.1", 0)
-                yield Harness(sim, switch, service, f"https://127.0.0.1:{port}", nursery.cancel_scope)
-                nursery.cancel_scope.cancel()
-    finally:
-        store.close()
-
-
-@pytest.fixture
-def switch_dir(tmp_path: Path, site: Site, switch_key: nacl.signing.SigningKey) -> Path:
-    path = tmp_path / "switch"
-    init_switch(path, "127.0.0.1:0", "127.0.0.1:1", key=switch_key)
-    add_site(path, site.path)
-    return path
-
-
-def merge(dst: NodeCore, *sources: NodeCore) -> None:
-    """What replication would do: every verified entry of ``sources`` into ``dst``."""
-    for type_ in ("cert", "revocation", "policy", "sale", "void", "lease", "result"):
-        for src in sources:
-            for raw in src.store.entries_of_type(type_):
-                dst.ingest(raw, "peer")
-
-
-def card_sale(core: NodeCore, amount: int = 1250, pan: str = VISA) -> str:
-    return str(core.sell(amount, card=core.seal_card(pan, "1228", "contactless"))["id"])
-
-
-async def drain(fwd: Forwarder) -> list[str]:
-    """Step the forwarder until it has nothing left to forward now."""
-    sent: list[str] = []
-    while True:
-        report = await fwd.step()
-        sent += report.forwarded
-        if not report.more:
-            return sent
-
-
-def transport(core: NodeCore, url: str) -> HttpsTransport:
-    return HttpsTransport(core, switch_url=url)
-
+assert switch_dir  # a fixture, used by name
 
 # -- the main path --------------------------------------------------------------------
 
@@ -330,18 +249,21 @@ async def test_forged_unenrolled_revoked_other_site_and_tampered_sales(
     elsewhere = keys.x25519_public_of(keys.generate())
     from meshpos.cards import seal_card
     wrong_key = str(core.sell(800, card=seal_card(VISA, "1228", "chip", elsewhere))["id"])
-    # revoked: a terminal whose sales reached the ledger before its revocation
+    # revoked: a terminal whose sale reached the ledger before its revocation (valid: up to the
+    # revocation's cut) and one it signed after (refused, signed "rejected")
     thief = open_node(make_node("stolen"))
     stolen = card_sale(thief)
     merge(core, thief)
-    revocation = site.revoke(thief.node_id, "stolen")
+    revocation = site.revoke(thief.node_id, "stolen", clock)
+    clock.advance(5)
+    after_cut = card_sale(thief)
 
     async with running_switch(switch_dir, clock) as h:
         ctx = make_client_context(core)
         reply = await forward(h.url, ctx, base + [forged_raw, rogue_raw] + foreign_entries + [
             core.ledger.raw(f"sale/{tampered}") or b"", core.ledger.raw(f"sale/{wrong_key}") or b"",
             core.ledger.raw(f"cert/{thief.node_id}") or b"", revocation, core.ledger.raw(f"sale/{stolen}") or b"",
-            b"this is not an envelope", good_raw])
+            thief.ledger.raw(f"sale/{after_cut}") or b"", b"this is not an envelope", good_raw])
         refused = {r.sale_id: r.reason for r in reply.refused}
         assert "bad signature" in refused[core.node_id + "-00000099"]
         assert "no certificate known" in refused[f"{rogue_id}-00000001"]
@@ -349,13 +271,13 @@ async def test_forged_unenrolled_revoked_other_site_and_tampered_sales(
         assert any(r.sale_id is None and "not an envelope" in r.reason for r in reply.refused)
         assert all(r.status == "rejected" for r in reply.refused)
         results = {envelope.decode(r).body["sale_id"]: envelope.decode(r).body for r in reply.results}
-        assert set(results) == {tampered, wrong_key, stolen, good}
+        assert set(results) == {tampered, wrong_key, stolen, after_cut, good}
         for sale_id in (tampered, wrong_key):
             assert results[sale_id]["status"] == "rejected" and "cannot be opened" in results[sale_id]["reason"]
-        # a revoked terminal's sale made before its revocation's cut stays valid (nothing honest lost)
-        assert results[stolen]["status"] == "approved"
+        assert results[stolen]["status"] == "approved"  # made before the revocation: up to its cut
+        assert results[after_cut]["status"] == "rejected" and "after the revocation's cut" in results[after_cut]["reason"]
         assert results[good]["status"] == "approved"
-        assert h.sim.stats.totals["0220"] == 2  # only the good sale and the one before the cut
+        assert h.sim.stats.totals["0220"] == 2  # only the good sale and the one before the cut reached the acquirer
         # a refused envelope poisons nothing: the real sale of a forged id is still taken
         assert h.switch.store.sale(core.node_id + "-00000099") is None
         for raw in reply.results:

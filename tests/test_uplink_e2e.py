@@ -2,7 +2,7 @@
 
 Every test runs the acquirer host simulator (``meshpos acquirer-sim``), the switch
 (``meshpos switch run``) and terminals (``meshpos run``) as separate processes with
-real TLS links and ISO 8583 over TCP (tests/uplink_harness.py). What reached the
+real TLS links and ISO 8583 over TLS (tests/uplink_harness.py). What reached the
 acquirer is read from the simulator's stats file; what the switch decided from its
 de-duplication table; what each terminal shows from its ``sales`` operation.
 Every wait is bounded and polls; no assertion depends on how long something took.
@@ -11,9 +11,9 @@ Every wait is bounded and polls; no assertion depends on how long something took
 from __future__ import annotations
 
 import json
-import time
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -234,19 +234,20 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         foreign_entries = [o1.ledger.raw(f"cert/{o1.node_id}") or b"", o1.ledger.raw(f"sale/{foreign}") or b""]
         # tampered sealed card data in an authentic envelope
         tampered = str(core.sell(700, card=CardCapture("visa", "1111", "chip", b"\x01" * 80))["id"])
-        # revoked: a stolen terminal whose sale reached t1's ledger before the revocation did
+        # revoked: a stolen terminal whose sale reached t1's ledger before the revocation did (valid: up
+        # to the revocation's cut), and one it signed after the revocation (rejected)
         stolen = _card(thief, 1400)
         for type_ in ("cert", "sale"):
             for raw in thief.store.entries_of_type(type_):
                 core.ingest(raw, "peer")
         core.ingest(fair.site.revoke(thief.node_id, "stolen"), "organizer")
-        time.sleep(0.01)  # the thief goes on selling after the revocation's time: beyond its cut
-        stolen_late = _card(thief, 1450)
-        stolen_late_raw = thief.ledger.raw(f"sale/{stolen_late}") or b""
+        time.sleep(0.01)
+        late_stolen = _card(thief, 1450)
 
         # the batch t1's forwarder builds (policy, certificates, revocation, its sales) plus the intruders
         batch = Forwarder(core, SYSTEM_CLOCK).entries_for([tampered, stolen, good])
-        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries, stolen_late_raw]  # the valid sale stays last
+        batch[-1:-1] = [forged_raw, rogue_raw, *foreign_entries,  # the valid sale stays last
+                        thief.ledger.raw(f"sale/{late_stolen}") or b""]
         url = core.policy.switch_url
         ctx = make_client_context(core)
         reply = trio.run(forward, url, ctx, batch)
@@ -256,21 +257,20 @@ def test_running_switch_refuses_bad_envelopes_with_reasons_and_goes_on_serving(t
         assert "no certificate known" in refused[rogue_sale]
         assert "another site" in refused[foreign]
         results = {envelope.decode(r).body["sale_id"]: envelope.decode(r).body for r in reply.results}
-        assert set(results) == {good, tampered, stolen, stolen_late}
+        assert set(results) == {good, tampered, stolen, late_stolen}
         assert results[good]["status"] == "approved" and results[good]["auth_code"]
         assert results[tampered]["status"] == "rejected" and "cannot be opened" in results[tampered]["reason"]
-        # the revoked terminal's sale before the revocation's cut is honest business: settled
         assert results[stolen]["status"] == "approved"
-        assert results[stolen_late]["status"] == "rejected" and "revoked" in results[stolen_late]["reason"]
+        assert results[late_stolen]["status"] == "rejected" and "revoked" in results[late_stolen]["reason"]
         stats = fair.stats()
-        assert stats["totals"].get("0220") == 2 and len(stats["by_sale"]) == 2  # the valid sales only
+        assert stats["totals"].get("0220") == 2 and len(stats["by_sale"]) == 2  # only the valid sales
 
         # every refusal and rejection is in the switch's log, with its reason
         log = fair.switch_log()
         for sale_id, reason in ((forged_id, "bad signature"), (rogue_sale, "no certificate known"),
                                 (foreign, "another site")):
             assert any(sale_id in line and reason in line for line in log.splitlines()), (sale_id, reason)
-        for sale_id, reason in ((tampered, "cannot be opened"), (stolen_late, "revoked")):
+        for sale_id, reason in ((tampered, "cannot be opened"), (late_stolen, "revoked")):
             assert any(sale_id in line and "rejected" in line and reason in line for line in log.splitlines()), \
                 (sale_id, reason)
 

@@ -25,7 +25,7 @@ from meshpos.errors import MeshposError
 from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports
+from meshpos.procs import ProcessGroup, free_ports, wait_for
 from meshpos.site import Site, init_site
 from meshpos.switch.processor import rrn_of
 from meshpos.switch.switchdir import add_site, init_switch
@@ -80,10 +80,14 @@ class Fair:
         rules_path = root / "acquirer-rules.json"
         rules_path.write_text(json.dumps(rules))
         stats_path = root / "acquirer-stats.json"
+        acquirer_ca = root / "acquirer-ca.pem"  # the simulator's own certificate: the link is TLS
         acquirer = procs.start("acquirer", "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}",
-                               "--rules", str(rules_path), "--stats", str(stats_path))
+                               "--rules", str(rules_path), "--stats", str(stats_path),
+                               "--tls-cert-out", str(acquirer_ca))
         switch_dir = root / "switch"
-        init_switch(switch_dir, f"127.0.0.1:{switch_port}", f"127.0.0.1:{acq_port}")
+        wait_for(lambda: acquirer.log_path.exists() and "listening on" in acquirer.log_path.read_text(), WAIT_S,
+                 lambda: f"the acquirer simulator did not start\n{acquirer.log_tail(15)}", alive=acquirer)
+        init_switch(switch_dir, f"127.0.0.1:{switch_port}", f"127.0.0.1:{acq_port}", acquirer_ca=acquirer_ca)
         if switch_settings:
             cfg_path = switch_dir / "config.json"
             cfg = json.loads(cfg_path.read_text())
@@ -102,8 +106,6 @@ class Fair:
             enroll_one_step(site, root / name, "terminal", name.upper(), listen=f"127.0.0.1:{node_ports[i]}",
                             peers=peers)
             fair.nodes[name] = root / name
-        fair.wait(lambda: "listening on" in acquirer.log_path.read_text(), "the acquirer simulator did not start",
-                  alive="acquirer")
         fair.start_switch()
         if start_nodes:
             for name in fair.nodes:

@@ -206,7 +206,8 @@ def main() -> int:
     sim_port, switch_port = free_ports(2)
     key = keys.generate()
     switch_dir = tmp / "switch"
-    init_switch(switch_dir, f"127.0.0.1:{switch_port}", f"127.0.0.1:{sim_port}", key=key)
+    init_switch(switch_dir, f"127.0.0.1:{switch_port}", f"127.0.0.1:{sim_port}", key=key,
+                acquirer_plain=True)  # its simulator thread serves plain TCP
     switch_pub = keys.x25519_public_of(key)
     uplink = args.nodes - 1
     mesh = Mesh(tmp, args.nodes, args.topology, switch_key=switch_pub.hex(),

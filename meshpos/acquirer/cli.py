@@ -10,13 +10,15 @@ from pathlib import Path
 
 import trio
 
+from ..clock import SYSTEM_CLOCK
 from ..errors import ConfigError, MeshposError
 from .iso8583 import LengthHeader
 from .simulator import SimRules, Simulator, serve_simulator
+from .tls import self_signed, server_context
 
 DESCRIPTION = """\
 Run an acquirer host simulator for tests and demos. It answers ISO 8583 financial
-advices (0220), repeats (0221) and reversals (0420) over TCP -- or the JSON adapter's
+advices (0220), repeats (0221) and reversals (0420) over TLS -- or the JSON adapter's
 POST /v1/advices and /v1/reversals over HTTPS -- by the rules in a JSON file:
 decline by card prefix, decline above an amount, a fixed delay, a drop rate (no
 answer), a close rate (connection closed instead), all with a fixed seed.
@@ -34,9 +36,16 @@ stats file: rewritten atomically after every message received, as
   {"totals": {"0220": n, "0221": n, "0420": n, "charged": n, ...},
    "by_sale": {"<rrn or Idempotency-Key>": {"0220": n, ...}}, "charged": [...], ...}
 
+TLS (both formats): with --tls-cert and --tls-key it serves that certificate; without
+them it makes a self-signed one for the listen address and writes it to --tls-cert-out,
+the file a switch trusts (meshpos switch init --acquirer-ca FILE). --plain serves plain
+TCP / HTTP instead (a switch then needs --acquirer-plain).
+
 examples:
-  meshpos acquirer-sim --listen 127.0.0.1:8583 --rules devices/acquirer-rules.example.json
+  meshpos acquirer-sim --listen 127.0.0.1:8583 --tls-cert-out acquirer-ca.pem \
+      --rules devices/acquirer-rules.example.json
   meshpos acquirer-sim --listen 127.0.0.1:0 --format json --tls-cert c.pem --tls-key k.pem --stats s.json
+  meshpos acquirer-sim --listen 127.0.0.1:8583 --plain
 """
 
 
@@ -59,31 +68,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", type=Path, metavar="FILE", help="JSON rules file (default: approve everything)")
     p.add_argument("--stats", type=Path, metavar="FILE", help="write message counts here as JSON after every message")
     p.add_argument("--format", choices=("iso8583", "json"), default="iso8583",
-                   help="ISO 8583 over TCP (default) or the JSON adapter over HTTPS")
+                   help="ISO 8583 over TLS (default) or the JSON adapter over HTTPS")
     p.add_argument("--framing", choices=[h.value for h in LengthHeader], default=LengthHeader.BINARY2.value,
                    help="ISO 8583 length header: 2-byte binary (default), 4 ASCII digits, or none")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain (json format)")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key (json format)")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    p.add_argument("--tls-cert-out", type=Path, metavar="PEM",
+                   help="without --tls-cert: make a self-signed certificate and write it here (for the switch)")
     p.add_argument("--client-ca", type=Path, metavar="PEM",
-                   help="require client certificates issued by this CA (json format)")
-    p.add_argument("--plain-http", action="store_true", help="json format without TLS (local testing only)")
+                   help="require client certificates issued by this CA (mutual TLS)")
+    p.add_argument("--plain", "--plain-http", dest="plain", action="store_true",
+                   help="no TLS: plain TCP / HTTP (local testing only)")
     return p
 
 
 def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
-    if args.format != "json" or args.plain_http:
+    if args.plain:
         return None
-    if args.tls_cert is None or args.tls_key is None:
-        raise ConfigError("--format json needs --tls-cert and --tls-key (or --plain-http)")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ConfigError("give both --tls-cert and --tls-key")
+    if args.tls_cert is not None:
+        return server_context(args.tls_cert, args.tls_key, args.client_ca)
+    if args.tls_cert_out is None:
+        raise ConfigError("TLS needs --tls-cert and --tls-key, or --tls-cert-out FILE to make a self-signed "
+                          "certificate the switch can trust (or --plain for plain TCP)")
+    host = args.listen[0]
+    cert, key = self_signed([host, "localhost", "127.0.0.1", "::1"], SYSTEM_CLOCK.now_ms())
     try:
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
-        if args.client_ca is not None:
-            ctx.load_verify_locations(args.client_ca)
-            ctx.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load TLS files: {exc}") from exc
-    return ctx
+        args.tls_cert_out.write_bytes(cert)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.tls_cert_out}: {exc.strerror}") from exc
+    return server_context(cert, key, args.client_ca)
 
 
 async def _run(args: argparse.Namespace, rules: SimRules, context: ssl.SSLContext | None) -> None:
@@ -96,7 +111,8 @@ async def _run(args: argparse.Namespace, rules: SimRules, context: ssl.SSLContex
                     header=LengthHeader(args.framing), task_status=task_status,
                 )
             )
-            print(f"acquirer simulator ({args.format}) listening on {host}:{sim.port}", flush=True)
+            print(f"acquirer simulator ({args.format}, {'plain' if context is None else 'TLS'}) listening on "
+                  f"{host}:{sim.port}", flush=True)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()

@@ -108,10 +108,12 @@ class AnswerReceived:
 
 @dataclass(frozen=True)
 class UnexpectedAnswer:
-    """A well-formed answer that matches no outstanding request (late, or duplicated)."""
+    """A well-formed answer that matches no outstanding request (late, or duplicated).
+    It still carries the host's verdict: the caller can settle the sale from it."""
 
     mti: str
     key: MatchKey
+    result: AcquirerResult
 
 
 @dataclass(frozen=True)
@@ -377,7 +379,7 @@ class ClientConnection(_FramedEnd):
             return NEED_DATA
         answer = parse_answer(decode_message(payload, self._spec))
         if answer.key not in self._outstanding:
-            return UnexpectedAnswer(answer.mti, answer.key)
+            return UnexpectedAnswer(answer.mti, answer.key, answer.result)
         self._outstanding.discard(answer.key)
         return answer
 

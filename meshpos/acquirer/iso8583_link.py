@@ -1,15 +1,19 @@
-"""ISO 8583 over TCP: one connection, many outstanding requests, answers in any order.
+"""ISO 8583 over TLS (or, when configured so explicitly, plain TCP): one connection,
+many outstanding requests, answers in any order.
 
 A thin trio driver around :class:`meshpos.acquirer.iso8583.ClientConnection`:
 a reader task matches answers to waiting callers, a writer task sends whatever
 callers queued in one ``send_all``. If the connection drops, every request
 waiting on it fails with AcquirerError (its caller retries it as a 0221) and the
-next request opens a new connection.
+next request opens a new connection. A request is encoded before ``before_send``
+runs; one that does not encode raises UnsendableRequest and nothing is sent. An
+answer whose caller stopped waiting goes to ``on_late_answer`` (never dropped).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -17,13 +21,14 @@ import trio
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import AcquirerError, EncodingError, ProtocolError
-from .base import AcquirerRequest, AcquirerResult
+from .base import AcquirerRequest, AcquirerResult, BeforeSend, LateAnswer, UnsendableRequest
 from .iso8583 import (
     DEFAULT_SPEC,
     MAX_FRAME,
     NEED_DATA,
     AnswerReceived,
     ClientConnection,
+    Family,
     LengthHeader,
     MatchKey,
     RequestKind,
@@ -37,6 +42,7 @@ DEFAULT_MAX_OUTSTANDING = 1000
 RECEIVE_SIZE = 65536
 
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
+LateAnswerSink = Callable[[LateAnswer], None]
 
 
 class _Pending:
@@ -86,8 +92,10 @@ class Iso8583Link:
         spec: Spec = DEFAULT_SPEC,
         max_frame: int = MAX_FRAME,
         max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
+        on_late_answer: LateAnswerSink | None = None,
     ) -> None:
         self._nursery = nursery
+        self._on_late_answer = on_late_answer
         self._connect = connect
         self._timeout = timeout
         self._clock = clock
@@ -100,8 +108,9 @@ class Iso8583Link:
         self._closed = False
         self.connections_opened = 0
 
-    async def advise(self, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
-        return await self._exchange(req, RequestKind.ADVICE_REPEAT if repeat else RequestKind.ADVICE)
+    async def advise(self, req: AcquirerRequest, *, repeat: bool,
+                     before_send: BeforeSend | None = None) -> AcquirerResult:
+        return await self._exchange(req, RequestKind.ADVICE_REPEAT if repeat else RequestKind.ADVICE, before_send)
 
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._exchange(req, RequestKind.REVERSAL)
@@ -113,7 +122,8 @@ class Iso8583Link:
             conn.fail_all("the acquirer link was closed")
             await trio.aclose_forcefully(conn.stream)
 
-    async def _exchange(self, req: AcquirerRequest, kind: RequestKind) -> AcquirerResult:
+    async def _exchange(self, req: AcquirerRequest, kind: RequestKind,
+                        before_send: BeforeSend | None = None) -> AcquirerResult:
         what = f"{kind.mti} for {req.describe()}"
         pending = _Pending()
         with trio.move_on_after(self._timeout) as scope:
@@ -121,8 +131,19 @@ class Iso8583Link:
                 conn = await self._connection(what)
                 try:
                     key, data = conn.proto.send_request(req, kind, now_ms=self._clock.now_ms())
+                except EncodingError as exc:
+                    raise UnsendableRequest(f"{what}: {exc}") from exc
                 except ProtocolError as exc:
                     raise AcquirerError(f"{what}: {exc}") from exc
+                if before_send is not None:
+                    try:
+                        with trio.CancelScope(shield=True):  # a record half-made by a timeout is worse
+                            await before_send()
+                    except BaseException:
+                        conn.proto.forget(key)
+                        raise
+                    if conn.closed:  # the connection died while the caller recorded: nothing was sent
+                        raise AcquirerError(f"{what}: {conn.lost_reason or 'connection to the acquirer lost'}")
                 conn.pending[key] = pending
                 conn.outbox += data
                 conn.outbox_ready.set()
@@ -149,6 +170,9 @@ class Iso8583Link:
                 stream = await self._connect()
             except OSError as exc:
                 raise AcquirerError(f"{what}: cannot connect to the acquirer: {exc.strerror or exc}") from exc
+            except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                cause = exc.__cause__ if exc.__cause__ is not None else exc
+                raise AcquirerError(f"{what}: TLS handshake with the acquirer failed: {cause}") from exc
             conn = _Connection(
                 stream, ClientConnection(header=self._header, spec=self._spec, max_frame=self._max_frame)
             )
@@ -202,13 +226,22 @@ class Iso8583Link:
                     return f"unusable answer from the acquirer: {exc}"
                 if event is NEED_DATA:
                     break
-                if isinstance(event, AnswerReceived):
-                    pending = conn.pending.pop(event.key, None)
-                    if pending is not None:
-                        pending.result = event.result
-                        pending.done.set()
+                pending = conn.pending.pop(event.key, None) if isinstance(event, AnswerReceived) else None
+                if pending is not None:
+                    pending.result = event.result
+                    pending.done.set()
                 else:
-                    log.warning("answer %s for rrn %s matches no outstanding request", event.mti, event.key.rrn)
+                    self._late(event.mti, event.key, event.result)
+
+    def _late(self, mti: str, key: MatchKey, result: AcquirerResult) -> None:
+        """An answer nobody waits for any more: hand it on, so its sale is settled from it."""
+        if self._on_late_answer is None:
+            log.warning("answer %s for rrn %s matches no outstanding request (nobody takes late answers)",
+                        mti, key.rrn)
+            return
+        log.info("late answer %s for rrn %s: handed on to settle its sale", mti, key.rrn)
+        self._on_late_answer(LateAnswer(reversal=key.family is Family.REVERSAL, stan=key.stan, rrn=key.rrn,
+                                        terminal_id=key.terminal_id, result=result))
 
 
 @asynccontextmanager
@@ -223,11 +256,16 @@ async def open_iso8583_link(
     max_frame: int = MAX_FRAME,
     max_outstanding: int = DEFAULT_MAX_OUTSTANDING,
     connect: Connector | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    on_late_answer: LateAnswerSink | None = None,
 ) -> AsyncIterator[Iso8583Link]:
-    """``async with open_iso8583_link(host, port) as link:`` -- a plain TCP link."""
+    """``async with open_iso8583_link(host, port, ssl_context=ctx) as link:`` -- over TLS with
+    ``ssl_context`` (server name ``host``), over plain TCP when it is None."""
 
     async def tcp() -> trio.abc.Stream:
-        return await trio.open_tcp_stream(host, port)
+        if ssl_context is None:
+            return await trio.open_tcp_stream(host, port)
+        return await tls_connect(host, port, ssl_context)
 
     async with trio.open_nursery() as nursery:
         link = Iso8583Link(
@@ -239,6 +277,7 @@ async def open_iso8583_link(
             spec=spec,
             max_frame=max_frame,
             max_outstanding=max_outstanding,
+            on_late_answer=on_late_answer,
         )
         try:
             yield link
@@ -247,4 +286,17 @@ async def open_iso8583_link(
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["Connector", "Iso8583Link", "open_iso8583_link", "DEFAULT_TIMEOUT"]
+async def tls_connect(host: str, port: int, ssl_context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+    """A TLS stream to the acquirer with the handshake done, so a certificate the context does not
+    trust fails here (trio.BrokenResourceError) and never after a request was recorded as sent."""
+    tcp = await trio.open_tcp_stream(host, port)
+    stream = trio.SSLStream(tcp, ssl_context, server_hostname=host)
+    try:
+        await stream.do_handshake()
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+__all__ = ["Connector", "Iso8583Link", "LateAnswerSink", "open_iso8583_link", "tls_connect", "DEFAULT_TIMEOUT"]

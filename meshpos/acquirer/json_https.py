@@ -3,7 +3,9 @@
 ``POST /v1/advices`` and ``POST /v1/reversals`` with ``Idempotency-Key: <sale_id>``
 and a JSON body; the host answers ``{"approved": bool, "response_code": "00",
 "auth_code": "..." | null}``. The same key always gets the same answer and is
-charged at most once, which is what makes a retry safe.
+charged at most once, which is what makes a retry safe. A 4xx answer other than
+408 and 429 says the host refused this request as it is: UnsendableRequest (the
+sale is settled, not retried); other failures are AcquirerError (retried).
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ import trio
 
 from ..errors import AcquirerError, InputError, ProtocolError
 from ..http import HttpClientConnection, Response, open_https
-from .base import AcquirerRequest, AcquirerResult
+from .base import AcquirerRequest, AcquirerResult, BeforeSend, UnsendableRequest
 
 ADVICES_PATH: Final = "/v1/advices"
 REVERSALS_PATH: Final = "/v1/reversals"
 DEFAULT_TIMEOUT: Final = 10.0
 MAX_IDLE: Final = 8
+#: 4xx answers that are worth another attempt (timeout, rate limit); every other 4xx is final
+RETRYABLE_4XX: Final = frozenset({408, 425, 429})
 
 Connector = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -89,8 +93,9 @@ class JsonHttpsLink:
         self._idle: list[HttpClientConnection] = []
         self._closed = False
 
-    async def advise(self, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
-        return await self._post(ADVICES_PATH, req, repeat=repeat)
+    async def advise(self, req: AcquirerRequest, *, repeat: bool,
+                     before_send: BeforeSend | None = None) -> AcquirerResult:
+        return await self._post(ADVICES_PATH, req, repeat=repeat, before_send=before_send)
 
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._post(REVERSALS_PATH, req, repeat=False)
@@ -101,11 +106,19 @@ class JsonHttpsLink:
         for conn in idle:
             await conn.aclose()
 
-    async def _post(self, path: str, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
+    async def _post(self, path: str, req: AcquirerRequest, *, repeat: bool,
+                    before_send: BeforeSend | None = None) -> AcquirerResult:
         what = f"POST {path} for {req.describe()}"
         if self._closed:
             raise AcquirerError(f"{what}: the acquirer link is closed")
-        body = json.dumps(request_to_json(req, repeat=repeat), separators=(",", ":")).encode("utf-8")
+        try:
+            body = json.dumps(request_to_json(req, repeat=repeat), separators=(",", ":"),
+                              ensure_ascii=True).encode("ascii")
+        except (TypeError, ValueError) as exc:
+            raise UnsendableRequest(f"{what}: the request does not encode as JSON") from exc
+        if before_send is not None:
+            with trio.CancelScope(shield=True):
+                await before_send()
         headers = {
             **self._extra,
             "host": self._host,
@@ -132,6 +145,8 @@ class JsonHttpsLink:
             self._idle.append(conn)
         else:
             await conn.aclose()
+        if 400 <= response.status < 500 and response.status not in RETRYABLE_4XX:
+            raise UnsendableRequest(f"{what}: the acquirer refused the request (HTTP {response.status})")
         if response.status != 200:
             raise AcquirerError(f"{what}: HTTP {response.status}")
         try:

@@ -412,16 +412,18 @@ async def serve_simulator(
 ) -> None:
     """Run the simulator until cancelled; ``task_status.started`` gets the :class:`Simulator`.
 
-    ``format`` is ``"iso8583"`` (TCP, ``header`` framing) or ``"json"`` (HTTP,
-    HTTPS when ``ssl_context`` is given).
+    ``format`` is ``"iso8583"`` (``header`` framing) or ``"json"`` (HTTP); over TLS when
+    ``ssl_context`` is given (meshpos.acquirer.tls.server_context), plain TCP otherwise.
     """
     sim = Simulator(rules, Path(stats_path) if stats_path is not None else None, host)
     async with trio.open_nursery() as nursery:
         if format == "iso8583":
-            listeners = await trio.open_tcp_listeners(port, host=host)
-            sim.port = listeners[0].socket.getsockname()[1]
+            tcp_listeners = await trio.open_tcp_listeners(port, host=host)
+            sim.port = tcp_listeners[0].socket.getsockname()[1]
+            listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners) if ssl_context is None else [
+                trio.SSLListener(tcp, ssl_context) for tcp in tcp_listeners]
 
-            async def serve_one(stream: trio.SocketStream) -> None:
+            async def serve_one(stream: trio.abc.Stream) -> None:
                 await sim.serve_iso_connection(stream, header, spec)
 
             await nursery.start(trio.serve_listeners, serve_one, listeners)

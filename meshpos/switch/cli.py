@@ -20,12 +20,14 @@ signed sales to it over HTTPS (mutual TLS: nodes present their enrolled
 certificates, and pin the switch by the key named in their site policy). The
 switch verifies every sale, de-duplicates on the sale id, opens the sealed card
 data with its key, advises the acquirer (ISO 8583 0220, repeats 0221, reversals
-0420; or the JSON adapter) and answers with results signed by its key.
+0420; or the JSON adapter) and answers with results signed by its key. The acquirer
+link is TLS (optionally mutual) unless --acquirer-plain is given at init.
 """
 
 EPILOG = """\
 set-up, in order:
-  meshpos switch init /srv/switch --listen 0.0.0.0:8443 --acquirer acq.example:8583
+  meshpos switch init /srv/switch --listen 0.0.0.0:8443 --acquirer acq.example:8583 \
+      --acquirer-ca acquirer-ca.pem [--acquirer-cert c.pem --acquirer-key k.pem]
   meshpos site init SITE_DIR --name "Fiera" --switch-key /srv/switch/switch.pub \\
       --switch-url https://switch.example:8443
   meshpos switch add-site /srv/switch SITE_DIR      (needs only site.json, ca.pem, policy.env, revocations/)
@@ -54,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--acquirer-format", choices=ACQUIRER_FORMATS, default="iso8583",
                    help="ISO 8583 over TCP with a 2-byte length header (default), or JSON over HTTPS")
     i.add_argument("--acquirer-ca", type=_path, metavar="PEM",
-                   help="CA certificate(s) to trust for the JSON acquirer's HTTPS (default: the system's)")
+                   help="CA certificate(s) to trust for the acquirer's TLS (default: the system's)")
+    i.add_argument("--acquirer-cert", type=_path, metavar="PEM",
+                   help="client certificate (chain) the switch presents to the acquirer: mutual TLS")
+    i.add_argument("--acquirer-key", type=_path, metavar="PEM", help="the private key of --acquirer-cert")
+    i.add_argument("--acquirer-plain", action="store_true",
+                   help="ISO 8583 over plain TCP, without TLS (a private line or a local simulator only)")
     i.add_argument("--json", action="store_true", help="print the result as JSON")
 
     a = sub.add_parser("add-site", help="register a site (its CA certificate and signed policy)",
@@ -89,7 +96,9 @@ def _emit(data: dict[str, object], as_json: bool, lines: list[str]) -> None:
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.switch_command == "init":
-        sd = init_switch(args.switch_dir, args.listen, args.acquirer, args.acquirer_format, args.acquirer_ca)
+        sd = init_switch(args.switch_dir, args.listen, args.acquirer, args.acquirer_format, args.acquirer_ca,
+                         acquirer_cert=args.acquirer_cert, acquirer_key=args.acquirer_key,
+                         acquirer_plain=args.acquirer_plain)
         pub = sd.pub_path.read_text().strip()
         _emit({"switch_dir": str(sd.path), "switch_key": pub, "switch_pub": str(sd.pub_path)}, args.json, [
             f"switch created in {sd.path}",

@@ -2,8 +2,13 @@
 
 Rules for one sale, in this order (protocols/forwarding.md, "Processing"):
 
+0. One sale fails alone: whatever goes wrong with one sale (its content, its card data,
+   its encoding, the acquirer's refusal of it) settles that sale ``rejected`` with a
+   reason, or leaves it pending; the rest of the batch is processed and answered.
 1. The envelope must decode. Roster entries of the batch (policy, cert, revocation) are
    verified and taken first, voids next, sales last, whatever their order in the batch.
+   Every policy version the switch has seen for a site is kept: a sale is judged by the
+   one in force at its ``created_at`` (``rules.policy_at``).
 2. A sale id already in the de-duplication table with the SAME envelope bytes skips
    verification and gets the stored signed result (or continues where it stopped). With
    DIFFERENT bytes it is refused ("conflict"): a forger cannot borrow a real sale's id.
@@ -12,7 +17,13 @@ Rules for one sale, in this order (protocols/forwarding.md, "Processing"):
    (forged, unknown or foreign signer, other site, malformed) is *refused*: answered
    ``rejected`` with the reason, logged, but never given a signed result, because a signed
    ``result/<sale id>`` would settle the real sale of that id in every ledger. An
-   authentic sale of a revoked terminal gets a signed ``rejected`` result.
+   authentic sale of a revoked terminal is valid up to its revocation's cut
+   (``rules.beyond_cut``: ``seq <= cut_seq``, or dated up to ``at``); beyond it, it gets
+   a signed ``rejected`` result.
+3b. Content (``rules.sale_problem`` under the policy in force at ``created_at``, and
+   ``rules.future_problem`` against the switch's clock), then, once the card data is
+   opened, ``rules.card_problem``: a sale breaking one is settled ``rejected`` (signed,
+   final) before anything reaches the acquirer.
 4. State machine of an accepted sale (store.py holds the states)::
 
        (new) --batch taken--> received --0220 about to leave--> advice_sent --answer--> settled
@@ -20,11 +31,16 @@ Rules for one sale, in this order (protocols/forwarding.md, "Processing"):
        advice_sent --void known--> 0420 until answered --> settled (voided, reversed=true)
        settled(approved) --void known--> 0420 until answered (reversal: sent -> done); the result stays
 
-   Each arrow commits before the switch acts on it, so a crash never sends a second 0220.
+   Each arrow commits before the switch acts on it, so a crash never sends a second 0220;
+   "advice sent" is committed after the 0220 is encoded and before its first byte leaves.
+   A void after approval, once its 0420 is answered, also yields a signed ``reversal``
+   entry, returned with the results.
    Expiry (switch now > created_at + the site's offline window) applies only while nothing
    was sent. Cash sales are recorded ``approved`` without the acquirer.
 5. An acquirer that does not answer within the attempts leaves the sale ``advice_sent``; the
-   reply lists it as pending and the next forward goes on with 0221.
+   reply lists it as pending and the next forward goes on with 0221. An answer that
+   arrives after its request stopped waiting (:meth:`Switch.take_late_answers`) settles
+   the sale all the same: no answer is dropped.
 
 One sale is handled by one task at a time in this process (``_exclusive``); sales of a batch
 run concurrently, with at most ``in_flight`` requests outstanding at the acquirer.
@@ -42,12 +58,14 @@ from typing import Any
 import nacl.signing
 import trio
 
-from .. import envelope
-from ..acquirer.base import AcquirerLink, AcquirerRequest, AcquirerResult, advise_until_answered, exponential_backoff
-from ..cards import open_card
+from .. import envelope, rules
+from ..acquirer.base import (AcquirerLink, AcquirerRequest, AcquirerResult, BeforeSend, LateAnswer, UnsendableRequest,
+                             advise_until_answered, exponential_backoff)
+from ..cards import OpenedCard, open_card
 from ..clock import Clock
 from ..envelope import Envelope
-from ..errors import AcquirerError, CryptoError, EncodingError, InputError, VerificationError
+from ..errors import (AcquirerError, ConfigError, CryptoError, EncodingError, InputError, MeshposError,
+                      VerificationError)
 from ..identity import certs, keys
 from ..policy import SitePolicy
 from ..roster import UPLINK_ROLES, Roster
@@ -57,6 +75,9 @@ from .const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF
                     REVERSAL_ATTEMPTS)
 from .store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, GroupCommit, SaleRow, SiteRow,
                     SwitchStore)
+
+# what one sale's own data can make go wrong before or at the acquirer: it settles ``rejected``
+SALE_ERRORS = (CryptoError, InputError, EncodingError)
 
 log = logging.getLogger(__name__)
 
@@ -94,25 +115,44 @@ def decline_reason(code: str) -> str:
     return f"declined by the card issuer (code {code}{': ' + meaning if meaning else ''})"
 
 
+def scrub(text: str, pan: str | None) -> str:
+    """``text`` with any full card number replaced by its masked form (reasons and logs)."""
+    if pan:
+        text = text.replace(pan, "*" * (len(pan) - 4) + pan[-4:])
+    return text
+
+
 @dataclass
 class SiteState:
     row: SiteRow
     roster: Roster
     known: set[bytes]  # digests of roster entries taken already
+    policies: dict[int, SitePolicy]  # every signed policy version seen, by version
+    revocations: dict[str, dict[str, Any]]  # revoked node id -> its revocation's body (its cut)
 
     @property
     def site_id(self) -> str:
         return self.row.site_id
 
-    @property
-    def policy(self) -> SitePolicy:
-        return self.roster.policy
+    def policy_at(self, at_ms: int) -> SitePolicy:
+        return rules.policy_at(self.policies.values(), at_ms)
+
+    def learn(self, env: Envelope) -> None:
+        """Take a verified roster entry: into the roster, and the policy versions and cuts kept here."""
+        self.roster.apply(env)
+        if env.type == "policy":
+            policy = SitePolicy.from_json(env.body["policy"], "policy entry")
+            if policy.site_id == self.site_id:
+                self.policies.setdefault(policy.version, policy)
+        elif env.type == "revocation":
+            self.revocations.setdefault(env.body["node_id"], dict(env.body))
 
 
 @dataclass(frozen=True)
 class _Settled:
     raw: bytes
     reversed: bool = False
+    reversal: bytes | None = None  # the signed ``reversal`` entry of a void after approval
 
 
 @dataclass(frozen=True)
@@ -168,16 +208,16 @@ class Switch:
         ca = certs.load_pem(row.ca_pem, f"site {row.site_id} CA")
         policy = verify_policy_envelope(row.policy_env, ca, f"site {row.site_id} policy")
         roster = Roster(ca, policy)
-        state = SiteState(row=row, roster=roster, known=set())
+        state = SiteState(row=row, roster=roster, known=set(), policies={policy.version: policy}, revocations={})
         now = self.clock.now_ms()
         for raw in self.store.site_entries(row.site_id):
             try:
                 env = envelope.decode(raw)
                 roster.verify(env, now)
-            except (EncodingError, VerificationError) as exc:
+                state.learn(env)
+            except (EncodingError, VerificationError, ConfigError) as exc:
                 log.warning("stored roster entry of site %s no longer verifies: %s", row.site_id, exc)
                 continue
-            roster.apply(env)
             state.known.add(digest_of(raw))
         return state
 
@@ -257,10 +297,11 @@ class Switch:
             await self.writer.commit(received)
 
         async def one(w: _Work) -> None:
-            outcomes[w.env.body["sale_id"]] = await self._process(site, w, voids.get(w.env.body["sale_id"]))
+            sale_id = w.env.body["sale_id"]
+            outcomes[sale_id] = await self._alone(sale_id, self._process(site, w, voids.get(sale_id)))
 
         async def reverse_only(sale_id: str, void: Envelope) -> None:
-            outcomes[sale_id] = await self._void_settled(site, sale_id)
+            outcomes[sale_id] = await self._alone(sale_id, self._void_settled(site, sale_id))
 
         async with trio.open_nursery() as nursery:
             for w in work.values():
@@ -277,6 +318,8 @@ class Switch:
             if isinstance(outcome, _Settled):
                 if sale_id in work:
                     results.append(outcome.raw)
+                if outcome.reversal is not None:
+                    results.append(outcome.reversal)
                 if outcome.reversed:
                     reversed_.append(sale_id)
             elif isinstance(outcome, Pending):
@@ -292,6 +335,16 @@ class Switch:
         return ForwardReply(results=tuple(results), pending=tuple(pending), refused=tuple(refused),
                             reversed=tuple(reversed_))
 
+    async def _alone(self, sale_id: str, work: Awaitable[Outcome]) -> Outcome:
+        """Run one sale's work so that nothing it raises reaches its batch: a failure the
+        rules do not foresee (a bug, a database write that failed) leaves it pending."""
+        try:
+            return await work
+        except Exception as exc:  # noqa: BLE001 -- the boundary that keeps one sale from failing its batch
+            log.error("sale %s could not be processed now (%s: %s); it stays pending", sale_id,
+                      type(exc).__name__, str(exc)[:200])
+            return Pending(sale_id, "the switch could not process this sale now: forward it again later")
+
     def _take_roster_entries(self, site: SiteState, items: list[tuple[int, Envelope]], now: int,
                              refused: list[Refusal]) -> list[tuple[str, str, bytes]]:
         learned: list[tuple[str, str, bytes]] = []
@@ -301,10 +354,10 @@ class Switch:
                 continue
             try:
                 verified = site.roster.verify(env, now)
-            except (EncodingError, VerificationError) as exc:
+                site.learn(env)
+            except (EncodingError, VerificationError, ConfigError) as exc:
                 refused.append(Refusal(i, env.type, None, str(exc)))
                 continue
-            site.roster.apply(env)
             site.known.add(d)
             learned.append((verified.key, env.type, env.raw))
         return learned
@@ -314,12 +367,36 @@ class Switch:
         voids: dict[str, Envelope] = {}
         for i, env in items:
             try:
-                site.roster.verify(env, now)
+                revocation = self._verify_up_to_cut(site, env, now)
             except (EncodingError, VerificationError) as exc:
                 refused.append(Refusal(i, "void", None, str(exc)))
                 continue
+            if revocation is not None and rules.beyond_cut(revocation, None, env.body["at"]):
+                refused.append(Refusal(i, "void", env.body["sale_id"],
+                                       "void dated after the revocation of its terminal"))
+                continue
             voids.setdefault(env.body["sale_id"], env)
         return voids
+
+    def _verify_up_to_cut(self, site: SiteState, env: Envelope, now: int) -> dict[str, Any] | None:
+        """``Roster.verify`` of an entry; for an entry of a revoked terminal, every rule of it but the
+        revocation, whose cut the caller then applies (``rules.beyond_cut``). Returns the signer's
+        revocation body, or None if the signer is not revoked."""
+        revocation = site.revocations.get(env.signer)
+        try:
+            site.roster.verify(env, now)
+            return revocation
+        except VerificationError:
+            if revocation is None or env.signer not in site.roster.revoked:
+                raise
+        # authentic entry of a revoked terminal? the same gate, without its revocation rule
+        # (synchronous: no other task sees the roster meanwhile)
+        at = site.roster.revoked.pop(env.signer)
+        try:
+            site.roster.verify(env, now)
+        finally:
+            site.roster.revoked[env.signer] = at
+        return revocation
 
     async def _verify_new(self, site: SiteState, work: list[_Work], now: int, refused: list[Refusal],
                           outcomes: dict[str, Outcome]) -> list[_Work]:
@@ -333,26 +410,20 @@ class Switch:
             if row is not None:
                 continue  # known: _process compares the bytes
             try:
-                site.roster.verify(w.env, now)
+                revocation = self._verify_up_to_cut(site, w.env, now)
             except (EncodingError, VerificationError) as exc:
-                if self._authentic_but_revoked(site, w.env):
-                    outcomes[sale_id] = await self._settle_new_rejected(site, w, f"rejected: {exc}")
-                else:
-                    outcomes[sale_id] = Refusal(w.index, "sale", sale_id, str(exc))
+                outcomes[sale_id] = Refusal(w.index, "sale", sale_id, str(exc))
+                continue
+            if revocation is not None and rules.beyond_cut(revocation, w.env.body["seq"], w.env.body["created_at"]):
+                cut = (f"sequence number {revocation['cut_seq']}" if revocation.get("cut_seq") is not None
+                       else f"its time {revocation['at']}")
+                ident = site.roster.identities.get(w.env.signer)
+                outcomes[sale_id] = await self._settle_new_rejected(
+                    site, w, f"sale by revoked node {ident.name if ident else w.env.signer} ({w.env.signer}) "
+                             f"after the revocation's cut ({cut})")
                 continue
             new.append(w)
         return new
-
-    @staticmethod
-    def _authentic_but_revoked(site: SiteState, env: Envelope) -> bool:
-        ident = site.roster.identities.get(env.signer)
-        if ident is None or env.signer not in site.roster.revoked or env.body.get("site") != site.site_id:
-            return False
-        try:
-            envelope.check_signature(env, ident.public_key)
-        except VerificationError:
-            return False
-        return True
 
     # -- one sale ------------------------------------------------------------------------
 
@@ -424,34 +495,50 @@ class Switch:
                 if void is not None and row.result_status == "approved":
                     if row.reversal != REVERSAL_DONE:
                         return await self._reverse_settled(site, row)
-                    assert row.result is not None
-                    return _Settled(row.result, reversed=True)
+                    return await self._reversed(site, row)
                 return self._known(row, w)
             if row.state == RECEIVED:
                 return await self._first_time(site, row, w.env, void)
             return await self._after_advice(site, row, w.env, void)
 
+    def content_problem(self, site: SiteState, body: dict[str, Any]) -> str | None:
+        """Why a sale breaks a content rule (protocols/rules.md) at this switch, or None."""
+        problem = rules.sale_problem(body, site.policy_at(body["created_at"]))
+        return problem or rules.future_problem(body["created_at"], self.clock.now_ms(), "the sale's time")
+
+    async def _reject(self, site: SiteState, sale_id: str, reason: str) -> _Settled:
+        log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, reason)
+        return await self._settle(sale_id, self._result(site, sale_id, "rejected", reason=reason), "rejected")
+
     async def _first_time(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
         body = env.body
         sale_id = row.sale_id
+        problem = self.content_problem(site, body)
+        if problem is not None:
+            return await self._reject(site, sale_id, problem)
         if void is not None:
             return await self._settle(sale_id, self._result(
                 site, sale_id, "voided", reason="voided before it was sent to the acquirer"), "voided")
         if body["method"] == "cash":
             return await self._settle(sale_id, self._result(
                 site, sale_id, "approved", reason="cash sale: recorded, not sent to the acquirer"), "approved")
-        deadline = body["created_at"] + site.policy.offline_window_ms
+        deadline = body["created_at"] + site.policy_at(body["created_at"]).offline_window_ms
         now = self.clock.now_ms()
         if now > deadline:
             return await self._settle(sale_id, self._result(
                 site, sale_id, "expired",
                 reason=f"reached the switch {(now - deadline) // 1000} s after its offline window closed"),
                 "expired")
+        opened: OpenedCard | None = None
         try:
-            req = self._request(site, row, env)
-        except (CryptoError, InputError, EncodingError) as exc:
-            log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, exc)
-            return await self._settle(sale_id, self._result(site, sale_id, "rejected", reason=str(exc)), "rejected")
+            opened = self._open(env)
+            problem = rules.card_problem(opened.pan, opened.expiry, body)
+            if problem is not None:
+                return await self._reject(site, sale_id, problem)
+            req = self._request(site, row, env, opened)
+        except SALE_ERRORS as exc:
+            return await self._reject(site, sale_id, scrub(str(exc), opened.pan if opened else None))
+
         async def on_sent() -> None:
             at = self.clock.now_ms()
             await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at))
@@ -460,8 +547,8 @@ class Switch:
 
     async def _after_advice(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
         try:
-            req = self._request(site, row, env)
-        except (CryptoError, InputError, EncodingError) as exc:
+            req = self._request(site, row, env, self._open(env))
+        except SALE_ERRORS as exc:
             return Pending(row.sale_id, f"an advice went out but the card data no longer opens: {exc}")
         if void is not None:
             try:
@@ -485,14 +572,17 @@ class Switch:
                 answer = await advise_until_answered(
                     counting, req, already_sent=already_sent, on_sent=on_sent,
                     max_attempts=self.advice_attempts, backoff=self.backoff, sleep=self.sleep)
+        except UnsendableRequest as exc:
+            # it never left (it does not encode), or the host refused it as it is: final
+            return await self._reject(site, row.sale_id, scrub(str(exc), req.pan))
         except AcquirerError as exc:
-            repeats = counting.calls - (0 if already_sent else 1)
+            repeats = counting.repeats
             if repeats > 0:
                 at = self.clock.now_ms()
                 await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
             log.warning("%s: acquirer gave no answer: %s", req.describe(), exc)
             return Pending(row.sale_id, "the acquirer did not answer yet: forward again (a repeat advice follows)")
-        repeats = counting.calls - (0 if already_sent else 1)
+        repeats = counting.repeats
         if repeats > 0:
             at = self.clock.now_ms()
             await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
@@ -507,12 +597,14 @@ class Switch:
                            reason=decline_reason(answer.response_code))
         return await self._settle(sale_id, raw, "declined")
 
-    def _request(self, site: SiteState, row: SaleRow, env: Envelope) -> AcquirerRequest:
+    def _open(self, env: Envelope) -> OpenedCard:
+        """The sale's card data, opened with the switch key (the PAN lives only in memory). What it
+        holds is checked once, before the first advice (``rules.card_problem`` in _first_time)."""
+        return open_card(envelope.b64d(env.body["card"]["sealed"], "sealed card data"), self.x25519_private)
+
+    def _request(self, site: SiteState, row: SaleRow, env: Envelope, opened: OpenedCard) -> AcquirerRequest:
         body = env.body
         card = body["card"]
-        opened = open_card(envelope.b64d(card["sealed"], "sealed card data"), self.x25519_private)
-        if opened.pan[-4:] != card["last4"]:
-            raise CryptoError("sealed card data does not match the card's last 4 digits")
         return AcquirerRequest(
             sale_id=row.sale_id, pan=opened.pan, expiry=opened.expiry, amount_minor=body["amount_minor"],
             currency=body["currency"], created_at_ms=body["created_at"], entry_mode=card["entry_mode"],
@@ -531,25 +623,82 @@ class Switch:
             if row.result_status == "approved" and row.reversal != REVERSAL_DONE:
                 return await self._reverse_settled(site, row)
             assert row.result is not None
-            return _Settled(row.result, reversed=row.reversal == REVERSAL_DONE)
+            if row.reversal == REVERSAL_DONE:
+                return await self._reversed(site, row)
+            return _Settled(row.result)
 
     async def _reverse_settled(self, site: SiteState, row: SaleRow) -> Outcome:
         assert row.result is not None
         try:
-            req = self._request(site, row, envelope.decode(row.sale_raw))
-        except (CryptoError, InputError, EncodingError) as exc:
+            env = envelope.decode(row.sale_raw)
+            req = self._request(site, row, env, self._open(env))
+        except SALE_ERRORS as exc:
             return Pending(row.sale_id, f"cannot reverse: {exc}")
         if row.reversal is None:
             at = self.clock.now_ms()
             await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at))
         try:
-            await self._reverse_until_answered(req)
+            answer = await self._reverse_until_answered(req)
         except AcquirerError as exc:
             return Pending(row.sale_id, f"voided after approval; reversal not answered yet: {exc}")
+        return await self._reversal_done(site, row, answer.response_code)
+
+    async def _reversal_done(self, site: SiteState, row: SaleRow, response_code: str | None) -> _Settled:
+        """Record that the 0420 of a void after approval was answered, with its signed ``reversal`` entry."""
+        assert row.result is not None
         at = self.clock.now_ms()
-        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at))
+        entry = envelope.seal("reversal", "switch", {
+            "sale_id": row.sale_id, "site": site.site_id, "reversed_at": at, "response_code": response_code,
+            "reason": "voided after approval: reversed at the acquirer (0420)"}, self.key)
+        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at, entry))
         log.info("sale %s: voided after approval, reversed (0420)", row.sale_id)
-        return _Settled(row.result, reversed=True)
+        return _Settled(row.result, reversed=True, reversal=entry)
+
+    async def _reversed(self, site: SiteState, row: SaleRow) -> _Settled:
+        """A sale whose reversal is done: its result and the same reversal entry bytes as before
+        (a row reversed before reversal entries existed gets one now)."""
+        assert row.result is not None
+        if row.reversal_entry is None:
+            return await self._reversal_done(site, row, None)
+        return _Settled(row.result, reversed=True, reversal=row.reversal_entry)
+
+    # -- answers nobody waited for any more -------------------------------------------------
+
+    async def take_late_answers(self, answers: trio.MemoryReceiveChannel[LateAnswer]) -> None:
+        """Settle sales from answers that arrived after their request stopped waiting, until cancelled."""
+        async for answer in answers:
+            try:
+                await self.settle_late(answer)
+            except MeshposError as exc:
+                log.error("late answer for rrn %s not taken: %s", answer.rrn, exc)
+
+    async def settle_late(self, answer: LateAnswer) -> None:
+        ref = int(answer.rrn) if answer.rrn.isascii() and answer.rrn.isdigit() else 0
+        found = self.store.sale_by_ref(ref) if ref else None
+        if found is None or (f"{stan_of(found.ref):06d}", terminal_id_of(found.terminal)) != (
+                answer.stan, answer.terminal_id):
+            log.warning("late answer for rrn %s matches no sale of this switch", answer.rrn)
+            return
+        site = self.sites.get(found.site_id)
+        if site is None:
+            log.warning("late answer for sale %s of a site no longer registered", found.sale_id)
+            return
+        async with self._exclusive(found.sale_id):
+            row = self.store.sale(found.sale_id)
+            assert row is not None
+            if answer.reversal:
+                if row.state == SETTLED and row.result_status == "approved" and row.reversal == REVERSAL_SENT:
+                    await self._reversal_done(site, row, answer.result.response_code)
+                elif row.state == ADVICE_SENT and self.store.void_of(row.sale_id) is not None:
+                    await self._settle(row.sale_id, self._result(
+                        site, row.sale_id, "voided", reason="voided after its advice went out: reversed (0420)",
+                        reversed_=True), "voided", REVERSAL_DONE)
+                return
+            if row.state != ADVICE_SENT:
+                log.info("late answer for sale %s: settled already", row.sale_id)
+                return
+            log.info("sale %s settled from a late answer", row.sale_id)
+            await self._settle_answer(site, row.sale_id, answer.result)
 
     async def _reverse_until_answered(self, req: AcquirerRequest) -> AcquirerResult:
         last: AcquirerError | None = None
@@ -565,15 +714,17 @@ class Switch:
 
 
 class _CountingLink:
-    """Counts the advices one sale's attempts make (for the ``attempts`` column)."""
+    """Counts the repeat advices (0221) one sale's attempts make (for the ``attempts`` column;
+    the 0220 is counted when it is recorded as sent)."""
 
     def __init__(self, link: AcquirerLink) -> None:
         self._link = link
-        self.calls = 0
+        self.repeats = 0
 
-    async def advise(self, req: AcquirerRequest, *, repeat: bool) -> AcquirerResult:
-        self.calls += 1
-        return await self._link.advise(req, repeat=repeat)
+    async def advise(self, req: AcquirerRequest, *, repeat: bool,
+                     before_send: BeforeSend | None = None) -> AcquirerResult:
+        self.repeats += repeat
+        return await self._link.advise(req, repeat=repeat, before_send=before_send)
 
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._link.reverse(req)

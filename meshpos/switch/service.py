@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import signal
 import ssl
 from collections.abc import AsyncIterator
@@ -20,7 +22,8 @@ from typing import Any
 import trio
 
 from ..acquirer.base import AcquirerLink
-from ..acquirer.iso8583_link import open_iso8583_link
+from ..acquirer.base import LateAnswer
+from ..acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
 from ..acquirer.json_https import open_json_link
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError, EncodingError, InputError, VerificationError
@@ -28,7 +31,9 @@ from ..http import HttpLimits, Request, Response, json_response, listener_port, 
 from ..identity import keys
 from ..node.nodedir import parse_hostport
 from .api import decode_request, encode_reply
+from .connlimit import ConnectionGate, ConnectionLimits
 from .const import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES
+from .hardening import disable_core_dumps
 from .processor import Switch
 from .store import SiteRow
 from .switchdir import SwitchConfig, SwitchDir, add_site, init_switch
@@ -37,14 +42,17 @@ from .tls import server_context, trust_sites
 log = logging.getLogger(__name__)
 
 LIMITS = HttpLimits(max_body_bytes=MAX_BODY_BYTES, read_timeout=60.0)
+CONNECTIONS = ConnectionLimits()
 
 
 class SwitchService:
     """The HTTP handler of the forwarding API (protocols/forwarding.md)."""
 
-    def __init__(self, switch: Switch, tls_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, switch: Switch, tls_context: ssl.SSLContext | None = None,
+                 limits: ConnectionLimits = CONNECTIONS) -> None:
         self.switch = switch
         self.tls_context = tls_context
+        self.gate = ConnectionGate(limits)
         self.requests = 0
 
     def register_site(self, row: SiteRow) -> None:
@@ -85,33 +93,56 @@ async def serve_switch(
     host: str,
     port: int,
     *,
+    limits: ConnectionLimits = CONNECTIONS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the forwarding API over HTTPS until cancelled; ``task_status.started`` gets the port."""
+    """Serve the forwarding API over HTTPS until cancelled; ``task_status.started`` gets the port.
+
+    Connections are bounded (:mod:`.connlimit`): in total, per source address, and in how long
+    one may hold its slot without sending (its TLS handshake included)."""
     if service.tls_context is None:
         raise ConfigError("the forwarding API is served over TLS only")
+    tcp = await trio.open_tcp_listeners(port, host=host)
+    listeners: list[Any] = [trio.SSLListener(service.gate.wrap(t), service.tls_context, https_compatible=True)
+                            for t in tcp]
+    http_limits = dataclasses.replace(LIMITS, handshake_timeout=limits.handshake_s)
     async with trio.open_nursery() as nursery:
-        listeners: list[Any] = await nursery.start(
-            lambda task_status: serve_http(service.handle, (host, port, service.tls_context), limits=LIMITS,
-                                           task_status=task_status))
+        await nursery.start(lambda task_status: serve_http(service.handle, listeners, limits=http_limits,
+                                                           task_status=task_status))
         task_status.started(listener_port(listeners[0]))
 
 
 def acquirer_tls_context(cfg: SwitchConfig) -> ssl.SSLContext:
+    """The client context of both acquirer links: the configured CA (default: the system's), host
+    name checked, and the switch's client certificate when configured (mutual TLS)."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if cfg.acquirer_ca:
         try:
             ctx.load_verify_locations(cfg.acquirer_ca)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the acquirer CA {cfg.acquirer_ca}: {exc}") from exc
+    if cfg.acquirer_cert and cfg.acquirer_key:
+        try:
+            ctx.load_cert_chain(cfg.acquirer_cert, cfg.acquirer_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the acquirer client certificate {cfg.acquirer_cert}: {exc}") from exc
     return ctx
 
 
 @asynccontextmanager
-async def open_acquirer_link(cfg: SwitchConfig, clock: Clock = SYSTEM_CLOCK) -> AsyncIterator[AcquirerLink]:
+async def open_acquirer_link(cfg: SwitchConfig, clock: Clock = SYSTEM_CLOCK, *,
+                             on_late_answer: LateAnswerSink | None = None) -> AsyncIterator[AcquirerLink]:
+    """The configured acquirer link: ISO 8583 over TLS (plain TCP only with ``acquirer_plain``), or
+    the JSON adapter over HTTPS. ``on_late_answer`` takes ISO 8583 answers nobody waits for any more."""
     host, port = parse_hostport(cfg.acquirer, "acquirer")
     if cfg.acquirer_format == "iso8583":
-        async with open_iso8583_link(host, port, timeout=cfg.acquirer_timeout_s, clock=clock) as link:
+        ctx = None if cfg.acquirer_plain else acquirer_tls_context(cfg)
+        if ctx is None:
+            log.warning("the ISO 8583 link to %s is plain TCP (acquirer_plain): card numbers cross it in the clear",
+                        cfg.acquirer)
+        async with open_iso8583_link(host, port, timeout=cfg.acquirer_timeout_s, clock=clock, ssl_context=ctx,
+                                     on_late_answer=on_late_answer) as link:
             yield link
         return
     json_link = open_json_link(host, port, acquirer_tls_context(cfg), timeout=cfg.acquirer_timeout_s)
@@ -146,10 +177,13 @@ async def run_switch(
         if not sites:
             log.warning("no site is registered at this switch yet: `meshpos switch add-site %s SITE_DIR`", path)
         ctx = server_context(sd.tls_path, sd.key_path, [s.ca_pem for s in sites])
-        async with open_acquirer_link(cfg, clock) as link:
+        # answers that arrive after their request gave up: one per request sent, never dropped
+        late_in, late_out = trio.open_memory_channel[LateAnswer](math.inf)
+        async with open_acquirer_link(cfg, clock, on_late_answer=late_in.send_nowait) as link:
             switch = Switch(store, key, link, clock, in_flight=cfg.in_flight)
             service = SwitchService(switch, ctx)
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(switch.take_late_answers, late_out)
                 bound = await nursery.start(serve_switch, service, host, port)
                 log.info("switch %s... serving on %s:%d for %d site(s)", keys.x25519_public_of(key).hex()[:16],
                          host, bound, len(sites))
@@ -160,6 +194,9 @@ async def run_switch(
 
 
 async def run_until_signalled(path: Path, listen: str | None = None) -> None:
+    """``meshpos switch run``: no core dumps (it will hold opened card numbers), then serve."""
+    disable_core_dumps()
+    log.info("core dumps disabled: RLIMIT_CORE 0, process not dumpable")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningSwitch = await nursery.start(lambda task_status: run_switch(

@@ -5,7 +5,8 @@ Tables:
   site_entries CA-signed revocations and policies, and node certificates, learned from batches
   sales        the de-duplication table, keyed on sale id: the sale envelope (its card data stays
                sealed), its digest, the state (received / advice_sent / settled), the signed
-               result bytes, the reversal state, the attempts. ``ref`` numbers the sale for the
+               result bytes, the reversal state and, once a void after approval was reversed,
+               the signed ``reversal`` entry; the attempts. ``ref`` numbers the sale for the
                acquirer (RRN and STAN derive from it), so a repeat carries the same numbers.
   voids        void envelopes received, also those that came before their sale
 
@@ -31,7 +32,7 @@ from ..errors import CorruptStoreError, StoreError
 from ..store import sqlite_transaction
 
 APPLICATION_ID = 0x4D505357  # "MPSW"
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: sales.reversal_entry (schema 1 is migrated in place on open)
 
 RECEIVED = "received"
 ADVICE_SENT = "advice_sent"
@@ -55,7 +56,7 @@ CREATE TABLE IF NOT EXISTS sales(
     digest BLOB NOT NULL, sale_raw BLOB NOT NULL,
     state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
     result BLOB, result_status TEXT, reversal TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-    received_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+    received_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, reversal_entry BLOB);
 CREATE INDEX IF NOT EXISTS sales_state ON sales(state);
 CREATE TABLE IF NOT EXISTS voids(
     sale_id TEXT PRIMARY KEY, site_id TEXT NOT NULL, raw BLOB NOT NULL, at INTEGER NOT NULL);
@@ -84,6 +85,7 @@ class SaleRow:
     result_status: str | None
     reversal: str | None
     attempts: int
+    reversal_entry: bytes | None = None  # the signed ``reversal`` envelope, once the 0420 was answered
 
 
 def _sale(row: Any) -> SaleRow:
@@ -91,11 +93,12 @@ def _sale(row: Any) -> SaleRow:
                    digest=bytes(row[4]), sale_raw=bytes(row[5]), state=str(row[6]),
                    result=None if row[7] is None else bytes(row[7]),
                    result_status=None if row[8] is None else str(row[8]),
-                   reversal=None if row[9] is None else str(row[9]), attempts=int(row[10]))
+                   reversal=None if row[9] is None else str(row[9]), attempts=int(row[10]),
+                   reversal_entry=None if row[11] is None else bytes(row[11]))
 
 
 _SALE_COLUMNS = ("ref, sale_id, site_id, terminal, digest, sale_raw, state, result, result_status, reversal,"
-                 " attempts")
+                 " attempts, reversal_entry")
 
 Op = Callable[["SwitchStore"], None]
 
@@ -134,6 +137,12 @@ class SwitchStore:
         version = store.get_meta("schema")
         if version is None:
             with store.transaction():
+                store.set_meta("schema", SCHEMA_VERSION)
+        elif version == "1":
+            with store.transaction():
+                columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(sales)")}
+                if "reversal_entry" not in columns:
+                    conn.execute("ALTER TABLE sales ADD COLUMN reversal_entry BLOB")
                 store.set_meta("schema", SCHEMA_VERSION)
         elif version != SCHEMA_VERSION:
             raise StoreError(f"{path}: switch database schema {version} is not {SCHEMA_VERSION}")
@@ -201,6 +210,10 @@ class SwitchStore:
         row = self.reader.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
         return None if row is None else _sale(row)
 
+    def sale_by_ref(self, ref: int) -> SaleRow | None:
+        row = self.reader.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE ref=?", (ref,)).fetchone()
+        return None if row is None else _sale(row)
+
     def insert_received(self, sale_id: str, site_id: str, terminal: str, digest: bytes, raw: bytes,
                         now_ms: int) -> None:
         self.conn.execute(
@@ -224,8 +237,9 @@ class SwitchStore:
         if cur.rowcount != 1:
             raise StoreError(f"sale {sale_id} is settled already or unknown")
 
-    def set_reversal(self, sale_id: str, reversal: str, now_ms: int) -> None:
-        self.conn.execute("UPDATE sales SET reversal=?, updated_at=? WHERE sale_id=?", (reversal, now_ms, sale_id))
+    def set_reversal(self, sale_id: str, reversal: str, now_ms: int, entry: bytes | None = None) -> None:
+        self.conn.execute("UPDATE sales SET reversal=?, reversal_entry=coalesce(?, reversal_entry), updated_at=?"
+                          " WHERE sale_id=?", (reversal, entry, now_ms, sale_id))
 
     def count_states(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}

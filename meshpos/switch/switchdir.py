@@ -39,27 +39,41 @@ _MERCHANT = re.compile(r"^[A-Za-z0-9 \-_./]{15}$")
 
 @dataclass
 class SwitchConfig:
+    """``acquirer_ca``: the CA file trusted for the acquirer's TLS (default: the system's);
+    ``acquirer_cert`` / ``acquirer_key``: the switch's client certificate for mutual TLS;
+    ``acquirer_plain``: plain TCP to an ISO 8583 host, only when set explicitly."""
+
     listen: str
     acquirer: str
     acquirer_format: str = "iso8583"
     acquirer_ca: str | None = None
     acquirer_timeout_s: float = ACQUIRER_TIMEOUT_S
     in_flight: int = ACQUIRER_IN_FLIGHT
+    acquirer_cert: str | None = None
+    acquirer_key: str | None = None
+    acquirer_plain: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"format": SWITCH_FORMAT, "listen": self.listen, "acquirer": self.acquirer,
                 "acquirer_format": self.acquirer_format, "acquirer_ca": self.acquirer_ca,
+                "acquirer_cert": self.acquirer_cert, "acquirer_key": self.acquirer_key,
+                "acquirer_plain": self.acquirer_plain,
                 "acquirer_timeout_s": self.acquirer_timeout_s, "in_flight": self.in_flight}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "SwitchConfig":
+        plain = data.get("acquirer_plain", False)
+        if not isinstance(plain, bool):
+            raise ConfigError(f"{where}: acquirer_plain must be true or false")
         try:
             cfg = cls(listen=str(data["listen"]), acquirer=str(data["acquirer"]),
                       acquirer_format=str(data.get("acquirer_format", "iso8583")),
                       acquirer_ca=data.get("acquirer_ca"),
                       acquirer_timeout_s=float(data.get("acquirer_timeout_s", ACQUIRER_TIMEOUT_S)),
-                      in_flight=int(data.get("in_flight", ACQUIRER_IN_FLIGHT)))
+                      in_flight=int(data.get("in_flight", ACQUIRER_IN_FLIGHT)),
+                      acquirer_cert=data.get("acquirer_cert"), acquirer_key=data.get("acquirer_key"),
+                      acquirer_plain=plain)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         cfg.validate(where)
@@ -75,6 +89,12 @@ class SwitchConfig:
             raise ConfigError(f"{where}: acquirer format must be one of {', '.join(ACQUIRER_FORMATS)}")
         if not 1 <= self.in_flight <= 10_000 or self.acquirer_timeout_s <= 0:
             raise ConfigError(f"{where}: in_flight must be 1..10000 and acquirer_timeout_s positive")
+        if (self.acquirer_cert is None) != (self.acquirer_key is None):
+            raise ConfigError(f"{where}: the acquirer client certificate needs both acquirer_cert and acquirer_key")
+        if self.acquirer_plain and self.acquirer_format != "iso8583":
+            raise ConfigError(f"{where}: plain TCP is for an ISO 8583 acquirer only; the JSON acquirer is HTTPS")
+        if self.acquirer_plain and (self.acquirer_ca or self.acquirer_cert):
+            raise ConfigError(f"{where}: acquirer_plain excludes acquirer_ca / acquirer_cert (they are for TLS)")
 
 
 class SwitchDir:
@@ -113,12 +133,27 @@ class SwitchDir:
             self._lock_fd = None
 
 
+def _existing(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file ({what})")
+    return str(path.resolve())
+
+
 def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "iso8583",
                 acquirer_ca: Path | None = None, key: nacl.signing.SigningKey | None = None,
-                clock: Clock = SYSTEM_CLOCK) -> SwitchDir:
-    """Create SWITCH_DIR with a new key (or ``key``, for tests), its TLS certificate, config and database."""
+                clock: Clock = SYSTEM_CLOCK, *, acquirer_cert: Path | None = None,
+                acquirer_key: Path | None = None, acquirer_plain: bool = False) -> SwitchDir:
+    """Create SWITCH_DIR with a new key (or ``key``, for tests), its TLS certificate, config and database.
+
+    The acquirer link is TLS unless ``acquirer_plain`` (ISO 8583 only): trusting ``acquirer_ca``
+    (default: the system's CAs), presenting ``acquirer_cert`` / ``acquirer_key`` if given."""
     cfg = SwitchConfig(listen=listen, acquirer=acquirer, acquirer_format=acquirer_format,
-                       acquirer_ca=str(acquirer_ca.resolve()) if acquirer_ca else None)
+                       acquirer_ca=_existing(acquirer_ca, "the acquirer's CA"),
+                       acquirer_cert=_existing(acquirer_cert, "the switch's acquirer client certificate"),
+                       acquirer_key=_existing(acquirer_key, "the switch's acquirer client key"),
+                       acquirer_plain=acquirer_plain)
     cfg.validate("switch config")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{path}: directory exists and is not empty; choose a new switch directory")
@@ -182,6 +217,8 @@ def add_site(path: Path, site_dir: Path, merchant_id: str | None = None, clock: 
     try:
         with store.transaction():
             store.put_site(row, clock.now_ms())
+            # every version stays known: sales are judged by the version in force at their time
+            store.put_site_entry(policy.site_id, f"policy/{policy.version}", "policy", policy_raw)
             for key, raw in revocations:
                 store.put_site_entry(policy.site_id, key, "revocation", raw)
     finally:
