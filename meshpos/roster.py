@@ -85,6 +85,8 @@ class Roster:
             self.revocations.setdefault(env.body["node_id"], dict(env.body))
         elif env.type == "policy":
             policy = SitePolicy.from_json(env.body["policy"], "policy entry")
+            if policy.site_id != self.site_id:
+                return
             self.policies.setdefault(policy.version, policy)
             if policy.version > self.policy.version:
                 self.policy = policy
@@ -162,6 +164,22 @@ class Roster:
         if self.beyond_cut(env.signer, seq, at_ms):
             raise VerificationError(f"{env.type} entry by revoked node {ident.name} ({env.signer}) "
                                     "after its revocation's cut")
+        return self._authentic(env, ident, at_ms, roles)
+
+    def revoked_sale_beyond_cut(self, env: Envelope) -> bool:
+        """True for an authentic sale of a revoked terminal that falls after its revocation's cut
+        (raises like ``verify`` if it is not authentic): the switch settles such a sale
+        ``rejected`` with a signed result instead of only refusing it."""
+        env_mod.check_schema(env)
+        if env.type != "sale" or not self.beyond_cut(env.signer, env.body["seq"], env.body["created_at"]):
+            return False
+        if env.body["site"] != self.site_id:
+            raise VerificationError(f"sale entry of another site ({env.body['site']})")
+        self._authentic(env, self.identity(env.signer), env.body["created_at"], certs.SELLING_ROLES)
+        return True
+
+    def _authentic(self, env: Envelope, ident: certs.NodeIdentity, at_ms: int,
+                   roles: frozenset[str]) -> certs.NodeIdentity:
         if ident.role not in roles:
             raise VerificationError(f"role {ident.role} of {ident.name} may not write {env.type} entries")
         if not ident.not_before_ms <= at_ms <= ident.not_after_ms:
@@ -179,7 +197,7 @@ class Roster:
         seq = int(seq_text) if rules.is_ascii_digits(seq_text, 1, 16) else None
         # a revoked terminal's void counts with its sale (up to the cut) and only if written by then
         if seq is not None and self.beyond_cut(env.signer, None, env.body["at"]):
-            raise VerificationError(f"void by revoked node {env.signer} written after its revocation")
+            raise VerificationError(f"void by revoked node {env.signer} dated after the revocation")
         self._signer_ok(env, env.body["at"], certs.SELLING_ROLES, seq=seq)
 
     def _verify_result(self, env: Envelope, now_ms: int) -> None:

@@ -116,11 +116,18 @@ async def test_each_poison_sale_is_refused_alone_and_the_honest_sales_are_charge
             reply = await forward(h.url, ctx, entries)  # answered 200: never a 500 for the batch
             results = results_of(reply)
             bad = sale_id_of(raw)
-            assert (reply.refused, reply.pending) == ((), ()), what
-            assert results[bad]["status"] == "rejected" and reason in results[bad]["reason"], (what, results[bad])
+            assert reply.refused == (), what
             assert h.at_acquirer(bad) == {}, f"{what}: reached the acquirer"
             for sale_id in good:
                 assert results[sale_id]["status"] == "approved", (what, results[sale_id])
+            if what == "60 days ahead":
+                # not believed yet, not final either: no result, forwarded again once its time comes
+                # (a terminal whose clock runs fast only delays its own sales; protocols/rules.md)
+                assert bad not in results and [p.sale_id for p in reply.pending] == [bad], what
+                assert reason in reply.pending[0].reason and "deferred" in reply.pending[0].reason
+                continue
+            assert reply.pending == (), what
+            assert results[bad]["status"] == "rejected" and reason in results[bad]["reason"], (what, results[bad])
             # the rejection is a signed, final result: it verifies by the pinned switch key on the node
             core.ingest(next(r for r in reply.results if sale_id_of(r) == bad), "switch")
 
@@ -334,7 +341,7 @@ def test_add_site_again_keeps_every_policy_version(switch_dir: Path, site: Site,
     store = sd.open_store()
     try:
         state = Switch(store, sd.key(), _FailsFor(None, ""), clock).sites[site.site_id]  # type: ignore[arg-type]
-        assert sorted(state.policies) == [1, 2]
+        assert sorted(state.roster.policies) == [1, 2]
         assert state.policy_at(clock.now_ms()).max_sale_minor == 50_000  # version 2 is not in force yet
         assert state.policy_at(clock.now_ms() + 1000).max_sale_minor == 100_000
     finally:

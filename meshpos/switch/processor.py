@@ -127,25 +127,18 @@ class SiteState:
     row: SiteRow
     roster: Roster
     known: set[bytes]  # digests of roster entries taken already
-    policies: dict[int, SitePolicy]  # every signed policy version seen, by version
-    revocations: dict[str, dict[str, Any]]  # revoked node id -> its revocation's body (its cut)
 
     @property
     def site_id(self) -> str:
         return self.row.site_id
 
     def policy_at(self, at_ms: int) -> SitePolicy:
-        return rules.policy_at(self.policies.values(), at_ms)
+        """The policy version in force at ``at_ms``: the roster keeps every version it verified."""
+        return self.roster.policy_at(at_ms)
 
     def learn(self, env: Envelope) -> None:
-        """Take a verified roster entry: into the roster, and the policy versions and cuts kept here."""
+        """Take a verified roster entry (certificate, revocation and its cut, policy version)."""
         self.roster.apply(env)
-        if env.type == "policy":
-            policy = SitePolicy.from_json(env.body["policy"], "policy entry")
-            if policy.site_id == self.site_id:
-                self.policies.setdefault(policy.version, policy)
-        elif env.type == "revocation":
-            self.revocations.setdefault(env.body["node_id"], dict(env.body))
 
 
 @dataclass(frozen=True)
@@ -208,7 +201,7 @@ class Switch:
         ca = certs.load_pem(row.ca_pem, f"site {row.site_id} CA")
         policy = verify_policy_envelope(row.policy_env, ca, f"site {row.site_id} policy")
         roster = Roster(ca, policy)
-        state = SiteState(row=row, roster=roster, known=set(), policies={policy.version: policy}, revocations={})
+        state = SiteState(row=row, roster=roster, known=set())
         now = self.clock.now_ms()
         for raw in self.store.site_entries(row.site_id):
             try:
@@ -369,7 +362,8 @@ class Switch:
             try:
                 revocation = self._verify_up_to_cut(site, env, now)
             except (EncodingError, VerificationError) as exc:
-                refused.append(Refusal(i, "void", None, str(exc)))
+                sale_id = env.body.get("sale_id")
+                refused.append(Refusal(i, "void", sale_id if isinstance(sale_id, str) else None, str(exc)))
                 continue
             if revocation is not None and rules.beyond_cut(revocation, None, env.body["at"]):
                 refused.append(Refusal(i, "void", env.body["sale_id"],
@@ -379,24 +373,16 @@ class Switch:
         return voids
 
     def _verify_up_to_cut(self, site: SiteState, env: Envelope, now: int) -> dict[str, Any] | None:
-        """``Roster.verify`` of an entry; for an entry of a revoked terminal, every rule of it but the
-        revocation, whose cut the caller then applies (``rules.beyond_cut``). Returns the signer's
-        revocation body, or None if the signer is not revoked."""
-        revocation = site.revocations.get(env.signer)
+        """``Roster.verify`` of an entry (which applies revocation cuts, protocols/rules.md); an
+        authentic sale of a revoked terminal after its cut passes too, and its revocation body is
+        returned so that the caller settles it ``rejected``. None for every other entry."""
         try:
             site.roster.verify(env, now)
-            return revocation
         except VerificationError:
-            if revocation is None or env.signer not in site.roster.revoked:
-                raise
-        # authentic entry of a revoked terminal? the same gate, without its revocation rule
-        # (synchronous: no other task sees the roster meanwhile)
-        at = site.roster.revoked.pop(env.signer)
-        try:
-            site.roster.verify(env, now)
-        finally:
-            site.roster.revoked[env.signer] = at
-        return revocation
+            if site.roster.revoked_sale_beyond_cut(env):
+                return site.roster.revocations.get(env.signer)
+            raise
+        return None
 
     async def _verify_new(self, site: SiteState, work: list[_Work], now: int, refused: list[Refusal],
                           outcomes: dict[str, Outcome]) -> list[_Work]:
@@ -503,8 +489,13 @@ class Switch:
 
     def content_problem(self, site: SiteState, body: dict[str, Any]) -> str | None:
         """Why a sale breaks a content rule (protocols/rules.md) at this switch, or None."""
-        problem = rules.sale_problem(body, site.policy_at(body["created_at"]))
-        return problem or rules.future_problem(body["created_at"], self.clock.now_ms(), "the sale's time")
+        return rules.sale_problem(body, site.policy_at(body["created_at"]))
+
+    def dated_ahead(self, body: dict[str, Any]) -> str | None:
+        """Why a sale is not believed yet: dated beyond the skew ahead of this switch's clock. Not
+        final (a terminal whose clock runs fast only delays its own sales): answered pending,
+        no result, judged again once the switch's clock gets there."""
+        return rules.future_problem(body["created_at"], self.clock.now_ms(), "the sale's time")
 
     async def _reject(self, site: SiteState, sale_id: str, reason: str) -> _Settled:
         log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, reason)
@@ -516,6 +507,10 @@ class Switch:
         problem = self.content_problem(site, body)
         if problem is not None:
             return await self._reject(site, sale_id, problem)
+        ahead = self.dated_ahead(body)
+        if ahead is not None:
+            log.warning("site %s: sale %s deferred: %s", site.site_id, sale_id, ahead)
+            return Pending(sale_id, f"deferred: {ahead}; forward it again once the switch's clock gets there")
         if void is not None:
             return await self._settle(sale_id, self._result(
                 site, sale_id, "voided", reason="voided before it was sent to the acquirer"), "voided")
