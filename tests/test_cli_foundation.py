@@ -68,9 +68,9 @@ def test_no_full_card_number_anywhere_in_the_node_directory(cli_site: Path) -> N
 
 @pytest.mark.parametrize("args, stdin, message", [
     (["--amount", "0", "--cash"], None, "greater than zero"),
-    (["--amount", "-5", "--cash"], None, "no sign"),
+    (["--amount", "-5", "--cash"], None, "greater than zero"),
     (["--amount", "1.234", "--cash"], None, "decimal places"),
-    (["--amount", "abc", "--cash"], None, "plain decimal amount"),
+    (["--amount", "abc", "--cash"], None, "not a number"),
     (["--amount", "600", "--cash"], None, "per-sale offline cap"),
     (["--amount", "5", "--card", "-"], "4111111111111112\n", "Luhn"),
     (["--amount", "5", "--card", "-"], "41111\n", "12 to 19"),
@@ -143,3 +143,21 @@ def test_every_command_has_help() -> None:
                 ["enroll", "sign"], ["enroll", "install"], ["sell"], ["sales"], ["status"], ["void"]):
         proc = run_cli(*cmd, "--help")
         assert proc.returncode == 0 and "usage:" in proc.stdout, cmd
+
+
+@pytest.mark.parametrize(("card_line", "args", "message"), [
+    ("４１１１１１１１１１１１１１１１ 1230", [], "12 to 19 digits"),  # full-width, as a phone keyboard gives
+    ("4111111111111111 ١٢٣٠", [], "MMYY"),  # Arabic-Indic expiry
+    ("4111111111111111 0120", [], "expired"),
+    ("0000000000000000 1230", [], "not an issued card number"),
+    ("4111111111111111 1230", ["--description", "card 1234 5678 9012 3456"], "card number"),
+    ("4111111111111111 1230", ["--amount", "٥"], "not a number"),
+])
+def test_harmful_content_is_refused_at_sell(cli_site: Path, card_line: str, args: list[str], message: str) -> None:
+    """Reproduction 1 of issue 12: what `sell` accepted and then stopped the site's forwarding."""
+    amount = [] if "--amount" in args else ["--amount", "5.00"]
+    proc = run_cli("sell", str(cli_site / "t1"), *amount, *args, "--card", "-", input=card_line + "\n")
+    assert proc.returncode != 0, proc.stdout
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "4111111111111111" not in proc.stderr + proc.stdout
+    assert json.loads(run_cli("sales", str(cli_site / "t1"), "--json", check=True).stdout) == []

@@ -107,14 +107,15 @@ def test_dashboard_password_from_stdin_or_asked_never_argv(tmp_path: Path) -> No
 
     run_cli("site", "init", str(tmp_path / "b"), "--name", "B", "--dashboard-password", "-", check=True,
             input="correct horse\n")
-    stored = load_site(tmp_path / "b").policy.dashboard_password
+    stored = load_site(tmp_path / "b").dashboard_hash()
     assert stored is not None and check_password(stored, "correct horse")
 
     code, shown = _run_on_a_terminal(["site", "init", str(tmp_path / "c"), "--name", "C", "--dashboard-password"],
                                      ["battery staple", "battery staple"])
     assert code == 0, shown
     assert "battery" not in shown
-    stored = load_site(tmp_path / "c").policy.dashboard_password
+    stored = load_site(tmp_path / "c").dashboard_hash()
+    assert load_site(tmp_path / "c").policy.dashboard_password is None  # the hash is not in the policy every node gets
     assert stored is not None and check_password(stored, "battery staple")
 
     code, shown = _run_on_a_terminal(["site", "init", str(tmp_path / "d"), "--name", "D", "--dashboard-password"],
@@ -146,7 +147,7 @@ class TtyText(io.StringIO):
     ("4111 1111 1111 1111 1230", "4111 1111 1111 1111", "1230"),
     ("4111-1111-1111-1111", "4111-1111-1111-1111", None),
     ("  5555555555554444  ", "5555555555554444", None),
-    ("4111111111111112 1230", "4111111111111112 1230", None),  # not a card: left whole for check_pan's error
+    ("4111111111111112 1230", "4111111111111112", "1230"),  # a bad number and its expiry: check_pan says why
 ])
 def test_card_line_format(line: str, pan: str, expiry: str | None) -> None:
     assert split_card_line(line) == (pan, expiry)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..cards import check_pan, seal_card
+from ..clock import SYSTEM_CLOCK
 from ..currency import check_currency, parse_amount
 from ..errors import InputError
 from ..jsonfile import read_json, write_json
@@ -308,7 +309,9 @@ def cmd_sell(args: argparse.Namespace) -> int:
             from ..errors import PolicyError
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: take cash, "
                               "or have the organizer run `meshpos site set-switch`")
-        capture = seal_card(pan, expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]))
+        # an expired card is refused here, by this machine's clock, before anything is signed
+        capture = seal_card(pan, expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]),
+                            at_ms=SYSTEM_CLOCK.now_ms())
         del pan
         card = {"brand": capture.brand, "last4": capture.last4, "entry_mode": capture.entry_mode,
                 "sealed": base64.b64encode(capture.sealed).decode()}

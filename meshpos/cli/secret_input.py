@@ -94,14 +94,16 @@ def read_card(value: str | None, expiry: str | None, option: str = "--card",
 
 def split_card_line(line: str) -> tuple[str, str | None]:
     """``PAN [MMYY]``: the whole line is the card number (spaces and dashes allowed) when it is
-    one; otherwise a last group of 4 characters after a valid card number is its expiry."""
+    one; otherwise a last group of 4 characters after 12 to 19 others is its expiry."""
     line = line.strip()
     if not line:
         raise InputError("no card number given")
     if pan_problem(_compact(line)) is None:
         return line, None
     head, sep, tail = line.rpartition(" ")
-    if sep and len(tail) == 4 and pan_problem(_compact(head)) is None:
+    # a last group of 4 after something as long as a card number is the expiry, so that a bad
+    # number is reported as such (not as "20 digits")
+    if sep and len(tail) == 4 and 12 <= len(_compact(head)) <= 19:
         return head.strip(), tail
     return line, None
 

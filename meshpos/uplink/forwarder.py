@@ -233,15 +233,13 @@ class Forwarder:
         return 0 if ident is not None and ident.role == "gateway" else 1
 
     def entries_for(self, sale_ids: list[str]) -> list[bytes]:
-        """The batch: roster entries first (policy, certificates of the terminals, revocations), then sales and voids."""
+        """The batch: roster entries first (every policy version, certificates of the terminals,
+        revocations), then sales and voids."""
         ledger = self.core.ledger
         out: list[bytes] = []
-        policies = [int(k.split("/", 1)[1]) for (k,) in self.core.store.conn.execute(
-            "SELECT key FROM entries WHERE type='policy'") if k.split("/", 1)[1].isdigit()]
-        if policies:
-            raw = ledger.raw(f"policy/{max(policies)}")
-            if raw is not None:
-                out.append(raw)
+        # every policy version: the switch judges each sale by the one in force at its time
+        # (protocols/rules.md), which need not be the newest
+        out.extend(self.core.store.entries_of_type("policy"))
         terminals = sorted({sale_id.rsplit("-", 1)[0] for sale_id in sale_ids})
         for terminal in terminals:
             raw = ledger.raw(f"cert/{terminal}")
