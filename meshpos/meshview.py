@@ -126,8 +126,19 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
             "uplink": uplink.get("state"), "last_forward_at": uplink.get("last_forward_at"),
             "printer": printer.get("state"), "battery": (st or {}).get("battery"),
             "version": (st or {}).get("version"), "links": _links(st, known),
-            "revoked": k.revoked, "warnings": [],
+            "revoked": k.revoked, "refused": 0, "warnings": [],
         }
+    # sales of a terminal that the site's rules refuse, as the freshest statuses count them (a
+    # terminal's own status may lie about itself; any honest node's count shows it)
+    for node_id, st in statuses.items():
+        if node_id not in fresh:
+            continue
+        by_terminal = ((st or {}).get("refused") or {}).get("by_terminal") or {}
+        if not isinstance(by_terminal, dict):
+            continue
+        for terminal, count in by_terminal.items():
+            if terminal in nodes and isinstance(count, int) and not isinstance(count, bool):
+                nodes[terminal]["refused"] = max(nodes[terminal].get("refused") or 0, count)
     entries = [n["ledger_entries"] for n in nodes.values() if n["fresh"] and n["ledger_entries"] is not None]
     top = max(entries) if entries else None
     for n in nodes.values():
@@ -178,6 +189,9 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
                         f"for {n['pending']} pending sale(s): get an uplink")
         if n["printer"] in ("unreachable", "paper_out", "cover_open", "misconfigured"):
             warn(n, f"{n['name']}: printer {n['printer']}")
+        if n["refused"]:
+            warn(n, f"{n['name']}: {n['refused']} of its sales refused by the site's rules "
+                    "(kept out of every total; reasons in `meshpos report`)")
     partition = len(groups) > 1
     if partition:
         parts = " | ".join("{" + ", ".join(nodes[i]["name"] for i in g) + "}" for g in groups)

@@ -162,3 +162,16 @@ def test_name_and_role_come_from_the_certificate_not_the_status() -> None:
     assert (nodes["n3"]["name"], nodes["n3"]["role"]) == ("T3", "terminal")
     assert nodes["n5"]["role"] == "gateway" and not nodes["n5"]["reachable"]
     assert nodes["n1"]["links"] == ["n2", "n3"]
+
+
+def test_a_terminal_whose_sales_the_site_refuses_is_warned_about_whatever_it_says() -> None:
+    now = 10_000_000_000
+    known = {"n1": Known(name="T1", role="terminal"), "h": Known(name="H", role="terminal")}
+    honest = {**st(now, ["h"]), "refused": {"count": 3, "by_terminal": {"h": 3}}}
+    liar = {**st(now, ["n1"]), "refused": {"count": 0, "by_terminal": {}}}  # H says nothing of itself
+    view = analyze({"n1": honest, "h": liar}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    nodes = {n["node_id"]: n for n in view["nodes"]}
+    assert nodes["h"]["refused"] == 3 and nodes["n1"]["refused"] == 0
+    assert any("H: 3 of its sales refused" in w for w in nodes["h"]["warnings"])
+    junk = {**st(now, ["h"]), "refused": {"by_terminal": ["h"]}}  # malformed: ignored, no crash
+    assert analyze({"n1": junk}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)

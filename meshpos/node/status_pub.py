@@ -69,6 +69,18 @@ def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
     return {"count": int(count), "amount_minor": int(amount), "oldest_created_at": oldest}
 
 
+MAX_REFUSED_TERMINALS = 16
+
+
+def refused_of(core: NodeCore) -> dict[str, Any]:
+    """How many sales of the site this node holds as refused by the content rules, per terminal
+    (the inspector warns about a terminal whose sales the site refuses)."""
+    rows = core.store.conn.execute(
+        "SELECT terminal, count(*) FROM sales WHERE refused IS NOT NULL GROUP BY terminal"
+        " ORDER BY count(*) DESC, terminal LIMIT ?", (MAX_REFUSED_TERMINALS,)).fetchall()
+    return {"count": sum(int(n) for _, n in rows), "by_terminal": {str(t): int(n) for t, n in rows}}
+
+
 def printer_state(service: "NodeService") -> dict[str, Any]:
     if service.printer is not None:
         st = service.printer.status()
@@ -129,6 +141,7 @@ class StatusPublisher:
             "links": self.links(),
             "ledger": {"entries": core.store.entry_count(), "shards": len(core.ledger.shards())},
             "pending": pending_of(core, core.node_id), "site_pending": pending_of(core, None),
+            "refused": refused_of(core),
             "uplink": uplink_state(self.service), "printer": printer_state(self.service),
             "battery": battery_percent(), "every_ms": int(self.interval * 1000),
             "started_at": self.service.started_at, "at": core.clock.now_ms(),
