@@ -94,7 +94,7 @@ def test_report_csv_into_a_missing_directory_is_a_clear_error(node: Path, tmp_pa
 # -- site init: all or nothing -----------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, code, message", [
-    (["--max-sale", "abc"], InputError.exit_code, "plain decimal amount"),
+    (["--max-sale", "abc"], InputError.exit_code, "not a number"),
     (["--max-site-pending", "1.234"], InputError.exit_code, "decimal places"),
     (["--offline-window", "0"], InputError.exit_code, "--offline-window"),
     (["--currency", "XYZ"], InputError.exit_code, "unknown currency"),

@@ -74,13 +74,17 @@ def test_certificate_checks(tmp_path: Path, site: Site) -> None:
 def test_revocation_is_a_signed_entry_that_stops_the_node(make_node, open_node, site: Site,
                                                           clock: FakeClock) -> None:
     t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
-    raw = site.revoke(t2.node_id, "stolen", clock)
+    before = t2.sell(400)
+    raw = site.revoke(t2.node_id, "stolen", clock)  # no sequence cut: what is dated up to now stays
     env = envelope.decode(raw)
     assert env.type == "revocation" and env.signer == site.site_id
+    clock.advance(1)
     sale = t2.sell(500)
     t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "test")
     t1.ingest(raw, "organizer")
     assert t2.node_id in t1.roster.revoked
+    t1.ingest(t2.ledger.raw(f"sale/{before['id']}"), "peer")  # before the cut: valid, nothing honest lost
+    assert t1.sale(before["id"])["status"] == "pending"
     with pytest.raises(VerificationError, match="revoked"):
         t1.ingest(t2.ledger.raw(f"sale/{sale['id']}"), "peer")
 
