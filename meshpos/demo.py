@@ -126,7 +126,7 @@ class Demo:
                 "brand": cap.brand, "last4": cap.last4, "entry_mode": cap.entry_mode,
                 "sealed": base64.b64encode(cap.sealed).decode()}})
         self.expected[sale["id"]] = sale
-        return sale
+        return dict(sale)
 
     def sell_offline(self) -> None:
         terminals = [n for n in self.nodes if n != "gateway"]

@@ -83,7 +83,8 @@ class SitePolicy:
 
     def check_sale(self, amount_minor: int, terminal_pending_minor: int) -> None:
         """Refuse a sale over the per-sale cap or the terminal's stored-total cap."""
-        fmt = lambda v: f"{format_amount(v, self.currency)} {self.currency}"  # noqa: E731
+        def fmt(minor: int) -> str:
+            return f"{format_amount(minor, self.currency)} {self.currency}"
         if amount_minor > self.max_sale_minor:
             raise PolicyError(
                 f"amount {fmt(amount_minor)} is over the per-sale offline cap of {fmt(self.max_sale_minor)} "

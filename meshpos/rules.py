@@ -180,9 +180,9 @@ def beyond_cut(revocation: dict[str, Any], seq: int | None, at_ms: int) -> bool:
     their voids); without one, entries dated up to ``at``. Entries with no sequence number
     (voids are judged by their sale, leases and statuses by time) use ``at``."""
     cut_seq = revocation.get("cut_seq")
-    if cut_seq is not None and seq is not None:
+    if isinstance(cut_seq, int) and seq is not None:
         return seq > cut_seq
-    return at_ms > revocation["at"]
+    return at_ms > int(revocation["at"])
 
 
 def card_problem(pan: str, expiry: str | None, body: dict[str, Any]) -> str | None:

@@ -147,7 +147,7 @@ class Site:
             raise InputError(f"no node named or with id {who!r} was enrolled in this site")
         if len(matches) > 1:
             raise InputError(f"several nodes are named {who!r}: give the node id")
-        return matches.pop()
+        return str(matches.pop())
 
     def revoke(self, node_id: str, reason: str | None, clock: Clock = SYSTEM_CLOCK,
                cut_seq: int | None = None) -> bytes:
@@ -184,11 +184,9 @@ def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | No
     ca_key = keys.generate()
     ca_cert = certs.make_ca(name, ca_key, clock.now_ms())
     site_id = certs.site_id_of(ca_cert)
-    policy = SitePolicy(
-        site_id=site_id, name=name, currency=currency, switch_key=switch_key,
-        switch_url=check_switch_url(switch_url) if switch_url else None,
-        **limits,
-    )
+    fields: dict[str, Any] = {"site_id": site_id, "name": name, "currency": currency, "switch_key": switch_key,
+                              "switch_url": check_switch_url(switch_url) if switch_url else None, **limits}
+    policy = SitePolicy(**fields)
     policy.validate("site policy")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,8 @@ from typing import Protocol
 
 import trio
 
-from ..cards import ENTRY_MODES, check_expiry, check_pan, mask
+from ..cards import check_expiry, check_pan, mask
+from ..rules import ENTRY_MODES
 from ..currency import numeric_code
 from ..errors import AcquirerError, InputError
 
@@ -53,7 +54,7 @@ class AcquirerRequest:
     amount_minor: int
     currency: str  # ISO 4217 alpha, e.g. "EUR"
     created_at_ms: int  # UTC ms of the sale
-    entry_mode: str  # one of meshpos.cards.ENTRY_MODES
+    entry_mode: str  # one of meshpos.rules.ENTRY_MODES
     terminal_id: str  # field 41, 8 characters
     merchant_id: str  # field 42, 15 characters
     stan: int  # field 11, 1..999999

@@ -154,7 +154,7 @@ def cmd_site_set_switch(args: argparse.Namespace) -> int:
     site = load_site(args.site_dir)
     policy = site.update_policy(switch_key=read_switch_key_file(args.switch_key),
                                 switch_url=check_switch_url(args.switch_url))
-    print(f"policy version {policy.version}: switch {policy.switch_url} key {policy.switch_key[:16]}...")
+    print(f"policy version {policy.version}: switch {policy.switch_url} key {(policy.switch_key or '')[:16]}...")
     print("push it to a node with `meshpos site push SITE_DIR NODE_DIR`; the mesh spreads it")
     return 0
 

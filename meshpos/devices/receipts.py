@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..cards import ENTRY_MODES
+from ..rules import ENTRY_MODES
 from ..currency import check_currency, format_amount
 from ..errors import ConfigError, EncodingError, InputError, PrinterError
 from .messages import messages

@@ -34,7 +34,10 @@ async def serve_control(path: Path, handler: Handler, *,
     listener = trio.SocketListener(sock)
     try:
         task_status.started()
-        await trio.serve_listeners(lambda stream: _serve_one(stream, handler), [listener])
+        async def serve(stream: trio.SocketStream) -> None:
+            await _serve_one(stream, handler)
+
+        await trio.serve_listeners(serve, [listener])
     finally:
         try:
             path.unlink()

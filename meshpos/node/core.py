@@ -197,7 +197,7 @@ class NodeCore:
             rules.check_sale(body, policy, now)  # the very rules every node and the switch apply
             self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
         self.store.flush()  # the acknowledgement: durable before it is returned
-        return self.sale(body["sale_id"])
+        return self.sale(str(body["sale_id"]))
 
     def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:
         row = self.store.sale(sale_id)
