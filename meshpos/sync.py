@@ -42,10 +42,9 @@ Nothing here does I/O: bytes in with ``receive_data``, bytes out with
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
 import automerge.core as am

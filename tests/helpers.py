@@ -22,6 +22,22 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False,
     return proc
 
 
+def make_cli_site(root: Path, terminals: tuple[str, ...] = ("t1", "t2")) -> Path:
+    """A site made with the real CLI (a fresh switch key, a switch URL nobody answers) and its
+    terminals enrolled in ``root``; returns ``root``."""
+    import nacl.signing
+
+    from meshpos.identity import keys
+
+    key = nacl.signing.SigningKey.generate()
+    (root / "switch.pub").write_text(keys.x25519_public_of(key).hex() + "\n")
+    run_cli("site", "init", str(root / "site"), "--name", "Sagra", "--switch-key",
+            str(root / "switch.pub"), "--switch-url", "https://127.0.0.1:9443", check=True)
+    for name in terminals:
+        run_cli("enroll", str(root / "site"), str(root / name), "--role", "terminal", "--name", name, check=True)
+    return root
+
+
 def scan_for(root: Path, needles: list[bytes]) -> list[str]:
     """Every file under ``root`` holding any of ``needles`` (also as UTF-16 and hex)."""
     forms = []

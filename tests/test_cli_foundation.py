@@ -6,26 +6,17 @@ import json
 import sqlite3
 from pathlib import Path
 
-import nacl.signing
 import pytest
 
 from meshpos import envelope
-from meshpos.identity import keys
 from meshpos.node.core import NodeCore
 
-from helpers import TEST_PANS, run_cli, scan_for
+from helpers import TEST_PANS, make_cli_site, run_cli, scan_for
 
 
 @pytest.fixture
 def cli_site(tmp_path: Path) -> Path:
-    key = nacl.signing.SigningKey.generate()
-    (tmp_path / "switch.pub").write_text(keys.x25519_public_of(key).hex() + "\n")
-    run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", "--switch-key",
-            str(tmp_path / "switch.pub"), "--switch-url", "https://127.0.0.1:9443", check=True)
-    for name in ("t1", "t2"):
-        run_cli("enroll", str(tmp_path / "site"), str(tmp_path / name), "--role", "terminal", "--name", name,
-                check=True)
-    return tmp_path
+    return make_cli_site(tmp_path)
 
 
 def test_two_terminals_five_sales_each_all_pending_and_verifying(cli_site: Path) -> None:

@@ -168,7 +168,7 @@ async def test_each_worker_backs_off_on_its_own_failures_and_keeps_the_leases(
     uplink, _, _ = fair
     switch = Outage(switch_key, clock, failures=2)  # one short outage: each worker's first batch fails
     async with trio.open_nursery() as nursery:
-        fwd: Forwarder = await nursery.start(lambda task_status: run_forwarder(
+        await nursery.start(lambda task_status: run_forwarder(
             uplink, clock, lambda: True, transport=switch, batch_sales=6, backoff=switch.backoff, poll_s=1.0,
             task_status=task_status))
         while pending_ids(uplink):

@@ -96,7 +96,6 @@ def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_n
 
 
 def test_receipt_preview_shows_pending_wording_and_last4_only(tmp_path: Path, make_node) -> None:
-    import nacl.signing  # noqa: F401  (the site fixture has a switch key)
     node = make_node("t1", language="it")
     run_cli("sell", str(node), "--amount", "7.20", "--card", "-", check=True,
             input="5555555555554444\n")

@@ -25,7 +25,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshpos import report
-from meshpos.clock import FakeClock
 from meshpos.link.memnet import MemLink, MemNetwork
 from meshpos.link.testing import SimNode, enroll, wall_clock
 from meshpos.site import load_site, init_site

@@ -13,28 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-import nacl.signing
 import pytest
 
 from meshpos.cli.secret_input import Console, read_card, read_password, split_card_line
 from meshpos.errors import InputError
-from meshpos.identity import keys
 from meshpos.policy import check_password
 from meshpos.site import load_site
 
 from argv_watch import ArgvWatch
-from helpers import TEST_PANS, run_cli
+from helpers import TEST_PANS, make_cli_site, run_cli
 
 
 @pytest.fixture
 def cli_node(tmp_path: Path) -> Path:
-    key = nacl.signing.SigningKey.generate()
-    (tmp_path / "switch.pub").write_text(keys.x25519_public_of(key).hex() + "\n")
-    run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", "--switch-key",
-            str(tmp_path / "switch.pub"), "--switch-url", "https://127.0.0.1:9443", check=True)
-    run_cli("enroll", str(tmp_path / "site"), str(tmp_path / "t1"), "--role", "terminal", "--name", "t1",
-            check=True)
-    return tmp_path / "t1"
+    return make_cli_site(tmp_path, ("t1",)) / "t1"
 
 
 def _run_with_a_card_in_argv(argv_watch: ArgvWatch, *args: str) -> subprocess.CompletedProcess[str]:

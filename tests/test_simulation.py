@@ -31,7 +31,6 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from meshpos import envelope
 from meshpos.acquirer.base import AcquirerRequest, AcquirerResult
 from meshpos.clock import SYSTEM_CLOCK, FakeClock
 from meshpos.errors import AcquirerError, UplinkError
