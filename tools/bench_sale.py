@@ -49,7 +49,7 @@ def one_run(sales: int) -> dict[str, float]:
         enroll_one_step(site, root / "t1", "terminal", "T1")
         core = NodeCore.open(root / "t1")
         site.update_policy(max_terminal_pending_minor=10**12, max_site_pending_minor=10**12)
-        core.roster.policy = site.policy
+        core.ingest(site.policy_envelope(), "organizer")  # a signed policy version, as a node takes one
         lat = []
         try:
             for i in range(sales):
