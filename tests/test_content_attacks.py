@@ -214,3 +214,37 @@ def test_whatever_a_terminal_signs_honest_views_follow_the_rules(mesh: Mesh) -> 
         assert all(n.entries() == first for n in mesh.honest)
 
     attack()
+
+
+def test_one_refused_sale_breaks_no_listing_report_or_dashboard(make_node, switch_key) -> None:
+    """Reproduction 4 of issue 12: after one sale in currency XXX, `meshpos sales`, `meshpos report`
+    and the dashboard's /api/state failed on every node, for good."""
+    import json
+    import types
+
+    from helpers import run_cli
+    from meshpos.dashboard import Dashboard
+    from meshpos.node.core import NodeCore
+
+    a_dir, h_dir = make_node("a"), make_node("h")
+    h = NodeCore.open(h_dir)
+    a = NodeCore.open(a_dir)
+    try:
+        body = {"sale_id": envelope.sale_id(h.node_id, 1), "site": h.policy.site_id, "terminal": h.node_id,
+                "seq": 1, "created_at": h.clock.now_ms(), "amount_minor": 10**12, "currency": "XXX",
+                "method": "cash", "description": None, "items": [], "card": None}
+        a.ingest(h.ledger.raw(f"cert/{h.node_id}") or b"", "peer")
+        a.ingest(envelope.seal("sale", h.node_id, body, h.key), "peer")
+        a.sell(1250)
+        state = Dashboard(types.SimpleNamespace(core=a, clock=a.clock), "").state()  # type: ignore[arg-type]
+        by_status = {s["status"]: s["count"] for s in state["settled"]}
+        assert by_status["refused"] == 1 and by_status["pending"] == 1
+        assert state["total"]["amount"] == "12.50"  # the refused 10^12 XXX counts in no total
+    finally:
+        a.close()
+        h.close()
+    listed = json.loads(run_cli("sales", str(a_dir), "--json", check=True).stdout)
+    refused = [s for s in listed if s["status"] == "refused"]
+    assert len(refused) == 1 and "XXX" in refused[0]["reason"]
+    text = run_cli("report", str(a_dir), check=True).stdout
+    assert "refused by the site's rules" in text and "XXX" in text
