@@ -1,0 +1,69 @@
+"""Red-team attacks on issue 12's promises (content rules, one bad entry never stops a site).
+
+Each test is an attack that got through when it was written; the fix is in the module that owns
+the rule. H is an enrolled terminal with hostile code signing with its own real key
+(tests/test_content_attacks.py's ``h_sale``); A, B and C are honest.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import automerge.core as am
+import pytest
+
+from meshpos import rules
+from meshpos.errors import ContentError
+from meshpos.link.protocol import SUPPORTED_VERSIONS
+from test_content_attacks import h_sale, publish, views
+from test_hostile import Mesh
+
+
+@pytest.fixture
+def mesh(make_node, site, switch_key):
+    m = Mesh(make_node, site, switch_key, SUPPORTED_VERSIONS)
+    yield m
+    m.close()
+
+
+# -- disguised card numbers and display tricks in free text --------------------------------------
+
+DISGUISED: dict[str, dict[str, Any]] = {
+    "zero-width spaces between the digits": {"description": "card 4111\u200b1111\u200b1111\u200b1111"},
+    "word joiners between the digits": {"description": "4111\u20601111\u20601111\u20601111"},
+    "soft hyphens between the digits": {"description": "4111\u00ad1111\u00ad1111\u00ad1111"},
+    "superscript digits": {"description": "\u2074\u00b9\u00b9\u00b9" * 4},
+    "circled digits": {"description": "\u2463\u2460\u2460\u2460" * 4},
+    "no-break spaces between groups": {"description": "4111\u00a01111\u00a01111\u00a01111"},
+    "' - ' between groups": {"description": "4111 - 1111 - 1111 - 1111"},
+    "underscores between groups": {"description": "4111_1111_1111_1111"},
+    "right-to-left override (an amount that reads backwards)": {"description": "\u202e00.005"},
+    "card number nested in an item": {"items": [{"opts": {"note": ["4111111111111111"]}}]},
+    "card number as a JSON number in an item": {"items": [{"qty": 4111111111111111}]},
+    "card number as an item's key": {"items": [{"4111 1111 1111 1111": 1}]},
+}
+
+
+@pytest.mark.parametrize("what", DISGUISED)
+def test_a_disguised_card_number_or_bidi_trick_is_refused_everywhere(mesh: Mesh, what: str) -> None:
+    """Attack: a card number in free text, disguised so that the 12-digit search misses it
+    (invisible characters between digits, compatibility digits, wider separators, nested item
+    values), or a right-to-left override that makes a listing read another amount. Each went
+    into every view as a pending sale, replicated in the clear."""
+    sale_id, raw = h_sale(mesh, 1, **DISGUISED[what])
+    publish(mesh, {sale_id: raw})
+    for view in views(mesh):
+        assert view[sale_id]["status"] == "refused", view[sale_id]
+        assert "4111" not in (view[sale_id]["reason"] or "")
+    for node in mesh.honest:
+        assert node.core.status()["pending"]["count"] == 0
+    text = DISGUISED[what].get("description")
+    if text is not None:  # a careless cashier typing the same is stopped at sell
+        with pytest.raises(ContentError):
+            mesh.nodes["a"].core.sell(100, description=text)
+
+
+def test_ordinary_descriptions_are_not_taken_for_card_numbers() -> None:
+    for text in ("tel 12345678901", "table 12, 2 x beer 4.50", "\U0001f468\u200d\U0001f373 menu 12",
+                 "order 2026-05-01", "caf\u00e9 cr\u00e8me"):
+        assert rules.description_problem(text) is None, text
