@@ -67,3 +67,44 @@ def test_ordinary_descriptions_are_not_taken_for_card_numbers() -> None:
     for text in ("tel 12345678901", "table 12, 2 x beer 4.50", "\U0001f468\u200d\U0001f373 menu 12",
                  "order 2026-05-01", "caf\u00e9 cr\u00e8me"):
         assert rules.description_problem(text) is None, text
+
+
+# -- equivocation: two different sales signed under one sale id -----------------------------------
+
+def _shard_with(key: str, raw: bytes) -> bytes:
+    doc = am.Document()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, key, am.ScalarType.Bytes, raw)
+    return doc.save()
+
+
+@pytest.mark.parametrize("certs", ["known", "not yet known"])
+@pytest.mark.parametrize("order", ["small first on A", "big first on A"])
+def test_two_sales_signed_under_one_sale_id_end_the_same_on_every_node(mesh: Mesh, order: str, certs: str) -> None:
+    """Attack: H signs two different sales with the same sequence number (5.00 and 400.00) and
+    hands one to A and the other to B, each in a shard of its own log. Each node kept the one it
+    saw first and refused the other as 'differs from the verified entry held': A and B showed
+    different amounts for one sale id, and their reports differed for good (and, when the
+    sales arrived before H's certificate, A and B traded strips and re-assertions without end)."""
+    h = mesh.h.core.node_id
+    sale_id, small = h_sale(mesh, 1, amount_minor=500)
+    again, big = h_sale(mesh, 1, amount_minor=400_00)
+    assert sale_id == again and small != big
+    first, second = (f"{h}/000000", _shard_with(f"sale/{sale_id}", small)), (f"{h}/000001", _shard_with(f"sale/{sale_id}", big))
+    if order == "big first on A":
+        first, second = second, first
+    if certs == "known":
+        mesh.pump()  # H's certificate reaches everyone first (else both sales wait, parked)
+    a, b = mesh.nodes["a"].core.ledger, mesh.nodes["b"].core.ledger
+    a.receive_snapshot(*first, "h")
+    b.receive_snapshot(*second, "h")
+    a.receive_snapshot(*second, "h")
+    b.receive_snapshot(*first, "h")
+    rounds = mesh.net.pump(max_rounds=2_000)  # it used to trade strip and re-assert for ever
+    assert rounds < 2_000
+    amounts = [view[sale_id]["amount_minor"] for view in views(mesh)]
+    assert len(set(amounts)) == 1, amounts
+    reference = mesh.honest[0].entries()
+    assert all(node.entries() == reference for node in mesh.honest), "honest ledgers differ"
+    totals = {node.core.status()["pending"]["amount_minor"] for node in mesh.honest}
+    assert len(totals) == 1, totals
