@@ -108,3 +108,63 @@ def test_two_sales_signed_under_one_sale_id_end_the_same_on_every_node(mesh: Mes
     assert all(node.entries() == reference for node in mesh.honest), "honest ledgers differ"
     totals = {node.core.status()["pending"]["amount_minor"] for node in mesh.honest}
     assert len(totals) == 1, totals
+
+
+# -- a signed status with fields of the wrong type ------------------------------------------------
+
+HOSTILE_STATUSES: dict[str, dict[str, Any]] = {
+    "pending is a string": {"pending": "lots"},
+    "pending amounts are strings": {"pending": {"count": "9", "amount_minor": "1e9", "oldest_created_at": "yesterday"}},
+    "pending amount is a huge float-like list": {"pending": {"count": [1], "amount_minor": {"x": 1}}},
+    "uplink and printer are lists": {"uplink": [1, 2], "printer": ["paper_out"]},
+    "ledger is a number": {"ledger": 5},
+    "addresses is a number": {"addresses": 7, "port": "x"},
+    "escape sequences in the printer state": {"printer": {"state": "\x1b[2J\x1b]0;pwned\x07"},
+                                              "uplink": {"state": "up\x1b[31m"}},
+}
+
+
+@pytest.mark.parametrize("what", HOSTILE_STATUSES)
+def test_a_status_with_fields_of_the_wrong_type_breaks_no_view(what: str) -> None:
+    """Attack: H signs a status (only ``at`` is checked) whose other fields have the wrong type or
+    hold terminal escape sequences. ``meshview.analyze`` (behind `meshpos inspect` and the
+    dashboard's /api/state) crashed on it with AttributeError/TypeError, on every node that held
+    it, for as long as the status was fresh; escape sequences went to the inspector's terminal."""
+    from meshpos.cli.inspect_cmd import render
+    from meshpos.meshview import Known, analyze
+
+    now = 1_767_225_600_000
+    honest = {"at": now, "pending": {"count": 2, "amount_minor": 300, "oldest_created_at": now - 1000},
+              "uplink": {"state": "up"}, "printer": {"state": "ok"}, "ledger": {"entries": 10}}
+    statuses = {"a" * 16: honest, "h" * 16: {"at": now, **HOSTILE_STATUSES[what]}}
+    known = {"a" * 16: Known(name="A", role="terminal"), "h" * 16: Known(name="H", role="terminal")}
+    view = analyze(statuses, known, now_ms=now, offline_window_ms=86_400_000, warn_before_ms=3_600_000)
+    assert view["totals"]["pending_amount_minor"] >= 300
+    assert all(isinstance(n["pending_amount_minor"], (int, type(None))) for n in view["nodes"])
+    text = render({**view, "site": {"name": "S", "site_id": "s"}, "inspector": {"links": 1}})
+    assert "\x1b" not in text and "\x07" not in text
+
+
+# -- a careless cashier or organizer keys a card number into a reason -----------------------------
+
+def test_a_card_number_in_a_void_reason_is_refused_before_it_is_signed(mesh: Mesh) -> None:
+    """Attack (careless cashier): `meshpos void NODE SALE --reason "card 4111 1111 1111 1111
+    declined"` signed the number into a void entry and replicated it to every node in the clear;
+    only the sale's description was checked."""
+    a = mesh.nodes["a"].core
+    sale_id = a.sell(100)["id"]
+    with pytest.raises(ContentError, match="reason"):
+        a.void(sale_id, reason="customer card 4111 1111 1111 1111 declined")
+    with pytest.raises(ContentError, match="reason"):
+        a.void(sale_id, reason="\u202ewrong amount")
+    assert not a.ledger.has(f"void/{sale_id}")
+    assert a.void(sale_id, reason="customer changed mind")["status"] == "voided"
+
+
+def test_a_card_number_in_a_revocation_reason_is_refused(site) -> None:
+    """The same for `meshpos site revoke --reason`: a revocation is replicated to every node."""
+    from meshpos.errors import InputError
+
+    with pytest.raises(InputError, match="reason"):
+        site.revoke("0123456789abcdef", "stolen with card 4111-1111-1111-1111 inside")
+    assert site.revoke("0123456789abcdef", "stolen")
