@@ -168,3 +168,22 @@ def test_a_card_number_in_a_revocation_reason_is_refused(site) -> None:
     with pytest.raises(InputError, match="reason"):
         site.revoke("0123456789abcdef", "stolen with card 4111-1111-1111-1111 inside")
     assert site.revoke("0123456789abcdef", "stolen")
+
+
+# -- escape sequences in fields a listing prints ---------------------------------------------------
+
+def test_escape_sequences_in_a_refused_sale_do_not_reach_the_terminal(mesh: Mesh) -> None:
+    """Attack: H signs a sale with currency '\\x1b[J' (3 characters: the schema allows it) and a
+    card brand '\\x1b[2J\\x1b[H'. It is refused, but kept in the view, and `meshpos sales` printed
+    its currency raw into the cashier's terminal (clearing the screen; other sequences retitle the
+    window or hide lines). Every cell a table prints is shown with control characters escaped."""
+    from meshpos.cli.output import table
+
+    sale_id, raw = h_sale(mesh, 1, currency="\x1b[J")
+    publish(mesh, {sale_id: raw})
+    sale = mesh.nodes["a"].core.sale(sale_id)
+    assert sale["status"] == "refused" and sale["currency"] == "\x1b[J"  # as signed
+    text = table([[sale["id"], sale["amount"], sale["currency"], "\u202eevil", "bell\x07"]],
+                 ["SALE", "AMOUNT", "CUR", "X", "Y"])
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert "\\x1b[J" in text  # shown, escaped
