@@ -44,8 +44,8 @@ def parse_amount(text: str, currency: str) -> int:
     if isinstance(text, str) and text.strip().startswith("-"):
         raise InputError(f"amount must be greater than zero, got {text.strip()[:32]}")
     if not isinstance(text, str) or not _AMOUNT.fullmatch(text.strip()):
-        raise InputError(f"amount {str(text)[:32]!r} is not a number in the plain form 12.50 "
-                         "(ASCII digits, one optional '.', no sign, exponent or '_')")
+        raise InputError(f"amount {str(text)[:32]!r} is not a number: write a plain decimal amount such as "
+                         "12.50 (ASCII digits, one optional '.', no sign, exponent or '_')")
     try:
         value = Decimal(text.strip())
     except (InvalidOperation, AttributeError) as exc:

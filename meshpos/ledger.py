@@ -44,6 +44,9 @@ PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as 
 PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 MAX_SHARD_NAME = 48
+# keys under which a node could sign two different entries (the rest are fixed by their signer
+# alone, or signed by the CA or the switch): the lowest digest wins on every node
+EQUIVOCABLE = ("sale/", "void/", "lease/")
 
 
 def entry_bytes(got: object) -> bytes | None:
@@ -382,14 +385,7 @@ class Ledger:
             doc = self.docs.get(shard)
             before = doc.get_heads() if doc is not None else []
             for key in keys:
-                self.store.delete_entry(key)
-                if key.startswith("sale/"):
-                    self.store.delete_sale(key[len("sale/"):])
-                elif key.startswith("void/"):
-                    self.store.unmark_void(key[len("void/"):])
-                known = self.index.pop(key, None)
-                if known is not None:
-                    self.homes.get(known.home, set()).discard(key)
+                self._drop(key)
                 n += 1
             if doc is not None:
                 with doc.transaction() as tx:
@@ -560,6 +556,8 @@ class Ledger:
             d = digest(raw)
             known = self.index.get(key)
             if known is not None:
+                if known.digest != d and self._equivocation(key, raw, d, known, shard, report, now):
+                    continue
                 if known.digest != d and known.home != shard:
                     self._reject(report, shard, key, d, "differs from the verified entry held for this key")
                     report.stripped.append(key)
@@ -578,6 +576,9 @@ class Ledger:
                 env = pre[1] if pre is not None else env_mod.decode(raw)
                 verified = self.roster.verify(env, now, key)
             except UnknownSigner as exc:
+                held = self.store.conn.execute("SELECT raw FROM parked WHERE key=?", (key,)).fetchone()
+                if held is not None and digest(bytes(held[0])) < d:
+                    continue  # two entries under one key: the lowest digest waits (see _equivocation)
                 self.store.park(key, raw, shard, str(exc), now)
                 self._parked.add(key)
                 report.parked += 1
@@ -596,6 +597,44 @@ class Ledger:
                 self.store.unpark(key)
                 self._parked.discard(key)
             report.accepted.append(verified)
+
+    def _equivocation(self, key: str, raw: bytes, d: bytes, known: _Indexed, shard: str,
+                      report: IngestReport, now: int) -> bool:
+        """A node signed two different authentic entries under one key (two sales with one sale
+        id, two voids of one sale, two leases of one grant): every node keeps the one whose
+        digest is the lowest, whatever order they arrived in, and strips the other (True when
+        the entry just read replaced the one held)."""
+        if d >= known.digest or not key.startswith(EQUIVOCABLE):
+            return False
+        try:
+            verified = self.roster.verify(env_mod.decode(raw), now, key)
+        except Exception:  # not authentic (or its signer unknown yet): the held entry stays
+            return False
+        log.warning("%s: its signer signed two different entries under this key; keeping the one "
+                    "with the lowest digest, as every node does", key[:80])
+        if known.home != shard:  # the loser leaves its home shard too, so no honest node relays it
+            doc = self.docs.get(known.home)
+            if doc is not None and doc.get(am.ROOT, key) is not None:
+                before = doc.get_heads()
+                with doc.transaction() as tx:
+                    tx.delete(am.ROOT, key)
+                self._persist(known.home, before)
+                self._purged_shards.add(known.home)
+        self._drop(key)
+        self._accept(verified, shard)
+        report.accepted.append(verified)
+        return True
+
+    def _drop(self, key: str) -> None:
+        """Take a verified entry out of the store, the sales view and the index."""
+        self.store.delete_entry(key)
+        if key.startswith("sale/"):
+            self.store.delete_sale(key[len("sale/"):])
+        elif key.startswith("void/"):
+            self.store.unmark_void(key[len("void/"):])
+        known = self.index.pop(key, None)
+        if known is not None:
+            self.homes.get(known.home, set()).discard(key)
 
     def _strip(self, shard: str, report: IngestReport) -> None:
         """Delete invalid keys from the shard, so honest nodes do not relay a forgery onward.
@@ -664,6 +703,8 @@ class Ledger:
             if key not in self.index:
                 self._accept(verified, shard)
                 report.accepted.append(verified)
+            elif self.index[key].digest != digest(raw):
+                self._equivocation(key, raw, digest(raw), self.index[key], shard, report, now)
 
     def ingest_raw(self, raw: bytes, peer: str) -> Verified:
         """Take one envelope from outside the mesh (the switch, an organizer file) into our own log."""

@@ -65,6 +65,23 @@ class _Uf:
         self.parent[self.find(a)] = self.find(b)
 
 
+# A status is signed by its node, but only its ``at`` is checked on arrival: every other field is
+# whatever that node wrote. Read through these, a field of the wrong type counts as absent and a
+# text is cut short and stripped of control characters, so no status breaks a view or a terminal.
+def _obj(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _count(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**15 else None
+
+
+def _label(value: object) -> str | None:
+    if not isinstance(value, str):
+        return None
+    return "".join(ch for ch in value[:40] if ch.isprintable()) or None
+
+
 def _age_s(now_ms: int, at: int | None) -> float | None:
     return None if at is None else round(max(0, now_ms - at) / 1000, 1)
 
@@ -108,24 +125,25 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         is_fresh = at is not None and now_ms - int(at) <= stale_after_ms(st or {})
         if is_fresh:
             fresh.add(node_id)
-        pend = (st or {}).get("pending") or {}
-        oldest = pend.get("oldest_created_at")
+        pend = _obj((st or {}).get("pending"))
+        oldest = _count(pend.get("oldest_created_at"))
         addr = k.address
-        if addr is None and st and st.get("addresses") and st.get("port"):
-            addr = f"{st['addresses'][0]}:{st['port']}"
-        uplink = (st or {}).get("uplink") or {}
-        printer = (st or {}).get("printer") or {}
+        addresses, port = (st or {}).get("addresses"), _count((st or {}).get("port"))
+        if addr is None and isinstance(addresses, list) and addresses and _label(addresses[0]) and port:
+            addr = f"{_label(addresses[0])}:{port}"
+        uplink = _obj((st or {}).get("uplink"))
+        printer = _obj((st or {}).get("printer"))
         nodes[node_id] = {
             "node_id": node_id, "name": k.name or node_id, "role": role,
             "address": addr, "reachable": bool(is_fresh or (k.linked and st is None)), "fresh": is_fresh,
             "linked": k.linked, "rtt_ms": k.rtt_ms, "status_age_s": _age_s(now_ms, at),
-            "ledger_entries": ((st or {}).get("ledger") or {}).get("entries"), "behind": None,
-            "pending": pend.get("count"), "pending_amount_minor": pend.get("amount_minor"),
+            "ledger_entries": _count(_obj((st or {}).get("ledger")).get("entries")), "behind": None,
+            "pending": _count(pend.get("count")), "pending_amount_minor": _count(pend.get("amount_minor")),
             "oldest_pending_age_s": _age_s(now_ms, oldest),
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
-            "uplink": uplink.get("state"), "last_forward_at": uplink.get("last_forward_at"),
-            "printer": printer.get("state"), "battery": (st or {}).get("battery"),
-            "version": (st or {}).get("version"), "links": _links(st, known),
+            "uplink": _label(uplink.get("state")), "last_forward_at": _count(uplink.get("last_forward_at")),
+            "printer": _label(printer.get("state")), "battery": _count((st or {}).get("battery")),
+            "version": _label((st or {}).get("version")), "links": _links(st, known),
             "revoked": k.revoked, "refused": 0, "warnings": [],
         }
     # sales of a terminal that the site's rules refuse, as the freshest statuses count them (a
@@ -133,12 +151,10 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
     for node_id, st in statuses.items():
         if node_id not in fresh:
             continue
-        by_terminal = ((st or {}).get("refused") or {}).get("by_terminal") or {}
-        if not isinstance(by_terminal, dict):
-            continue
+        by_terminal = _obj(_obj((st or {}).get("refused")).get("by_terminal"))
         for terminal, count in by_terminal.items():
-            if terminal in nodes and isinstance(count, int) and not isinstance(count, bool):
-                nodes[terminal]["refused"] = max(nodes[terminal].get("refused") or 0, count)
+            if terminal in nodes and _count(count):
+                nodes[terminal]["refused"] = max(nodes[terminal]["refused"], _count(count) or 0)
     entries = [n["ledger_entries"] for n in nodes.values() if n["fresh"] and n["ledger_entries"] is not None]
     top = max(entries) if entries else None
     for n in nodes.values():

@@ -10,7 +10,8 @@ Normative text: protocols/rules.md. Pure functions: time comes in as ``now_ms``.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+import unicodedata
+from typing import Any, Iterable, Iterator
 
 from .currency import CURRENCIES
 from .errors import ContentError
@@ -27,9 +28,13 @@ BRANDS = ("visa", "mastercard", "amex", "maestro", "other")
 ENTRY_MODES = ("chip", "contactless", "magstripe", "manual")
 MAX_DESCRIPTION = 200
 
-# A run of 12 or more digits (any script), optionally split by spaces, dots or dashes:
-# what a card number typed into free text looks like.
-_DIGIT_RUN = re.compile(r"(?:\d[ .\-]?){11,}\d")
+# A run of 12 or more digits (any script), consecutive digits split by at most three spaces,
+# dots, dashes, underscores or slashes: what a card number typed into free text looks like.
+# It is searched in the text as a reader sees it (``digits_view``).
+_DIGIT_RUN = re.compile(r"(?:\d[ .\-_/]{0,3}){11,}\d")
+# Bidirectional formatting characters reorder what a listing shows (a description could make
+# the amount beside it read differently): refused in free text like control characters.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def is_ascii_digits(text: object, min_len: int = 1, max_len: int = 64) -> bool:
@@ -90,9 +95,35 @@ def _year_month(ms: int) -> tuple[int, int]:
     return when.year, when.month
 
 
+def digits_view(text: str) -> str:
+    """``text`` as a reader sees its digits: invisible format characters (category Cf: zero-width
+    space and joiners, bidirectional marks, soft hyphen, word joiner) removed, then compatibility
+    forms folded by NFKC (superscript, subscript, circled and full-width digits become ASCII,
+    no-break and thin spaces become spaces). Unicode data of Python 3.11 (Unicode 14.0)."""
+    visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return unicodedata.normalize("NFKC", visible)
+
+
 def has_card_number(text: str | None) -> bool:
-    """True if free text holds something that looks like a card number (12+ digits in a run)."""
-    return bool(text) and _DIGIT_RUN.search(text or "") is not None
+    """True if free text holds something that looks like a card number (12+ digits in a run),
+    however it is disguised: '4111\u200b1111...', '⁴¹¹¹...', '4111 - 1111 - ...'."""
+    return bool(text) and _DIGIT_RUN.search(digits_view(text or "")) is not None
+
+
+def strings_in(value: object) -> Iterator[str]:
+    """Every string inside a JSON value, keys included, and every integer as its decimal text
+    (a card number carried as a JSON number is still one); canonical JSON bounds the nesting."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, int):
+        yield str(value)
+    elif isinstance(value, dict):
+        for key, inner in value.items():
+            yield from strings_in(key)
+            yield from strings_in(inner)
+    elif isinstance(value, list):
+        for inner in value:
+            yield from strings_in(inner)
 
 
 def description_problem(text: object) -> str | None:
@@ -100,8 +131,8 @@ def description_problem(text: object) -> str | None:
         return None
     if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
         return f"description must be text of at most {MAX_DESCRIPTION} characters"
-    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 for ch in text):
-        return "description holds control characters"
+    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in BIDI_CONTROLS for ch in text):
+        return "description holds control or bidirectional formatting characters"
     if has_card_number(text):
         return "description holds a run of 12 or more digits (a card number?)"
     return None
@@ -145,9 +176,8 @@ def sale_problem(body: dict[str, Any], policy: SitePolicy) -> str | None:
     if problem:
         return problem
     items = body.get("items") or []
-    for item in items:
-        if any(isinstance(v, str) and has_card_number(v) for v in item.values()):
-            return "an item holds a run of 12 or more digits (a card number?)"
+    if any(has_card_number(text) for text in strings_in(items)):
+        return "an item holds a run of 12 or more digits (a card number?)"
     card = body.get("card")
     if body.get("method") == "card":
         if not isinstance(card, dict):

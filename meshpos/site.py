@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import nacl.signing
 from cryptography import x509
 
-from . import envelope
+from . import envelope, rules
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, CryptoError, InputError, VerificationError
 from .identity import certs, keys
@@ -160,6 +160,9 @@ class Site:
                              "every node applies the same cut")
         if cut_seq is not None and (not isinstance(cut_seq, int) or cut_seq < 0):
             raise InputError("the cut must be a sequence number (0 or more)")
+        problem = rules.description_problem(reason)  # replicated to every node like a description
+        if problem:
+            raise InputError(problem.replace("description", "reason", 1))
         body: dict[str, Any] = {"node_id": node_id, "site": self.site_id, "at": clock.now_ms(), "reason": reason}
         if cut_seq is not None:
             body["cut_seq"] = cut_seq

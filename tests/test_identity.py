@@ -78,7 +78,7 @@ def test_revocation_is_a_signed_entry_that_stops_the_node(make_node, open_node, 
     raw = site.revoke(t2.node_id, "stolen", clock)  # no sequence cut: what is dated up to now stays
     env = envelope.decode(raw)
     assert env.type == "revocation" and env.signer == site.site_id
-    clock.advance(1)
+    clock.advance(1)  # after the revocation's time: its cut (protocols/rules.md) keeps what came up to it
     sale = t2.sell(500)
     t1.ingest(t2.ledger.raw(f"cert/{t2.node_id}"), "test")
     t1.ingest(raw, "organizer")

@@ -62,6 +62,18 @@ def main() -> None:
         ("within the skew ahead", sale(created_at=T0 + rules.MAX_SKEW_MS), T0, "valid", None),
         ("beyond the skew ahead", sale(created_at=T0 + rules.MAX_SKEW_MS + 1), T0, "deferred", "ahead"),
         ("60 days ahead", sale(created_at=T0 + 60 * 86_400_000), T0, "deferred", "ahead"),
+        # disguised card numbers and display tricks (red-team findings, issue 12)
+        ("zero-width spaces between the digits of a card number",
+         sale(description="ref 4111\u200b1111\u200b1111\u200b1111"), T0, "refused", "12 or more digits"),
+        ("superscript digits in the description", sale(description="\u2074\u00b9\u00b9\u00b9" * 4), T0, "refused",
+         "12 or more digits"),
+        ("card number split by ' - '", sale(description="4111 - 1111 - 1111 - 1111"), T0, "refused", "12 or more digits"),
+        ("right-to-left override in the description", sale(description="\u202e00.005"), T0, "refused",
+         "bidirectional"),
+        ("card number nested in an item", sale(items=[{"opts": {"note": ["4111111111111111"]}}]), T0, "refused", "item"),
+        ("card number as a JSON number in an item", sale(items=[{"qty": 4111111111111111}]), T0, "refused", "item"),
+        ("card number as an item's key", sale(items=[{"4111111111111111": 1}]), T0, "refused", "item"),
+        ("a joined emoji is fine", sale(description="\U0001f468\u200d\U0001f373 menu 12"), T0, "valid", None),
     ]
     out_sales = []
     for name, body, now, verdict, reason in sale_cases:

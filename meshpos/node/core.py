@@ -210,6 +210,9 @@ class NodeCore:
             raise InputError(f"sale {sale_id} is {current}: only a pending sale can be voided")
         if self.ledger.has(f"void/{sale_id}"):
             raise InputError(f"sale {sale_id} is voided already")
+        problem = rules.description_problem(reason)  # signed and replicated like a description
+        if problem:
+            raise ContentError(problem.replace("description", "reason", 1))
         body = {"sale_id": sale_id, "site": self.policy.site_id, "at": self.clock.now_ms(), "reason": reason}
         self.ledger.write_local(envelope.seal("void", self.node_id, body, self.key))
         self.store.flush()
