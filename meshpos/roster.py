@@ -25,6 +25,11 @@ UPLINK_ROLES = frozenset({"terminal", "gateway"})
 PRESIGN_MIN = 8  # below this, the hand-off to the helper process costs more than it saves
 
 
+class FreeTextError(VerificationError):
+    """An entry's free text breaks the text rule (a card number, control characters): the entry is
+    kept out of the ledger and never relayed, whoever signed it (protocols/rules.md, "Free text")."""
+
+
 class UnknownSigner(VerificationError):
     """The signer's certificate has not reached this node yet: retry later."""
 
@@ -152,6 +157,9 @@ class Roster:
         site = env.body.get("site")
         if site is not None and site != self.site_id:
             raise VerificationError(f"{env.type} entry of another site ({site})")
+        text_problem = rules.free_text_problem(env.type, env.body)
+        if text_problem is not None:
+            raise FreeTextError(f"{env.type} entry not taken (nor relayed): {text_problem}")
         expected_key = entry_key(env)
         if key is not None and key != expected_key:
             raise VerificationError(f"{env.type} entry stored under the wrong key {key!r}")

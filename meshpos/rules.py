@@ -126,15 +126,30 @@ def strings_in(value: object) -> Iterator[str]:
             yield from strings_in(inner)
 
 
-def description_problem(text: object) -> str | None:
+def description_problem(text: object, what: str = "description") -> str | None:
     if text is None:
         return None
     if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
-        return f"description must be text of at most {MAX_DESCRIPTION} characters"
+        return f"{what} must be text of at most {MAX_DESCRIPTION} characters"
     if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in BIDI_CONTROLS for ch in text):
-        return "description holds control or bidirectional formatting characters"
+        return f"{what} holds control or bidirectional formatting characters"
     if has_card_number(text):
-        return "description holds a run of 12 or more digits (a card number?)"
+        return f"{what} holds a run of 12 or more digits (a card number?)"
+    return None
+
+
+def free_text_problem(entry_type: str, body: dict[str, Any]) -> str | None:
+    """Why the free text of an entry (a sale's description and items, a void's reason) breaks the
+    text rule, or None. Policy-free and clock-free, so every node reaches the same verdict from
+    the entry alone: such an entry is not taken at all (never stored, never relayed), so that a
+    card number typed into free text never spreads (protocols/rules.md, "Free text")."""
+    if entry_type == "sale":
+        problem = description_problem(body.get("description"))
+        if problem is None and any(has_card_number(text) for text in strings_in(body.get("items") or [])):
+            problem = "an item holds a run of 12 or more digits (a card number?)"
+        return problem
+    if entry_type == "void":
+        return description_problem(body.get("reason"), "reason")
     return None
 
 
@@ -172,12 +187,9 @@ def sale_problem(body: dict[str, Any], policy: SitePolicy) -> str | None:
         return "amount must be a positive integer of minor units"
     if amount > policy.max_sale_minor:
         return f"amount {amount} is over the per-sale offline cap of {policy.max_sale_minor} (minor units)"
-    problem = description_problem(body.get("description"))
+    problem = free_text_problem("sale", body)
     if problem:
         return problem
-    items = body.get("items") or []
-    if any(has_card_number(text) for text in strings_in(items)):
-        return "an item holds a run of 12 or more digits (a card number?)"
     card = body.get("card")
     if body.get("method") == "card":
         if not isinstance(card, dict):

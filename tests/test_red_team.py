@@ -53,10 +53,10 @@ def test_a_disguised_card_number_or_bidi_trick_is_refused_everywhere(mesh: Mesh,
     sale_id, raw = h_sale(mesh, 1, **DISGUISED[what])
     publish(mesh, {sale_id: raw})
     for view in views(mesh):
-        assert view[sale_id]["status"] == "refused", view[sale_id]
-        assert "4111" not in (view[sale_id]["reason"] or "")
+        assert sale_id not in view  # free text that breaks the rule: never taken, never relayed
     for node in mesh.honest:
         assert node.core.status()["pending"]["count"] == 0
+        assert all(r != raw for _, r in node.entries()), "the card number spread in the clear"
     text = DISGUISED[what].get("description")
     if text is not None:  # a careless cashier typing the same is stopped at sell
         with pytest.raises(ContentError):

@@ -33,7 +33,8 @@ def test_sale_vectors(vec: dict) -> None:
     assert policy.version == vec["policy_version_in_force"]
     problem = rules.sale_problem(body, policy)
     ahead = rules.future_problem(body["created_at"], vec["receiver_now_ms"], "sale")
-    verdict = "refused" if problem else ("deferred" if ahead else "valid")
+    text = rules.free_text_problem("sale", body)
+    verdict = "not_taken" if text else "refused" if problem else ("deferred" if ahead else "valid")
     assert verdict == vec["verdict"], (problem, ahead)
     if vec["reason_contains"]:
         assert vec["reason_contains"] in (problem or ahead or "")

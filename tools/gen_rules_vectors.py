@@ -48,12 +48,12 @@ def main() -> None:
         ("foreign currency", sale(currency="JPY", amount_minor=3000), T0, "refused", "currency"),
         ("unknown currency", sale(currency="XXX", amount_minor=10**12), T0, "refused", "currency"),
         ("lower-case currency", sale(currency="eur"), T0, "refused", "currency"),
-        ("card number in the description", sale(description="4111 1111 1111 1111"), T0, "refused", "12 or more digits"),
-        ("full-width digits in the description", sale(description="ref ４１１１１１１１１１１１"), T0, "refused",
+        ("card number in the description", sale(description="4111 1111 1111 1111"), T0, "not_taken", "12 or more digits"),
+        ("full-width digits in the description", sale(description="ref ４１１１１１１１１１１１"), T0, "not_taken",
          "12 or more digits"),
         ("eleven digits are fine", sale(description="tel 12345678901"), T0, "valid", None),
-        ("control character in the description", sale(description="a\u009bb"), T0, "refused", "control"),
-        ("card number in an item", sale(items=[{"name": "4111-1111-1111-1111"}]), T0, "refused", "item"),
+        ("control character in the description", sale(description="a\u009bb"), T0, "not_taken", "control"),
+        ("card number in an item", sale(items=[{"name": "4111-1111-1111-1111"}]), T0, "not_taken", "item"),
         ("unknown brand", sale(method="card", card={**card, "brand": "evil"}), T0, "refused", "brand"),
         ("policy in force: before v2 takes effect, the v1 cap", sale(amount_minor=400_00, created_at=T0 + 3_599_999),
          T0 + 3_600_000, "valid", None),
@@ -64,23 +64,24 @@ def main() -> None:
         ("60 days ahead", sale(created_at=T0 + 60 * 86_400_000), T0, "deferred", "ahead"),
         # disguised card numbers and display tricks (red-team findings, issue 12)
         ("zero-width spaces between the digits of a card number",
-         sale(description="ref 4111\u200b1111\u200b1111\u200b1111"), T0, "refused", "12 or more digits"),
-        ("superscript digits in the description", sale(description="\u2074\u00b9\u00b9\u00b9" * 4), T0, "refused",
+         sale(description="ref 4111\u200b1111\u200b1111\u200b1111"), T0, "not_taken", "12 or more digits"),
+        ("superscript digits in the description", sale(description="\u2074\u00b9\u00b9\u00b9" * 4), T0, "not_taken",
          "12 or more digits"),
-        ("card number split by ' - '", sale(description="4111 - 1111 - 1111 - 1111"), T0, "refused", "12 or more digits"),
-        ("right-to-left override in the description", sale(description="\u202e00.005"), T0, "refused",
+        ("card number split by ' - '", sale(description="4111 - 1111 - 1111 - 1111"), T0, "not_taken", "12 or more digits"),
+        ("right-to-left override in the description", sale(description="\u202e00.005"), T0, "not_taken",
          "bidirectional"),
-        ("card number nested in an item", sale(items=[{"opts": {"note": ["4111111111111111"]}}]), T0, "refused", "item"),
-        ("card number as a JSON number in an item", sale(items=[{"qty": 4111111111111111}]), T0, "refused", "item"),
-        ("card number as an item's key", sale(items=[{"4111111111111111": 1}]), T0, "refused", "item"),
+        ("card number nested in an item", sale(items=[{"opts": {"note": ["4111111111111111"]}}]), T0, "not_taken", "item"),
+        ("card number as a JSON number in an item", sale(items=[{"qty": 4111111111111111}]), T0, "not_taken", "item"),
+        ("card number as an item's key", sale(items=[{"4111111111111111": 1}]), T0, "not_taken", "item"),
         ("a joined emoji is fine", sale(description="\U0001f468\u200d\U0001f373 menu 12"), T0, "valid", None),
     ]
     out_sales = []
     for name, body, now, verdict, reason in sale_cases:
         policy = rules.policy_at(policies, body["created_at"])
         problem = rules.sale_problem(body, policy)
-        got = "refused" if problem else ("deferred" if rules.future_problem(body["created_at"], now, "sale")
-                                         else "valid")
+        text = rules.free_text_problem("sale", body)  # not taken at all: never stored nor relayed
+        got = "not_taken" if text else "refused" if problem else (
+            "deferred" if rules.future_problem(body["created_at"], now, "sale") else "valid")
         assert got == verdict, (name, got, problem)
         if reason is not None:
             text = problem or rules.future_problem(body["created_at"], now, "sale") or ""
@@ -133,7 +134,7 @@ def main() -> None:
 
     doc = {
         "description": "Content rules (protocols/rules.md). sales: signed envelopes with the receiver's clock and "
-                       "the verdict (valid / refused / deferred) under the policies given; inputs: text as typed.",
+                       "the verdict (valid / not_taken / refused / deferred) under the policies given; inputs: text as typed.",
         "signer_seed_hex": bytes(range(32)).hex(),
         "max_skew_ms": rules.MAX_SKEW_MS,
         "policies": [p.to_json() for p in policies],
