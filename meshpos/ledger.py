@@ -189,6 +189,7 @@ class Ledger:
         self._restrips: dict[tuple[str, bytes], int] = {}
         self._parked: set[str] = set()
         self._purged_shards: set[str] = set()  # changed by a revocation's purge: pushed by the sync path
+        self._rollbacks_seen = store.rollbacks
         self.on_accept: list[Callable[[Verified], None]] = []
         # (shard, its new Automerge changes, or None when too many to push as they are)
         self.on_changes: list[Callable[[str, list[bytes] | None], None]] = []
@@ -198,14 +199,35 @@ class Ledger:
     @classmethod
     def open(cls, store: Store, roster: Roster, node_id: str, clock: Clock) -> "Ledger":
         ledger = cls(store, roster, node_id, clock)
-        for raw in store.entries_of_type("cert", "revocation", "policy"):
-            roster.apply(env_mod.decode(raw))
-        for key, raw, shard in store.conn.execute("SELECT key, raw, shard FROM entries"):
-            ledger._index(str(key), bytes(raw), str(shard))
-        for shard in store.shard_names():
-            ledger._load_shard(shard)
-        ledger._parked = {key for key, _, _ in store.parked()}
+        ledger._load()
         return ledger
+
+    def _load(self) -> None:
+        for raw in self.store.entries_of_type("cert", "revocation", "policy"):
+            self.roster.apply(env_mod.decode(raw))
+        for key, raw, shard in self.store.conn.execute("SELECT key, raw, shard FROM entries"):
+            self._index(str(key), bytes(raw), str(shard))
+        for shard in self.store.shard_names():
+            self._load_shard(shard)
+        self._parked = {key for key, _, _ in self.store.parked()}
+        self._rollbacks_seen = self.store.rollbacks
+
+    def _after_rollback(self) -> None:
+        """SQLite rolled the held transaction back (a full disk): the documents and the index in
+        memory hold writes the disk lost. Read them again from the store before anything else is
+        written, or later changes would be stored without the changes they depend on (a shard
+        that then never syncs again); every shard is offered to the links again, which bring back
+        what was lost."""
+        if self.store.rollbacks == self._rollbacks_seen:
+            return
+        self.docs.clear()
+        self.index.clear()
+        self.homes.clear()
+        self._load()
+        log.warning("the ledger was read again from %s after SQLite rolled back unsaved writes", self.store.path)
+        for shard in sorted(self.docs):
+            for on_changes in self.on_changes:
+                on_changes(shard, None)
 
     def _index(self, key: str, raw: bytes, home: str) -> None:
         self.index[key] = _Indexed(digest(raw), home)
@@ -265,6 +287,7 @@ class Ledger:
 
     def write_local(self, raw: bytes) -> Verified:
         """Verify and append an entry this node writes to its own log; durable on return."""
+        self._after_rollback()
         verified = self.roster.verify(env_mod.decode(raw), self.clock.now_ms())
         if verified.key in self.index:
             raise VerificationError(f"entry {verified.key} exists already")
@@ -425,6 +448,7 @@ class Ledger:
         return None if msg is None else msg.encode()
 
     def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
+        self._after_rollback()
         if not valid_shard_name(shard):
             raise EncodingError(f"bad shard name {shard[:60]!r}")
         try:
@@ -440,6 +464,7 @@ class Ledger:
         return self._after_merge(shard, before, peer)
 
     def receive_snapshot(self, shard: str, data: bytes, peer: str) -> IngestReport:
+        self._after_rollback()
         if not valid_shard_name(shard):
             raise EncodingError(f"bad shard name {shard[:60]!r}")
         try:
@@ -459,6 +484,7 @@ class Ledger:
     def receive_push(self, shard: str, changes: list[bytes], peer: str) -> IngestReport:
         """Apply changes a peer pushed (a change whose dependencies are missing waits inside
         Automerge until they arrive; the heads do not move meanwhile)."""
+        self._after_rollback()
         if not valid_shard_name(shard):
             raise EncodingError(f"bad shard name {shard[:60]!r}")
         doc = self._doc(shard)

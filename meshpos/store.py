@@ -143,6 +143,7 @@ class Store:
         self._wal_fd: int | None = None
         self._checkpoint_mark = 0
         self.on_dirty: Callable[[], None] | None = None
+        self.rollbacks = 0  # times SQLite rolled the held transaction back (Ledger reloads after one)
 
     # -- opening -----------------------------------------------------------------
 
@@ -295,6 +296,7 @@ class Store:
                       "the mesh", self.path)
             self.conn.execute("BEGIN")
             self._flushed_changes = self.conn.total_changes
+            self.rollbacks += 1  # what others hold in memory of those writes must be read again
 
     def commit(self) -> bool:
         """COMMIT what was written under hold(), without waiting for the disk (then sync_wal()).
