@@ -9,7 +9,7 @@ from pathlib import Path
 import nacl.signing
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.identity import keys
 from meshpos.node.core import NodeCore
 

@@ -37,10 +37,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .. import canonical
 from ..errors import EncodingError, ProtocolError
-from ..ledger import valid_shard_name
-from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from . import canonical
+from .link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from .shards import valid_shard_name
 
 SUPPORTED_VERSIONS = (1, 2, 3)
 STATUS_VERSION = 2  # the first version with STATUS frames
