@@ -44,10 +44,10 @@ from cryptography.x509.oid import NameOID
 import trio
 
 from .currency import format_amount
+from .hostport import parse_hostport
 from .http import HttpLimits, Request, Response, json_response, listener_port, serve_http, text_response
 from .meshview import Known, analyze
 from .node.core import iso
-from .node.nodedir import parse_hostport
 from .policy import check_password
 from .report import _totals
 

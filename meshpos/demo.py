@@ -118,7 +118,7 @@ class Demo:
             sale = client.call_running(node, "sell", {"amount_minor": amount})
         else:
             # the same path as `meshpos sell --card`: sealed here, never sent in clear
-            from .cards import seal_card
+            from .wire.cards import seal_card
             import base64
             key = bytes.fromhex(client.call_running(node, "policy", {})["switch_key"])
             cap = seal_card(pan, "1230", "contactless", key)

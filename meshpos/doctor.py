@@ -22,15 +22,17 @@ from typing import Any
 import automerge.core as am
 import trio
 
-from . import envelope as env_mod
 from .clock import SYSTEM_CLOCK, Clock
-from .discovery import LocalService, PeerGone, PeerSeen, local_addresses, run_discovery
+from .discovery import PeerGone, PeerSeen, local_addresses, run_discovery
 from .errors import MeshposError, NodeNotRunningError
+from .hostport import parse_hostport
 from .identity import certs
-from .node.nodedir import NodeConfig, NodeDir, parse_hostport
+from .node.nodedir import NodeConfig, NodeDir
 from .policy import SitePolicy
 from .roster import Roster
 from .store import APPLICATION_ID, Store, is_disk_full
+from .wire import envelope as env_mod
+from .wire.dnssd import LocalService
 
 CERT_WARN_DAYS = 7
 DISK_FAIL_MB = 50

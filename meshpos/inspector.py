@@ -20,17 +20,19 @@ from typing import Any
 import trio
 
 from .clock import Clock
-from .discovery import LocalService, PeerGone, PeerSeen, ZeroconfBackend, run_discovery
+from .discovery import PeerGone, PeerSeen, ZeroconfBackend, run_discovery
 from .errors import ConfigError, MeshposError, ProtocolError
+from .hostport import parse_hostport
 from .ledger import Ledger
 from .link.driver import LinkEndpoint, connect_link
 from .meshview import Known, analyze
 from .node.core import NodeCore
-from .node.nodedir import NodeDir, parse_hostport
+from .node.nodedir import NodeDir
 from .roster import Roster
 from .statusboard import StatusBoard
 from .store import Store
 from .sync import Replicator, SyncSession
+from .wire.dnssd import LocalService
 
 log = logging.getLogger(__name__)
 

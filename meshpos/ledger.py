@@ -27,23 +27,22 @@ from typing import Callable
 
 import automerge.core as am
 
-from . import envelope as env_mod
+from .wire import envelope as env_mod
 from . import rules
 from .clock import Clock
 from .errors import EncodingError, MeshposError, VerificationError
 from .policy import SitePolicy
 from .roster import Roster, UnknownSigner, Verified, entry_key
 from .store import Store
+from .wire.shards import SEGMENT, shard_name, valid_shard_name
 
 log = logging.getLogger(__name__)
 
-SEGMENT = 256
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
 PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
 PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
-MAX_SHARD_NAME = 48
 # keys under which a node could sign two different entries (the rest are fixed by their signer
 # alone, or signed by the CA or the switch): the lowest digest wins on every node
 EQUIVOCABLE = ("sale/", "void/", "lease/")
@@ -148,16 +147,6 @@ def changes_message(changes: list[bytes]) -> bytes:
 
 def digest(raw: bytes) -> bytes:
     return hashlib.blake2b(raw, digest_size=16).digest()
-
-
-def shard_name(node_id: str, position: int) -> str:
-    return f"{node_id}/{position // SEGMENT:06d}"
-
-
-def valid_shard_name(name: str) -> bool:
-    node, _, seg = name.partition("/")
-    return (len(name) <= MAX_SHARD_NAME and len(node) == 16 and all(c in "0123456789abcdef" for c in node)
-            and len(seg) == 6 and seg.isdigit())
 
 
 @dataclass

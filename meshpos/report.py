@@ -24,9 +24,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import envelope as env_mod
 from .currency import format_amount
 from .node.core import STATUSES, iso
+from .wire import envelope as env_mod
 
 if TYPE_CHECKING:
     from .node.core import NodeCore

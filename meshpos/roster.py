@@ -12,12 +12,12 @@ import logging
 from dataclasses import dataclass
 from cryptography import x509
 
-from . import envelope as env_mod
 from . import rules
-from .envelope import Envelope
 from .errors import VerificationError
 from .identity import certs, keys, sigcheck
 from .policy import SitePolicy
+from .wire import envelope as env_mod
+from .wire.envelope import Envelope
 
 log = logging.getLogger(__name__)
 

@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 
 import automerge.core as am
 
-from . import envelope as env_mod
 from .clock import Clock
 from .errors import EncodingError, MeshposError
-from .ledger import IngestReport, Ledger, changes_message, entry_bytes, valid_shard_name
+from .ledger import IngestReport, Ledger, changes_message, entry_bytes
 from .netguard import LogLimiter
+from .wire import envelope as env_mod
+from .wire.shards import valid_shard_name
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,13 @@ from typing import Any, Mapping
 import nacl.signing
 from cryptography import x509
 
-from . import envelope, rules
+from . import rules
 from .clock import SYSTEM_CLOCK, Clock
 from .errors import ConfigError, CryptoError, InputError, VerificationError
-from .identity import certs, keys
+from .identity import certs, keyfile, keys
 from .jsonfile import fsync_dir, read_json, write_json
 from .policy import SitePolicy, hash_password
+from .wire import canonical, envelope
 
 SITE_FORMAT = "meshpos-site/1"
 REQUEST_FORMAT = "meshpos-enroll-request/1"
@@ -201,7 +202,7 @@ def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | No
         os.umask(umask)
         work.chmod(0o777 & ~umask)  # what mkdir would have given; ca.key itself is 0600
         (work / "revocations").mkdir()
-        keys.write_private_key(work / "ca.key", ca_key)
+        keyfile.write_private_key(work / "ca.key", ca_key)
         (work / "ca.pem").write_bytes(certs.to_pem(ca_cert))
         write_json(work / "site.json", {"format": SITE_FORMAT, "site_id": site_id, "name": name, "policy": {}})
         site = Site(path=work, ca_key=ca_key, ca_cert=ca_cert, policy=policy)
@@ -243,7 +244,7 @@ def load_site(path: Path) -> Site:
     if not path.is_dir():
         raise ConfigError(f"{path}: no such site directory")
     read_json(path / "site.json", "site file", SITE_FORMAT)
-    ca_key = keys.read_private_key(path / "ca.key")
+    ca_key = keyfile.read_private_key(path / "ca.key")
     try:
         ca_cert = certs.load_pem((path / "ca.pem").read_bytes(), str(path / "ca.pem"))
     except FileNotFoundError as exc:
@@ -284,7 +285,7 @@ def make_request(key: nacl.signing.SigningKey, role: str, name: str) -> dict[str
     check_node_name(name)
     public_key = bytes(key.verify_key)
     body = {"public_key": public_key.hex(), "role": role, "name": name}
-    proof = keys.sign(key, envelope.canonical.encode(body))
+    proof = keys.sign(key, canonical.encode(body))
     return {"format": REQUEST_FORMAT, **body, "proof": proof.hex()}
 
 
@@ -302,7 +303,7 @@ def check_request(request: dict[str, Any]) -> tuple[bytes, str, str]:
     check_node_name(name)
     body = {"public_key": public_key.hex(), "role": role, "name": name}
     try:
-        keys.verify(public_key, envelope.canonical.encode(body), proof)
+        keys.verify(public_key, canonical.encode(body), proof)
     except CryptoError as exc:
         raise InputError("enrollment request is not signed by the key it names") from exc
     return public_key, role, name

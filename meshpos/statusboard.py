@@ -30,12 +30,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from . import envelope as env_mod
 from . import rules
 from .clock import Clock
 from .errors import EncodingError, MeshposError, VerificationError
 from .meshview import stale_after_ms
 from .roster import Roster, UnknownSigner, Verified
+from .wire import envelope as env_mod
 
 if TYPE_CHECKING:
     from .sync import Replicator, SyncSession

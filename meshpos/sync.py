@@ -51,10 +51,11 @@ import automerge.core as am
 
 from .clock import Clock
 from .errors import EncodingError, MeshposError
-from .ledger import SEGMENT, IngestReport, Ledger
-from .link.frames import MAX_PAYLOAD
+from .ledger import IngestReport, Ledger
 from .shardpark import ShardPark
-from .link.protocol import (PUSH_VERSION, SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState,
+from .wire.link_frames import MAX_PAYLOAD
+from .wire.shards import SEGMENT
+from .wire.link import (PUSH_VERSION, SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState,
                             LinkUp, Ping, Pong, Push, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:

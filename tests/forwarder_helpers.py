@@ -5,10 +5,10 @@ from __future__ import annotations
 import nacl.signing
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import FakeClock
 from meshpos.node.core import NodeCore
-from meshpos.switch.api import ForwardReply, Pending
+from meshpos.wire.forwarding import ForwardReply, Pending
 from meshpos.uplink.client import NotSent
 
 VISA = "4111111111111111"

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from meshpos.acquirer.base import AcquirerLink, LateAnswer
-from meshpos.acquirer.iso8583 import DEFAULT_SPEC, Spec
+from meshpos.wire.iso8583 import DEFAULT_SPEC, Spec
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, serve_simulator
 from meshpos.clock import FakeClock

@@ -11,8 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, advise_until_answered
-from meshpos.acquirer.iso8583 import NEED_DATA, RequestReceived, ServerConnection
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import advise_until_answered
+from meshpos.wire.iso8583 import NEED_DATA, RequestReceived, ServerConnection
 from meshpos.acquirer.iso8583_link import Iso8583Link, open_iso8583_link
 from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, auth_code, serve_simulator
 from meshpos.errors import AcquirerError

@@ -18,7 +18,8 @@ import pytest
 import trio
 from test_http import client_context, make_self_signed, server_context
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult, UnsendableRequest, advise_until_answered
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import UnsendableRequest, advise_until_answered
 from meshpos.acquirer.cli import main_acquirer_sim
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json

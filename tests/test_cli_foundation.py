@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.node.core import NodeCore
 
 from helpers import TEST_PANS, make_cli_site, run_cli, scan_for

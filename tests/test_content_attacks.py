@@ -16,10 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshpos import envelope, report, rules
-from meshpos.cards import seal_card
+from meshpos import report, rules
+from meshpos.wire import envelope
+from meshpos.wire.cards import seal_card
 from meshpos.errors import ContentError, InputError, PolicyError
-from meshpos.link.protocol import SUPPORTED_VERSIONS
+from meshpos.wire.link import SUPPORTED_VERSIONS
 from test_hostile import Mesh
 
 DAY_MS = 24 * 3600 * 1000

@@ -15,17 +15,14 @@ from meshpos.discovery import (
     DEFAULT_TTL,
     Goodbye,
     Heard,
-    LocalService,
     PeerGone,
     PeerSeen,
     PeerTable,
     TrioInbox,
-    decode_txt,
-    encode_txt,
-    instance_name,
     run_discovery,
 )
 from meshpos.errors import EncodingError, InputError
+from meshpos.wire.dnssd import LocalService, decode_txt, encode_txt, instance_name
 
 SITE = "site-1"
 

@@ -9,7 +9,7 @@ import nacl.signing
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from meshpos import canonical, envelope
+from meshpos.wire import canonical, envelope
 from meshpos.errors import EncodingError, MeshposError, VerificationError
 from meshpos.identity import keys
 

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import SYSTEM_CLOCK
 from meshpos.node import client
 from meshpos.node.core import NodeCore

@@ -16,12 +16,13 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos import envelope, rules
+from meshpos import rules
+from meshpos.wire import envelope
 from meshpos.clock import FakeClock
 from meshpos.errors import UplinkError
 from meshpos.node.core import NodeCore
 from meshpos.site import Site
-from meshpos.switch.api import ForwardReply
+from meshpos.wire.forwarding import ForwardReply
 from meshpos.uplink import leases as L
 from meshpos.uplink.client import NotSent, SwitchRefused
 from meshpos.uplink.forwarder import SET_ASIDE_AFTER, Forwarder, run_forwarder

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_targets import TARGETS, mutate_bytes, mutate_envelope, run_target, world
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.errors import EncodingError, MeshposError, VerificationError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
@@ -82,7 +82,7 @@ def test_no_structural_mutation_of_an_envelope_verifies(pick: int, seed: int) ->
 
 def test_fuzzer_catches_an_untyped_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Test of the test: a decoder that lets a KeyError out is caught by the harness."""
-    from meshpos.switch import api
+    from meshpos.wire import forwarding as api
 
     def broken(body: bytes) -> list[bytes]:
         return json.loads(body)["entriez"]  # KeyError on every real request
@@ -101,7 +101,7 @@ def test_envelope_check_catches_a_verifier_that_ignores_the_signature(monkeypatc
     raw = next(r for r in corpus("envelope") if b'"type":"sale"' in r)
     obj = json.loads(raw)
     obj["body"]["amount_minor"] += 1
-    from meshpos import canonical
+    from meshpos.wire import canonical
     forged = canonical.encode(obj)
     w.b.core.roster.verify(envelope.decode(forged), w.b.core.clock.now_ms())  # goes through: the bug
     assert forged != raw
@@ -130,6 +130,6 @@ def test_a_certificate_with_a_malformed_issuer_is_a_verification_error() -> None
     issuer_at = der.find(b"\x06\x03\x55\x04\x03")  # first CN attribute: inside the issuer name
     bad = der[:issuer_at + 5] + b"\x0c\x04\xff\xfe\xfd\xfc" + der[issuer_at + 5 + 2 + der[issuer_at + 6]:]
     obj["body"]["cert"] = envelope.b64e(bad)
-    from meshpos import canonical
+    from meshpos.wire import canonical
     with pytest.raises((EncodingError, VerificationError)):
         w.b.core.roster.verify(envelope.decode(canonical.encode(obj)), w.b.core.clock.now_ms())

@@ -20,13 +20,13 @@ import automerge.core as am
 import nacl.signing
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.errors import VerificationError
 from meshpos.identity import certs
 from meshpos.ledger import IngestReport, Ledger
 from meshpos.link import tls
 from meshpos.link.memnet import MemLink, MemNetwork
-from meshpos.link.protocol import SUPPORTED_VERSIONS
+from meshpos.wire.link import SUPPORTED_VERSIONS
 from meshpos.link.testing import SimNode, wall_clock
 from meshpos.roster import Roster, Verified, entry_key
 from meshpos.sync import SyncConfig

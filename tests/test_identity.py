@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import FakeClock
 from meshpos.errors import ConfigError, InputError, VerificationError
 from meshpos.identity import certs, keys

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 import pytest
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import SYSTEM_CLOCK
 from meshpos.link.driver import LinkEndpoint, connect_link
 from meshpos.node import client

@@ -10,24 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult
-from meshpos.acquirer.iso8583 import (
-    NEED_DATA,
-    AnswerReceived,
-    ClientConnection,
-    Family,
-    FrameDecoder,
-    LengthHeader,
-    MatchKey,
-    RequestKind,
-    RequestReceived,
-    ServerConnection,
-    UnexpectedAnswer,
-    build_request,
-    decode_message,
-    encode_message,
-    frame,
-)
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.iso8583 import (NEED_DATA, AnswerReceived, ClientConnection, Family, FrameDecoder, LengthHeader,
+                                  MatchKey, RequestKind, RequestReceived, ServerConnection, UnexpectedAnswer,
+                                  build_request, decode_message, encode_message, frame)
 from meshpos.errors import EncodingError, InputError, ProtocolError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "protocols" / "vectors" / "iso8583.json").read_text())

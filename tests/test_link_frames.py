@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpos.errors import ProtocolError
-from meshpos.link import protocol as lp
-from meshpos.link.frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from meshpos.wire import link as lp
+from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "protocols" / "vectors" / "link-frames.json").read_text())

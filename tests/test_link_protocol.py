@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshpos.errors import ProtocolError
-from meshpos.link.frames import FrameType, encode_frame
-from meshpos.link.protocol import (Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp, Ping, Pong,
+from meshpos.wire.link_frames import FrameType, encode_frame
+from meshpos.wire.link import (Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp, Ping, Pong,
                                    Push, Sync, Timeouts)
 
 SITE = "a" * 16

@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos import canonical
+from meshpos.wire import canonical
 from meshpos.clock import FakeClock
 from meshpos.devices.printers import (
     STATUS_QUERY,

@@ -9,8 +9,8 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos import canonical
-from meshpos.cards import CardCapture, open_card
+from meshpos.wire import canonical
+from meshpos.wire.cards import CardCapture, open_card
 from meshpos.devices.reader import TEST_CARDS, CardReader, SimulatedReader
 from meshpos.errors import DeviceError, InputError
 

@@ -14,7 +14,7 @@ import pytest
 
 from meshpos import rules
 from meshpos.errors import ContentError
-from meshpos.link.protocol import SUPPORTED_VERSIONS
+from meshpos.wire.link import SUPPORTED_VERSIONS
 from test_content_attacks import h_sale, publish, views
 from test_hostile import Mesh
 

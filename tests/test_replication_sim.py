@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
-from meshpos.link.frames import FrameDecoder, FrameType
+from meshpos.wire.link_frames import FrameDecoder, FrameType
 from meshpos.link.memnet import MemLink, MemNetwork
 from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import create_request, install_answer

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from meshpos import envelope, report
+from meshpos import report
+from meshpos.wire import envelope
 
 VISA = "4111111111111111"
 

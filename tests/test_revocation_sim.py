@@ -28,7 +28,7 @@ from meshpos import report
 from meshpos.link.memnet import MemLink, MemNetwork
 from meshpos.link.testing import SimNode, enroll, wall_clock
 from meshpos.site import load_site, init_site
-from meshpos.switch.api import ForwardReply
+from meshpos.wire.forwarding import ForwardReply
 from meshpos.switch.processor import Switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.forwarder import Forwarder

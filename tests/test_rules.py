@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpos import envelope, rules
-from meshpos.cards import check_expiry, check_pan
+from meshpos import rules
+from meshpos.wire import envelope
+from meshpos.wire.cards import check_expiry, check_pan
 from meshpos.currency import parse_amount
 from meshpos.errors import InputError
 from meshpos.policy import SitePolicy

@@ -10,9 +10,9 @@ from pathlib import Path
 import automerge.core as am
 
 from meshpos.clock import FakeClock
-from meshpos.link.frames import MAX_PAYLOAD
+from meshpos.wire.link_frames import MAX_PAYLOAD
 from meshpos.link.memnet import MemNetwork
-from meshpos.link.protocol import Snapshot, Summary, Sync, encode_event
+from meshpos.wire.link import Snapshot, Summary, Sync, encode_event
 from meshpos.shardpark import MAX_PARKED_PER_PEER
 from tests.test_sync import _hostile_peer, _nodes
 

@@ -8,7 +8,7 @@ import automerge.core as am
 import nacl.signing
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.identity import sigcheck
 
 

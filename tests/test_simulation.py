@@ -31,14 +31,14 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from meshpos.acquirer.base import AcquirerRequest, AcquirerResult
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.clock import SYSTEM_CLOCK, FakeClock
 from meshpos.errors import AcquirerError, UplinkError
-from meshpos.link.frames import FrameDecoder
+from meshpos.wire.link_frames import FrameDecoder
 from meshpos.link.memnet import MemLink, MemNetwork
 from meshpos.link.testing import SimNode, enroll
 from meshpos.site import init_site
-from meshpos.switch.api import ForwardReply
+from meshpos.wire.forwarding import ForwardReply
 from meshpos.switch.processor import Switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.client import NotSent

@@ -7,10 +7,11 @@ from typing import Any, Callable
 
 import pytest
 
-from meshpos import canonical, envelope, rules
+from meshpos import rules
+from meshpos.wire import canonical, envelope
 from meshpos.clock import FakeClock
 from meshpos.errors import ProtocolError
-from meshpos.link.protocol import Hello, LinkConnection, Status
+from meshpos.wire.link import Hello, LinkConnection, Status
 from meshpos.meshview import Known, analyze
 from meshpos.node.core import NodeCore
 from meshpos.site import Site
@@ -38,7 +39,7 @@ def test_status_frames_only_on_version_2_links() -> None:
     assert old.version == 1
     with pytest.raises(ProtocolError):
         old.send(Status(b"{}"))
-    from meshpos.link.protocol import encode_event
+    from meshpos.wire.link import encode_event
     peer.receive_data(encode_event(Status(b"{}")), 1.0)
     assert peer.closed and "STATUS on a version-1 link" in (peer.close_reason or "")
 

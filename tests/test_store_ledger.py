@@ -9,7 +9,7 @@ from pathlib import Path
 import automerge.core as am
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.errors import CorruptStoreError, LockedError, PolicyError, StoreError
 from meshpos.ledger import entry_bytes
 from meshpos.node.core import NodeCore

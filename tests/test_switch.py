@@ -12,17 +12,16 @@ import nacl.signing
 import pytest
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.acquirer.simulator import CardRule, SimRules, auth_code
-from meshpos.cards import CardCapture
+from meshpos.wire.cards import CardCapture
 from meshpos.clock import FakeClock
 from meshpos.errors import ProtocolError, UplinkError
 from meshpos.identity import certs, keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
 from meshpos.site import Site, init_site
-from meshpos.switch.api import ForwardReply
-from meshpos.switch.const import FORWARD_PATH
+from meshpos.wire.forwarding import FORWARD_PATH, ForwardReply
 from meshpos.switch.store import ADVICE_SENT, SETTLED
 from meshpos.switch.switchdir import SwitchDir, add_site
 from meshpos.uplink.client import forward, make_client_context, open_switch, probe
@@ -248,7 +247,7 @@ async def test_forged_unenrolled_revoked_other_site_and_tampered_sales(
     # tampered sealed data in an authentic envelope, and card data sealed to another switch
     tampered = str(core.sell(700, card=CardCapture("visa", "1111", "chip", b"\x01" * 80))["id"])
     elsewhere = keys.x25519_public_of(keys.generate())
-    from meshpos.cards import seal_card
+    from meshpos.wire.cards import seal_card
     wrong_key = str(core.sell(800, card=seal_card(VISA, "1228", "chip", elsewhere))["id"])
     # revoked: a terminal whose sale reached the ledger before its revocation (valid: up to the
     # revocation's cut) and one it signed after (refused, signed "rejected")

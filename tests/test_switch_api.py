@@ -14,15 +14,15 @@ import nacl.signing
 import pytest
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.errors import ConfigError, EncodingError
 from meshpos.identity import keys
 from meshpos.site import Site, init_site
-from meshpos.switch import api
+from meshpos.wire import forwarding as api
 from meshpos.switch.cli import main_switch
 from meshpos.switch.processor import decline_reason, rrn_of, stan_of, terminal_id_of
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
-from meshpos.switch.tls import certificate_key, check_pin
+from meshpos.wire.pin import certificate_key, check_pin
 from meshpos.identity.certs import load_pem, to_der
 from meshpos.uplink.client import make_client_context, probe
 from meshpos.uplink.leases import scope_of

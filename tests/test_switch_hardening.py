@@ -21,7 +21,7 @@ import nacl.signing
 import pytest
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.clock import FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.site import Site

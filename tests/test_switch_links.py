@@ -14,7 +14,7 @@ import nacl.signing
 import pytest
 import trio
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator
 from meshpos.acquirer.tls import self_signed, server_context
 from meshpos.clock import FakeClock

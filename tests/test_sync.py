@@ -8,12 +8,12 @@ from pathlib import Path
 import automerge.core as am
 import pytest
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.ledger import entry_bytes
 from meshpos.link.memnet import MemNetwork
-from meshpos.ledger import shard_name
-from meshpos.link.frames import FrameDecoder, FrameType
-from meshpos.link.protocol import Hello, LinkConnection, Push, Sync, Snapshot
+from meshpos.wire.shards import shard_name
+from meshpos.wire.link_frames import FrameDecoder, FrameType
+from meshpos.wire.link import Hello, LinkConnection, Push, Sync, Snapshot
 from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
 from meshpos.sync import MAX_ORPHAN_PUSHES, SyncConfig
 

@@ -11,11 +11,11 @@ import pytest
 import trio
 
 from meshpos.clock import SYSTEM_CLOCK
-from meshpos.identity import certs, keys
+from meshpos.identity import certs, keyfile, keys
 from meshpos.link import tls
 from meshpos.link.driver import LinkEndpoint, connect_link, serve_links
-from meshpos.link.frames import FrameType, encode_frame
-from meshpos.link.protocol import Timeouts
+from meshpos.wire.link_frames import FrameType, encode_frame
+from meshpos.wire.link import Timeouts
 from meshpos.link.testing import SimNode, enroll, make_site
 from meshpos.sync import SyncConfig
 
@@ -77,7 +77,7 @@ async def test_two_nodes_link_and_replicate(mesh: Any) -> None:
 
 def _write_creds(dir_: Path, cert: Any, key: Any) -> tuple[Path, Path]:
     dir_.mkdir(parents=True, exist_ok=True)
-    keys.write_private_key(dir_ / "node.key", key)
+    keyfile.write_private_key(dir_ / "node.key", key)
     (dir_ / "node.pem").write_bytes(certs.to_pem(cert))
     return dir_ / "node.pem", dir_ / "node.key"
 
@@ -117,7 +117,7 @@ async def test_foreign_unenrolled_expired_revoked_are_refused(mesh: Any, tmp_pat
     expired = _write_creds(tmp_path / "expired", certs.issue(site.ca_cert, site.ca_key, bytes(old_key.verify_key),
                                                             "terminal", "old", now - 30 * 86400_000, 1), old_key)
     revoked_dir = enroll(site, tmp_path / "revoked", "lost")
-    revoked_id = keys.node_id_of(bytes(keys.read_private_key(revoked_dir / "node.key").verify_key))
+    revoked_id = keys.node_id_of(bytes(keyfile.read_private_key(revoked_dir / "node.key").verify_key))
     a.core.ingest(site.revoke(revoked_id, "stolen"), "test")
     async with trio.open_nursery() as nursery:
         port = await serve(nursery, a)

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import pytest
 import trio
 
-from meshpos import canonical, envelope
-from meshpos.cards import CardCapture
+from meshpos.wire import canonical, envelope
+from meshpos.wire.cards import CardCapture
 from meshpos.clock import SYSTEM_CLOCK
 from meshpos.node.core import NodeCore
 from meshpos.procs import ProcessGroup

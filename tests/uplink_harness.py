@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from meshpos.acquirer.simulator import auth_code
-from meshpos.cards import seal_card
+from meshpos.wire.cards import seal_card
 from meshpos.errors import MeshposError
 from meshpos.identity import keys
 from meshpos.node import client

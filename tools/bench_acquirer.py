@@ -19,7 +19,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshpos.acquirer.base import AcquirerRequest  # noqa: E402
+from meshpos.wire.acquirer import AcquirerRequest  # noqa: E402
 from meshpos.acquirer.iso8583_link import open_iso8583_link  # noqa: E402
 from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator  # noqa: E402
 

@@ -42,7 +42,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meshpos.cards import seal_card  # noqa: E402
+from meshpos.wire.cards import seal_card  # noqa: E402
 from meshpos.errors import MeshposError  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.mesh import ring_targets  # noqa: E402

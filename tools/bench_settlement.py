@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_mesh import (Mesh, Observer, diameter, free_ports, latencies, machine, pct, read_ro,  # noqa: E402
                         run_load, wait_everywhere)
-from meshpos import envelope  # noqa: E402
-from meshpos.acquirer.iso8583 import DEFAULT_SPEC, LengthHeader, decode_message  # noqa: E402
+from meshpos.wire import envelope  # noqa: E402
+from meshpos.wire.iso8583 import DEFAULT_SPEC, LengthHeader, decode_message  # noqa: E402
 from meshpos.acquirer.simulator import SimRules, Simulator  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.node import client  # noqa: E402

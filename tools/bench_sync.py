@@ -23,7 +23,7 @@ from typing import Any
 
 import automerge.core as am
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.link.memnet import MemNetwork
 from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
 from meshpos.ledger import Ledger

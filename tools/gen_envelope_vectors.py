@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nacl.signing
 
-from meshpos import envelope
+from meshpos.wire import envelope
 from meshpos.identity import keys
 
 OUT = Path(__file__).resolve().parents[1] / "protocols" / "vectors" / "envelope.json"

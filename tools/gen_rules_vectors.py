@@ -11,7 +11,8 @@ from typing import Any
 
 import nacl.signing
 
-from meshpos import envelope, rules
+from meshpos import rules
+from meshpos.wire import envelope
 from meshpos.currency import parse_amount
 from meshpos.errors import InputError
 from meshpos.identity import keys

@@ -12,7 +12,7 @@ import trio
 
 from ..clock import SYSTEM_CLOCK
 from ..errors import ConfigError, MeshposError
-from .iso8583 import LengthHeader
+from ..wire.iso8583 import LengthHeader
 from .simulator import SimRules, Simulator, serve_simulator
 from .tls import self_signed, server_context
 

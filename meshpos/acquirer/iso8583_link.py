@@ -1,7 +1,7 @@
 """ISO 8583 over TLS (or, when configured so explicitly, plain TCP): one connection,
 many outstanding requests, answers in any order.
 
-A thin trio driver around :class:`meshpos.acquirer.iso8583.ClientConnection`:
+A thin trio driver around :class:`meshpos.wire.iso8583.ClientConnection`:
 a reader task matches answers to waiting callers, a writer task sends whatever
 callers queued in one ``send_all``. If the connection drops, every request
 waiting on it fails with AcquirerError (its caller retries it as a 0221) and the
@@ -21,19 +21,10 @@ import trio
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import AcquirerError, EncodingError, ProtocolError
-from .base import AcquirerRequest, AcquirerResult, BeforeSend, LateAnswer, UnsendableRequest
-from .iso8583 import (
-    DEFAULT_SPEC,
-    MAX_FRAME,
-    NEED_DATA,
-    AnswerReceived,
-    ClientConnection,
-    Family,
-    LengthHeader,
-    MatchKey,
-    RequestKind,
-    Spec,
-)
+from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from .base import BeforeSend, LateAnswer, UnsendableRequest
+from ..wire.iso8583 import (DEFAULT_SPEC, MAX_FRAME, NEED_DATA, AnswerReceived, ClientConnection, Family, LengthHeader,
+                            MatchKey, RequestKind, Spec)
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import trio
 
 from ..errors import AcquirerError, InputError, ProtocolError
 from ..http import HttpClientConnection, Response, open_https
-from .base import AcquirerRequest, AcquirerResult, BeforeSend, UnsendableRequest
+from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from .base import BeforeSend, UnsendableRequest
 
 ADVICES_PATH: Final = "/v1/advices"
 REVERSALS_PATH: Final = "/v1/reversals"

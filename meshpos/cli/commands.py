@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..cards import check_pan, seal_card
 from ..clock import SYSTEM_CLOCK
 from ..currency import check_currency, parse_amount
 from ..errors import InputError
@@ -17,6 +16,7 @@ from ..jsonfile import read_json, write_json
 from ..node import client
 from ..node.enroll import create_request, enroll_one_step, install_answer
 from ..site import check_switch_url, init_site, load_site, read_switch_key_file
+from ..wire.cards import check_pan, seal_card
 from . import secret_input
 from .output import emit_json, table
 

@@ -1,8 +1,8 @@
 """Card readers behind one tiny interface, and a simulated reader of test cards.
 
-A reader hands back a :class:`meshpos.cards.CardCapture`: brand, last 4 digits,
+A reader hands back a :class:`meshpos.wire.cards.CardCapture`: brand, last 4 digits,
 entry mode and the card data sealed to the switch's key. The PAN is sealed by
-:func:`meshpos.cards.seal_card` inside :meth:`CardReader.read`, the moment it
+:func:`meshpos.wire.cards.seal_card` inside :meth:`CardReader.read`, the moment it
 is read, so nothing after the reader (sale, ledger, receipts, peers, uplink)
 ever holds it.
 
@@ -20,10 +20,10 @@ from typing import Protocol
 
 import trio
 
-from ..cards import CardCapture, seal_card
 from ..clock import SYSTEM_CLOCK, Clock
 from ..currency import check_currency
 from ..errors import DeviceError, InputError
+from ..wire.cards import CardCapture, seal_card
 
 
 class CardReader(Protocol):

@@ -25,9 +25,9 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..rules import ENTRY_MODES
 from ..currency import check_currency, format_amount
 from ..errors import ConfigError, EncodingError, InputError, PrinterError
+from ..rules import ENTRY_MODES
 from .messages import messages
 from .printers import PrinterConfig
 from .profiles import PaperProfile

@@ -28,9 +28,9 @@ from typing import Any
 
 import trio
 
-from .. import canonical
 from ..clock import Clock
 from ..errors import EncodingError, PrinterError, StoreError
+from ..wire import canonical
 from .printers import (
     DEFAULT_TIMING,
     Printer,

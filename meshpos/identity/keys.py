@@ -2,22 +2,21 @@
 becomes a typed error.
 
 A device has one Ed25519 key: it signs sales and is the key of its TLS
-certificate. It is stored as PKCS#8 PEM (what ``ssl`` loads) with mode 0600.
+certificate. Reading and writing it (PKCS#8 PEM, mode 0600) is meshpos.identity.keyfile;
+nothing here touches a file, so meshpos.wire may sign and verify with it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import os
-from pathlib import Path
 
 import nacl.exceptions
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import ConfigError, CryptoError, VerificationError
+from ..errors import CryptoError, VerificationError
 
 KEY_LEN = 32
 SIG_LEN = 64
@@ -64,41 +63,6 @@ def to_crypto_public(public_key: bytes) -> Ed25519PublicKey:
 
 def public_bytes(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-
-
-def write_private_key(path: Path, key: nacl.signing.SigningKey) -> None:
-    pem = to_crypto_private(key).private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    write_secret(path, pem)
-
-
-def write_secret(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (never readable by others, not even briefly) and fsync it."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def read_private_key(path: Path) -> nacl.signing.SigningKey:
-    if path.exists() and path.stat().st_mode & 0o077:
-        mode = path.stat().st_mode & 0o777
-        raise ConfigError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
-    try:
-        loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: key file is missing") from exc
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a PEM private key") from exc
-    if not isinstance(loaded, Ed25519PrivateKey):
-        raise ConfigError(f"{path}: not an Ed25519 key")
-    raw = loaded.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-    return nacl.signing.SigningKey(raw)
 
 
 @functools.lru_cache(maxsize=64)

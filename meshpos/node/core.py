@@ -11,16 +11,17 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, envelope
-from ..cards import CardCapture, seal_card
-from ..clock import SYSTEM_CLOCK, Clock
+from .. import __version__
 from .. import rules
+from ..clock import SYSTEM_CLOCK, Clock
 from ..currency import format_amount
 from ..errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
 from ..identity import certs
 from ..ledger import Ledger
 from ..roster import Roster
 from ..store import Store
+from ..wire import envelope
+from ..wire.cards import CardCapture, seal_card
 from .diskspace import check_room_for_sale
 from .nodedir import NodeConfig, NodeDir
 

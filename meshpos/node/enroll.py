@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, CryptoError, InputError
-from ..identity import certs, keys
+from ..hostport import parse_hostport
+from ..identity import certs, keyfile, keys
 from ..jsonfile import read_json, write_json
 from ..site import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
-from .nodedir import NodeConfig, NodeDir, parse_hostport
+from .nodedir import NodeConfig, NodeDir
 
 PENDING = "enroll-pending.json"
 
@@ -44,7 +45,7 @@ def create_request(node_dir: Path, role: str, name: str, listen: str | None = No
         key = nd.key()
     else:
         key = keys.generate()
-        keys.write_private_key(nd.key_path, key)
+        keyfile.write_private_key(nd.key_path, key)
     request = make_request(key, role, name)
     pending: dict[str, Any] = {"listen": listen, "peers": peers or [], "uplink": uplink, "language": language}
     if dashboard:

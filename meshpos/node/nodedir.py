@@ -25,20 +25,14 @@ from cryptography import x509
 
 from ..errors import ConfigError, InputError
 from ..fsutil import lock_file
-from ..identity import certs, keys
+from ..hostport import parse_hostport
+from ..identity import certs, keyfile
 from ..jsonfile import read_json, write_json
 from ..policy import SitePolicy
 from ..site import DASHBOARD_FILE, load_policy_envelope, read_dashboard_hash, write_dashboard_hash
 
 NODE_FORMAT = "meshpos-node/1"
 LANGUAGES = ("en", "it")
-
-
-def parse_hostport(text: str, what: str) -> tuple[str, int]:
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise InputError(f"{what} must be HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port_text)
 
 
 @dataclass
@@ -126,7 +120,7 @@ class NodeDir:
         write_json(self.config_path, cfg.to_json())
 
     def key(self) -> nacl.signing.SigningKey:
-        return keys.read_private_key(self.key_path)
+        return keyfile.read_private_key(self.key_path)
 
     def ca_cert(self) -> x509.Certificate:
         try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import base64
 from typing import Any, Callable
 
-from ..cards import CardCapture
 from ..errors import InputError
+from ..wire.cards import CardCapture
 from .core import NodeCore
 
 Op = Callable[[NodeCore, dict[str, Any]], Any]

@@ -17,16 +17,17 @@ import trio
 
 from .. import PROTOCOL_VERSION
 from ..clock import SYSTEM_CLOCK, Clock
-from ..discovery import DiscoveryHandle, LocalService, PeerGone, PeerSeen, run_discovery
+from ..discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
 from ..errors import MeshposError
+from ..hostport import parse_hostport
 from ..link.driver import LinkEndpoint, connect_link, serve_links
-from ..netguard import install_log_limits
 from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
+from ..netguard import install_log_limits
 from ..sync import Replicator, SyncSession
 from ..uplink.client import make_client_context, probe
 from ..uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from ..uplink.reach import is_reachable
-from .nodedir import parse_hostport
+from ..wire.dnssd import LocalService
 from .service import NodeService, run_until_signal
 
 log = logging.getLogger(__name__)

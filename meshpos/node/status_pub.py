@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import __version__, envelope
+from .. import __version__
 from ..discovery import local_addresses
 from ..statusboard import StatusBoard
+from ..wire import envelope
 from .core import NodeCore
 
 if TYPE_CHECKING:

@@ -1,24 +1,9 @@
-"""Limits and timing of the switch and the forwarding API, in one place."""
+"""Limits and timing of the switch, in one place (the forwarding API's own limits are in
+meshpos.wire.forwarding)."""
 
 from __future__ import annotations
 
 from typing import Final
-
-#: HTTP paths of the forwarding API (protocols/forwarding.md)
-FORWARD_PATH: Final = "/v1/forward"
-HEALTH_PATH: Final = "/v1/health"
-
-REQUEST_FORMAT: Final = "meshpos-forward/1"
-REPLY_FORMAT: Final = "meshpos-forward-reply/1"
-
-#: a request body larger than this is answered 413 before it is parsed
-MAX_BODY_BYTES: Final = 4 * 1024 * 1024
-#: a reply body the uplink client accepts
-MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
-#: entries (of any type) in one request
-MAX_ENTRIES: Final = 4000
-#: sale entries in one request
-MAX_SALES: Final = 1000
 
 #: advices outstanding at the acquirer at once, over all batches
 ACQUIRER_IN_FLIGHT: Final = 64

@@ -58,21 +58,22 @@ from typing import Any
 import nacl.signing
 import trio
 
-from .. import envelope, rules
-from ..acquirer.base import (AcquirerLink, AcquirerRequest, AcquirerResult, BeforeSend, LateAnswer, UnsendableRequest,
-                             advise_until_answered, exponential_backoff)
-from ..cards import OpenedCard, open_card
+from .. import rules
+from ..wire import envelope
+from ..acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, advise_until_answered,
+                             exponential_backoff)
+from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from ..wire.cards import OpenedCard, open_card
 from ..clock import Clock
-from ..envelope import Envelope
+from ..wire.envelope import Envelope
 from ..errors import (AcquirerError, ConfigError, CryptoError, EncodingError, InputError, MeshposError,
                       VerificationError)
 from ..identity import certs, keys
 from ..policy import SitePolicy
 from ..roster import UPLINK_ROLES, Roster
 from ..site import verify_policy_envelope
-from .api import ForwardReply, Pending, Refusal
-from .const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, MAX_SALES,
-                    REVERSAL_ATTEMPTS)
+from ..wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
+from .const import ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, REVERSAL_ATTEMPTS
 from .store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, GroupCommit, SaleRow, SiteRow,
                     SwitchStore)
 

@@ -27,12 +27,11 @@ from ..acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
 from ..acquirer.json_https import open_json_link
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError, EncodingError, InputError, VerificationError
+from ..hostport import parse_hostport
 from ..http import HttpLimits, Request, Response, json_response, listener_port, serve_http
 from ..identity import keys
-from ..node.nodedir import parse_hostport
-from .api import decode_request, encode_reply
+from ..wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
 from .connlimit import ConnectionGate, ConnectionLimits
-from .const import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES
 from .hardening import disable_core_dumps
 from .processor import Switch
 from .store import SiteRow

@@ -20,15 +20,15 @@ from typing import Any
 
 import nacl.signing
 
-from .. import envelope
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError, EncodingError, InputError, VerificationError
 from ..fsutil import lock_file
-from ..identity import certs, keys
+from ..hostport import parse_hostport
+from ..identity import certs, keyfile, keys
 from ..jsonfile import read_json, write_json
-from ..node.nodedir import parse_hostport
 from ..roster import Roster
 from ..site import verify_policy_envelope
+from ..wire import envelope
 from .const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, SWITCH_FORMAT
 from .store import SiteRow, SwitchStore
 from .tls import make_tls_cert
@@ -118,7 +118,7 @@ class SwitchDir:
                                       str(self.config_path))
 
     def key(self) -> nacl.signing.SigningKey:
-        return keys.read_private_key(self.key_path)
+        return keyfile.read_private_key(self.key_path)
 
     def open_store(self) -> SwitchStore:
         self.check_exists()
@@ -161,7 +161,7 @@ def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "
     path.chmod(0o700)
     sd = SwitchDir(path)
     key = key or keys.generate()
-    keys.write_private_key(sd.key_path, key)
+    keyfile.write_private_key(sd.key_path, key)
     host = parse_hostport(listen, "listen")[0]
     hosts = [h for h in (host, "localhost", "127.0.0.1", "::1") if h not in ("0.0.0.0", "::", "")]
     from ..identity.certs import to_pem

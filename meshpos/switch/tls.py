@@ -1,4 +1,5 @@
-"""TLS of the forwarding API: the switch's certificate, its server context, and the pin.
+"""TLS of the forwarding API: the switch's certificate and its server context (the pin a node
+checks is meshpos.wire.pin).
 
 The switch has ONE Ed25519 key. Its HTTPS certificate is self-signed with that key;
 a node does not trust it through any CA but pins it: after the TLS 1.3 handshake
@@ -24,10 +25,9 @@ from pathlib import Path
 
 import nacl.signing
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from ..errors import ConfigError, VerificationError
+from ..errors import ConfigError
 from ..identity import keys
 from .const import TLS_VALID_DAYS
 
@@ -76,21 +76,3 @@ def trust_sites(ctx: ssl.SSLContext, site_ca_pems: Iterable[bytes]) -> None:
             raise ConfigError(f"cannot trust a site CA certificate: {exc}") from exc
 
 
-def certificate_key(der: bytes) -> bytes:
-    try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
-        raise VerificationError("the switch presented no usable certificate") from exc
-    pub = cert.public_key()
-    if not isinstance(pub, Ed25519PublicKey):
-        raise VerificationError("the switch's certificate key is not Ed25519")
-    return keys.public_bytes(pub)
-
-
-def check_pin(der: bytes | None, switch_key_x25519: bytes) -> None:
-    """Raise VerificationError unless the certificate ``der`` carries the pinned switch key."""
-    if der is None:
-        raise VerificationError("the switch presented no certificate")
-    if certificate_key(der) not in keys.montgomery_to_edwards_candidates(switch_key_x25519):
-        raise VerificationError("the server's key is not the switch key pinned by the site policy "
-                                "(wrong address, or someone in between)")

@@ -3,7 +3,7 @@
 The node presents its enrolled certificate (TLS client certificate) and pins the
 switch: after the handshake the server certificate's Ed25519 key must be one of
 the two whose X25519 form is the site policy's ``switch_key``
-(:func:`meshpos.switch.tls.check_pin`). No CA is trusted for the switch.
+(:func:`meshpos.wire.pin.check_pin`). No CA is trusted for the switch.
 
 Every failure (no route, TLS, pin, timeout, HTTP error, bad reply) is an
 :class:`~meshpos.errors.UplinkError`: :class:`NotSent` when the request never left this
@@ -25,9 +25,8 @@ from ..errors import ConfigError, EncodingError, ProtocolError, UplinkError, Ver
 from ..http import HttpClientConnection, Response, open_https, peer_cert_der
 from ..node.nodedir import NodeDir
 from ..policy import SitePolicy
-from ..switch.api import ForwardReply, decode_reply, encode_request
-from ..switch.const import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES
-from ..switch.tls import check_pin
+from ..wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES, ForwardReply, decode_reply, encode_request
+from ..wire.pin import check_pin
 
 if TYPE_CHECKING:
     from ..node.core import NodeCore

@@ -36,14 +36,13 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from .. import envelope
 from ..acquirer.base import exponential_backoff
 from ..clock import Clock
 from ..errors import ConfigError, EncodingError, UplinkError, VerificationError
 from ..roster import Verified
 from ..rules import MAX_SKEW_MS
-from ..switch.api import ForwardReply, request_size
-from ..switch.const import MAX_BODY_BYTES
+from ..wire import envelope
+from ..wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
 from . import leases as lease_rules
 from .client import NotSent, SwitchRefused, forward, make_client_context
 

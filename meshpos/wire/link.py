@@ -37,10 +37,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from .. import canonical
 from ..errors import EncodingError, ProtocolError
-from ..ledger import valid_shard_name
-from .frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from . import canonical
+from .link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from .shards import valid_shard_name
 
 SUPPORTED_VERSIONS = (1, 2, 3)
 STATUS_VERSION = 2  # the first version with STATUS frames
@@ -213,8 +213,8 @@ def encode_event(event: Sendable) -> bytes:
     if isinstance(event, Push):
         if len(event.digest) != DIGEST_LEN or not event.changes:
             raise ProtocolError("PUSH needs an 8-byte digest and at least one change")
-        body = b"".join(_LENGTH.pack(len(c)) + c for c in event.changes)
-        return encode_frame(FrameType.PUSH, _shard_payload(event.shard, event.digest + body))
+        pushed = b"".join(_LENGTH.pack(len(c)) + c for c in event.changes)
+        return encode_frame(FrameType.PUSH, _shard_payload(event.shard, event.digest + pushed))
     if isinstance(event, Ping):
         return encode_frame(FrameType.PING, _NONCE.pack(event.nonce))
     if isinstance(event, Pong):

@@ -21,11 +21,26 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
-from .. import envelope
 from ..errors import EncodingError
-from .const import MAX_BODY_BYTES, MAX_ENTRIES, MAX_REPLY_BYTES, REPLY_FORMAT, REQUEST_FORMAT
+from . import envelope
+
+#: HTTP paths of the forwarding API (protocols/forwarding.md)
+FORWARD_PATH: Final = "/v1/forward"
+HEALTH_PATH: Final = "/v1/health"
+
+REQUEST_FORMAT: Final = "meshpos-forward/1"
+REPLY_FORMAT: Final = "meshpos-forward-reply/1"
+
+#: a request body larger than this is answered 413 before it is parsed
+MAX_BODY_BYTES: Final = 4 * 1024 * 1024
+#: a reply body the uplink client accepts
+MAX_REPLY_BYTES: Final = 8 * 1024 * 1024
+#: entries (of any type) in one request
+MAX_ENTRIES: Final = 4000
+#: sale entries in one request
+MAX_SALES: Final = 1000
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from iso8583.specs import default_ascii
 
 from ..currency import numeric_code
 from ..errors import EncodingError, ProtocolError
-from .base import AcquirerRequest, AcquirerResult
+from .acquirer import AcquirerRequest, AcquirerResult
 
 Spec = Mapping[str, Mapping[str, Any]]
 
