@@ -152,3 +152,22 @@ def test_harmful_content_is_refused_at_sell(cli_site: Path, card_line: str, args
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "4111111111111111" not in proc.stderr + proc.stdout
     assert json.loads(run_cli("sales", str(cli_site / "t1"), "--json", check=True).stdout) == []
+
+
+def test_set_policy_lowers_a_cap_from_its_effective_time_without_refusing_earlier_sales(cli_site: Path) -> None:
+    site, t1 = str(cli_site / "site"), str(cli_site / "t1")
+    before = json.loads(run_cli("sell", t1, "--amount", "400.00", "--cash", "--json", check=True).stdout)
+    proc = run_cli("site", "set-policy", site, "--max-sale", "100.00")  # default: in 10 minutes
+    assert proc.returncode == 0 and "in force from" in proc.stdout, proc.stderr
+    run_cli("site", "push", site, t1, check=True)
+    # not in force yet: terminals have ten minutes to receive it
+    run_cli("sell", t1, "--amount", "300.00", "--cash", check=True)
+    proc = run_cli("site", "set-policy", site, "--max-sale", "100.00", "--effective-in", "0")
+    assert proc.returncode == 0, proc.stderr
+    run_cli("site", "push", site, t1, check=True)
+    refused = run_cli("sell", t1, "--amount", "200.00", "--cash")
+    assert refused.returncode != 0 and "per-sale offline cap" in refused.stderr
+    listed = {s["id"]: s["status"] for s in json.loads(run_cli("sales", t1, "--json", check=True).stdout)}
+    assert listed[before["id"]] == "pending" and list(listed.values()) == ["pending", "pending"]
+    nothing = run_cli("site", "set-policy", site)
+    assert nothing.returncode != 0 and "nothing to change" in nothing.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import base64
 import json
 
@@ -54,12 +55,21 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i.add_argument("--dashboard-password", nargs="?", const=secret_input.ASK, metavar="-",
                    help="set a password for the organizer dashboard: `-` reads it from standard input (one "
                         "line), no value asks for it without echo; never on the command line")
-    i.add_argument("--offline-window", type=int, metavar="HOURS", help="hours a sale may stay offline (default 24)")
-    i.add_argument("--max-sale", metavar="AMOUNT", help="per-sale offline cap (default 500.00)")
-    i.add_argument("--max-terminal-pending", metavar="AMOUNT", help="stored-total cap per terminal (default 10000.00)")
-    i.add_argument("--max-site-pending", metavar="AMOUNT", help="stored-total cap for the site (default 100000.00)")
+    _limit_options(i, "(default 24)", "(default 500.00)", "(default 10000.00)", "(default 100000.00)")
     i.add_argument("--json", action="store_true", help="print the site as JSON")
     i.set_defaults(handler=cmd_site_init)
+
+    sp = s.add_parser("set-policy", help="change the offline rules (window, caps) from a given time on",
+                      description="Sign a new policy version with other offline limits. Each sale is judged by "
+                                  "the version in force at its own time (protocols/rules.md), so a lower cap "
+                                  "never refuses what was sold before it takes effect; it takes effect "
+                                  "--effective-in minutes from now (default 10), so every terminal has it "
+                                  "before it applies. Hand it to a node with `meshpos site push`.")
+    sp.add_argument("site_dir", type=_path, metavar="SITE_DIR")
+    _limit_options(sp, "", "", "", "")
+    sp.add_argument("--effective-in", type=int, default=10, metavar="MINUTES",
+                    help="minutes from now when the new limits apply (default 10; 0: at once)")
+    sp.set_defaults(handler=cmd_site_set_policy)
 
     w = s.add_parser("set-switch", help="set the switch's key and address in the site policy",
                      description="Sign a new policy version naming the switch. Enrolled nodes receive it "
@@ -101,12 +111,15 @@ def _minor(text: str | None, currency: str) -> int | None:
     return None if text is None else parse_amount(text, currency)
 
 
-def cmd_site_init(args: argparse.Namespace) -> int:
-    secret_input.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
-    currency = check_currency(args.currency.upper())
-    key = read_switch_key_file(args.switch_key) if args.switch_key else None
-    if args.switch_url:
-        check_switch_url(args.switch_url)
+def _limit_options(p: argparse.ArgumentParser, window: str, sale: str, terminal: str, site: str) -> None:
+    p.add_argument("--offline-window", type=int, metavar="HOURS", help=f"hours a sale may stay offline {window}")
+    p.add_argument("--max-sale", metavar="AMOUNT", help=f"per-sale offline cap {sale}")
+    p.add_argument("--max-terminal-pending", metavar="AMOUNT", help=f"stored-total cap per terminal {terminal}")
+    p.add_argument("--max-site-pending", metavar="AMOUNT", help=f"stored-total cap for the site {site}")
+
+
+def _limits(args: argparse.Namespace, currency: str) -> dict[str, int]:
+    """The policy limits given by the options of ``_limit_options``, checked."""
     limits: dict[str, int] = {}
     if args.offline_window is not None:
         if args.offline_window <= 0:
@@ -117,6 +130,32 @@ def cmd_site_init(args: argparse.Namespace) -> int:
         value = _minor(getattr(args, opt), currency)
         if value is not None:
             limits[field] = value
+    return limits
+
+
+def cmd_site_set_policy(args: argparse.Namespace) -> int:
+    site = load_site(args.site_dir)
+    limits = _limits(args, site.policy.currency)
+    if not limits:
+        raise InputError("nothing to change: give --offline-window, --max-sale, --max-terminal-pending or "
+                         "--max-site-pending")
+    if args.effective_in < 0:
+        raise InputError("--effective-in must be 0 or more minutes")
+    effective_at = SYSTEM_CLOCK.now_ms() + args.effective_in * 60_000
+    policy = site.update_policy(effective_at=effective_at, **limits)
+    print(f"policy version {policy.version}: {', '.join(f'{k}={v}' for k, v in sorted(limits.items()))}, "
+          f"in force from {dt.datetime.fromtimestamp(effective_at / 1000, tz=dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC")
+    print("push it to a node with `meshpos site push SITE_DIR NODE_DIR`; the mesh spreads it")
+    return 0
+
+
+def cmd_site_init(args: argparse.Namespace) -> int:
+    secret_input.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
+    currency = check_currency(args.currency.upper())
+    key = read_switch_key_file(args.switch_key) if args.switch_key else None
+    if args.switch_url:
+        check_switch_url(args.switch_url)
+    limits = _limits(args, currency)
     password = None
     if args.dashboard_password is not None:
         password = secret_input.read_password(args.dashboard_password, "--dashboard-password")
