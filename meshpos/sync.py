@@ -254,6 +254,7 @@ class SyncSession:
         self._last_summary = self.opened_at
         self._stale: dict[str, int] = {}
         self._stall_reset: dict[str, bytes] = {}
+        self._whole_sent: dict[str, bytes] = {}  # shard -> our digest when we last sent it whole
         self._out = bytearray(self.conn.start())
         self._counters = _Counters()
         self._theirs: dict[str, bytes] = {}  # the peer's digest of each shard, as it last told us
@@ -548,6 +549,15 @@ class SyncSession:
         else:
             log.info("link %s: sync of %s makes no progress; pausing it until the shard changes",
                      self.label, shard)
+            if not parked and shard in self.ledger.docs and self._whole_sent.get(shard) != after:
+                # A last resort that always converges: the whole shard, which the peer merges whole
+                # (Automerge's own merge takes every change it lacks, dependencies included). Seen
+                # after a crash, when a restarted sync stays stuck on one shard; once per state.
+                self._whole_sent[shard] = after
+                if shard not in self._snapshot_set:
+                    log.info("link %s: sending the whole of %s instead", self.label, shard)
+                    self._snapshots.append(shard)
+                    self._snapshot_set.add(shard)
 
     def _absorb_read_only(self, shard: str, state: am.SyncState, data: bytes) -> None:
         """Let the sync state learn a read-only peer's heads and needs; drop any change it carries."""
