@@ -379,8 +379,7 @@ class Ledger:
             if env.type == "sale":
                 beyond = self.roster.beyond_cut(node_id, env.body["seq"], env.body["created_at"])
             elif env.type == "void":
-                seq_text = env.body["sale_id"][len(node_id) + 1:]
-                seq = int(seq_text) if rules.is_ascii_digits(seq_text, 1, 16) else None
+                seq = rules.seq_of(env.body["sale_id"], node_id)
                 beyond = (self.roster.beyond_cut(node_id, None, env.body["at"])
                           or self.roster.beyond_cut(node_id, seq, env.body["at"]))
             elif env.type in ("lease", "status"):

@@ -66,7 +66,6 @@ class Roster:
         self.policy = policy  # the highest version: what this node sells under now
         self.policies: dict[int, SitePolicy] = {policy.version: policy}
         self.identities: dict[str, certs.NodeIdentity] = {}
-        self.revoked: dict[str, int] = {}  # node id -> the revocation's time
         self.revocations: dict[str, dict[str, object]] = {}  # node id -> the revocation's body
         # (public key, raw) -> where the helper process answers for its signature
         self._presigned: dict[tuple[bytes, bytes], tuple[sigcheck.Batch, int]] = {}
@@ -86,7 +85,6 @@ class Roster:
                 now_ms=None)
             self.identities.setdefault(ident.node_id, ident)
         elif env.type == "revocation":
-            self.revoked.setdefault(env.body["node_id"], env.body["at"])
             self.revocations.setdefault(env.body["node_id"], dict(env.body))
         elif env.type == "policy":
             policy = SitePolicy.from_json(env.body["policy"], "policy entry")
@@ -95,6 +93,11 @@ class Roster:
             self.policies.setdefault(policy.version, policy)
             if policy.version > self.policy.version:
                 self.policy = policy
+
+    @property
+    def revoked(self) -> dict[str, int]:
+        """node id -> the time of its revocation (the cut itself is in ``revocations``)."""
+        return {node_id: int(str(body["at"])) for node_id, body in self.revocations.items()}
 
     def policy_at(self, at_ms: int) -> SitePolicy:
         """The policy version in force at ``at_ms`` (protocols/rules.md, "Policy in force")."""
@@ -201,8 +204,7 @@ class Roster:
     def _verify_void(self, env: Envelope, now_ms: int) -> None:
         if not env.body["sale_id"].startswith(env.signer + "-"):
             raise VerificationError("a void may only be written by the sale's own terminal")
-        seq_text = env.body["sale_id"][len(env.signer) + 1:]
-        seq = int(seq_text) if rules.is_ascii_digits(seq_text, 1, 16) else None
+        seq = rules.seq_of(env.body["sale_id"], env.signer)
         # a revoked terminal's void counts with its sale (up to the cut) and only if written by then
         if seq is not None and self.beyond_cut(env.signer, None, env.body["at"]):
             raise VerificationError(f"void by revoked node {env.signer} dated after the revocation")

@@ -9,6 +9,7 @@ Normative text: protocols/rules.md. Pure functions: time comes in as ``now_ms``.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import unicodedata
 from typing import Any, Iterable, Iterator
@@ -89,8 +90,6 @@ def expiry_problem(expiry: object, at_ms: int | None) -> str | None:
 
 
 def _year_month(ms: int) -> tuple[int, int]:
-    import datetime as dt
-
     when = dt.datetime.fromtimestamp(ms / 1000, tz=dt.timezone.utc)
     return when.year, when.month
 
@@ -213,6 +212,14 @@ def check_sale(body: dict[str, Any], policy: SitePolicy, now_ms: int | None) -> 
         problem = future_problem(int(body.get("created_at", 0)), now_ms, "the sale's time")
     if problem is not None:
         raise ContentError(problem)
+
+
+def seq_of(sale_id: str, terminal: str) -> int | None:
+    """The sequence number in ``<terminal>-<seq>``, or None if ``sale_id`` is not of that terminal."""
+    if not sale_id.startswith(terminal + "-"):
+        return None
+    text = sale_id[len(terminal) + 1:]
+    return int(text) if is_ascii_digits(text, 1, 16) else None
 
 
 def beyond_cut(revocation: dict[str, Any], seq: int | None, at_ms: int) -> bool:
