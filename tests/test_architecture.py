@@ -105,7 +105,7 @@ def _wire_forbidden(pyproject: Path) -> list[str]:
 def test_wire_imports_nothing_forbidden_by_its_source() -> None:
     forbidden = _wire_forbidden(ROOT / "pyproject.toml")
     for must in ("trio", "socket", "ssl", "sqlite3", "subprocess", "threading", "automerge",
-                 "meshpos.switch", "meshpos.node", "meshpos.ledger", "meshpos.store"):
+                 "meshpos.switch", "meshpos.node", "meshpos.ledger", "meshpos.infra"):
         assert must in forbidden
     assert wire_violations(ROOT / "meshpos", forbidden) == []
 
@@ -139,11 +139,11 @@ def _copy_tree(tmp_path: Path) -> Path:
 
 def test_the_ast_check_catches_an_indirect_forbidden_import(tmp_path: Path) -> None:
     tree = _copy_tree(tmp_path)
-    # wire may import meshpos.rules; rules reaching the store (and so sqlite3) must be caught
-    rules = tree / "meshpos" / "rules.py"
-    rules.write_text(rules.read_text() + "\nfrom .store import Store  # noqa\n")
+    # wire may import meshpos.domain.rules; rules reaching the store (and so sqlite3) must be caught
+    rules = tree / "meshpos" / "domain" / "rules.py"
+    rules.write_text(rules.read_text() + "\nfrom meshpos.ledger.store import Store  # noqa\n")
     found = wire_violations(tree / "meshpos", _wire_forbidden(tree / "pyproject.toml"))
-    assert any(p.startswith("meshpos.rules:") and p.endswith("imports meshpos.store") for p in found), found
+    assert any(p.startswith("meshpos.domain.rules:") and p.endswith("imports meshpos.ledger.store") for p in found), found
 
 
 # --- import-linter ------------------------------------------------------------------------------
@@ -152,16 +152,24 @@ def test_the_ast_check_catches_an_indirect_forbidden_import(tmp_path: Path) -> N
 def test_lint_imports_keeps_every_contract() -> None:
     done = _run_lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    for contract_id in ("wire-pure", "node-not-switch", "switch-not-node"):
+    for contract_id in ("layers", "wire-pure", "domain-pure", "node-not-switch", "switch-not-node"):
         assert _contract(ROOT / "pyproject.toml", contract_id)
     assert "0 broken" in done.stdout
 
 
 @pytest.mark.parametrize(("module", "line", "contract"), [
     ("wire/link.py", "import trio", "meshpos.wire is not allowed to import trio"),
-    ("wire/envelope.py", "from ..ledger import Ledger", "meshpos.wire is not allowed to import meshpos.ledger"),
-    ("uplink/client.py", "from ..switch import processor", "meshpos.uplink is not allowed to import meshpos.switch"),
-    ("switch/service.py", "from ..node import core", "meshpos.switch is not allowed to import meshpos.node"),
+    ("wire/envelope.py", "from meshpos.ledger.ledger import Ledger",
+     "meshpos.wire is not allowed to import meshpos.ledger"),
+    ("uplink/client.py", "from meshpos.switch import processor", "meshpos.uplink is not allowed to import meshpos.switch"),
+    ("switch/service.py", "from meshpos.node import core", "meshpos.switch is not allowed to import meshpos.node"),
+    ("switch/processor.py", "from meshpos.ledger import store", "meshpos.switch is not allowed to import meshpos.ledger"),
+    # the layers: nothing imports a layer above it
+    ("replication/sync.py", "from meshpos.node import core", "meshpos.replication is not allowed to import meshpos.node"),
+    ("ledger/ledger.py", "from meshpos.replication import sync",
+     "meshpos.ledger is not allowed to import meshpos.replication"),
+    ("node/runner.py", "from meshpos.cli import output", "meshpos.node is not allowed to import meshpos.cli"),
+    ("domain/rules.py", "import nacl", "meshpos.domain is not allowed to import nacl"),
 ])
 def test_lint_imports_fails_on_a_new_import_across_a_wall(tmp_path: Path, module: str, line: str,
                                                           contract: str) -> None:
@@ -171,3 +179,40 @@ def test_lint_imports_fails_on_a_new_import_across_a_wall(tmp_path: Path, module
     done = _run_lint_imports(tree)
     assert done.returncode != 0
     assert contract in done.stdout, done.stdout
+
+
+# --- only the CLI writes to the terminal ---------------------------------------------------------
+
+
+# The signature helper is a child process whose protocol runs over its stdin/stdout pipes.
+PIPE_PROTOCOLS = {"identity/sigcheck.py"}
+
+
+def terminal_writes(package_root: Path) -> list[str]:
+    """``print(...)`` calls and writes to ``sys.stdout``/``sys.stderr`` outside ``meshpos/cli``:
+    everything else reports through return values, logging or a callback the CLI gives."""
+    found = []
+    for path in sorted(package_root.rglob("*.py")):
+        rel = path.relative_to(package_root)
+        if rel.parts[0] == "cli":
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                found.append(f"{path.relative_to(package_root)}:{node.lineno} print")
+            if (isinstance(node, ast.Attribute) and node.attr in {"stdout", "stderr"}
+                    and isinstance(node.value, ast.Name) and node.value.id == "sys"
+                    and str(rel) not in PIPE_PROTOCOLS):
+                found.append(f"{path.relative_to(package_root)}:{node.lineno} sys.{node.attr}")
+    return found
+
+
+def test_only_the_cli_writes_to_the_terminal() -> None:
+    assert terminal_writes(ROOT / "meshpos") == []
+
+
+def test_the_print_check_catches_a_print_outside_the_cli(tmp_path: Path) -> None:
+    tree = _copy_tree(tmp_path)
+    target = tree / "meshpos" / "node" / "runner.py"
+    target.write_text(target.read_text() + "\nprint('hello')  # noqa\n")
+    assert terminal_writes(tree / "meshpos") == [f"node/runner.py:{len(target.read_text().splitlines())} print"]

@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshpos.demo import CARDS, FINAL, Demo
-from meshpos.errors import MeshposError
+from meshpos.apps.demo import CARDS, FINAL, Demo
+from meshpos.domain.errors import MeshposError
 from meshpos.node import client
-from meshpos.procs import wait_for
+from meshpos.apps.procs import wait_for
 
 KINDS = ("sale", "sync", "compaction", "forwarding", "switch")
 
@@ -98,7 +98,7 @@ class Report:
 
 class Matrix:
     def __init__(self, out: Path, terminals: int, seed: int, verbose: bool = True) -> None:
-        self.demo = Demo(out, terminals, 0, quiet=True)
+        self.demo = Demo(out, terminals, 0, write=lambda line: None, quiet=True)
         self.rnd = random.Random(seed)
         self.report = Report()
         self.verbose = verbose

@@ -4,7 +4,7 @@ A link makes ONE attempt per call: :meth:`AcquirerLink.advise` with ``repeat=Fal
 sends a financial advice (ISO 8583 MTI 0220), with ``repeat=True`` a repeat
 advice (0221) carrying the same fields; :meth:`AcquirerLink.reverse` sends a
 reversal advice (0420). Timeouts, lost connections and unusable answers raise
-:class:`meshpos.errors.AcquirerError` (worth another attempt), whose message never
+:class:`meshpos.domain.errors.AcquirerError` (worth another attempt), whose message never
 holds a full PAN. A request that can never go out -- it does not encode, or the host
 refuses it as malformed -- raises :class:`UnsendableRequest` (no retry helps).
 
@@ -30,8 +30,9 @@ from typing import Protocol
 
 import trio
 
-from ..errors import AcquirerError, InputError
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.domain.backoff import exponential_backoff
+from meshpos.domain.errors import AcquirerError, InputError
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 
 
 class UnsendableRequest(InputError):
@@ -65,15 +66,6 @@ class AcquirerLink(Protocol):
 
     async def aclose(self) -> None:
         """Close connections; outstanding calls fail with AcquirerError."""
-
-
-def exponential_backoff(base: float = 0.5, cap: float = 30.0) -> Callable[[int], float]:
-    """Delay before retry number ``attempt`` (1, 2, ...): base, 2*base, 4*base ... up to cap."""
-
-    def delay(attempt: int) -> float:
-        return float(min(cap, base * 2 ** (attempt - 1)))
-
-    return delay
 
 
 async def advise_until_answered(

@@ -8,8 +8,8 @@ import logging.handlers
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..node import client
+from meshpos.domain.errors import ConfigError
+from meshpos.node import client
 
 
 def _path(text: str) -> Path:
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     u.add_argument("state", choices=("on", "off"))
     u.set_defaults(handler=cmd_uplink)
 
-    from . import doctor_cmd, inspect_cmd, report_cmd  # issue 6: seeing the mesh
+    from meshpos.cli import doctor_cmd, inspect_cmd, report_cmd  # issue 6: seeing the mesh
     inspect_cmd.register(sub)
     doctor_cmd.register(sub)
     report_cmd.register(sub)
@@ -84,7 +84,7 @@ def open_log_file(path: Path) -> logging.Handler:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..node.runner import run_node
+    from meshpos.node.runner import run_node
     if args.log_file:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
@@ -95,9 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_receipt(args: argparse.Namespace) -> int:
     if args.preview:
-        from ..devices.receipts import render_text
-        from ..node.core import NodeCore
-        from ..node.receipts import receipt_data, receipt_options
+        from meshpos.devices.receipts import render_text
+        from meshpos.node.core import NodeCore
+        from meshpos.node.receipts import receipt_data, receipt_options
         sale = client.call(args.node_dir, "sale", {"sale_id": args.sale_id})
         core = None
         try:
@@ -121,8 +121,33 @@ def cmd_uplink(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import main_demo
+    import signal
+    import sys
+
+    from meshpos.apps.demo import Demo, prepare_out
+    from meshpos.domain.errors import InputError, MeshposError
     if args.terminals < 1 or args.sales < 6:
-        from ..errors import InputError
         raise InputError("the demo needs at least 1 terminal and 6 sales")
-    return main_demo(args)
+    out: Path = args.out
+    prepare_out(out)
+    demo = Demo(out, args.terminals, args.sales, write=lambda line: print(line, flush=True))
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        code = demo.run()
+        demo.procs.stop_all()
+        demo.write_text_receipts()
+        print(f"receipts as text: {out / 'receipts'}/*.txt; logs: {out / 'logs'}")
+        return code
+    except KeyboardInterrupt:
+        print("\ndemo interrupted: stopping every process", file=sys.stderr)
+        return 130
+    except MeshposError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
+        for name, child in demo.procs.children.items():
+            print(f"--- last lines of {name} ---\n{child.log_tail(8)}", file=sys.stderr)
+        return 1
+    finally:
+        demo.procs.stop_all()

@@ -1,6 +1,6 @@
 """Assemble a running node: service + mesh (links, dialler, discovery) + forwarder.
 
-The mesh part follows meshpos/mesh.py's rules: static peers are always
+The mesh part follows meshpos/replication/planner.py's rules: static peers are always
 dialled; peers found by mDNS are dialled when the ring planner picks them; one
 link per pair (simultaneous dials are resolved by ``keep_link``).
 """
@@ -15,20 +15,22 @@ from typing import Any
 
 import trio
 
-from .. import PROTOCOL_VERSION
-from ..clock import SYSTEM_CLOCK, Clock
-from ..discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
-from ..errors import MeshposError
-from ..hostport import parse_hostport
-from ..link.driver import LinkEndpoint, connect_link, serve_links
-from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
-from ..netguard import install_log_limits
-from ..sync import Replicator, SyncSession
-from ..uplink.client import make_client_context, probe
-from ..uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
-from ..uplink.reach import is_reachable
-from ..wire.dnssd import LocalService
-from .service import NodeService, run_until_signal
+from meshpos.node.parts import endpoint_for, replicator_for
+from meshpos import PROTOCOL_VERSION
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
+from meshpos.domain.errors import MeshposError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_links
+from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
+from meshpos.infra.netguard import install_log_limits
+from meshpos.replication.sync import Replicator, SyncSession
+from meshpos.uplink.client import make_client_context, probe
+from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
+from meshpos.uplink.reach import is_reachable
+from meshpos.wire.dnssd import LocalService
+from meshpos.node.core import NodeCore
+from meshpos.node.service import NodeService, run_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,8 @@ class Mesh:
         self.core = service.core
         self.clock: Clock = service.clock
         self.mdns = mdns and self.core.config.mdns
-        self.replicator = Replicator.for_core(self.core)
-        self.endpoint = LinkEndpoint.for_core(self.core, self.replicator)
+        self.replicator = replicator_for(self.core)
+        self.endpoint = endpoint_for(self.core, self.replicator)
         self.planner = PeerPlanner(self.core.node_id)
         self.outbound: set[int] = set()  # id() of sessions we dialled
         self.dialling: set[str] = set()  # node ids or addresses being dialled now
@@ -71,7 +73,7 @@ class Mesh:
         return {"peers": {
             "listen_port": self.listen_port, "mdns": self.mdns,
             "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
-            # shards no known node can have written yet (meshpos.shardpark): held apart, and frames dropped
+            # shards no known node can have written yet (meshpos.replication.shardpark): held apart, and frames dropped
             "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
 
     def linked_peers(self) -> set[str]:
@@ -157,7 +159,7 @@ class Mesh:
                     self.static_ids[address] = session.peer_node
             lasted = self.clock.monotonic() - up_since
             failures = 0 if (session is not None and lasted > 10) else failures + 1
-            await trio.sleep(min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures, 8)))
+            await trio.sleep(DIAL_BACKOFF(failures + 1))
 
     async def _manage(self, nursery: trio.Nursery) -> None:
         while True:
@@ -201,8 +203,9 @@ class Mesh:
 class RecordingTransport(HttpsTransport):
     """The real HTTPS transport, remembering how the last exchanges went (for the status)."""
 
-    def __init__(self, core: Any) -> None:
+    def __init__(self, core: NodeCore) -> None:
         super().__init__(core)
+        self.clock = core.clock
         self.last_ok_ms: int | None = None
         self.last_error: str | None = None
         self.last_error_ms: int | None = None
@@ -212,9 +215,9 @@ class RecordingTransport(HttpsTransport):
         try:
             reply = await super().forward(entries)
         except MeshposError as exc:
-            self.last_error, self.last_error_ms = str(exc), self.core.clock.now_ms()
+            self.last_error, self.last_error_ms = str(exc), self.clock.now_ms()
             raise
-        self.last_ok_ms = self.core.clock.now_ms()
+        self.last_ok_ms = self.clock.now_ms()
         self.forwarded += len(reply.results)
         return reply
 
@@ -303,6 +306,6 @@ async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -
         uplink = Uplink(service, getattr(service, "mesh", None))
         await uplink.run(service, task_status=task_status)
 
-    from ..dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
-    from .status_pub import status_component
+    from meshpos.node.dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
+    from meshpos.node.status_pub import status_component
     await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component], clock)

@@ -3,13 +3,13 @@
 Every STATUS_INTERVAL seconds, and within about CHECK_EVERY seconds of a change
 (a new ledger entry, a link up or down, the printer or uplink state), the node
 signs a ``status`` envelope, puts it on its own StatusBoard and floods it on
-every link (meshpos.statusboard). It also registers the control operations
+every link (meshpos.status.board). It also registers the control operations
 ``statuses`` (the board) and ``report`` (end-of-day reconciliation data).
 """
 
 from __future__ import annotations
 
-from ..rules import MAX_SKEW_MS
+from meshpos.domain.rules import MAX_SKEW_MS
 
 import logging
 import math
@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import __version__
-from ..discovery import local_addresses
-from ..statusboard import StatusBoard
-from ..wire import envelope
-from .core import NodeCore
+from meshpos import __version__
+from meshpos.replication.discovery import local_addresses
+from meshpos.status.board import StatusBoard
+from meshpos.wire import envelope
+from meshpos.node.core import NodeCore
 
 if TYPE_CHECKING:
-    from .runner import Mesh
-    from .service import NodeService
+    from meshpos.node.runner import Mesh
+    from meshpos.node.service import NodeService
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,7 @@ def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
     oldest pending card sale: the offline window bounds card authorization only (cash never expires)."""
     now = core.clock.now_ms()
     window_start = now - core.policy.offline_window_ms
-    sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(CASE WHEN method='card' THEN created_at END)"
-           " FROM sales WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL"
-           " AND (method='cash' OR created_at >= ?) AND created_at <= ?")
-    args: tuple[Any, ...] = (window_start, now + MAX_SKEW_MS)
-    if terminal is not None:
-        sql += " AND terminal=?"
-        args += (terminal,)
-    count, amount, oldest = core.store.conn.execute(sql, args).fetchone()
+    count, amount, oldest = core.store.pending_summary(window_start, now + MAX_SKEW_MS, terminal)
     return {"count": int(count), "amount_minor": int(amount), "oldest_created_at": oldest}
 
 
@@ -76,10 +69,8 @@ MAX_REFUSED_TERMINALS = 16
 def refused_of(core: NodeCore) -> dict[str, Any]:
     """How many sales of the site this node holds as refused by the content rules, per terminal
     (the inspector warns about a terminal whose sales the site refuses)."""
-    rows = core.store.conn.execute(
-        "SELECT terminal, count(*) FROM sales WHERE refused IS NOT NULL GROUP BY terminal"
-        " ORDER BY count(*) DESC, terminal LIMIT ?", (MAX_REFUSED_TERMINALS,)).fetchall()
-    return {"count": sum(int(n) for _, n in rows), "by_terminal": {str(t): int(n) for t, n in rows}}
+    rows = core.store.refused_by_terminal(MAX_REFUSED_TERMINALS)
+    return {"count": sum(n for _, n in rows), "by_terminal": dict(rows)}
 
 
 def printer_state(service: "NodeService") -> dict[str, Any]:
@@ -192,7 +183,7 @@ class StatusPublisher:
 
 
 def _report_data(core: NodeCore) -> Any:
-    from ..report import collect
+    from meshpos.node.report import collect
     return collect(core)
 
 

@@ -17,26 +17,26 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
-from ..acquirer.base import AcquirerLink
-from ..acquirer.base import LateAnswer
-from ..acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
-from ..acquirer.json_https import open_json_link
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ConfigError, EncodingError, InputError, VerificationError
-from ..hostport import parse_hostport
-from ..http import HttpLimits, Request, Response, json_response, listener_port, serve_http
-from ..identity import keys
-from ..wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
-from .connlimit import ConnectionGate, ConnectionLimits
-from .hardening import disable_core_dumps
-from .processor import Switch
-from .store import SiteRow
-from .switchdir import SwitchConfig, SwitchDir, add_site, init_switch
-from .tls import server_context, trust_sites
+from meshpos.acquirer.base import AcquirerLink
+from meshpos.acquirer.base import LateAnswer
+from meshpos.acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
+from meshpos.acquirer.json_https import open_json_link
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http
+from meshpos.identity import keys
+from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
+from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
+from meshpos.switch.hardening import disable_core_dumps
+from meshpos.switch.processor import Switch
+from meshpos.switch.store import SiteRow
+from meshpos.switch.switchdir import SwitchConfig, SwitchDir, add_site, init_switch
+from meshpos.switch.tls import server_context, trust_sites
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +192,17 @@ async def run_switch(
         sd.unlock()
 
 
-async def run_until_signalled(path: Path, listen: str | None = None) -> None:
-    """``meshpos switch run``: no core dumps (it will hold opened card numbers), then serve."""
+async def run_until_signalled(path: Path, listen: str | None = None,
+                              on_listening: Callable[[int], None] = lambda port: None) -> None:
+    """``meshpos switch run``: no core dumps (it will hold opened card numbers), then serve;
+    ``on_listening(port)`` once the port is bound (the CLI tells the user)."""
     disable_core_dumps()
     log.info("core dumps disabled: RLIMIT_CORE 0, process not dumpable")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningSwitch = await nursery.start(lambda task_status: run_switch(
                 path, listen=listen, task_status=task_status))
-            print(f"switch listening on port {running.port} (Ctrl-C to stop)", flush=True)
+            on_listening(running.port)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()

@@ -28,8 +28,8 @@ from typing import Any, Callable, Iterator
 
 import trio
 
-from ..errors import CorruptStoreError, StoreError
-from ..store import sqlite_transaction
+from meshpos.domain.errors import CorruptStoreError, StoreError
+from meshpos.ledger.store import sqlite_transaction
 
 APPLICATION_ID = 0x4D505357  # "MPSW"
 SCHEMA_VERSION = "2"  # 2: sales.reversal_entry (schema 1 is migrated in place on open)

@@ -36,18 +36,17 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..acquirer.base import exponential_backoff
-from ..clock import Clock
-from ..errors import ConfigError, EncodingError, UplinkError, VerificationError
-from ..roster import Verified
-from ..rules import MAX_SKEW_MS
-from ..wire import envelope
-from ..wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
-from . import leases as lease_rules
-from .client import NotSent, SwitchRefused, forward, make_client_context
+from meshpos.domain.backoff import exponential_backoff
+from meshpos.infra.clock import Clock
+from meshpos.domain.errors import ConfigError, EncodingError, UplinkError, VerificationError
+from meshpos.site.roster import Verified
+from meshpos.domain.rules import MAX_SKEW_MS
+from meshpos.wire import envelope
+from meshpos.wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
+from meshpos.uplink import leases as lease_rules
+from meshpos.uplink.client import NotSent, SwitchRefused, forward, make_client_context
 
-if TYPE_CHECKING:
-    from ..node.core import NodeCore
+from meshpos.uplink.host import UplinkHost
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ def batch_fault(exc: UplinkError) -> bool:
 class HttpsTransport:
     """The real transport: HTTPS to the policy's switch URL, pinned to the policy's switch key."""
 
-    def __init__(self, core: "NodeCore", switch_url: str | None = None) -> None:
+    def __init__(self, core: UplinkHost, switch_url: str | None = None) -> None:
         self.core = core
         self.switch_url = switch_url  # overrides the policy's (a static route, or tests)
         self._ctx: ssl.SSLContext | None = None
@@ -143,7 +142,7 @@ class _Trouble:
 class Forwarder:
     def __init__(
         self,
-        core: "NodeCore",
+        core: UplinkHost,
         clock: Clock,
         transport: Transport | None = None,
         *,
@@ -185,11 +184,7 @@ class Forwarder:
     def pending(self, now: int) -> list[str]:
         """Sale ids to forward now: no result yet, or voided after approval and not reversed yet;
         never a sale this node's view refuses, nor one dated beyond the skew ahead of ``now``."""
-        rows = self.core.store.conn.execute(
-            "SELECT sale_id, result_status FROM sales WHERE refused IS NULL AND created_at <= ?"
-            " AND (result_status IS NULL"
-            "      OR (voided_at IS NOT NULL AND result_status='approved' AND reversed_at IS NULL))"
-            " ORDER BY created_at, sale_id", (now + MAX_SKEW_MS,)).fetchall()
+        rows = self.core.store.to_forward(now + MAX_SKEW_MS)
         out = []
         for sale_id, status in rows:
             if sale_id in self._in_flight or (status is not None and sale_id in self._reversal_done):
@@ -210,11 +205,10 @@ class Forwarder:
 
     def leases(self) -> list[lease_rules.Lease]:
         """Every lease entry this node holds, with when it received each (lease rule 3)."""
-        for key, raw, received_at in self.core.store.conn.execute(
-                "SELECT key, raw, received_at FROM entries WHERE type='lease'"):
+        for key, raw, received_at in self.core.store.entries_with_reception("lease"):
             if key not in self._leases:
-                body = envelope.decode(bytes(raw)).body
-                self._leases[key] = lease_rules.Lease.from_body(body, int(received_at))
+                body = envelope.decode(raw).body
+                self._leases[key] = lease_rules.Lease.from_body(body, received_at)
         return list(self._leases.values())
 
     def ignored_holders(self, leases: list[lease_rules.Lease]) -> set[str]:
@@ -449,7 +443,7 @@ class Forwarder:
 
 
 async def run_forwarder(
-    core: "NodeCore",
+    core: UplinkHost,
     clock: Clock,
     has_uplink: Callable[[], bool],
     *,
