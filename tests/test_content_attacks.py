@@ -93,7 +93,7 @@ def test_harmful_sales_are_refused_alone_on_every_node(mesh: Mesh) -> None:
             assert all(r != raw for _, r in node.entries()), f"{what}: the card number spread"
         assert view[future_id]["status"] == "deferred" and "ahead" in view[future_id]["reason"]
         assert view[honest_id]["status"] == "pending"  # H's honest sale beside them is unharmed
-        status = node.core.status()
+        status = node.core.status().to_json()
         assert status["pending"]["amount_minor"] == sum(
             s["amount_minor"] for s in view.values() if s["status"] == "pending")
         assert status["sales"]["by_status"]["refused"] == len(harmful)
@@ -126,10 +126,10 @@ def test_a_far_future_sale_is_judged_once_the_clock_gets_there(mesh: Mesh) -> No
     publish(mesh, {sale_id: raw})
     a = mesh.nodes["a"].core
     assert a.sale(sale_id)["status"] == "deferred"
-    assert a.status()["pending"]["count"] == 0
+    assert a.status().pending.count == 0
     mesh.clock.advance(ahead / 1000)
     assert a.sale(sale_id)["status"] == "pending"
-    assert a.status()["pending"]["amount_minor"] == 900
+    assert a.status().pending.amount_minor == 900
 
 
 def test_a_terminal_that_signs_past_its_cap_cannot_stop_the_site(mesh: Mesh) -> None:
@@ -226,7 +226,7 @@ def test_whatever_a_terminal_signs_honest_views_follow_the_rules(mesh: Mesh) -> 
                 else:
                     assert f"sale/{sale_id}" not in held
             assert view[honest]["status"] == "pending"
-            assert node.core.status()["pending"]["amount_minor"] == honest_total
+            assert node.core.status().pending.amount_minor == honest_total
         first = mesh.honest[0].entries()
         assert all(n.entries() == first for n in mesh.honest)
 
@@ -237,7 +237,6 @@ def test_one_refused_sale_breaks_no_listing_report_or_dashboard(make_node, switc
     """Reproduction 4 of issue 12: after one sale in currency XXX, `meshpos sales`, `meshpos report`
     and the dashboard's /api/state failed on every node, for good."""
     import json
-    import types
 
     from helpers import run_cli
     from meshpos.node.dashboard import Dashboard
@@ -253,7 +252,7 @@ def test_one_refused_sale_breaks_no_listing_report_or_dashboard(make_node, switc
         a.ingest(h.ledger.raw(f"cert/{h.node_id}") or b"", "peer")
         a.ingest(envelope.seal("sale", h.node_id, body, h.key), "peer")
         a.sell(1250)
-        state = Dashboard(types.SimpleNamespace(core=a, clock=a.clock), "").state()  # type: ignore[arg-type]
+        state = Dashboard(a, None, None, "").state()
         by_status = {s["status"]: s["count"] for s in state["settled"]}
         assert by_status["refused"] == 1 and by_status["pending"] == 1
         assert state["total"]["amount"] == "12.50"  # the refused 10^12 XXX counts in no total

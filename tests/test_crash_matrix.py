@@ -28,7 +28,7 @@ def matrix_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Matrix, dict]:
     out = tmp_path_factory.mktemp("crash-matrix") / "fair"
     out.mkdir()
     matrix = Matrix(out, terminals=3, seed=4, verbose=False)
-    report = matrix.run(kills=len(KINDS), settle_timeout=150)
+    report = matrix.run(kills=len(KINDS), settle_timeout=150, min_sales=40, min_cards=10)
     return matrix, report.to_json()
 
 

@@ -394,11 +394,12 @@ async def test_refused_future_dated_and_reversed_sales_are_not_forwarded(
 def test_reachable_means_a_link_or_a_fresh_status() -> None:
     from meshpos.status.board import NodeStatus
     from meshpos.uplink.reach import is_reachable
+    from meshpos.wire.status import StatusBody
 
     now, peer = 50_000_000, "p" * 16
 
     def status(at: int, received: int) -> NodeStatus:
-        return NodeStatus(peer, {"at": at, "every_ms": 10_000}, b"", received)
+        return NodeStatus(peer, StatusBody(at=at, every_ms=10_000), b"", received)
 
     assert is_reachable(peer, now, {peer}, None)  # linked, status or not
     assert not is_reachable(peer, now, set(), None)

@@ -227,9 +227,9 @@ def test_corrupt_store_refused_then_recovered_from_the_mesh_without_reusing_a_sa
 def test_recovery_check_catches_a_node_that_sells_before_the_mesh_answered(make_node, tmp_path, monkeypatch) -> None:
     """Test of the test: without the recovery flag, the re-created node sells seq 1 again and the
     reuse check fails."""
-    real = core_mod._write_durably
-    monkeypatch.setattr(core_mod, "_write_durably",
-                        lambda p, text: None if p.name == core_mod.RECOVERING_FILE else real(p, text))
+    real = core_mod.write_atomically
+    monkeypatch.setattr(core_mod, "write_atomically",
+                        lambda p, data, **kw: None if p.name == core_mod.RECOVERING_FILE else real(p, data, **kw))
     a, b, net, acked = recover_from_peer(tmp_path, make_node, 5)
     try:
         with pytest.raises(AssertionError, match="used twice"):

@@ -186,10 +186,11 @@ def test_spool_is_durable_and_ordered(tmp_path: Path) -> None:
     b = spool.enqueue(sale_id="S/2 ../x", copy="merchant", data=b"two", created_at_ms=2)
     assert sorted(os.listdir(tmp_path / "spool")) == [a.job_id + ".job", b.job_id + ".job"]
     assert "/" not in b.job_id and ".." not in b.job_id
-    (tmp_path / "spool" / ".tmp-000000000099-x-customer.job").write_bytes(b"half a jo")
+    (tmp_path / "spool" / ".000000000099-x-customer.job.4242.tmp").write_bytes(b"half a jo")
+    (tmp_path / "spool" / ".tmp-000000000098-x-customer.job").write_bytes(b"half a jo")  # older versions'
     again = Spool(tmp_path)  # after a crash / restart
     assert again.job_ids() == [a.job_id, b.job_id]
-    assert not any(n.startswith(".tmp-") for n in os.listdir(tmp_path / "spool"))
+    assert sorted(os.listdir(tmp_path / "spool")) == [a.job_id + ".job", b.job_id + ".job"]
     first = again.peek()
     assert first is not None and first.data == b"one" and first.receipt == PENDING
     again.remove(a.job_id)

@@ -55,7 +55,7 @@ def test_a_disguised_card_number_or_bidi_trick_is_refused_everywhere(mesh: Mesh,
     for view in views(mesh):
         assert sale_id not in view  # free text that breaks the rule: never taken, never relayed
     for node in mesh.honest:
-        assert node.core.status()["pending"]["count"] == 0
+        assert node.core.status().pending.count == 0
         assert all(r != raw for _, r in node.entries()), "the card number spread in the clear"
     text = DISGUISED[what].get("description")
     if text is not None:  # a careless cashier typing the same is stopped at sell
@@ -106,7 +106,7 @@ def test_two_sales_signed_under_one_sale_id_end_the_same_on_every_node(mesh: Mes
     assert len(set(amounts)) == 1, amounts
     reference = mesh.honest[0].entries()
     assert all(node.entries() == reference for node in mesh.honest), "honest ledgers differ"
-    totals = {node.core.status()["pending"]["amount_minor"] for node in mesh.honest}
+    totals = {node.core.status().pending.amount_minor for node in mesh.honest}
     assert len(totals) == 1, totals
 
 
@@ -132,13 +132,14 @@ def test_a_status_with_fields_of_the_wrong_type_breaks_no_view(what: str) -> Non
     it, for as long as the status was fresh; escape sequences went to the inspector's terminal."""
     from meshpos.cli.inspect_cmd import render
     from meshpos.status.meshview import Known, analyze
+    from meshpos.wire.status import StatusBody
 
     now = 1_767_225_600_000
     honest = {"at": now, "pending": {"count": 2, "amount_minor": 300, "oldest_created_at": now - 1000},
               "uplink": {"state": "up"}, "printer": {"state": "ok"}, "ledger": {"entries": 10}}
     statuses = {"a" * 16: honest, "h" * 16: {"at": now, **HOSTILE_STATUSES[what]}}
     known = {"a" * 16: Known(name="A", role="terminal"), "h" * 16: Known(name="H", role="terminal")}
-    view = analyze(statuses, known, now_ms=now, offline_window_ms=86_400_000, warn_before_ms=3_600_000)
+    view = analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=86_400_000, warn_before_ms=3_600_000)
     assert view["totals"]["pending_amount_minor"] >= 300
     assert all(isinstance(n["pending_amount_minor"], (int, type(None))) for n in view["nodes"])
     text = render({**view, "site": {"name": "S", "site_id": "s"}, "inspector": {"links": 1}})

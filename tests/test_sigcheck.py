@@ -7,6 +7,7 @@ import signal
 import automerge.core as am
 import nacl.signing
 import pytest
+from pathlib import Path
 
 from meshpos.wire import envelope
 from meshpos.identity import sigcheck
@@ -64,20 +65,53 @@ def test_bulk_merge_without_the_helper_still_verifies_every_entry(make_node, ope
                envelope.seal("sale", t1.node_id, forged_body, t2.key))
     broken = sigcheck.SigChecker()
     broken._failed = True
-    monkeypatch.setattr(sigcheck, "_HELPERS", [broken])
+    monkeypatch.setattr(sigcheck.POOL, "helpers", [broken])
     report = t2.ledger.receive_snapshot(shard, doc.save(), "hostile")
     assert [k for k, _ in report.rejected] == [f"sale/{forged_body['sale_id']}"]
     assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
 
 
 def test_a_helper_that_stops_answering_is_given_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sigcheck, "ANSWER_TIMEOUT", 0.2)
     helper = sigcheck.SigChecker()
     try:
-        assert helper.submit(_jobs(2)).valid(0)
+        assert helper.submit(_jobs(2)).valid(0)  # started and answering (at its own pace: a busy host)
         assert helper._proc is not None
+        monkeypatch.setattr(sigcheck, "ANSWER_TIMEOUT", 0.2)
         helper._proc.send_signal(signal.SIGSTOP)
         assert not helper.submit(_jobs(2)).valid(0)
         assert not helper.submit(_jobs(2)).valid(0)  # not asked again
     finally:
         helper.close()
+
+
+def test_every_roster_of_a_process_shares_one_pool_of_helpers(make_node, open_node) -> None:
+    """Why the pool is process-wide: nodes held in one process (simulations, the benchmarks) must
+    not start helpers each; three nodes merging each other's sales use the same helpers."""
+    nodes = [open_node(make_node(f"t{i}")) for i in range(3)]
+    for node in nodes:
+        for i in range(40):  # a merge of 32 or more entries has them checked by the helpers
+            node.sell(100 + i)
+    for a in nodes:
+        for b in nodes:
+            if a is not b:
+                a.ingest(b.ledger.raw(f"cert/{b.node_id}"), "peer")  # its signer known: checked ahead
+                for shard in b.ledger.shards():
+                    a.ledger.receive_snapshot(shard, b.ledger.snapshot(shard), "peer")
+    assert 1 <= _helper_processes() <= sigcheck.HELPERS
+
+
+def _helper_processes() -> int:
+    """Live signature helper processes started by this process."""
+    import os
+    children: list[str] = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        children += (task / "children").read_text().split()
+    count = 0
+    for pid in children:
+        try:
+            if b"meshpos.identity.sigcheck" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                count += 1
+        except OSError:
+            pass
+    return count
+    assert all(len(n.sales()) == 3 * 40 for n in nodes)

@@ -16,9 +16,15 @@ from meshpos.status.meshview import Known, analyze
 from meshpos.node.core import NodeCore
 from meshpos.site.sitedir import Site
 from meshpos.status.board import StatusBoard
+from meshpos.wire.status import StatusBody
 
 SITE, A, B = "a" * 16, "b" * 16, "c" * 16
 WINDOW, WARN = 24 * 3_600_000, 3 * 3_600_000
+
+
+def view_of(statuses: dict[str, Any], known: dict[str, Known], **kwargs: Any) -> dict[str, Any]:
+    """The mesh view of statuses given as the JSON a node signs (read as the board reads them)."""
+    return analyze({node: StatusBody.from_json(body) for node, body in statuses.items()}, known, **kwargs)
 
 
 def pair(versions: tuple[int, ...] = (1, 2)) -> tuple[LinkConnection, LinkConnection]:
@@ -79,12 +85,12 @@ def test_view_finds_stale_nodes_partitions_and_closing_windows() -> None:
     names = {n: Known(name=n.upper(), role="terminal") for n in ("n1", "n2", "n3", "n4")}
     fresh = {"n1": st(now, ["n2"]), "n2": st(now, ["n1", "n3"]), "n3": st(now, ["n2", "n4"]),
              "n4": st(now, ["n3"])}
-    view = analyze(fresh, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    view = view_of(fresh, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     assert not view["partition"] and view["warnings"] == [] and len(view["groups"]) == 1
 
     # n4 falls silent: others still list their link to it, yet it is cut off
     silent = {**fresh, "n4": st(now - 20_000, ["n3"])}
-    view = analyze(silent, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    view = view_of(silent, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     nodes = {n["name"]: n for n in view["nodes"]}
     assert not nodes["N4"]["reachable"] and nodes["N3"]["reachable"]
     assert view["partition"] and view["groups"] == [["N1", "N2", "N3"], ["N4"]]
@@ -92,12 +98,12 @@ def test_view_finds_stale_nodes_partitions_and_closing_windows() -> None:
 
     # two fresh halves that no link joins (an inspector sees both): a partition too
     split = {"n1": st(now, ["n2"]), "n2": st(now, ["n1"]), "n3": st(now, ["n4"]), "n4": st(now, ["n3"])}
-    view = analyze(split, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    view = view_of(split, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     assert view["partition"] and len(view["groups"]) == 2 and all(n["reachable"] for n in view["nodes"])
 
     # a pending sale 22 h old: its window closes within the warning time
     late = {**fresh, "n2": st(now, ["n1", "n3"], pending=2, oldest=now - 22 * 3_600_000)}
-    view = analyze(late, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    view = view_of(late, names, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     assert any("offline window closes in 2 h" in w for w in view["warnings"]), view["warnings"]
     assert view["totals"]["pending"] == 2 and view["totals"]["window_left_s"] == 2 * 3600
 
@@ -156,7 +162,7 @@ def test_name_and_role_come_from_the_certificate_not_the_status() -> None:
              "n5": Known(name="T5", role="gateway"), "n3": Known(name="T3", role="terminal")}
     liar = {**st(now, ["n1"]), "name": "T5", "role": "gateway"}  # n2 poses as the gateway T5
     hider = {**st(now, ["n1"]), "name": "nobody", "role": "inspector"}  # n3 tries to vanish
-    view = analyze({"n1": st(now, ["n2", "n3"]), "n2": liar, "n3": hider}, known, now_ms=now,
+    view = view_of({"n1": st(now, ["n2", "n3"]), "n2": liar, "n3": hider}, known, now_ms=now,
                    offline_window_ms=WINDOW, warn_before_ms=WARN)
     nodes = {n["node_id"]: n for n in view["nodes"]}
     assert (nodes["n2"]["name"], nodes["n2"]["role"]) == ("T5", "terminal")
@@ -170,9 +176,9 @@ def test_a_terminal_whose_sales_the_site_refuses_is_warned_about_whatever_it_say
     known = {"n1": Known(name="T1", role="terminal"), "h": Known(name="H", role="terminal")}
     honest = {**st(now, ["h"]), "refused": {"count": 3, "by_terminal": {"h": 3}}}
     liar = {**st(now, ["n1"]), "refused": {"count": 0, "by_terminal": {}}}  # H says nothing of itself
-    view = analyze({"n1": honest, "h": liar}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    view = view_of({"n1": honest, "h": liar}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
     nodes = {n["node_id"]: n for n in view["nodes"]}
     assert nodes["h"]["refused"] == 3 and nodes["n1"]["refused"] == 0
     assert any("H: 3 of its sales refused" in w for w in nodes["h"]["warnings"])
     junk = {**st(now, ["h"]), "refused": {"by_terminal": ["h"]}}  # malformed: ignored, no crash
-    assert analyze({"n1": junk}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert view_of({"n1": junk}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import ssl
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
@@ -29,6 +27,7 @@ from typing import Any
 
 import trio
 
+from meshpos.infra.durable import write_atomically
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, ProtocolError
 from meshpos.infra.http import AbortConnection, Request, Response, json_response, listener_port, serve_http
 from meshpos.wire.cards import mask
@@ -224,15 +223,8 @@ class SimulatorStats:
 
 
 def write_json_atomically(path: Path, value: Any) -> None:
-    data = json.dumps(value, sort_keys=True, indent=1).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """The simulator's figures: atomic (a reader never sees half), not fsynced (rewritten often)."""
+    write_atomically(path, json.dumps(value, sort_keys=True, indent=1).encode("utf-8"), durable=False)
 
 
 class _StatsFile:

@@ -22,6 +22,7 @@ from typing import Any
 import automerge.core as am
 import trio
 
+from meshpos.domain.roles import READ_ONLY_ROLES, SELLING_ROLES
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.replication.discovery import PeerGone, PeerSeen, local_addresses, run_discovery
 from meshpos.domain.errors import MeshposError, NodeNotRunningError
@@ -88,7 +89,7 @@ def check_config(ctx: _Ctx) -> Check:
              f"uplink {'allowed' if cfg.uplink else 'off'}"]
     if cfg.dashboard:
         parts.append(f"dashboard {cfg.dashboard}")
-    if cfg.role in certs.SELLING_ROLES and not cfg.listen and not cfg.peers:
+    if cfg.role in SELLING_ROLES and not cfg.listen and not cfg.peers:
         return Check(name, "warn", ", ".join(parts) + ": no listen address and no static peer",
                      "set `listen` (e.g. 0.0.0.0:7420) so that peers can link to this node")
     return _ok(name, ", ".join(parts))
@@ -278,7 +279,7 @@ async def check_multicast(ctx: _Ctx, wait: float) -> Check:
     except (MeshposError, OSError) as exc:
         return _fail(name, f"mDNS cannot start: {exc}", "check that UDP 5353 is free and a network is up, or set "
                                                         "`mdns: false` and static `peers` in config.json")
-    ctx.discovered = {k: v for k, v in heard.items() if k not in (probe_id, cfg.node_id) and v.role != "inspector"}
+    ctx.discovered = {k: v for k, v in heard.items() if k not in (probe_id, cfg.node_id) and v.role not in READ_ONLY_ROLES}
     peers = ", ".join(sorted(f"{p.name} ({p.role})" for p in ctx.discovered.values())) or "none"
     if probe_id not in heard:
         return _fail(name, f"our own mDNS announcement did not come back within {wait:g} s; peers heard: {peers}",

@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.node.parts import endpoint_for, replicator_for
 from meshpos.infra.clock import Clock
 from meshpos.replication.discovery import PeerGone, PeerSeen, ZeroconfBackend, run_discovery
@@ -56,7 +57,7 @@ class BrowseOnlyBackend(ZeroconfBackend):
 
 class Inspector:
     def __init__(self, core: NodeCore, peers: list[str], mdns: bool = True) -> None:
-        if core.identity.role != "inspector":
+        if core.identity.role not in READ_ONLY_ROLES:
             raise ConfigError(f"{core.dir.path} is a {core.identity.role} enrollment: `meshpos inspect` needs an "
                               "inspector (meshpos enroll SITE DIR --role inspector --name ...)")
         self.core = core
@@ -105,7 +106,7 @@ class Inspector:
         if isinstance(event, PeerGone):
             self.discovered.pop(event.node_id, None)
             return
-        if event.role == "inspector" or not event.addresses:
+        if event.role in READ_ONLY_ROLES or not event.addresses:
             return
         self.discovered[event.node_id] = event
         address = f"{event.addresses[0]}:{event.port}"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import trio
 
+from meshpos.cli.args import hostport_arg
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.domain.errors import ConfigError, MeshposError
 from meshpos.wire.iso8583 import LengthHeader
@@ -49,13 +50,6 @@ examples:
 """
 
 
-def _listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]"), int(port)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="meshpos acquirer-sim",
@@ -63,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--listen", required=True, type=_listen, metavar="HOST:PORT",
+    p.add_argument("--listen", required=True, type=hostport_arg, metavar="HOST:PORT",
                    help="address to listen on; port 0 picks a free one (printed on start)")
     p.add_argument("--rules", type=Path, metavar="FILE", help="JSON rules file (default: approve everything)")
     p.add_argument("--stats", type=Path, metavar="FILE", help="write message counts here as JSON after every message")

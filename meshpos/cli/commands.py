@@ -7,9 +7,10 @@ import datetime as dt
 import base64
 import json
 
-from pathlib import Path
 from typing import Any
 
+from meshpos.cli.args import path_arg as _path
+from meshpos.domain.roles import ROLES
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.domain.currency import check_currency, parse_amount
 from meshpos.domain.errors import InputError
@@ -20,10 +21,6 @@ from meshpos.site.sitedir import check_switch_url, init_site, load_site, read_sw
 from meshpos.wire.cards import check_pan, seal_card
 from meshpos.cli import secret_input
 from meshpos.cli.output import emit_json, table
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -229,7 +226,7 @@ def cmd_site_push(args: argparse.Namespace) -> int:
 # -- enrollment ------------------------------------------------------------------------
 
 def _enroll_node_opts(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--role", required=True, choices=("terminal", "gateway", "inspector"))
+    p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--name", required=True, help="the node's human name (on receipts and in the inspector)")
     p.add_argument("--listen", metavar="HOST:PORT", help="address the node accepts mesh links on")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",

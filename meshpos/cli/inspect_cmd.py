@@ -10,16 +10,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from meshpos.domain.text import duration
+from meshpos.cli.args import path_arg as _path
 from meshpos.domain.currency import format_amount
 from meshpos.domain.errors import InputError
 from meshpos.cli.output import emit_json, table
 
 DEFAULT_WAIT = 6.0
 GRAPH_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -88,14 +86,7 @@ async def _inspect(args: argparse.Namespace, inspector_dir: Path) -> int:
 
 
 def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    return f"{s // 3600}h{s % 3600 // 60:02d}"
+    return "-" if seconds is None else duration(seconds, compact=True)
 
 
 def render(view: dict[str, Any]) -> str:

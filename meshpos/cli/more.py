@@ -8,12 +8,9 @@ import logging.handlers
 from pathlib import Path
 from typing import Any
 
+from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError
 from meshpos.node import client
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
+from meshpos.cli.args import path_arg as _path
 from meshpos.cli.output import emit_json
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

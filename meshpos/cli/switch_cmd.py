@@ -6,10 +6,10 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 import trio
 
+from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import MeshposError
 from meshpos.identity import keys
 from meshpos.switch.switchdir import ACQUIRER_FORMATS, SwitchDir, add_site, init_switch
@@ -33,10 +33,6 @@ set-up, in order:
   meshpos switch add-site /srv/switch SITE_DIR      (needs only site.json, ca.pem, policy.env, revocations/)
   meshpos switch run /srv/switch
 """
-
-
-def _path(text: str) -> Path:
-    return Path(text).expanduser()
 
 
 def build_parser() -> argparse.ArgumentParser:

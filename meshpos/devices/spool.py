@@ -10,7 +10,7 @@ while the printer is unreachable, stalled, out of paper or open. Its
 
 Files: ``NODE_DIR/spool/<seq>-<sale>-<copy>.job``, canonical JSON holding the
 sale id, the copy, the ESC/POS bytes (base64) and the ReceiptData they were
-rendered from. ``.tmp-*`` files are unfinished writes and are removed at
+rendered from. ``.*.tmp`` files are unfinished writes and are removed at
 start-up; a job file that does not parse is moved to ``spool/corrupt/`` so it
 cannot block the queue.
 """
@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from meshpos.infra.durable import fsync_dir, write_atomically
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, PrinterError, StoreError
 from meshpos.wire import canonical
@@ -97,7 +98,8 @@ class Spool:
         self.path = Path(node_dir) / SPOOL_DIRNAME
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            for stale in self.path.glob(".tmp-*"):
+            # unfinished writes: infra.durable's, and those of versions before it (".tmp-*")
+            for stale in [*self.path.glob(".*.tmp"), *self.path.glob(".tmp-*")]:
                 stale.unlink()
             names = sorted(p.name for p in self.path.glob(f"*{JOB_SUFFIX}"))
         except OSError as exc:
@@ -126,16 +128,8 @@ class Spool:
         job = PrintJob(job_id=job_id, sale_id=sale_id, copy=copy, created_at_ms=created_at_ms,
                        data=data, receipt=receipt)
         name = job_id + JOB_SUFFIX
-        tmp = self.path / f".tmp-{name}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, canonical.encode(job.to_json()))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.path / name)
-            self._fsync_dir()
+            write_atomically(self.path / name, canonical.encode(job.to_json()), mode=0o600)
         except OSError as exc:
             raise StoreError(f"cannot write print job for sale {sale_id} into {self.path}: {exc}") from exc
         self._next_seq += 1
@@ -188,11 +182,7 @@ class Spool:
             log.exception("receipt spool: cannot move %s aside", name)
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.path)
 
 
 # --- the worker ---------------------------------------------------------------------

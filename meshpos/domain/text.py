@@ -21,3 +21,13 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def duration(seconds: float, compact: bool = False) -> str:
+    """``95 s``, ``12 min``, ``3 h 05 min`` (``compact``: ``95s``, ``12m``, ``3h05``, for table cells)."""
+    s = int(seconds)
+    if s < 120:
+        return f"{s}s" if compact else f"{s} s"
+    if s < 7200:
+        return f"{s // 60}m" if compact else f"{s // 60} min"
+    return f"{s // 3600}h{s % 3600 // 60:02d}" if compact else f"{s // 3600} h {s % 3600 // 60:02d} min"

@@ -5,13 +5,13 @@ The pure key functions are meshpos.identity.keys; this is the file side.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from meshpos.infra.durable import write_atomically
 from meshpos.domain.errors import ConfigError
 from meshpos.identity.keys import to_crypto_private
 
@@ -24,15 +24,8 @@ def write_private_key(path: Path, key: nacl.signing.SigningKey) -> None:
 
 
 def write_secret(path: Path, data: bytes) -> None:
-    """Create ``path`` with mode 0600 (never readable by others, not even briefly) and fsync it."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    """Create ``path`` with mode 0600 (never readable by others, not even briefly), durably."""
+    write_atomically(path, data, mode=0o600)
 
 
 def read_private_key(path: Path) -> nacl.signing.SigningKey:

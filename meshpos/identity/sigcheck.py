@@ -176,27 +176,35 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes:
     return bytes(data)
 
 
-_HELPERS: list[SigChecker] = []
-_turn = itertools.count()
+class HelperPool:
+    """The signature helper processes of this process: started at the first batch, one per core
+    but the one this process needs (on 2 cores a second helper made a 100,000-sale join slower,
+    3 runs of 3), closed at exit. Every Roster of the process shares the one ``POOL``: a simulation
+    holding 20 nodes in one process would otherwise start 20 times as many helpers
+    (tests/test_sigcheck.py shows they are shared)."""
+
+    def __init__(self, size: int = HELPERS) -> None:
+        self.size = size
+        self.helpers: list[SigChecker] = []
+        self._turn = itertools.count()
+
+    def submit(self, jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
+        """Send a batch to the next helper."""
+        if not self.helpers:
+            self.helpers.extend(SigChecker() for _ in range(self.size))
+            atexit.register(self.close)
+        return self.helpers[next(self._turn) % len(self.helpers)].submit(jobs)
+
+    def settle(self) -> None:
+        for helper in self.helpers:
+            helper.settle()
+
+    def close(self) -> None:
+        for helper in self.helpers:
+            helper.close()
 
 
-def submit(jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
-    """Send a batch to the next of the process-wide helpers (one per core but the one this
-    process needs: on 2 cores a second helper made a 100,000-sale join slower, 3 runs of 3)."""
-    if not _HELPERS:
-        _HELPERS.extend(SigChecker() for _ in range(HELPERS))
-        atexit.register(close)
-    return _HELPERS[next(_turn) % len(_HELPERS)].submit(jobs)
-
-
-def settle() -> None:
-    for helper in _HELPERS:
-        helper.settle()
-
-
-def close() -> None:
-    for helper in _HELPERS:
-        helper.close()
+POOL = HelperPool()
 
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> None:

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from meshpos.domain.errors import ConfigError
+from meshpos.infra.durable import write_atomically
 
 
 def write_json(path: Path, data: Any, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Readable JSON, written atomically and durably (infra.durable)."""
+    write_atomically(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(), mode=mode)
 
 
 def read_json(path: Path, what: str, expect_format: str | None = None) -> dict[str, Any]:

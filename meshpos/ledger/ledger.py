@@ -435,10 +435,15 @@ class Ledger:
         msg = self._doc(shard).generate_sync_message(state)
         return None if msg is None else msg.encode()
 
-    def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
+    def _before_receiving(self, shard: str) -> None:
+        """What every way of receiving a shard starts with: our view matches the store again after
+        a rollback, and the shard's name is one a node may write."""
         self._after_rollback()
         if not valid_shard_name(shard):
             raise EncodingError(f"bad shard name {shard[:60]!r}")
+
+    def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
+        self._before_receiving(shard)
         try:
             msg = am.Message.decode(data)
         except Exception as exc:
@@ -452,9 +457,7 @@ class Ledger:
         return self._after_merge(shard, before, peer)
 
     def receive_snapshot(self, shard: str, data: bytes, peer: str) -> IngestReport:
-        self._after_rollback()
-        if not valid_shard_name(shard):
-            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        self._before_receiving(shard)
         try:
             other = am.Document.load(data)
         except Exception as exc:
@@ -472,9 +475,7 @@ class Ledger:
     def receive_push(self, shard: str, changes: list[bytes], peer: str) -> IngestReport:
         """Apply changes a peer pushed (a change whose dependencies are missing waits inside
         Automerge until they arrive; the heads do not move meanwhile)."""
-        self._after_rollback()
-        if not valid_shard_name(shard):
-            raise EncodingError(f"bad shard name {shard[:60]!r}")
+        self._before_receiving(shard)
         doc = self._doc(shard)
         before = doc.get_heads()
         try:

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import sqlite3
 from pathlib import Path
 from typing import Any
 
+from meshpos.domain.roles import SELLING_ROLES
+from meshpos.infra.durable import write_atomically
 from meshpos import __version__
 from meshpos.domain import rules
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.currency import format_amount
 from meshpos.domain.policy import SitePolicy
+from meshpos.node.status import NodeSummary, PendingSummary, SalesCount
+from meshpos.wire.status import LedgerSize
 from meshpos.domain.errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
 from meshpos.identity import certs
 from meshpos.ledger.ledger import Ledger
@@ -36,20 +39,6 @@ STATUSES = ("pending", "approved", "declined", "expired", "voided", "reversed", 
 
 STORE_CREATED_FILE = "meshpos.db.created"  # the node has had a store: a missing one is a loss
 RECOVERING_FILE = "RECOVERING"  # the store was re-created: no selling until a peer gave our log back
-
-
-def _write_durably(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def iso(ms: int | None) -> str | None:
@@ -80,13 +69,14 @@ class NodeCore:
         created = nd.path / STORE_CREATED_FILE
         self.recovery_flag = nd.path / RECOVERING_FILE
         if not nd.db_path.exists() and created.exists():
-            _write_durably(self.recovery_flag, f"store {nd.db_path} re-created; selling waits for a peer\n")
+            write_atomically(self.recovery_flag, f"store {nd.db_path} re-created; selling waits for a peer\n".encode(),
+                             mode=0o600)
             log.warning("%s was created once and is missing: recovering this node's log from the mesh "
                         "before it sells again", nd.db_path)
         self.store = Store.open(nd.db_path, create=True,
                                 identity={"site_id": cfg.site_id, "node_id": cfg.node_id})
         if not created.exists():
-            _write_durably(created, f"node {cfg.node_id}\n")
+            write_atomically(created, f"node {cfg.node_id}\n".encode(), mode=0o600)
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
 
     @classmethod
@@ -149,7 +139,7 @@ class NodeCore:
     def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
              currency: str | None = None) -> dict[str, Any]:
         """Take one sale; returns only once it is durable (the acknowledgement)."""
-        if self.identity.role not in certs.SELLING_ROLES:
+        if self.identity.role not in SELLING_ROLES:
             raise PolicyError(f"a {self.identity.role} node does not sell")
         policy = self.policy
         if currency is not None and currency != policy.currency:
@@ -269,7 +259,7 @@ class NodeCore:
     def sales(self, terminal: str | None = None) -> list[dict[str, Any]]:
         return [self.sale_json(r) for r in self.store.sales(terminal)]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> NodeSummary:
         rows = self.store.sales()  # classified row by row: a busy node holds 100,000 sales
         counts = {s: 0 for s in STATUSES}
         pending = []
@@ -279,17 +269,17 @@ class NodeCore:
             if status == "pending":
                 pending.append(row)
         now = self.clock.now_ms()
-        return {
-            "node_id": self.node_id, "name": self.config.name, "role": self.identity.role,
-            "site_id": self.config.site_id, "site_name": self.policy.name, "version": __version__,
-            "certificate_expires": iso(self.identity.not_after_ms),
-            "certificate_valid": self.identity.not_before_ms <= now <= self.identity.not_after_ms,
-            "uplink_allowed": self.config.uplink, "switch_configured": self.policy.switch_key is not None,
-            "ledger": {"entries": self.store.entry_count(), "shards": len(self.ledger.shards())},
-            "sales": {"total": len(rows), "by_status": counts,
-                      "own": sum(1 for r in rows if r["terminal"] == self.node_id)},
-            "pending": {"count": len(pending), "amount_minor": sum(r["amount_minor"] for r in pending),
-                        "oldest_created_at": iso(min(r["created_at"] for r in pending)) if pending else None},
-            "revoked_nodes": sorted(self.roster.revoked),
-            "policy": {k: v for k, v in self.policy.to_json().items() if k != "dashboard_password"},
-        }
+        return NodeSummary(
+            node_id=self.node_id, name=self.config.name, role=self.identity.role,
+            site_id=self.config.site_id, site_name=self.policy.name, version=__version__,
+            certificate_expires=iso(self.identity.not_after_ms),
+            certificate_valid=self.identity.not_before_ms <= now <= self.identity.not_after_ms,
+            uplink_allowed=self.config.uplink, switch_configured=self.policy.switch_key is not None,
+            ledger=LedgerSize(entries=self.store.entry_count(), shards=len(self.ledger.shards())),
+            sales=SalesCount(total=len(rows), by_status=counts,
+                             own=sum(1 for r in rows if r["terminal"] == self.node_id)),
+            pending=PendingSummary(count=len(pending), amount_minor=sum(r["amount_minor"] for r in pending),
+                                   oldest_created_at=iso(min(r["created_at"] for r in pending)) if pending else None),
+            revoked_nodes=sorted(self.roster.revoked),
+            policy={k: v for k, v in self.policy.to_json().items() if k != "dashboard_password"},
+        )

@@ -34,7 +34,7 @@ import ssl
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -47,12 +47,13 @@ from meshpos.domain.currency import format_amount
 from meshpos.domain.hostport import parse_hostport
 from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http, text_response
 from meshpos.status.meshview import Known, analyze
-from meshpos.node.core import iso
+from meshpos.node.core import NodeCore, iso
 from meshpos.domain.policy import check_password
 from meshpos.node.report import _totals
-
-if TYPE_CHECKING:
-    from meshpos.node.service import NodeService
+from meshpos.node.status import DashboardStatus
+from meshpos.replication.discovery import PeerSeen
+from meshpos.replication.sync import Replicator
+from meshpos.status.board import StatusBoard
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +98,26 @@ class LoginLimiter:
         return None if allowed else (1.0 - tokens) * self.refill_s
 
 
+class LinkedMesh(Protocol):
+    """What the dashboard reads of the node's mesh (node/runner.py's Mesh is one)."""
+
+    @property
+    def replicator(self) -> Replicator: ...
+
+    @property
+    def discovered(self) -> dict[str, PeerSeen]: ...
+
+
 class Dashboard:
-    def __init__(self, service: "NodeService", password_hash: str) -> None:
-        self.service = service
-        self.core = service.core
+    def __init__(self, core: NodeCore, mesh: LinkedMesh | None, board: StatusBoard | None,
+                 password_hash: str) -> None:
+        self.core = core
+        self.mesh = mesh
+        self.board = board
         self.password_hash = password_hash
         self._ok: dict[bytes, None] = {}  # digests of Authorization headers that passed (bounded)
         self._sales_cache: tuple[tuple[int, int], dict[str, Any]] | None = None
-        self.logins = LoginLimiter(service.clock.monotonic)
+        self.logins = LoginLimiter(core.clock.monotonic)
         self.scrypt = trio.CapacityLimiter(SCRYPT_AT_ONCE)
 
     # -- HTTP ---------------------------------------------------------------------------
@@ -160,7 +173,7 @@ class Dashboard:
 
     def _known(self) -> dict[str, Known]:
         roster = self.core.roster
-        mesh = getattr(self.service, "mesh", None)
+        mesh = self.mesh
         linked: dict[str, Any] = {}
         discovered: dict[str, Any] = {}
         if mesh is not None:
@@ -198,7 +211,7 @@ class Dashboard:
         policy = core.policy
         now = core.clock.now_ms()
         cur = policy.currency
-        board = getattr(self.service, "statusboard", None)
+        board = self.board
         statuses = {s.node_id: s.body for s in board.current().values()} if board is not None else {}
         view = analyze(statuses, self._known(), now_ms=now, offline_window_ms=policy.offline_window_ms,
                        warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None)
@@ -278,41 +291,52 @@ def tls_context(node_dir: Path, name: str, host: str, now_ms: int) -> tuple[ssl.
     return ctx, fingerprint
 
 
-async def dashboard_component(service: "NodeService", *,
-                              task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """The run_node component: serve the dashboard if config.json asks for it."""
-    core = service.core
-    cfg = core.config
-    if not cfg.dashboard:
-        task_status.started()
-        return
-    stored = core.dir.dashboard_hash()
-    if not stored and core.policy.dashboard_password:
-        stored = core.policy.dashboard_password
-        log.warning("the dashboard password hash comes from the site policy, which every node receives: make a "
-                    "new site (its hash stays in the site and this gateway's %s only)", core.dir.dashboard_path.name)
-    if not stored:
-        log.error("dashboard not served: no dashboard password for this node (%s); enroll the gateway with "
-                  "--dashboard from a site made with a dashboard password", core.dir.dashboard_path)
-        task_status.started()
-        return
-    host, port = parse_hostport(cfg.dashboard, "dashboard")
-    context, fingerprint = (None, None) if is_loopback(host) else tls_context(core.dir.path, cfg.name, host,
-                                                                                core.clock.now_ms())
-    dashboard = Dashboard(service, stored)
-    async with trio.open_nursery() as nursery:
-        listeners = await nursery.start(lambda task_status: serve_http(dashboard.handle, (host, port, context),
-                                                                       limits=LIMITS, task_status=task_status))
-        bound = listener_port(listeners[0])
-        scheme = "http" if context is None else "https"
-        url = f"{scheme}://{host}:{bound}/"
-        service.extra_status.append(lambda: {"dashboard": {"url": url, "port": bound,
-                                                           "tls_fingerprint_sha256": fingerprint}})
-        if fingerprint:
-            log.info("organizer dashboard on %s (certificate SHA-256 %s)", url, fingerprint)
-        else:
-            log.info("organizer dashboard on %s (loopback: plain HTTP)", url)
-        task_status.started()
+class DashboardServer:
+    """Serves the dashboard when config.json asks for it (a gateway enrolled with --dashboard);
+    ``status`` tells where, once it listens."""
+
+    def __init__(self, core: NodeCore, mesh: LinkedMesh | None, board: StatusBoard | None) -> None:
+        self.core = core
+        self.mesh = mesh
+        self.board = board
+        self.status: DashboardStatus | None = None
+
+    def _password_hash(self) -> str | None:
+        core = self.core
+        stored = core.dir.dashboard_hash()
+        if not stored and core.policy.dashboard_password:
+            stored = core.policy.dashboard_password
+            log.warning("the dashboard password hash comes from the site policy, which every node receives: make "
+                        "a new site (its hash stays in the site and this gateway's %s only)",
+                        core.dir.dashboard_path.name)
+        if not stored:
+            log.error("dashboard not served: no dashboard password for this node (%s); enroll the gateway with "
+                      "--dashboard from a site made with a dashboard password", core.dir.dashboard_path)
+        return stored or None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        core = self.core
+        cfg = core.config
+        stored = self._password_hash() if cfg.dashboard else None
+        if not cfg.dashboard or stored is None:
+            task_status.started()
+            return
+        host, port = parse_hostport(cfg.dashboard, "dashboard")
+        context, fingerprint = (None, None) if is_loopback(host) else tls_context(core.dir.path, cfg.name, host,
+                                                                                    core.clock.now_ms())
+        dashboard = Dashboard(core, self.mesh, self.board, stored)
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(lambda task_status: serve_http(dashboard.handle, (host, port, context),
+                                                                           limits=LIMITS, task_status=task_status))
+            bound = listener_port(listeners[0])
+            scheme = "http" if context is None else "https"
+            url = f"{scheme}://{host}:{bound}/"
+            self.status = DashboardStatus(url=url, port=bound, tls_fingerprint_sha256=fingerprint)
+            if fingerprint:
+                log.info("organizer dashboard on %s (certificate SHA-256 %s)", url, fingerprint)
+            else:
+                log.info("organizer dashboard on %s (loopback: plain HTTP)", url)
+            task_status.started()
 
 
 PAGE = """<!doctype html>

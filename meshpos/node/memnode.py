@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshpos.node.parts import endpoint_for, replicator_for
+from meshpos.node.parts import replicator_for
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock, FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step

@@ -8,8 +8,11 @@ both paths behave identically.
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Callable
 
+from meshpos.domain.roles import SELLING_ROLES
 from meshpos.domain.errors import InputError
 from meshpos.wire.cards import CardCapture
 from meshpos.node.core import NodeCore
@@ -38,23 +41,6 @@ def _policy(core: NodeCore, p: dict[str, Any]) -> Any:
             "offline_window_s": pol.offline_window_s}
 
 
-OPS: dict[str, Op] = {
-    "sell": _sell,
-    "sales": lambda core, p: core.sales(p.get("terminal")),
-    "sale": lambda core, p: core.sale(str(p.get("sale_id"))),
-    "status": lambda core, p: core.status(),
-    "void": lambda core, p: core.void(str(p.get("sale_id")), p.get("reason")),
-    "policy": _policy,
-}
-
-
-def dispatch(core: NodeCore, method: str, params: dict[str, Any], extra: dict[str, Op] | None = None) -> Any:
-    table = {**OPS, **(extra or {})}
-    if method not in table:
-        raise InputError(f"unknown operation {method!r}")
-    return table[method](core, params)
-
-
 def _ingest(core: NodeCore, p: dict[str, Any]) -> Any:
     raw = p.get("raw")
     if not isinstance(raw, str):
@@ -62,18 +48,33 @@ def _ingest(core: NodeCore, p: dict[str, Any]) -> Any:
     return {"key": core.ingest(raw.encode(), "organizer")}
 
 
-OPS["ingest"] = _ingest
-
-
 def _uplink(core: NodeCore, p: dict[str, Any]) -> Any:
     on = p.get("on")
     if not isinstance(on, bool):
         raise InputError("uplink needs on: true or false")
-    if on and core.identity.role not in ("terminal", "gateway"):
+    if on and core.identity.role not in SELLING_ROLES:
         raise InputError(f"a {core.identity.role} node does not forward")
     core.config.uplink = on
     core.dir.save_config(core.config)
     return {"uplink": on}
 
 
-OPS["uplink"] = _uplink
+# Every operation of a node, fixed at import (a running node adds its parts' through
+# NodeService.ops; nothing is added here at run time).
+OPS: Mapping[str, Op] = MappingProxyType({
+    "sell": _sell,
+    "sales": lambda core, p: core.sales(p.get("terminal")),
+    "sale": lambda core, p: core.sale(str(p.get("sale_id"))),
+    "status": lambda core, p: core.status().to_json(),
+    "void": lambda core, p: core.void(str(p.get("sale_id")), p.get("reason")),
+    "policy": _policy,
+    "ingest": _ingest,
+    "uplink": _uplink,
+})
+
+
+def dispatch(core: NodeCore, method: str, params: dict[str, Any], extra: Mapping[str, Op] | None = None) -> Any:
+    table = {**OPS, **(extra or {})}
+    if method not in table:
+        raise InputError(f"unknown operation {method!r}")
+    return table[method](core, params)

@@ -10,45 +10,71 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
 
+from meshpos.domain.roles import READ_ONLY_ROLES, SELLING_ROLES
 from meshpos.node.parts import endpoint_for, replicator_for
 from meshpos import PROTOCOL_VERSION
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
-from meshpos.domain.errors import MeshposError
+from meshpos.domain.errors import ConfigError, MeshposError
 from meshpos.domain.hostport import parse_hostport
-from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_links
+from meshpos.replication.link_driver import connect_link, serve_links
 from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
 from meshpos.infra.netguard import install_log_limits
-from meshpos.replication.sync import Replicator, SyncSession
+from meshpos.replication.sync import SyncSession
 from meshpos.uplink.client import make_client_context, probe
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
 from meshpos.wire.dnssd import LocalService
 from meshpos.node.core import NodeCore
+from meshpos.node.dashboard import DashboardServer
+from meshpos.node.report import collect
 from meshpos.node.service import NodeService, run_until_signal
+from meshpos.node.status import LocalStatus, PeersStatus, UplinkStatus
+from meshpos.node.status_pub import STATUS_INTERVAL, StatusPublisher
+from meshpos.status.board import StatusBoard
+from meshpos.wire.status import PrinterSeen, UplinkSeen
 
 log = logging.getLogger(__name__)
 
 MESH_TICK = 1.0
 UPLINK_POLL = 2.0  # forwarder: look for work at least this often
 PROBE_EVERY = 5.0  # how often an uplink node checks that the switch answers
-# Discovery TTL for real nodes; overridable for the lab (a cut host is noticed within ~TTL).
-MDNS_TTL = int(os.environ.get("MESHPOS_MDNS_TTL", "120"))
+MDNS_TTL = 120  # discovery TTL for real nodes (NodeTuning may change it)
+
+
+@dataclass(frozen=True)
+class NodeTuning:
+    """Periods a lab shortens to see a cut host quickly: the mDNS TTL (a host that left is
+    noticed within about it) and the status period. Read from the environment once, by
+    ``run_node`` (MESHPOS_MDNS_TTL, MESHPOS_STATUS_INTERVAL), never at import."""
+
+    mdns_ttl: int = MDNS_TTL
+    status_interval: float = STATUS_INTERVAL
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "NodeTuning":
+        try:
+            return cls(mdns_ttl=int(env.get("MESHPOS_MDNS_TTL", MDNS_TTL)),
+                       status_interval=float(env.get("MESHPOS_STATUS_INTERVAL", STATUS_INTERVAL)))
+        except ValueError as exc:
+            raise ConfigError(f"MESHPOS_MDNS_TTL / MESHPOS_STATUS_INTERVAL must be numbers: {exc}") from exc
 
 
 class Mesh:
     """The node's links: listener, dialler, discovery, dedupe, health for the status."""
 
-    def __init__(self, service: NodeService, mdns: bool) -> None:
-        self.service = service
-        self.core = service.core
-        self.clock: Clock = service.clock
+    def __init__(self, core: NodeCore, mdns: bool, mdns_ttl: int = MDNS_TTL) -> None:
+        self.core = core
+        self.clock: Clock = core.clock
         self.mdns = mdns and self.core.config.mdns
+        self.mdns_ttl = mdns_ttl
         self.replicator = replicator_for(self.core)
         self.endpoint = endpoint_for(self.core, self.replicator)
         self.planner = PeerPlanner(self.core.node_id)
@@ -59,29 +85,26 @@ class Mesh:
         self.discovery: DiscoveryHandle | None = None
         self.discovered: dict[str, PeerSeen] = {}
         self.wake = trio.Event()
-        service.extra_status.append(self.status)
 
     # -- status ----------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> PeersStatus:
         links = []
         for h in self.replicator.health():
             d = dataclasses.asdict(h)
             d["peer_name"] = self.core.roster.name_of(h.peer_node) if h.peer_node else None
             links.append(d)
         park = self.replicator.park
-        return {"peers": {
-            "listen_port": self.listen_port, "mdns": self.mdns,
-            "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
-            # shards no known node can have written yet (meshpos.replication.shardpark): held apart, and frames dropped
-            "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
+        return PeersStatus(listen_port=self.listen_port, mdns=self.mdns, discovered=sorted(self.discovered),
+                           static=list(self.core.config.peers), links=links, shards_parked=len(park.shards),
+                           shard_frames_dropped=park.stats.dropped)
 
     def linked_peers(self) -> set[str]:
         return {s.peer_node for s in self.replicator.sessions if s.peer_node and not s.closed}
 
     # -- running ---------------------------------------------------------------------
 
-    async def run(self, service: NodeService, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.core.config
         try:
             async with trio.open_nursery() as nursery:
@@ -106,7 +129,7 @@ class Mesh:
         try:
             async with trio.open_nursery() as nursery:
                 self.discovery = await nursery.start(
-                    lambda task_status: run_discovery(local, self._on_discovery, ttl=MDNS_TTL,
+                    lambda task_status: run_discovery(local, self._on_discovery, ttl=self.mdns_ttl,
                                                       task_status=task_status))
         except MeshposError as exc:
             log.warning("mDNS discovery unavailable (%s): static peers only", exc)
@@ -119,7 +142,7 @@ class Mesh:
                 log.info("peer found by mDNS: %s (%s, %s) at %s:%d", event.name, event.node_id, event.role,
                          ",".join(event.addresses), event.port)
             self.discovered[event.node_id] = event
-            if event.role != "inspector":  # inspectors dial us; we never dial them
+            if event.role not in READ_ONLY_ROLES:  # inspectors dial us; we never dial them
                 self.planner.seen(PeerInfo(event.node_id, event.addresses, event.port, event.role, event.uplink,
                                            event.name))
         else:
@@ -225,17 +248,16 @@ class RecordingTransport(HttpsTransport):
 class Uplink:
     """Forwarding on this node: the forwarder loop, a reachability probe, the advertised state."""
 
-    def __init__(self, service: NodeService, mesh: Mesh | None) -> None:
-        self.service = service
-        self.core = service.core
+    def __init__(self, core: NodeCore, mesh: Mesh | None, board: StatusBoard | None) -> None:
+        self.core = core
         self.mesh = mesh
+        self.board = board  # peers' statuses: lease rule 1c (reachable)
         self.transport = RecordingTransport(self.core)
         self.reachable: bool | None = None
         self.forwarder: Forwarder | None = None
-        service.extra_status.append(self.status)
 
     def allowed(self) -> bool:
-        return bool(self.core.config.uplink) and self.core.identity.role in ("terminal", "gateway")
+        return bool(self.core.config.uplink) and self.core.identity.role in SELLING_ROLES
 
     def has_uplink(self) -> bool:
         """May forward, and the probe has not found the switch unreachable: the forwarder
@@ -246,8 +268,7 @@ class Uplink:
         """Lease rule 1c (meshpos/uplink/reach.py): an open link, or a fresh gossiped status."""
         if self.mesh is None:
             return True
-        board = getattr(self.service, "statusboard", None)  # the status component starts after this one
-        status = board.statuses.get(node_id) if board is not None else None
+        status = self.board.statuses.get(node_id) if self.board is not None else None
         return is_reachable(node_id, self.core.clock.now_ms(), self.mesh.linked_peers(), status)
 
     def state(self) -> str:
@@ -257,14 +278,18 @@ class Uplink:
             return "no switch configured"
         return {None: "checking", True: "up", False: "down"}[self.reachable]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UplinkStatus:
         t = self.transport
-        set_aside = self.forwarder.status()["set_aside"] if self.forwarder is not None else 0
-        return {"uplink": {"state": self.state(), "allowed": self.allowed(), "last_forward_ms": t.last_ok_ms,
-                           "results_received": t.forwarded, "last_error": t.last_error,
-                           "last_error_ms": t.last_error_ms, "set_aside": set_aside}}
+        set_aside = self.forwarder.set_aside_count() if self.forwarder is not None else 0
+        return UplinkStatus(state=self.state(), allowed=self.allowed(), last_forward_ms=t.last_ok_ms,
+                            results_received=t.forwarded, last_error=t.last_error, last_error_ms=t.last_error_ms,
+                            set_aside=set_aside)
 
-    async def run(self, service: NodeService, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    def seen(self) -> UplinkSeen:
+        """What the signed status says of the uplink."""
+        return UplinkSeen(state=self.state(), last_forward_at=self.transport.last_ok_ms)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self.forwarder = await nursery.start(
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
@@ -295,17 +320,51 @@ class Uplink:
             await trio.sleep(PROBE_EVERY)
 
 
+class RunningNode:
+    """One running node. It owns every part and hands each only what it needs: the service
+    (control socket, printer, group commit), the mesh, the status board and publisher, the
+    uplink and the dashboard. Nothing is attached to a part after it is built."""
+
+    def __init__(self, core: NodeCore, *, mdns: bool, tuning: NodeTuning, clock: Clock) -> None:
+        self.core = core
+        self.service = NodeService(core, clock)
+        self.mesh = Mesh(core, mdns, tuning.mdns_ttl)
+        self.board = StatusBoard(core.roster, core.clock)
+        self.board.attach(self.mesh.replicator)
+        core.ledger.on_accept.append(self.board.on_accept)
+        self.uplink = Uplink(core, self.mesh, self.board)
+        self.publisher = StatusPublisher(
+            core, self.board, self.mesh.replicator, listen_port=lambda: self.mesh.listen_port,
+            printer=self._printer_seen, uplink=self.uplink.seen, started_at=self.service.started_at,
+            interval=tuning.status_interval)
+        self.dashboard = DashboardServer(core, self.mesh, self.board)
+        self.service.ops.update({
+            "status": lambda core, params: self.status().to_json(),
+            "statuses": lambda core, params: self.publisher.statuses_json(),
+            "report": lambda core, params: collect(core),
+        })
+
+    def _printer_seen(self) -> PrinterSeen:
+        st = self.service.printer_status()
+        return PrinterSeen(state=st.state, queued=st.queued)
+
+    def status(self) -> LocalStatus:
+        return dataclasses.replace(self.service.local_status(), peers=self.mesh.status(),
+                                   uplink=self.uplink.status(), dashboard=self.dashboard.status)
+
+    async def run(self, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
+        # the mesh first: the uplink advertises through its discovery, the publisher lists its links
+        await self.service.run(components=[self.mesh.run, self.uplink.run, self.publisher.run, self.dashboard.run],
+                               task_status=task_status)
+
+
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
     install_log_limits()  # a peer must not fill the disk through what we log about it
-    async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
-        mesh = Mesh(service, mdns)
-        service.mesh = mesh  # type: ignore[attr-defined]
-        await mesh.run(service, task_status=task_status)
-
-    async def uplink_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
-        uplink = Uplink(service, getattr(service, "mesh", None))
-        await uplink.run(service, task_status=task_status)
-
-    from meshpos.node.dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
-    from meshpos.node.status_pub import status_component
-    await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component], clock)
+    tuning = NodeTuning.from_env(os.environ)
+    core = NodeCore.open(path, clock)
+    try:
+        node = RunningNode(core, mdns=mdns, tuning=tuning, clock=clock)
+    except BaseException:
+        core.close()
+        raise
+    await run_until_signal(core, node.run)

@@ -7,23 +7,28 @@ the status publisher. SIGINT/SIGTERM cancel it; everything closes cleanly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Awaitable, Callable
 
 import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
-from meshpos.devices.spool import PrinterWorker, Spool, run_printer_worker
+from meshpos.devices.spool import PrinterStatus, PrinterWorker, Spool, run_printer_worker
 from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
 from meshpos.node.core import NodeCore
 from meshpos.node.control import serve_control
-from meshpos.node.ops import dispatch
+from meshpos.node.ops import Op, dispatch
+from meshpos.node.status import LocalStatus, Running
 from meshpos.node.receipts import copies_for, printer_config, receipt_data, receipt_options
 
 log = logging.getLogger(__name__)
+
+# A part of the running node: started in the service's nursery, says when it is ready.
+Component = Callable[..., Awaitable[None]]
 
 GROUP_COMMIT_S = 0.05
 DISK_FULL_RETRY_S = 1.0  # a commit that met a full disk is tried again this often
@@ -37,9 +42,11 @@ class NodeService:
         self.printer: PrinterWorker | None = None
         self.printer_problem: str | None = None
         self.started_at = clock.now_ms()
-        self.extra_status: list[Callable[[], dict[str, Any]]] = []
-        self.extra_ops: dict[str, Callable[[NodeCore, dict[str, Any]], Any]] = {
+        # Control operations beyond the node's own (node/ops.py); the running node adds its parts'
+        # (``RunningNode`` in node/runner.py), replacing "status" with its fuller one.
+        self.ops: dict[str, Op] = {
             "reprint": self._op_reprint,
+            "status": lambda core, params: self.local_status().to_json(),
         }
         self.async_ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self.nursery: trio.Nursery | None = None
@@ -48,27 +55,27 @@ class NodeService:
     # -- control --------------------------------------------------------------------
 
     async def handle(self, method: str, params: dict[str, Any]) -> Any:
-        if method == "status":
-            return self.status()
         if method in self.async_ops:
             return await self.async_ops[method](params)
-        result = dispatch(self.core, method, params, self.extra_ops)
+        result = dispatch(self.core, method, params, self.ops)
         if method == "sell":
             self._print_sale(result)
         return result
 
-    def status(self) -> dict[str, Any]:
-        st = self.core.status()
-        st["running"] = {"since": self.started_at, "pid": os.getpid()}
+    def printer_status(self) -> PrinterStatus:
         if self.printer is not None:
-            st["printer"] = self.printer.status().to_json()
-        elif self.printer_problem:
-            st["printer"] = {"state": "misconfigured", "last_error": self.printer_problem, "queued": len(self.spool)}
-        else:
-            st["printer"] = {"state": "none", "queued": len(self.spool)}
-        for extra in self.extra_status:
-            st.update(extra())
-        return st
+            return self.printer.status()
+        if self.printer_problem:
+            return PrinterStatus(state="misconfigured", queued=len(self.spool), last_error=self.printer_problem)
+        return PrinterStatus(state="none", queued=len(self.spool))
+
+    def local_status(self) -> LocalStatus:
+        """The node's summary, the process and the printer (the running node adds its links,
+        uplink and dashboard)."""
+        summary = self.core.status()
+        return LocalStatus(**{f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)},
+                           running=Running(since=self.started_at, pid=os.getpid()),
+                           printer=self.printer_status())
 
     # -- receipts -------------------------------------------------------------------
 
@@ -159,27 +166,27 @@ class NodeService:
 
     # -- the service ------------------------------------------------------------------
 
-    async def run(self, *, components: list[Callable[..., Any]] | None = None,
+    async def run(self, *, components: Sequence[Component] = (),
                   task_status: trio.TaskStatus["NodeService"] = trio.TASK_STATUS_IGNORED) -> None:
+        """Group commit, the printer, then each component in order (each started before the
+        next), then the control socket."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             await nursery.start(self._group_commit)
             await nursery.start(self._run_printer)
-            for component in components or []:
-                await nursery.start(component, self)
+            for component in components:
+                await nursery.start(component)
             await nursery.start(serve_control, self.core.dir.control_path, self.handle)
             log.info("node %s (%s, %s) running", self.core.config.name, self.core.node_id, self.core.identity.role)
             task_status.started(self)
 
 
-async def run_until_signal(path: Path, components: list[Callable[..., Any]] | None = None,
-                           clock: Clock = SYSTEM_CLOCK) -> None:
-    core = NodeCore.open(path, clock)
+async def run_until_signal(core: NodeCore, run: Callable[..., Awaitable[None]]) -> None:
+    """Run ``run(task_status=...)`` until SIGINT or SIGTERM; the core is closed at the end."""
     try:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
-                service = NodeService(core, clock)
-                await nursery.start(lambda task_status: service.run(components=components, task_status=task_status))
+                await nursery.start(run)
                 async for signum in signals:
                     log.info("signal %s: shutting down", signal.Signals(signum).name)
                     nursery.cancel_scope.cancel()

@@ -36,7 +36,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
+import functools
 from typing import Any, Protocol
 
 import trio
@@ -371,6 +371,7 @@ def _on_loop(zc: Any, fn: Callable[[], Any]) -> Any:
     return asyncio.run_coroutine_threadsafe(call(), zc.loop)
 
 
+@functools.cache
 def _make_side_class() -> type:
     # Defined lazily so that importing meshpos.replication.discovery stays cheap and the
     # pure parts are usable without touching zeroconf.
@@ -478,13 +479,7 @@ def _make_side_class() -> type:
 
 
 def _zeroconf_side(zc: Any, post: Post) -> Any:
-    global _SIDE_CLASS
-    if _SIDE_CLASS is None:
-        _SIDE_CLASS = _make_side_class()
-    return _SIDE_CLASS(zc, post)
-
-
-_SIDE_CLASS: type | None = None
+    return _make_side_class()(zc, post)
 
 
 # --- the trio driver ---------------------------------------------------------------

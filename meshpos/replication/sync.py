@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 
 import automerge.core as am
 
+from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError
 from meshpos.ledger.ledger import IngestReport, Ledger
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 
 MAX_REJECTED = 16
 FLUSH_BUDGET = 1 << 20
-READ_ONLY_ROLES = frozenset({"inspector"})
 STALL_ROUNDS = 8  # sync messages on one shard that change nothing before we suspect a lost message
 RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a message went astray
 PUSH_QUEUE_LIMIT = 512 * 1024  # unsent pushed changes per (link, shard); past it, the sync protocol

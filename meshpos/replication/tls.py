@@ -19,12 +19,13 @@ from typing import Protocol
 
 from cryptography import x509
 
+from meshpos.domain.roles import ROLES, SELLING_ROLES
 from meshpos.domain.errors import ConfigError, VerificationError
 from meshpos.identity import certs
 from meshpos.site.roster import Roster
 
-LINK_ROLES = frozenset(certs.ROLES)  # every enrolled role may hold a link ...
-WRITE_ROLES = certs.SELLING_ROLES  # ... but only these are trusted to send entries
+LINK_ROLES = frozenset(ROLES)  # every enrolled role may hold a link ...
+WRITE_ROLES = SELLING_ROLES  # ... but only these are trusted to send entries
 
 
 @dataclass(frozen=True)

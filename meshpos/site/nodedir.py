@@ -23,6 +23,7 @@ from typing import Any
 import nacl.signing
 from cryptography import x509
 
+from meshpos.domain.roles import ROLES
 from meshpos.domain.errors import ConfigError, InputError
 from meshpos.infra.fsutil import lock_file
 from meshpos.domain.hostport import parse_hostport
@@ -72,8 +73,8 @@ class NodeConfig:
                       dashboard=data.get("dashboard"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
-        if cfg.role not in certs.ROLES:
-            raise ConfigError(f"{where}: role must be one of {', '.join(certs.ROLES)}")
+        if cfg.role not in ROLES:
+            raise ConfigError(f"{where}: role must be one of {', '.join(ROLES)}")
         if cfg.language not in LANGUAGES:
             raise ConfigError(f"{where}: language must be one of {', '.join(LANGUAGES)}")
         try:

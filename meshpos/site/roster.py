@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from cryptography import x509
 
+from meshpos.domain.roles import ROLES, SELLING_ROLES
 from meshpos.domain import rules
 from meshpos.domain.errors import VerificationError
 from meshpos.identity import certs, keys, sigcheck
@@ -21,7 +22,6 @@ from meshpos.wire.envelope import Envelope
 
 log = logging.getLogger(__name__)
 
-UPLINK_ROLES = frozenset({"terminal", "gateway"})
 PRESIGN_MIN = 8  # below this, the hand-off to the helper process costs more than it saves
 
 
@@ -145,14 +145,14 @@ class Roster:
             marks.append((public_key, env.raw))
         if len(jobs) < PRESIGN_MIN:
             return
-        batch = sigcheck.submit(jobs)
+        batch = sigcheck.POOL.submit(jobs)
         for i, mark in enumerate(marks):
             self._presigned[mark] = (batch, i)
 
     def forget_presigned(self) -> None:
         if self._presigned:
             self._presigned.clear()
-            sigcheck.settle()
+            sigcheck.POOL.settle()
 
     def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
         """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""
@@ -186,7 +186,7 @@ class Roster:
             return False
         if env.body["site"] != self.site_id:
             raise VerificationError(f"sale entry of another site ({env.body['site']})")
-        self._authentic(env, self.identity(env.signer), env.body["created_at"], certs.SELLING_ROLES)
+        self._authentic(env, self.identity(env.signer), env.body["created_at"], SELLING_ROLES)
         return True
 
     def _authentic(self, env: Envelope, ident: certs.NodeIdentity, at_ms: int,
@@ -199,7 +199,7 @@ class Roster:
         return ident
 
     def _verify_sale(self, env: Envelope, now_ms: int) -> None:
-        self._signer_ok(env, env.body["created_at"], certs.SELLING_ROLES, seq=env.body["seq"])
+        self._signer_ok(env, env.body["created_at"], SELLING_ROLES, seq=env.body["seq"])
 
     def _verify_void(self, env: Envelope, now_ms: int) -> None:
         if not env.body["sale_id"].startswith(env.signer + "-"):
@@ -208,7 +208,7 @@ class Roster:
         # a revoked terminal's void counts with its sale (up to the cut) and only if written by then
         if seq is not None and self.beyond_cut(env.signer, None, env.body["at"]):
             raise VerificationError(f"void by revoked node {env.signer} dated after the revocation")
-        self._signer_ok(env, env.body["at"], certs.SELLING_ROLES, seq=seq)
+        self._signer_ok(env, env.body["at"], SELLING_ROLES, seq=seq)
 
     def _verify_result(self, env: Envelope, now_ms: int) -> None:
         if env.signer != "switch":
@@ -241,12 +241,12 @@ class Roster:
     def _verify_lease(self, env: Envelope, now_ms: int) -> None:
         if env.body["holder"] != env.signer:
             raise VerificationError("a lease is written by its holder")
-        self._signer_ok(env, env.body["granted_at"], UPLINK_ROLES)
+        self._signer_ok(env, env.body["granted_at"], SELLING_ROLES)
 
     def _verify_status(self, env: Envelope, now_ms: int) -> None:
         if env.signer in self.revocations:
             raise VerificationError(f"status of revoked node {env.signer}")
-        self._signer_ok(env, now_ms, frozenset(certs.ROLES))
+        self._signer_ok(env, now_ms, frozenset(ROLES))
 
 
 def decode_and_verify(roster: Roster, raw: bytes, now_ms: int, key: str | None = None) -> Verified:

@@ -24,11 +24,13 @@ from typing import Any, Mapping
 import nacl.signing
 from cryptography import x509
 
+from meshpos.domain.roles import ROLES
 from meshpos.domain import rules
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.errors import ConfigError, CryptoError, InputError, VerificationError
 from meshpos.identity import certs, keyfile, keys
-from meshpos.infra.jsonfile import fsync_dir, read_json, write_json
+from meshpos.infra.durable import fsync_dir, write_atomically
+from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.domain.policy import SitePolicy, hash_password
 from meshpos.wire import canonical, envelope
 
@@ -99,9 +101,7 @@ class Site:
 
     def _write_policy(self, policy: SitePolicy) -> None:
         raw = envelope.seal("policy", self.site_id, {"policy": policy.to_json()}, self.ca_key)
-        tmp = self.path / "policy.env.tmp"
-        tmp.write_bytes(raw)
-        os.replace(tmp, self.path / "policy.env")
+        write_atomically(self.path / "policy.env", raw)
         self.policy = policy
         summary = read_json(self.path / "site.json", "site file", SITE_FORMAT)
         summary["policy"] = {k: v for k, v in policy.to_json().items() if k != "dashboard_password"}
@@ -280,8 +280,8 @@ def verify_policy_envelope(raw: bytes, ca_cert: x509.Certificate, where: str) ->
 # -- enrollment requests -------------------------------------------------------
 
 def make_request(key: nacl.signing.SigningKey, role: str, name: str) -> dict[str, Any]:
-    if role not in certs.ROLES:
-        raise InputError(f"role must be one of {', '.join(certs.ROLES)}")
+    if role not in ROLES:
+        raise InputError(f"role must be one of {', '.join(ROLES)}")
     check_node_name(name)
     public_key = bytes(key.verify_key)
     body = {"public_key": public_key.hex(), "role": role, "name": name}
@@ -298,7 +298,7 @@ def check_request(request: dict[str, Any]) -> tuple[bytes, str, str]:
         proof = bytes.fromhex(request["proof"])
     except (KeyError, TypeError, ValueError) as exc:
         raise InputError(f"malformed enrollment request: {exc}") from exc
-    if role not in certs.ROLES:
+    if role not in ROLES:
         raise InputError(f"enrollment request has unknown role {role!r}")
     check_node_name(name)
     body = {"public_key": public_key.hex(), "role": role, "name": name}

@@ -30,12 +30,14 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
+from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.status.meshview import stale_after_ms
 from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.wire import envelope as env_mod
+from meshpos.wire.status import StatusBody
 
 if TYPE_CHECKING:
     from meshpos.replication.sync import Replicator, SyncSession
@@ -50,32 +52,26 @@ MAX_SEEN = 16384
 @dataclass(frozen=True)
 class NodeStatus:
     node_id: str
-    body: dict[str, Any]  # the status object (body["status"] of the envelope)
+    body: StatusBody  # the status object (body["status"] of the envelope), read field by field
     raw: bytes
     received_at_ms: int  # our clock, when this version arrived
 
     @property
     def at(self) -> int:
-        return int(self.body["at"])
+        return self.body.at
 
     @functools.cached_property
     def links(self) -> frozenset[str]:
-        """The nodes it says it is linked to (nothing, if its ``links`` is not a list)."""
-        links = self.body.get("links")
-        if not isinstance(links, list):
-            return frozenset()
-        return frozenset(str(link.get("node")) for link in links if isinstance(link, dict))
+        """The nodes it says it is linked to."""
+        return frozenset(link.node for link in self.body.links)
 
 
-def check_status_body(body: dict[str, Any]) -> dict[str, Any]:
+def check_status_body(body: dict[str, Any]) -> StatusBody:
     """The status object of an envelope body; EncodingError unless it has an integer ``at``."""
     status = body.get("status")
     if not isinstance(status, dict):
         raise EncodingError("status envelope: body.status must be an object")
-    at = status.get("at")
-    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-        raise EncodingError("status envelope: status.at must be a non-negative integer (ms)")
-    return status
+    return StatusBody.from_json(status)
 
 
 class StatusBoard:
@@ -135,17 +131,17 @@ class StatusBoard:
             if env.type != "status":
                 raise EncodingError(f"a {env.type} envelope where a status was expected")
             status = check_status_body(env.body)
-            ahead = rules.future_problem(status["at"], now, "status time")
+            ahead = rules.future_problem(status.at, now, "status time")
             if ahead is not None:
                 raise VerificationError(ahead)
             current = self.statuses.get(env.signer)
-            if current is not None and current.at >= status["at"]:
+            if current is not None and current.at >= status.at:
                 self._seen.add(seen)
                 return None
             if current is None and len(self.statuses) >= MAX_NODES:
                 raise VerificationError("too many nodes on the status board")
             self.roster.verify(env, now)
-            if self.roster.identity(env.signer).role == "inspector":
+            if self.roster.identity(env.signer).role in READ_ONLY_ROLES:
                 raise VerificationError("inspectors publish no status")
         except UnknownSigner:  # not remembered as seen: it is tried again when the certificate comes
             if len(self._parked) < MAX_PARKED or env.signer in self._parked:

@@ -16,8 +16,13 @@ organizer dashboard both call :func:`analyze`, so they agree.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from meshpos.domain.roles import READ_ONLY_ROLES
+from meshpos.domain.text import duration
+from meshpos.wire.status import StatusBody
 
 STALE_FACTOR = 3
 MIN_STALE_MS = 5_000
@@ -27,15 +32,15 @@ DEFAULT_EVERY_MS = 10_000
 MAX_EVERY_MS = 60_000
 
 
-def stale_after_ms(status: dict[str, Any]) -> int:
+def stale_after_ms(status: StatusBody | None) -> int:
     """How long after it was made a status stops being fresh (a period that is not a sane
     integer counts as the default one)."""
-    every = status.get("every_ms")
-    if not isinstance(every, int) or isinstance(every, bool) or not 0 < every <= MAX_EVERY_MS:
+    every = status.every_ms if status is not None else None
+    if every is None or not 0 < every <= MAX_EVERY_MS:
         every = DEFAULT_EVERY_MS
     return max(MIN_STALE_MS, STALE_FACTOR * every)
+_NO_STATUS = StatusBody(at=0)  # what a node without a status says: nothing
 UNSEEN_WARN_MS = 60_000  # "not heard from for a while"
-NON_NODE_ROLES = frozenset({"inspector"})
 
 
 @dataclass(frozen=True)
@@ -65,52 +70,24 @@ class _Uf:
         self.parent[self.find(a)] = self.find(b)
 
 
-# A status is signed by its node, but only its ``at`` is checked on arrival: every other field is
-# whatever that node wrote. Read through these, a field of the wrong type counts as absent and a
-# text is cut short and stripped of control characters, so no status breaks a view or a terminal.
-def _obj(value: object) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _count(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 10**15 else None
-
-
-def _label(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    return "".join(ch for ch in value[:40] if ch.isprintable()) or None
-
-
 def _age_s(now_ms: int, at: int | None) -> float | None:
     return None if at is None else round(max(0, now_ms - at) / 1000, 1)
 
 
-def _fmt_duration(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
-
-
-def _links(status: dict[str, Any] | None, known: dict[str, Known]) -> list[str]:
+def _links(status: StatusBody | None, known: dict[str, Known]) -> list[str]:
     """The nodes a status says it is linked to, minus those the roster calls inspectors."""
     out = []
-    for link in (status or {}).get("links") or []:
-        if not isinstance(link, dict) or not isinstance(link.get("node"), str):
-            continue
-        role = known[link["node"]].role if link["node"] in known else link.get("role")
-        if role not in NON_NODE_ROLES:
-            out.append(link["node"])
+    for link in status.links if status is not None else ():
+        role = known[link.node].role if link.node in known else link.role
+        if role not in READ_ONLY_ROLES:
+            out.append(link.node)
     return out
 
 
-def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now_ms: int,
+def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_ms: int,
             offline_window_ms: int, warn_before_ms: int, currency: str = "EUR",
             me: str | None = None) -> dict[str, Any]:
-    """``statuses``: node id -> status object; ``known``: node id -> Known. JSON-ready view."""
+    """``statuses``: node id -> its status; ``known``: node id -> Known. JSON-ready view."""
     ids = sorted((set(statuses) | set(known)) - {me})
     nodes: dict[str, dict[str, Any]] = {}
     fresh: set[str] = set()
@@ -119,31 +96,28 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         k = known.get(node_id, Known())
         # who a node is comes from its certificate (the roster), never from what its status says
         role = k.role or "unknown"
-        if role in NON_NODE_ROLES or (k.revoked and st is None):
+        if role in READ_ONLY_ROLES or (k.revoked and st is None):
             continue
-        at = st.get("at") if st else None
-        is_fresh = at is not None and now_ms - int(at) <= stale_after_ms(st or {})
+        at = st.at if st is not None else None
+        is_fresh = at is not None and now_ms - at <= stale_after_ms(st)
         if is_fresh:
             fresh.add(node_id)
-        pend = _obj((st or {}).get("pending"))
-        oldest = _count(pend.get("oldest_created_at"))
+        body = st if st is not None else _NO_STATUS
+        oldest = body.pending.oldest_created_at
         addr = k.address
-        addresses, port = (st or {}).get("addresses"), _count((st or {}).get("port"))
-        if addr is None and isinstance(addresses, list) and addresses and _label(addresses[0]) and port:
-            addr = f"{_label(addresses[0])}:{port}"
-        uplink = _obj((st or {}).get("uplink"))
-        printer = _obj((st or {}).get("printer"))
+        if addr is None and body.addresses and body.port:
+            addr = f"{body.addresses[0]}:{body.port}"
         nodes[node_id] = {
             "node_id": node_id, "name": k.name or node_id, "role": role,
             "address": addr, "reachable": bool(is_fresh or (k.linked and st is None)), "fresh": is_fresh,
             "linked": k.linked, "rtt_ms": k.rtt_ms, "status_age_s": _age_s(now_ms, at),
-            "ledger_entries": _count(_obj((st or {}).get("ledger")).get("entries")), "behind": None,
-            "pending": _count(pend.get("count")), "pending_amount_minor": _count(pend.get("amount_minor")),
+            "ledger_entries": body.ledger.entries, "behind": None,
+            "pending": body.pending.count, "pending_amount_minor": body.pending.amount_minor,
             "oldest_pending_age_s": _age_s(now_ms, oldest),
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
-            "uplink": _label(uplink.get("state")), "last_forward_at": _count(uplink.get("last_forward_at")),
-            "printer": _label(printer.get("state")), "battery": _count((st or {}).get("battery")),
-            "version": _label((st or {}).get("version")), "links": _links(st, known),
+            "uplink": body.uplink.state, "last_forward_at": body.uplink.last_forward_at,
+            "printer": body.printer.state, "battery": body.battery,
+            "version": body.version, "links": _links(st, known),
             "revoked": k.revoked, "refused": 0, "warnings": [],
         }
     # sales of a terminal that the site's rules refuse, as the freshest statuses count them (a
@@ -151,10 +125,9 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
     for node_id, st in statuses.items():
         if node_id not in fresh:
             continue
-        by_terminal = _obj(_obj((st or {}).get("refused")).get("by_terminal"))
-        for terminal, count in by_terminal.items():
-            if terminal in nodes and _count(count):
-                nodes[terminal]["refused"] = max(nodes[terminal]["refused"], _count(count) or 0)
+        for terminal, count in st.refused.by_terminal.items():
+            if terminal in nodes and count:
+                nodes[terminal]["refused"] = max(nodes[terminal]["refused"], count)
     entries = [n["ledger_entries"] for n in nodes.values() if n["fresh"] and n["ledger_entries"] is not None]
     top = max(entries) if entries else None
     for n in nodes.values():
@@ -191,17 +164,17 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
             if n["status_age_s"] is None:
                 warn(n, f"{n['name']} is unreachable: no status ever received")
             elif n["status_age_s"] * 1000 >= UNSEEN_WARN_MS:
-                warn(n, f"{n['name']} is unreachable: not heard from for {_fmt_duration(n['status_age_s'])}")
+                warn(n, f"{n['name']} is unreachable: not heard from for {duration(n['status_age_s'])}")
             else:
                 warn(n, f"{n['name']} is unreachable: its status is stale "
-                        f"({_fmt_duration(n['status_age_s'])} old) while others are fresh"
+                        f"({duration(n['status_age_s'])} old) while others are fresh"
                      if fresh else f"{n['name']} is unreachable: its status is stale")
         if n["window_left_s"] is not None and n["pending"]:
             left = n["window_left_s"] * 1000
             if left <= 0:
                 warn(n, f"{n['name']}: the offline window of its oldest pending sale has closed")
             elif left <= warn_before_ms:
-                warn(n, f"{n['name']}: offline window closes in {_fmt_duration(left / 1000)} "
+                warn(n, f"{n['name']}: offline window closes in {duration(left / 1000)} "
                         f"for {n['pending']} pending sale(s): get an uplink")
         if n["printer"] in ("unreachable", "paper_out", "cover_open", "misconfigured"):
             warn(n, f"{n['name']}: printer {n['printer']}")

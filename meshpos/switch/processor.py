@@ -58,6 +58,7 @@ from typing import Any
 import nacl.signing
 import trio
 
+from meshpos.domain.roles import SELLING_ROLES
 from meshpos.domain import rules
 from meshpos.wire import envelope
 from meshpos.acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, advise_until_answered)
@@ -70,7 +71,7 @@ from meshpos.domain.errors import (AcquirerError, ConfigError, CryptoError, Enco
                       VerificationError)
 from meshpos.identity import certs, keys
 from meshpos.domain.policy import SitePolicy
-from meshpos.site.roster import UPLINK_ROLES, Roster
+from meshpos.site.roster import Roster
 from meshpos.site.sitedir import verify_policy_envelope
 from meshpos.wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
 from meshpos.switch.const import ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, REVERSAL_ATTEMPTS
@@ -228,7 +229,7 @@ class Switch:
             if cert.issuer != site.roster.ca_cert.subject:
                 continue
             ident = certs.verify_node_cert(cert, site.roster.ca_cert, now_ms=self.clock.now_ms(),
-                                           revoked=frozenset(site.roster.revoked), roles=UPLINK_ROLES)
+                                           revoked=frozenset(site.roster.revoked), roles=SELLING_ROLES)
             return site, ident
         raise VerificationError("client certificate of a site not registered at this switch")
 

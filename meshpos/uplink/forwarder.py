@@ -32,7 +32,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
@@ -216,6 +216,9 @@ class Forwarder:
         revoked = self.core.roster.revoked
         return {h for h in {lease.holder for lease in leases}
                 if h in revoked or (h != self.node_id and not self.reachable(h))}
+
+    def set_aside_count(self) -> int:
+        return len(self._set_aside)
 
     def status(self) -> dict[str, object]:
         """For the node's status: the sales set aside (failing alone while others are forwarded)."""

@@ -11,10 +11,10 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from meshpos.domain.roles import ROLES
 from meshpos.domain.errors import EncodingError, InputError
 
 SERVICE_TYPE = "_meshpos._tcp.local."
-ROLES = frozenset({"terminal", "gateway", "inspector"})
 # Bounds on what we put in TXT (RFC 6763 §6.1: one string <= 255 bytes).
 MAX_TXT_VALUE = 200
 MAX_LABEL = 63  # RFC 1035 §2.3.4

@@ -37,6 +37,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from meshpos.domain.roles import ROLES
 from meshpos.domain.errors import EncodingError, ProtocolError
 from meshpos.wire import canonical
 from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
@@ -51,7 +52,6 @@ IDLE_TIMEOUT = 45.0
 KEEPALIVE_INTERVAL = 15.0
 FRAME_TIMEOUT = 60.0
 MAX_REASON = 512
-ROLES = ("terminal", "gateway", "inspector")
 _NONCE = struct.Struct(">Q")
 _LENGTH = struct.Struct(">I")
 DIGEST_LEN = 8

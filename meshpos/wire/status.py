@@ -1,0 +1,191 @@
+"""The status a node signs and gossips every few seconds (protocols/link.md, "Status gossip"),
+as one typed value with one encoder and one decoder.
+
+A status is signed by its node, but the signature says only who wrote it: every field is whatever
+that node wrote. ``StatusBody.from_json`` therefore reads any JSON object without failing, field by
+field, by these rules: a field of the wrong type counts as absent (its default); a count is a
+non-negative integer of at most 10**15 (booleans are not counts); a text is cut to 40 characters
+and stripped of every non-printable character (so no status breaks a view or a terminal); a list
+or a map keeps at most its bound of well-formed items. Only ``at`` is required (the board refuses a
+status without it, see ``require_at``).
+
+``to_json`` writes the object a node signs: every field, absent values as ``null``. Adding a field
+to the status is adding it to one dataclass here (with its default); the publisher fills it in
+(meshpos/node/status_pub.py) and the views that show it read it (meshpos/status/meshview.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from meshpos.domain.errors import EncodingError
+from meshpos.domain.jsonable import json_object
+
+MAX_COUNT = 10**15
+MAX_TEXT = 40
+T = TypeVar("T")
+
+
+def count(value: object) -> int | None:
+    """A non-negative integer count, or None for anything else."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT else None
+
+
+def label(value: object, limit: int = MAX_TEXT) -> str | None:
+    """A short printable text, or None."""
+    if not isinstance(value, str):
+        return None
+    return "".join(ch for ch in value[:limit] if ch.isprintable()) or None
+
+
+@dataclass(frozen=True)
+class LinkSeen:
+    """One link of the node, as it sees it: the peer, the peer's role, the last round-trip time."""
+
+    node: str
+    role: str | None = None
+    rtt_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class LedgerSize:
+    entries: int | None = None
+    shards: int | None = None
+
+
+@dataclass(frozen=True)
+class PendingCount:
+    """Sales awaiting a result: how many, their amount, the oldest card sale's ``created_at``."""
+
+    count: int | None = None
+    amount_minor: int | None = None
+    oldest_created_at: int | None = None
+
+
+@dataclass(frozen=True)
+class RefusedCount:
+    """Sales of the site this node holds as refused by the content rules, per terminal."""
+
+    count: int | None = None
+    by_terminal: Mapping[str, int] = field(default_factory=dict, metadata={"max": 16})
+
+
+@dataclass(frozen=True)
+class UplinkSeen:
+    state: str | None = None
+    last_forward_at: int | None = None
+
+
+@dataclass(frozen=True)
+class PrinterSeen:
+    state: str | None = None
+    queued: int | None = None
+
+
+@dataclass(frozen=True)
+class StatusBody:
+    """``body["status"]`` of a signed ``status`` envelope."""
+
+    at: int  # the signer's clock, ms
+    role: str | None = None  # what the node says; views take name and role from its certificate
+    name: str | None = None
+    version: str | None = None
+    addresses: tuple[str, ...] = field(default=(), metadata={"max": 8})
+    port: int | None = None
+    links: tuple[LinkSeen, ...] = field(default=(), metadata={"max": 64})
+    ledger: LedgerSize = LedgerSize()
+    pending: PendingCount = PendingCount()  # the node's own sales
+    site_pending: PendingCount = PendingCount()  # every sale it holds
+    refused: RefusedCount = RefusedCount()
+    uplink: UplinkSeen = UplinkSeen()
+    printer: PrinterSeen = PrinterSeen()
+    battery: int | None = None  # percent, when the OS reports it
+    every_ms: int | None = None  # the period the node publishes at
+    started_at: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return json_object(self)
+
+    @classmethod
+    def from_json(cls, value: object) -> "StatusBody":
+        """Any JSON value -> a StatusBody (see the module's rules); EncodingError without ``at``."""
+        obj = value if isinstance(value, dict) else {}
+        require_at(obj)
+        return _decode_dataclass(cls, obj)
+
+
+def require_at(status: Mapping[str, Any]) -> int:
+    at = status.get("at")
+    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+        raise EncodingError("status envelope: status.at must be a non-negative integer (ms)")
+    return at
+
+
+# -- the decoder, driven by the dataclasses' type hints (the encoder is domain.jsonable) ---------
+
+
+def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name not in obj:
+            continue
+        decoded = _decode(hints[f.name], obj[f.name], f.metadata.get("max", 64))
+        if decoded is not _ABSENT:
+            kwargs[f.name] = decoded
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required field (such as LinkSeen.node) absent or unusable
+        raise _Unusable from exc
+
+
+class _Unusable(Exception):
+    """An item that cannot be read (a link without a node): left out of its list."""
+
+
+_ABSENT = object()
+
+
+def _decode(hint: Any, value: object, bound: int) -> object:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):  # X | None
+        inner = [a for a in args if a is not type(None)][0]
+        decoded = _decode(inner, value, bound)
+        return None if decoded is _ABSENT else decoded
+    if hint is int:
+        return _ABSENT if count(value) is None else value
+    if hint is str:
+        text = label(value)
+        return _ABSENT if text is None else text
+    if origin is tuple:
+        if not isinstance(value, list):
+            return _ABSENT
+        out = []
+        for item in value[:bound]:
+            decoded = _decode(args[0], item, bound)
+            if decoded is not _ABSENT:
+                out.append(decoded)
+        return tuple(out)
+    if origin is Mapping:
+        if not isinstance(value, dict):
+            return _ABSENT
+        result = {}
+        for key, item in list(value.items())[:bound]:
+            k, v = label(key), _decode(args[1], item, bound)
+            if k is not None and v is not _ABSENT:
+                result[k] = v
+        return result
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            return _ABSENT
+        try:
+            return _decode_dataclass(hint, value)
+        except _Unusable:
+            return _ABSENT
+    raise TypeError(f"status field of unsupported type {hint!r}")  # a programming error, caught by the tests
