@@ -101,6 +101,7 @@ class StatusPublisher:
         self.published = 0
         if mesh is not None:
             self.board.attach(mesh.replicator)
+            self.board.on_new.append(mesh.on_status)  # peer exchange: statuses name their signers' addresses
         self.core.ledger.on_accept.append(self.board.on_accept)
         service.extra_ops["statuses"] = lambda core, params: self.statuses_json()
         service.extra_ops["report"] = lambda core, params: _report_data(core)
