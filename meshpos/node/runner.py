@@ -48,7 +48,7 @@ MDNS_TTL = int(os.environ.get("MESHPOS_MDNS_TTL", "120"))
 class Mesh:
     """The node's links: listener, dialler, discovery, dedupe, health for the status."""
 
-    def __init__(self, service: NodeService, mdns: bool) -> None:
+    def __init__(self, service: NodeService, mdns: bool, peer_exchange: bool = True) -> None:
         self.service = service
         self.core = service.core
         self.clock: Clock = service.clock
@@ -62,6 +62,7 @@ class Mesh:
         self.listen_port: int | None = None
         self.discovery: DiscoveryHandle | None = None
         self.discovered: dict[str, PeerSeen] = {}
+        self.peer_exchange = peer_exchange
         self.hints = PeerHints(self.core.node_id)  # peer exchange: addresses from signed statuses
         self.hint_budget = DialBudget()
         self.wake = trio.Event()
@@ -79,7 +80,7 @@ class Mesh:
         return {"peers": {
             "listen_port": self.listen_port, "mdns": self.mdns,
             "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
-            "hinted": self.hints.nodes(),
+            "peer_exchange": self.peer_exchange, "hinted": self.hints.nodes(),
             # shards no known node can have written yet (meshpos.replication.shardpark): held apart, and frames dropped
             "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
 
@@ -138,7 +139,7 @@ class Mesh:
     def on_status(self, status: NodeStatus) -> None:
         """A newer verified status (StatusBoard hook): its signer's own addresses are a dial hint."""
         node = status.node_id
-        if node == self.core.node_id or node in self.core.roster.revoked:
+        if not self.peer_exchange or node == self.core.node_id or node in self.core.roster.revoked:
             return
         try:
             role = self.core.roster.identity(node).role  # who it is: the certificate, never the status
@@ -348,10 +349,10 @@ class Uplink:
             await trio.sleep(PROBE_EVERY)
 
 
-async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+async def run_node(path: Path, mdns: bool = True, peer_exchange: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
     install_log_limits()  # a peer must not fill the disk through what we log about it
     async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
-        mesh = Mesh(service, mdns)
+        mesh = Mesh(service, mdns, peer_exchange)
         service.mesh = mesh  # type: ignore[attr-defined]
         await mesh.run(service, task_status=task_status)
 
