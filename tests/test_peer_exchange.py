@@ -16,7 +16,7 @@ from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
 from meshpos.replication.peerx import (MAX_ADDRESSES, DialBudget, PeerHints, address_for, hint_from_status,
-                                       usable_address)
+                                       judge_answer, usable_address)
 from meshpos.replication.planner import PeerInfo
 from meshpos.site.sitedir import Site
 
@@ -58,6 +58,13 @@ def test_dials_to_hinted_nodes_are_rate_limited() -> None:
     assert sum(budget.take(10.0 + k * 0.01) for k in range(100)) == 4 + 1  # a burst, then 2/s
     info = PeerInfo(NODE, ("10.0.0.1", "10.0.0.2"), 1)
     assert [address_for(info, f) for f in range(3)] == ["10.0.0.1", "10.0.0.2", "10.0.0.1"]
+
+
+def test_the_certificate_decides_and_a_stale_address_never_replaces_a_working_link() -> None:
+    assert judge_answer("a", "a", {"b"}) == "wanted"
+    assert judge_answer("a", "b", {"c"}) == "other"  # b answered at a's old address: a link to b, kept
+    assert judge_answer("a", "b", {"b", "c"}) == "close"  # we hold a link to b already: the new one goes
+    assert judge_answer("a", None, set()) == "close"
 
 
 # -- real processes ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, r
 from meshpos.domain.errors import MeshposError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_links
-from meshpos.replication.peerx import DialBudget, PeerHints, address_for, hint_from_status
+from meshpos.replication.peerx import DialBudget, PeerHints, address_for, hint_from_status, judge_answer
 from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
 from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import Replicator, SyncSession
@@ -231,13 +231,14 @@ class Mesh:
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
             return
         answered = session.conn.expect_node  # from the certificate: the address was only a hint
-        if answered != info.node_id:
+        others = {s.peer_node for s in self.replicator.sessions if s is not session and not s.closed and s.peer_node}
+        verdict = judge_answer(info.node_id, answered, others)
+        if verdict != "wanted":
             log.info("%s:%d, given for %s, answered as %s: a stale address", address, info.port,
                      self.core.roster.name_of(info.node_id), self.core.roster.name_of(answered or "?"))
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
-            others = {s.peer_node for s in self.replicator.sessions if s is not session and not s.closed}
-            if answered in others:  # never replace a working link
-                session.close("already linked: a stale address answered")
+        if verdict == "close":  # never replace a working link
+            session.close("already linked: a stale address answered")
 
     def _dedupe(self) -> None:
         by_peer: dict[str, list[SyncSession]] = {}

@@ -136,6 +136,16 @@ class DialBudget:
         return False
 
 
+def judge_answer(wanted: str, answered: str | None, linked_elsewhere: set[str]) -> str:
+    """What to do with a link dialled at ``wanted``'s hinted address, by the certificate that answered:
+    ``"wanted"`` (it is that node), ``"other"`` (another node we hold no link to: keep the link, count
+    a failed dial of ``wanted``) or ``"close"`` (another node we are already linked to: a stale
+    address must not replace a working link)."""
+    if answered == wanted:
+        return "wanted"
+    return "close" if answered is None or answered in linked_elsewhere else "other"
+
+
 def address_for(info: PeerInfo, failures: int) -> str:
     """Which of a node's addresses to dial after ``failures`` failed dials: each in turn."""
     return info.addresses[failures % len(info.addresses)]
