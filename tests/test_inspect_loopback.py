@@ -69,7 +69,7 @@ def test_inspector_sees_nodes_beyond_its_links_and_reports_a_partition(
     for name, path in (("G", g), ("T1", t1), ("T2", t2)):
         for i in range(sales[name]):
             client.call(path, "sell", {"amount_minor": 100 * (i + 1)})
-        procs.start_node(name, path, "--no-mdns")
+        procs.start_node(name, path, "--no-mdns", "--no-peer-exchange")  # keep the line G - T1 - T2
 
     def whole(view: dict[str, Any]) -> bool:
         nodes = by_name(view)
@@ -100,7 +100,7 @@ def test_inspector_sees_nodes_beyond_its_links_and_reports_a_partition(
     assert "partition" in text and "NO" in text
 
     # T1 back: the warnings clear
-    procs.start_node("T1", t1, "--no-mdns")
+    procs.start_node("T1", t1, "--no-mdns", "--no-peer-exchange")
     poll(insp, whole, 90, "the mesh to be whole again")
 
 

@@ -42,7 +42,8 @@ def test_five_node_processes_with_static_peers_converge(tmp_path: Path, site: Si
              "ledgers did not converge: " + str({p.name: len(_sale_ids(p)) for p in nodes}))
     status = client.call_running(nodes[2], "status", {})
     peers = {link["peer_name"] for link in status["peers"]["links"] if link["state"] == "open"}
-    assert peers == {"T1", "T3"}
+    # its static neighbours; peer exchange (protocols/peer-exchange.md) may add ring links to the others
+    assert {"T1", "T3"} <= peers
 
 
 def test_other_site_and_revoked_nodes_are_refused(tmp_path: Path, site: Site, procs) -> None:

@@ -12,7 +12,7 @@ from meshpos.wire import canonical, envelope
 from meshpos.infra.clock import FakeClock
 from meshpos.domain.errors import ProtocolError
 from meshpos.wire.link import Hello, LinkConnection, Status
-from meshpos.status.meshview import Known, analyze
+from meshpos.status.meshview import Known, analyze, to_dot
 from meshpos.node.core import NodeCore
 from meshpos.site.sitedir import Site
 from meshpos.status.board import StatusBoard
@@ -182,3 +182,25 @@ def test_a_terminal_whose_sales_the_site_refuses_is_warned_about_whatever_it_say
     assert any("H: 3 of its sales refused" in w for w in nodes["h"]["warnings"])
     junk = {**st(now, ["h"]), "refused": {"by_terminal": ["h"]}}  # malformed: ignored, no crash
     assert view_of({"n1": junk}, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+
+
+def test_a_star_is_shown_as_such_and_a_mesh_or_a_line_is_not() -> None:
+    now = 10_000_000_000
+    ids = ("gw", "t1", "t2", "t3", "t4")
+    known = {n: Known(name=n.upper(), role="gateway" if n == "gw" else "terminal") for n in ids}
+    star = {"gw": st(now, ["t1", "t2", "t3", "t4"]), **{t: st(now, ["gw"]) for t in ids[1:]}}
+    view = view_of(star, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert view["topology"] == {"shape": "star", "hub": "GW"} and not view["partition"]
+    assert any(w.startswith("star: every link goes through GW") for w in view["warnings"]), view["warnings"]
+    assert any(w.startswith("star:") for w in {n["name"]: n for n in view["nodes"]}["GW"]["warnings"])
+    assert "hub of a star" in to_dot(view)
+    # one terminal-to-terminal link: no longer a star
+    meshed = {**star, "t1": st(now, ["gw", "t2"]), "t2": st(now, ["gw", "t1"])}
+    view = view_of(meshed, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert view["topology"] == {"shape": "mesh", "hub": None} and view["warnings"] == []
+    # a hub with two leaves is a line; a star whose leaves went silent is a partition, not a star
+    line = {"gw": st(now, ["t1", "t2"]), "t1": st(now, ["gw"]), "t2": st(now, ["gw"])}
+    assert view_of(line, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)["topology"]["shape"] == "mesh"
+    cut = {**star, "t3": st(now - 60_000, ["gw"]), "t4": st(now - 60_000, ["gw"])}
+    view = view_of(cut, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)
+    assert view["topology"]["shape"] == "mesh" and view["partition"]

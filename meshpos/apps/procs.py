@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from meshpos.domain.errors import MeshposError, NodeNotRunningError
 from meshpos.node import client
@@ -50,11 +50,13 @@ class ProcessGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop_all)
 
-    def start(self, name: str, *args: str) -> Child:
+    def start(self, name: str, *args: str, wrap: Sequence[str] = ()) -> Child:
+        """Start ``meshpos ARGS...`` as child ``name``; ``wrap`` goes before it (the lab's
+        ``ip netns exec NS``, which execs the command: the child is still meshpos itself)."""
         old = self.children.get(name)
         if old is not None and old.alive:
             raise MeshposError(f"process {name} runs already")
-        child = Child(name, [sys.executable, "-m", "meshpos.cli.main", *args], self.log_dir / f"{name}.log")
+        child = Child(name, [*wrap, sys.executable, "-m", "meshpos.cli.main", *args], self.log_dir / f"{name}.log")
         log = open(child.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         child.proc = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -63,8 +65,9 @@ class ProcessGroup:
         self.children[name] = child
         return child
 
-    def start_node(self, name: str, node_dir: Path, *extra: str, timeout: float = 30.0) -> Child:
-        child = self.start(name, "-v", "run", str(node_dir), *extra)
+    def start_node(self, name: str, node_dir: Path, *extra: str, timeout: float = 30.0,
+                   wrap: Sequence[str] = ()) -> Child:
+        child = self.start(name, "-v", "run", str(node_dir), *extra, wrap=wrap)
         wait_for(lambda: _answers(node_dir), timeout, lambda: f"node {name} did not start:\n{child.log_tail()}",
                  alive=child)
         return child

@@ -102,7 +102,9 @@ def render(view: dict[str, Any]) -> str:
                      n["uplink"] or "-", n["printer"] or "-", _age(n["status_age_s"])])
     t = view["totals"]
     out = [f"site {view['site']['name']!r} ({view['site']['site_id']}): {t['reachable']}/{t['nodes']} node(s) "
-           f"reachable, {view['inspector']['links']} direct link(s)",
+           f"reachable, {view['inspector']['links']} direct link(s)"
+           + (f"; topology: a star through {view['topology']['hub']}"
+              if view.get("topology", {}).get("shape") == "star" else ""),
            table(rows, ["NODE", "ROLE", "ADDRESS", "REACHABLE", "RTT", "BEHIND", "PENDING", "OLDEST/WINDOW",
                         "UPLINK", "PRINTER", "STATUS AGE"]),
            f"site: {t['pending']} pending sale(s), {format_amount(t['pending_amount_minor'], cur)} {cur}"

@@ -24,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"also write the log to FILE, rotated at {LOG_MAX_BYTES // 2**20} MiB keeping "
                         f"{LOG_BACKUPS} old files (FILE.1 ... FILE.{LOG_BACKUPS})")
     p.add_argument("--no-mdns", action="store_true", help="static peers only (networks that block multicast)")
+    p.add_argument("--no-peer-exchange", action="store_true",
+                   help="dial only static peers and what mDNS finds, not the addresses the other nodes' "
+                        "signed statuses name (protocols/peer-exchange.md): a fixed topology")
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser("receipt", help="print again, or preview, the receipt of a sale",
@@ -86,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    trio.run(run_node, args.node_dir, not args.no_mdns)
+    trio.run(run_node, args.node_dir, not args.no_mdns, not args.no_peer_exchange)
     return 0
 
 

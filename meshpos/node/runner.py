@@ -1,7 +1,8 @@
 """Assemble a running node: service + mesh (links, dialler, discovery) + forwarder.
 
 The mesh part follows meshpos/replication/planner.py's rules: static peers are always
-dialled; peers found by mDNS are dialled when the ring planner picks them; one
+dialled; peers found by mDNS, or named by their own signed statuses (peer exchange,
+meshpos/replication/peerx.py), are dialled when the ring planner picks them; one
 link per pair (simultaneous dials are resolved by ``keep_link``).
 """
 
@@ -25,9 +26,12 @@ from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, r
 from meshpos.domain.errors import ConfigError, MeshposError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.replication.link_driver import connect_link, serve_links
+from meshpos.replication.peerx import DialBudget, PeerHints, address_for, hint_from_status, judge_answer
 from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
 from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import SyncSession
+from meshpos.status.board import NodeStatus
+from meshpos.status.meshview import stale_after_ms
 from meshpos.uplink.client import make_client_context, probe
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
@@ -70,7 +74,7 @@ class NodeTuning:
 class Mesh:
     """The node's links: listener, dialler, discovery, dedupe, health for the status."""
 
-    def __init__(self, core: NodeCore, mdns: bool, mdns_ttl: int = MDNS_TTL) -> None:
+    def __init__(self, core: NodeCore, mdns: bool, mdns_ttl: int = MDNS_TTL, peer_exchange: bool = True) -> None:
         self.core = core
         self.clock: Clock = core.clock
         self.mdns = mdns and self.core.config.mdns
@@ -84,6 +88,9 @@ class Mesh:
         self.listen_port: int | None = None
         self.discovery: DiscoveryHandle | None = None
         self.discovered: dict[str, PeerSeen] = {}
+        self.peer_exchange = peer_exchange
+        self.hints = PeerHints(self.core.node_id)  # peer exchange: addresses from signed statuses
+        self.hint_budget = DialBudget()
         self.wake = trio.Event()
 
     # -- status ----------------------------------------------------------------------
@@ -96,7 +103,8 @@ class Mesh:
             links.append(d)
         park = self.replicator.park
         return PeersStatus(listen_port=self.listen_port, mdns=self.mdns, discovered=sorted(self.discovered),
-                           static=list(self.core.config.peers), links=links, shards_parked=len(park.shards),
+                           static=list(self.core.config.peers), links=links, peer_exchange=self.peer_exchange,
+                           hinted=self.hints.nodes(), shards_parked=len(park.shards),
                            shard_frames_dropped=park.stats.dropped)
 
     def linked_peers(self) -> set[str]:
@@ -148,8 +156,39 @@ class Mesh:
         else:
             if self.discovered.pop(event.node_id, None) is not None:
                 log.info("peer left: %s (%s)", self.core.roster.name_of(event.node_id), event.node_id)
-            self.planner.gone(event.node_id)
+            self._refresh(event.node_id)
         self.wake.set()
+
+    def on_status(self, status: NodeStatus) -> None:
+        """A newer verified status (StatusBoard hook): its signer's own addresses are a dial hint."""
+        node = status.node_id
+        if not self.peer_exchange or node == self.core.node_id or node in self.core.roster.revoked:
+            return
+        try:
+            role = self.core.roster.identity(node).role  # who it is: the certificate, never the status
+        except MeshposError:
+            return
+        info = hint_from_status(node, role, status.body)
+        if info is not None and node not in self.hints.hints and node not in self.discovered:
+            log.info("peer exchange: %s (%s) listens at %s port %d", self.core.roster.name_of(node), node,
+                     ",".join(info.addresses), info.port)
+        ttl = stale_after_ms(status.body) / 1000
+        if self.hints.offer(info, node, self.clock.monotonic(), ttl):
+            self._refresh(node)
+            self.wake.set()
+
+    def _refresh(self, node_id: str) -> None:
+        """What the planner knows of a node: mDNS first (it is on our network now), else its hint."""
+        seen = self.discovered.get(node_id)
+        hint = self.hints.get(node_id)
+        if seen is not None:
+            if seen.role != "inspector":
+                self.planner.seen(PeerInfo(seen.node_id, seen.addresses, seen.port, seen.role, seen.uplink,
+                                           seen.name))
+        elif hint is not None:
+            self.planner.seen(hint)
+        else:
+            self.planner.gone(node_id)
 
     async def set_uplink(self, uplink: bool) -> None:
         if self.discovery is not None:
@@ -188,6 +227,8 @@ class Mesh:
         while True:
             self._dedupe()
             now = self.clock.monotonic()
+            for node in self.hints.expire(now):
+                self._refresh(node)
             linked = self.linked_peers()
             for peer in list(self.planner.connected):
                 if peer not in linked:
@@ -198,15 +239,29 @@ class Mesh:
             for info in self.planner.to_dial(now):
                 if info.node_id in self.dialling or info.node_id in linked or not info.addresses:
                     continue
+                if info.node_id not in self.discovered and not self.hint_budget.take(now):
+                    break  # dials to hinted nodes are rate-limited (peerx.DialBudget)
                 nursery.start_soon(self._dial_discovered, info, nursery)
             self.wake = trio.Event()
             with trio.move_on_after(MESH_TICK):
                 await self.wake.wait()
 
     async def _dial_discovered(self, info: PeerInfo, nursery: trio.Nursery) -> None:
-        session = await self._dial(info.addresses[0], info.port, info.node_id, nursery)
+        backoff = self.planner.backoff.get(info.node_id)
+        address = address_for(info, backoff.failures if backoff is not None else 0)
+        session = await self._dial(address, info.port, info.node_id, nursery)
         if session is None:
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
+            return
+        answered = session.conn.expect_node  # from the certificate: the address was only a hint
+        others = {s.peer_node for s in self.replicator.sessions if s is not session and not s.closed and s.peer_node}
+        verdict = judge_answer(info.node_id, answered, others)
+        if verdict != "wanted":
+            log.info("%s:%d, given for %s, answered as %s: a stale address", address, info.port,
+                     self.core.roster.name_of(info.node_id), self.core.roster.name_of(answered or "?"))
+            self.planner.dial_failed(info.node_id, self.clock.monotonic())
+        if verdict == "close":  # never replace a working link
+            session.close("already linked: a stale address answered")
 
     def _dedupe(self) -> None:
         by_peer: dict[str, list[SyncSession]] = {}
@@ -325,12 +380,14 @@ class RunningNode:
     (control socket, printer, group commit), the mesh, the status board and publisher, the
     uplink and the dashboard. Nothing is attached to a part after it is built."""
 
-    def __init__(self, core: NodeCore, *, mdns: bool, tuning: NodeTuning, clock: Clock) -> None:
+    def __init__(self, core: NodeCore, *, mdns: bool, tuning: NodeTuning, clock: Clock,
+                 peer_exchange: bool = True) -> None:
         self.core = core
         self.service = NodeService(core, clock)
-        self.mesh = Mesh(core, mdns, tuning.mdns_ttl)
+        self.mesh = Mesh(core, mdns, tuning.mdns_ttl, peer_exchange)
         self.board = StatusBoard(core.roster, core.clock)
         self.board.attach(self.mesh.replicator)
+        self.board.on_new.append(self.mesh.on_status)  # peer exchange: statuses name their signers' addresses
         core.ledger.on_accept.append(self.board.on_accept)
         self.uplink = Uplink(core, self.mesh, self.board)
         self.publisher = StatusPublisher(
@@ -358,12 +415,12 @@ class RunningNode:
                                task_status=task_status)
 
 
-async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+async def run_node(path: Path, mdns: bool = True, peer_exchange: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
     install_log_limits()  # a peer must not fill the disk through what we log about it
     tuning = NodeTuning.from_env(os.environ)
     core = NodeCore.open(path, clock)
     try:
-        node = RunningNode(core, mdns=mdns, tuning=tuning, clock=clock)
+        node = RunningNode(core, mdns=mdns, tuning=tuning, clock=clock, peer_exchange=peer_exchange)
     except BaseException:
         core.close()
         raise

@@ -47,6 +47,8 @@ class PeersStatus:
     discovered: list[str]
     static: list[str]
     links: list[dict[str, Any]]  # replication.sync.LinkHealth fields plus peer_name
+    peer_exchange: bool  # dialling the addresses peers' statuses name (protocols/peer-exchange.md)
+    hinted: list[str]  # nodes known by such an address
     shards_parked: int  # shards no known node can have written yet (replication.shardpark)
     shard_frames_dropped: int
 

@@ -8,6 +8,11 @@ organizer dashboard both call :func:`analyze`, so they agree.
   arriving is cut off from us, whichever path it used to take.
 * A node is **reachable** when its status is fresh, or when we hold an open
   link to it and it never sent a status (an older node).
+* **Star**: at least ``STAR_MIN_LEAVES`` fresh nodes besides one hub, and every
+  link among the fresh nodes has the hub at one end, each of them on one: every
+  sale goes through the hub (client isolation, or a network where the others
+  cannot reach each other), and if the hub goes the others are cut off from each
+  other. ``topology`` says so, and a warning names the hub.
 * **Partition**: the link graph drawn from fresh statuses (an edge counts only
   between two fresh nodes: a working edge would carry the stale end's status)
   plus the stale nodes' last known links among themselves splits into more than
@@ -41,6 +46,7 @@ def stale_after_ms(status: StatusBody | None) -> int:
     return max(MIN_STALE_MS, STALE_FACTOR * every)
 _NO_STATUS = StatusBody(at=0)  # what a node without a status says: nothing
 UNSEEN_WARN_MS = 60_000  # "not heard from for a while"
+STAR_MIN_LEAVES = 3  # a hub with two leaves is a line, not yet worth a word
 
 
 @dataclass(frozen=True)
@@ -181,6 +187,12 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         if n["refused"]:
             warn(n, f"{n['name']}: {n['refused']} of its sales refused by the site's rules "
                     "(kept out of every total; reasons in `meshpos report`)")
+    topology = _topology(fresh, edges)
+    if topology["shape"] == "star":
+        hub = nodes[topology["hub"]]
+        topology["hub"] = hub["name"]
+        warn(hub, f"star: every link goes through {hub['name']} (the other nodes do not link to each other: "
+                  f"client isolation?); if {hub['name']} fails they are cut off from each other")
     partition = len(groups) > 1
     if partition:
         parts = " | ".join("{" + ", ".join(nodes[i]["name"] for i in g) + "}" for g in groups)
@@ -203,10 +215,21 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
                              default=None),
         "max_ledger_entries": top, "currency": currency,
     }
-    return {"nodes": listed, "totals": totals, "warnings": warnings, "partition": partition,
+    return {"nodes": listed, "totals": totals, "warnings": warnings, "partition": partition, "topology": topology,
             "groups": [[nodes[i]["name"] for i in g] for g in groups],
             "edges": sorted(sorted([nodes[a]["name"], nodes[b]["name"]]) for a, b in edges),
             "generated_at": now_ms, "offline_window_s": offline_window_ms // 1000}
+
+
+def _topology(fresh: set[str], edges: set[tuple[str, str]]) -> dict[str, Any]:
+    """``{"shape": "star", "hub": node id}`` when every link among the fresh nodes goes through one of
+    them (module docstring), ``{"shape": "mesh", "hub": None}`` otherwise."""
+    live = {e for e in edges if e[0] in fresh and e[1] in fresh}
+    if len(fresh) >= STAR_MIN_LEAVES + 1 and len(live) == len(fresh) - 1:
+        common = set.intersection(*(set(e) for e in live))
+        if len(common) == 1:
+            return {"shape": "star", "hub": common.pop()}
+    return {"shape": "mesh", "hub": None}
 
 
 def dot_escape(text: object) -> str:
@@ -233,6 +256,7 @@ def to_dot(view: dict[str, Any]) -> str:
 
     lines = ["graph meshpos {", "  node [shape=box, style=rounded, fontname=Helvetica];"]
     rtt = {n["name"]: n["rtt_ms"] for n in view["nodes"]}
+    hub = (view.get("topology") or {}).get("hub")
     for n in view["nodes"]:
         color = "darkgreen" if n["reachable"] else "red"
         style = "rounded" if n["reachable"] else "rounded,dashed"
@@ -240,6 +264,9 @@ def to_dot(view: dict[str, Any]) -> str:
         label = f"{dot_escape(n['name'])}\\n{dot_escape(n['role'])}, pending {dot_escape(pending)}"
         if rtt.get(n["name"]) is not None:
             label += f"\\nrtt {dot_escape(rtt[n['name']])} ms"
+        if n["name"] == hub:
+            label += "\\nhub of a star"
+            style += ",bold"
         lines.append(f"  {q(n['name'])} [label=\"{label}\", color={color}, style=\"{style}\"];")
     for a, b in view["edges"]:
         lines.append(f"  {q(a)} -- {q(b)};")
