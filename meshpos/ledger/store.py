@@ -492,6 +492,17 @@ class Store:
         finally:
             self.conn.row_factory = None
 
+    def held_marks(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Per terminal, the greatest ``n`` such that its sales ``1..n`` are all held (a seq equal to
+        its rank among the terminal's seqs lies in that run), and the (terminal, seq) held beyond it."""
+        ranked = ("SELECT terminal, seq, row_number() OVER (PARTITION BY terminal ORDER BY seq) AS rank"
+                  " FROM sales")
+        marks = [(str(t), int(n)) for t, n in self.conn.execute(
+            f"SELECT terminal, max(seq) FROM ({ranked}) WHERE seq = rank GROUP BY terminal")]
+        ahead = [(str(t), int(s)) for t, s in self.conn.execute(
+            f"SELECT terminal, seq FROM ({ranked}) WHERE seq > rank")]
+        return marks, ahead
+
     def last_seq(self, terminal: str) -> int:
         row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()
         return int(row[0] or 0)
