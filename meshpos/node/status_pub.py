@@ -22,7 +22,7 @@ import trio
 from meshpos import __version__
 from meshpos.replication.discovery import local_addresses
 from meshpos.status.board import StatusBoard
-from meshpos.wire import envelope
+from meshpos.wire import envelope, heldvec
 from meshpos.node.core import NodeCore
 
 if TYPE_CHECKING:
@@ -55,8 +55,8 @@ def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
-    """Count and amount of the pending sales (of one terminal, or all), and the ``created_at`` of the
-    oldest pending card sale: the offline window bounds card authorization only (cash never expires)."""
+    """Count, amount and oldest ``created_at`` of the card sales (of one terminal, or all) awaiting
+    their authorization; cash sales are final when taken, never pending."""
     now = core.clock.now_ms()
     window_start = now - core.policy.offline_window_ms
     count, amount, oldest = core.store.pending_summary(window_start, now + MAX_SKEW_MS, terminal)
@@ -64,6 +64,12 @@ def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
 
 
 MAX_REFUSED_TERMINALS = 16
+
+
+def held_of(core: NodeCore) -> str:
+    """What this node holds of each terminal's sales (protocols/link.md, "What a node holds")."""
+    revoked = core.roster.revoked
+    return heldvec.encode({t: n for t, n in core.ledger.holdings.vector().items() if t not in revoked})
 
 
 def refused_of(core: NodeCore) -> dict[str, Any]:
@@ -102,6 +108,7 @@ class StatusPublisher:
         if mesh is not None:
             self.board.attach(mesh.replicator)
         self.core.ledger.on_accept.append(self.board.on_accept)
+        self.board.on_new.append(self.core.holders.update)
         service.extra_ops["statuses"] = lambda core, params: self.statuses_json()
         service.extra_ops["report"] = lambda core, params: _report_data(core)
 
@@ -133,7 +140,7 @@ class StatusPublisher:
             "links": self.links(),
             "ledger": {"entries": core.store.entry_count(), "shards": len(core.ledger.shards())},
             "pending": pending_of(core, core.node_id), "site_pending": pending_of(core, None),
-            "refused": refused_of(core),
+            "refused": refused_of(core), "held": held_of(core),
             "uplink": uplink_state(self.service), "printer": printer_state(self.service),
             "battery": battery_percent(), "every_ms": int(self.interval * 1000),
             "started_at": self.service.started_at, "at": core.clock.now_ms(),
