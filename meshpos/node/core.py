@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # node's clock by more than the skew, judged once the clock gets there; reversed: voided after
 # approval and reversed at the acquirer; paid: a cash sale, final when taken (no authorization to
 # wait for: the switch records it approved once forwarded, for the day's reconciliation)
-STATUSES = ("pending", "paid", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused", "deferred")
+STATUSES = ("pending", "paid", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused",
+            "deferred")
 
 
 STORE_CREATED_FILE = "meshpos.db.created"  # the node has had a store: a missing one is a loss
@@ -216,7 +217,7 @@ class NodeCore:
             raise InputError(f"sale {sale_id} was taken by another terminal: void it there")
         current = self.status_of(row)
         if current not in ("pending", "paid") and not (current == "approved" and row["result_status"] == "approved"):
-            raise InputError(f"sale {sale_id} is {current}: only a pending sale can be voided")
+            raise InputError(f"sale {sale_id} is {current}: only a pending, paid or approved sale can be voided")
         if self.ledger.has(f"void/{sale_id}"):
             raise InputError(f"sale {sale_id} is voided already")
         problem = rules.description_problem(reason)  # signed and replicated like a description
