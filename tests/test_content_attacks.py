@@ -92,7 +92,7 @@ def test_harmful_sales_are_refused_alone_on_every_node(mesh: Mesh) -> None:
             assert sale_id not in view, what
             assert all(r != raw for _, r in node.entries()), f"{what}: the card number spread"
         assert view[future_id]["status"] == "deferred" and "ahead" in view[future_id]["reason"]
-        assert view[honest_id]["status"] == "pending"  # H's honest sale beside them is unharmed
+        assert view[honest_id]["status"] == "paid"  # H's honest (cash) sale beside them is unharmed
         status = node.core.status().to_json()
         assert status["pending"]["amount_minor"] == sum(
             s["amount_minor"] for s in view.values() if s["status"] == "pending")
@@ -111,7 +111,7 @@ def test_harmful_sales_are_refused_alone_on_every_node(mesh: Mesh) -> None:
         mesh.sell(name, 2)
     mesh.pump()
     for view in views(mesh):
-        assert all(view[s]["status"] == "pending" for s in mesh.acked)
+        assert all(view[s]["status"] == "paid" for s in mesh.acked)  # cash: final when taken
 
 
 def test_refusals_are_logged_with_the_reason(mesh: Mesh, caplog: pytest.LogCaptureFixture) -> None:
@@ -122,7 +122,8 @@ def test_refusals_are_logged_with_the_reason(mesh: Mesh, caplog: pytest.LogCaptu
 
 def test_a_far_future_sale_is_judged_once_the_clock_gets_there(mesh: Mesh) -> None:
     ahead = rules.MAX_SKEW_MS + 3_600_000
-    sale_id, raw = h_sale(mesh, 1, created_at=mesh.clock.now_ms() + ahead, amount_minor=900)
+    sale_id, raw = h_sale(mesh, 1, created_at=mesh.clock.now_ms() + ahead, amount_minor=900, method="card",
+                          card=card_of(mesh))
     publish(mesh, {sale_id: raw})
     a = mesh.nodes["a"].core
     assert a.sale(sale_id)["status"] == "deferred"
@@ -139,11 +140,14 @@ def test_a_terminal_that_signs_past_its_cap_cannot_stop_the_site(mesh: Mesh) -> 
     for node in mesh.nodes.values():
         node.core.ingest(mesh.site.policy_envelope(), "organizer")
         assert node.core.policy.version == policy.version
-    publish(mesh, dict(h_sale(mesh, seq, amount_minor=500_00) for seq in range(1, 6)))  # 2,500.00 pending
+    publish(mesh, dict(h_sale(mesh, seq, amount_minor=500_00, method="card", card=card_of(mesh))
+                       for seq in range(1, 6)))  # 2,500.00 pending
     a = mesh.nodes["a"].core
-    assert a.sell(400_00)["status"] == "pending"
+    card = a.seal_card(VISA, "1230")
+    assert a.sell(400_00, card=card)["status"] == "pending"
     with pytest.raises(PolicyError, match="site's pending offline total"):
-        a.sell(200_00)  # the site's cap still holds: 1,000 (H at its cap) + 400 + 200 > 1,500
+        a.sell(200_00, card=card)  # the site's cap still holds: 1,000 (H at its cap) + 400 + 200 > 1,500
+    assert a.sell(200_00)["status"] == "paid"  # cash is final when taken: in no pending total
 
 
 def test_sell_applies_the_same_rules(mesh: Mesh) -> None:
@@ -174,7 +178,7 @@ def test_a_policy_version_applies_from_its_effective_time(mesh: Mesh) -> None:
     mesh.nodes["c"].core.ingest(mesh.site.policy_envelope(), "organizer")
     mesh.pump()
     for view in views(mesh):
-        assert view[early_id]["status"] == "pending"
+        assert view[early_id]["status"] == "paid"
         assert view[late_id]["status"] in ("refused", "deferred") and view[late_id]["status"] != "pending"
     mesh.clock.advance(300)
     for view in views(mesh):
@@ -210,7 +214,8 @@ def test_whatever_a_terminal_signs_honest_views_follow_the_rules(mesh: Mesh) -> 
                 change["created_at"] = mesh.clock.now_ms() + ahead
             sale_id, raw = h_sale(mesh, next(seqs), **change)
             items[sale_id] = raw
-        honest = mesh.nodes["a"].core.sell(321)["id"]
+        a = mesh.nodes["a"].core
+        honest = a.sell(321, card=a.seal_card(VISA, "1230"))["id"]  # a card sale: pending until settled
         honest_total += 321
         publish(mesh, items)
         mesh.pump()
@@ -254,7 +259,7 @@ def test_one_refused_sale_breaks_no_listing_report_or_dashboard(make_node, switc
         a.sell(1250)
         state = Dashboard(a, None, None, "").state()
         by_status = {s["status"]: s["count"] for s in state["settled"]}
-        assert by_status["refused"] == 1 and by_status["pending"] == 1
+        assert by_status["refused"] == 1 and by_status["paid"] == 1 and by_status["pending"] == 0
         assert state["total"]["amount"] == "12.50"  # the refused 10^12 XXX counts in no total
     finally:
         a.close()

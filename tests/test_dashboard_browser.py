@@ -98,18 +98,30 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, swi
         def whole() -> bool:
             r = rows()
             return (set(r) == {"Gateway", "Stall 1", "Stall 2"} and all(v[2] == "reachable" for v in r.values())
-                    and r["Stall 2"][3] == "2 / 7.50" and r["Stall 1"][3] == "1 / 12.50")
-        until(whole, 40, "the three nodes, reachable, with their pending sales")
-        assert browser.evaluate("document.getElementById('site-pending').textContent") == "3"
-        assert browser.evaluate("document.getElementById('site-pending-amount').textContent") == "20.00 EUR"
-        assert browser.evaluate("document.querySelector('#settled tr[data-status=pending]').cells[1].textContent") == "3"
+                    and r["Stall 2"][3] == "0 / 0.00" and r["Stall 1"][3] == "1 / 12.50")
+        until(whole, 40, "the three nodes, reachable, with their pending sales (cash is never pending)")
+        assert browser.evaluate("document.getElementById('site-pending').textContent") == "1"
+        assert browser.evaluate("document.getElementById('site-pending-amount').textContent") == "12.50 EUR"
+        assert browser.evaluate("document.querySelector('#settled tr[data-status=pending]').cells[1].textContent") == "1"
+        assert browser.evaluate("document.querySelector('#settled tr[data-status=paid]').cells[1].textContent") == "2"
         assert browser.evaluate("document.getElementById('window-left').textContent").startswith("23 h")
+        # each terminal's offline window (Stall 2 took cash only: none), and sales per hour by method
+        assert rows()["Stall 1"][10].startswith("23 h") and rows()["Stall 2"][10] == "-"
+        hour = browser.evaluate("Array.from(document.querySelectorAll('#per-hour tbody tr')).map("
+                                "tr => Array.from(tr.cells).map(td => td.textContent))")
+        assert [h[1:] for h in hour] in ([["1 / 12.50", "2 / 7.50"]],  # the three sales in one hour, or two
+                                         [["1 / 12.50", "0 / 0.00"], ["0 / 0.00", "2 / 7.50"]],
+                                         [["1 / 12.50", "1 / 3.00"], ["0 / 0.00", "1 / 4.50"]]), hour
+        # the card sale reaches the other two nodes and their statuses say so: nothing at risk
+        until(lambda: browser.evaluate("document.querySelector('#at-risk tbody').textContent") == "none", 40,
+              "the card sale to be held by enough devices")
 
-        # a new sale: the page refreshes by itself
+        # a new (cash) sale: the page refreshes by itself; the pending queue does not move
         client.call_running(t1, "sell", {"amount_minor": 700})
-        until(lambda: browser.evaluate("document.getElementById('site-pending').textContent") == "4", 30,
-              "the page to show the new sale")
-        until(lambda: rows()["Stall 1"][3] == "2 / 19.50", 30, "Stall 1's pending to include the new sale")
+        until(lambda: browser.evaluate("document.querySelector('#settled tr[data-status=paid]').cells[1].textContent")
+              == "3", 30, "the page to show the new sale")
+        until(lambda: rows()["Stall 1"][4] == "2 / 19.50", 30, "Stall 1's sales to include the new sale")
+        assert browser.evaluate("document.getElementById('site-pending').textContent") == "1"
         assert browser.evaluate("document.getElementById('total-amount').textContent") == "27.00 EUR"
     finally:
         browser.close()

@@ -41,6 +41,8 @@ def test_demo_runs_twice_in_a_row_with_every_sale_final(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, output
         assert "every sale is final on every node" in output
+        # 17 sales, 6 of them cash (one voided): cash is final when taken, never counted pending
+        assert "sales (card pending 11, cash paid 5, voided 1)" in output, output
         assert "0 advised twice" in output
         receipts = sorted(p.name for p in (out / "receipts").iterdir())
         assert "terminal-1.escpos" in receipts and "terminal-1.txt" in receipts

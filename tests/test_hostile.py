@@ -97,7 +97,7 @@ class Mesh:
             assert held <= self.acked, f"forged sale in the view of {node.core.node_id}: {held - self.acked}"
             assert node.entries() == first, "honest ledgers differ"
             for sale in node.core.sales():
-                assert sale["status"] == "pending", f"{sale['id']} settled by a forged result"
+                assert sale["status"] == "paid", f"{sale['id']} settled by a forged result"  # cash: unsettled
 
     def close(self) -> None:
         for node in self.nodes.values():

@@ -84,7 +84,7 @@ def test_revocation_is_a_signed_entry_that_stops_the_node(make_node, open_node, 
     t1.ingest(raw, "organizer")
     assert t2.node_id in t1.roster.revoked
     t1.ingest(t2.ledger.raw(f"sale/{before['id']}"), "peer")  # before the cut: valid, nothing honest lost
-    assert t1.sale(before["id"])["status"] == "pending"
+    assert t1.sale(before["id"])["status"] == "paid"  # a cash sale, kept
     with pytest.raises(VerificationError, match="revoked"):
         t1.ingest(t2.ledger.raw(f"sale/{sale['id']}"), "peer")
 

@@ -67,8 +67,13 @@ def test_inspector_sees_nodes_beyond_its_links_and_reports_a_partition(
     enroll_one_step(site, insp, "inspector", "Inspector", peers=[f"127.0.0.1:{p2}"])  # a link to T2 only
     sales = {"G": 1, "T1": 2, "T2": 3}
     for name, path in (("G", g), ("T1", t1), ("T2", t2)):
-        for i in range(sales[name]):
-            client.call(path, "sell", {"amount_minor": 100 * (i + 1)})
+        core = NodeCore.open(path)
+        try:
+            for i in range(sales[name]):  # card sales: pending until the switch settles them
+                core.sell(100 * (i + 1), card=core.seal_card("4111111111111111", "1230"))
+            core.sell(5_000)  # and a cash sale each: final when taken, in no pending count
+        finally:
+            core.close()
         procs.start_node(name, path, "--no-mdns", "--no-peer-exchange")  # keep the line G - T1 - T2
 
     def whole(view: dict[str, Any]) -> bool:

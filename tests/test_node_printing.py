@@ -65,7 +65,7 @@ def test_unreachable_printer_never_blocks_a_sale_and_prints_when_back(make_node,
                         "timeout": 2})
     procs.start_node("t1", node, "--no-mdns")
     sale = client.call_running(node, "sell", {"amount_minor": 450, "description": "polenta"}, timeout=10)
-    assert sale["status"] == "pending"
+    assert sale["status"] == "paid"
     wait_for(lambda: client.call_running(node, "status", {})["printer"]["state"] == "unreachable", 30,
              "printer state did not become unreachable")
     assert client.call_running(node, "status", {})["printer"]["queued"] >= 1
@@ -89,7 +89,7 @@ def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_n
     node = make_node("t1")
     _set_printer(node, printer)
     procs.start_node("t1", node, "--no-mdns")
-    assert client.call_running(node, "sell", {"amount_minor": 300}, timeout=10)["status"] == "pending"
+    assert client.call_running(node, "sell", {"amount_minor": 300}, timeout=10)["status"] == "paid"
     proc = run_cli("status", str(node))
     assert proc.returncode == 0
     assert "misconfigured" in proc.stdout and named in proc.stdout

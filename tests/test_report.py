@@ -45,7 +45,9 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
         clock.advance(25 * 3600)
         amounts = {"T1": [1_000, 2_000, 3_000, 4_000, 5_000, 6_000, 7_000], "T2": [250, 350, 450, 550]}
         ids1 = [t1.sell(a)["id"] for a in amounts["T1"]]
-        ids2 = [t2.sell(a)["id"] for a in amounts["T2"]]
+        # T2's last two are card sales left unsettled: pending; T1's last two cash ones are paid
+        t2_card = t2.seal_card("4111111111111111", "1230")
+        ids2 = [t2.sell(a, card=t2_card if a >= 450 else None)["id"] for a in amounts["T2"]]
         # T2's entries reach T1 (as the mesh would bring them)
         for key in (f"cert/{t2.node_id}", *[f"sale/{i}" for i in ids2]):
             t1.ingest(t2.ledger.raw(key), "peer")
@@ -64,7 +66,11 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
         t2.close()
 
     sales = data["sales"]
-    assert {s["status"] for s in sales} == {"pending", "approved", "declined", "voided", "expired", "rejected"}
+    assert {s["status"] for s in sales} == {"pending", "paid", "approved", "declined", "voided", "expired", "rejected"}
+    by_id = {s["id"]: s for s in sales}
+    # cash is final when taken: never pending authorization, no deadline
+    assert [by_id[i]["status"] for i in ids1[5:]] == ["paid", "paid"]
+    assert all(by_id[i]["deadline"] is None for i in ids1[5:])
     rep = summarize(data)
     site = rep["site"]
     assert site["total"] == {"count": len(sales), "amount_minor": sum(s["amount_minor"] for s in sales)}
@@ -81,7 +87,8 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
     assert per["T2"]["total"]["amount_minor"] == sum(amounts["T2"])
     assert per["T2"]["by_status"]["pending"] == {"count": 2, "amount_minor": 450 + 550}
     assert sum(t["total"]["amount_minor"] for t in rep["terminals"]) == site["total"]["amount_minor"]
-    assert sorted(p["sale_id"] for p in rep["pending"]) == sorted([ids1[5], ids1[6], ids2[2], ids2[3]])
+    assert sorted(p["sale_id"] for p in rep["pending"]) == sorted([ids2[2], ids2[3]])
+    assert site["by_status"]["paid"] == {"count": 2, "amount_minor": 6_000 + 7_000}
     assert all(p["deadline"] for p in rep["pending"])
     kinds = {(m["kind"], m["sale_id"]) for m in rep["mismatches"]}
     assert kinds == {("unknown_sale", f"{data['node']}-00000099"), ("voided_after_approval", ids1[4]),
@@ -90,11 +97,12 @@ def test_report_totals_equal_the_sum_of_the_sales_in_every_status(
     # the CLI on the (stopped) node: the same numbers, and a CSV whose site rows add up
     out = run_cli("report", str(t1_path), "--json", "--csv", str(tmp_path / "r.csv"), check=True).stdout
     cli_rep = json.loads(out)
-    assert cli_rep["site"]["by_method"]["card"] == {"count": 1, "amount_minor": 1_100}
-    assert cli_rep["site"]["by_method"]["cash"]["amount_minor"] == site["total"]["amount_minor"] - 1_100
+    assert cli_rep["site"]["by_method"]["card"] == {"count": 3, "amount_minor": 1_100 + 450 + 550}
+    assert cli_rep["site"]["by_method"]["cash"]["amount_minor"] == site["total"]["amount_minor"] - 2_100
+    assert cli_rep["pending"] == rep["pending"]
     rows = list(csv.DictReader(open(tmp_path / "r.csv")))
     site_status = [r for r in rows if r["kind"] == "total" and r["scope"] == "site" and r["group"] == "status"]
     assert sum(int(r["amount_minor"]) for r in site_status) == site["total"]["amount_minor"]
     assert len([r for r in rows if r["kind"] == "mismatch"]) == 3
     text = run_cli("report", str(t1_path), check=True).stdout
-    assert "3 mismatch(es)" in text and "4 sale(s) still pending" in text
+    assert "3 mismatch(es)" in text and "2 sale(s) still pending" in text

@@ -11,7 +11,7 @@ import pytest
 from meshpos.domain.errors import ConfigError, EncodingError
 from meshpos.domain.jsonable import to_jsonable
 from meshpos.node.runner import NodeTuning
-from meshpos.node.status import DashboardStatus, LocalStatus, NodeSummary, PendingSummary, SalesCount
+from meshpos.node.status import AtRisk, DashboardStatus, LocalStatus, NodeSummary, PendingSummary, SalesCount
 from meshpos.wire.status import (LedgerSize, LinkSeen, PendingCount, PrinterSeen, RefusedCount, StatusBody,
                                  UplinkSeen)
 
@@ -20,6 +20,7 @@ FULL = StatusBody(
     links=(LinkSeen("a" * 16, "gateway", 12), LinkSeen("b" * 16, "terminal", None)),
     ledger=LedgerSize(entries=40, shards=3), pending=PendingCount(2, 300, 1_767_225_500_000),
     site_pending=PendingCount(5, 900, 1_767_225_400_000), refused=RefusedCount(1, {"c" * 16: 1}),
+    held={"a" * 16: 12, "c" * 16: 3},
     uplink=UplinkSeen("up", 1_767_225_590_000), printer=PrinterSeen("ok", 0), battery=80, every_ms=10_000,
     started_at=1_767_225_000_000)
 
@@ -44,6 +45,8 @@ def test_a_status_survives_its_own_encoding_through_json() -> None:
     ("links", [{"role": "terminal"}, "n", {"node": "n2", "rtt_ms": "fast"}], (LinkSeen("n2", None, None),)),
     ("refused", {"by_terminal": ["h"]}, RefusedCount()),
     ("refused", {"by_terminal": {"h": "3", "g": 2}}, RefusedCount(None, {"g": 2})),
+    ("held", "!!not base64", {}),  # its own format (wire/heldvec.py): a malformed one holds nothing
+    ("held", 7, {}),
 ])
 def test_a_field_of_the_wrong_type_reads_as_absent(field: str, value: Any, expected: Any) -> None:
     body = StatusBody.from_json({"at": 1, field: value})
@@ -101,7 +104,8 @@ def test_the_local_status_leaves_out_the_parts_a_node_does_not_run() -> None:
     summary = NodeSummary(node_id="n", name="T1", role="terminal", site_id="s", site_name="S", version="0.1.0",
                           certificate_expires=None, certificate_valid=True, uplink_allowed=False,
                           switch_configured=True, ledger=LedgerSize(1, 1), sales=SalesCount(0, {"pending": 0}, 0),
-                          pending=PendingSummary(0, 0, None), revoked_nodes=[], policy={"currency": "EUR"})
+                          pending=PendingSummary(0, 0, None), at_risk=AtRisk(0, 0, 2), revoked_nodes=[],
+                          policy={"currency": "EUR"})
     fields = {f: getattr(summary, f) for f in summary.__dataclass_fields__}
     bare = to_jsonable(LocalStatus(**fields))
     assert "dashboard" not in bare and "uplink" not in bare and bare["ledger"] == {"entries": 1, "shards": 1}

@@ -81,10 +81,16 @@ def test_caps_refuse_with_which_limit_and_by_how_much(make_node, open_node, site
     core = open_node(make_node("t1"))
     with pytest.raises(PolicyError, match=r"per-sale offline cap of 500.00 EUR by 0.01 EUR"):
         core.sell(50_001)
+    card = core.seal_card("4111111111111111", "1230")
     for _ in range(20):
-        core.sell(50_000)
-    with pytest.raises(PolicyError, match=r"terminal's pending offline total .* by 0.01 EUR"):
-        core.sell(1)
+        core.sell(50_000, card=card)
+    with pytest.raises(PolicyError, match=r"terminal's pending offline total .* by 0.01 EUR; .* or take cash"):
+        core.sell(1, card=card)
+    # as the message says: cash is final when taken, so no stored-total cap holds it back
+    for _ in range(3):
+        assert core.sell(50_000)["status"] == "paid"
+    with pytest.raises(PolicyError, match=r"per-sale offline cap of 500.00 EUR by 0.01 EUR"):
+        core.sell(50_001)  # the per-sale cap holds for cash too
 
 
 def test_corrupt_and_foreign_databases_name_the_file(make_node, clock, tmp_path: Path) -> None:

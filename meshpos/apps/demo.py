@@ -176,7 +176,10 @@ class Demo:
             self.say("replicating: " + ", ".join(f"{n} {c}/{len(want)}" for n, c in counts.items()))
             return all(c == len(want) for c in counts.values())
         wait_for(done, 60, "the mesh did not converge", interval=0.5)
-        self.say(f"every node holds all {len(want)} sales (pending {len(want) - 1}, voided 1)")
+        live = [s for s in self.expected.values() if s["id"] != self.voided]
+        cards = sum(1 for s in live if s["method"] == "card")  # cash is final when taken: never pending
+        self.say(f"every node holds all {len(want)} sales (card pending {cards}, cash paid {len(live) - cards}, "
+                 "voided 1)")
 
     def uplink(self) -> None:
         name = "terminal-3" if "terminal-3" in self.nodes else list(self.nodes)[-1]

@@ -70,6 +70,7 @@ class Inspector:
         self.board = StatusBoard(core.roster, core.clock, relay=False)
         self.board.attach(self.replicator)
         core.ledger.on_accept.append(self.board.on_accept)
+        self.board.on_new.append(core.holders.update)
         self.endpoint = endpoint_for(core, self.replicator)
         self.discovered: dict[str, PeerSeen] = {}
         self.address_of: dict[str, str] = {}  # node id -> the address our link to it goes to
@@ -171,6 +172,7 @@ class Inspector:
                        offline_window_ms=policy.offline_window_ms, warn_before_ms=policy.warn_before_s * 1000,
                        currency=policy.currency, me=self.core.node_id)
         view["site"] = {"site_id": policy.site_id, "name": policy.name}
+        view["at_risk"] = self.core.at_risk()  # the ledger the inspector received, against the statuses
         view["inspector"] = {"name": self.core.config.name, "mdns": self.mdns, "mdns_problem": self.mdns_problem,
                              "static": self.static, "links": len(self.open_links())}
         return view

@@ -12,7 +12,7 @@ from typing import Any
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.roles import ROLES
 from meshpos.infra.clock import SYSTEM_CLOCK
-from meshpos.domain.currency import check_currency, parse_amount
+from meshpos.domain.currency import check_currency, format_amount, parse_amount
 from meshpos.domain.errors import InputError
 from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.node import client
@@ -383,7 +383,11 @@ def cmd_sales(args: argparse.Namespace) -> int:
 
 
 def _status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("status", help="the node's identity, ledger, queue and devices")
+    p = sub.add_parser("status", help="the node's identity, ledger, queue and devices",
+                       description="The node's identity, ledger, sales (card sales pending authorization; cash "
+                                   "is final when taken), devices, and its own sales at risk: pending sales that "
+                                   "fewer than 2 devices are known to hold (by the statuses the running node has "
+                                   "received; a stopped node knows only itself).")
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_status)
@@ -400,6 +404,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  ledger: {st['ledger']['entries']} entries in {st['ledger']['shards']} shard(s)")
     pend = st["pending"]
     print(f"  sales: {st['sales']['total']} known, {st['sales']['own']} own; pending {pend['count']}")
+    risk = st["at_risk"]
+    print(f"  at risk: {risk['count']} of this terminal's pending sale(s)"
+          + (f" ({format_amount(risk['amount_minor'], st['policy']['currency'])} {st['policy']['currency']})"
+             if risk["count"] else "")
+          + f" held by fewer than {risk['min_holders']} devices")
     print("  by status: " + ", ".join(f"{k} {v}" for k, v in st["sales"]["by_status"].items() if v))
     print(f"  uplink allowed: {'yes' if st['uplink_allowed'] else 'no'};"
           f" switch configured: {'yes' if st['switch_configured'] else 'no'}")

@@ -15,6 +15,7 @@ from meshpos.cli.args import path_arg as _path
 from meshpos.domain.currency import format_amount
 from meshpos.domain.errors import InputError
 from meshpos.cli.output import emit_json, table
+from meshpos.status.holders import MIN_HOLDERS
 
 DEFAULT_WAIT = 6.0
 GRAPH_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
@@ -27,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     "  Find the site's nodes (mDNS, the config's peers, --peer), link to them read-only with the\n"
                     "  inspector enrollment in INSPECTOR_DIR, gather their statuses for --wait seconds and show\n"
                     "  one table: reachability, RTT, ledger lag, pending sales against the offline window,\n"
-                    "  uplink, printer; site totals and warnings (unreachable nodes, partitions, windows).\n"
+                    "  uplink, printer; site totals and warnings (unreachable nodes, partitions, windows);\n"
+                    "  the sales at risk: pending card sales that fewer than 2 nodes are known to hold.\n"
                     "meshpos inspect probe NODE_ADDR INSPECTOR_DIR\n"
                     "  Measure the RTT (PING/PONG) and the throughput (the whole ledger's transfer) to one node.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,6 +111,15 @@ def render(view: dict[str, Any]) -> str:
                         "UPLINK", "PRINTER", "STATUS AGE"]),
            f"site: {t['pending']} pending sale(s), {format_amount(t['pending_amount_minor'], cur)} {cur}"
            + ("" if t["window_left_s"] is None else f"; first window closes in {_age(t['window_left_s'])}")]
+    risky = view.get("at_risk") or []
+    if risky:
+        out.append(f"at risk: {len(risky)} pending sale(s) held by fewer than {MIN_HOLDERS} nodes "
+                   "(one lost device loses them):")
+        out.append(table([[s["id"], s["terminal_name"], f"{s['amount']} {s['currency']}", s["method"],
+                           str(s["held_by"]), s["created_at"]] for s in risky],
+                         ["SALE", "TERMINAL", "AMOUNT", "METHOD", "HELD BY", "CREATED"]))
+    else:
+        out.append(f"at risk: none (every pending sale is held by at least {MIN_HOLDERS} nodes)")
     if view["warnings"]:
         out.append("warnings:")
         out += [f"  ! {w}" for w in view["warnings"]]

@@ -81,15 +81,23 @@ class SitePolicy:
     def offline_window_ms(self) -> int:
         return self.offline_window_s * 1000
 
-    def check_sale(self, amount_minor: int, terminal_pending_minor: int) -> None:
-        """Refuse a sale over the per-sale cap or the terminal's stored-total cap."""
-        def fmt(minor: int) -> str:
-            return f"{format_amount(minor, self.currency)} {self.currency}"
+    def _fmt(self, minor: int) -> str:
+        return f"{format_amount(minor, self.currency)} {self.currency}"
+
+    def check_amount(self, amount_minor: int) -> None:
+        """Refuse a sale (card or cash) over the per-sale cap."""
+        fmt = self._fmt
         if amount_minor > self.max_sale_minor:
             raise PolicyError(
                 f"amount {fmt(amount_minor)} is over the per-sale offline cap of {fmt(self.max_sale_minor)} "
                 f"by {fmt(amount_minor - self.max_sale_minor)}"
             )
+
+    def check_sale(self, amount_minor: int, terminal_pending_minor: int) -> None:
+        """Refuse a card sale over the per-sale cap or the terminal's stored-total cap (of the card
+        sales awaiting authorization: cash is final when taken and counts in no stored total)."""
+        fmt = self._fmt
+        self.check_amount(amount_minor)
         total = terminal_pending_minor + amount_minor
         if total > self.max_terminal_pending_minor:
             raise PolicyError(

@@ -33,6 +33,7 @@ from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster, UnknownSigner, Verified, entry_key
+from meshpos.ledger.holdings import Holdings
 from meshpos.ledger.store import Store
 from meshpos.wire.shards import SEGMENT, shard_name, valid_shard_name
 
@@ -179,7 +180,8 @@ class Ledger:
         self._parked: set[str] = set()
         self._purged_shards: set[str] = set()  # changed by a revocation's purge: pushed by the sync path
         self._rollbacks_seen = store.rollbacks
-        self.on_accept: list[Callable[[Verified], None]] = []
+        self.holdings = Holdings()  # what we hold of each terminal's sales (statuses carry it)
+        self.on_accept: list[Callable[[Verified], None]] = [self._hold]
         # (shard, its new Automerge changes, or None when too many to push as they are)
         self.on_changes: list[Callable[[str, list[bytes] | None], None]] = []
 
@@ -200,6 +202,11 @@ class Ledger:
             self._load_shard(shard)
         self._parked = {key for key, _, _ in self.store.parked()}
         self._rollbacks_seen = self.store.rollbacks
+        self.holdings.rebuild(*self.store.held_marks())
+
+    def _hold(self, verified: Verified) -> None:
+        if verified.env.type == "sale":
+            self.holdings.add(verified.env.body["terminal"], verified.env.body["seq"])
 
     def _after_rollback(self) -> None:
         """SQLite rolled the held transaction back (a full disk): the documents and the index in

@@ -492,20 +492,31 @@ class Store:
         finally:
             self.conn.row_factory = None
 
+    def held_marks(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """Per terminal, the greatest ``n`` such that its sales ``1..n`` are all held (a seq equal to
+        its rank among the terminal's seqs lies in that run), and the (terminal, seq) held beyond it."""
+        ranked = ("SELECT terminal, seq, row_number() OVER (PARTITION BY terminal ORDER BY seq) AS rank"
+                  " FROM sales")
+        marks = [(str(t), int(n)) for t, n in self.conn.execute(
+            f"SELECT terminal, max(seq) FROM ({ranked}) WHERE seq = rank GROUP BY terminal")]
+        ahead = [(str(t), int(s)) for t, s in self.conn.execute(
+            f"SELECT terminal, seq FROM ({ranked}) WHERE seq > rank")]
+        return marks, ahead
+
     def last_seq(self, terminal: str) -> int:
         row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()
         return int(row[0] or 0)
 
     def pending_total(self, terminal: str | None, not_before_ms: int, not_after_ms: int | None = None) -> int:
-        """Sum of valid sales with no result and no void, created in [not_before_ms, not_after_ms]."""
+        """Sum of valid card sales with no result and no void, created in [not_before_ms, not_after_ms]."""
         return sum(self.pending_by_terminal(not_before_ms, not_after_ms, terminal).values())
 
     def pending_by_terminal(self, not_before_ms: int, not_after_ms: int | None = None,
                             terminal: str | None = None) -> dict[str, int]:
-        """terminal -> sum of its valid sales with no result and no void, created in the range
-        (refused sales are never counted: they are not the site's exposure)."""
+        """terminal -> sum of its valid card sales with no result and no void, created in the range
+        (refused sales are never counted, nor cash ones: they are not the site's exposure)."""
         sql = ("SELECT terminal, coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
-               " AND voided_at IS NULL AND refused IS NULL AND created_at >= ?")
+               " AND voided_at IS NULL AND refused IS NULL AND method='card' AND created_at >= ?")
         args: tuple[Any, ...] = (not_before_ms,)
         if not_after_ms is not None:
             sql += " AND created_at <= ?"
@@ -528,11 +539,11 @@ class Store:
 
     def pending_summary(self, window_start_ms: int, not_after_ms: int,
                         terminal: str | None = None) -> tuple[int, int, int | None]:
-        """(count, amount, oldest card sale's created_at) of the sales awaiting a result: cash
-        ones, and card ones still inside the offline window; not voided, refused or future-dated."""
-        sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(CASE WHEN method='card' THEN created_at END)"
+        """(count, amount, oldest created_at) of the card sales awaiting their authorization: inside
+        the offline window, not voided, refused or future-dated (a cash sale is final when taken)."""
+        sql = ("SELECT count(*), coalesce(sum(amount_minor), 0), min(created_at)"
                " FROM sales WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL"
-               " AND (method='cash' OR created_at >= ?) AND created_at <= ?")
+               " AND method='card' AND created_at >= ? AND created_at <= ?")
         args: tuple[Any, ...] = (window_start_ms, not_after_ms)
         if terminal is not None:
             sql += " AND terminal=?"

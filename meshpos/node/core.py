@@ -17,7 +17,7 @@ from meshpos.domain import rules
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.currency import format_amount
 from meshpos.domain.policy import SitePolicy
-from meshpos.node.status import NodeSummary, PendingSummary, SalesCount
+from meshpos.node.status import AtRisk, NodeSummary, PendingSummary, SalesCount
 from meshpos.wire.status import LedgerSize
 from meshpos.domain.errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
 from meshpos.identity import certs
@@ -28,13 +28,16 @@ from meshpos.wire import envelope
 from meshpos.wire.cards import CardCapture, seal_card
 from meshpos.node.diskspace import check_room_for_sale
 from meshpos.site.nodedir import NodeConfig, NodeDir
+from meshpos.status.holders import MIN_HOLDERS, HeldIndex, Holders, at_risk as is_at_risk
 
 log = logging.getLogger(__name__)
 
 # refused: breaks a content rule (meshpos.domain.rules), kept out of totals; deferred: dated ahead of this
 # node's clock by more than the skew, judged once the clock gets there; reversed: voided after
-# approval and reversed at the acquirer
-STATUSES = ("pending", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused", "deferred")
+# approval and reversed at the acquirer; paid: a cash sale, final when taken (no authorization to
+# wait for: the switch records it approved once forwarded, for the day's reconciliation)
+STATUSES = ("pending", "paid", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused",
+            "deferred")
 
 
 STORE_CREATED_FILE = "meshpos.db.created"  # the node has had a store: a missing one is a loss
@@ -78,6 +81,8 @@ class NodeCore:
         if not created.exists():
             write_atomically(created, f"node {cfg.node_id}\n".encode(), mode=0o600)
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
+        # who else holds which sales, from the statuses the node receives (fed by its status board)
+        self.holders = Holders(cfg.node_id)
 
     @classmethod
     def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True) -> "NodeCore":
@@ -164,13 +169,16 @@ class NodeCore:
         with self.store.transaction():
             window_start = now - policy.offline_window_ms
             pending = self.store.pending_by_terminal(window_start, now + rules.MAX_SKEW_MS)
-            policy.check_sale(amount_minor, pending.get(self.node_id, 0))
+            if card is None:  # cash is final when taken: only the per-sale cap applies
+                policy.check_amount(amount_minor)
+            else:
+                policy.check_sale(amount_minor, pending.get(self.node_id, 0))
             # No other terminal counts for more than its own cap: one that signs more (a hostile
             # or broken one) cannot stop the whole site from selling (protocols/rules.md)
             cap = policy.max_terminal_pending_minor
             site_total = sum(min(v, cap) for t, v in pending.items() if t != self.node_id)
             site_total += pending.get(self.node_id, 0) + amount_minor
-            if site_total > policy.max_site_pending_minor:
+            if card is not None and site_total > policy.max_site_pending_minor:
                 over = site_total - policy.max_site_pending_minor
                 raise PolicyError(
                     f"this sale would bring the site's pending offline total over its cap of "
@@ -198,8 +206,8 @@ class NodeCore:
         if row["terminal"] != self.node_id:
             raise InputError(f"sale {sale_id} was taken by another terminal: void it there")
         current = self.status_of(row)
-        if current != "pending" and not (current == "approved" and row["result_status"] == "approved"):
-            raise InputError(f"sale {sale_id} is {current}: only a pending sale can be voided")
+        if current not in ("pending", "paid") and not (current == "approved" and row["result_status"] == "approved"):
+            raise InputError(f"sale {sale_id} is {current}: only a pending, paid or approved sale can be voided")
         if self.ledger.has(f"void/{sale_id}"):
             raise InputError(f"sale {sale_id} is voided already")
         problem = rules.description_problem(reason)  # signed and replicated like a description
@@ -223,11 +231,31 @@ class NodeCore:
             return "deferred"
         if row["voided_at"] is not None:
             return "voided"
-        if row["method"] == "card" and row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
-            return "expired"  # the window bounds card authorization; cash is in the till already
+        if row["method"] == "cash":
+            return "paid"  # the money is in the till: nothing pending, nothing to expire
+        if row["created_at"] + self.policy.offline_window_ms < self.clock.now_ms():
+            return "expired"  # the window bounds card authorization
         return "pending"
 
-    def sale_json(self, row: sqlite3.Row) -> dict[str, Any]:
+    def held_index(self) -> HeldIndex:
+        """Who else holds what, by the statuses received so far (revoked nodes left out)."""
+        return self.holders.index(self.roster.revoked)
+
+    def held_by(self, row: sqlite3.Row, index: HeldIndex | None = None) -> int:
+        """How many distinct nodes are known to hold this sale: this one (it lists it from its own
+        store; an inspector does not count itself) and the others whose status says so."""
+        index = index if index is not None else self.held_index()
+        own = 0 if self.identity.role == "inspector" else 1
+        return own + index.others_holding(str(row["terminal"]), int(row["seq"]))
+
+    def at_risk(self, terminal: str | None = None) -> list[dict[str, Any]]:
+        """The pending sales held by fewer than MIN_HOLDERS nodes (of one terminal, or all): the
+        loss of a device would lose them before they reach the switch."""
+        index = self.held_index()
+        return [self.sale_json(row, index) for row in self.store.sales(terminal)
+                if is_at_risk(self.status_of(row), self.held_by(row, index))]
+
+    def sale_json(self, row: sqlite3.Row, index: HeldIndex | None = None) -> dict[str, Any]:
         currency = row["currency"]
         return {
             "id": row["sale_id"], "terminal": row["terminal"], "terminal_name": self.roster.name_of(row["terminal"]),
@@ -237,8 +265,10 @@ class NodeCore:
             "entry_mode": row["entry_mode"], "description": row["description"],
             "status": self.status_of(row), "auth_code": row["auth_code"], "response_code": row["response_code"],
             "reason": self._reason(row), "created_at": iso(row["created_at"]), "created_at_ms": row["created_at"],
-            "deadline": iso(row["created_at"] + self.policy.offline_window_ms),
+            # the offline window bounds card authorization; a cash sale has nothing to wait for
+            "deadline": iso(row["created_at"] + self.policy.offline_window_ms) if row["method"] == "card" else None,
             "voided_at": iso(row["voided_at"]), "settled_at": iso(row["settled_at"]),
+            "held_by": self.held_by(row, index),
         }
 
     def _reason(self, row: sqlite3.Row) -> str | None:
@@ -257,17 +287,22 @@ class NodeCore:
         return self.sale_json(row)
 
     def sales(self, terminal: str | None = None) -> list[dict[str, Any]]:
-        return [self.sale_json(r) for r in self.store.sales(terminal)]
+        index = self.held_index()
+        return [self.sale_json(r, index) for r in self.store.sales(terminal)]
 
     def status(self) -> NodeSummary:
         rows = self.store.sales()  # classified row by row: a busy node holds 100,000 sales
         counts = {s: 0 for s in STATUSES}
         pending = []
+        risky = []
+        index = self.held_index()
         for row in rows:
             status = self.status_of(row)
             counts[status] += 1
             if status == "pending":
                 pending.append(row)
+                if row["terminal"] == self.node_id and is_at_risk(status, self.held_by(row, index)):
+                    risky.append(row)
         now = self.clock.now_ms()
         return NodeSummary(
             node_id=self.node_id, name=self.config.name, role=self.identity.role,
@@ -280,6 +315,8 @@ class NodeCore:
                              own=sum(1 for r in rows if r["terminal"] == self.node_id)),
             pending=PendingSummary(count=len(pending), amount_minor=sum(r["amount_minor"] for r in pending),
                                    oldest_created_at=iso(min(r["created_at"] for r in pending)) if pending else None),
+            at_risk=AtRisk(count=len(risky), amount_minor=sum(r["amount_minor"] for r in risky),
+                           min_holders=MIN_HOLDERS),
             revoked_nodes=sorted(self.roster.revoked),
             policy={k: v for k, v in self.policy.to_json().items() if k != "dashboard_password"},
         )

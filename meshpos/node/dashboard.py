@@ -16,8 +16,11 @@ plain HTTP; on any other it is HTTPS only, with a P-256 certificate the gateway
 makes for it (browsers refuse the nodes' Ed25519 certificates): its SHA-256
 fingerprint is logged and shown by ``meshpos status``. The page (``/``, ``/app.js``) polls ``/api/state`` every few
 seconds: terminals and their state (from the gossiped statuses, the same
-analysis as ``meshpos inspect``), the site-wide pending queue and the time left
-in its offline window, settled totals by status, alerts. Nothing here writes.
+analysis as ``meshpos inspect``) with each one's offline window, the site-wide
+pending queue (card sales awaiting authorization: cash is final when taken) and
+the time left in its offline window, the sales at risk (pending, held by fewer
+than 2 devices: meshpos.status.holders), sales per hour by method, settled totals
+by status, alerts. Nothing here writes.
 """
 
 from __future__ import annotations
@@ -49,11 +52,12 @@ from meshpos.infra.http import HttpLimits, Request, Response, json_response, lis
 from meshpos.status.meshview import Known, analyze
 from meshpos.node.core import NodeCore, iso
 from meshpos.domain.policy import check_password
-from meshpos.node.report import _totals
+from meshpos.node.report import METHODS, OUT_OF_TOTALS, _totals
 from meshpos.node.status import DashboardStatus
 from meshpos.replication.discovery import PeerSeen
 from meshpos.replication.sync import Replicator
 from meshpos.status.board import StatusBoard
+from meshpos.status.holders import MIN_HOLDERS, at_risk
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +205,16 @@ class Dashboard:
         per_terminal: dict[str, list[dict[str, Any]]] = {}
         for s in sales:
             per_terminal.setdefault(s["terminal"], []).append(s)
-        summary = {"site": _totals(sales), "pending": pending,
-                   "terminals": {t: _totals(ts) for t, ts in per_terminal.items()}}
+        risky = [{"id": s["id"], "terminal": s["terminal"], "terminal_name": s["terminal_name"],
+                  "amount": s["amount"], "amount_minor": s["amount_minor"], "method": s["method"],
+                  "held_by": s["held_by"], "created_at": s["created_at"], "deadline": s["deadline"]}
+                 for s in pending if at_risk(s["status"], s["held_by"])]
+        oldest: dict[str, int] = {}  # terminal -> created_at of its oldest pending (card) sale
+        for p in pending:
+            oldest[p["terminal"]] = min(oldest.get(p["terminal"], p["created_at_ms"]), p["created_at_ms"])
+        summary = {"site": _totals(sales), "pending": pending, "at_risk": risky,
+                   "terminals": {t: _totals(ts) for t, ts in per_terminal.items()},
+                   "per_hour": per_hour(sales, self.core.policy.currency), "oldest_pending": oldest}
         self._sales_cache = (key, summary)
         return summary
 
@@ -226,13 +238,18 @@ class Dashboard:
         terminals = []
         for n in view["nodes"]:
             t = summary["terminals"].get(n["node_id"])
+            first = summary["oldest_pending"].get(n["node_id"])
+            window_closes = None if first is None else first + policy.offline_window_ms
             terminals.append({
                 "node_id": n["node_id"], "name": n["name"], "role": n["role"], "reachable": n["reachable"],
                 "pending": n["pending"], "pending_amount": format_amount(n["pending_amount_minor"] or 0, cur),
                 "sales": t["total"]["count"] if t else 0,
                 "sales_amount": format_amount(t["total"]["amount_minor"] if t else 0, cur),
                 "uplink": n["uplink"], "printer": n["printer"], "battery": n["battery"], "rtt_ms": n["rtt_ms"],
-                "status_age_s": n["status_age_s"], "behind": n["behind"], "warnings": n["warnings"]})
+                "status_age_s": n["status_age_s"], "behind": n["behind"], "warnings": n["warnings"],
+                # the offline window of its oldest pending card sale this node holds (None: nothing pending)
+                "window_closes_at": iso(window_closes),
+                "window_left_s": None if window_closes is None else max(0, (window_closes - now) // 1000)})
         settled = [{"status": status, "count": b["count"], "amount": format_amount(b["amount_minor"], cur),
                     "amount_minor": b["amount_minor"]}
                    for status, b in summary["site"]["by_status"].items()]
@@ -246,7 +263,30 @@ class Dashboard:
             "settled": settled, "total": {"count": summary["site"]["total"]["count"],
                                           "amount": format_amount(summary["site"]["total"]["amount_minor"], cur)},
             "terminals": terminals, "partition": view["partition"], "alerts": alerts,
+            "at_risk": {"min_holders": MIN_HOLDERS, "sales": summary["at_risk"]},
+            "sales_per_hour": summary["per_hour"],
         }
+
+
+MAX_HOURS = 48
+HOUR_MS = 3_600_000
+
+
+def per_hour(sales: list[dict[str, Any]], currency: str) -> list[dict[str, Any]]:
+    """Sales taken per hour (UTC, by the selling terminal's clock) and method, as the totals count
+    them (refused and deferred sales in none); the last MAX_HOURS hours that had a sale."""
+    hours: dict[int, dict[str, dict[str, int]]] = {}
+    for sale in sales:
+        if sale["status"] in OUT_OF_TOTALS:
+            continue
+        hour = sale["created_at_ms"] // HOUR_MS * HOUR_MS
+        bucket = hours.setdefault(hour, {m: {"count": 0, "amount_minor": 0} for m in METHODS})
+        by_method = bucket.setdefault(sale["method"], {"count": 0, "amount_minor": 0})
+        by_method["count"] += 1
+        by_method["amount_minor"] += sale["amount_minor"]
+    return [{"hour": iso(hour), **{m: {**b, "amount": format_amount(b["amount_minor"], currency)}
+                                   for m, b in hours[hour].items()}}
+            for hour in sorted(hours)[-MAX_HOURS:]]
 
 
 def is_loopback(host: str) -> bool:
@@ -359,9 +399,15 @@ th,td{border-bottom:1px solid #ddd;padding:.25rem .6rem;text-align:left} .down{c
  <div class="card"><div>all sales</div><div class="big" id="total-count">-</div><div id="total-amount"></div></div>
 </div>
 <h2>Alerts</h2><ul id="alerts"><li class="muted">none</li></ul>
+<h2>At risk <span class="muted">(pending sales held by fewer than 2 devices)</span></h2>
+<table id="at-risk"><thead><tr><th>sale</th><th>terminal</th><th>amount</th><th>held by</th><th>taken</th>
+</tr></thead><tbody></tbody></table>
 <h2>Terminals</h2>
 <table id="terminals"><thead><tr><th>name</th><th>role</th><th>state</th><th>pending</th><th>sales</th>
-<th>uplink</th><th>printer</th><th>battery</th><th>rtt</th><th>status age</th></tr></thead><tbody></tbody></table>
+<th>uplink</th><th>printer</th><th>battery</th><th>rtt</th><th>status age</th><th>offline window</th></tr></thead>
+<tbody></tbody></table>
+<h2>Sales per hour <span class="muted">(UTC)</span></h2>
+<table id="per-hour"><thead><tr><th>hour</th><th>card</th><th>cash</th></tr></thead><tbody></tbody></table>
 <h2>Settled totals by status</h2>
 <table id="settled"><thead><tr><th>status</th><th>count</th><th>amount</th></tr></thead><tbody></tbody></table>
 <script src="/app.js"></script>
@@ -389,8 +435,7 @@ function render(s) {
   text('site', s.site.name + ' (' + s.site.currency + ')');
   text('updated', s.generated_at); text('node', s.node); text('error', '');
   text('site-pending', s.queue.pending); text('site-pending-amount', s.queue.amount + ' ' + s.site.currency);
-  text('window-left', s.queue.window_left_s === null ? (s.queue.pending ? 'cash only: no window' : 'no pending sale')
-                                                     : left(s.queue.window_left_s));
+  text('window-left', s.queue.window_left_s === null ? 'no pending sale' : left(s.queue.window_left_s));
   text('window-closes', s.queue.window_closes_at ? 'closes ' + s.queue.window_closes_at : '');
   text('total-count', s.total.count); text('total-amount', s.total.amount + ' ' + s.site.currency);
   const alerts = document.getElementById('alerts'); alerts.replaceChildren();
@@ -401,8 +446,21 @@ function render(s) {
     const tr = row([t.name, t.role, t.reachable ? 'reachable' : 'UNREACHABLE',
       t.pending === null ? '-' : t.pending + ' / ' + t.pending_amount, t.sales + ' / ' + t.sales_amount,
       t.uplink, t.printer, t.battery === null ? '-' : t.battery + '%', t.rtt_ms === null ? '-' : t.rtt_ms + ' ms',
-      t.status_age_s === null ? '-' : Math.round(t.status_age_s) + ' s'], [null, null, t.reachable ? 'up' : 'down']);
+      t.status_age_s === null ? '-' : Math.round(t.status_age_s) + ' s',
+      t.window_left_s === null ? '-' : left(t.window_left_s) + ' left'], [null, null, t.reachable ? 'up' : 'down']);
     tr.dataset.node = t.node_id; tb.appendChild(tr);
+  });
+  const ar = document.querySelector('#at-risk tbody'); ar.replaceChildren();
+  if (!s.at_risk.sales.length) ar.appendChild(row(['none']));
+  s.at_risk.sales.forEach(function (a) {
+    const tr = row([a.id, a.terminal_name, a.amount + ' ' + s.site.currency, a.held_by, a.created_at]);
+    tr.dataset.sale = a.id; ar.appendChild(tr);
+  });
+  const ph = document.querySelector('#per-hour tbody'); ph.replaceChildren();
+  s.sales_per_hour.forEach(function (h) {
+    const tr = row([h.hour.slice(0, 13).replace('T', ' ') + ':00', h.card.count + ' / ' + h.card.amount,
+                    h.cash.count + ' / ' + h.cash.amount]);
+    tr.dataset.hour = h.hour; ph.appendChild(tr);
   });
   const st = document.querySelector('#settled tbody'); st.replaceChildren();
   s.settled.forEach(function (b) { const tr = row([b.status, b.count, b.amount]); tr.dataset.status = b.status; st.appendChild(tr); });

@@ -13,7 +13,8 @@ DEFAULT_PROFILE = "generic-80mm"
 
 
 def receipt_data(core: NodeCore, sale: dict[str, Any]) -> ReceiptData:
-    status = sale["status"] if sale["status"] != "rejected" else "declined"
+    # a receipt knows the outcomes a buyer reads; a cash sale's receipt shows it paid whatever its status
+    status = {"rejected": "declined", "paid": "approved"}.get(sale["status"], sale["status"])
     return ReceiptData(
         sale_id=sale["id"], site_name=core.policy.name, terminal_name=sale["terminal_name"],
         created_at_ms=sale["created_at_ms"], amount_minor=sale["amount_minor"], currency=sale["currency"],

@@ -388,6 +388,7 @@ class RunningNode:
         self.board = StatusBoard(core.roster, core.clock)
         self.board.attach(self.mesh.replicator)
         self.board.on_new.append(self.mesh.on_status)  # peer exchange: statuses name their signers' addresses
+        self.board.on_new.append(core.holders.update)  # held_by: what each node says it holds
         core.ledger.on_accept.append(self.board.on_accept)
         self.uplink = Uplink(core, self.mesh, self.board)
         self.publisher = StatusPublisher(

@@ -35,6 +35,15 @@ class PendingSummary:
 
 
 @dataclass(frozen=True)
+class AtRisk:
+    """This terminal's pending sales that fewer than ``min_holders`` nodes are known to hold."""
+
+    count: int
+    amount_minor: int
+    min_holders: int
+
+
+@dataclass(frozen=True)
 class Running:
     since: int  # ms
     pid: int
@@ -86,6 +95,7 @@ class NodeSummary:
     ledger: LedgerSize
     sales: SalesCount
     pending: PendingSummary
+    at_risk: AtRisk
     revoked_nodes: list[str]
     policy: Mapping[str, Any]  # the policy in force, without the dashboard password hash
 

@@ -52,8 +52,8 @@ def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> PendingCount:
-    """Count and amount of the pending sales (of one terminal, or all), and the ``created_at`` of the
-    oldest pending card sale: the offline window bounds card authorization only (cash never expires)."""
+    """Count, amount and oldest ``created_at`` of the card sales (of one terminal, or all) awaiting
+    their authorization; cash sales are final when taken, never pending."""
     now = core.clock.now_ms()
     window_start = now - core.policy.offline_window_ms
     count, amount, oldest = core.store.pending_summary(window_start, now + MAX_SKEW_MS, terminal)
@@ -61,6 +61,12 @@ def pending_of(core: NodeCore, terminal: str | None) -> PendingCount:
 
 
 MAX_REFUSED_TERMINALS = 16
+
+
+def held_of(core: NodeCore) -> dict[str, int]:
+    """What this node holds of each terminal's sales (protocols/link.md, "What a node holds")."""
+    revoked = core.roster.revoked
+    return {t: n for t, n in core.ledger.holdings.vector().items() if t not in revoked}
 
 
 def refused_of(core: NodeCore) -> RefusedCount:
@@ -114,7 +120,7 @@ class StatusPublisher:
             addresses=self.addresses(), port=self.listen_port(), links=self.links(),
             ledger=LedgerSize(entries=core.store.entry_count(), shards=len(core.ledger.shards())),
             pending=pending_of(core, core.node_id), site_pending=pending_of(core, None),
-            refused=refused_of(core), uplink=self.uplink(), printer=self.printer(),
+            refused=refused_of(core), held=held_of(core), uplink=self.uplink(), printer=self.printer(),
             battery=battery_percent(), every_ms=int(self.interval * 1000), started_at=self.started_at,
         )
 

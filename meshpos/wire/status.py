@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from meshpos.domain.errors import EncodingError
 from meshpos.domain.jsonable import json_object
+from meshpos.wire import heldvec
 
 MAX_COUNT = 10**15
 MAX_TEXT = 40
@@ -102,6 +103,10 @@ class StatusBody:
     pending: PendingCount = PendingCount()  # the node's own sales
     site_pending: PendingCount = PendingCount()  # every sale it holds
     refused: RefusedCount = RefusedCount()
+    # terminal -> the highest sale number held with no gap before it; on the wire the compact text
+    # of wire/heldvec.py (a malformed one reads as nothing held)
+    held: Mapping[str, int] = field(default_factory=dict, metadata={"encode": heldvec.encode,
+                                                                      "decode": heldvec.decode})
     uplink: UplinkSeen = UplinkSeen()
     printer: PrinterSeen = PrinterSeen()
     battery: int | None = None  # percent, when the OS reports it
@@ -134,6 +139,12 @@ def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name not in obj:
+            continue
+        if "decode" in f.metadata:  # a field with a format of its own
+            try:
+                kwargs[f.name] = f.metadata["decode"](obj[f.name])
+            except EncodingError:
+                pass
             continue
         decoded = _decode(hints[f.name], obj[f.name], f.metadata.get("max", 64))
         if decoded is not _ABSENT:

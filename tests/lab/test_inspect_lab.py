@@ -14,6 +14,7 @@ from typing import Any, Callable
 import pytest
 
 from meshpos.node import client
+from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
 from meshpos.apps.procs import wait_for
 from meshpos.site.sitedir import Site
@@ -52,8 +53,13 @@ def test_inspector_over_mdns_sees_five_nodes_a_cut_and_its_repair(make_lab: Any,
     for i, name in enumerate(names):
         path = tmp_path / name
         enroll_one_step(site, path, "gateway" if i == 0 else "terminal", name, listen=f"{lab.addr(i)}:{PORT}")
-        for k in range(i + 1):  # T0 holds 1 pending sale, T4 holds 5
-            client.call(path, "sell", {"amount_minor": 100 + k})
+        core = NodeCore.open(path)
+        try:
+            for k in range(i + 1):  # T0 holds 1 pending (card) sale, T4 holds 5
+                core.sell(100 + k, card=core.seal_card("4111111111111111", "1230"))
+            core.sell(900)  # and one cash sale each: final when taken, in no pending count
+        finally:
+            core.close()
         dirs.append(path)
     insp = tmp_path / "inspector"
     enroll_one_step(site, insp, "inspector", "Inspector")

@@ -1,0 +1,77 @@
+"""Who holds which sale: ``held_by`` from the ``held`` vectors of the nodes' statuses.
+
+Every node's status carries, per terminal, the highest sequence number up to
+which it holds that terminal's sales without a gap (meshpos.wire.heldvec,
+protocols/link.md "What a node holds"). A node counts, for a sale ``(terminal,
+seq)``, the other nodes whose newest status it holds says ``mark >= seq``, plus
+itself when it holds the sale (an inspector does not count itself: it is no part
+of the mesh's memory). A status that went stale still counts: what a node holds
+is on its disk, whether or not we hear from it now; a revoked node does not.
+
+A pending sale held by fewer than MIN_HOLDERS nodes is **at risk**: the loss of
+one device loses it. Pure: statuses come in through ``update``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from typing import Collection
+
+from meshpos.status.board import NodeStatus
+
+log = logging.getLogger(__name__)
+
+MIN_HOLDERS = 2
+
+
+def at_risk(status: str, held_by: int) -> bool:
+    """The one rule: a sale still waiting for its authorization, held by too few nodes."""
+    return status == "pending" and held_by < MIN_HOLDERS
+
+
+class HeldIndex:
+    """A frozen view: terminal -> the other nodes' marks, sorted, for a count by bisection."""
+
+    def __init__(self, marks: dict[str, list[int]]) -> None:
+        self._marks = marks
+
+    def others_holding(self, terminal: str, seq: int) -> int:
+        marks = self._marks.get(terminal)
+        if not marks:
+            return 0
+        return len(marks) - bisect.bisect_left(marks, seq)
+
+
+class Holders:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self._vectors: dict[str, dict[str, int]] = {}
+        self._version = 0
+        self._cached: tuple[int, frozenset[str], HeldIndex] | None = None
+
+    def update(self, status: NodeStatus) -> None:
+        """A newer verified status arrived (StatusBoard.on_new); our own is skipped."""
+        if status.node_id == self.node_id:
+            return
+        vector = dict(status.body.held)  # a malformed one was read as empty (wire/status.py)
+        if self._vectors.get(status.node_id) != vector:
+            self._vectors[status.node_id] = vector
+            self._version += 1
+
+    def index(self, revoked: Collection[str] = ()) -> HeldIndex:
+        """The current index, leaving out the ``revoked`` nodes (cached until a vector changes)."""
+        gone = frozenset(revoked) & self._vectors.keys()
+        if self._cached is not None and self._cached[0] == self._version and self._cached[1] == gone:
+            return self._cached[2]
+        marks: dict[str, list[int]] = {}
+        for node, vector in self._vectors.items():
+            if node in gone:
+                continue
+            for terminal, mark in vector.items():
+                marks.setdefault(terminal, []).append(mark)
+        for values in marks.values():
+            values.sort()
+        index = HeldIndex(marks)
+        self._cached = (self._version, gone, index)
+        return index
