@@ -84,12 +84,14 @@ def open_log_file(path: Path) -> logging.Handler:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from meshpos.infra.clock import SYSTEM_CLOCK
     from meshpos.node.runner import run_node
+    from meshpos.terminal.server import api_component
     if args.log_file:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    trio.run(run_node, args.node_dir, not args.no_mdns)
+    trio.run(run_node, args.node_dir, not args.no_mdns, SYSTEM_CLOCK, [api_component])
     return 0
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import trio
 
@@ -295,7 +295,9 @@ class Uplink:
             await trio.sleep(PROBE_EVERY)
 
 
-async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK,
+                   more: Sequence[Callable[..., Any]] = ()) -> None:
+    """``more``: components of the layers above (the terminal API), started after the node's own."""
     install_log_limits()  # a peer must not fill the disk through what we log about it
     async def mesh_component(service: NodeService, *, task_status: trio.TaskStatus[None]) -> None:
         mesh = Mesh(service, mdns)
@@ -308,4 +310,5 @@ async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -
 
     from meshpos.node.dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
     from meshpos.node.status_pub import status_component
-    await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component], clock)
+    await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component, *more],
+                           clock)
