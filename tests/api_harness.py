@@ -128,3 +128,57 @@ class ApiClient:
 
 def start(group: ProcessGroup, name: str, node_dir: Path) -> None:
     group.start_node(name, node_dir, "--no-mdns", "--log-file", str(group.log_dir / f"{name}.file.log"))
+
+
+class EventStream:
+    """A client of GET /v1/events: reads SSE messages one by one."""
+
+    def __init__(self, api: ApiClient, last_event_id: str | None = None) -> None:
+        self.conn = api._connect()
+        headers = {"Host": api.host_port if api.transport == "tcp" else "localhost",
+                   "Authorization": f"Bearer {api.token}", "Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = last_event_id
+        self.conn.request("GET", "/v1/events", headers=headers)
+        self.resp = self.conn.getresponse()
+        validate("GET", "/v1/events", self.resp.status, self.resp.getheader("content-type", ""), None)
+        first = self._message()
+        assert first.get("comment", "").startswith("connected"), first
+
+    def _message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {}
+        while True:
+            line = self.resp.readline().decode()
+            if line == "":
+                raise EOFError("the event stream ended")
+            line = line.rstrip("\n")
+            if line == "":
+                if msg:
+                    return msg
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "":
+                msg.setdefault("comment", value)
+            else:
+                msg[field] = value
+
+    def next(self) -> dict[str, Any]:
+        """The next event (comments skipped): {"id", "event", "data" (parsed)}."""
+        while True:
+            msg = self._message()
+            if "event" in msg or "data" in msg:
+                msg["data"] = json.loads(msg["data"])
+                if msg["event"].startswith("sale."):
+                    validate_schema("Sale", msg["data"])
+                elif msg["event"] == "node.status":
+                    validate_schema("NodeSummary", msg["data"])
+                return msg
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def validate_schema(name: str, value: Any) -> None:
+    schema = {**DOC, "$ref": f"#/components/schemas/{name}"}
+    jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)

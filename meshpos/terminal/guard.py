@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, MutableMapping
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
 from meshpos.site.apitoken import token_matches
 from meshpos.terminal.problems import error_body
@@ -33,10 +33,14 @@ class GuardPolicy:
     origins: frozenset[str]  # accepted Origin values on a state-changing request
 
 
-def host_names(host: str, port: int, tls: bool) -> tuple[frozenset[str], frozenset[str]]:
-    """(Host values, Origin values) that name a TCP listener on ``host``:``port``."""
-    names = {host}
-    if host in ("127.0.0.1", "localhost", "::1"):
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def host_names(host: str, port: int, tls: bool, local: Iterable[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+    """(Host values, Origin values) that name a TCP listener on ``host``:``port``; a wildcard
+    address is named by any of the ``local`` addresses of the device, or loopback."""
+    names = {host} if host not in WILDCARDS else set(local) | {"127.0.0.1"}
+    if names & {"127.0.0.1", "localhost", "::1"}:
         names |= {"127.0.0.1", "localhost", "[::1]"}
     names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names}
     hosts = {f"{n}:{port}" for n in names}

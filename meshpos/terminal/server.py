@@ -34,7 +34,8 @@ from meshpos.site.apitoken import ensure_api_token
 from meshpos.terminal.app import TerminalApi, make_app
 from meshpos.terminal.events import EventJournal
 from meshpos.terminal.feed import EventFeed
-from meshpos.terminal.guard import ASGIApp, Guard, GuardPolicy, host_names
+from meshpos.replication.discovery import local_addresses
+from meshpos.terminal.guard import WILDCARDS, ASGIApp, Guard, GuardPolicy, host_names
 from meshpos.terminal.openapi import OpenApiDocument
 from meshpos.terminal.sales import TerminalSales
 
@@ -129,7 +130,7 @@ async def api_component(service: NodeService, *, reader: CardReader | None = Non
                 log.error("terminal API: %s (the API answers on %s only)", info["error"], path)
             else:
                 bound = tcp.getsockname()[1]
-                hosts, origins = host_names(host, bound, tls)
+                hosts, origins = host_names(host, bound, tls, local_addresses() if host in WILDCARDS else ())
                 context = tls_context(core.dir.cert_path, core.dir.key_path) if tls else None
                 await nursery.start(serve, Guard(app, GuardPolicy(token, hosts, origins)), tcp, context)
                 shown = f"[{host}]" if ":" in host else host
