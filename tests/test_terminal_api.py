@@ -323,3 +323,42 @@ def test_no_card_number_in_answers_events_logs_or_files(tmp_path: Path) -> None:
     text = repr(bodies) + repr(events)
     assert not [p for p in TEST_PANS if p in text]
     assert not scan_for(tmp_path, [p.encode() for p in TEST_PANS])
+
+
+def test_off_loopback_the_api_is_https_only_with_the_nodes_certificate(tmp_path: Path) -> None:
+    import http.client
+    import json
+    import ssl
+
+    from helpers import run_cli
+    make_site(tmp_path)
+    node = tmp_path / "gw"
+    run_cli("enroll", str(tmp_path / "site"), str(node), "--role", "terminal", "--name", "gw",
+            "--api", "0.0.0.0:0", check=True)
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        start(group, "gw", node)
+        url = client.call_running(node, "status", {})["api"]["url"]
+        assert url.startswith("https://")
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        token = (node / "api-token").read_text().strip()
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((http.client.HTTPException, OSError)):
+            plain.request("GET", "/v1/status", headers={"Authorization": f"Bearer {token}"})
+            plain.getresponse().read()
+        plain.close()
+        ctx = ssl.create_default_context(cafile=str(node / "ca.pem"))
+        ctx.check_hostname = False  # the certificate names the node id; the chain is what is checked
+        tls = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+        tls.request("GET", "/v1/status", headers={"Authorization": f"Bearer {token}", "Host": f"127.0.0.1:{port}"})
+        resp = tls.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["summary"]["node_id"]
+        tls.request("POST", "/v1/sales", body=json.dumps(CASH), headers={
+            "Authorization": f"Bearer {token}", "Host": f"127.0.0.1:{port}", "Idempotency-Key": "a",
+            "Origin": f"http://127.0.0.1:{port}"})  # not the API's origin: that is https
+        resp = tls.getresponse()
+        assert resp.status == 403
+        resp.read()
+        tls.close()
+    finally:
+        group.stop_all()
