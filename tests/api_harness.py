@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,8 @@ def start(group: ProcessGroup, name: str, node_dir: Path) -> None:
 class EventStream:
     """A client of GET /v1/events: reads SSE messages one by one."""
 
-    def __init__(self, api: ApiClient, last_event_id: str | None = None) -> None:
+    def __init__(self, api: ApiClient, last_event_id: str | None = None, patience: float = 120.0) -> None:
+        self.deadline = time.monotonic() + patience  # the stream never ends: a missing event fails here
         self.conn = api._connect()
         headers = {"Host": api.host_port if api.transport == "tcp" else "localhost",
                    "Authorization": f"Bearer {api.token}", "Accept": "text/event-stream"}
@@ -148,6 +150,8 @@ class EventStream:
     def _message(self) -> dict[str, Any]:
         msg: dict[str, Any] = {}
         while True:
+            if time.monotonic() > self.deadline:
+                raise AssertionError(f"the expected event did not come; last message so far: {msg}")
             line = self.resp.readline().decode()
             if line == "":
                 raise EOFError("the event stream ended")
