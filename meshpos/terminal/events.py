@@ -85,12 +85,19 @@ class EventJournal:
                    else f"more than {len(self._events)} events were missed")
             resync = Event(0, self.last_id, RESYNC, {"reason": why, "last_id": self.last_id})
             return Resume(resync, [], self._last + 1)
-        return Resume(None, [e for e in self._events if e.seq > seen], self._last + 1)
+        return Resume(None, self.after(seen + 1), self._last + 1)
 
     def after(self, seq: int) -> list[Event]:
         """Events from ``seq`` on that the journal still holds (a slow reader may find a gap:
-        then the first one returned is later than ``seq``)."""
-        return [e for e in self._events if e.seq >= seq]
+        then the first one returned is later than ``seq``). Read from the newest end: a
+        connected client asks for the few newest, and the journal holds up to HORIZON."""
+        out = []
+        for event in reversed(self._events):
+            if event.seq < seq:
+                break
+            out.append(event)
+        out.reverse()
+        return out
 
     async def wait_for(self, seq: int) -> None:
         """Return once an event with this seq (or a later one) exists."""
