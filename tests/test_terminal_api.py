@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import pytest
 
 from api_harness import ApiClient, EventStream, make_site, start
-from helpers import TEST_PANS, scan_for
+from helpers import TEST_PANS, run_cli, scan_for
 from meshpos.apps.procs import ProcessGroup
 from meshpos.node import client
 
@@ -227,6 +227,8 @@ def test_status_and_the_served_document(api: ApiClient) -> None:
     assert st["node"]["api"]["socket"].endswith("api.sock") and st["node"]["api"]["error"] is None
     doc = api.request("GET", "/v1/openapi.json").body
     assert doc["openapi"].startswith("3.1") and "/v1/sales" in doc["paths"]
+    shown = run_cli("status", str(api.node_dir), check=True).stdout  # where a person finds the API
+    assert f'"url": "{api.url}"' in shown and "api.sock" in shown
 
 
 def test_events_resume_with_last_event_id_without_gaps_or_duplicates(api: ApiClient) -> None:
@@ -330,7 +332,6 @@ def test_off_loopback_the_api_is_https_only_with_the_nodes_certificate(tmp_path:
     import json
     import ssl
 
-    from helpers import run_cli
     make_site(tmp_path)
     node = tmp_path / "gw"
     run_cli("enroll", str(tmp_path / "site"), str(node), "--role", "terminal", "--name", "gw",

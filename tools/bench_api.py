@@ -10,7 +10,10 @@ Per run, on fresh nodes in a temporary directory:
 3. the same again with 100 idle clients connected to ``GET /v1/events`` (each gets every
    ``sale.created`` event): the selling rate as a ratio to (2).
 The figures are medians of the per-run figures over --runs runs; the HTTP layer's cost is
-(2) - (1) at the median.
+(2) - (1) at the median. On a shared, loaded machine the wall-clock figures of (2) carry the
+scheduling delays of two processes (client and node) waking each other per request; so CPU time
+per sale is measured too, in process (this process) and in the node process (from /proc), which
+the load of other processes hardly changes: their difference is what the HTTP layer costs.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +42,18 @@ from meshpos.site.sitedir import init_site  # noqa: E402
 
 PAN = "4111111111111111"
 IDLE_CLIENTS = 100
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process(sales: int) -> dict[str, float]:
+    cpu = time.process_time()
+    figures = in_process_run(sales)
+    return {**figures, "cpu_ms_per_sale": (time.process_time() - cpu) * 1000 / sales}
 
 
 def _percentiles(lat: list[float]) -> dict[str, float]:
@@ -89,18 +105,22 @@ def api_run(sales: int) -> dict[str, float]:
         group = ProcessGroup(root / "logs")
         try:
             group.start_node("t1", node, "--no-mdns")
-            url = client.call_running(node, "status", {})["api"]["url"]
+            status = client.call_running(node, "status", {})
+            url, pid = status["api"]["url"], int(status["running"]["pid"])
             host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
             token = (node / "api-token").read_text().strip()
             _post_sales(host, int(port), token, 50)  # warm-up
+            cpu = _cpu_s(pid)
             lat, rate = _post_sales(host, int(port), token, sales)
+            cpu_per_sale = (_cpu_s(pid) - cpu) * 1000 / sales
             streams = _idle_streams(host, int(port), token, IDLE_CLIENTS)
             _, rate_sse = _post_sales(host, int(port), token, sales)
             for c in streams:
                 c.close()
         finally:
             group.stop_all()
-        return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse}
+        return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse,
+                "cpu_ms_per_sale": cpu_per_sale}
 
 
 def main() -> int:
@@ -111,15 +131,20 @@ def main() -> int:
     args = ap.parse_args()
     base, api = [], []
     for r in range(args.runs):
-        base.append(in_process_run(args.sales))
+        base.append(in_process(args.sales))
         api.append(api_run(args.sales))
         print(f"run {r + 1}: in process median {base[-1]['median_ms']:.2f} ms p99 {base[-1]['p99_ms']:.2f} ms; "
               f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
-              f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s",
+              f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
+              f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
+              f"load {os.getloadavg()[0]:.1f}",
               file=sys.stderr)
     med = {f"api_{k}": statistics.median(r[k] for r in api) for k in api[0]}
-    med.update({f"in_process_{k}": statistics.median(r[k] for r in base) for k in ("median_ms", "p99_ms")})
+    med.update({f"in_process_{k}": statistics.median(r[k] for r in base)
+                for k in ("median_ms", "p99_ms", "cpu_ms_per_sale")})
     med["http_overhead_median_ms"] = med["api_median_ms"] - med["in_process_median_ms"]
+    med["http_overhead_cpu_ms"] = med["api_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
+    med["load_average_1m"] = os.getloadavg()[0]
     med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s"]
     med["sales"], med["runs"] = args.sales, args.runs
     if args.json:
@@ -128,7 +153,9 @@ def main() -> int:
         print(f"POST /v1/sales over loopback TCP keep-alive, {args.sales} card sales, median of {args.runs} runs: "
               f"median {med['api_median_ms']:.2f} ms, p99 {med['api_p99_ms']:.2f} ms; in process (bench_sale) "
               f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
-              f"+{med['http_overhead_median_ms']:.2f} ms at the median; with {IDLE_CLIENTS} idle SSE clients "
+              f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
+              f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
+              f"(+{med['http_overhead_cpu_ms']:.2f} ms); with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate")
     return 0
 

@@ -409,7 +409,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  by status: " + ", ".join(f"{k} {v}" for k, v in st["sales"]["by_status"].items() if v))
     print(f"  uplink allowed: {'yes' if st['uplink_allowed'] else 'no'};"
           f" switch configured: {'yes' if st['switch_configured'] else 'no'}")
-    for key in ("running", "peers", "printer", "uplink"):
+    for key in ("running", "peers", "printer", "uplink", "api"):
         if key in st:
             print(f"  {key}: {json.dumps(st[key])}")
     return 0

@@ -166,7 +166,7 @@ async def _stream(journal: EventJournal, resync: Event | None, missed: list[Even
     if resync is not None:
         yield resync.encode()
     for event in missed:
-        yield event.encode()
+        yield event.wire
     while True:
         with trio.move_on_after(HEARTBEAT_S):
             await journal.wait_for(next_seq)
@@ -179,6 +179,6 @@ async def _stream(journal: EventJournal, resync: Event | None, missed: list[Even
             yield Event(0, before, RESYNC, {"reason": "this client fell behind the event horizon",
                                             "last_id": before}).encode()
         for event in batch:
-            yield event.encode()
+            yield event.wire
         next_seq = batch[-1].seq + 1
 

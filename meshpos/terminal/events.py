@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import trio
@@ -28,6 +29,11 @@ class Event:
     id: str
     type: str
     data: dict[str, Any]
+
+    @cached_property
+    def wire(self) -> bytes:
+        """``encode()`` made once: every connected client sends the same bytes."""
+        return self.encode()
 
     def encode(self) -> bytes:
         """The event as one SSE message (one ``data:`` line: the JSON has no newlines)."""
