@@ -7,7 +7,11 @@ Per run, on fresh nodes in a temporary directory:
 2. over HTTP: a ``meshpos run`` node process with its API on 127.0.0.1 (plain HTTP on loopback),
    one keep-alive TCP connection, N ``POST /v1/sales`` of keyed card sales (each its own
    Idempotency-Key), median and p99 of request-to-201;
-3. the same again with 100 idle clients connected to ``GET /v1/events`` (each gets every
+3. cash sales in the same node, alternating blocks: through the old newline-JSON control socket
+   (``sell``, one connection per call, as the CLI does) and through ``POST /v1/sales``: CPU per
+   sale of the node and median latency of each, the fair comparison of the two front doors
+   (same node, same sale path, same store size);
+4. the same as (2) with 100 idle clients connected to ``GET /v1/events`` (each gets every
    ``sale.created`` event): the selling rate as a ratio to (2).
 The figures are medians of the per-run figures over --runs runs; the HTTP layer's cost is
 (2) - (1) at the median. On a shared, loaded machine the wall-clock figures of (2) carry the
@@ -92,6 +96,32 @@ def _idle_streams(host: str, port: int, token: str, n: int) -> list[http.client.
     return conns
 
 
+def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: int) -> dict[str, float]:
+    """Cash sales alternating in blocks of 50: control socket, then API (the store grows evenly)."""
+    cpu = {"control": 0.0, "api": 0.0}
+    lat: dict[str, list[float]] = {"control": [], "api": []}
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Host": f"{host}:{port}", "Content-Type": "application/json"}
+    for _ in range(max(1, n // 100)):
+        for door in ("control", "api"):
+            before = _cpu_s(pid)
+            for _ in range(50):
+                t = time.perf_counter()
+                if door == "control":
+                    client.call_running(node, "sell", {"amount_minor": 100})
+                else:
+                    conn.request("POST", "/v1/sales", body='{"amount": "1.00", "method": "cash"}',
+                                 headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+                    conn.getresponse().read()
+                lat[door].append(time.perf_counter() - t)
+            cpu[door] += _cpu_s(pid) - before
+    conn.close()
+    count = len(lat["api"])
+    return {"control_cpu_ms_per_sale": cpu["control"] * 1000 / count, "cash_cpu_ms_per_sale": cpu["api"] * 1000 / count,
+            "control_median_ms": statistics.median(lat["control"]) * 1000,
+            "cash_median_ms": statistics.median(lat["api"]) * 1000}
+
+
 def api_run(sales: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -113,6 +143,7 @@ def api_run(sales: int) -> dict[str, float]:
             cpu = _cpu_s(pid)
             lat, rate = _post_sales(host, int(port), token, sales)
             cpu_per_sale = (_cpu_s(pid) - cpu) * 1000 / sales
+            doors = _control_vs_api(node, pid, host, int(port), token, sales)
             streams = _idle_streams(host, int(port), token, IDLE_CLIENTS)
             _, rate_sse = _post_sales(host, int(port), token, sales)
             for c in streams:
@@ -120,7 +151,7 @@ def api_run(sales: int) -> dict[str, float]:
         finally:
             group.stop_all()
         return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse,
-                "cpu_ms_per_sale": cpu_per_sale}
+                "cpu_ms_per_sale": cpu_per_sale, **doors}
 
 
 def main() -> int:
@@ -137,6 +168,9 @@ def main() -> int:
               f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
               f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
+              f"cash: control socket {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"{api[-1]['cash_median_ms']:.2f} ms; "
               f"load {os.getloadavg()[0]:.1f}",
               file=sys.stderr)
     med = {f"api_{k}": statistics.median(r[k] for r in api) for k in api[0]}
@@ -144,6 +178,7 @@ def main() -> int:
                 for k in ("median_ms", "p99_ms", "cpu_ms_per_sale")})
     med["http_overhead_median_ms"] = med["api_median_ms"] - med["in_process_median_ms"]
     med["http_overhead_cpu_ms"] = med["api_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
+    med["api_vs_control_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["api_control_cpu_ms_per_sale"]
     med["load_average_1m"] = os.getloadavg()[0]
     med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s"]
     med["sales"], med["runs"] = args.sales, args.runs
@@ -155,7 +190,8 @@ def main() -> int:
               f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
               f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
               f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
-              f"(+{med['http_overhead_cpu_ms']:.2f} ms); with {IDLE_CLIENTS} idle SSE clients "
+              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, API vs control socket: "
+              f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate")
     return 0
 
