@@ -21,7 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Run the node in NODE_DIR until SIGINT/SIGTERM: it discovers the site's "
                                    "nodes (mDNS and static peers), keeps links to some of them, replicates the "
                                    "ledger, forwards the site's queue when it has an uplink, prints receipts, "
-                                   "and answers `meshpos sell/sales/status` through its control socket.")
+                                   "and answers `meshpos sell/sales/status` through its control socket. It "
+                                   "serves the terminal API for POS apps on NODE_DIR/api.sock and on the TCP "
+                                   "address of config.json's `api` (default 127.0.0.1:7480; HTTPS off loopback), "
+                                   "with the bearer token of NODE_DIR/api-token (protocols/terminal-api.yaml).")
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
     p.add_argument("--log-file", type=_path, metavar="FILE",
                    help=f"also write the log to FILE, rotated at {LOG_MAX_BYTES // 2**20} MiB keeping "
