@@ -7,6 +7,10 @@ terminal ``meshpos run`` with its terminal API on loopback). N keyed card sales 
 on and the switch's results come back in batches. For every ``sale.approved`` event the client
 notes when it arrived; the node's store says when the result entered its ledger
 (``entries.received_at``, same machine clock). Percentiles over the N sales, median over --runs.
+The forwarder takes the results of one switch reply (up to 200) into the ledger in one durable
+commit (meshpos/uplink/forwarder.py), so a result entered early in a batch waits for the rest of
+the batch and its commit before any event can leave: ``min`` (the last result of a batch) is the
+event hop alone.
 """
 
 from __future__ import annotations
@@ -67,7 +71,10 @@ def one_run(sales: int) -> dict[str, float]:
         finally:
             procs.stop_all()
     lat = sorted((arrived[s] - entered[s]) * 1000 for s in ids)
-    return {"p50_ms": statistics.median(lat), "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)], "max_ms": lat[-1]}
+    # min: the last result of a batch, entered just before the batch's commit: what the event hop
+    # itself (commit, journal, SSE) costs without the rest of the batch's ingest ahead of it
+    return {"p50_ms": statistics.median(lat), "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)], "max_ms": lat[-1],
+            "min_ms": lat[0]}
 
 
 def main() -> int:
@@ -80,7 +87,7 @@ def main() -> int:
     for r in range(args.runs):
         runs.append(one_run(args.sales))
         print(f"run {r + 1}: p50 {runs[-1]['p50_ms']:.1f} ms, p99 {runs[-1]['p99_ms']:.1f} ms, "
-              f"max {runs[-1]['max_ms']:.1f} ms", file=sys.stderr)
+              f"max {runs[-1]['max_ms']:.1f} ms, min {runs[-1]['min_ms']:.1f} ms", file=sys.stderr)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med.update({"sales": args.sales, "runs": args.runs})
     if args.json:
