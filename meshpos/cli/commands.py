@@ -235,6 +235,9 @@ def _enroll_node_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--language", default="en", choices=("en", "it"), help="receipt language")
     p.add_argument("--dashboard", metavar="HOST:PORT",
                    help="serve the organizer dashboard here (a gateway; password from the site policy)")
+    p.add_argument("--api", metavar="HOST:PORT",
+                   help="the terminal API's TCP address for a POS app (default 127.0.0.1:7480; an address off "
+                        "loopback is served over TLS with the node's certificate). Bearer token: NODE_DIR/api-token")
 
 
 def _enroll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -285,14 +288,14 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         raise InputError("--valid-days must be positive")
     site = load_site(args.site_dir)
     cfg = enroll_one_step(site, args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
-                          args.language, args.valid_days, dashboard=args.dashboard)
+                          args.language, args.valid_days, dashboard=args.dashboard, api=args.api)
     _print_enrolled(cfg, args.json)
     return 0
 
 
 def cmd_enroll_request(args: argparse.Namespace) -> int:
     request = create_request(args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
-                             args.language, dashboard=args.dashboard)
+                             args.language, dashboard=args.dashboard, api=args.api)
     write_json(args.out, request)
     print(f"request written to {args.out}: give it to the organizer (`meshpos enroll sign`)")
     return 0
@@ -412,7 +415,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("  by status: " + ", ".join(f"{k} {v}" for k, v in st["sales"]["by_status"].items() if v))
     print(f"  uplink allowed: {'yes' if st['uplink_allowed'] else 'no'};"
           f" switch configured: {'yes' if st['switch_configured'] else 'no'}")
-    for key in ("running", "peers", "printer", "uplink"):
+    for key in ("running", "peers", "printer", "uplink", "api"):
         if key in st:
             print(f"  {key}: {json.dumps(st[key])}")
     return 0

@@ -18,7 +18,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Run the node in NODE_DIR until SIGINT/SIGTERM: it discovers the site's "
                                    "nodes (mDNS and static peers), keeps links to some of them, replicates the "
                                    "ledger, forwards the site's queue when it has an uplink, prints receipts, "
-                                   "and answers `meshpos sell/sales/status` through its control socket.")
+                                   "and answers `meshpos sell/sales/status` through its control socket. It "
+                                   "serves the terminal API for POS apps on NODE_DIR/api.sock and on the TCP "
+                                   "address of config.json's `api` (default 127.0.0.1:7480; HTTPS off loopback), "
+                                   "with the bearer token of NODE_DIR/api-token (protocols/terminal-api.yaml).")
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
     p.add_argument("--log-file", type=_path, metavar="FILE",
                    help=f"also write the log to FILE, rotated at {LOG_MAX_BYTES // 2**20} MiB keeping "
@@ -84,12 +87,14 @@ def open_log_file(path: Path) -> logging.Handler:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
+    from meshpos.infra.clock import SYSTEM_CLOCK
     from meshpos.node.runner import run_node
+    from meshpos.terminal.server import api_component
     if args.log_file:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    trio.run(run_node, args.node_dir, not args.no_mdns, not args.no_peer_exchange)
+    trio.run(run_node, args.node_dir, not args.no_mdns, not args.no_peer_exchange, SYSTEM_CLOCK, [api_component])
     return 0
 
 

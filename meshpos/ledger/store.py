@@ -28,7 +28,7 @@ from meshpos.domain.errors import CorruptStoreError, DiskFullError, StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: sales.refused (content rules) and sales.reversed_at
+SCHEMA_VERSION = 3  # 2: sales.refused (content rules) and sales.reversed_at; 3: idempotency keys
 WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
 CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
 APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
@@ -53,10 +53,17 @@ CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_shard ON chunks(shard, id);
+CREATE TABLE IF NOT EXISTS idempotency(
+    key TEXT PRIMARY KEY, body_hash TEXT NOT NULL, sale_id TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS parked(
     key TEXT PRIMARY KEY, raw BLOB NOT NULL, shard TEXT NOT NULL, reason TEXT NOT NULL,
     received_at INTEGER NOT NULL);
 """
+
+
+# A sale row with the idempotency key it was created under (the node's own API sales only).
+_SALE_ROWS = ("SELECT s.*, k.key AS idempotency_key FROM sales s"
+              " LEFT JOIN idempotency k ON k.sale_id = s.sale_id")
 
 
 SQLITE_FULL = 13
@@ -181,6 +188,9 @@ class Store:
         if version == "1":
             store._migrate_1_to_2()
             version = "2"
+        if version == "2":
+            store._migrate_2_to_3()
+            version = "3"
         if version is None:
             with store.transaction():
                 store.set_meta("schema", str(SCHEMA_VERSION))
@@ -200,6 +210,13 @@ class Store:
             self.conn.execute("CREATE INDEX sales_pending ON sales(terminal, created_at, amount_minor)"
                               " WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL")
             self.set_meta("schema", "2")
+
+    def _migrate_2_to_3(self) -> None:
+        """3: the terminal API's idempotency keys (a table of its own; no sale changes)."""
+        with self.transaction():
+            self.conn.execute("CREATE TABLE IF NOT EXISTS idempotency(key TEXT PRIMARY KEY, body_hash TEXT NOT NULL,"
+                              " sale_id TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)")
+            self.set_meta("schema", "3")
 
     def check_identity(self, identity: dict[str, str]) -> None:
         for key, value in identity.items():
@@ -479,15 +496,34 @@ class Store:
         self.conn.row_factory = sqlite3.Row
         try:
             if terminal is None:
-                return list(self.conn.execute("SELECT * FROM sales ORDER BY created_at, sale_id"))
-            return list(self.conn.execute("SELECT * FROM sales WHERE terminal=? ORDER BY seq", (terminal,)))
+                return list(self.conn.execute(f"{_SALE_ROWS} ORDER BY s.created_at, s.sale_id"))
+            return list(self.conn.execute(f"{_SALE_ROWS} WHERE s.terminal=? ORDER BY s.seq", (terminal,)))
+        finally:
+            self.conn.row_factory = None
+
+    def sales_page(self, after: tuple[int, str] | None, limit: int, *, method: str | None = None,
+                   since_ms: int | None = None) -> list[sqlite3.Row]:
+        """Up to ``limit`` sales in (created_at, sale_id) order, after the ``after`` cursor."""
+        sql, args = f"{_SALE_ROWS} WHERE 1", list[Any]()
+        if after is not None:
+            sql += " AND (s.created_at, s.sale_id) > (?, ?)"
+            args += list(after)
+        if method is not None:
+            sql += " AND s.method=?"
+            args.append(method)
+        if since_ms is not None:
+            sql += " AND s.created_at >= ?"
+            args.append(since_ms)
+        self.conn.row_factory = sqlite3.Row
+        try:
+            return list(self.conn.execute(sql + " ORDER BY s.created_at, s.sale_id LIMIT ?", (*args, limit)))
         finally:
             self.conn.row_factory = None
 
     def sale(self, sale_id: str) -> sqlite3.Row | None:
         self.conn.row_factory = sqlite3.Row
         try:
-            row: sqlite3.Row | None = self.conn.execute("SELECT * FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
+            row: sqlite3.Row | None = self.conn.execute(f"{_SALE_ROWS} WHERE s.sale_id=?", (sale_id,)).fetchone()
             return row
         finally:
             self.conn.row_factory = None
@@ -502,6 +538,17 @@ class Store:
         ahead = [(str(t), int(s)) for t, s in self.conn.execute(
             f"SELECT terminal, seq FROM ({ranked}) WHERE seq > rank")]
         return marks, ahead
+    # -- idempotency keys (the terminal API) -------------------------------------
+
+    def insert_idempotency(self, key: str, body_hash: str, sale_id: str, now_ms: int) -> None:
+        """Inside the sale's own transaction: the key is durable exactly when the sale is."""
+        self.conn.execute("INSERT INTO idempotency(key, body_hash, sale_id, created_at) VALUES(?,?,?,?)",
+                          (key, body_hash, sale_id, now_ms))
+
+    def idempotency(self, key: str) -> tuple[str, str] | None:
+        """(body_hash, sale_id) stored under an idempotency key, or None."""
+        row = self.conn.execute("SELECT body_hash, sale_id FROM idempotency WHERE key=?", (key,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
 
     def last_seq(self, terminal: str) -> int:
         row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()

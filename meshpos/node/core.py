@@ -142,8 +142,9 @@ class NodeCore:
         return seal_card(pan, expiry, entry_mode, key, at_ms=self.clock.now_ms())
 
     def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
-             currency: str | None = None) -> dict[str, Any]:
-        """Take one sale; returns only once it is durable (the acknowledgement)."""
+             currency: str | None = None, idempotency: tuple[str, str] | None = None) -> dict[str, Any]:
+        """Take one sale; returns only once it is durable (the acknowledgement). ``idempotency``
+        (key, body hash) of the terminal API is stored in the sale's own transaction."""
         if self.identity.role not in SELLING_ROLES:
             raise PolicyError(f"a {self.identity.role} node does not sell")
         policy = self.policy
@@ -196,6 +197,8 @@ class NodeCore:
             }
             rules.check_sale(body, policy, now)  # the very rules every node and the switch apply
             self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
+            if idempotency is not None:
+                self.store.insert_idempotency(idempotency[0], idempotency[1], str(body["sale_id"]), now)
         self.store.flush()  # the acknowledgement: durable before it is returned
         return self.sale(str(body["sale_id"]))
 
@@ -269,6 +272,9 @@ class NodeCore:
             "deadline": iso(row["created_at"] + self.policy.offline_window_ms) if row["method"] == "card" else None,
             "voided_at": iso(row["voided_at"]), "settled_at": iso(row["settled_at"]),
             "held_by": self.held_by(row, index),
+            # the card authorization's window (cash is final when taken: no window)
+            "window_ends_at": iso(row["created_at"] + self.policy.offline_window_ms) if row["method"] == "card" else None,
+            "idempotency_key": row["idempotency_key"],  # terminal API sales of this node only
         }
 
     def _reason(self, row: sqlite3.Row) -> str | None:

@@ -17,6 +17,7 @@ from meshpos.domain.hostport import parse_hostport
 from meshpos.identity import certs, keyfile, keys
 from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.site.sitedir import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
+from meshpos.site.apitoken import ensure_api_token
 from meshpos.site.nodedir import NodeConfig, NodeDir
 
 PENDING = "enroll-pending.json"
@@ -24,11 +25,13 @@ PENDING = "enroll-pending.json"
 
 def create_request(node_dir: Path, role: str, name: str, listen: str | None = None,
                    peers: list[str] | None = None, uplink: bool = False, language: str = "en",
-                   dashboard: str | None = None) -> dict[str, Any]:
+                   dashboard: str | None = None, api: str | None = None) -> dict[str, Any]:
     if listen:
         parse_hostport(listen, "--listen")
     if dashboard:
         parse_hostport(dashboard, "--dashboard")
+    if api:
+        parse_hostport(api, "--api")
     for peer in peers or []:
         parse_hostport(peer, "--peer")
     nd = NodeDir(node_dir)
@@ -50,6 +53,8 @@ def create_request(node_dir: Path, role: str, name: str, listen: str | None = No
     pending: dict[str, Any] = {"listen": listen, "peers": peers or [], "uplink": uplink, "language": language}
     if dashboard:
         pending["dashboard"] = dashboard
+    if api:
+        pending["api"] = api
     write_json(node_dir / PENDING, pending)
     return request
 
@@ -84,17 +89,18 @@ def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
     cfg = NodeConfig(name=ident.name, role=ident.role, node_id=ident.node_id, site_id=policy.site_id,
                      listen=pending.get("listen"), peers=list(pending.get("peers", [])),
                      uplink=bool(pending.get("uplink", False)), language=pending.get("language", "en"),
-                     dashboard=pending.get("dashboard"))
+                     dashboard=pending.get("dashboard"), api=pending.get("api"))
     dashboard = answer.get("dashboard_hash")
     if cfg.dashboard and isinstance(dashboard, str) and dashboard:
         nd.save_dashboard_hash(dashboard)  # the gateway that serves the dashboard, and no other node, keeps it
     nd.save_config(cfg)
+    ensure_api_token(nd.api_token_path)
     pending_path.unlink(missing_ok=True)
     return cfg
 
 
 def enroll_one_step(site: Site, node_dir: Path, role: str, name: str, listen: str | None = None,
                     peers: list[str] | None = None, uplink: bool = False, language: str = "en",
-                    valid_days: int = 90, dashboard: str | None = None) -> NodeConfig:
-    request = create_request(node_dir, role, name, listen, peers, uplink, language, dashboard)
+                    valid_days: int = 90, dashboard: str | None = None, api: str | None = None) -> NodeConfig:
+    request = create_request(node_dir, role, name, listen, peers, uplink, language, dashboard, api)
     return install_answer(node_dir, site.sign_request(request, valid_days=valid_days))

@@ -9,9 +9,10 @@ link per pair (simultaneous dials are resolved by ``keep_link``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from meshpos.node.core import NodeCore
 from meshpos.node.dashboard import DashboardServer
 from meshpos.node.report import collect
 from meshpos.node.service import NodeService, run_until_signal
-from meshpos.node.status import LocalStatus, PeersStatus, UplinkStatus
+from meshpos.node.status import ApiStatus, LocalStatus, PeersStatus, UplinkStatus
 from meshpos.node.status_pub import STATUS_INTERVAL, StatusPublisher
 from meshpos.status.board import StatusBoard
 from meshpos.wire.status import PrinterSeen, UplinkSeen
@@ -381,8 +382,11 @@ class RunningNode:
     uplink and the dashboard. Nothing is attached to a part after it is built."""
 
     def __init__(self, core: NodeCore, *, mdns: bool, tuning: NodeTuning, clock: Clock,
-                 peer_exchange: bool = True) -> None:
+                 peer_exchange: bool = True, more: Sequence[Callable[..., Awaitable[None]]] = ()) -> None:
         self.core = core
+        # components of the layers above (the terminal API): called as component(node, task_status=...)
+        self.more = list(more)
+        self.api: ApiStatus | None = None  # what the terminal API reports of itself (report_api)
         self.service = NodeService(core, clock)
         self.mesh = Mesh(core, mdns, tuning.mdns_ttl, peer_exchange)
         self.board = StatusBoard(core.roster, core.clock)
@@ -393,7 +397,7 @@ class RunningNode:
         self.uplink = Uplink(core, self.mesh, self.board)
         self.publisher = StatusPublisher(
             core, self.board, self.mesh.replicator, listen_port=lambda: self.mesh.listen_port,
-            printer=self._printer_seen, uplink=self.uplink.seen, started_at=self.service.started_at,
+            printer=self.printer_seen, uplink=self.uplink.seen, started_at=self.service.started_at,
             interval=tuning.status_interval)
         self.dashboard = DashboardServer(core, self.mesh, self.board)
         self.service.ops.update({
@@ -402,26 +406,34 @@ class RunningNode:
             "report": lambda core, params: collect(core),
         })
 
-    def _printer_seen(self) -> PrinterSeen:
+    def report_api(self, status: ApiStatus) -> None:
+        """The terminal API (a layer above) tells where it serves, for the node's status."""
+        self.api = status
+
+    def printer_seen(self) -> PrinterSeen:
         st = self.service.printer_status()
         return PrinterSeen(state=st.state, queued=st.queued)
 
     def status(self) -> LocalStatus:
         return dataclasses.replace(self.service.local_status(), peers=self.mesh.status(),
-                                   uplink=self.uplink.status(), dashboard=self.dashboard.status)
+                                   uplink=self.uplink.status(), dashboard=self.dashboard.status, api=self.api)
 
     async def run(self, *, task_status: trio.TaskStatus[NodeService] = trio.TASK_STATUS_IGNORED) -> None:
         # the mesh first: the uplink advertises through its discovery, the publisher lists its links
-        await self.service.run(components=[self.mesh.run, self.uplink.run, self.publisher.run, self.dashboard.run],
-                               task_status=task_status)
+        above = [functools.partial(component, self) for component in self.more]
+        await self.service.run(components=[self.mesh.run, self.uplink.run, self.publisher.run, self.dashboard.run,
+                                           *above], task_status=task_status)
 
 
-async def run_node(path: Path, mdns: bool = True, peer_exchange: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
+async def run_node(path: Path, mdns: bool = True, peer_exchange: bool = True, clock: Clock = SYSTEM_CLOCK,
+                   more: Sequence[Callable[..., Awaitable[None]]] = ()) -> None:
+    """``more``: components of the layers above (the terminal API), started after the node's own
+    and handed the RunningNode."""
     install_log_limits()  # a peer must not fill the disk through what we log about it
     tuning = NodeTuning.from_env(os.environ)
     core = NodeCore.open(path, clock)
     try:
-        node = RunningNode(core, mdns=mdns, tuning=tuning, clock=clock, peer_exchange=peer_exchange)
+        node = RunningNode(core, mdns=mdns, tuning=tuning, clock=clock, peer_exchange=peer_exchange, more=more)
     except BaseException:
         core.close()
         raise

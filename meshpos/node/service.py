@@ -79,6 +79,10 @@ class NodeService:
 
     # -- receipts -------------------------------------------------------------------
 
+    def print_receipts(self, sale: dict[str, Any]) -> None:
+        """Queue a new sale's receipt copies (a sale taken through the terminal API, as `sell`)."""
+        self._print_sale(sale)
+
     def _print_sale(self, sale: dict[str, Any], copies: list[str] | None = None) -> None:
         """Queue the receipt copies of a sale; never fails the sale (it is durable already)."""
         if self.core.config.printer is None:

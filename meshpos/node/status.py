@@ -81,6 +81,15 @@ class DashboardStatus:
 
 
 @dataclass(frozen=True)
+class ApiStatus:
+    """Where the terminal API serves (meshpos/terminal): its socket, its TCP URL, why not."""
+
+    socket: str
+    url: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
 class NodeSummary:
     node_id: str
     name: str
@@ -110,3 +119,4 @@ class LocalStatus(NodeSummary):
     peers: PeersStatus | None = field(default=None, metadata=OMIT_IF_NONE)
     uplink: UplinkStatus | None = field(default=None, metadata=OMIT_IF_NONE)
     dashboard: DashboardStatus | None = field(default=None, metadata=OMIT_IF_NONE)
+    api: ApiStatus | None = field(default=None, metadata=OMIT_IF_NONE)

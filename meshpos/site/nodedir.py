@@ -11,6 +11,8 @@ Layout (protocols/files.md):
   dashboard.json  a gateway serving the organizer dashboard: its password hash (0600)
   node.lock     held by the one process that owns the directory
   control.sock  the running node's local control socket
+  api-token     the terminal API's bearer token (0600), made at enrollment or on first run
+  api.sock      the terminal API on a UNIX socket (0600), while the node runs
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from meshpos.site.sitedir import DASHBOARD_FILE, load_policy_envelope, read_dash
 
 NODE_FORMAT = "meshpos-node/1"
 LANGUAGES = ("en", "it")
+DEFAULT_API = "127.0.0.1:7480"  # the terminal API's TCP listener when config.json names none
 
 
 @dataclass
@@ -49,6 +52,11 @@ class NodeConfig:
     language: str = "en"
     printer: dict[str, Any] | None = None
     dashboard: str | None = None  # HOST:PORT of the organizer dashboard (gateway), None: not served
+    api: str | None = None  # HOST:PORT of the terminal API's TCP listener; None: DEFAULT_API
+
+    @property
+    def api_address(self) -> str:
+        return self.api or DEFAULT_API
 
     def to_json(self) -> dict[str, Any]:
         out = {"format": NODE_FORMAT, "name": self.name, "role": self.role, "node_id": self.node_id,
@@ -56,12 +64,14 @@ class NodeConfig:
                "mdns": self.mdns, "language": self.language, "printer": self.printer}
         if self.dashboard is not None:
             out["dashboard"] = self.dashboard
+        if self.api is not None:
+            out["api"] = self.api
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "NodeConfig":
         known = {"format", "name", "role", "node_id", "site_id", "listen", "peers", "uplink", "mdns",
-                 "language", "printer", "dashboard"}
+                 "language", "printer", "dashboard", "api"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
@@ -70,7 +80,7 @@ class NodeConfig:
                       listen=data.get("listen"), peers=list(data.get("peers") or []),
                       uplink=bool(data.get("uplink", False)), mdns=bool(data.get("mdns", True)),
                       language=data.get("language", "en"), printer=data.get("printer"),
-                      dashboard=data.get("dashboard"))
+                      dashboard=data.get("dashboard"), api=data.get("api"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         if cfg.role not in ROLES:
@@ -86,6 +96,10 @@ class NodeConfig:
                 if not isinstance(cfg.dashboard, str):
                     raise InputError("dashboard must be HOST:PORT")
                 parse_hostport(cfg.dashboard, "dashboard")
+            if cfg.api is not None:
+                if not isinstance(cfg.api, str):
+                    raise InputError("api must be HOST:PORT")
+                parse_hostport(cfg.api, "api")
         except InputError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         return cfg
@@ -105,6 +119,8 @@ class NodeDir:
     inbox = property(lambda self: self.path / "inbox")
     control_path = property(lambda self: self.path / "control.sock")
     dashboard_path = property(lambda self: self.path / DASHBOARD_FILE)
+    api_token_path = property(lambda self: self.path / "api-token")
+    api_socket_path = property(lambda self: self.path / "api.sock")
 
     def check_exists(self) -> None:
         if not self.path.is_dir():

@@ -1,0 +1,186 @@
+"""The routes of the terminal API (``/v1``) as one Starlette app; protocols/terminal-api.yaml is
+their contract. Transports and the Guard are the server's business (meshpos.terminal.server)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Callable
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from meshpos.domain.errors import InputError, MeshposError
+from meshpos.node.service import NodeService
+from meshpos.terminal.events import RESYNC, Event, EventJournal
+from meshpos.terminal.openapi import OpenApiDocument
+from meshpos.terminal.problems import error_body, translate
+from meshpos.terminal.sales import DEFAULT_PAGE, TerminalSales, parse_since
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+HEARTBEAT_S = 15.0  # a comment line this often keeps proxies and clients from timing out
+RETRY_MS = 2000  # the SSE reconnection delay suggested to clients
+COPIES = ("customer", "merchant", "outcome")
+
+
+class TerminalApi:
+    """What the routes need: the node service, its sales, the event journal, the summary."""
+
+    def __init__(self, service: NodeService, sales: TerminalSales, journal: EventJournal,
+                 summary: Callable[[], dict[str, Any]], node_status: Callable[[], dict[str, Any]],
+                 openapi: OpenApiDocument) -> None:
+        self.service = service
+        self.sales = sales
+        self.journal = journal
+        self.summary = summary
+        self.node_status = node_status  # the node's whole status, as `meshpos status --json`
+        self.openapi = openapi
+
+
+def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(value, status_code=status, headers=headers)
+
+
+async def _body(request: Request, required: bool) -> Any:
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise _TooLarge()
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY:
+            raise _TooLarge()
+    if not raw.strip():
+        if required:
+            raise InputError("the request needs a JSON body")
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError("the body is not JSON") from exc
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def make_app(api: TerminalApi) -> Starlette:
+    def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                response: Response = await route(request)
+                return response
+            except MeshposError as exc:
+                status, body = translate(exc)
+                return _json(status, body)
+            except _TooLarge:
+                return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
+        return endpoint
+
+    async def create_sale(request: Request) -> Response:
+        key = request.headers.get("idempotency-key")
+        body = await _body(request, required=True)
+        created = await api.sales.create(key, body)
+        if not created.replayed:
+            api.service.print_receipts(created.sale)
+        return _json(200 if created.replayed else 201, created.sale,
+                     {"Location": f"/v1/sales/{created.sale['id']}", "Idempotency-Key": key or ""})
+
+    async def list_sales(request: Request) -> Response:
+        q = request.query_params
+        unknown = set(q) - {"status", "method", "since", "cursor", "limit"}
+        if unknown:
+            raise InputError(f"unknown query parameters {sorted(unknown)}")
+        limit_text = q.get("limit", str(DEFAULT_PAGE))
+        if not limit_text.isascii() or not limit_text.isdigit() or len(limit_text) > 6:
+            raise InputError("limit must be a whole number")
+        sales, cursor = api.sales.page(status=q.get("status"), method=q.get("method"),
+                                       since_ms=parse_since(q.get("since")), cursor=q.get("cursor"),
+                                       limit=int(limit_text))
+        return _json(200, {"sales": sales, "next_cursor": cursor})
+
+    async def get_sale(request: Request) -> Response:
+        return _json(200, api.sales.get(request.path_params["sale_id"]))
+
+    async def void_sale(request: Request) -> Response:
+        body = await _body(request, required=False)
+        if not isinstance(body, dict) or set(body) - {"reason"}:
+            raise InputError("the body may hold only {\"reason\": \"...\"}")
+        sale, _ = api.sales.void(request.path_params["sale_id"], body.get("reason"))
+        return _json(200, sale)
+
+    async def print_receipt(request: Request) -> Response:
+        body = await _body(request, required=False)
+        if not isinstance(body, dict) or set(body) - {"copy"}:
+            raise InputError("the body may hold only {\"copy\": \"customer\" | \"merchant\" | \"outcome\"}")
+        copy = body.get("copy", "customer")
+        if copy not in COPIES:
+            raise InputError("copy must be customer, merchant or outcome")
+        sale = api.sales.get(request.path_params["sale_id"])
+        result = await api.service.handle("reprint", {"sale_id": sale["id"], "copy": copy})
+        return _json(202, {"sale_id": result["sale_id"], "queued": result["queued"]})
+
+    async def status(request: Request) -> Response:
+        return _json(200, {"summary": api.summary(), "node": api.node_status(),
+                           "events": {"last_id": api.journal.last_id}})
+
+    async def openapi(request: Request) -> Response:
+        return _json(200, api.openapi.get())
+
+    async def events(request: Request) -> Response:
+        last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+        resume = api.journal.resume(last)
+        return StreamingResponse(_stream(api.journal, resume.resync, resume.events, resume.next_seq),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
+        return _json(exc.status_code, error_body(code, str(exc.detail)), dict(exc.headers or {}))
+
+    async def crashed(request: Request, exc: Exception) -> Response:
+        log.error("terminal API: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+        return _json(500, error_body("internal", f"internal error ({type(exc).__name__})"))
+
+    routes = [
+        Route("/v1/sales", handled(create_sale), methods=["POST"]),
+        Route("/v1/sales", handled(list_sales), methods=["GET"]),
+        Route("/v1/sales/{sale_id}", handled(get_sale), methods=["GET"]),
+        Route("/v1/sales/{sale_id}/void", handled(void_sale), methods=["POST"]),
+        Route("/v1/sales/{sale_id}/receipt", handled(print_receipt), methods=["POST"]),
+        Route("/v1/status", handled(status), methods=["GET"]),
+        Route("/v1/events", handled(events), methods=["GET"]),
+        Route("/v1/openapi.json", handled(openapi), methods=["GET"]),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: crashed})
+
+
+async def _stream(journal: EventJournal, resync: Event | None, missed: list[Event],
+                  next_seq: int) -> AsyncIterator[bytes]:
+    yield f"retry: {RETRY_MS}\n: connected at {journal.last_id}\n\n".encode()
+    if resync is not None:
+        yield resync.encode()
+    for event in missed:
+        yield event.wire
+    while True:
+        with trio.move_on_after(HEARTBEAT_S):
+            await journal.wait_for(next_seq)
+        batch = journal.after(next_seq)
+        if not batch:
+            yield b": keep-alive\n\n"
+            continue
+        if batch[0].seq > next_seq:  # this client fell behind the horizon while connected
+            before = f"{journal.epoch}-{batch[0].seq - 1}"
+            yield Event(0, before, RESYNC, {"reason": "this client fell behind the event horizon",
+                                            "last_id": before}).encode()
+        for event in batch:
+            yield event.wire
+        next_seq = batch[-1].seq + 1
+

@@ -1,0 +1,95 @@
+"""The checks before any route (an ASGI middleware): Host, Origin, bearer token.
+
+- ``Host`` must name the configured address (TCP only): a page whose DNS name was rebound to
+  this device's address sends its own name, and gets 403.
+- A state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is not the API's own
+  gets 403: any page open in the terminal's browser could otherwise post a sale or a void.
+  Requests without ``Origin`` (POS apps, curl) pass.
+- ``Authorization: Bearer TOKEN`` with the token of ``NODE_DIR/api-token``, or 401.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+
+from meshpos.site.apitoken import token_matches
+from meshpos.terminal.problems import error_body
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    token: str
+    hosts: frozenset[str] | None  # accepted Host values; None: any (the UNIX socket)
+    origins: frozenset[str]  # accepted Origin values on a state-changing request
+
+
+WILDCARDS = ("0.0.0.0", "::")
+
+
+def host_names(host: str, port: int, tls: bool, local: Iterable[str] = ()) -> tuple[frozenset[str], frozenset[str]]:
+    """(Host values, Origin values) that name a TCP listener on ``host``:``port``; a wildcard
+    address is named by any of the ``local`` addresses of the device, or loopback."""
+    names = {host} if host not in WILDCARDS else set(local) | {"127.0.0.1"}
+    if names & {"127.0.0.1", "localhost", "::1"}:
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in names}
+    hosts = {f"{n}:{port}" for n in names}
+    default = 443 if tls else 80
+    if port == default:
+        hosts |= names
+    scheme = "https" if tls else "http"
+    return frozenset(hosts), frozenset(f"{scheme}://{h}" for h in hosts)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, policy: GuardPolicy) -> None:
+        self.app = app
+        self.policy = policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        problem = self.check(scope)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        status, code, message = problem
+        body = json.dumps(error_body(code, message)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="meshpos"'))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def check(self, scope: Scope) -> tuple[int, str, str] | None:
+        p = self.policy
+        if p.hosts is not None:
+            host = _header(scope, b"host")
+            if host is None or host.lower() not in p.hosts:
+                return 403, "forbidden", "the Host header does not name this terminal API's address"
+        origin = _header(scope, b"origin")
+        if scope.get("method") in STATE_CHANGING and origin is not None and origin.lower() not in p.origins:
+            return 403, "forbidden", "requests from another origin may not change anything here"
+        auth = _header(scope, b"authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(p.token, token.strip()):
+            return 401, "unauthorized", "send Authorization: Bearer <the token in NODE_DIR/api-token>"
+        return None

@@ -1,0 +1,146 @@
+"""The terminal API as a component of the running node (``meshpos run``).
+
+One app, two transports, each with its own Guard:
+- ``NODE_DIR/api.sock``: a UNIX socket (0600, in the 0700 node directory), for the CLI and
+  programs on the device; any Host.
+- TCP at config ``api`` (default 127.0.0.1:7480): plain HTTP on loopback; any other address only
+  over TLS with the node's own certificate (site CA signed; clients trust ``NODE_DIR/ca.pem``).
+  If the port cannot be bound the node keeps selling and says so in its log and status.
+
+Served by Hypercorn's trio worker (the node is a trio program: the server runs inside the node's
+own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import trio
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from meshpos.devices.reader import CardReader
+from meshpos.domain.errors import ConfigError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.node.dashboard import is_loopback
+from meshpos.node.runner import RunningNode
+from meshpos.node.status import ApiStatus
+from meshpos.site.apitoken import ensure_api_token
+from meshpos.terminal.app import TerminalApi, make_app
+from meshpos.terminal.events import EventJournal
+from meshpos.terminal.feed import EventFeed
+from meshpos.replication.discovery import local_addresses
+from meshpos.terminal.guard import WILDCARDS, ASGIApp, Guard, GuardPolicy, host_names
+from meshpos.terminal.openapi import OpenApiDocument
+from meshpos.terminal.sales import TerminalSales
+
+log = logging.getLogger(__name__)
+
+BACKLOG = 128
+KEEP_ALIVE_S = 75  # POS apps keep one connection open between sales
+
+
+class _Config(Config):
+    """Hypercorn's config with our own TLS context (the node's certificate, no client certificate)."""
+
+    def __init__(self, context: ssl.SSLContext | None) -> None:
+        super().__init__()
+        self._context = context
+        self.accesslog = None  # request lines are not logged: nothing of a request reaches a log
+        self.errorlog = logging.getLogger("meshpos.terminal.http")
+        self.keep_alive_timeout = KEEP_ALIVE_S
+        self.graceful_timeout = 1.0
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._context
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(f"{cert}: cannot serve the terminal API over TLS with it: {exc}") from exc
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+def bind_unix(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        path.unlink()  # stale: the node holds node.lock, so no live node owns it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, *,
+                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on one bound, listening socket until cancelled."""
+    sockets = Sockets(secure_sockets=[sock] if context else [], insecure_sockets=[] if context else [sock],
+                      quic_sockets=[])
+    config = _Config(context)
+    await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
+                       sockets=sockets, task_status=task_status)
+
+
+async def api_component(node: RunningNode, *, reader: CardReader | None = None,
+                        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """The run_node component: the terminal API on the UNIX socket and the configured TCP address."""
+    service = node.service
+    core = node.core
+    token = ensure_api_token(core.dir.api_token_path)  # node directories enrolled before the API had none
+    journal = EventJournal(epoch=core.clock.now_ms())
+    feed = EventFeed(node, journal)
+    api = TerminalApi(service, TerminalSales(core, reader), journal, feed.node_status,
+                      lambda: node.status().to_json(), OpenApiDocument())
+    app = make_app(api)
+    path: Path = core.dir.api_socket_path
+    node.report_api(ApiStatus(socket=str(path), url=None, error=None))
+    host, port = parse_hostport(core.config.api_address, "api")
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, Guard(app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
+            tls = not is_loopback(host)
+            try:
+                tcp = bind_tcp(host, port)
+            except OSError as exc:
+                error = f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                node.report_api(ApiStatus(socket=str(path), url=None, error=error))
+                log.error("terminal API: %s (the API answers on %s only)", error, path)
+            else:
+                bound = tcp.getsockname()[1]
+                hosts, origins = host_names(host, bound, tls, local_addresses() if host in WILDCARDS else ())
+                context = tls_context(core.dir.cert_path, core.dir.key_path) if tls else None
+                await nursery.start(serve, Guard(app, GuardPolicy(token, hosts, origins)), tcp, context)
+                shown = f"[{host}]" if ":" in host else host
+                url = f"{'https' if tls else 'http'}://{shown}:{bound}/v1/"
+                node.report_api(ApiStatus(socket=str(path), url=url, error=None))
+                log.info("terminal API on %s and %s", url, path)
+            nursery.start_soon(feed.run)
+            task_status.started()
+    finally:
+        feed.close()
+        path.unlink(missing_ok=True)

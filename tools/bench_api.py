@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Benchmark: POST /v1/sales through the terminal API, beside the bare in-process sale commit.
+
+Per run, on fresh nodes in a temporary directory:
+1. in process: ``NodeCore.sell`` of N keyed card sales (tools/bench_sale.py's measurement: seal,
+   sign, SQLite FULL commit), median and p99 of the acknowledgement;
+2. over HTTP: a ``meshpos run`` node process with its API on 127.0.0.1 (plain HTTP on loopback),
+   one keep-alive TCP connection, N ``POST /v1/sales`` of keyed card sales (each its own
+   Idempotency-Key), median and p99 of request-to-201;
+3. cash sales in the same node, alternating blocks: through the old newline-JSON control socket
+   (``sell``, one connection per call, as the CLI does) and through ``POST /v1/sales``: CPU per
+   sale of the node and median latency of each, the fair comparison of the two front doors
+   (same node, same sale path, same store size);
+4. the same as (2) with 100 idle clients connected to ``GET /v1/events`` (each gets every
+   ``sale.created`` event): the selling rate as a ratio to (2).
+The figures are medians of the per-run figures over --runs runs; the HTTP layer's cost is
+(2) - (1) at the median. On a shared, loaded machine the wall-clock figures of (2) carry the
+scheduling delays of two processes (client and node) waking each other per request; so CPU time
+per sale is measured too, in process (this process) and in the node process (from /proc), which
+the load of other processes hardly changes: their difference is what the HTTP layer costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import nacl.signing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sale import one_run as in_process_run  # noqa: E402  (the baseline, measured the same way)
+
+from meshpos.apps.procs import ProcessGroup  # noqa: E402
+from meshpos.identity import keys  # noqa: E402
+from meshpos.node import client  # noqa: E402
+from meshpos.node.enroll import enroll_one_step  # noqa: E402
+from meshpos.site.sitedir import init_site  # noqa: E402
+
+PAN = "4111111111111111"
+IDLE_CLIENTS = 100
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_process(sales: int) -> dict[str, float]:
+    cpu = time.process_time()
+    figures = in_process_run(sales)
+    return {**figures, "cpu_ms_per_sale": (time.process_time() - cpu) * 1000 / sales}
+
+
+def _percentiles(lat: list[float]) -> dict[str, float]:
+    lat = sorted(lat)
+    return {"median_ms": statistics.median(lat) * 1000, "p99_ms": lat[max(0, int(len(lat) * 0.99) - 1)] * 1000}
+
+
+def _post_sales(host: str, port: int, token: str, n: int) -> tuple[list[float], float]:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Host": f"{host}:{port}", "Content-Type": "application/json"}
+    lat = []
+    start = time.perf_counter()
+    for i in range(n):
+        body = json.dumps({"amount": f"{1 + i % 90}.00", "method": "card", "card": {"pan": PAN, "expiry": "1230"}})
+        t = time.perf_counter()
+        conn.request("POST", "/v1/sales", body=body, headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+        resp = conn.getresponse()
+        resp.read()
+        lat.append(time.perf_counter() - t)
+        if resp.status != 201:
+            raise SystemExit(f"POST /v1/sales answered {resp.status}")
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return lat, n / elapsed
+
+
+def _idle_streams(host: str, port: int, token: str, n: int) -> list[http.client.HTTPConnection]:
+    conns = []
+    for _ in range(n):
+        c = http.client.HTTPConnection(host, port, timeout=30)
+        c.request("GET", "/v1/events", headers={"Authorization": f"Bearer {token}", "Host": f"{host}:{port}"})
+        resp = c.getresponse()
+        if resp.status != 200:
+            raise SystemExit(f"GET /v1/events answered {resp.status}")
+        conns.append(c)
+    return conns
+
+
+def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: int) -> dict[str, float]:
+    """Cash sales alternating in blocks of 50: control socket, then API (the store grows evenly)."""
+    cpu = {"control": 0.0, "api": 0.0}
+    lat: dict[str, list[float]] = {"control": [], "api": []}
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Host": f"{host}:{port}", "Content-Type": "application/json"}
+    for _ in range(max(1, n // 100)):
+        for door in ("control", "api"):
+            before = _cpu_s(pid)
+            for _ in range(50):
+                t = time.perf_counter()
+                if door == "control":
+                    client.call_running(node, "sell", {"amount_minor": 100})
+                else:
+                    conn.request("POST", "/v1/sales", body='{"amount": "1.00", "method": "cash"}',
+                                 headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+                    conn.getresponse().read()
+                lat[door].append(time.perf_counter() - t)
+            cpu[door] += _cpu_s(pid) - before
+    conn.close()
+    count = len(lat["api"])
+    return {"control_cpu_ms_per_sale": cpu["control"] * 1000 / count, "cash_cpu_ms_per_sale": cpu["api"] * 1000 / count,
+            "control_median_ms": statistics.median(lat["control"]) * 1000,
+            "cash_median_ms": statistics.median(lat["api"]) * 1000}
+
+
+def api_run(sales: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        switch = nacl.signing.SigningKey.generate()
+        site = init_site(root / "site", "Bench", switch_key=keys.x25519_public_of(switch).hex())
+        node = root / "t1"
+        enroll_one_step(site, node, "terminal", "T1", api="127.0.0.1:0")
+        site.update_policy(max_terminal_pending_minor=10**12, max_site_pending_minor=10**12)
+        (node / "inbox").mkdir(exist_ok=True)
+        (node / "inbox" / "policy.env").write_bytes(site.policy_envelope())  # taken in when the node starts
+        group = ProcessGroup(root / "logs")
+        try:
+            group.start_node("t1", node, "--no-mdns")
+            status = client.call_running(node, "status", {})
+            url, pid = status["api"]["url"], int(status["running"]["pid"])
+            host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
+            token = (node / "api-token").read_text().strip()
+            _post_sales(host, int(port), token, 50)  # warm-up
+            cpu = _cpu_s(pid)
+            lat, rate = _post_sales(host, int(port), token, sales)
+            cpu_per_sale = (_cpu_s(pid) - cpu) * 1000 / sales
+            doors = _control_vs_api(node, pid, host, int(port), token, sales)
+            streams = _idle_streams(host, int(port), token, IDLE_CLIENTS)
+            _, rate_sse = _post_sales(host, int(port), token, sales)
+            for c in streams:
+                c.close()
+        finally:
+            group.stop_all()
+        return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse,
+                "cpu_ms_per_sale": cpu_per_sale, **doors}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sales", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    base, api = [], []
+    for r in range(args.runs):
+        base.append(in_process(args.sales))
+        api.append(api_run(args.sales))
+        print(f"run {r + 1}: in process median {base[-1]['median_ms']:.2f} ms p99 {base[-1]['p99_ms']:.2f} ms; "
+              f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
+              f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
+              f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
+              f"cash: control socket {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"{api[-1]['cash_median_ms']:.2f} ms; "
+              f"load {os.getloadavg()[0]:.1f}",
+              file=sys.stderr)
+    med = {f"api_{k}": statistics.median(r[k] for r in api) for k in api[0]}
+    med.update({f"in_process_{k}": statistics.median(r[k] for r in base)
+                for k in ("median_ms", "p99_ms", "cpu_ms_per_sale")})
+    med["http_overhead_median_ms"] = med["api_median_ms"] - med["in_process_median_ms"]
+    med["http_overhead_cpu_ms"] = med["api_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
+    med["api_vs_control_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["api_control_cpu_ms_per_sale"]
+    med["load_average_1m"] = os.getloadavg()[0]
+    med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s"]
+    med["sales"], med["runs"] = args.sales, args.runs
+    if args.json:
+        print(json.dumps(med))
+    else:
+        print(f"POST /v1/sales over loopback TCP keep-alive, {args.sales} card sales, median of {args.runs} runs: "
+              f"median {med['api_median_ms']:.2f} ms, p99 {med['api_p99_ms']:.2f} ms; in process (bench_sale) "
+              f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
+              f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
+              f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
+              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, API vs control socket: "
+              f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; with {IDLE_CLIENTS} idle SSE clients "
+              f"{med['sse_100_ratio']:.2f} x the selling rate")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
