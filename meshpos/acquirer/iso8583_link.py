@@ -106,6 +106,13 @@ class Iso8583Link:
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._exchange(req, RequestKind.REVERSAL)
 
+    async def check(self) -> None:
+        """Raise AcquirerError unless a connection to the host is open or opens now (readiness)."""
+        with trio.move_on_after(self._timeout) as scope:
+            await self._connection("readiness check")
+        if scope.cancelled_caught:
+            raise AcquirerError(f"readiness check: no connection to the acquirer within {self._timeout:g} s")
+
     async def aclose(self) -> None:
         self._closed = True
         conn, self._conn = self._conn, None
