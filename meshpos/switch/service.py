@@ -190,7 +190,8 @@ async def run_switch(
         late_in, late_out = trio.open_memory_channel[LateAnswer](math.inf)
         meters = SwitchMetrics()
         async with open_acquirer_link(cfg, clock, on_late_answer=late_in.send_nowait) as link:
-            switch = Switch(store, key, link, clock, in_flight=cfg.in_flight, instance=cfg.instance, metrics=meters)
+            switch = Switch(store, key, link, clock, in_flight=cfg.in_flight, instance=cfg.instance, metrics=meters,
+                            claim_lease_s=cfg.claim_lease_s)
             service = SwitchService(switch, ctx)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(switch.take_late_answers, late_out)

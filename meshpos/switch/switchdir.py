@@ -35,7 +35,7 @@ from ..jsonfile import read_json, write_json
 from ..roster import Roster
 from ..site import verify_policy_envelope
 from ..wire import envelope
-from .const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, SWITCH_FORMAT
+from .const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, CLAIM_LEASE_S, SWITCH_FORMAT
 from .database import ENV_VAR, check_url, is_url, redact, resolve
 from .store import SiteRow, SwitchStore
 from .tls import make_tls_cert
@@ -65,6 +65,9 @@ class SwitchConfig:
     instance: str = "main"
     #: ISO 8583 connections to the acquirer (a slow one does not hold the others)
     acquirer_connections: int = 1
+    #: how long an instance's claim on a sale it advises holds unless renewed (a dead instance's
+    #: sales wait this long before another instance continues them with 0221)
+    claim_lease_s: float = CLAIM_LEASE_S
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -73,7 +76,8 @@ class SwitchConfig:
                 "acquirer_cert": self.acquirer_cert, "acquirer_key": self.acquirer_key,
                 "acquirer_plain": self.acquirer_plain,
                 "acquirer_timeout_s": self.acquirer_timeout_s, "in_flight": self.in_flight,
-                "db": self.db, "instance": self.instance, "acquirer_connections": self.acquirer_connections}
+                "db": self.db, "instance": self.instance, "acquirer_connections": self.acquirer_connections,
+                "claim_lease_s": self.claim_lease_s}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "SwitchConfig":
@@ -88,7 +92,8 @@ class SwitchConfig:
                       in_flight=int(data.get("in_flight", ACQUIRER_IN_FLIGHT)),
                       acquirer_cert=data.get("acquirer_cert"), acquirer_key=data.get("acquirer_key"),
                       acquirer_plain=plain, db=data.get("db"), instance=str(data.get("instance", "main")),
-                      acquirer_connections=int(data.get("acquirer_connections", 1)))
+                      acquirer_connections=int(data.get("acquirer_connections", 1)),
+                      claim_lease_s=float(data.get("claim_lease_s", CLAIM_LEASE_S)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         cfg.validate(where)
@@ -115,6 +120,8 @@ class SwitchConfig:
                                   "PGPASSWORD or ~/.pgpass instead")
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.instance):
             raise ConfigError(f"{where}: instance must be 1-64 letters, digits or _.-")
+        if not 0.3 <= self.claim_lease_s <= 3600:
+            raise ConfigError(f"{where}: claim_lease_s must be 0.3..3600 seconds")
         if not 1 <= self.acquirer_connections <= 64:
             raise ConfigError(f"{where}: acquirer_connections must be 1..64")
         if self.acquirer_plain and (self.acquirer_ca or self.acquirer_cert):
