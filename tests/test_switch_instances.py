@@ -63,7 +63,8 @@ def acquirer_counts(inst: Instances, sale_ids: list[str]) -> dict[str, dict[str,
 @pytest.mark.parametrize("n_instances", [2, 3])
 async def test_two_nodes_forward_the_same_sales_through_different_instances_at_once(
         tmp_path: Path, procs: ProcessGroup, pg_cluster: PgCluster, n_instances: int) -> None:
-    inst = Instances.create(tmp_path, procs, pg_cluster.new_database(), n_instances, delay_ms=5)
+    inst = Instances.create(tmp_path, procs, pg_cluster.new_database(), n_instances, delay_ms=5,
+                            acquirer_connections=2)  # each instance with a pool of two ISO 8583 connections
     a, b = nodes(inst, ["a", "b"])
     ids = card_sales(a, 240)
     copy_sales(b, a)
