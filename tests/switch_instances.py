@@ -47,13 +47,14 @@ class Instances:
 
     @classmethod
     def create(cls, root: Path, procs: ProcessGroup, db: str | None, n: int, *, delay_ms: int = 0,
-               claim_lease_s: float = 2.0, acquirer_connections: int = 1, switch_key: str | None = None) -> "Instances":
+               claim_lease_s: float = 2.0, acquirer_connections: int = 1,
+               policy: dict[str, Any] | None = None, stats: bool = True) -> "Instances":
         acq_port, *ports = free_ports(1 + 2 * n)
         rules = root / "rules.json"
         rules.write_text(json.dumps({"seed": 3, "delay_ms": delay_ms}))
-        stats = root / "acquirer-stats.json"
+        stats_path = root / "acquirer-stats.json"
         sim = procs.start("acquirer", "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--rules", str(rules),
-                          "--stats", str(stats), "--plain")
+                          *(["--stats", str(stats_path)] if stats else []), "--plain")
         wait_for(lambda: "listening on" in sim.log_path.read_text(), WAIT_S,
                  lambda: f"the acquirer simulator did not start\n{sim.log_tail()}", alive=sim)
         first = root / "sw0"
@@ -65,8 +66,10 @@ class Instances:
         site = init_site(root / "site", "Fiera delle Istanze", "EUR",
                          switch_key=(first / "switch.pub").read_text().strip(),
                          switch_url=f"https://127.0.0.1:{ports[0]}")
+        if policy:
+            site.update_policy(**policy)
         add_site(first, site.path)
-        inst = cls(root, procs, db or "", stats, site, [first], [ports[0]], [ports[n]])
+        inst = cls(root, procs, db or "", stats_path, site, [first], [ports[0]], [ports[n]])
         for i in range(1, n):
             make_instance(first, root / f"sw{i}", f"127.0.0.1:{ports[i]}")
             inst.dirs.append(root / f"sw{i}")

@@ -43,6 +43,10 @@ class Database(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         """Run one statement inside the open write transaction; the number of rows it changed."""
 
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """One statement for many parameter rows, inside the open write transaction (pipelined
+        where the driver can)."""
+
     def fetch_tx(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Rows of a statement (``... RETURNING``, or a read) inside the open write transaction."""
 

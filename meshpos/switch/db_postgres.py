@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import sys
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +25,7 @@ from ..errors import StoreError
 from .database import RetryableStoreError, Row, redact
 
 CONNECT_TIMEOUT_S = 3
+SWITCH_INTERVAL_S = 0.0005
 READERS = 4
 MIGRATION_LOCK = 0x4D505357  # pg_advisory_xact_lock key of schema changes ("MPSW")
 RETRYABLE = ("40P01", "40001")  # deadlock detected, serialization failure
@@ -78,6 +80,11 @@ class PostgresDatabase:
 
     @classmethod
     def open(cls, url: str, *, create: bool = False) -> "PostgresDatabase":
+        # Each statement is a network round trip made by a worker thread, which must take the
+        # GIL back from the event loop after every one: at Python's default 5 ms switch interval
+        # a transaction of a hundred statements waited most of its time for the GIL (measured:
+        # 72 ms per group commit). 0.5 ms lets the database's answers in promptly.
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         db = cls(url)
         try:
             version = db.schema_version()
@@ -151,6 +158,13 @@ class PostgresDatabase:
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
         try:
             return self._writer_conn().execute(_sql(sql), tuple(params)).rowcount
+        except psycopg.Error as exc:
+            raise self._error("writing", exc) from exc
+
+    def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        try:
+            with self._writer_conn().cursor() as cur:  # psycopg pipelines executemany: one round trip
+                cur.executemany(_sql(sql), [tuple(r) for r in rows])
         except psycopg.Error as exc:
             raise self._error("writing", exc) from exc
 

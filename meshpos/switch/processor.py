@@ -332,16 +332,23 @@ class Switch:
         new = await self._verify_new(site, list(work.values()), now, refused, outcomes)
         if new or voids:
             def received(s: SwitchStore) -> None:  # durable before anything else happens to these sales
-                for w in new:
-                    s.insert_received(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest, w.env.raw, now)
+                s.insert_received_many([(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest, w.env.raw)
+                                        for w in new], now)
                 for sale_id, void in voids.items():
                     s.put_void(sale_id, site.site_id, void.raw, void.body["at"])
 
             await self.writer.commit(received)
+        # one query for the whole batch's rows and stored voids (not one per sale)
+        ids = [sale_id for sale_id in work if sale_id not in outcomes]
+        rows = await self._read(lambda: self.store.sales_of(ids))
+        stored_voids = await self._read(lambda: self.store.voids_of([i for i in ids if i not in voids]))
 
         async def one(w: _Work) -> None:
             sale_id = w.env.body["sale_id"]
-            outcomes[sale_id] = await self._alone(sale_id, self._process(site, w, voids.get(sale_id)))
+            void = voids.get(sale_id)
+            if void is None and sale_id in stored_voids:
+                void = envelope.decode(stored_voids[sale_id])
+            outcomes[sale_id] = await self._alone(sale_id, self._process(site, w, void, rows.get(sale_id)))
 
         async def reverse_only(sale_id: str, void: Envelope) -> None:
             outcomes[sale_id] = await self._alone(sale_id, self._void_settled(site, sale_id))
@@ -440,12 +447,12 @@ class Switch:
                           outcomes: dict[str, Outcome]) -> list[_Work]:
         """Verify the sales not in the table yet; the authentic ones are returned."""
         new: list[_Work] = []
+        known = await self._read(lambda: self.store.sales_of([w.env.body["sale_id"] for w in work]))
         for n, w in enumerate(work):
             if n and n % VERIFY_CHUNK == 0:
                 await trio.lowlevel.checkpoint()
             sale_id = w.env.body["sale_id"]
-            row = await self._sale(sale_id)
-            if row is not None:
+            if sale_id in known:
                 continue  # known: _process compares the bytes
             try:
                 revocation = self._verify_up_to_cut(site, w.env, now)
@@ -580,16 +587,23 @@ class Switch:
         self.counters["repeated"] += 1
         return _Settled(row.result)
 
-    async def _process(self, site: SiteState, w: _Work, void: Envelope | None) -> Outcome:
+    async def _process(self, site: SiteState, w: _Work, void: Envelope | None, fetched: SaleRow | None) -> Outcome:
+        """``fetched``: the row as read for the whole batch (with ``void``, the batch's or the
+        stored one); used unless another task of this process had the sale meanwhile. A row
+        that another instance changed since is safe to act on: the steps that matter are
+        compare-and-set updates (``store``), which then fail and say so."""
         sale_id = w.env.body["sale_id"]
+        waited = sale_id in self._busy
         async with self._exclusive(sale_id):
-            row = await self._sale(sale_id)
+            row = fetched
+            if row is None or waited:
+                row = await self._sale(sale_id)
+                if void is None:
+                    void = await self._void_of(sale_id)
             if row is None:
                 return Pending(sale_id, "not recorded by the switch yet: forward it again")
             if row.digest != w.digest:
                 return self._known(row, w)
-            if void is None:
-                void = await self._void_of(sale_id)
             if row.state == SETTLED:
                 if void is not None and row.result_status == "approved":
                     if row.reversal != REVERSAL_DONE:

@@ -45,6 +45,8 @@ STATES = (RECEIVED, ADVICE_SENT, SETTLED)
 REVERSAL_SENT = "sent"
 REVERSAL_DONE = "done"
 
+#: sale ids per ``IN (...)`` query (SQLite allows 32766 parameters, PostgreSQL 65535)
+IN_CHUNK = 500
 #: times one group's ops are run again after the database broke a deadlock between instances
 DEADLOCK_RETRIES = 5
 
@@ -181,15 +183,42 @@ class SwitchStore:
     def sale(self, sale_id: str) -> SaleRow | None:
         return self._one_sale("sale_id", sale_id)
 
+    def sales_of(self, sale_ids: list[str]) -> dict[str, SaleRow]:
+        """The rows of those of ``sale_ids`` the table holds, by sale id."""
+        found: dict[str, SaleRow] = {}
+        for k in range(0, len(sale_ids), IN_CHUNK):
+            chunk = sale_ids[k:k + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self.db.query(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id IN ({marks})", chunk):
+                row = _sale(r)
+                found[row.sale_id] = row
+        return found
+
+    def voids_of(self, sale_ids: list[str]) -> dict[str, bytes]:
+        """The stored void envelopes of those of ``sale_ids`` that have one."""
+        found: dict[str, bytes] = {}
+        for k in range(0, len(sale_ids), IN_CHUNK):
+            chunk = sale_ids[k:k + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for sale_id, raw in self.db.query(f"SELECT sale_id, raw FROM voids WHERE sale_id IN ({marks})", chunk):
+                found[str(sale_id)] = bytes(raw)
+        return found
+
     def sale_by_ref(self, ref: int) -> SaleRow | None:
         return self._one_sale("ref", ref)
 
     def insert_received(self, sale_id: str, site_id: str, terminal: str, digest: bytes, raw: bytes,
                         now_ms: int) -> None:
-        self.db.execute(
+        self.insert_received_many([(sale_id, site_id, terminal, digest, raw)], now_ms)
+
+    def insert_received_many(self, sales: list[tuple[str, str, str, bytes, bytes]], now_ms: int) -> None:
+        """Record sales (sale id, site id, terminal, digest, envelope) as received; known ids are
+        left as they are. Sorted by sale id, so two instances recording overlapping batches take
+        the rows' locks in one order (no deadlock between them)."""
+        self.db.execute_many(
             "INSERT INTO sales(sale_id, site_id, terminal, digest, sale_raw, state, received_at, updated_at)"
             " VALUES(?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
-            (sale_id, site_id, terminal, digest, raw, RECEIVED, now_ms, now_ms))
+            [(*sale, RECEIVED, now_ms, now_ms) for sale in sorted(sales)])
 
     def mark_advice_sent(self, sale_id: str, now_ms: int, owner: str = "", claim_until_ms: int = 0) -> None:
         """received -> advice_sent, claimed by ``owner``: the one step that lets a 0220 leave.
