@@ -124,4 +124,15 @@ def switch_db(request: pytest.FixtureRequest) -> str | None:
     return cluster.new_database()
 
 
-__all__ = ["PgCluster", "pg_cluster", "switch_db", "start_cluster", "remove_cluster"]
+
+
+
+@pytest.fixture
+def switch_backend_env(switch_db: str | None, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """For tests that make their switches themselves (``init_switch``, the CLI, child processes):
+    on the PostgreSQL turn, ``$MESHPOS_SWITCH_DB`` names a new database, so every switch they make
+    keeps its state there (``meshpos.switch.database.resolve``)."""
+    if switch_db is not None:
+        monkeypatch.setenv("MESHPOS_SWITCH_DB", switch_db)
+    return switch_db
+__all__ = ["PgCluster", "pg_cluster", "switch_db", "switch_backend_env", "start_cluster", "remove_cluster"]

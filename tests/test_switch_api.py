@@ -27,6 +27,9 @@ from meshpos.identity.certs import load_pem, to_der
 from meshpos.uplink.client import make_client_context, probe
 from meshpos.uplink.leases import scope_of
 
+# every switch these tests make runs on each backend in turn (tests/pg.py)
+pytestmark = pytest.mark.usefixtures("switch_backend_env")
+
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "protocols" / "vectors" / "forwarding.json").read_text(encoding="utf-8"))
 

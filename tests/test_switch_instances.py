@@ -81,7 +81,8 @@ async def test_two_nodes_forward_the_same_sales_through_different_instances_at_o
 
     assert got["a"] == got["b"] and sorted(got["a"]) == sorted(ids)  # the same signed bytes on both nodes
     counts = acquirer_counts(inst, ids)
-    assert counts == {s: {"0220": 1} for s in ids}, inst.log_tails()
+    wrong = {s: c for s, c in counts.items() if c != {"0220": 1}}
+    assert len(counts) == len(ids) and not wrong, (len(counts), wrong)
     assert {s["id"]: s["status"] for s in a.sales()} == {s["id"]: s["status"] for s in b.sales()}
     assert all(s["status"] == "approved" for s in a.sales())
 

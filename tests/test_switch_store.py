@@ -211,3 +211,20 @@ def test_an_instance_shares_key_and_database_and_sqlite_has_one_instance_only(
     assert b.config().db == SwitchDir(sw).config().db and out["instance"] != SwitchDir(sw).config().instance
     with pytest.raises(ConfigError):
         make_instance(sw, tmp_path / "b", "127.0.0.1:0")  # not over an existing instance
+
+
+async def test_a_groups_ops_run_in_the_order_of_the_sales_they_write(tmp_path: Path) -> None:
+    """Two instances whose groups write the same sales must lock them in one order (else
+    PostgreSQL breaks a deadlock between them every second): ops run sorted by their key."""
+    store = SwitchStore.open(tmp_path / "s.db", create=True)
+    writer = GroupCommit(store)
+    ran: list[str] = []
+
+    async def put(key: str) -> None:
+        await writer.commit(lambda s: ran.append(key), key)
+
+    async with trio.open_nursery() as nursery:
+        for key in ("t-3", "t-1", "t-2", "t-0"):
+            nursery.start_soon(put, key)
+    assert writer.commits == 1 and ran == ["t-0", "t-1", "t-2", "t-3"]
+    store.close()

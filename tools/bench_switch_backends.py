@@ -68,34 +68,57 @@ def prepare(inst: Instances, n_sales: int, terminals: int, batch: int) -> tuple[
     return [fwd.entries_for(ids[k:k + batch]) for k in range(0, len(ids), batch)], first
 
 
-async def drive(urls: list[str], core: NodeCore, batches: list[list[bytes]], clients: int) -> tuple[float, int]:
+async def drive(urls: list[str], core: NodeCore, batches: list[list[bytes]], clients: int,
+                copies: int = 1) -> tuple[float, list[dict[str, bytes]]]:
+    """``copies`` uplink nodes each forward every batch (``clients`` requests at once each), the
+    n-th starting at instance n: the same sales reach different instances at the same time."""
     ctx = make_client_context(core)
-    todo = list(enumerate(batches))
-    settled = 0
-    turn = 0
+    results: list[dict[str, bytes]] = [{} for _ in range(copies)]
 
-    async def client() -> None:
-        nonlocal settled, turn
-        while todo:
-            _, entries = todo.pop(0)
-            url = urls[turn % len(urls)]
-            turn += 1
-            try:
-                reply = await forward(url, ctx, entries)
-            except UplinkError as exc:
-                raise SystemExit(f"forwarding failed: {exc}") from exc
-            done = {envelope.decode(r).body["sale_id"] for r in reply.results}
-            settled += len(done)
-            if reply.pending:  # send the unsettled ones again (rare: an instance waited on another)
-                again = [raw for raw in entries if envelope.decode(raw).type != "sale"
-                         or envelope.decode(raw).body["sale_id"] not in done]
-                todo.append((-1, again))
+    async def uplink(copy: int) -> None:
+        todo = list(batches)
+        turn = copy
+
+        async def client() -> None:
+            nonlocal turn
+            while todo:
+                entries = todo.pop(0)
+                url = urls[turn % len(urls)]
+                turn += 1
+                try:
+                    reply = await forward(url, ctx, entries)
+                except UplinkError as exc:
+                    raise SystemExit(f"forwarding failed: {exc}") from exc
+                done = {}
+                for raw in reply.results:
+                    done[envelope.decode(raw).body["sale_id"]] = raw
+                results[copy].update(done)
+                if reply.pending:  # send the unsettled ones again (an instance waited on another)
+                    todo.append([raw for raw in entries if envelope.decode(raw).type != "sale"
+                                 or envelope.decode(raw).body["sale_id"] not in done])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(client)
 
     t0 = time.perf_counter()
     async with trio.open_nursery() as nursery:
-        for _ in range(clients):
-            nursery.start_soon(client)
-    return time.perf_counter() - t0, settled
+        for copy in range(copies):
+            nursery.start_soon(uplink, copy)
+    return time.perf_counter() - t0, results
+
+
+def check_once(inst: Instances, results: list[dict[str, bytes]], config: str) -> None:
+    """Two uplink nodes sent every sale: one 0220 each at the simulator, no 0221, one result."""
+    if results[0] != results[1]:
+        raise SystemExit(f"{config}: the two uplink nodes got different results")
+    stats = inst.wait_stats(lambda st: st["totals"].get("0220", 0) >= len(results[0]), "stats file")
+    rrns = inst.rrns(list(results[0]))
+    bad = {s: stats["by_sale"].get(rrn) for s, rrn in rrns.items() if stats["by_sale"].get(rrn) != {"0220": 1}}
+    if bad or len(rrns) != len(results[0]):
+        raise SystemExit(f"{config}: not exactly one 0220 per sale: {list(bad.items())[:5]}")
+    print(f"  {config}: {len(rrns)} sales sent by two uplink nodes through different instances at once: "
+          f"one 0220 each, no 0221, identical signed results on both", flush=True)
 
 
 def one_run(root: Path, cluster: PgCluster | None, config: str, args: argparse.Namespace) -> float:
@@ -103,15 +126,19 @@ def one_run(root: Path, cluster: PgCluster | None, config: str, args: argparse.N
     procs = ProcessGroup(root / "logs")
     try:
         db = cluster.new_database("bench") if backend == "postgresql" and cluster else None
+        twice = args.twice and n > 1
         inst = Instances.create(root, procs, db, n, delay_ms=args.delay_ms, policy=POLICY,
-                                acquirer_connections=args.acquirer_connections, stats=False)
+                                acquirer_connections=args.acquirer_connections, stats=twice)
         batches, core = prepare(inst, args.sales, args.terminals, args.batch)
         try:
-            elapsed, settled = trio.run(drive, [inst.url(i) for i in range(n)], core, batches, args.clients)
+            elapsed, results = trio.run(drive, [inst.url(i) for i in range(n)], core, batches,
+                                        args.clients, 2 if twice else 1)
         finally:
             core.close()
-        if settled != args.sales:
-            raise SystemExit(f"{config}: {settled} of {args.sales} sales settled")
+        if any(len(r) != args.sales for r in results):
+            raise SystemExit(f"{config}: {[len(r) for r in results]} of {args.sales} sales settled")
+        if twice:
+            check_once(inst, results, config)
         return args.sales / elapsed
     finally:
         procs.stop_all()
@@ -126,6 +153,9 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=200, help="sales per forwarding request (default 200)")
     p.add_argument("--clients", type=int, default=6, help="concurrent forwarding requests (default 6)")
     p.add_argument("--acquirer-connections", type=int, default=1, help="per instance (default 1)")
+    p.add_argument("--twice", action="store_true",
+                   help="with 2+ instances, two uplink nodes each send every sale (starting at different "
+                        "instances) and the run checks one 0220 per sale at the simulator and identical results")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
     args = p.parse_args()

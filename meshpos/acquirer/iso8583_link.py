@@ -142,6 +142,9 @@ class Iso8583Link:
                         raise
                     if conn.closed:  # the connection died while the caller recorded: nothing was sent
                         raise AcquirerError(f"{what}: {conn.lost_reason or 'connection to the acquirer lost'}")
+                    # the caller's recording (a database commit) is not the acquirer's time: the
+                    # host gets the whole timeout for its answer from here
+                    scope.deadline = trio.current_time() + self._timeout
                 conn.pending[key] = pending
                 conn.outbox += data
                 conn.outbox_ready.set()

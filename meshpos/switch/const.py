@@ -24,7 +24,7 @@ CLAIM_LEASE_S: Final = 15.0
 #: how long an instance that lost the race for a sale waits for the winner's result before
 #: answering it pending, and how often it looks
 WAIT_FOR_OTHER_INSTANCE_S: Final = 3.0
-WAIT_POLL_S: Final = 0.02
+WAIT_POLL_S: Final = 0.05
 #: how often a running instance looks for sites added or changed by another process
 SITE_RELOAD_S: Final = 1.0
 #: how long /readyz waits for the database and for an acquirer connection

@@ -159,6 +159,14 @@ class _Settled:
     reversal: bytes | None = None  # the signed ``reversal`` entry of a void after approval
 
 
+class _PollRound:
+    __slots__ = ("done", "rows")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.rows: dict[str, SaleRow] = {}
+
+
 @dataclass(frozen=True)
 class _Work:
     index: int
@@ -208,6 +216,8 @@ class Switch:
         self.writer = GroupCommit(store)
         self.writer.observe = self.metrics.db.labels("commit").observe
         self._claims: set[str] = set()  # sales this instance is advising now (renewed by keep_claims)
+        self._awaited: dict[str, int] = {}  # sales another instance is advising, and how many wait here
+        self._poll_round: _PollRound | None = None
         self.site_generation = -1
         self.sites: dict[str, SiteState] = {}
         self._busy: dict[str, trio.Event] = {}
@@ -337,7 +347,7 @@ class Switch:
                 for sale_id, void in voids.items():
                     s.put_void(sale_id, site.site_id, void.raw, void.body["at"])
 
-            await self.writer.commit(received)
+            await self.writer.commit(received, min([w.env.body["sale_id"] for w in new] + list(voids), default=""))
         # one query for the whole batch's rows and stored voids (not one per sale)
         ids = [sale_id for sale_id in work if sale_id not in outcomes]
         rows = await self._read(lambda: self.store.sales_of(ids))
@@ -513,20 +523,43 @@ class Switch:
                     s.renew_claims(self.instance, until)
 
                 try:
-                    await self.writer.commit(renew)
+                    await self.writer.commit(renew, "\uffff")  # many rows: after the single-sale ops
                 except MeshposError as exc:
                     log.warning("claims not renewed: %s", exc)
 
     async def _await_other(self, sale_id: str, w: _Work) -> Outcome:
         """Another instance is advising this sale: wait a moment for its result."""
-        deadline = trio.current_time() + self.wait_for_other_s
-        while True:
-            row = await self._sale(sale_id)
-            if row is not None and row.state == SETTLED:
-                return self._known(row, w)
-            if trio.current_time() >= deadline:
-                return Pending(sale_id, "being advised by another instance of this switch: forward it again")
+        self._awaited[sale_id] = self._awaited.get(sale_id, 0) + 1
+        try:
+            with trio.move_on_after(self.wait_for_other_s):
+                while True:
+                    row = await self._poll_awaited(sale_id)
+                    if row is not None and row.state == SETTLED:
+                        return self._known(row, w)
+        finally:
+            self._awaited[sale_id] -= 1
+            if not self._awaited[sale_id]:
+                del self._awaited[sale_id]
+        return Pending(sale_id, "being advised by another instance of this switch: forward it again")
+
+    async def _poll_awaited(self, sale_id: str) -> SaleRow | None:
+        """The row of ``sale_id`` as of the next poll: ONE query every WAIT_POLL_S reads the rows
+        of every sale awaited in this process (the first waiter of a round makes it)."""
+        round_ = self._poll_round
+        if round_ is not None:
+            await round_.done.wait()
+            return round_.rows.get(sale_id)
+        round_ = self._poll_round = _PollRound()
+        try:
             await trio.sleep(WAIT_POLL_S)
+            self._poll_round = None  # whoever comes now waits for the next round
+            ids = list(self._awaited)
+            round_.rows = await self._read(lambda: self.store.sales_of(ids))
+        finally:
+            if self._poll_round is round_:
+                self._poll_round = None
+            round_.done.set()
+        return round_.rows.get(sale_id)
 
     def _result(self, site: SiteState, sale_id: str, status: str, *, auth_code: str | None = None,
                 response_code: str | None = None, reason: str | None = None, reversed_: bool = False) -> bytes:
@@ -540,7 +573,7 @@ class Switch:
     async def _settle(self, sale_id: str, raw: bytes, status: str, reversal: str | None = None) -> _Settled:
         now = self.clock.now_ms()
         try:
-            await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now))
+            await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now), sale_id)
         except AlreadySettled:
             self._claims.discard(sale_id)
             row = await self._sale(sale_id)
@@ -569,7 +602,7 @@ class Switch:
                 s.settle(sale_id, raw, "rejected", None, now)
 
             try:
-                await self.writer.commit(op)
+                await self.writer.commit(op, sale_id)
             except AlreadySettled:  # another instance recorded it first
                 row = await self._sale(sale_id)
                 if row is None:
@@ -641,7 +674,7 @@ class Switch:
             nonlocal claimed
             claimed = s.claim(sale_id, self.instance, now, until)
 
-        await self.writer.commit(op)
+        await self.writer.commit(op, sale_id)
         if claimed:
             self._claims.add(sale_id)
         return claimed
@@ -651,7 +684,7 @@ class Switch:
         if sale_id in self._claims:
             self._claims.discard(sale_id)
             try:
-                await self.writer.commit(lambda s: s.release(sale_id, self.instance))
+                await self.writer.commit(lambda s: s.release(sale_id, self.instance), sale_id)
             except MeshposError as exc:  # it expires by itself
                 log.warning("sale %s: claim not released: %s", sale_id, exc)
 
@@ -691,7 +724,7 @@ class Switch:
 
         async def on_sent() -> None:
             at, until = self.clock.now_ms(), self._claim_until()
-            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at, self.instance, until))
+            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at, self.instance, until), sale_id)
             self._claims.add(sale_id)
 
         try:
@@ -735,13 +768,13 @@ class Switch:
             repeats = counting.repeats
             if repeats > 0:
                 at = self.clock.now_ms()
-                await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+                await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at), row.sale_id)
             log.warning("%s: acquirer gave no answer: %s", req.describe(), exc)
             return Pending(row.sale_id, "the acquirer did not answer yet: forward again (a repeat advice follows)")
         repeats = counting.repeats
         if repeats > 0:
             at = self.clock.now_ms()
-            await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+            await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at), row.sale_id)
         return await self._settle_answer(site, row.sale_id, answer)
 
     async def _settle_answer(self, site: SiteState, sale_id: str, answer: AcquirerResult) -> _Settled:
@@ -792,7 +825,7 @@ class Switch:
             return Pending(row.sale_id, f"cannot reverse: {exc}")
         if row.reversal is None:
             at = self.clock.now_ms()
-            await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at))
+            await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at), row.sale_id)
         try:
             answer = await self._reverse_until_answered(req)
         except AcquirerError as exc:
@@ -806,7 +839,7 @@ class Switch:
         entry = envelope.seal("reversal", "switch", {
             "sale_id": row.sale_id, "site": site.site_id, "reversed_at": at, "response_code": response_code,
             "reason": "voided after approval: reversed at the acquirer (0420)"}, self.key)
-        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at, entry))
+        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at, entry), row.sale_id)
         log.info("sale %s: voided after approval, reversed (0420)", row.sale_id)
         return _Settled(row.result, reversed=True, reversal=entry)
 
