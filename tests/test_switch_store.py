@@ -190,6 +190,9 @@ def test_no_password_is_written_to_config_and_the_environment_names_the_database
     SwitchDir(sw).open_store().close()  # the recorded URL, without its password, still names it
     with pytest.raises(ConfigError, match="password"):
         SwitchConfig.from_json({**json.loads(text), "db": with_password}, "config.json")
+    assert main_switch(["init", str(tmp_path / "argv"), "--listen", "127.0.0.1:0", "--acquirer", "127.0.0.1:1",
+                        "--db", with_password]) == 4  # not on a command line, where `ps` shows it
+    assert not (tmp_path / "argv").exists()
     with pytest.raises(ConfigError, match="not a postgresql"):
         init_switch(tmp_path / "bad", "127.0.0.1:0", "127.0.0.1:1", key=switch_key, db="mysql://x/y")
 

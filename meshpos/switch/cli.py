@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from ..errors import MeshposError
+from ..errors import ConfigError, MeshposError
 from ..identity import keys
 from .database import migrate_database, redact
 from .database import ENV_VAR
@@ -139,6 +139,9 @@ def _emit(data: dict[str, object], as_json: bool, lines: list[str]) -> None:
 
 def _cmd(args: argparse.Namespace) -> int:
     if args.switch_command == "init":
+        if args.db and redact(args.db) != args.db:
+            raise ConfigError("--db holds a password, which every local user could read in the process list: "
+                              f"give the URL with its password in ${ENV_VAR} instead (or use PGPASSWORD, ~/.pgpass)")
         sd = init_switch(args.switch_dir, args.listen, args.acquirer, args.acquirer_format, args.acquirer_ca,
                          acquirer_cert=args.acquirer_cert, acquirer_key=args.acquirer_key,
                          acquirer_plain=args.acquirer_plain, db=args.db,
