@@ -136,8 +136,7 @@ async def test_instances_killed_mid_batch_leave_their_sales_to_the_others_as_022
         nursery.start_soon(uplink, "b", b, 1)
         nursery.start_soon(killer)
 
-    assert kills >= 2
-    print("kills", kills, "acquirer totals", inst.stats()["totals"])
+    assert kills >= 2 and inst.stats()["totals"].get("0221", 0) > 0  # the dead instances' sales were repeated
     assert got["a"] == got["b"] and sorted(got["a"]) == sorted(ids)
     counts = acquirer_counts(inst, ids)
     assert all(c.get("0220") == 1 and set(c) <= {"0220", "0221"} for c in counts.values()), counts
@@ -181,7 +180,6 @@ async def test_postgresql_restarted_under_load_instances_are_unready_then_recove
             nursery.start_soon(restart)
 
         assert readiness[0] == [503, 503] and readiness[1] == [200, 200]
-        print("acquirer totals", inst.stats()["totals"])
         assert got["a"] == got["b"] and sorted(got["a"]) == sorted(ids)
         counts = acquirer_counts(inst, ids)
         assert all(c.get("0220") == 1 and set(c) <= {"0220", "0221"} for c in counts.values()), counts
