@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from meshpos.rules import PAN_MAX, PAN_MIN, luhn_ok  # the one Luhn check
+from meshpos.domain.rules import PAN_MAX, PAN_MIN, luhn_ok  # the one Luhn check
 
 INTERVAL_S = 0.05
 # A digit run, possibly grouped by spaces or dashes as people type card numbers.

@@ -8,11 +8,11 @@ from typing import Callable, Iterator
 import nacl.signing
 import pytest
 
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.identity import keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
-from meshpos.site import Site, init_site
+from meshpos.site.sitedir import Site, init_site
 
 from argv_watch import ArgvWatch
 from helpers import TEST_PANS

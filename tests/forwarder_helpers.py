@@ -6,7 +6,7 @@ import nacl.signing
 import trio
 
 from meshpos.wire import envelope
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.wire.forwarding import ForwardReply, Pending
 from meshpos.uplink.client import NotSent

@@ -18,18 +18,18 @@ from typing import Any, Callable
 
 import automerge.core as am
 
-from meshpos import rules
+from meshpos.domain import rules
 from meshpos.wire import canonical, envelope
 from meshpos.wire.cards import check_expiry, check_pan
-from meshpos.currency import parse_amount
+from meshpos.domain.currency import parse_amount
 from meshpos.wire.acquirer import AcquirerRequest
 from meshpos.wire.iso8583 import (NEED_DATA, ClientConnection, FrameDecoder as IsoFrameDecoder, LengthHeader,
                                   RequestKind, ServerConnection, build_answer, decode_message, encode_message,
                                   frame as iso_frame, parse_answer, parse_request)
-from meshpos.errors import MeshposError
+from meshpos.domain.errors import MeshposError
 from meshpos.wire.link_frames import FrameDecoder, FrameType, encode_frame
 from meshpos.wire.link import Hello, LinkConnection, Summary, encode_event
-from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 from meshpos.wire.forwarding import ForwardReply, Pending, Refusal, decode_reply, decode_request, encode_reply, encode_request
 
 Target = Callable[[bytes], None]

@@ -16,9 +16,9 @@ from meshpos.acquirer.base import AcquirerLink, LateAnswer
 from meshpos.wire.iso8583 import DEFAULT_SPEC, Spec
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, serve_simulator
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
+from meshpos.site.sitedir import Site
 from meshpos.switch.processor import Switch, rrn_of
 from meshpos.switch.service import SwitchService, serve_switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch

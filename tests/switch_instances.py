@@ -20,11 +20,11 @@ from typing import Any
 
 import trio
 
-from meshpos.clock import SYSTEM_CLOCK
-from meshpos.errors import UplinkError
+from meshpos.infra.clock import SYSTEM_CLOCK
+from meshpos.domain.errors import UplinkError
 from meshpos.node.core import NodeCore
-from meshpos.procs import ProcessGroup, free_ports, wait_for
-from meshpos.site import Site, init_site
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.sitedir import Site, init_site
 from meshpos.switch.processor import rrn_of
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch, make_instance
 from meshpos.uplink.client import forward, make_client_context

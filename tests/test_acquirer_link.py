@@ -16,7 +16,7 @@ from meshpos.acquirer.base import advise_until_answered
 from meshpos.wire.iso8583 import NEED_DATA, RequestReceived, ServerConnection
 from meshpos.acquirer.iso8583_link import Iso8583Link, open_iso8583_link
 from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, auth_code, serve_simulator
-from meshpos.errors import AcquirerError
+from meshpos.domain.errors import AcquirerError
 
 EXAMPLE_RULES = Path(__file__).parent.parent / "devices" / "acquirer-rules.example.json"
 VISA, MASTERCARD = "4111111111111111", "5555555555554444"

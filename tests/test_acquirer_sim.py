@@ -20,12 +20,12 @@ from test_http import client_context, make_self_signed, server_context
 
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.acquirer.base import UnsendableRequest, advise_until_answered
-from meshpos.acquirer.cli import main_acquirer_sim
+from meshpos.cli.acquirer_cmd import main_acquirer_sim
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json
 from meshpos.acquirer.simulator import Action, CardRule, Decider, SimRules, Simulator, serve_simulator
-from meshpos.errors import AcquirerError, ConfigError
-from meshpos.http import open_https, request
+from meshpos.domain.errors import AcquirerError, ConfigError
+from meshpos.infra.http import open_https, request
 
 ROOT = Path(__file__).parent.parent
 EXAMPLE_RULES = ROOT / "devices" / "acquirer-rules.example.json"
@@ -134,7 +134,7 @@ def test_bad_arguments_exit_non_zero(tmp_path: Path) -> None:
 
 async def test_cli_serves_counts_and_stops_on_sigterm(tmp_path: Path) -> None:
     stats_path = tmp_path / "stats.json"
-    code = "import sys; from meshpos.acquirer.cli import main_acquirer_sim; sys.exit(main_acquirer_sim(sys.argv[1:]))"
+    code = "import sys; from meshpos.cli.acquirer_cmd import main_acquirer_sim; sys.exit(main_acquirer_sim(sys.argv[1:]))"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     ca = tmp_path / "acquirer-ca.pem"  # TLS by default: the certificate it makes for itself
     proc = await trio.lowlevel.open_process(

@@ -18,10 +18,10 @@ from typing import Iterator
 import pytest
 
 from meshpos.cli.more import LOG_BACKUPS, LOG_MAX_BYTES, open_log_file
-from meshpos.errors import ConfigError, InputError
-from meshpos.meshview import to_dot
-from meshpos.procs import ProcessGroup
-from meshpos.site import init_site
+from meshpos.domain.errors import ConfigError, InputError
+from meshpos.status.meshview import to_dot
+from meshpos.apps.procs import ProcessGroup
+from meshpos.site.sitedir import init_site
 
 from helpers import fill_disk, run_cli
 
@@ -113,7 +113,7 @@ def test_site_init_with_a_bad_option_leaves_nothing(tmp_path: Path, bad: list[st
 def test_site_init_with_limits_puts_them_in_the_first_policy(tmp_path: Path) -> None:
     run_cli("site", "init", str(tmp_path / "s"), "--name", "X", "--max-sale", "20", "--offline-window", "2",
             check=True)
-    from meshpos.site import load_site
+    from meshpos.site.sitedir import load_site
     policy = load_site(tmp_path / "s").policy
     assert (policy.version, policy.max_sale_minor, policy.offline_window_s) == (1, 2000, 7200)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no work directory left beside it

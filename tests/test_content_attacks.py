@@ -16,10 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshpos import report, rules
+from meshpos.node import report
+
+from meshpos.domain import rules
 from meshpos.wire import envelope
 from meshpos.wire.cards import seal_card
-from meshpos.errors import ContentError, InputError, PolicyError
+from meshpos.domain.errors import ContentError, InputError, PolicyError
 from meshpos.wire.link import SUPPORTED_VERSIONS
 from test_hostile import Mesh
 
@@ -238,7 +240,7 @@ def test_one_refused_sale_breaks_no_listing_report_or_dashboard(make_node, switc
     import types
 
     from helpers import run_cli
-    from meshpos.dashboard import Dashboard
+    from meshpos.node.dashboard import Dashboard
     from meshpos.node.core import NodeCore
 
     a_dir, h_dir = make_node("a"), make_node("h")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import automerge.core as am
 
-from meshpos.ledger import entry_bytes
+from meshpos.ledger.ledger import entry_bytes
 from meshpos.node.core import NodeCore
 
 DRIVER = Path(__file__).with_name("crash_driver.py")

@@ -15,8 +15,8 @@ import pytest
 from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup
-from meshpos.site import init_site
+from meshpos.apps.procs import ProcessGroup
+from meshpos.site.sitedir import init_site
 from tests.cdp import Browser, chromium_path
 from tests.helpers import run_cli
 from tests.test_mesh_loopback import free_ports

@@ -15,11 +15,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshpos.dashboard import LIMITS, LOGIN_BURST, LoginLimiter
+from meshpos.node.dashboard import LIMITS, LOGIN_BURST, LoginLimiter
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports, wait_for
-from meshpos.site import Site, init_site
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.sitedir import Site, init_site
 
 PASSWORD = "sagra-2026"
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import trio
 
-from meshpos.discovery import (
+from meshpos.replication.discovery import (
     DEFAULT_TTL,
     Goodbye,
     Heard,
@@ -21,7 +21,7 @@ from meshpos.discovery import (
     TrioInbox,
     run_discovery,
 )
-from meshpos.errors import EncodingError, InputError
+from meshpos.domain.errors import EncodingError, InputError
 from meshpos.wire.dnssd import LocalService, decode_txt, encode_txt, instance_name
 
 SITE = "site-1"
@@ -116,7 +116,7 @@ def test_new_peer_is_seen_once_and_again_when_txt_changes() -> None:
 
 def test_own_foreign_malformed_and_mismatched_are_ignored(caplog: pytest.LogCaptureFixture) -> None:
     t = table()
-    caplog.set_level(logging.DEBUG, logger="meshpos.discovery")
+    caplog.set_level(logging.DEBUG, logger="meshpos.replication.discovery")
     assert observe(t, "n0") == []  # our own advertisement
     assert observe(t, site_id="site-2") == []
     bad = props("n1")

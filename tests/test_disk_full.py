@@ -13,11 +13,11 @@ from typing import Iterator
 
 import pytest
 
-from meshpos.errors import CorruptStoreError, DiskFullError
+from meshpos.domain.errors import CorruptStoreError, DiskFullError
 from meshpos.node import client
 from meshpos.node.diskspace import SALE_RESERVE_BYTES
-from meshpos.procs import ProcessGroup
-from meshpos.store import Store, free_bytes
+from meshpos.apps.procs import ProcessGroup
+from meshpos.ledger.store import Store, free_bytes
 
 from helpers import fill_disk, run_cli
 
@@ -148,7 +148,7 @@ def test_a_node_whose_disk_fills_with_what_its_links_bring_stays_up(tmp_path: Pa
     """The disk fills with entries replicated from a peer (no sale of its own to refuse first):
     SQLite meets the full disk inside the node's held transaction. The node stays up; once
     space is back and it re-syncs, it holds everything."""
-    from meshpos.procs import free_ports
+    from meshpos.apps.procs import free_ports
     run_cli("site", "init", str(tmp_path / "site"), "--name", "Sagra", check=True)
     pa, pb = free_ports(2)
     a, b = small_disk / "a", tmp_path / "b"

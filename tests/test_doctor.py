@@ -11,11 +11,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.node import client
 from meshpos.node.enroll import create_request, install_answer
-from meshpos.procs import ProcessGroup, free_ports
-from meshpos.site import load_site
+from meshpos.apps.procs import ProcessGroup, free_ports
+from meshpos.site.sitedir import load_site
 from tests.helpers import run_cli
 
 DAY_MS = 86_400_000

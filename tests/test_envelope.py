@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from meshpos.wire import canonical, envelope
-from meshpos.errors import EncodingError, MeshposError, VerificationError
+from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.identity import keys
 
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "protocols/vectors/envelope.json").read_text("utf-8"))

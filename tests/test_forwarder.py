@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos.clock import FakeClock
-from meshpos.errors import UplinkError
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import UplinkError
 from meshpos.node.core import NodeCore
 from meshpos.uplink import leases as L
 from meshpos.uplink.forwarder import Forwarder, run_forwarder

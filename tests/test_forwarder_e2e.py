@@ -18,10 +18,10 @@ from typing import Iterator
 import pytest
 
 from meshpos.wire import envelope
-from meshpos.clock import SYSTEM_CLOCK
+from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.node import client
 from meshpos.node.core import NodeCore
-from meshpos.procs import ProcessGroup
+from meshpos.apps.procs import ProcessGroup
 from meshpos.uplink import leases as L
 
 from uplink_harness import Fair

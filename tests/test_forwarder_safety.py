@@ -16,12 +16,12 @@ import pytest
 import trio
 import trio.testing
 
-from meshpos import rules
+from meshpos.domain import rules
 from meshpos.wire import envelope
-from meshpos.clock import FakeClock
-from meshpos.errors import UplinkError
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import UplinkError
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
+from meshpos.site.sitedir import Site
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.uplink import leases as L
 from meshpos.uplink.client import NotSent, SwitchRefused
@@ -392,7 +392,7 @@ async def test_refused_future_dated_and_reversed_sales_are_not_forwarded(
 
 
 def test_reachable_means_a_link_or_a_fresh_status() -> None:
-    from meshpos.statusboard import NodeStatus
+    from meshpos.status.board import NodeStatus
     from meshpos.uplink.reach import is_reachable
 
     now, peer = 50_000_000, "p" * 16

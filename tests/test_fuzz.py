@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fuzz_targets import TARGETS, mutate_bytes, mutate_envelope, run_target, world
 from meshpos.wire import envelope
-from meshpos.errors import EncodingError, MeshposError, VerificationError
+from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

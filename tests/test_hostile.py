@@ -21,15 +21,15 @@ import nacl.signing
 import pytest
 
 from meshpos.wire import envelope
-from meshpos.errors import VerificationError
+from meshpos.domain.errors import VerificationError
 from meshpos.identity import certs
-from meshpos.ledger import IngestReport, Ledger
-from meshpos.link import tls
-from meshpos.link.memnet import MemLink, MemNetwork
+from meshpos.ledger.ledger import IngestReport, Ledger
+from meshpos.replication import tls
+from meshpos.replication.memnet import MemLink, MemNetwork
 from meshpos.wire.link import SUPPORTED_VERSIONS
-from meshpos.link.testing import SimNode, wall_clock
-from meshpos.roster import Roster, Verified, entry_key
-from meshpos.sync import SyncConfig
+from meshpos.node.memnode import SimNode, wall_clock
+from meshpos.site.roster import Roster, Verified, entry_key
+from meshpos.replication.sync import SyncConfig
 
 
 class Mesh:
@@ -264,9 +264,9 @@ def test_made_up_shards_and_lying_statuses_do_not_spread(mesh: Mesh) -> None:
     any log) and signs statuses that lie about who it is or what time it is."""
     import os
 
-    from meshpos import rules
-    from meshpos.meshview import Known, analyze
-    from meshpos.statusboard import StatusBoard
+    from meshpos.domain import rules
+    from meshpos.status.meshview import Known, analyze
+    from meshpos.status.board import StatusBoard
 
     mesh.pump()
     tables = {n.core.node_id: set(n.core.ledger.shards()) for n in mesh.honest}

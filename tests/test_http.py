@@ -1,4 +1,4 @@
-"""meshpos.http: the h11 server and client on loopback, plain and with TLS client certificates."""
+"""meshpos.infra.http: the h11 server and client on loopback, plain and with TLS client certificates."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshpos.errors import ProtocolError
-from meshpos.http import (
+from meshpos.domain.errors import ProtocolError
+from meshpos.infra.http import (
     AbortConnection,
     HttpClientConnection,
     HttpLimits,

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 
 from meshpos.wire import envelope
-from meshpos.clock import FakeClock
-from meshpos.errors import ConfigError, InputError, VerificationError
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import ConfigError, InputError, VerificationError
 from meshpos.identity import certs, keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import create_request, install_answer
-from meshpos.node.nodedir import NodeDir
-from meshpos.site import Site, init_site, load_site
+from meshpos.site.nodedir import NodeDir
+from meshpos.site.sitedir import Site, init_site, load_site
 
 
 def test_site_init_writes_ca_and_signed_policy(site: Site) -> None:

@@ -14,15 +14,15 @@ import pytest
 import trio
 
 from meshpos.wire import envelope
-from meshpos.clock import SYSTEM_CLOCK
-from meshpos.link.driver import LinkEndpoint, connect_link
+from meshpos.infra.clock import SYSTEM_CLOCK
+from meshpos.replication.link_driver import LinkEndpoint, connect_link
 from meshpos.node import client
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
-from meshpos.node.nodedir import NodeDir
-from meshpos.procs import ProcessGroup, wait_for
-from meshpos.site import Site
-from meshpos.sync import Replicator
+from meshpos.site.nodedir import NodeDir
+from meshpos.apps.procs import ProcessGroup, wait_for
+from meshpos.site.sitedir import Site
+from meshpos.replication.sync import Replicator
 from tests.helpers import run_cli
 from tests.test_mesh_loopback import free_ports
 

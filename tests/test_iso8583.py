@@ -14,7 +14,7 @@ from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.iso8583 import (NEED_DATA, AnswerReceived, ClientConnection, Family, FrameDecoder, LengthHeader,
                                   MatchKey, RequestKind, RequestReceived, ServerConnection, UnexpectedAnswer,
                                   build_request, decode_message, encode_message, frame)
-from meshpos.errors import EncodingError, InputError, ProtocolError
+from meshpos.domain.errors import EncodingError, InputError, ProtocolError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "protocols" / "vectors" / "iso8583.json").read_text())
 NOW_MS = VECTORS["transmission_now_ms"]

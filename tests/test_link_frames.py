@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpos.errors import ProtocolError
+from meshpos.domain.errors import ProtocolError
 from meshpos.wire import link as lp
 from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 
@@ -113,7 +113,7 @@ def test_decoder_on_random_bytes_only_raises_protocol_error(data: bytes, cuts: l
                 try:
                     lp.decode_frame(frame)
                 except Exception as exc:  # payload errors are EncodingError, nothing else
-                    from meshpos.errors import EncodingError
+                    from meshpos.domain.errors import EncodingError
                     assert isinstance(exc, EncodingError)
     except ProtocolError:
         return

@@ -14,11 +14,11 @@ from typing import Iterator
 
 import pytest
 
-from meshpos.netguard import LogLimiter, RateLimitFilter
+from meshpos.infra.netguard import LogLimiter, RateLimitFilter
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports, wait_for
-from meshpos.site import Site
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.sitedir import Site
 
 ATTACKER = "127.0.0.2"  # loopback too, but another source address than the honest nodes' 127.0.0.1
 
@@ -163,7 +163,7 @@ def test_the_log_filter_keeps_a_burst_then_counts_what_it_dropped() -> None:
     limit = RateLimitFilter(interval=60.0, burst=3, now=lambda: now[0])
 
     def record(msg: str, *args: object) -> logging.LogRecord:
-        return logging.LogRecord("meshpos.ledger", logging.WARNING, __file__, 1, msg, args, None)
+        return logging.LogRecord("meshpos.ledger.ledger", logging.WARNING, __file__, 1, msg, args, None)
     template = "rejected entry %s in shard %s from peer %s: %s"
     kept = [limit.filter(record(template, f"sale/{i}", "x/000000", "h", "bad")) for i in range(500)]
     assert kept.count(True) == 3 and kept[:3] == [True] * 3

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshpos.errors import ProtocolError
+from meshpos.domain.errors import ProtocolError
 from meshpos.wire.link_frames import FrameType, encode_frame
 from meshpos.wire.link import (Closed, Goodbye, Have, Hello, LinkConnection, LinkState, LinkUp, Ping, Pong,
                                    Push, Sync, Timeouts)

@@ -8,8 +8,8 @@ import pytest
 
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports, wait_for
-from meshpos.site import Site, init_site
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.sitedir import Site, init_site
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from meshpos.mesh import BACKOFF_MAX, PeerInfo, PeerPlanner, keep_link, ring_targets
+from meshpos.replication.planner import BACKOFF_MAX, PeerInfo, PeerPlanner, keep_link, ring_targets
 
 
 def _ids(n: int, seed: int = 1) -> list[str]:

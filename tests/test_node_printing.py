@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshpos.node import client
-from meshpos.procs import ProcessGroup, free_ports, wait_for
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
 
 from helpers import run_cli
 

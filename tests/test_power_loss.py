@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 import meshpos.node.core as core_mod
-from meshpos.errors import CorruptStoreError, PolicyError, StoreError
-from meshpos.link.memnet import MemNetwork
-from meshpos.link.testing import SimNode, wall_clock
+from meshpos.domain.errors import CorruptStoreError, PolicyError, StoreError
+from meshpos.replication.memnet import MemNetwork
+from meshpos.node.memnode import SimNode, wall_clock
 from meshpos.node.core import NodeCore
-from meshpos.store import Store
+from meshpos.ledger.store import Store
 
 DB = "meshpos.db"
 

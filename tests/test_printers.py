@@ -19,7 +19,7 @@ import trio
 import trio.testing
 
 from meshpos.wire import canonical
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.devices.printers import (
     STATUS_QUERY,
     PrinterConfig,
@@ -31,7 +31,7 @@ from meshpos.devices.printers import (
 )
 from meshpos.devices.receipts import ReceiptData, ReceiptOptions, render_bytes
 from meshpos.devices.spool import PrinterStatus, PrinterWorker, Spool, run_printer_worker
-from meshpos.errors import PrinterError
+from meshpos.domain.errors import PrinterError
 
 
 FAST = PrinterTiming(connect_timeout=5.0, status_timeout=0.2, io_timeout=0.5, backoff_initial=0.01,
@@ -429,7 +429,7 @@ def test_example_node_configs_are_valid(name: str) -> None:
     import json
 
     from meshpos.devices.profiles import devices_dir
-    from meshpos.node.nodedir import NodeConfig
+    from meshpos.site.nodedir import NodeConfig
 
     path = devices_dir() / "examples" / f"{name}.json"
     data = json.loads(path.read_text())

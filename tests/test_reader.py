@@ -12,7 +12,7 @@ import trio.testing
 from meshpos.wire import canonical
 from meshpos.wire.cards import CardCapture, open_card
 from meshpos.devices.reader import TEST_CARDS, CardReader, SimulatedReader
-from meshpos.errors import DeviceError, InputError
+from meshpos.domain.errors import DeviceError, InputError
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ async def test_read_delay_runs_on_trio_time(switch_key: nacl.public.PrivateKey,
 
 
 async def test_a_card_past_its_expiry_is_refused_at_the_read(switch_key: nacl.public.PrivateKey) -> None:
-    from meshpos.clock import FakeClock
+    from meshpos.infra.clock import FakeClock
     january_2031 = 1924992000000  # the test cards expire 12/30
     with pytest.raises(InputError, match="expired"):
         await reader(switch_key, clock=FakeClock(now_ms=january_2031)).read(500, "EUR")

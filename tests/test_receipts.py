@@ -19,7 +19,7 @@ from meshpos.devices.profiles import (
     load_printer_profile,
 )
 from meshpos.devices.receipts import ReceiptData, ReceiptOptions, layout, render, render_bytes, render_text
-from meshpos.errors import ConfigError, InputError, PrinterError
+from meshpos.domain.errors import ConfigError, InputError, PrinterError
 
 FULL_PANS = ("4111111111111111", "5555555555554444", "4000000000000002", "4000000000009995")
 QR_STORE = b"\x1d(k"  # GS ( k: the native 2D-code command

@@ -12,8 +12,8 @@ from typing import Any
 import automerge.core as am
 import pytest
 
-from meshpos import rules
-from meshpos.errors import ContentError
+from meshpos.domain import rules
+from meshpos.domain.errors import ContentError
 from meshpos.wire.link import SUPPORTED_VERSIONS
 from test_content_attacks import h_sale, publish, views
 from test_hostile import Mesh
@@ -131,7 +131,7 @@ def test_a_status_with_fields_of_the_wrong_type_breaks_no_view(what: str) -> Non
     dashboard's /api/state) crashed on it with AttributeError/TypeError, on every node that held
     it, for as long as the status was fresh; escape sequences went to the inspector's terminal."""
     from meshpos.cli.inspect_cmd import render
-    from meshpos.meshview import Known, analyze
+    from meshpos.status.meshview import Known, analyze
 
     now = 1_767_225_600_000
     honest = {"at": now, "pending": {"count": 2, "amount_minor": 300, "oldest_created_at": now - 1000},
@@ -163,7 +163,7 @@ def test_a_card_number_in_a_void_reason_is_refused_before_it_is_signed(mesh: Mes
 
 def test_a_card_number_in_a_revocation_reason_is_refused(site) -> None:
     """The same for `meshpos site revoke --reason`: a revocation is replicated to every node."""
-    from meshpos.errors import InputError
+    from meshpos.domain.errors import InputError
 
     with pytest.raises(InputError, match="reason"):
         site.revoke("0123456789abcdef", "stolen with card 4111-1111-1111-1111 inside")

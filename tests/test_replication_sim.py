@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from meshpos.wire.link_frames import FrameDecoder, FrameType
-from meshpos.link.memnet import MemLink, MemNetwork
-from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
+from meshpos.replication.memnet import MemLink, MemNetwork
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 
 N = 4
 _TEMPLATE: Path | None = None

@@ -9,11 +9,11 @@ from pathlib import Path
 import nacl.signing
 
 from meshpos.wire import envelope
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import create_request, install_answer
-from meshpos.report import collect, summarize
-from meshpos.site import Site
+from meshpos.node.report import collect, summarize
+from meshpos.site.sitedir import Site
 from tests.helpers import run_cli
 
 HOUR_MS = 3_600_000

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshpos import report
+from meshpos.node import report
 from meshpos.wire import envelope
 
 VISA = "4111111111111111"
@@ -41,7 +41,7 @@ def test_void_after_approval_ends_reversed_with_the_reversal_entry(make_node, op
 def test_a_reversal_signed_by_anyone_but_the_switch_is_refused(make_node, open_node, clock) -> None:
     import nacl.signing
     import pytest
-    from meshpos.errors import VerificationError
+    from meshpos.domain.errors import VerificationError
 
     t1 = open_node(make_node("t1"))
     sale = t1.sell(500)

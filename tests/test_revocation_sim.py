@@ -24,10 +24,10 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from meshpos import report
-from meshpos.link.memnet import MemLink, MemNetwork
-from meshpos.link.testing import SimNode, enroll, wall_clock
-from meshpos.site import load_site, init_site
+from meshpos.node import report
+from meshpos.replication.memnet import MemLink, MemNetwork
+from meshpos.node.memnode import SimNode, enroll, wall_clock
+from meshpos.site.sitedir import load_site, init_site
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.switch.processor import Switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
@@ -239,7 +239,7 @@ def test_revocation_in_any_order_ends_the_same_everywhere(tmp_path_factory: pyte
 def test_revocation_check_catches_a_node_that_keeps_entries_after_the_cut(tmp_path: Path, monkeypatch) -> None:
     """Test of the test: a ledger that does not purge on revocation keeps, on a node that saw them
     first, sales after the cut that other nodes never take: the check fails."""
-    from meshpos.ledger import Ledger
+    from meshpos.ledger.ledger import Ledger
     monkeypatch.setattr(Ledger, "_purge_beyond_cut", lambda self, node_id: None)
     ops = [("link", "r", "a"), ("link", "a", "g"), ("sell", "r", 10, False), ("deliver", 4), ("time", 5),
            ("revoke", "g", True)]

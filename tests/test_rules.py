@@ -1,4 +1,4 @@
-"""The content rules (meshpos/rules.py) against the vectors in protocols/vectors/rules.json, and
+"""The content rules (meshpos/domain/rules.py) against the vectors in protocols/vectors/rules.json, and
 properties of the character-set rules."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meshpos import rules
+from meshpos.domain import rules
 from meshpos.wire import envelope
 from meshpos.wire.cards import check_expiry, check_pan
-from meshpos.currency import parse_amount
-from meshpos.errors import InputError
-from meshpos.policy import SitePolicy
+from meshpos.domain.currency import parse_amount
+from meshpos.domain.errors import InputError
+from meshpos.domain.policy import SitePolicy
 
 VECTORS = json.loads((Path(__file__).resolve().parents[1] / "protocols/vectors/rules.json").read_text("utf-8"))
 POLICIES = [SitePolicy.from_json(p, "vector") for p in VECTORS["policies"]]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from meshpos.cli.secret_input import Console, read_card, read_password, split_card_line
-from meshpos.errors import InputError
-from meshpos.policy import check_password
-from meshpos.site import load_site
+from meshpos.domain.errors import InputError
+from meshpos.domain.policy import check_password
+from meshpos.site.sitedir import load_site
 
 from argv_watch import ArgvWatch
 from helpers import TEST_PANS, make_cli_site, run_cli

@@ -1,4 +1,4 @@
-"""Shard names bounded to shards that can exist (meshpos.shardpark): a hostile enrolled peer's made-up
+"""Shard names bounded to shards that can exist (meshpos.replication.shardpark): a hostile enrolled peer's made-up
 shard names never enter the shard table nor our HELLO, and a real node's shards that arrive before its
 certificate are parked and taken in once it comes."""
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import automerge.core as am
 
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.wire.link_frames import MAX_PAYLOAD
-from meshpos.link.memnet import MemNetwork
+from meshpos.replication.memnet import MemNetwork
 from meshpos.wire.link import Snapshot, Summary, Sync, encode_event
-from meshpos.shardpark import MAX_PARKED_PER_PEER
+from meshpos.replication.shardpark import MAX_PARKED_PER_PEER
 from tests.test_sync import _hostile_peer, _nodes
 
 

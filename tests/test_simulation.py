@@ -1,6 +1,6 @@
 """Deterministic simulation: the whole site in memory, driven by a Hypothesis stateful test.
 
-Three terminals on the in-memory network (meshpos.link.memnet), each with its OWN FakeClock
+Three terminals on the in-memory network (meshpos.replication.memnet), each with its OWN FakeClock
 (skews of hours between terminals), the real switch processor (meshpos.switch.processor.Switch,
 its SQLite de-duplication table) behind a fake transport whose uplink flaps and sometimes loses
 the reply after the switch acted, and a fake acquirer that counts advices. Rules: card and cash
@@ -32,12 +32,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
-from meshpos.clock import SYSTEM_CLOCK, FakeClock
-from meshpos.errors import AcquirerError, UplinkError
+from meshpos.infra.clock import SYSTEM_CLOCK, FakeClock
+from meshpos.domain.errors import AcquirerError, UplinkError
 from meshpos.wire.link_frames import FrameDecoder
-from meshpos.link.memnet import MemLink, MemNetwork
-from meshpos.link.testing import SimNode, enroll
-from meshpos.site import init_site
+from meshpos.replication.memnet import MemLink, MemNetwork
+from meshpos.node.memnode import SimNode, enroll
+from meshpos.site.sitedir import init_site
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.switch.processor import Switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch

@@ -7,15 +7,15 @@ from typing import Any, Callable
 
 import pytest
 
-from meshpos import rules
+from meshpos.domain import rules
 from meshpos.wire import canonical, envelope
-from meshpos.clock import FakeClock
-from meshpos.errors import ProtocolError
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import ProtocolError
 from meshpos.wire.link import Hello, LinkConnection, Status
-from meshpos.meshview import Known, analyze
+from meshpos.status.meshview import Known, analyze
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
-from meshpos.statusboard import StatusBoard
+from meshpos.site.sitedir import Site
+from meshpos.status.board import StatusBoard
 
 SITE, A, B = "a" * 16, "b" * 16, "c" * 16
 WINDOW, WARN = 24 * 3_600_000, 3 * 3_600_000

@@ -10,10 +10,10 @@ import automerge.core as am
 import pytest
 
 from meshpos.wire import envelope
-from meshpos.errors import CorruptStoreError, LockedError, PolicyError, StoreError
-from meshpos.ledger import entry_bytes
+from meshpos.domain.errors import CorruptStoreError, LockedError, PolicyError, StoreError
+from meshpos.ledger.ledger import entry_bytes
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
+from meshpos.site.sitedir import Site
 
 
 def test_sale_is_durable_before_it_is_returned(make_node, clock) -> None:
@@ -210,7 +210,7 @@ def test_honest_relay_strips_forgeries_so_its_neighbours_never_see_them(make_nod
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from meshpos.ledger import changed_keys  # noqa: E402
+from meshpos.ledger.ledger import changed_keys  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
@@ -254,7 +254,7 @@ def test_bulk_merge_checks_signatures_in_parallel_and_still_refuses_forgeries(ma
 
 
 def test_a_held_store_checkpoints_only_when_told_on_a_connection_of_its_own(make_node, clock, monkeypatch) -> None:
-    from meshpos import store as store_mod
+    from meshpos.ledger import store as store_mod
     monkeypatch.setattr(store_mod, "CHECKPOINT_ROWS", 50)
     core = NodeCore.open(make_node("t1"), clock)
     try:

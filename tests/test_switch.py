@@ -15,12 +15,12 @@ import trio
 from meshpos.wire import envelope
 from meshpos.acquirer.simulator import CardRule, SimRules, auth_code
 from meshpos.wire.cards import CardCapture
-from meshpos.clock import FakeClock
-from meshpos.errors import ProtocolError, UplinkError
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import ProtocolError, UplinkError
 from meshpos.identity import certs, keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
-from meshpos.site import Site, init_site
+from meshpos.site.sitedir import Site, init_site
 from meshpos.wire.forwarding import FORWARD_PATH, ForwardReply
 from meshpos.switch.store import ADVICE_SENT, SETTLED
 from meshpos.switch.switchdir import SwitchDir, add_site
@@ -338,7 +338,7 @@ async def test_results_verify_only_with_the_pinned_switch_key(
     body = {"sale_id": sale_id, "site": core.policy.site_id, "status": "approved", "auth_code": "ABC123",
             "response_code": "00", "reason": None, "settled_at": clock.now_ms(), "reversed": False}
     fake = envelope.seal("result", "switch", body, keys.generate())
-    from meshpos.errors import VerificationError
+    from meshpos.domain.errors import VerificationError
     with pytest.raises(VerificationError):
         core.ingest(fake, "switch")
     assert core.sale(sale_id)["status"] == "pending"

@@ -15,11 +15,11 @@ import pytest
 import trio
 
 from meshpos.wire import envelope
-from meshpos.errors import ConfigError, EncodingError
+from meshpos.domain.errors import ConfigError, EncodingError
 from meshpos.identity import keys
-from meshpos.site import Site, init_site
+from meshpos.site.sitedir import Site, init_site
 from meshpos.wire import forwarding as api
-from meshpos.switch.cli import main_switch
+from meshpos.cli.switch_cmd import main_switch
 from meshpos.switch.processor import decline_reason, rrn_of, stan_of, terminal_id_of
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.wire.pin import certificate_key, check_pin
@@ -135,7 +135,7 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, site: Site, switch_k
     init_switch(sw, "127.0.0.1:0", "127.0.0.1:1", key=switch_key)
     add_site(sw, site.path)
     node = make_node("t")
-    proc = subprocess.Popen([sys.executable, "-m", "meshpos.switch.cli", "run", str(sw)],
+    proc = subprocess.Popen([sys.executable, "-m", "meshpos.cli.switch_cmd", "run", str(sw)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:

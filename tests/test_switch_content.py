@@ -25,11 +25,11 @@ from meshpos.acquirer.base import AcquirerLink, BeforeSend
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.iso8583 import DEFAULT_SPEC
 from meshpos.acquirer.simulator import CardRule, SimRules
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.identity import keys
 from meshpos.node.core import NodeCore
-from meshpos.rules import luhn_ok
-from meshpos.site import Site
+from meshpos.domain.rules import luhn_ok
+from meshpos.site.sitedir import Site
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.switch.store import ADVICE_SENT, REVERSAL_DONE, SETTLED, SwitchStore
 from meshpos.uplink.client import forward, make_client_context

@@ -22,9 +22,9 @@ import pytest
 import trio
 
 from meshpos.wire import envelope
-from meshpos.clock import FakeClock
+from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
+from meshpos.site.sitedir import Site
 from meshpos.switch.connlimit import ConnectionLimits
 from meshpos.switch.processor import Switch
 from meshpos.switch.service import SwitchService, serve_switch
@@ -59,7 +59,7 @@ async def test_switch_run_disables_core_dumps(tmp_path: Path, site: Site,
     sw = tmp_path / "sw"
     init_switch(sw, "127.0.0.1:0", "127.0.0.1:1", key=switch_key, acquirer_plain=True)
     add_site(sw, site.path)
-    proc = subprocess.Popen([sys.executable, "-m", "meshpos.switch.cli", "run", str(sw)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "meshpos.cli.switch_cmd", "run", str(sw)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             preexec_fn=allow_core_dumps)  # started WITH core dumps allowed
     try:

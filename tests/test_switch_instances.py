@@ -13,12 +13,12 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshpos.clock import SYSTEM_CLOCK
-from meshpos.errors import UplinkError
+from meshpos.infra.clock import SYSTEM_CLOCK
+from meshpos.domain.errors import UplinkError
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup
-from meshpos.site import init_site
+from meshpos.apps.procs import ProcessGroup
+from meshpos.site.sitedir import init_site
 from meshpos.switch.switchdir import add_site
 from meshpos.uplink.client import forward, make_client_context
 from meshpos.uplink.forwarder import Forwarder

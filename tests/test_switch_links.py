@@ -17,12 +17,12 @@ import trio
 from meshpos.wire import envelope
 from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator
 from meshpos.acquirer.tls import self_signed, server_context
-from meshpos.clock import FakeClock
-from meshpos.errors import ConfigError
-from meshpos.http import Request, Response, json_response, listener_port, serve_http
+from meshpos.infra.clock import FakeClock
+from meshpos.domain.errors import ConfigError
+from meshpos.infra.http import Request, Response, json_response, listener_port, serve_http
 from meshpos.node.core import NodeCore
-from meshpos.site import Site
-from meshpos.switch.cli import main_switch
+from meshpos.site.sitedir import Site
+from meshpos.cli.switch_cmd import main_switch
 from meshpos.switch.service import RunningSwitch, run_switch
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.client import forward, make_client_context

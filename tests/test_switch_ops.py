@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshpos.acquirer.iso8583_link import open_iso8583_link
 from meshpos.acquirer.pool import AcquirerPool
-from meshpos.errors import AcquirerError
+from meshpos.domain.errors import AcquirerError
 from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator
 from meshpos.switch.service import RunningSwitch, run_switch
 from meshpos.wire.acquirer import AcquirerRequest

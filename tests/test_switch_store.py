@@ -12,9 +12,9 @@ import nacl.signing
 import pytest
 import trio
 
-from meshpos.errors import ConfigError, StoreError
+from meshpos.domain.errors import ConfigError, StoreError
 from meshpos.switch import db_postgres, db_sqlite
-from meshpos.switch.cli import main_switch
+from meshpos.cli.switch_cmd import main_switch
 from meshpos.switch.database import ENV_VAR, redact
 from meshpos.switch.store import ADVICE_SENT, RECEIVED, AlreadySettled, ClaimLost, GroupCommit, SwitchStore
 from meshpos.switch.switchdir import SwitchConfig, SwitchDir, init_switch, make_instance

@@ -9,13 +9,13 @@ import automerge.core as am
 import pytest
 
 from meshpos.wire import envelope
-from meshpos.ledger import entry_bytes
-from meshpos.link.memnet import MemNetwork
+from meshpos.ledger.ledger import entry_bytes
+from meshpos.replication.memnet import MemNetwork
 from meshpos.wire.shards import shard_name
 from meshpos.wire.link_frames import FrameDecoder, FrameType
 from meshpos.wire.link import Hello, LinkConnection, Push, Sync, Snapshot
-from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
-from meshpos.sync import MAX_ORPHAN_PUSHES, SyncConfig
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
+from meshpos.replication.sync import MAX_ORPHAN_PUSHES, SyncConfig
 
 
 @pytest.fixture

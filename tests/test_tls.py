@@ -10,14 +10,14 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from meshpos.clock import SYSTEM_CLOCK
+from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.identity import certs, keyfile, keys
-from meshpos.link import tls
-from meshpos.link.driver import LinkEndpoint, connect_link, serve_links
+from meshpos.replication import tls
+from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_links
 from meshpos.wire.link_frames import FrameType, encode_frame
 from meshpos.wire.link import Timeouts
-from meshpos.link.testing import SimNode, enroll, make_site
-from meshpos.sync import SyncConfig
+from meshpos.node.memnode import SimNode, enroll, make_site
+from meshpos.replication.sync import SyncConfig
 
 FAST = SyncConfig(timeouts=Timeouts(hello=3.0, idle=30.0, keepalive=10.0, frame=0.5))
 
@@ -195,7 +195,7 @@ class _FakeSSL:
 
 
 def test_peer_identity_reasons_and_read_only(mesh: Any, tmp_path: Path) -> None:
-    from meshpos.errors import VerificationError
+    from meshpos.domain.errors import VerificationError
     site, a, b = mesh
     roster, now = a.core.roster, SYSTEM_CLOCK.now_ms()
     ok = tls.peer_identity(_FakeSSL(certs.to_der(b.core.cert)), a.core.ca_cert, roster, now)

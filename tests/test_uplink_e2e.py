@@ -22,9 +22,9 @@ import trio
 
 from meshpos.wire import canonical, envelope
 from meshpos.wire.cards import CardCapture
-from meshpos.clock import SYSTEM_CLOCK
+from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.node.core import NodeCore
-from meshpos.procs import ProcessGroup
+from meshpos.apps.procs import ProcessGroup
 from meshpos.uplink.client import forward, make_client_context
 from meshpos.uplink.forwarder import Forwarder
 

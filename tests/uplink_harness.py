@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 from meshpos.acquirer.simulator import auth_code
 from meshpos.wire.cards import seal_card
-from meshpos.errors import MeshposError
+from meshpos.domain.errors import MeshposError
 from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import ProcessGroup, free_ports, wait_for
-from meshpos.site import Site, init_site
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.sitedir import Site, init_site
 from meshpos.switch.processor import rrn_of
 from meshpos.switch.switchdir import add_site, init_switch
 

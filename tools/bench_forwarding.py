@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshpos.acquirer.iso8583_link import open_iso8583_link  # noqa: E402
 from meshpos.acquirer.simulator import SimRules, serve_simulator  # noqa: E402
-from meshpos.clock import SYSTEM_CLOCK  # noqa: E402
+from meshpos.infra.clock import SYSTEM_CLOCK  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.node.core import NodeCore  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
-from meshpos.site import init_site  # noqa: E402
+from meshpos.site.sitedir import init_site  # noqa: E402
 from meshpos.switch.processor import Switch  # noqa: E402
 from meshpos.switch.service import SwitchService, serve_switch  # noqa: E402
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch  # noqa: E402

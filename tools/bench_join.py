@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_sync import Seller  # noqa: E402
 
-from meshpos.link.testing import SimNode, make_site, wall_clock  # noqa: E402
+from meshpos.node.memnode import SimNode, make_site, wall_clock  # noqa: E402
 from meshpos.node import client  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
-from meshpos.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
 
 
 def entry_count(db: Path) -> int:

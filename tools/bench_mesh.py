@@ -7,7 +7,7 @@ at a steady site-wide rate through the control sockets; for every sale, the time
     python tools/bench_mesh.py --nodes 8 --rate 10 --seconds 10 --json
 
 Topology (--topology): `planner` (default) gives every node the static peers the product's ring
-planner (meshpos.mesh.ring_targets: 2 ring successors + 1 chord) would dial, i.e. the links a real
+planner (meshpos.replication.planner.ring_targets: 2 ring successors + 1 chord) would dial, i.e. the links a real
 site forms over mDNS; `prev2` peers each node with the 2 nodes started before it (a long thin mesh,
 diameter ~N/2). mDNS is off either way.
 
@@ -43,14 +43,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from meshpos.wire.cards import seal_card  # noqa: E402
-from meshpos.errors import MeshposError  # noqa: E402
+from meshpos.domain.errors import MeshposError  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
-from meshpos.mesh import ring_targets  # noqa: E402
+from meshpos.replication.planner import ring_targets  # noqa: E402
 from meshpos.node import client  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
-from meshpos.node.nodedir import NodeDir  # noqa: E402
-from meshpos.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
-from meshpos.site import Site, init_site  # noqa: E402
+from meshpos.site.nodedir import NodeDir  # noqa: E402
+from meshpos.apps.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
+from meshpos.site.sitedir import Site, init_site  # noqa: E402
 
 CARDS = ("4111111111111111", "5555555555554444")
 

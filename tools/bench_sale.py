@@ -23,7 +23,7 @@ import nacl.signing
 from meshpos.identity import keys
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
-from meshpos.site import init_site
+from meshpos.site.sitedir import init_site
 
 
 def fsync_cost(directory: Path, n: int = 200) -> float:

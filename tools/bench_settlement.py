@@ -49,8 +49,8 @@ from meshpos.wire.iso8583 import DEFAULT_SPEC, LengthHeader, decode_message  # n
 from meshpos.acquirer.simulator import SimRules, Simulator  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.node import client  # noqa: E402
-from meshpos.node.nodedir import NodeDir  # noqa: E402
-from meshpos.procs import wait_for  # noqa: E402
+from meshpos.site.nodedir import NodeDir  # noqa: E402
+from meshpos.apps.procs import wait_for  # noqa: E402
 from meshpos.switch.processor import rrn_of  # noqa: E402
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch  # noqa: E402
 

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the throw-away PostgreSQL cluster and the instances harness
 
-from meshpos.clock import SYSTEM_CLOCK  # noqa: E402
-from meshpos.errors import UplinkError  # noqa: E402
+from meshpos.infra.clock import SYSTEM_CLOCK  # noqa: E402
+from meshpos.domain.errors import UplinkError  # noqa: E402
 from meshpos.node.core import NodeCore  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
-from meshpos.procs import ProcessGroup  # noqa: E402
+from meshpos.apps.procs import ProcessGroup  # noqa: E402
 from meshpos.uplink.client import forward, make_client_context  # noqa: E402
 from meshpos.uplink.forwarder import Forwarder  # noqa: E402
 from meshpos.wire import envelope  # noqa: E402

@@ -24,9 +24,9 @@ from typing import Any
 import automerge.core as am
 
 from meshpos.wire import envelope
-from meshpos.link.memnet import MemNetwork
-from meshpos.link.testing import SimNode, enroll, make_site, wall_clock
-from meshpos.ledger import Ledger
+from meshpos.replication.memnet import MemNetwork
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
+from meshpos.ledger.ledger import Ledger
 
 
 class Seller:

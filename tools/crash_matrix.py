@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from meshpos.demo import CARDS, FINAL, Demo
-from meshpos.errors import MeshposError
+from meshpos.apps.demo import CARDS, FINAL, Demo
+from meshpos.domain.errors import MeshposError
 from meshpos.node import client
-from meshpos.procs import wait_for
+from meshpos.apps.procs import wait_for
 
 KINDS = ("sale", "sync", "compaction", "forwarding", "switch")
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from fuzz_targets import TARGETS, mutate_bytes, mutate_envelope, run_target, world  # noqa: E402
 from meshpos.wire import envelope  # noqa: E402
-from meshpos.errors import EncodingError, VerificationError  # noqa: E402
+from meshpos.domain.errors import EncodingError, VerificationError  # noqa: E402
 
 
 def envelope_property(raw: bytes, original: bytes) -> None:

@@ -11,12 +11,12 @@ from typing import Any
 
 import nacl.signing
 
-from meshpos import rules
+from meshpos.domain import rules
 from meshpos.wire import envelope
-from meshpos.currency import parse_amount
-from meshpos.errors import InputError
+from meshpos.domain.currency import parse_amount
+from meshpos.domain.errors import InputError
 from meshpos.identity import keys
-from meshpos.policy import SitePolicy
+from meshpos.domain.policy import SitePolicy
 
 OUT = Path(__file__).resolve().parents[1] / "protocols" / "vectors" / "rules.json"
 T0 = 1767225600000  # 2026-01-01T00:00:00Z

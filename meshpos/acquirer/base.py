@@ -4,7 +4,7 @@ A link makes ONE attempt per call: :meth:`AcquirerLink.advise` with ``repeat=Fal
 sends a financial advice (ISO 8583 MTI 0220), with ``repeat=True`` a repeat
 advice (0221) carrying the same fields; :meth:`AcquirerLink.reverse` sends a
 reversal advice (0420). Timeouts, lost connections and unusable answers raise
-:class:`meshpos.errors.AcquirerError` (worth another attempt), whose message never
+:class:`meshpos.domain.errors.AcquirerError` (worth another attempt), whose message never
 holds a full PAN. A request that can never go out -- it does not encode, or the host
 refuses it as malformed -- raises :class:`UnsendableRequest` (no retry helps).
 
@@ -30,8 +30,8 @@ from typing import Protocol
 
 import trio
 
-from ..errors import AcquirerError, InputError
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.domain.errors import AcquirerError, InputError
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 
 
 class UnsendableRequest(InputError):

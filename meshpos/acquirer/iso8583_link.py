@@ -19,11 +19,11 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import AcquirerError, EncodingError, ProtocolError
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
-from .base import BeforeSend, LateAnswer, UnsendableRequest
-from ..wire.iso8583 import (DEFAULT_SPEC, MAX_FRAME, NEED_DATA, AnswerReceived, ClientConnection, Family, LengthHeader,
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.errors import AcquirerError, EncodingError, ProtocolError
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import BeforeSend, LateAnswer, UnsendableRequest
+from meshpos.wire.iso8583 import (DEFAULT_SPEC, MAX_FRAME, NEED_DATA, AnswerReceived, ClientConnection, Family, LengthHeader,
                             MatchKey, RequestKind, Spec)
 
 log = logging.getLogger(__name__)

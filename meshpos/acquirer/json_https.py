@@ -17,10 +17,10 @@ from typing import Any, Final
 
 import trio
 
-from ..errors import AcquirerError, InputError, ProtocolError
-from ..http import HttpClientConnection, Response, open_https
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
-from .base import BeforeSend, UnsendableRequest
+from meshpos.domain.errors import AcquirerError, InputError, ProtocolError
+from meshpos.infra.http import HttpClientConnection, Response, open_https
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import BeforeSend, UnsendableRequest
 
 ADVICES_PATH: Final = "/v1/advices"
 REVERSALS_PATH: Final = "/v1/reversals"

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from ..errors import AcquirerError, InputError
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
-from .base import AcquirerLink, BeforeSend
+from meshpos.domain.errors import AcquirerError, InputError
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import AcquirerLink, BeforeSend
 
 
 class CheckableLink(AcquirerLink, Protocol):

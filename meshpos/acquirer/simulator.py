@@ -29,11 +29,11 @@ from typing import Any
 
 import trio
 
-from ..errors import ConfigError, EncodingError, InputError, ProtocolError
-from ..http import AbortConnection, Request, Response, json_response, listener_port, serve_http
-from ..wire.cards import mask
-from ..wire.iso8583 import DEFAULT_SPEC, MAX_FRAME, NEED_DATA, LengthHeader, RequestKind, ServerConnection, Spec
-from .json_https import ADVICES_PATH, REVERSALS_PATH, request_from_json, request_to_json
+from meshpos.domain.errors import ConfigError, EncodingError, InputError, ProtocolError
+from meshpos.infra.http import AbortConnection, Request, Response, json_response, listener_port, serve_http
+from meshpos.wire.cards import mask
+from meshpos.wire.iso8583 import DEFAULT_SPEC, MAX_FRAME, NEED_DATA, LengthHeader, RequestKind, ServerConnection, Spec
+from meshpos.acquirer.json_https import ADVICES_PATH, REVERSALS_PATH, request_from_json, request_to_json
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..errors import ConfigError
+from meshpos.domain.errors import ConfigError
 
 VALID_DAYS = 365
 

@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..clock import SYSTEM_CLOCK
-from ..currency import check_currency, parse_amount
-from ..errors import InputError
-from ..jsonfile import read_json, write_json
-from ..node import client
-from ..node.enroll import create_request, enroll_one_step, install_answer
-from ..site import check_switch_url, init_site, load_site, read_switch_key_file
-from ..wire.cards import check_pan, seal_card
-from . import secret_input
-from .output import emit_json, table
+from meshpos.infra.clock import SYSTEM_CLOCK
+from meshpos.domain.currency import check_currency, parse_amount
+from meshpos.domain.errors import InputError
+from meshpos.infra.jsonfile import read_json, write_json
+from meshpos.node import client
+from meshpos.node.enroll import create_request, enroll_one_step, install_answer
+from meshpos.site.sitedir import check_switch_url, init_site, load_site, read_switch_key_file
+from meshpos.wire.cards import check_pan, seal_card
+from meshpos.cli import secret_input
+from meshpos.cli.output import emit_json, table
 
 
 def _path(text: str) -> Path:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _sales(sub)
     _status(sub)
     _void(sub)
-    from . import more
+    from meshpos.cli import more
     more.register(sub)
 
 
@@ -345,7 +345,7 @@ def cmd_sell(args: argparse.Namespace) -> int:
         pan, expiry = secret_input.read_card(args.card, args.expiry)
         pan = check_pan(pan)
         if not policy["switch_key"]:
-            from ..errors import PolicyError
+            from meshpos.domain.errors import PolicyError
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: take cash, "
                               "or have the organizer run `meshpos site set-switch`")
         # an expired card is refused here, by this machine's clock, before anything is signed

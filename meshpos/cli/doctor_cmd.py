@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .output import emit_json
+from meshpos.cli.output import emit_json
 
 MARKS = {"ok": "[ OK ]", "warn": "[WARN]", "fail": "[FAIL]", "skip": "[SKIP]"}
 
@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def cmd_doctor(args: argparse.Namespace) -> int:
     import trio
 
-    from ..doctor import run_checks, to_json
+    from meshpos.apps.doctor import run_checks, to_json
     checks = trio.run(lambda: run_checks(args.node_dir, mdns_wait=args.mdns_wait))
     result = to_json(checks)
     if args.json:

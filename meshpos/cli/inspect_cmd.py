@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..currency import format_amount
-from ..errors import InputError
-from .output import emit_json, table
+from meshpos.domain.currency import format_amount
+from meshpos.domain.errors import InputError
+from meshpos.cli.output import emit_json, table
 
 DEFAULT_WAIT = 6.0
 GRAPH_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
@@ -65,8 +65,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 async def _inspect(args: argparse.Namespace, inspector_dir: Path) -> int:
     import trio
 
-    from ..inspector import Inspector
-    from ..node.core import NodeCore
+    from meshpos.apps.inspector import Inspector
+    from meshpos.node.core import NodeCore
     core = NodeCore.open(inspector_dir)
     try:
         inspector = Inspector(core, args.peer, mdns=not args.no_mdns)
@@ -146,7 +146,7 @@ def _graph_format(path: Path) -> str | None:
 
 
 def write_graph(view: dict[str, Any], path: Path) -> None:
-    from ..meshview import to_dot
+    from meshpos.status.meshview import to_dot
     dot = to_dot(view)
     fmt = _graph_format(path)
     if fmt is None:
@@ -161,8 +161,8 @@ def write_graph(view: dict[str, Any], path: Path) -> None:
 def _probe(args: argparse.Namespace, address: str, inspector_dir: Path) -> int:
     import trio
 
-    from ..clock import SYSTEM_CLOCK
-    from ..inspector import probe_node
+    from meshpos.infra.clock import SYSTEM_CLOCK
+    from meshpos.apps.inspector import probe_node
     if args.pings < 1:
         raise InputError("--pings must be at least 1")
     result = trio.run(lambda: probe_node(inspector_dir, address, SYSTEM_CLOCK, pings=args.pings)).to_json()

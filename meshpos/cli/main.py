@@ -1,5 +1,5 @@
 """``meshpos``: one program, several roles. Every error reaches the person here,
-as one line and an exit code (meshpos.errors), never as a traceback."""
+as one line and an exit code (meshpos.domain.errors), never as a traceback."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .. import __version__
-from ..errors import MeshposError
-from . import commands
+from meshpos import __version__
+from meshpos.domain.errors import MeshposError
+from meshpos.cli import commands
 
 log = logging.getLogger("meshpos")
 
@@ -19,12 +19,12 @@ ENROLL_STEPS = {"request": "enroll-request", "sign": "enroll-sign", "install": "
 
 
 def _switch(argv: list[str]) -> int:
-    from ..switch.cli import main_switch
+    from meshpos.cli.switch_cmd import main_switch
     return main_switch(argv)
 
 
 def _acquirer_sim(argv: list[str]) -> int:
-    from ..acquirer.cli import main_acquirer_sim
+    from meshpos.cli.acquirer_cmd import main_acquirer_sim
     return main_acquirer_sim(argv)
 
 

@@ -8,8 +8,8 @@ import logging.handlers
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
-from ..node import client
+from meshpos.domain.errors import ConfigError
+from meshpos.node import client
 
 
 def _path(text: str) -> Path:
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     u.add_argument("state", choices=("on", "off"))
     u.set_defaults(handler=cmd_uplink)
 
-    from . import doctor_cmd, inspect_cmd, report_cmd  # issue 6: seeing the mesh
+    from meshpos.cli import doctor_cmd, inspect_cmd, report_cmd  # issue 6: seeing the mesh
     inspect_cmd.register(sub)
     doctor_cmd.register(sub)
     report_cmd.register(sub)
@@ -84,7 +84,7 @@ def open_log_file(path: Path) -> logging.Handler:
 def cmd_run(args: argparse.Namespace) -> int:
     import trio
 
-    from ..node.runner import run_node
+    from meshpos.node.runner import run_node
     if args.log_file:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
@@ -95,9 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_receipt(args: argparse.Namespace) -> int:
     if args.preview:
-        from ..devices.receipts import render_text
-        from ..node.core import NodeCore
-        from ..node.receipts import receipt_data, receipt_options
+        from meshpos.devices.receipts import render_text
+        from meshpos.node.core import NodeCore
+        from meshpos.node.receipts import receipt_data, receipt_options
         sale = client.call(args.node_dir, "sale", {"sale_id": args.sale_id})
         core = None
         try:
@@ -121,8 +121,8 @@ def cmd_uplink(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ..demo import main_demo
+    from meshpos.apps.demo import main_demo
     if args.terminals < 1 or args.sales < 6:
-        from ..errors import InputError
+        from meshpos.domain.errors import InputError
         raise InputError("the demo needs at least 1 terminal and 6 sales")
     return main_demo(args)

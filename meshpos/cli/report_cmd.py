@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .output import emit_json
+from meshpos.cli.output import emit_json
 
 
 def _path(text: str) -> Path:
@@ -25,13 +25,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from ..errors import NodeNotRunningError
-    from ..node import client
-    from ..report import collect, render_text, summarize, write_csv
+    from meshpos.domain.errors import NodeNotRunningError
+    from meshpos.node import client
+    from meshpos.node.report import collect, render_text, summarize, write_csv
     try:
         data = client.call_running(args.node_dir, "report", {})
     except NodeNotRunningError:
-        from ..node.core import NodeCore
+        from meshpos.node.core import NodeCore
         core = NodeCore.open(args.node_dir)
         try:
             data = collect(core)
@@ -42,7 +42,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         try:
             n = write_csv(rep, args.csv)
         except OSError as exc:
-            from ..errors import ConfigError
+            from meshpos.domain.errors import ConfigError
             raise ConfigError(f"{args.csv}: cannot write the CSV report: {exc.strerror or exc}") from exc
     if args.json:
         emit_json(rep)

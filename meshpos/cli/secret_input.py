@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable, TextIO
 
-from ..errors import InputError
-from ..rules import pan_problem
+from meshpos.domain.errors import InputError
+from meshpos.domain.rules import pan_problem
 
 ASK = ""  # the ``const`` of an option given without a value: ask on the terminal
 FROM_STDIN = "-"

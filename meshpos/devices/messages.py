@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..errors import ConfigError
+from meshpos.domain.errors import ConfigError
 
 _EN: dict[str, str] = {
     "decimal_sep": ".",

@@ -42,8 +42,8 @@ from typing import Any, Protocol
 
 import trio
 
-from ..errors import PrinterError
-from .profiles import PaperProfile, load_printer_profile
+from meshpos.domain.errors import PrinterError
+from meshpos.devices.profiles import PaperProfile, load_printer_profile
 
 log = logging.getLogger(__name__)
 

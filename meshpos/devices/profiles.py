@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import PrinterError
+from meshpos.domain.errors import PrinterError
 
 ENV_DEVICES_DIR = "MESHPOS_DEVICES_DIR"
 QR_MODES = ("native", "image")

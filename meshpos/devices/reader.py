@@ -20,10 +20,10 @@ from typing import Protocol
 
 import trio
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..currency import check_currency
-from ..errors import DeviceError, InputError
-from ..wire.cards import CardCapture, seal_card
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.currency import check_currency
+from meshpos.domain.errors import DeviceError, InputError
+from meshpos.wire.cards import CardCapture, seal_card
 
 
 class CardReader(Protocol):

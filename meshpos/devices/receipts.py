@@ -25,12 +25,12 @@ from functools import lru_cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from ..currency import check_currency, format_amount
-from ..errors import ConfigError, EncodingError, InputError, PrinterError
-from ..rules import ENTRY_MODES
-from .messages import messages
-from .printers import PrinterConfig
-from .profiles import PaperProfile
+from meshpos.domain.currency import check_currency, format_amount
+from meshpos.domain.errors import ConfigError, EncodingError, InputError, PrinterError
+from meshpos.domain.rules import ENTRY_MODES
+from meshpos.devices.messages import messages
+from meshpos.devices.printers import PrinterConfig
+from meshpos.devices.profiles import PaperProfile
 
 METHODS = ("card", "cash")
 STATUSES = ("pending", "approved", "declined", "expired", "voided")

@@ -28,10 +28,10 @@ from typing import Any
 
 import trio
 
-from ..clock import Clock
-from ..errors import EncodingError, PrinterError, StoreError
-from ..wire import canonical
-from .printers import (
+from meshpos.infra.clock import Clock
+from meshpos.domain.errors import EncodingError, PrinterError, StoreError
+from meshpos.wire import canonical
+from meshpos.devices.printers import (
     DEFAULT_TIMING,
     Printer,
     PrinterConfig,
@@ -41,7 +41,7 @@ from .printers import (
     load_printer_config,
     open_printer,
 )
-from .receipts import COPIES, ReceiptData, ReceiptOptions, render_bytes
+from meshpos.devices.receipts import COPIES, ReceiptData, ReceiptOptions, render_bytes
 
 log = logging.getLogger(__name__)
 

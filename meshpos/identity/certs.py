@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ..errors import CryptoError, VerificationError
-from . import keys
+from meshpos.domain.errors import CryptoError, VerificationError
+from meshpos.identity import keys
 
 ROLES = ("terminal", "gateway", "inspector")
 SELLING_ROLES = frozenset({"terminal", "gateway"})

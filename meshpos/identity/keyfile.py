@@ -12,8 +12,8 @@ import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ..errors import ConfigError
-from .keys import to_crypto_private
+from meshpos.domain.errors import ConfigError
+from meshpos.identity.keys import to_crypto_private
 
 
 def write_private_key(path: Path, key: nacl.signing.SigningKey) -> None:

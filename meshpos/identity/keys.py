@@ -16,7 +16,7 @@ import nacl.signing
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ..errors import CryptoError, VerificationError
+from meshpos.domain.errors import CryptoError, VerificationError
 
 KEY_LEN = 32
 SIG_LEN = 64

@@ -33,8 +33,8 @@ import sys
 import threading
 from typing import IO
 
-from . import keys
-from ..errors import VerificationError
+from meshpos.identity import keys
+from meshpos.domain.errors import VerificationError
 
 log = logging.getLogger(__name__)
 

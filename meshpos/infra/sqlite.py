@@ -1,7 +1,7 @@
 """One SQLite transaction with its errors translated: disk full, damaged file, failed commit.
 
 Neutral: the node's store and the switch's store both open SQLite files (WAL, synchronous=FULL)
-and want the same translation of ``sqlite3`` errors into :mod:`meshpos.errors`.
+and want the same translation of ``sqlite3`` errors into :mod:`meshpos.domain.errors`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sqlite3
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import DiskFullError, StoreError
+from meshpos.domain.errors import DiskFullError, StoreError
 
 SQLITE_FULL = 13
 SQLITE_IOERR = 10

@@ -8,8 +8,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from ..errors import MeshposError, NodeNotRunningError
-from .nodedir import NodeDir
+from meshpos.domain.errors import MeshposError, NodeNotRunningError
+from meshpos.site.nodedir import NodeDir
 
 MAX_REPLY = 64 * 1024 * 1024
 
@@ -51,7 +51,7 @@ def call_running(node_dir: Path, method: str, params: dict[str, Any], timeout: f
 
 
 def _error_types() -> dict[str, type[MeshposError]]:
-    from .. import errors
+    from meshpos.domain import errors
     out: dict[str, type[MeshposError]] = {}
     for name in dir(errors):
         obj = getattr(errors, name)
@@ -67,8 +67,8 @@ def call(node_dir: Path, method: str, params: dict[str, Any] | None = None) -> A
         return call_running(node_dir, method, params)
     except NodeNotRunningError:
         pass
-    from .core import NodeCore
-    from .ops import dispatch
+    from meshpos.node.core import NodeCore
+    from meshpos.node.ops import dispatch
     core = NodeCore.open(node_dir)
     try:
         return dispatch(core, method, params)

@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..errors import InputError, MeshposError
+from meshpos.domain.errors import InputError, MeshposError
 
 log = logging.getLogger(__name__)
 

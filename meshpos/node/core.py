@@ -11,23 +11,23 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
-from .. import rules
-from ..clock import SYSTEM_CLOCK, Clock
-from ..currency import format_amount
-from ..errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
-from ..identity import certs
-from ..ledger import Ledger
-from ..roster import Roster
-from ..store import Store
-from ..wire import envelope
-from ..wire.cards import CardCapture, seal_card
-from .diskspace import check_room_for_sale
-from .nodedir import NodeConfig, NodeDir
+from meshpos import __version__
+from meshpos.domain import rules
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.currency import format_amount
+from meshpos.domain.errors import ConfigError, ContentError, InputError, PolicyError, VerificationError
+from meshpos.identity import certs
+from meshpos.ledger.ledger import Ledger
+from meshpos.site.roster import Roster
+from meshpos.ledger.store import Store
+from meshpos.wire import envelope
+from meshpos.wire.cards import CardCapture, seal_card
+from meshpos.node.diskspace import check_room_for_sale
+from meshpos.site.nodedir import NodeConfig, NodeDir
 
 log = logging.getLogger(__name__)
 
-# refused: breaks a content rule (meshpos.rules), kept out of totals; deferred: dated ahead of this
+# refused: breaks a content rule (meshpos.domain.rules), kept out of totals; deferred: dated ahead of this
 # node's clock by more than the skew, judged once the clock gets there; reversed: voided after
 # approval and reversed at the acquirer
 STATUSES = ("pending", "approved", "declined", "expired", "voided", "reversed", "rejected", "refused", "deferred")

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, CryptoError, InputError
-from ..hostport import parse_hostport
-from ..identity import certs, keyfile, keys
-from ..jsonfile import read_json, write_json
-from ..site import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
-from .nodedir import NodeConfig, NodeDir
+from meshpos.domain.errors import ConfigError, CryptoError, InputError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.identity import certs, keyfile, keys
+from meshpos.infra.jsonfile import read_json, write_json
+from meshpos.site.sitedir import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
+from meshpos.site.nodedir import NodeConfig, NodeDir
 
 PENDING = "enroll-pending.json"
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 from typing import Any, Callable
 
-from ..errors import InputError
-from ..wire.cards import CardCapture
-from .core import NodeCore
+from meshpos.domain.errors import InputError
+from meshpos.wire.cards import CardCapture
+from meshpos.node.core import NodeCore
 
 Op = Callable[[NodeCore, dict[str, Any]], Any]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..devices.printers import PrinterConfig, load_printer_config
-from ..devices.profiles import load_printer_profile
-from ..devices.receipts import ReceiptData, ReceiptOptions
-from .core import NodeCore
+from meshpos.devices.printers import PrinterConfig, load_printer_config
+from meshpos.devices.profiles import load_printer_profile
+from meshpos.devices.receipts import ReceiptData, ReceiptOptions
+from meshpos.node.core import NodeCore
 
 DEFAULT_PROFILE = "generic-80mm"
 

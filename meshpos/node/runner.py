@@ -1,6 +1,6 @@
 """Assemble a running node: service + mesh (links, dialler, discovery) + forwarder.
 
-The mesh part follows meshpos/mesh.py's rules: static peers are always
+The mesh part follows meshpos/replication/planner.py's rules: static peers are always
 dialled; peers found by mDNS are dialled when the ring planner picks them; one
 link per pair (simultaneous dials are resolved by ``keep_link``).
 """
@@ -15,20 +15,20 @@ from typing import Any
 
 import trio
 
-from .. import PROTOCOL_VERSION
-from ..clock import SYSTEM_CLOCK, Clock
-from ..discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
-from ..errors import MeshposError
-from ..hostport import parse_hostport
-from ..link.driver import LinkEndpoint, connect_link, serve_links
-from ..mesh import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
-from ..netguard import install_log_limits
-from ..sync import Replicator, SyncSession
-from ..uplink.client import make_client_context, probe
-from ..uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
-from ..uplink.reach import is_reachable
-from ..wire.dnssd import LocalService
-from .service import NodeService, run_until_signal
+from meshpos import PROTOCOL_VERSION
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, run_discovery
+from meshpos.domain.errors import MeshposError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_links
+from meshpos.replication.planner import BACKOFF_MAX, BACKOFF_MIN, PeerInfo, PeerPlanner, keep_link
+from meshpos.infra.netguard import install_log_limits
+from meshpos.replication.sync import Replicator, SyncSession
+from meshpos.uplink.client import make_client_context, probe
+from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
+from meshpos.uplink.reach import is_reachable
+from meshpos.wire.dnssd import LocalService
+from meshpos.node.service import NodeService, run_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Mesh:
         return {"peers": {
             "listen_port": self.listen_port, "mdns": self.mdns,
             "discovered": sorted(self.discovered), "static": list(self.core.config.peers), "links": links,
-            # shards no known node can have written yet (meshpos.shardpark): held apart, and frames dropped
+            # shards no known node can have written yet (meshpos.replication.shardpark): held apart, and frames dropped
             "shards_parked": len(park.shards), "shard_frames_dropped": park.stats.dropped}}
 
     def linked_peers(self) -> set[str]:
@@ -303,6 +303,6 @@ async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -
         uplink = Uplink(service, getattr(service, "mesh", None))
         await uplink.run(service, task_status=task_status)
 
-    from ..dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
-    from .status_pub import status_component
+    from meshpos.node.dashboard import dashboard_component  # issue 6: status gossip, organizer dashboard
+    from meshpos.node.status_pub import status_component
     await run_until_signal(path, [mesh_component, uplink_component, status_component, dashboard_component], clock)

@@ -15,13 +15,13 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..devices.spool import PrinterWorker, Spool, run_printer_worker
-from ..errors import DiskFullError, InputError, MeshposError, PrinterError
-from .core import NodeCore
-from .control import serve_control
-from .ops import dispatch
-from .receipts import copies_for, printer_config, receipt_data, receipt_options
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.devices.spool import PrinterWorker, Spool, run_printer_worker
+from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
+from meshpos.node.core import NodeCore
+from meshpos.node.control import serve_control
+from meshpos.node.ops import dispatch
+from meshpos.node.receipts import copies_for, printer_config, receipt_data, receipt_options
 
 log = logging.getLogger(__name__)
 

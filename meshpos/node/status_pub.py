@@ -3,13 +3,13 @@
 Every STATUS_INTERVAL seconds, and within about CHECK_EVERY seconds of a change
 (a new ledger entry, a link up or down, the printer or uplink state), the node
 signs a ``status`` envelope, puts it on its own StatusBoard and floods it on
-every link (meshpos.statusboard). It also registers the control operations
+every link (meshpos.status.board). It also registers the control operations
 ``statuses`` (the board) and ``report`` (end-of-day reconciliation data).
 """
 
 from __future__ import annotations
 
-from ..rules import MAX_SKEW_MS
+from meshpos.domain.rules import MAX_SKEW_MS
 
 import logging
 import math
@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .. import __version__
-from ..discovery import local_addresses
-from ..statusboard import StatusBoard
-from ..wire import envelope
-from .core import NodeCore
+from meshpos import __version__
+from meshpos.replication.discovery import local_addresses
+from meshpos.status.board import StatusBoard
+from meshpos.wire import envelope
+from meshpos.node.core import NodeCore
 
 if TYPE_CHECKING:
-    from .runner import Mesh
-    from .service import NodeService
+    from meshpos.node.runner import Mesh
+    from meshpos.node.service import NodeService
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class StatusPublisher:
 
 
 def _report_data(core: NodeCore) -> Any:
-    from ..report import collect
+    from meshpos.node.report import collect
     return collect(core)
 
 

@@ -4,7 +4,7 @@
 default) and PostgreSQL (:mod:`.db_postgres`, psycopg 3, for several instances at once) implement
 it. The queries themselves are written once, in :mod:`.store`, in the dialect both accept
 (``?`` placeholders, ``INSERT ... ON CONFLICT``, ``RETURNING``); each backend owns its schema
-(DDL and migrations, numbered alike) and turns its driver's errors into :mod:`meshpos.errors`.
+(DDL and migrations, numbered alike) and turns its driver's errors into :mod:`meshpos.domain.errors`.
 
 A database location is either a file path (SQLite) or a ``postgresql://`` URL. The environment
 variable ``MESHPOS_SWITCH_DB``, when set, overrides the URL recorded in the switch's config, so a
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from ..errors import ConfigError, StoreError
+from meshpos.domain.errors import ConfigError, StoreError
 
 ENV_VAR = "MESHPOS_SWITCH_DB"
 URL_SCHEMES = ("postgresql", "postgres")
@@ -109,19 +109,19 @@ def open_database(location: str, *, create: bool = False) -> Database:
     """The backend for ``location``; its schema must be current (SQLite files migrate in place
     by themselves; a PostgreSQL database older than this program asks for ``switch migrate``)."""
     if is_url(location):
-        from .db_postgres import PostgresDatabase
+        from meshpos.switch.db_postgres import PostgresDatabase
         return PostgresDatabase.open(location, create=create)
-    from .db_sqlite import SqliteDatabase
+    from meshpos.switch.db_sqlite import SqliteDatabase
     return SqliteDatabase.open(Path(location), create=create)
 
 
 def migrate_database(location: str) -> tuple[int, int]:
     """``meshpos switch migrate``: (schema version before, after)."""
     if is_url(location):
-        from .db_postgres import PostgresDatabase
+        from meshpos.switch.db_postgres import PostgresDatabase
         db: Database = PostgresDatabase(location)
     else:
-        from .db_sqlite import SqliteDatabase
+        from meshpos.switch.db_sqlite import SqliteDatabase
         sqlite = SqliteDatabase.open(Path(location))  # migrates as it opens
         sqlite.close()
         return sqlite.migrated

@@ -21,8 +21,8 @@ from typing import Any, Iterator, Sequence
 
 import psycopg
 
-from ..errors import StoreError
-from .database import RetryableStoreError, Row, redact
+from meshpos.domain.errors import StoreError
+from meshpos.switch.database import RetryableStoreError, Row, redact
 
 CONNECT_TIMEOUT_S = 3
 SWITCH_INTERVAL_S = 0.0005

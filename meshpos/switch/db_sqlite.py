@@ -13,9 +13,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from ..errors import CorruptStoreError, StoreError
-from ..infra.sqlite import sqlite_transaction, store_error
-from .database import Row
+from meshpos.domain.errors import CorruptStoreError, StoreError
+from meshpos.infra.sqlite import sqlite_transaction, store_error
+from meshpos.switch.database import Row
 
 APPLICATION_ID = 0x4D505357  # "MPSW"
 

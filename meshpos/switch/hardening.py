@@ -16,7 +16,7 @@ import logging
 import resource
 import sys
 
-from ..errors import ConfigError
+from meshpos.domain.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from ..acquirer.base import AcquirerLink, BeforeSend
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.acquirer.base import AcquirerLink, BeforeSend
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 ROUND_TRIP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

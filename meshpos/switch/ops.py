@@ -17,12 +17,12 @@ from typing import Any
 
 import trio
 
-from ..errors import AcquirerError, MeshposError
-from ..http import Request, Response, json_response, listener_port, serve_http
-from .const import READY_CHECK_TIMEOUT_S, SITE_RELOAD_S
-from .metrics import CONTENT_TYPE, SwitchMetrics
-from .processor import Switch
-from .store import SwitchStore
+from meshpos.domain.errors import AcquirerError, MeshposError
+from meshpos.infra.http import Request, Response, json_response, listener_port, serve_http
+from meshpos.switch.const import READY_CHECK_TIMEOUT_S, SITE_RELOAD_S
+from meshpos.switch.metrics import CONTENT_TYPE, SwitchMetrics
+from meshpos.switch.processor import Switch
+from meshpos.switch.store import SwitchStore
 
 log = logging.getLogger(__name__)
 

@@ -66,25 +66,25 @@ from typing import Any, TypeVar
 import nacl.signing
 import trio
 
-from .. import rules
-from ..wire import envelope
-from ..acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, advise_until_answered,
+from meshpos.domain import rules
+from meshpos.wire import envelope
+from meshpos.acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, advise_until_answered,
                              exponential_backoff)
-from ..wire.acquirer import AcquirerRequest, AcquirerResult
-from ..wire.cards import OpenedCard, open_card
-from ..clock import Clock
-from ..wire.envelope import Envelope
-from ..errors import (AcquirerError, ConfigError, CryptoError, EncodingError, InputError, MeshposError,
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.cards import OpenedCard, open_card
+from meshpos.infra.clock import Clock
+from meshpos.wire.envelope import Envelope
+from meshpos.domain.errors import (AcquirerError, ConfigError, CryptoError, EncodingError, InputError, MeshposError,
                       VerificationError)
-from ..identity import certs, keys
-from ..policy import SitePolicy
-from ..roster import UPLINK_ROLES, Roster
-from ..site import verify_policy_envelope
-from ..wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
-from .const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, CLAIM_LEASE_S,
+from meshpos.identity import certs, keys
+from meshpos.domain.policy import SitePolicy
+from meshpos.site.roster import UPLINK_ROLES, Roster
+from meshpos.site.sitedir import verify_policy_envelope
+from meshpos.wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
+from meshpos.switch.const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, CLAIM_LEASE_S,
                     REVERSAL_ATTEMPTS, WAIT_FOR_OTHER_INSTANCE_S, WAIT_POLL_S)
-from .metrics import MeteredLink, SwitchMetrics
-from .store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AlreadySettled, ClaimLost,
+from meshpos.switch.metrics import MeteredLink, SwitchMetrics
+from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AlreadySettled, ClaimLost,
                     GroupCommit, SaleRow, SiteRow, SwitchStore)
 
 # what one sale's own data can make go wrong before or at the acquirer: it settles ``rejected``

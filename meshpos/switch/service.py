@@ -21,25 +21,25 @@ from typing import Any
 
 import trio
 
-from ..acquirer.base import AcquirerLink
-from ..acquirer.base import LateAnswer
-from ..acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
-from ..acquirer.json_https import open_json_link
-from ..acquirer.pool import AcquirerPool, CheckableLink
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ConfigError, EncodingError, InputError, VerificationError
-from ..hostport import parse_hostport
-from ..http import HttpLimits, Request, Response, json_response, listener_port, serve_http
-from ..identity import keys
-from ..wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
-from .connlimit import ConnectionGate, ConnectionLimits
-from .hardening import disable_core_dumps
-from .metrics import SwitchMetrics
-from .ops import OpsService, Readiness, serve_ops, watch_sites
-from .processor import Switch
-from .store import SiteRow
-from .switchdir import SwitchConfig, SwitchDir, add_site, init_switch
-from .tls import server_context, trust_sites
+from meshpos.acquirer.base import AcquirerLink
+from meshpos.acquirer.base import LateAnswer
+from meshpos.acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
+from meshpos.acquirer.json_https import open_json_link
+from meshpos.acquirer.pool import AcquirerPool, CheckableLink
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
+from meshpos.domain.hostport import parse_hostport
+from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http
+from meshpos.identity import keys
+from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
+from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
+from meshpos.switch.hardening import disable_core_dumps
+from meshpos.switch.metrics import SwitchMetrics
+from meshpos.switch.ops import OpsService, Readiness, serve_ops, watch_sites
+from meshpos.switch.processor import Switch
+from meshpos.switch.store import SiteRow
+from meshpos.switch.switchdir import SwitchConfig, SwitchDir, add_site, init_switch
+from meshpos.switch.tls import server_context, trust_sites
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ from typing import Any, Callable, Iterator
 
 import trio
 
-from ..errors import StoreError
-from .database import Database, RetryableStoreError, open_database
+from meshpos.domain.errors import StoreError
+from meshpos.switch.database import Database, RetryableStoreError, open_database
 
 RECEIVED = "received"
 ADVICE_SENT = "advice_sent"

@@ -26,19 +26,19 @@ from typing import Any
 
 import nacl.signing
 
-from ..clock import SYSTEM_CLOCK, Clock
-from ..errors import ConfigError, EncodingError, InputError, VerificationError
-from ..fsutil import lock_file
-from ..hostport import parse_hostport
-from ..identity import certs, keyfile, keys
-from ..jsonfile import read_json, write_json
-from ..roster import Roster
-from ..site import verify_policy_envelope
-from ..wire import envelope
-from .const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, CLAIM_LEASE_S, SWITCH_FORMAT
-from .database import ENV_VAR, check_url, is_url, redact, resolve
-from .store import SiteRow, SwitchStore
-from .tls import make_tls_cert
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
+from meshpos.infra.fsutil import lock_file
+from meshpos.domain.hostport import parse_hostport
+from meshpos.identity import certs, keyfile, keys
+from meshpos.infra.jsonfile import read_json, write_json
+from meshpos.site.roster import Roster
+from meshpos.site.sitedir import verify_policy_envelope
+from meshpos.wire import envelope
+from meshpos.switch.const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, CLAIM_LEASE_S, SWITCH_FORMAT
+from meshpos.switch.database import ENV_VAR, check_url, is_url, redact, resolve
+from meshpos.switch.store import SiteRow, SwitchStore
+from meshpos.switch.tls import make_tls_cert
 
 ACQUIRER_FORMATS = ("iso8583", "json")
 _MERCHANT = re.compile(r"^[A-Za-z0-9 \-_./]{15}$")
@@ -205,7 +205,7 @@ def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "
     keyfile.write_private_key(sd.key_path, key)
     host = parse_hostport(listen, "listen")[0]
     hosts = [h for h in (host, "localhost", "127.0.0.1", "::1") if h not in ("0.0.0.0", "::", "")]
-    from ..identity.certs import to_pem
+    from meshpos.identity.certs import to_pem
     sd.tls_path.write_bytes(to_pem(make_tls_cert(key, hosts, clock.now_ms())))
     sd.pub_path.write_text(keys.x25519_public_of(key).hex() + "\n", encoding="ascii")
     write_json(sd.config_path, cfg.to_json())

@@ -27,9 +27,9 @@ import nacl.signing
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from ..errors import ConfigError
-from ..identity import keys
-from .const import TLS_VALID_DAYS
+from meshpos.domain.errors import ConfigError
+from meshpos.identity import keys
+from meshpos.switch.const import TLS_VALID_DAYS
 
 
 def make_tls_cert(key: nacl.signing.SigningKey, hosts: Iterable[str], now_ms: int,

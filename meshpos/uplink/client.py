@@ -6,7 +6,7 @@ the two whose X25519 form is the site policy's ``switch_key``
 (:func:`meshpos.wire.pin.check_pin`). No CA is trusted for the switch.
 
 Every failure (no route, TLS, pin, timeout, HTTP error, bad reply) is an
-:class:`~meshpos.errors.UplinkError`: :class:`NotSent` when the request never left this
+:class:`~meshpos.domain.errors.UplinkError`: :class:`NotSent` when the request never left this
 node (nothing can be learnt about what it carried), :class:`SwitchRefused` (with the HTTP
 status) when the switch answered but not 200, a plain UplinkError when the exchange broke
 once the request was under way.
@@ -21,15 +21,15 @@ from urllib.parse import urlsplit
 
 import trio
 
-from ..errors import ConfigError, EncodingError, ProtocolError, UplinkError, VerificationError
-from ..http import HttpClientConnection, Response, open_https, peer_cert_der
-from ..node.nodedir import NodeDir
-from ..policy import SitePolicy
-from ..wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES, ForwardReply, decode_reply, encode_request
-from ..wire.pin import check_pin
+from meshpos.domain.errors import ConfigError, EncodingError, ProtocolError, UplinkError, VerificationError
+from meshpos.infra.http import HttpClientConnection, Response, open_https, peer_cert_der
+from meshpos.site.nodedir import NodeDir
+from meshpos.domain.policy import SitePolicy
+from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES, ForwardReply, decode_reply, encode_request
+from meshpos.wire.pin import check_pin
 
 if TYPE_CHECKING:
-    from ..node.core import NodeCore
+    from meshpos.node.core import NodeCore
 
 FORWARD_TIMEOUT_S = 300.0  # a batch waits for the acquirer's answers to all of its sales
 PROBE_TIMEOUT_S = 5.0

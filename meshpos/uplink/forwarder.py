@@ -36,18 +36,18 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..acquirer.base import exponential_backoff
-from ..clock import Clock
-from ..errors import ConfigError, EncodingError, UplinkError, VerificationError
-from ..roster import Verified
-from ..rules import MAX_SKEW_MS
-from ..wire import envelope
-from ..wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
-from . import leases as lease_rules
-from .client import NotSent, SwitchRefused, forward, make_client_context
+from meshpos.acquirer.base import exponential_backoff
+from meshpos.infra.clock import Clock
+from meshpos.domain.errors import ConfigError, EncodingError, UplinkError, VerificationError
+from meshpos.site.roster import Verified
+from meshpos.domain.rules import MAX_SKEW_MS
+from meshpos.wire import envelope
+from meshpos.wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
+from meshpos.uplink import leases as lease_rules
+from meshpos.uplink.client import NotSent, SwitchRefused, forward, make_client_context
 
 if TYPE_CHECKING:
-    from ..node.core import NodeCore
+    from meshpos.node.core import NodeCore
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..rules import MAX_SKEW_MS
+from meshpos.domain.rules import MAX_SKEW_MS
 
 BUCKETS = 4
 LEASE_MS = 60_000

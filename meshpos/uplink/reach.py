@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from ..meshview import stale_after_ms
-from ..rules import MAX_SKEW_MS
-from ..statusboard import NodeStatus
+from meshpos.status.meshview import stale_after_ms
+from meshpos.domain.rules import MAX_SKEW_MS
+from meshpos.status.board import NodeStatus
 
 
 def is_reachable(node_id: str, now_ms: int, linked: Collection[str], status: NodeStatus | None) -> bool:

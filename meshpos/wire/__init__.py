@@ -14,11 +14,11 @@ Owns (normative text in protocols/, vectors in protocols/vectors/):
 - ``acquirer`` and ``iso8583``: a sale as the acquirer sees it, ISO 8583 framing, messages
   and matching (the TCP/TLS driver is meshpos.acquirer.iso8583_link);
 - ``dnssd``: the DNS-SD service type, instance names and TXT record (the mDNS driver is
-  meshpos.discovery).
+  meshpos.replication.discovery).
 
 May import: pure standard-library modules; nacl and cryptography (signatures, sealed cards);
-iso8583 (the field codec); and the neutral helpers meshpos.errors, meshpos.rules,
-meshpos.policy, meshpos.currency and meshpos.identity.keys. NOT trio, asyncio, socket, ssl,
+iso8583 (the field codec); and the neutral helpers meshpos.domain.errors, meshpos.domain.rules,
+meshpos.domain.policy, meshpos.domain.currency and meshpos.identity.keys. NOT trio, asyncio, socket, ssl,
 sqlite3, subprocess, threading, automerge, zeroconf, file I/O, nor any other meshpos package.
 The contract ``wire-pure`` in pyproject.toml ([tool.importlinter]) and
 tests/test_architecture.py check this.

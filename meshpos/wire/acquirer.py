@@ -7,10 +7,10 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass, field
 
-from ..currency import numeric_code
-from ..errors import InputError
-from ..rules import ENTRY_MODES
-from .cards import check_expiry, check_pan, mask
+from meshpos.domain.currency import numeric_code
+from meshpos.domain.errors import InputError
+from meshpos.domain.rules import ENTRY_MODES
+from meshpos.wire.cards import check_expiry, check_pan, mask
 
 _PRINTABLE = frozenset(string.ascii_letters + string.digits + " -_./")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..errors import EncodingError
+from meshpos.domain.errors import EncodingError
 
 MAX_SAFE_INT = 2**53
 

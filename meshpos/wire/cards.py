@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import nacl.exceptions
 import nacl.public
 
-from ..errors import CryptoError, EncodingError, InputError
-from ..rules import ENTRY_MODES, expiry_problem, luhn_ok, pan_problem
-from . import canonical
+from meshpos.domain.errors import CryptoError, EncodingError, InputError
+from meshpos.domain.rules import ENTRY_MODES, expiry_problem, luhn_ok, pan_problem
+from meshpos.wire import canonical
 
 
 

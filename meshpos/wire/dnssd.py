@@ -1,7 +1,7 @@
 """DNS-SD records of a meshpos node (protocols/discovery.md): service type, instance
 names and the TXT record a node advertises, encoded and parsed without any I/O.
 
-meshpos.discovery (the mDNS driver) advertises what :func:`encode_txt` gives and parses
+meshpos.replication.discovery (the mDNS driver) advertises what :func:`encode_txt` gives and parses
 what it hears with :func:`decode_txt`.
 """
 
@@ -11,7 +11,7 @@ import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import EncodingError, InputError
+from meshpos.domain.errors import EncodingError, InputError
 
 SERVICE_TYPE = "_meshpos._tcp.local."
 ROLES = frozenset({"terminal", "gateway", "inspector"})

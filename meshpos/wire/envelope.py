@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import nacl.signing
 
-from ..errors import EncodingError, VerificationError
-from ..identity import keys
-from ..rules import is_ascii_digits
-from . import canonical
+from meshpos.domain.errors import EncodingError, VerificationError
+from meshpos.identity import keys
+from meshpos.domain.rules import is_ascii_digits
+from meshpos.wire import canonical
 
 VERSION = 1
 DOMAIN = b"meshpos-envelope-v1\0"

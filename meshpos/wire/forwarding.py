@@ -23,8 +23,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ..errors import EncodingError
-from . import envelope
+from meshpos.domain.errors import EncodingError
+from meshpos.wire import envelope
 
 #: HTTP paths of the forwarding API (protocols/forwarding.md)
 FORWARD_PATH: Final = "/v1/forward"

@@ -5,7 +5,7 @@ Rules of the exchange:
 * Framing: every message is preceded by a length header (:class:`LengthHeader`):
   2-byte big-endian binary (default), 4 ASCII decimal digits, or none (then the
   message's own structure delimits it). A frame larger than ``max_frame`` is a
-  :class:`~meshpos.errors.ProtocolError`.
+  :class:`~meshpos.domain.errors.ProtocolError`.
 * Requests: 0220 financial advice, 0221 its repeat (same fields), 0420 reversal
   advice (adds field 90). Answers: 0230 (or 0231) to an advice, 0430 to a reversal.
 * Matching: an answer belongs to the outstanding request with the same family
@@ -31,9 +31,9 @@ from typing import Any, Final, Literal
 import iso8583
 from iso8583.specs import default_ascii
 
-from ..currency import numeric_code
-from ..errors import EncodingError, ProtocolError
-from .acquirer import AcquirerRequest, AcquirerResult
+from meshpos.domain.currency import numeric_code
+from meshpos.domain.errors import EncodingError, ProtocolError
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 
 Spec = Mapping[str, Mapping[str, Any]]
 

@@ -37,10 +37,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from ..errors import EncodingError, ProtocolError
-from . import canonical
-from .link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
-from .shards import valid_shard_name
+from meshpos.domain.errors import EncodingError, ProtocolError
+from meshpos.wire import canonical
+from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
+from meshpos.wire.shards import valid_shard_name
 
 SUPPORTED_VERSIONS = (1, 2, 3)
 STATUS_VERSION = 2  # the first version with STATUS frames

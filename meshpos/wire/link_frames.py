@@ -13,7 +13,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from ..errors import ProtocolError
+from meshpos.domain.errors import ProtocolError
 
 HEADER = struct.Struct(">IB")
 HEADER_LEN = HEADER.size

@@ -13,8 +13,8 @@ from __future__ import annotations
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from ..errors import VerificationError
-from ..identity import keys
+from meshpos.domain.errors import VerificationError
+from meshpos.identity import keys
 
 
 def certificate_key(der: bytes) -> bytes:

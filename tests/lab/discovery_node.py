@@ -20,7 +20,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo, when not installed
 
-from meshpos.discovery import DiscoveryEvent, PeerGone, run_discovery
+from meshpos.replication.discovery import DiscoveryEvent, PeerGone, run_discovery
 from meshpos.wire.dnssd import LocalService
 
 

@@ -18,7 +18,7 @@ import pytest
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 
 NODE = Path(__file__).with_name("discovery_node.py")
-TTL = 4  # seconds; the default is 120 (meshpos.discovery.DEFAULT_TTL)
+TTL = 4  # seconds; the default is 120 (meshpos.replication.discovery.DEFAULT_TTL)
 SITE, OTHER_SITE = "fair-A", "fair-B"
 
 

@@ -15,8 +15,8 @@ import pytest
 
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.procs import wait_for
-from meshpos.site import Site
+from meshpos.apps.procs import wait_for
+from meshpos.site.sitedir import Site
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow]
 

@@ -1,0 +1,132 @@
+"""Child processes of meshpos (node, switch, acquirer simulator) for the demo and the tests.
+
+Each child runs ``python -m meshpos.cli.main ...`` in its own process group,
+with its output in a log file; the group is killed on exit whatever happens,
+so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from meshpos.domain.errors import MeshposError, NodeNotRunningError
+from meshpos.node import client
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return ""
+
+
+@dataclass
+class ProcessGroup:
+    log_dir: Path
+    children: dict[str, Child] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        atexit.register(self.stop_all)
+
+    def start(self, name: str, *args: str) -> Child:
+        old = self.children.get(name)
+        if old is not None and old.alive:
+            raise MeshposError(f"process {name} runs already")
+        child = Child(name, [sys.executable, "-m", "meshpos.cli.main", *args], self.log_dir / f"{name}.log")
+        log = open(child.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        child.proc = subprocess.Popen(child.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, start_new_session=True)
+        log.close()
+        self.children[name] = child
+        return child
+
+    def start_node(self, name: str, node_dir: Path, *extra: str, timeout: float = 30.0) -> Child:
+        child = self.start(name, "-v", "run", str(node_dir), *extra)
+        wait_for(lambda: _answers(node_dir), timeout, lambda: f"node {name} did not start:\n{child.log_tail()}",
+                 alive=child)
+        return child
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        child = self.children[name]
+        if child.proc is not None and child.alive:
+            os.killpg(child.proc.pid, sig)
+            child.proc.wait(timeout=30)
+
+    def stop(self, name: str, timeout: float = 10.0) -> None:
+        child = self.children.get(name)
+        if child is None or child.proc is None or not child.alive:
+            return
+        os.killpg(child.proc.pid, signal.SIGTERM)
+        try:
+            child.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.proc.pid, signal.SIGKILL)
+            child.proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for name in list(self.children):
+            try:
+                self.stop(name, timeout=5.0)
+            except (ProcessLookupError, OSError):
+                pass
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` right now (bound together, then released)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _answers(node_dir: Path) -> bool:
+    try:
+        client.call_running(node_dir, "status", {}, timeout=5.0)
+        return True
+    except NodeNotRunningError:
+        return False
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, message: str | Callable[[], str],
+             interval: float = 0.1, alive: Child | None = None) -> None:
+    """Poll ``predicate`` until true; MeshposError(message) after ``timeout`` s (message may be a
+    callable, evaluated then, so it can show the latest logs)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if predicate():
+                return
+        except MeshposError:
+            pass
+        exited = alive is not None and not alive.alive
+        if exited or time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise MeshposError(f"{text} (process exited)" if exited else text)
+        time.sleep(interval)

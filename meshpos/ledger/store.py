@@ -1,0 +1,532 @@
+"""The node's durable state: one SQLite file (WAL, synchronous=FULL).
+
+It holds every verified ledger entry, a materialized view of the sales, and
+the Automerge shards as snapshot + incremental change chunks. A sale, its
+ledger entry and its Automerge change commit in ONE transaction, so a sale is
+acknowledged only once all three are on disk, and a crash leaves all or none.
+SQLite's WAL frames carry checksums: a torn last write is dropped by SQLite on
+recovery, never loaded half. Each chunk also carries a CRC32 of its own, so a
+damaged chunk is detected (the shard is then rebuilt from the verified
+entries) instead of being fed to Automerge.
+
+Schema: protocols/storage.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import sqlite3
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from meshpos.domain.errors import CorruptStoreError, DiskFullError, StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2  # 2: sales.refused (content rules) and sales.reversed_at
+WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
+CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
+APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(
+    key TEXT PRIMARY KEY, type TEXT NOT NULL, signer TEXT NOT NULL, raw BLOB NOT NULL,
+    shard TEXT NOT NULL, received_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS entries_shard ON entries(shard);
+CREATE INDEX IF NOT EXISTS entries_type ON entries(type);
+CREATE TABLE IF NOT EXISTS sales(
+    sale_id TEXT PRIMARY KEY, terminal TEXT NOT NULL, seq INTEGER NOT NULL, created_at INTEGER NOT NULL,
+    amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, method TEXT NOT NULL,
+    brand TEXT, last4 TEXT, entry_mode TEXT, description TEXT,
+    voided_at INTEGER, result_status TEXT, auth_code TEXT, response_code TEXT, reason TEXT,
+    settled_at INTEGER, refused TEXT, reversed_at INTEGER);
+CREATE INDEX IF NOT EXISTS sales_terminal ON sales(terminal, seq);
+CREATE INDEX IF NOT EXISTS sales_pending ON sales(terminal, created_at, amount_minor)
+    WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL;
+CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
+CREATE TABLE IF NOT EXISTS chunks(
+    id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_shard ON chunks(shard, id);
+CREATE TABLE IF NOT EXISTS parked(
+    key TEXT PRIMARY KEY, raw BLOB NOT NULL, shard TEXT NOT NULL, reason TEXT NOT NULL,
+    received_at INTEGER NOT NULL);
+"""
+
+
+SQLITE_FULL = 13
+SQLITE_IOERR = 10
+SQLITE_IOERR_SHMSIZE = 4874  # the WAL's -shm file could not grow: "may indicate ... out of space"
+NEARLY_FULL_BYTES = 256 * 1024  # less than this free: an I/O error or a rolled-back write is a full disk
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free for this user on the file system holding ``path`` (0 if it cannot be told)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
+    """SQLITE_FULL ("database or disk is full"), SQLITE_IOERR_SHMSIZE, ENOSPC / EDQUOT; with
+    ``where`` (the store's directory), also an I/O error while that disk is (nearly) full:
+    SQLite reports a -shm file it cannot create on a full disk as "disk I/O error"."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None) or 0
+        if code & 0xFF == SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE or "database or disk is full" in str(exc):
+            return True
+        io_error = code & 0xFF == SQLITE_IOERR or "disk I/O error" in str(exc)
+        return io_error and where is not None and free_bytes(where) < NEARLY_FULL_BYTES
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(path: Path, detail: str) -> DiskFullError:
+    return DiskFullError(f"{path}: the disk is full ({detail}): nothing acknowledged was lost, but no new sale "
+                         "can be recorded until space is freed on that disk (the store is not damaged: do not "
+                         "move it aside)")
+
+
+def store_error(path: Path, doing: str, exc: BaseException) -> StoreError:
+    """The error to raise for ``exc``, met while ``doing`` something to the store at ``path``."""
+    if is_disk_full(exc, path.parent):
+        return disk_full(path, doing)
+    return StoreError(f"{path}: {doing} failed: {exc}")
+
+
+@contextlib.contextmanager
+def sqlite_transaction(conn: sqlite3.Connection, path: Path, begin: str = "BEGIN") -> Iterator[None]:
+    """One top-level SQLite transaction: ``begin`` ... COMMIT, ROLLBACK on any exception;
+    failures to start or commit become StoreError naming the file (DiskFullError when the disk
+    is full: SQLite then rolls the transaction back itself)."""
+    try:
+        conn.execute(begin)
+    except sqlite3.DatabaseError as exc:
+        raise store_error(path, "starting a transaction", exc) from exc
+    try:
+        yield
+    except BaseException as exc:
+        if conn.in_transaction:  # SQLite rolls back by itself on a full disk
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, path.parent):
+            raise disk_full(path, "writing") from exc
+        raise
+    try:
+        conn.execute("COMMIT")
+    except sqlite3.DatabaseError as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise store_error(path, "commit", exc) from exc
+
+
+@dataclass(frozen=True)
+class ShardData:
+    shard: str
+    snapshot: bytes | None
+    chunks: list[bytes]
+    damaged: int  # chunks dropped because their CRC did not match
+
+
+class Store:
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self._depth = 0
+        self._held = False
+        self._flushed_changes = 0
+        self._wal_fd: int | None = None
+        self._checkpoint_mark = 0
+        self.on_dirty: Callable[[], None] | None = None
+        self.rollbacks = 0  # times SQLite rolled the held transaction back (Ledger reloads after one)
+
+    # -- opening -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, create: bool = False, identity: dict[str, str] | None = None) -> "Store":
+        """Open (or create) the node database; ``identity`` must match what it holds."""
+        if not create and not path.exists():
+            raise StoreError(f"{path}: node database is missing")
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if tables and app_id != APPLICATION_ID:
+                raise CorruptStoreError(f"{path}: not a meshpos node database (foreign SQLite file)")
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+            if ok != "ok":
+                raise CorruptStoreError(f"{path}: database is damaged ({ok}); restore it from the mesh "
+                                        "(move it aside and restart the node)")
+            if not tables:
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            if is_disk_full(exc, path.parent):
+                if conn is not None:
+                    conn.close()
+                raise disk_full(path, "opening the node database") from exc
+            raise CorruptStoreError(f"{path}: database is damaged or not a database ({exc}); "
+                                    "move it aside and restart the node to recover from the mesh") from exc
+        store = cls(path, conn)
+        version = store.get_meta("schema")
+        if version == "1":
+            store._migrate_1_to_2()
+            version = "2"
+        if version is None:
+            with store.transaction():
+                store.set_meta("schema", str(SCHEMA_VERSION))
+        elif version != str(SCHEMA_VERSION):
+            raise StoreError(f"{path}: database schema {version} is not {SCHEMA_VERSION}")
+        if identity:
+            store.check_identity(identity)
+        return store
+
+    def _migrate_1_to_2(self) -> None:
+        with self.transaction():
+            cols = {row[1] for row in self.conn.execute("PRAGMA table_info(sales)")}
+            for col, kind in (("refused", "TEXT"), ("reversed_at", "INTEGER")):
+                if col not in cols:
+                    self.conn.execute(f"ALTER TABLE sales ADD COLUMN {col} {kind}")
+            self.conn.execute("DROP INDEX IF EXISTS sales_pending")
+            self.conn.execute("CREATE INDEX sales_pending ON sales(terminal, created_at, amount_minor)"
+                              " WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL")
+            self.set_meta("schema", "2")
+
+    def check_identity(self, identity: dict[str, str]) -> None:
+        for key, value in identity.items():
+            held = self.get_meta(key)
+            if held is None:
+                with self.transaction():
+                    self.set_meta(key, value)
+            elif held != value:
+                raise StoreError(f"{self.path}: database belongs to {key} {held}, not {value} "
+                                 "(a node directory of another site or node?)")
+
+    def close(self) -> None:
+        if self._held:
+            self.release()
+        self.conn.close()
+
+    # -- transactions -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN ... COMMIT; a nested use is a SAVEPOINT inside the outer transaction.
+
+        Deferred, not IMMEDIATE: one process owns the node directory (node.lock), so there is
+        no other writer to race, and a transaction that ends up writing nothing (a sync
+        acknowledgement) costs no fsync. Under ``hold()`` (the running node) every
+        transaction is a savepoint of the held one, made durable by ``flush()``."""
+        if self._depth:
+            self._repair_held()
+            name = f"sp{self._depth}"
+            self.conn.execute(f"SAVEPOINT {name}")
+            self._depth += 1
+            try:
+                yield self.conn
+            except BaseException as exc:
+                self._depth -= 1
+                if self.conn.in_transaction:
+                    self.conn.execute(f"ROLLBACK TO {name}")
+                    self.conn.execute(f"RELEASE {name}")
+                else:  # SQLite rolled back the whole (held) transaction: a full disk
+                    self._repair_held()
+                if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, self.path.parent):
+                    raise disk_full(self.path, "writing") from exc
+                raise
+            self._depth -= 1
+            self.conn.execute(f"RELEASE {name}")
+            if self._held and self._depth == 1 and self.on_dirty is not None:
+                self.on_dirty()
+            return
+        self._depth = 1
+        try:
+            with sqlite_transaction(self.conn, self.path):
+                yield self.conn
+        finally:
+            self._depth = 0
+
+    # -- group commit (the running node) ---------------------------------------------
+
+    def hold(self) -> None:
+        """Keep one transaction open; writes join it and become durable at ``flush()``.
+
+        The running node takes what its links bring in this way: one fsync per few
+        milliseconds instead of one per sync message. Paths that acknowledge something
+        (a sale, a void) call ``flush()`` before they return, so the acknowledgement
+        still means "on disk"."""
+        if self._held or self._depth:
+            raise StoreError("hold() inside a transaction")
+        # Held commits do not fsync by themselves (synchronous=NORMAL; checkpoint() syncs on its
+        # own connection); durability comes from sync_wal(), which the running node calls off its
+        # event loop and flush() calls inline.
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint() does it, beside the writer
+        self.conn.execute("BEGIN")
+        self.conn.execute("SELECT count(*) FROM meta").fetchone()  # the WAL file exists from here on
+        try:
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            self.conn.execute("ROLLBACK")
+            self.conn.execute("PRAGMA synchronous=FULL")
+            self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            raise StoreError(f"{self.path}-wal: cannot open the write-ahead log: {exc}") from exc
+        self._held, self._depth = True, 1
+        self._flushed_changes = self.conn.total_changes
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    def _repair_held(self) -> None:
+        """Under hold(), SQLite rolls the held transaction back by itself when a write meets a
+        full disk: what was written since the last commit (never acknowledged: acknowledgements
+        wait for flush()) is gone from disk. Open a new one, so that writes go on joining it."""
+        if self._held and self._depth == 1 and not self.conn.in_transaction:
+            log.error("%s: uncommitted writes were rolled back by SQLite (disk full?); they come back from "
+                      "the mesh", self.path)
+            self.conn.execute("BEGIN")
+            self._flushed_changes = self.conn.total_changes
+            self.rollbacks += 1  # what others hold in memory of those writes must be read again
+
+    def commit(self) -> bool:
+        """COMMIT what was written under hold(), without waiting for the disk (then sync_wal()).
+        False if nothing was written since the last commit."""
+        if not self._held:
+            return False
+        if self._depth != 1:
+            raise StoreError("commit inside a nested transaction")
+        if not self.conn.in_transaction:  # a write outside our savepoints met a full disk or an I/O error
+            self._repair_held()
+            lost = "the writes since the last commit were rolled back"
+            if free_bytes(self.path.parent) < NEARLY_FULL_BYTES:
+                raise disk_full(self.path, lost)
+            raise StoreError(f"{self.path}: {lost} by SQLite (an I/O error?)")
+        if self.conn.total_changes == self._flushed_changes:
+            return False
+        try:
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            failed = store_error(self.path, "commit", exc)
+            self._repair_held()
+            raise failed from exc
+        self.conn.execute("BEGIN")
+        self._flushed_changes = self.conn.total_changes
+        return True
+
+    def sync_wal(self) -> None:
+        """Wait until every committed transaction is on disk: fdatasync of the WAL file, what
+        synchronous=FULL does at each COMMIT. Touches no SQLite state, so a worker thread may run
+        it while the connection goes on."""
+        if self._wal_fd is None:
+            raise StoreError("sync_wal() without hold()")
+        try:
+            os.fdatasync(self._wal_fd)
+        except OSError as exc:
+            raise store_error(Path(f"{self.path}-wal"), "sync to disk", exc) from exc
+
+    def flush(self) -> None:
+        """Make everything written so far durable before returning."""
+        if self.commit():
+            self.sync_wal()
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self.flush()
+        self.conn.execute("COMMIT")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self._held, self._depth = False, 0
+        if self._wal_fd is not None:
+            os.close(self._wal_fd)
+            self._wal_fd = None
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+
+    def checkpoint_due(self) -> bool:
+        """Under ``hold()``, where SQLite no longer checkpoints by itself: True once per
+        CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval); the caller
+        then runs ``checkpoint()``."""
+        if self.conn.total_changes - self._checkpoint_mark < CHECKPOINT_ROWS:
+            return False
+        self._checkpoint_mark = self.conn.total_changes
+        return True
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the database file, on a connection of its own, so a
+        worker thread can do it while this one goes on writing (PASSIVE: it never waits for or
+        blocks the writer). Under ``hold()`` nothing else checkpoints."""
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.DatabaseError as exc:
+            log.warning("%s: checkpoint failed: %s", self.path, exc)
+        finally:
+            conn.close()
+
+    # -- meta -------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                          (key, value))
+
+    # -- entries ----------------------------------------------------------------
+
+    def entry(self, key: str) -> tuple[bytes, str] | None:
+        row = self.conn.execute("SELECT raw, shard FROM entries WHERE key=?", (key,)).fetchone()
+        return None if row is None else (bytes(row[0]), str(row[1]))
+
+    def insert_entry(self, key: str, type_: str, signer: str, raw: bytes, shard: str, now_ms: int) -> None:
+        self.conn.execute("INSERT INTO entries(key, type, signer, raw, shard, received_at) VALUES(?,?,?,?,?,?)",
+                          (key, type_, signer, raw, shard, now_ms))
+
+    def entries_of_shard(self, shard: str) -> list[tuple[str, bytes]]:
+        return [(str(k), bytes(r)) for k, r in
+                self.conn.execute("SELECT key, raw FROM entries WHERE shard=? ORDER BY rowid", (shard,))]
+
+    def entries_of_type(self, *types: str) -> list[bytes]:
+        marks = ",".join("?" * len(types))
+        return [bytes(r[0]) for r in
+                self.conn.execute(f"SELECT raw FROM entries WHERE type IN ({marks}) ORDER BY rowid", types)]
+
+    def entry_count(self) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM entries").fetchone()[0])
+
+    # -- parked entries (signer not known yet) ----------------------------------
+
+    def park(self, key: str, raw: bytes, shard: str, reason: str, now_ms: int) -> None:
+        self.conn.execute("INSERT OR REPLACE INTO parked(key, raw, shard, reason, received_at) VALUES(?,?,?,?,?)",
+                          (key, raw, shard, reason, now_ms))
+
+    def parked(self) -> list[tuple[str, bytes, str]]:
+        return [(str(k), bytes(r), str(s)) for k, r, s in self.conn.execute("SELECT key, raw, shard FROM parked")]
+
+    def unpark(self, key: str) -> None:
+        self.conn.execute("DELETE FROM parked WHERE key=?", (key,))
+
+    # -- sales view -------------------------------------------------------------
+
+    def insert_sale(self, body: dict[str, Any], refused: str | None = None) -> None:
+        card = body.get("card") or {}
+        self.conn.execute(
+            "INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
+            " brand, last4, entry_mode, description, refused) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            (body["sale_id"], body["terminal"], body["seq"], body["created_at"], body["amount_minor"],
+             body["currency"], body["method"], card.get("brand"), card.get("last4"), card.get("entry_mode"),
+             body.get("description"), refused))
+
+    def set_refused(self, sale_id: str, refused: str | None) -> int:
+        """Record a (new) verdict; the number of rows whose verdict changed."""
+        return self.conn.execute("UPDATE sales SET refused=? WHERE sale_id=? AND refused IS NOT ?",
+                                 (refused, sale_id, refused)).rowcount
+
+    def sale_entries_since(self, created_at_ms: int) -> list[bytes]:
+        return [bytes(r[0]) for r in self.conn.execute(
+            "SELECT e.raw FROM sales s JOIN entries e ON e.key = 'sale/' || s.sale_id WHERE s.created_at >= ?",
+            (created_at_ms,))]
+
+    def delete_sale(self, sale_id: str) -> None:
+        self.conn.execute("DELETE FROM sales WHERE sale_id=?", (sale_id,))
+
+    def unmark_void(self, sale_id: str) -> None:
+        self.conn.execute("UPDATE sales SET voided_at=NULL WHERE sale_id=?", (sale_id,))
+
+    def mark_reversed(self, sale_id: str, at_ms: int) -> None:
+        self.conn.execute("UPDATE sales SET reversed_at=? WHERE sale_id=? AND reversed_at IS NULL", (at_ms, sale_id))
+
+    def entries_of_signer(self, signer: str) -> list[tuple[str, bytes, str]]:
+        return [(str(k), bytes(r), str(s)) for k, r, s in self.conn.execute(
+            "SELECT key, raw, shard FROM entries WHERE signer=?", (signer,))]
+
+    def delete_entry(self, key: str) -> None:
+        self.conn.execute("DELETE FROM entries WHERE key=?", (key,))
+
+    def mark_void(self, sale_id: str, at_ms: int) -> None:
+        self.conn.execute("UPDATE sales SET voided_at=? WHERE sale_id=? AND voided_at IS NULL", (at_ms, sale_id))
+
+    def set_result(self, body: dict[str, Any]) -> None:
+        self.conn.execute(
+            "UPDATE sales SET result_status=?, auth_code=?, response_code=?, reason=?, settled_at=? WHERE sale_id=?",
+            (body["status"], body["auth_code"], body["response_code"], body["reason"], body["settled_at"],
+             body["sale_id"]))
+
+    def sales(self, terminal: str | None = None) -> list[sqlite3.Row]:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            if terminal is None:
+                return list(self.conn.execute("SELECT * FROM sales ORDER BY created_at, sale_id"))
+            return list(self.conn.execute("SELECT * FROM sales WHERE terminal=? ORDER BY seq", (terminal,)))
+        finally:
+            self.conn.row_factory = None
+
+    def sale(self, sale_id: str) -> sqlite3.Row | None:
+        self.conn.row_factory = sqlite3.Row
+        try:
+            row: sqlite3.Row | None = self.conn.execute("SELECT * FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
+            return row
+        finally:
+            self.conn.row_factory = None
+
+    def last_seq(self, terminal: str) -> int:
+        row = self.conn.execute("SELECT max(seq) FROM sales WHERE terminal=?", (terminal,)).fetchone()
+        return int(row[0] or 0)
+
+    def pending_total(self, terminal: str | None, not_before_ms: int, not_after_ms: int | None = None) -> int:
+        """Sum of valid sales with no result and no void, created in [not_before_ms, not_after_ms]."""
+        return sum(self.pending_by_terminal(not_before_ms, not_after_ms, terminal).values())
+
+    def pending_by_terminal(self, not_before_ms: int, not_after_ms: int | None = None,
+                            terminal: str | None = None) -> dict[str, int]:
+        """terminal -> sum of its valid sales with no result and no void, created in the range
+        (refused sales are never counted: they are not the site's exposure)."""
+        sql = ("SELECT terminal, coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
+               " AND voided_at IS NULL AND refused IS NULL AND created_at >= ?")
+        args: tuple[Any, ...] = (not_before_ms,)
+        if not_after_ms is not None:
+            sql += " AND created_at <= ?"
+            args += (not_after_ms,)
+        if terminal is not None:
+            sql += " AND terminal=?"
+            args += (terminal,)
+        return {str(t): int(v) for t, v in self.conn.execute(sql + " GROUP BY terminal", args)}
+
+    # -- Automerge shards ---------------------------------------------------------
+
+    def add_chunk(self, shard: str, data: bytes) -> None:
+        self.conn.execute("INSERT INTO chunks(shard, data, crc) VALUES(?,?,?)", (shard, data, zlib.crc32(data)))
+
+    def chunk_count(self, shard: str) -> int:
+        return int(self.conn.execute("SELECT count(*) FROM chunks WHERE shard=?", (shard,)).fetchone()[0])
+
+    def put_snapshot(self, shard: str, snapshot: bytes) -> None:
+        """Replace a shard's snapshot and drop the chunks it now contains (same transaction)."""
+        self.conn.execute("INSERT INTO shards(shard, snapshot) VALUES(?, ?) "
+                          "ON CONFLICT(shard) DO UPDATE SET snapshot=excluded.snapshot", (shard, snapshot))
+        self.conn.execute("DELETE FROM chunks WHERE shard=?", (shard,))
+
+    def shard_names(self) -> list[str]:
+        rows = self.conn.execute("SELECT shard FROM shards UNION SELECT DISTINCT shard FROM chunks")
+        return sorted(str(r[0]) for r in rows)
+
+    def load_shard(self, shard: str) -> ShardData:
+        row = self.conn.execute("SELECT snapshot FROM shards WHERE shard=?", (shard,)).fetchone()
+        snapshot = bytes(row[0]) if row and row[0] is not None else None
+        chunks, damaged = [], 0
+        for data, crc in self.conn.execute("SELECT data, crc FROM chunks WHERE shard=? ORDER BY id", (shard,)):
+            if zlib.crc32(data) != crc:
+                damaged += 1
+                continue
+            chunks.append(bytes(data))
+        return ShardData(shard=shard, snapshot=snapshot, chunks=chunks, damaged=damaged)

@@ -1,0 +1,129 @@
+"""Peer management: which peers a node keeps links to, and when it retries.
+
+Rules (the planner is pure; time comes in as ``now``):
+
+* Membership is what discovery and the static peers tell us, for this site.
+* Each node dials its ``RING_SUCCESSORS`` successors on the ring of node ids
+  (sorted, wrapping) plus ``CHORDS`` pseudo-random chords chosen by hashing its
+  own id. Every node knowing the same membership builds the same ring, so the
+  mesh is connected (the ring alone is) and multi-hop, while each node holds
+  about 2 × (successors + chords) links whatever the size of the site: a site
+  of 100 terminals holds ~300 links, not 4,950.
+* Static peers (config) are always dialled: the operator asked for them.
+* At most one link per pair: when both ends dial at once, the link initiated by
+  the smaller node id is kept and the other is closed.
+* Inbound links are bounded (MAX_INBOUND held, MAX_PENDING_* not yet
+  authenticated, AUTH_TIMEOUT to authenticate): see meshpos.infra.netguard.
+* A failed dial backs off exponentially (BACKOFF_MIN .. BACKOFF_MAX, with
+  jitter); a link that stayed up for BACKOFF_RESET seconds resets the back-off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass, field
+
+RING_SUCCESSORS = 2
+CHORDS = 1
+BACKOFF_MIN = 0.5
+BACKOFF_MAX = 30.0
+BACKOFF_RESET = 10.0
+# Inbound links (meshpos.infra.netguard rules): held at once; not yet authenticated (TLS handshake and
+# HELLO), from all sources and from one address; and how long authenticating may take.
+MAX_INBOUND = 64
+MAX_PENDING_INBOUND = 16
+MAX_PENDING_PER_SOURCE = 4
+AUTH_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    node_id: str
+    addresses: tuple[str, ...]
+    port: int
+    role: str = "terminal"
+    uplink: bool = False
+    name: str = ""
+
+
+@dataclass
+class _Backoff:
+    failures: int = 0
+    next_try: float = 0.0
+
+
+def ring_targets(me: str, members: set[str], successors: int = RING_SUCCESSORS, chords: int = CHORDS) -> set[str]:
+    """The node ids ``me`` dials out to, given the site's members (``me`` included or not)."""
+    ring = sorted(members | {me})
+    n = len(ring)
+    if n <= 1:
+        return set()
+    i = ring.index(me)
+    targets = {ring[(i + k) % n] for k in range(1, min(successors, n - 1) + 1)}
+    seed = int.from_bytes(hashlib.sha256(me.encode()).digest()[:8], "big")
+    rng = random.Random(seed)
+    others = [m for m in ring if m != me and m not in targets]
+    for _ in range(min(chords, len(others))):
+        targets.add(others.pop(rng.randrange(len(others))))
+    targets.discard(me)
+    return targets
+
+
+def keep_link(me: str, peer: str, initiated_by_me: bool) -> bool:
+    """Of two simultaneous links between ``me`` and ``peer``, keep the one the smaller id dialled."""
+    initiator = me if initiated_by_me else peer
+    return initiator == min(me, peer)
+
+
+@dataclass
+class PeerPlanner:
+    me: str
+    rng: random.Random = field(default_factory=random.Random)
+    peers: dict[str, PeerInfo] = field(default_factory=dict)
+    backoff: dict[str, _Backoff] = field(default_factory=dict)
+    connected: dict[str, float] = field(default_factory=dict)  # peer -> link up since
+
+    def seen(self, info: PeerInfo) -> None:
+        if info.node_id != self.me:
+            self.peers[info.node_id] = info
+
+    def gone(self, node_id: str) -> None:
+        self.peers.pop(node_id, None)
+
+    def link_up(self, peer: str, now: float) -> None:
+        self.connected[peer] = now
+
+    def link_down(self, peer: str, now: float) -> None:
+        since = self.connected.pop(peer, None)
+        b = self.backoff.setdefault(peer, _Backoff())
+        if since is not None and now - since >= BACKOFF_RESET:
+            b.failures = 0
+        self._fail(b, now)
+
+    def dial_failed(self, peer: str, now: float) -> None:
+        self._fail(self.backoff.setdefault(peer, _Backoff()), now)
+
+    def _fail(self, b: _Backoff, now: float) -> None:
+        delay = min(BACKOFF_MAX, BACKOFF_MIN * 2 ** b.failures)
+        b.failures += 1
+        b.next_try = now + delay * (0.75 + 0.5 * self.rng.random())
+
+    def targets(self) -> set[str]:
+        return ring_targets(self.me, set(self.peers))
+
+    def to_dial(self, now: float) -> list[PeerInfo]:
+        """Targets that have no link and whose back-off has run out."""
+        out = []
+        for peer in sorted(self.targets()):
+            if peer in self.connected or peer not in self.peers:
+                continue
+            b = self.backoff.get(peer)
+            if b is None or b.next_try <= now:
+                out.append(self.peers[peer])
+        return out
+
+    def next_wakeup(self, now: float) -> float:
+        pending = [self.backoff[p].next_try for p in self.targets()
+                   if p not in self.connected and p in self.backoff]
+        return max(now, min(pending)) if pending else now + BACKOFF_MAX

@@ -1,0 +1,4 @@
+"""Node statuses: the board of signed peer statuses and the analysis of the mesh they describe.
+
+May import: `replication`, `ledger`, `site`, `wire`, `identity`, `infra`, `domain`.
+"""

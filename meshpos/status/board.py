@@ -1,0 +1,187 @@
+"""Node statuses: the newest verified ``status`` envelope of every node, gossiped over links.
+
+Rules (protocols/link.md, "Status gossip"):
+
+* A status is a signed ``status`` envelope (protocols/envelope.md) whose body is
+  ``{"status": {..., "at": ms}}``. It never enters the ledger: a status every
+  10 s from every node would grow the Automerge history forever.
+* The board keeps, per node, the one status with the greatest ``at`` that
+  verifies against the roster (the signer's certificate, of a role that holds
+  links, not an inspector: inspectors publish nothing). An older or equal one is
+  ignored, so a flood ends at every node that has seen it.
+* A newer status is flooded to every other link (``relay``); the inspector's
+  board does not relay (nodes ignore what it sends anyway).
+* A status whose signer's certificate has not arrived is parked (bounded) and
+  tried again when a certificate is accepted.
+* A status tells only what its signer may say: one dated more than
+  ``rules.MAX_SKEW_MS`` ahead of our clock is refused (it would stay "fresh"
+  for as long as it lies), a revoked node's statuses are refused and the one
+  held is dropped when the revocation arrives. Who a node *is* (name, role)
+  comes from its certificate, never from its status (meshpos.status.meshview).
+
+No I/O here: time comes from the injected Clock, sending is the Replicator's.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from meshpos.domain import rules
+from meshpos.infra.clock import Clock
+from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
+from meshpos.status.meshview import stale_after_ms
+from meshpos.site.roster import Roster, UnknownSigner, Verified
+from meshpos.wire import envelope as env_mod
+
+if TYPE_CHECKING:
+    from meshpos.replication.sync import Replicator, SyncSession
+
+log = logging.getLogger(__name__)
+
+MAX_PARKED = 256
+MAX_NODES = 4096
+MAX_SEEN = 16384
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    node_id: str
+    body: dict[str, Any]  # the status object (body["status"] of the envelope)
+    raw: bytes
+    received_at_ms: int  # our clock, when this version arrived
+
+    @property
+    def at(self) -> int:
+        return int(self.body["at"])
+
+    @functools.cached_property
+    def links(self) -> frozenset[str]:
+        """The nodes it says it is linked to (nothing, if its ``links`` is not a list)."""
+        links = self.body.get("links")
+        if not isinstance(links, list):
+            return frozenset()
+        return frozenset(str(link.get("node")) for link in links if isinstance(link, dict))
+
+
+def check_status_body(body: dict[str, Any]) -> dict[str, Any]:
+    """The status object of an envelope body; EncodingError unless it has an integer ``at``."""
+    status = body.get("status")
+    if not isinstance(status, dict):
+        raise EncodingError("status envelope: body.status must be an object")
+    at = status.get("at")
+    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+        raise EncodingError("status envelope: status.at must be a non-negative integer (ms)")
+    return status
+
+
+class StatusBoard:
+    def __init__(self, roster: Roster, clock: Clock, *, relay: bool = True) -> None:
+        self.roster = roster
+        self.clock = clock
+        self.relay = relay
+        self.statuses: dict[str, NodeStatus] = {}
+        self.replicator: "Replicator | None" = None
+        self.on_new: list[Callable[[NodeStatus], None]] = []
+        self.rejected = 0
+        self._parked: dict[str, bytes] = {}
+        self._seen: set[bytes] = set()  # digests of statuses taken or refused for good
+
+    def attach(self, replicator: "Replicator") -> None:
+        self.replicator = replicator
+        replicator.gossip = self
+
+    # -- the gossip side (sync.StatusGossip) --------------------------------------------
+
+    def known(self) -> list[bytes]:
+        return [s.raw for s in self.statuses.values()]
+
+    def links_of(self, node_id: str) -> frozenset[str]:
+        """The nodes ``node_id`` is linked to, by its status, if that arrived recently enough to
+        trust (``meshview.stale_after_ms``, on our clock); else none."""
+        status = self.statuses.get(node_id)
+        if status is None or self.clock.now_ms() - status.received_at_ms > stale_after_ms(status.body):
+            return frozenset()
+        return status.links
+
+    def received(self, raw: bytes, session: "SyncSession | None") -> None:
+        status = self.offer(raw, session.label if session is not None else "local")
+        if status is not None and self.relay and self.replicator is not None:
+            self.replicator.broadcast_status(raw, exclude=session)
+
+    def publish(self, raw: bytes) -> NodeStatus | None:
+        """Our own new status: into the board and out on every link."""
+        status = self.offer(raw, "local")
+        if status is not None and self.replicator is not None:
+            self.replicator.broadcast_status(raw)
+        return status
+
+    # -- verification -------------------------------------------------------------------
+
+    def offer(self, raw: bytes, origin: str) -> NodeStatus | None:
+        """Take ``raw`` if it verifies and is newer than what we hold; the new NodeStatus or None."""
+        # A flood brings the same bytes over several links: known ones cost a hash, not a decode.
+        seen = hashlib.blake2b(raw, digest_size=16).digest()
+        if seen in self._seen:
+            return None
+        if len(self._seen) >= MAX_SEEN:
+            self._seen.clear()
+        now = self.clock.now_ms()
+        try:
+            env = env_mod.decode(raw)
+            if env.type != "status":
+                raise EncodingError(f"a {env.type} envelope where a status was expected")
+            status = check_status_body(env.body)
+            ahead = rules.future_problem(status["at"], now, "status time")
+            if ahead is not None:
+                raise VerificationError(ahead)
+            current = self.statuses.get(env.signer)
+            if current is not None and current.at >= status["at"]:
+                self._seen.add(seen)
+                return None
+            if current is None and len(self.statuses) >= MAX_NODES:
+                raise VerificationError("too many nodes on the status board")
+            self.roster.verify(env, now)
+            if self.roster.identity(env.signer).role == "inspector":
+                raise VerificationError("inspectors publish no status")
+        except UnknownSigner:  # not remembered as seen: it is tried again when the certificate comes
+            if len(self._parked) < MAX_PARKED or env.signer in self._parked:
+                self._parked[env.signer] = raw
+            return None
+        except (MeshposError, KeyError, ValueError) as exc:
+            self._seen.add(seen)
+            self.rejected += 1
+            log.info("status from %s refused: %s", origin, exc)
+            return None
+        self._seen.add(seen)
+        self._parked.pop(env.signer, None)
+        node = NodeStatus(env.signer, status, raw, now)
+        self.statuses[env.signer] = node
+        for hook in self.on_new:
+            hook(node)
+        return node
+
+    def current(self) -> dict[str, NodeStatus]:
+        """The statuses to show: those of nodes not revoked (a revocation may come after them)."""
+        revoked = self.roster.revoked
+        return {node: s for node, s in self.statuses.items() if node not in revoked}
+
+    def on_accept(self, verified: Verified) -> None:
+        """A ledger entry was accepted: a certificate may let parked statuses in; a revocation
+        drops the revoked node's status."""
+        if verified.env.type == "cert":
+            self.retry_parked()
+        elif verified.env.type == "revocation":
+            node = str(verified.env.body.get("node_id"))
+            self.statuses.pop(node, None)
+            self._parked.pop(node, None)
+
+    def retry_parked(self) -> None:
+        """A certificate arrived: parked statuses may verify now."""
+        for signer, raw in list(self._parked.items()):
+            if signer in self.roster.identities:
+                del self._parked[signer]
+                self.received(raw, None)
