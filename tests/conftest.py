@@ -16,6 +16,7 @@ from meshpos.site.sitedir import Site, init_site
 
 from argv_watch import ArgvWatch
 from helpers import TEST_PANS
+from pg import pg_cluster, switch_backend_env, switch_db  # noqa: F401 -- fixtures: PostgreSQL, the switch backends
 
 
 @pytest.fixture(scope="session", autouse=True)

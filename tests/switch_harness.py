@@ -76,9 +76,10 @@ async def running_switch(switch_dir: Path, clock: FakeClock, rules: SimRules = E
 
 
 @pytest.fixture
-def switch_dir(tmp_path: Path, site: Site, switch_key: nacl.signing.SigningKey) -> Path:
+def switch_dir(tmp_path: Path, site: Site, switch_key: nacl.signing.SigningKey, switch_db: str | None) -> Path:
+    """A switch with the test site registered, on each backend in turn (tests/pg.py)."""
     path = tmp_path / "switch"
-    init_switch(path, "127.0.0.1:0", "127.0.0.1:1", key=switch_key)
+    init_switch(path, "127.0.0.1:0", "127.0.0.1:1", key=switch_key, db=switch_db)
     add_site(path, site.path)
     return path
 

@@ -17,7 +17,8 @@ from meshpos.domain.errors import CorruptStoreError, DiskFullError
 from meshpos.node import client
 from meshpos.node.diskspace import SALE_RESERVE_BYTES
 from meshpos.apps.procs import ProcessGroup
-from meshpos.ledger.store import Store, free_bytes
+from meshpos.infra.sqlite import free_bytes
+from meshpos.ledger.store import Store
 
 from helpers import fill_disk, run_cli
 

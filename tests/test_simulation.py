@@ -264,7 +264,7 @@ class Simulation(RuleBasedStateMachine):
             created = self._created_at(sale_id)
             assert self.acquirer.first_at[sale_id] <= created + WINDOW_MS, \
                 f"{sale_id} advised past its window by the switch's clock"
-        for sale_id, status in self.store.reader.execute("SELECT sale_id, result_status FROM sales"):
+        for sale_id, status in self.store.statuses().items():
             if status == "expired":
                 assert self.acquirer.count.get(sale_id, Counter())["0220"] == 0
 
@@ -360,7 +360,7 @@ def test_exactly_once_check_catches_a_switch_that_sends_0220_on_retry(monkeypatc
     """A switch that does not record "advice sent" before the 0220 leaves retries with a second
     0220 after a lost answer."""
     from meshpos.switch import store as switch_store
-    monkeypatch.setattr(switch_store.SwitchStore, "mark_advice_sent", lambda self, sale_id, at: None)
+    monkeypatch.setattr(switch_store.SwitchStore, "mark_advice_sent", lambda self, *args: None)
     sim = _scripted()
     try:
         sim.sell(0, 120, True)
@@ -378,10 +378,10 @@ def test_window_check_catches_a_switch_that_ignores_the_offline_window(monkeypat
     from meshpos.switch import processor
     real = processor.Switch._first_time
 
-    async def no_expiry(self, site, row, env, void):  # type: ignore[no-untyped-def]
+    async def no_expiry(self, site, row, work, void):  # type: ignore[no-untyped-def]
         with monkeypatch.context() as m:
-            m.setattr(self.clock, "now_ms", lambda: env.body["created_at"])  # "now" never past the window
-            return await real(self, site, row, env, void)
+            m.setattr(self.clock, "now_ms", lambda: work.env.body["created_at"])  # "now" never past the window
+            return await real(self, site, row, work, void)
 
     monkeypatch.setattr(processor.Switch, "_first_time", no_expiry)
     sim = _scripted()

@@ -27,6 +27,9 @@ from meshpos.identity.certs import load_pem, to_der
 from meshpos.uplink.client import make_client_context, probe
 from meshpos.uplink.leases import scope_of
 
+# every switch these tests make runs on each backend in turn (tests/pg.py)
+pytestmark = pytest.mark.usefixtures("switch_backend_env")
+
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parent.parent / "protocols" / "vectors" / "forwarding.json").read_text(encoding="utf-8"))
 
@@ -146,29 +149,3 @@ async def test_cli_run_serves_until_sigterm(tmp_path: Path, site: Site, switch_k
             proc.kill()
             proc.wait()
     assert SwitchDir(sw).open_store().count_states()["settled"] == 0
-
-
-async def test_group_commit_batches_and_isolates_a_failing_op(tmp_path: Path) -> None:
-    from meshpos.domain.errors import StoreError
-    from meshpos.switch.store import GroupCommit, SwitchStore
-    store = SwitchStore.open(tmp_path / "s.db", create=True)
-    writer = GroupCommit(store)
-    failed: list[int] = []
-
-    async def put(n: int) -> None:
-        def op(s: SwitchStore) -> None:
-            s.set_meta(f"k{n}", str(n))
-            if n == 3:
-                raise ValueError("no")
-        try:
-            await writer.commit(op)
-        except StoreError:
-            failed.append(n)
-
-    async with trio.open_nursery() as nursery:
-        for n in range(10):
-            nursery.start_soon(put, n)
-    assert failed == [3]
-    assert [store.get_meta(f"k{n}") for n in range(10)] == [str(n) if n != 3 else None for n in range(10)]
-    assert writer.commits < 10  # grouped
-    store.close()

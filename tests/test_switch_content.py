@@ -317,21 +317,6 @@ async def test_a_void_after_approval_returns_a_signed_reversal_entry(
         assert h.switch.store.sale(sale).reversal == REVERSAL_DONE  # type: ignore[union-attr]
 
 
-def test_a_schema_1_database_gains_the_reversal_column_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "switch.db"
-    store = SwitchStore.open(path, create=True)
-    with store.transaction():
-        store.conn.execute("ALTER TABLE sales DROP COLUMN reversal_entry")
-        store.set_meta("schema", "1")
-        store.insert_received("t-00000001", "site", "t", b"d", b"raw", 1)
-    store.close()
-    store = SwitchStore.open(path)
-    row = store.sale("t-00000001")
-    assert store.get_meta("schema") == "2" and row is not None and row.reversal_entry is None
-    assert row.state != ADVICE_SENT
-    store.close()
-
-
 def test_add_site_again_keeps_every_policy_version(switch_dir: Path, site: Site, clock: FakeClock) -> None:
     from meshpos.switch.processor import Switch
     from meshpos.switch.switchdir import SwitchDir, add_site

@@ -35,6 +35,9 @@ from meshpos.uplink.forwarder import Forwarder
 
 from switch_harness import switch_dir
 
+# every switch these tests make runs on each backend in turn (tests/pg.py)
+pytestmark = pytest.mark.usefixtures("switch_backend_env")
+
 assert switch_dir  # a fixture, used by name
 
 

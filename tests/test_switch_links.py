@@ -30,6 +30,9 @@ from meshpos.uplink.forwarder import Forwarder
 
 from switch_harness import card_sale
 
+# every switch these tests make runs on each backend in turn (tests/pg.py)
+pytestmark = pytest.mark.usefixtures("switch_backend_env")
+
 
 def pem_pair(tmp_path: Path, name: str) -> tuple[Path, Path]:
     cert, key = self_signed(["127.0.0.1", "localhost"], FakeClock().now_ms())

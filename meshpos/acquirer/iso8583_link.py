@@ -106,6 +106,13 @@ class Iso8583Link:
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._exchange(req, RequestKind.REVERSAL)
 
+    async def check(self) -> None:
+        """Raise AcquirerError unless a connection to the host is open or opens now (readiness)."""
+        with trio.move_on_after(self._timeout) as scope:
+            await self._connection("readiness check")
+        if scope.cancelled_caught:
+            raise AcquirerError(f"readiness check: no connection to the acquirer within {self._timeout:g} s")
+
     async def aclose(self) -> None:
         self._closed = True
         conn, self._conn = self._conn, None
@@ -135,6 +142,9 @@ class Iso8583Link:
                         raise
                     if conn.closed:  # the connection died while the caller recorded: nothing was sent
                         raise AcquirerError(f"{what}: {conn.lost_reason or 'connection to the acquirer lost'}")
+                    # the caller's recording (a database commit) is not the acquirer's time: the
+                    # host gets the whole timeout for its answer from here
+                    scope.deadline = trio.current_time() + self._timeout
                 conn.pending[key] = pending
                 conn.outbox += data
                 conn.outbox_ready.set()

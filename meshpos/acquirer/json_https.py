@@ -101,6 +101,22 @@ class JsonHttpsLink:
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self._post(REVERSALS_PATH, req, repeat=False)
 
+    async def check(self) -> None:
+        """Raise AcquirerError unless a connection is idle in the pool or one opens now (readiness)."""
+        if self._idle:
+            return
+        with trio.move_on_after(self._timeout) as scope:
+            try:
+                conn = HttpClientConnection(await self._connect())
+            except (ProtocolError, OSError, trio.BrokenResourceError) as exc:
+                raise AcquirerError(f"readiness check: cannot connect to the acquirer: {exc}") from exc
+            if len(self._idle) < self._max_idle:
+                self._idle.append(conn)
+            else:
+                await conn.aclose()
+        if scope.cancelled_caught:
+            raise AcquirerError(f"readiness check: no connection to the acquirer within {self._timeout:g} s")
+
     async def aclose(self) -> None:
         self._closed = True
         idle, self._idle = self._idle, []

@@ -31,7 +31,8 @@ from meshpos.identity import certs
 from meshpos.site.nodedir import NodeConfig, NodeDir
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster
-from meshpos.ledger.store import APPLICATION_ID, Store, is_disk_full
+from meshpos.infra.sqlite import is_disk_full
+from meshpos.ledger.store import APPLICATION_ID, Store
 from meshpos.wire import envelope as env_mod
 from meshpos.wire.dnssd import LocalService
 

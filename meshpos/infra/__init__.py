@@ -1,4 +1,6 @@
-"""Helpers that touch the operating system: clocks, durable files, child processes, the small HTTP client/server, per-connection resource guards.
+"""Helpers that touch the operating system and outside systems: clocks, durable files, JSON
+files, the small HTTP client/server, per-connection resource guards, SQLite transactions.
+Usable by the node side and the switch alike.
 
 May import: `meshpos.domain` and the standard library.
 """

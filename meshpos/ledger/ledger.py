@@ -27,6 +27,7 @@ from typing import Callable
 
 import automerge.core as am
 
+from meshpos.wire.leb128 import uleb128
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
@@ -123,15 +124,6 @@ def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
     return keys
 
 
-def _uleb128(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | 0x80 if n else low)
-        if not n:
-            return bytes(out)
-
-
 def changes_message(changes: list[bytes]) -> bytes:
     """An Automerge sync message (format v1) that carries just ``changes``.
 
@@ -140,9 +132,9 @@ def changes_message(changes: list[bytes]) -> bytes:
     are missing, exactly as Automerge's own apply would.
     """
     out = bytearray(b"\x42\x00\x00\x00")  # message type; no heads, no needs, no haves
-    out += _uleb128(len(changes))
+    out += uleb128(len(changes))
     for change in changes:
-        out += _uleb128(len(change)) + change
+        out += uleb128(len(change)) + change
     return bytes(out)
 
 

@@ -15,7 +15,6 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import sqlite3
@@ -24,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from meshpos.domain.errors import CorruptStoreError, DiskFullError, StoreError
+from meshpos.infra.sqlite import NEARLY_FULL_BYTES, disk_full, open_checked, free_bytes, is_disk_full, sqlite_transaction, store_error
+from meshpos.domain.errors import CorruptStoreError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -66,70 +66,6 @@ _SALE_ROWS = ("SELECT s.*, k.key AS idempotency_key FROM sales s"
               " LEFT JOIN idempotency k ON k.sale_id = s.sale_id")
 
 
-SQLITE_FULL = 13
-SQLITE_IOERR = 10
-SQLITE_IOERR_SHMSIZE = 4874  # the WAL's -shm file could not grow: "may indicate ... out of space"
-NEARLY_FULL_BYTES = 256 * 1024  # less than this free: an I/O error or a rolled-back write is a full disk
-
-
-def free_bytes(path: Path) -> int:
-    """Bytes free for this user on the file system holding ``path`` (0 if it cannot be told)."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return 0
-    return st.f_bavail * st.f_frsize
-
-
-def is_disk_full(exc: BaseException, where: Path | None = None) -> bool:
-    """SQLITE_FULL ("database or disk is full"), SQLITE_IOERR_SHMSIZE, ENOSPC / EDQUOT; with
-    ``where`` (the store's directory), also an I/O error while that disk is (nearly) full:
-    SQLite reports a -shm file it cannot create on a full disk as "disk I/O error"."""
-    if isinstance(exc, sqlite3.Error):
-        code = getattr(exc, "sqlite_errorcode", None) or 0
-        if code & 0xFF == SQLITE_FULL or code == SQLITE_IOERR_SHMSIZE or "database or disk is full" in str(exc):
-            return True
-        io_error = code & 0xFF == SQLITE_IOERR or "disk I/O error" in str(exc)
-        return io_error and where is not None and free_bytes(where) < NEARLY_FULL_BYTES
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def disk_full(path: Path, detail: str) -> DiskFullError:
-    return DiskFullError(f"{path}: the disk is full ({detail}): nothing acknowledged was lost, but no new sale "
-                         "can be recorded until space is freed on that disk (the store is not damaged: do not "
-                         "move it aside)")
-
-
-def store_error(path: Path, doing: str, exc: BaseException) -> StoreError:
-    """The error to raise for ``exc``, met while ``doing`` something to the store at ``path``."""
-    if is_disk_full(exc, path.parent):
-        return disk_full(path, doing)
-    return StoreError(f"{path}: {doing} failed: {exc}")
-
-
-@contextlib.contextmanager
-def sqlite_transaction(conn: sqlite3.Connection, path: Path, begin: str = "BEGIN") -> Iterator[None]:
-    """One top-level SQLite transaction: ``begin`` ... COMMIT, ROLLBACK on any exception;
-    failures to start or commit become StoreError naming the file (DiskFullError when the disk
-    is full: SQLite then rolls the transaction back itself)."""
-    try:
-        conn.execute(begin)
-    except sqlite3.DatabaseError as exc:
-        raise store_error(path, "starting a transaction", exc) from exc
-    try:
-        yield
-    except BaseException as exc:
-        if conn.in_transaction:  # SQLite rolls back by itself on a full disk
-            conn.execute("ROLLBACK")
-        if isinstance(exc, sqlite3.DatabaseError) and is_disk_full(exc, path.parent):
-            raise disk_full(path, "writing") from exc
-        raise
-    try:
-        conn.execute("COMMIT")
-    except sqlite3.DatabaseError as exc:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise store_error(path, "commit", exc) from exc
 
 
 @dataclass(frozen=True)
@@ -161,20 +97,11 @@ class Store:
             raise StoreError(f"{path}: node database is missing")
         conn: sqlite3.Connection | None = None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables and app_id != APPLICATION_ID:
-                raise CorruptStoreError(f"{path}: not a meshpos node database (foreign SQLite file)")
+            conn, _ = open_checked(path, APPLICATION_ID, "node")
             ok = conn.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
                 raise CorruptStoreError(f"{path}: database is damaged ({ok}); restore it from the mesh "
                                         "(move it aside and restart the node)")
-            if not tables:
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             if is_disk_full(exc, path.parent):

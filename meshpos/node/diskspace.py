@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshpos.ledger.store import disk_full, free_bytes
+from meshpos.infra.sqlite import disk_full, free_bytes
 
 SALE_RESERVE_BYTES = 8 * 2**20
 

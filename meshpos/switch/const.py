@@ -17,3 +17,15 @@ ACQUIRER_TIMEOUT_S: Final = 10.0
 
 SWITCH_FORMAT: Final = "meshpos-switch/1"
 TLS_VALID_DAYS: Final = 3650
+
+#: how long an instance's claim on a sale it is advising holds without renewal (it renews every
+#: third of it while alive); a sale whose claim expired is continued by another instance (0221)
+CLAIM_LEASE_S: Final = 15.0
+#: how long an instance that lost the race for a sale waits for the winner's result before
+#: answering it pending, and how often it looks
+WAIT_FOR_OTHER_INSTANCE_S: Final = 3.0
+WAIT_POLL_S: Final = 0.05
+#: how often a running instance looks for sites added or changed by another process
+SITE_RELOAD_S: Final = 1.0
+#: how long /readyz waits for the database and for an acquirer connection
+READY_CHECK_TIMEOUT_S: Final = 2.0

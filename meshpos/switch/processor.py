@@ -44,6 +44,14 @@ Rules for one sale, in this order (protocols/forwarding.md, "Processing"):
 
 One sale is handled by one task at a time in this process (``_exclusive``); sales of a batch
 run concurrently, with at most ``in_flight`` requests outstanding at the acquirer.
+
+6. Several instances on one database (protocols/switch-instances.md): the step received ->
+   advice_sent is a compare-and-set that also claims the sale for this instance (``instance``);
+   an instance that loses it sends nothing and waits a moment for the winner's result. A sale
+   left ``advice_sent`` is continued (0221) only by the instance holding its claim, or by any
+   instance once the claim expired (its holder died): claims are renewed by
+   :meth:`Switch.keep_claims` while held. Settling is first-wins: whoever settles second returns
+   the stored signed result, so every instance answers the same bytes.
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nacl.signing
 import trio
@@ -74,9 +82,11 @@ from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster
 from meshpos.site.sitedir import verify_policy_envelope
 from meshpos.wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
-from meshpos.switch.const import ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, REVERSAL_ATTEMPTS
-from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, GroupCommit, SaleRow, SiteRow,
-                    SwitchStore)
+from meshpos.switch.const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, CLAIM_LEASE_S,
+                    REVERSAL_ATTEMPTS, WAIT_FOR_OTHER_INSTANCE_S, WAIT_POLL_S)
+from meshpos.switch.metrics import MeteredLink, SwitchMetrics
+from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AlreadySettled, ClaimLost,
+                    GroupCommit, SaleRow, SiteRow, SwitchStore)
 
 # what one sale's own data can make go wrong before or at the acquirer: it settles ``rejected``
 SALE_ERRORS = (CryptoError, InputError, EncodingError)
@@ -150,6 +160,14 @@ class _Settled:
     reversal: bytes | None = None  # the signed ``reversal`` entry of a void after approval
 
 
+class _PollRound:
+    __slots__ = ("done", "rows")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.rows: dict[str, SaleRow] = {}
+
+
 @dataclass(frozen=True)
 class _Work:
     index: int
@@ -158,6 +176,7 @@ class _Work:
 
 
 Outcome = _Settled | Pending | Refusal
+T = TypeVar("T")
 
 
 class Switch:
@@ -175,12 +194,20 @@ class Switch:
         reversal_attempts: int = REVERSAL_ATTEMPTS,
         backoff: Callable[[int], float] = exponential_backoff(BACKOFF_BASE_S, BACKOFF_CAP_S),
         sleep: Callable[[float], Awaitable[None]] = trio.sleep,
+        instance: str = "main",
+        claim_lease_s: float = CLAIM_LEASE_S,
+        wait_for_other_s: float = WAIT_FOR_OTHER_INSTANCE_S,
+        metrics: SwitchMetrics | None = None,
     ) -> None:
         self.store = store
+        self.instance = instance
+        self.claim_lease_ms = int(claim_lease_s * 1000)
+        self.wait_for_other_s = wait_for_other_s
+        self.metrics = metrics or SwitchMetrics()
         self.key = key
         self.x25519_private = keys.x25519_private_of(key)
         self.x25519_public = keys.x25519_public_of(key)
-        self.link = link
+        self.link: AcquirerLink = MeteredLink(link, self.metrics)
         self.clock = clock
         self.advice_attempts = advice_attempts
         self.reversal_attempts = reversal_attempts
@@ -188,6 +215,11 @@ class Switch:
         self.sleep = sleep
         self.slots = trio.Semaphore(in_flight)
         self.writer = GroupCommit(store)
+        self.writer.observe = self.metrics.db.labels("commit").observe
+        self._claims: set[str] = set()  # sales this instance is advising now (renewed by keep_claims)
+        self._awaited: dict[str, int] = {}  # sales another instance is advising, and how many wait here
+        self._poll_round: _PollRound | None = None
+        self.site_generation = -1
         self.sites: dict[str, SiteState] = {}
         self._busy: dict[str, trio.Event] = {}
         self.counters: dict[str, int] = {"refused": 0, "settled": 0, "repeated": 0, "pending": 0}
@@ -196,16 +228,34 @@ class Switch:
     # -- sites -----------------------------------------------------------------------
 
     def load_sites(self) -> None:
+        generation = self.store.site_generation()
         for row in self.store.sites():
             self.sites[row.site_id] = self._site_state(row)
+        self.site_generation = generation
 
-    def _site_state(self, row: SiteRow) -> SiteState:
+    async def reload_sites_if_changed(self) -> list[SiteRow]:
+        """Take sites and roster entries another process added (``switch add-site``, another
+        instance): rebuilt from the database when its site generation moved. The rows of sites
+        new to this instance are returned (their CAs must be trusted for TLS)."""
+        generation = await self._read(self.store.site_generation)
+        if generation == self.site_generation:
+            return []
+        rows = await self._read(self.store.sites)
+        entries = {row.site_id: await self._read(lambda: self.store.site_entries(row.site_id)) for row in rows}
+        new = [row for row in rows if row.site_id not in self.sites]
+        for row in rows:
+            self.sites[row.site_id] = self._site_state(row, entries[row.site_id])
+        self.site_generation = generation
+        log.info("sites reloaded (generation %d): %d site(s), %d new", generation, len(rows), len(new))
+        return new
+
+    def _site_state(self, row: SiteRow, entries: list[bytes] | None = None) -> SiteState:
         ca = certs.load_pem(row.ca_pem, f"site {row.site_id} CA")
         policy = verify_policy_envelope(row.policy_env, ca, f"site {row.site_id} policy")
         roster = Roster(ca, policy)
         state = SiteState(row=row, roster=roster, known=set())
         now = self.clock.now_ms()
-        for raw in self.store.site_entries(row.site_id):
+        for raw in self.store.site_entries(row.site_id) if entries is None else entries:
             try:
                 env = envelope.decode(raw)
                 roster.verify(env, now)
@@ -248,6 +298,15 @@ class Switch:
         n_sales = sum(1 for _, env in decoded if env.type == "sale")
         if n_sales > MAX_SALES:
             raise InputError(f"{n_sales} sales exceed the limit of {MAX_SALES} per request")
+        self.metrics.forwarded.inc(n_sales)
+        self.metrics.in_flight.inc()
+        try:
+            return await self._forward(site, decoded, refused, now)
+        finally:
+            self.metrics.in_flight.dec()
+
+    async def _forward(self, site: SiteState, decoded: list[tuple[int, Envelope]], refused: list[Refusal],
+                       now: int) -> ForwardReply:
 
         learned = self._take_roster_entries(site, [(i, e) for i, e in decoded if e.type in ROSTER_ORDER], now,
                                             refused)
@@ -284,16 +343,23 @@ class Switch:
         new = await self._verify_new(site, list(work.values()), now, refused, outcomes)
         if new or voids:
             def received(s: SwitchStore) -> None:  # durable before anything else happens to these sales
-                for w in new:
-                    s.insert_received(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest, w.env.raw, now)
+                s.insert_received_many([(w.env.body["sale_id"], site.site_id, w.env.signer, w.digest, w.env.raw)
+                                        for w in new], now)
                 for sale_id, void in voids.items():
                     s.put_void(sale_id, site.site_id, void.raw, void.body["at"])
 
-            await self.writer.commit(received)
+            await self.writer.commit(received, min([w.env.body["sale_id"] for w in new] + list(voids), default=""))
+        # one query for the whole batch's rows and stored voids (not one per sale)
+        ids = [sale_id for sale_id in work if sale_id not in outcomes]
+        rows = await self._read(lambda: self.store.sales_of(ids))
+        stored_voids = await self._read(lambda: self.store.voids_of([i for i in ids if i not in voids]))
 
         async def one(w: _Work) -> None:
             sale_id = w.env.body["sale_id"]
-            outcomes[sale_id] = await self._alone(sale_id, self._process(site, w, voids.get(sale_id)))
+            void = voids.get(sale_id)
+            if void is None and sale_id in stored_voids:
+                void = envelope.decode(stored_voids[sale_id])
+            outcomes[sale_id] = await self._alone(sale_id, self._process(site, w, void, rows.get(sale_id)))
 
         async def reverse_only(sale_id: str, void: Envelope) -> None:
             outcomes[sale_id] = await self._alone(sale_id, self._void_settled(site, sale_id))
@@ -320,10 +386,12 @@ class Switch:
             elif isinstance(outcome, Pending):
                 pending.append(outcome)
                 self.counters["pending"] += 1
+                self.metrics.pending.inc()
             elif isinstance(outcome, Refusal):
                 refused.append(outcome)
         for r in refused:
             self.counters["refused"] += 1
+            self.metrics.refused(r.reason)
             log.warning("site %s: refused %s entry %d (sale %s): %s", site.site_id, r.type or "an", r.index,
                         r.sale_id, r.reason)
         refused.sort(key=lambda r: r.index)
@@ -390,12 +458,12 @@ class Switch:
                           outcomes: dict[str, Outcome]) -> list[_Work]:
         """Verify the sales not in the table yet; the authentic ones are returned."""
         new: list[_Work] = []
+        known = await self._read(lambda: self.store.sales_of([w.env.body["sale_id"] for w in work]))
         for n, w in enumerate(work):
             if n and n % VERIFY_CHUNK == 0:
                 await trio.lowlevel.checkpoint()
             sale_id = w.env.body["sale_id"]
-            row = self.store.sale(sale_id)
-            if row is not None:
+            if sale_id in known:
                 continue  # known: _process compares the bytes
             try:
                 revocation = self._verify_up_to_cut(site, w.env, now)
@@ -426,6 +494,74 @@ class Switch:
             del self._busy[sale_id]
             event.set()
 
+    async def _read(self, fn: Callable[[], T]) -> T:
+        """A read of the store: on the event loop for SQLite (local, fast), in a worker thread
+        for PostgreSQL (a network round trip; a server away must not stall the loop)."""
+        with self.metrics.timed_db("read"):
+            if self.store.blocking_reads:
+                return await trio.to_thread.run_sync(fn)
+            return fn()
+
+    async def _sale(self, sale_id: str) -> SaleRow | None:
+        return await self._read(lambda: self.store.sale(sale_id))
+
+    async def _void_of(self, sale_id: str) -> Envelope | None:
+        raw = await self._read(lambda: self.store.void_of(sale_id))
+        return envelope.decode(raw) if raw is not None else None
+
+    def _claim_until(self) -> int:
+        return self.clock.now_ms() + self.claim_lease_ms
+
+    async def keep_claims(self) -> None:
+        """Renew this instance's claims on the sales it is advising, every third of the lease,
+        until cancelled: another instance takes a sale over only once its claim expired."""
+        while True:
+            await trio.sleep(self.claim_lease_ms / 3000)
+            if self._claims:
+                until = self._claim_until()
+
+                def renew(s: SwitchStore) -> None:
+                    s.renew_claims(self.instance, until)
+
+                try:
+                    await self.writer.commit(renew, "\uffff")  # many rows: after the single-sale ops
+                except MeshposError as exc:
+                    log.warning("claims not renewed: %s", exc)
+
+    async def _await_other(self, sale_id: str, w: _Work) -> Outcome:
+        """Another instance is advising this sale: wait a moment for its result."""
+        self._awaited[sale_id] = self._awaited.get(sale_id, 0) + 1
+        try:
+            with trio.move_on_after(self.wait_for_other_s):
+                while True:
+                    row = await self._poll_awaited(sale_id)
+                    if row is not None and row.state == SETTLED:
+                        return self._known(row, w)
+        finally:
+            self._awaited[sale_id] -= 1
+            if not self._awaited[sale_id]:
+                del self._awaited[sale_id]
+        return Pending(sale_id, "being advised by another instance of this switch: forward it again")
+
+    async def _poll_awaited(self, sale_id: str) -> SaleRow | None:
+        """The row of ``sale_id`` as of the next poll: ONE query every WAIT_POLL_S reads the rows
+        of every sale awaited in this process (the first waiter of a round makes it)."""
+        round_ = self._poll_round
+        if round_ is not None:
+            await round_.done.wait()
+            return round_.rows.get(sale_id)
+        round_ = self._poll_round = _PollRound()
+        try:
+            await trio.sleep(WAIT_POLL_S)
+            self._poll_round = None  # whoever comes now waits for the next round
+            ids = list(self._awaited)
+            round_.rows = await self._read(lambda: self.store.sales_of(ids))
+        finally:
+            if self._poll_round is round_:
+                self._poll_round = None
+            round_.done.set()
+        return round_.rows.get(sale_id)
+
     def _result(self, site: SiteState, sale_id: str, status: str, *, auth_code: str | None = None,
                 response_code: str | None = None, reason: str | None = None, reversed_: bool = False) -> bytes:
         body: dict[str, Any] = {
@@ -437,15 +573,25 @@ class Switch:
 
     async def _settle(self, sale_id: str, raw: bytes, status: str, reversal: str | None = None) -> _Settled:
         now = self.clock.now_ms()
-        await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now))
+        try:
+            await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now), sale_id)
+        except AlreadySettled:
+            self._claims.discard(sale_id)
+            row = await self._sale(sale_id)
+            if row is None or row.result is None:
+                raise
+            log.info("sale %s was settled by another instance first: its result stands", sale_id)
+            return _Settled(row.result)
+        self._claims.discard(sale_id)
         self.counters["settled"] += 1
+        self.metrics.results.labels(status).inc()
         log.info("sale %s settled: %s", sale_id, status)
         return _Settled(raw)
 
     async def _settle_new_rejected(self, site: SiteState, w: _Work, reason: str) -> Outcome:
         sale_id = w.env.body["sale_id"]
         async with self._exclusive(sale_id):
-            row = self.store.sale(sale_id)
+            row = await self._sale(sale_id)
             if row is not None:
                 return self._known(row, w)
             raw = self._result(site, sale_id, "rejected", reason=reason)
@@ -456,8 +602,15 @@ class Switch:
                 s.insert_received(sale_id, site.site_id, w.env.signer, w.digest, w.env.raw, now)
                 s.settle(sale_id, raw, "rejected", None, now)
 
-            await self.writer.commit(op)
+            try:
+                await self.writer.commit(op, sale_id)
+            except AlreadySettled:  # another instance recorded it first
+                row = await self._sale(sale_id)
+                if row is None:
+                    raise
+                return self._known(row, w)
             self.counters["settled"] += 1
+            self.metrics.results.labels("rejected").inc()
             return _Settled(raw)
 
     def _known(self, row: SaleRow, w: _Work) -> Outcome:
@@ -468,17 +621,23 @@ class Switch:
         self.counters["repeated"] += 1
         return _Settled(row.result)
 
-    async def _process(self, site: SiteState, w: _Work, void: Envelope | None) -> Outcome:
+    async def _process(self, site: SiteState, w: _Work, void: Envelope | None, fetched: SaleRow | None) -> Outcome:
+        """``fetched``: the row as read for the whole batch (with ``void``, the batch's or the
+        stored one); used unless another task of this process had the sale meanwhile. A row
+        that another instance changed since is safe to act on: the steps that matter are
+        compare-and-set updates (``store``), which then fail and say so."""
         sale_id = w.env.body["sale_id"]
+        waited = sale_id in self._busy
         async with self._exclusive(sale_id):
-            row = self.store.sale(sale_id)
+            row = fetched
+            if row is None or waited:
+                row = await self._sale(sale_id)
+                if void is None:
+                    void = await self._void_of(sale_id)
             if row is None:
                 return Pending(sale_id, "not recorded by the switch yet: forward it again")
             if row.digest != w.digest:
                 return self._known(row, w)
-            if void is None:
-                void_raw = self.store.void_of(sale_id)
-                void = envelope.decode(void_raw) if void_raw is not None else None
             if row.state == SETTLED:
                 if void is not None and row.result_status == "approved":
                     if row.reversal != REVERSAL_DONE:
@@ -486,8 +645,13 @@ class Switch:
                     return await self._reversed(site, row)
                 return self._known(row, w)
             if row.state == RECEIVED:
-                return await self._first_time(site, row, w.env, void)
-            return await self._after_advice(site, row, w.env, void)
+                return await self._first_time(site, row, w, void)
+            if not await self._claim(sale_id):
+                return await self._await_other(sale_id, w)
+            try:
+                return await self._after_advice(site, row, w.env, void)
+            finally:
+                await self._release(sale_id)
 
     def content_problem(self, site: SiteState, body: dict[str, Any]) -> str | None:
         """Why a sale breaks a content rule (protocols/rules.md) at this switch, or None."""
@@ -503,7 +667,30 @@ class Switch:
         log.warning("site %s: rejected sale %s: %s", site.site_id, sale_id, reason)
         return await self._settle(sale_id, self._result(site, sale_id, "rejected", reason=reason), "rejected")
 
-    async def _first_time(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
+    async def _claim(self, sale_id: str) -> bool:
+        now, until = self.clock.now_ms(), self._claim_until()
+        claimed = False
+
+        def op(s: SwitchStore) -> None:
+            nonlocal claimed
+            claimed = s.claim(sale_id, self.instance, now, until)
+
+        await self.writer.commit(op, sale_id)
+        if claimed:
+            self._claims.add(sale_id)
+        return claimed
+
+    async def _release(self, sale_id: str) -> None:
+        """Give up the claim on a sale still unsettled (no answer yet): another instance may go on."""
+        if sale_id in self._claims:
+            self._claims.discard(sale_id)
+            try:
+                await self.writer.commit(lambda s: s.release(sale_id, self.instance), sale_id)
+            except MeshposError as exc:  # it expires by itself
+                log.warning("sale %s: claim not released: %s", sale_id, exc)
+
+    async def _first_time(self, site: SiteState, row: SaleRow, w: _Work, void: Envelope | None) -> Outcome:
+        env = w.env
         body = env.body
         sale_id = row.sale_id
         problem = self.content_problem(site, body)
@@ -537,10 +724,16 @@ class Switch:
             return await self._reject(site, sale_id, scrub(str(exc), opened.pan if opened else None))
 
         async def on_sent() -> None:
-            at = self.clock.now_ms()
-            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at))
+            at, until = self.clock.now_ms(), self._claim_until()
+            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at, self.instance, until), sale_id)
+            self._claims.add(sale_id)
 
-        return await self._advise(site, row, req, already_sent=False, on_sent=on_sent)
+        try:
+            return await self._advise(site, row, req, already_sent=False, on_sent=on_sent)
+        except ClaimLost:  # another instance recorded its 0220 first: nothing was sent from here
+            return await self._await_other(sale_id, w)
+        finally:
+            await self._release(sale_id)
 
     async def _after_advice(self, site: SiteState, row: SaleRow, env: Envelope, void: Envelope | None) -> Outcome:
         try:
@@ -576,13 +769,13 @@ class Switch:
             repeats = counting.repeats
             if repeats > 0:
                 at = self.clock.now_ms()
-                await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+                await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at), row.sale_id)
             log.warning("%s: acquirer gave no answer: %s", req.describe(), exc)
             return Pending(row.sale_id, "the acquirer did not answer yet: forward again (a repeat advice follows)")
         repeats = counting.repeats
         if repeats > 0:
             at = self.clock.now_ms()
-            await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at))
+            await self.writer.commit(lambda s: s.add_attempts(row.sale_id, repeats, at), row.sale_id)
         return await self._settle_answer(site, row.sale_id, answer)
 
     async def _settle_answer(self, site: SiteState, sale_id: str, answer: AcquirerResult) -> _Settled:
@@ -613,7 +806,7 @@ class Switch:
     async def _void_settled(self, site: SiteState, sale_id: str) -> Outcome:
         """A void whose sale is not in this batch: reverse it if it was charged."""
         async with self._exclusive(sale_id):
-            row = self.store.sale(sale_id)
+            row = await self._sale(sale_id)
             if row is None or row.state != SETTLED:
                 # kept in the voids table; applied when the sale itself is forwarded
                 return Pending(sale_id, "void recorded; the sale itself was not forwarded with it")
@@ -633,7 +826,7 @@ class Switch:
             return Pending(row.sale_id, f"cannot reverse: {exc}")
         if row.reversal is None:
             at = self.clock.now_ms()
-            await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at))
+            await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_SENT, at), row.sale_id)
         try:
             answer = await self._reverse_until_answered(req)
         except AcquirerError as exc:
@@ -647,7 +840,7 @@ class Switch:
         entry = envelope.seal("reversal", "switch", {
             "sale_id": row.sale_id, "site": site.site_id, "reversed_at": at, "response_code": response_code,
             "reason": "voided after approval: reversed at the acquirer (0420)"}, self.key)
-        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at, entry))
+        await self.writer.commit(lambda s: s.set_reversal(row.sale_id, REVERSAL_DONE, at, entry), row.sale_id)
         log.info("sale %s: voided after approval, reversed (0420)", row.sale_id)
         return _Settled(row.result, reversed=True, reversal=entry)
 
@@ -671,7 +864,7 @@ class Switch:
 
     async def settle_late(self, answer: LateAnswer) -> None:
         ref = int(answer.rrn) if answer.rrn.isascii() and answer.rrn.isdigit() else 0
-        found = self.store.sale_by_ref(ref) if ref else None
+        found = await self._read(lambda: self.store.sale_by_ref(ref)) if ref else None
         if found is None or (f"{stan_of(found.ref):06d}", terminal_id_of(found.terminal)) != (
                 answer.stan, answer.terminal_id):
             log.warning("late answer for rrn %s matches no sale of this switch", answer.rrn)
@@ -681,12 +874,12 @@ class Switch:
             log.warning("late answer for sale %s of a site no longer registered", found.sale_id)
             return
         async with self._exclusive(found.sale_id):
-            row = self.store.sale(found.sale_id)
+            row = await self._sale(found.sale_id)
             assert row is not None
             if answer.reversal:
                 if row.state == SETTLED and row.result_status == "approved" and row.reversal == REVERSAL_SENT:
                     await self._reversal_done(site, row, answer.result.response_code)
-                elif row.state == ADVICE_SENT and self.store.void_of(row.sale_id) is not None:
+                elif row.state == ADVICE_SENT and await self._void_of(row.sale_id) is not None:
                     await self._settle(row.sale_id, self._result(
                         site, row.sale_id, "voided", reason="voided after its advice went out: reversed (0420)",
                         reversed_=True), "voided", REVERSAL_DONE)

@@ -14,7 +14,7 @@ import math
 import signal
 import ssl
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +25,7 @@ from meshpos.acquirer.base import AcquirerLink
 from meshpos.acquirer.base import LateAnswer
 from meshpos.acquirer.iso8583_link import LateAnswerSink, open_iso8583_link
 from meshpos.acquirer.json_https import open_json_link
+from meshpos.acquirer.pool import AcquirerPool, CheckableLink
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
 from meshpos.domain.hostport import parse_hostport
@@ -33,6 +34,8 @@ from meshpos.identity import keys
 from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
 from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
 from meshpos.switch.hardening import disable_core_dumps
+from meshpos.switch.metrics import SwitchMetrics
+from meshpos.switch.ops import OpsService, Readiness, serve_ops, watch_sites
 from meshpos.switch.processor import Switch
 from meshpos.switch.store import SiteRow
 from meshpos.switch.switchdir import SwitchConfig, SwitchDir, add_site, init_switch
@@ -131,18 +134,21 @@ def acquirer_tls_context(cfg: SwitchConfig) -> ssl.SSLContext:
 
 @asynccontextmanager
 async def open_acquirer_link(cfg: SwitchConfig, clock: Clock = SYSTEM_CLOCK, *,
-                             on_late_answer: LateAnswerSink | None = None) -> AsyncIterator[AcquirerLink]:
-    """The configured acquirer link: ISO 8583 over TLS (plain TCP only with ``acquirer_plain``), or
-    the JSON adapter over HTTPS. ``on_late_answer`` takes ISO 8583 answers nobody waits for any more."""
+                             on_late_answer: LateAnswerSink | None = None) -> AsyncIterator[CheckableLink]:
+    """The configured acquirer link: ISO 8583 over TLS (plain TCP only with ``acquirer_plain``), a
+    pool of ``acquirer_connections`` of them, or the JSON adapter over HTTPS (its own keep-alive
+    pool). ``on_late_answer`` takes ISO 8583 answers nobody waits for any more."""
     host, port = parse_hostport(cfg.acquirer, "acquirer")
     if cfg.acquirer_format == "iso8583":
         ctx = None if cfg.acquirer_plain else acquirer_tls_context(cfg)
         if ctx is None:
             log.warning("the ISO 8583 link to %s is plain TCP (acquirer_plain): card numbers cross it in the clear",
                         cfg.acquirer)
-        async with open_iso8583_link(host, port, timeout=cfg.acquirer_timeout_s, clock=clock, ssl_context=ctx,
-                                     on_late_answer=on_late_answer) as link:
-            yield link
+        async with AsyncExitStack() as stack:
+            links = [await stack.enter_async_context(open_iso8583_link(
+                host, port, timeout=cfg.acquirer_timeout_s, clock=clock, ssl_context=ctx,
+                on_late_answer=on_late_answer)) for _ in range(cfg.acquirer_connections)]
+            yield links[0] if len(links) == 1 else AcquirerPool(links)
         return
     json_link = open_json_link(host, port, acquirer_tls_context(cfg), timeout=cfg.acquirer_timeout_s)
     try:
@@ -155,6 +161,7 @@ async def open_acquirer_link(cfg: SwitchConfig, clock: Clock = SYSTEM_CLOCK, *,
 class RunningSwitch:
     service: SwitchService
     port: int
+    metrics_port: int | None = None
 
 
 async def run_switch(
@@ -162,12 +169,15 @@ async def run_switch(
     *,
     clock: Clock = SYSTEM_CLOCK,
     listen: str | None = None,
+    metrics: str | None = None,
     task_status: trio.TaskStatus[RunningSwitch] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the switch of SWITCH_DIR until cancelled (the CLI cancels on SIGINT / SIGTERM)."""
+    """Run the switch of SWITCH_DIR until cancelled (the CLI cancels on SIGINT / SIGTERM); with
+    ``metrics`` (HOST:PORT), also /healthz, /readyz and /metrics there (:mod:`.ops`)."""
     sd = SwitchDir(path)
     cfg = sd.config()
     host, port = parse_hostport(listen or cfg.listen, "listen")
+    ops_at = parse_hostport(metrics, "metrics") if metrics else None
     key = sd.key()
     sd.lock()
     store = sd.open_store()
@@ -178,31 +188,40 @@ async def run_switch(
         ctx = server_context(sd.tls_path, sd.key_path, [s.ca_pem for s in sites])
         # answers that arrive after their request gave up: one per request sent, never dropped
         late_in, late_out = trio.open_memory_channel[LateAnswer](math.inf)
+        meters = SwitchMetrics()
         async with open_acquirer_link(cfg, clock, on_late_answer=late_in.send_nowait) as link:
-            switch = Switch(store, key, link, clock, in_flight=cfg.in_flight)
+            switch = Switch(store, key, link, clock, in_flight=cfg.in_flight, instance=cfg.instance, metrics=meters,
+                            claim_lease_s=cfg.claim_lease_s)
             service = SwitchService(switch, ctx)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(switch.take_late_answers, late_out)
+                nursery.start_soon(switch.keep_claims)
+                nursery.start_soon(watch_sites, switch, lambda pem: trust_sites(ctx, [pem]))
                 bound = await nursery.start(serve_switch, service, host, port)
-                log.info("switch %s... serving on %s:%d for %d site(s)", keys.x25519_public_of(key).hex()[:16],
-                         host, bound, len(sites))
-                task_status.started(RunningSwitch(service, bound))
+                ops_port: int | None = None
+                if ops_at is not None:
+                    ops = OpsService(Readiness(store, link.check, meters), meters, cfg.instance)
+                    ops_port = await nursery.start(serve_ops, ops, *ops_at)
+                log.info("switch %s... instance %s serving on %s:%d for %d site(s), database %s%s",
+                         keys.x25519_public_of(key).hex()[:16], cfg.instance, host, bound, len(sites),
+                         store.location, f", metrics on {ops_at[0]}:{ops_port}" if ops_at else "")
+                task_status.started(RunningSwitch(service, bound, ops_port))
     finally:
         store.close()
         sd.unlock()
 
 
-async def run_until_signalled(path: Path, listen: str | None = None,
-                              on_listening: Callable[[int], None] = lambda port: None) -> None:
+async def run_until_signalled(path: Path, listen: str | None = None, metrics: str | None = None,
+                              on_listening: Callable[[int, int | None], None] = lambda port, metrics: None) -> None:
     """``meshpos switch run``: no core dumps (it will hold opened card numbers), then serve;
-    ``on_listening(port)`` once the port is bound (the CLI tells the user)."""
+    ``on_listening(port, metrics_port)`` once the ports are bound (the CLI tells the user)."""
     disable_core_dumps()
     log.info("core dumps disabled: RLIMIT_CORE 0, process not dumpable")
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             running: RunningSwitch = await nursery.start(lambda task_status: run_switch(
-                path, listen=listen, task_status=task_status))
-            on_listening(running.port)
+                path, listen=listen, metrics=metrics, task_status=task_status))
+            on_listening(running.port, running.metrics_port)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()

@@ -1,19 +1,27 @@
-"""The switch's durable state: one SQLite file (WAL, synchronous=FULL).
+"""The switch's durable state, behind :class:`SwitchStore`; the queries live here, written once for
+both backends (:mod:`.database`: SQLite by default, PostgreSQL for several instances).
 
 Tables:
-  sites        registered sites: CA certificate (PEM), current signed policy, merchant id
-  site_entries CA-signed revocations and policies, and node certificates, learned from batches
-  sales        the de-duplication table, keyed on sale id: the sale envelope (its card data stays
-               sealed), its digest, the state (received / advice_sent / settled), the signed
-               result bytes, the reversal state and, once a void after approval was reversed,
-               the signed ``reversal`` entry; the attempts. ``ref`` numbers the sale for the
-               acquirer (RRN and STAN derive from it), so a repeat carries the same numbers.
-  voids        void envelopes received, also those that came before their sale
+  sites            registered sites: CA certificate (PEM), current signed policy, merchant id
+  site_entries     CA-signed revocations and policies, and node certificates, learned from batches
+  site_generation  one counter, raised by every change to the two tables above: running
+                   instances poll it and reload their sites (``switch add-site`` without restarts)
+  sales            the de-duplication table, keyed on sale id: the sale envelope (its card data stays
+                   sealed), its digest, the state (received / advice_sent / settled), the signed
+                   result bytes, the reversal state and, once a void after approval was reversed,
+                   the signed ``reversal`` entry; the attempts. ``ref`` numbers the sale for the
+                   acquirer (RRN and STAN derive from it), so a repeat carries the same numbers.
+                   ``claimed_by`` / ``claimed_until``: which instance is advising the sale, and
+                   until when its claim holds unless renewed (protocols/switch-instances.md).
+  voids            void envelopes received, also those that came before their sale
+  schema_version   the schema's version (``meshpos switch migrate``)
 
 Every state change of a sale commits before the switch acts on it: ``received`` before the
 batch is answered, ``advice_sent`` before the first byte of the 0220 leaves, ``settled`` before
 the result is returned. A crash between "advice sent" and "answer" therefore leaves
-``advice_sent``, and the next attempt goes as 0221, never as a second 0220.
+``advice_sent``, and the next attempt goes as 0221, never as a second 0220. The two state changes
+that matter are compare-and-set updates (``... WHERE state = <expected>``): of two instances
+racing on one sale, exactly one sees its update take effect.
 
 No column ever holds a full card number.
 """
@@ -21,18 +29,13 @@ No column ever holds a full card number.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import trio
 
-from meshpos.domain.errors import CorruptStoreError, StoreError
-from meshpos.ledger.store import sqlite_transaction
-
-APPLICATION_ID = 0x4D505357  # "MPSW"
-SCHEMA_VERSION = "2"  # 2: sales.reversal_entry (schema 1 is migrated in place on open)
+from meshpos.domain.errors import StoreError
+from meshpos.switch.database import Database, RetryableStoreError, open_database
 
 RECEIVED = "received"
 ADVICE_SENT = "advice_sent"
@@ -42,25 +45,19 @@ STATES = (RECEIVED, ADVICE_SENT, SETTLED)
 REVERSAL_SENT = "sent"
 REVERSAL_DONE = "done"
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sites(
-    site_id TEXT PRIMARY KEY, name TEXT NOT NULL, ca_pem TEXT NOT NULL, policy_env BLOB NOT NULL,
-    merchant_id TEXT NOT NULL, added_at INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS site_entries(
-    key TEXT NOT NULL, site_id TEXT NOT NULL, type TEXT NOT NULL, raw BLOB NOT NULL,
-    PRIMARY KEY(site_id, key));
-CREATE TABLE IF NOT EXISTS sales(
-    ref INTEGER PRIMARY KEY AUTOINCREMENT,
-    sale_id TEXT NOT NULL UNIQUE, site_id TEXT NOT NULL, terminal TEXT NOT NULL,
-    digest BLOB NOT NULL, sale_raw BLOB NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
-    result BLOB, result_status TEXT, reversal TEXT, attempts INTEGER NOT NULL DEFAULT 0,
-    received_at INTEGER NOT NULL, updated_at INTEGER NOT NULL, reversal_entry BLOB);
-CREATE INDEX IF NOT EXISTS sales_state ON sales(state);
-CREATE TABLE IF NOT EXISTS voids(
-    sale_id TEXT PRIMARY KEY, site_id TEXT NOT NULL, raw BLOB NOT NULL, at INTEGER NOT NULL);
-"""
+#: sale ids per ``IN (...)`` query (SQLite allows 32766 parameters, PostgreSQL 65535)
+IN_CHUNK = 500
+#: times one group's ops are run again after the database broke a deadlock between instances
+DEADLOCK_RETRIES = 5
+
+
+class ClaimLost(StoreError):
+    """Another instance took this step of the sale first (its 0220 is recorded, or it holds the
+    sale's claim): this instance must not advise it now."""
+
+
+class AlreadySettled(StoreError):
+    """The sale was settled meanwhile (by another instance, or a late answer): keep its result."""
 
 
 @dataclass(frozen=True)
@@ -104,180 +101,218 @@ Op = Callable[["SwitchStore"], None]
 
 
 class SwitchStore:
-    """``conn`` writes (in :class:`GroupCommit`'s worker thread while a service runs);
-    ``reader`` serves the event loop's queries and sees committed data only."""
+    """The switch's queries over one :class:`~.database.Database`. Writes run inside
+    :meth:`transaction` (in :class:`GroupCommit`'s worker thread while a service runs); reads see
+    committed data only. ``blocking_reads``: run reads in a worker thread (PostgreSQL)."""
 
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
-        self.path = path
-        self.conn = conn
-        self.reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.reader.execute("PRAGMA query_only=1")
-        self.reader.execute("PRAGMA busy_timeout=5000")
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.location = db.location
+        self.blocking_reads = db.reads_block
         self._depth = 0
 
     @classmethod
-    def open(cls, path: Path, *, create: bool = False) -> "SwitchStore":
-        if not create and not path.exists():
-            raise StoreError(f"{path}: switch database is missing (run `meshpos switch init` first)")
-        try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-            if tables and app_id != APPLICATION_ID:
-                raise CorruptStoreError(f"{path}: not a meshpos switch database")
-            if not tables:
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.executescript(SCHEMA)
-        except sqlite3.DatabaseError as exc:
-            raise CorruptStoreError(f"{path}: switch database is damaged or not a database ({exc})") from exc
-        store = cls(path, conn)
-        version = store.get_meta("schema")
-        if version is None:
-            with store.transaction():
-                store.set_meta("schema", SCHEMA_VERSION)
-        elif version == "1":
-            with store.transaction():
-                columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(sales)")}
-                if "reversal_entry" not in columns:
-                    conn.execute("ALTER TABLE sales ADD COLUMN reversal_entry BLOB")
-                store.set_meta("schema", SCHEMA_VERSION)
-        elif version != SCHEMA_VERSION:
-            raise StoreError(f"{path}: switch database schema {version} is not {SCHEMA_VERSION}")
-        return store
+    def open(cls, location: Any, *, create: bool = False) -> "SwitchStore":
+        """``location``: a SQLite file path or a ``postgresql://`` URL."""
+        return cls(open_database(str(location), create=create))
 
     def close(self) -> None:
-        self.reader.close()
-        self.conn.close()
+        self.db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT (durable on return); nested uses join the outer one."""
+    def transaction(self) -> Iterator[None]:
+        """One write transaction, durable on return; nested uses join the outer one."""
         if self._depth:
             self._depth += 1
             try:
-                yield self.conn
+                yield
             finally:
                 self._depth -= 1
             return
         self._depth = 1
         try:
-            with sqlite_transaction(self.conn, self.path, "BEGIN IMMEDIATE"):
-                yield self.conn
+            with self.db.transaction():
+                yield
         finally:
             self._depth = 0
 
-    # -- meta ----------------------------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        row = self.reader.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self.conn.execute("INSERT INTO meta(key, value) VALUES(?, ?) "
-                          "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+    def ping(self) -> None:
+        self.db.ping()
 
     # -- sites ---------------------------------------------------------------------
 
+    def _sites_changed(self) -> None:
+        self.db.execute("UPDATE site_generation SET gen = gen + 1 WHERE one = 1")
+
+    def site_generation(self) -> int:
+        """Raised by every change of sites or their roster entries, by any instance."""
+        return int(self.db.query("SELECT gen FROM site_generation WHERE one = 1")[0][0])
+
     def put_site(self, site: SiteRow, now_ms: int) -> None:
-        self.conn.execute(
+        self.db.execute(
             "INSERT INTO sites(site_id, name, ca_pem, policy_env, merchant_id, added_at) VALUES(?,?,?,?,?,?) "
             "ON CONFLICT(site_id) DO UPDATE SET name=excluded.name, policy_env=excluded.policy_env, "
             "merchant_id=excluded.merchant_id",
             (site.site_id, site.name, site.ca_pem.decode("ascii"), site.policy_env, site.merchant_id, now_ms))
+        self._sites_changed()
 
     def sites(self) -> list[SiteRow]:
-        rows = self.reader.execute("SELECT site_id, name, ca_pem, policy_env, merchant_id FROM sites ORDER BY site_id")
+        rows = self.db.query("SELECT site_id, name, ca_pem, policy_env, merchant_id FROM sites ORDER BY site_id")
         return [SiteRow(str(r[0]), str(r[1]), str(r[2]).encode("ascii"), bytes(r[3]), str(r[4])) for r in rows]
 
     def put_site_entry(self, site_id: str, key: str, type_: str, raw: bytes) -> bool:
         """Keep a verified roster entry; False if it was known already."""
-        cur = self.conn.execute("INSERT OR IGNORE INTO site_entries(key, site_id, type, raw) VALUES(?,?,?,?)",
-                                (key, site_id, type_, raw))
-        return cur.rowcount > 0
+        added = self.db.execute("INSERT INTO site_entries(key, site_id, type, raw) VALUES(?,?,?,?) "
+                                "ON CONFLICT DO NOTHING", (key, site_id, type_, raw)) > 0
+        if added:
+            self._sites_changed()
+        return added
 
     def site_entries(self, site_id: str) -> list[bytes]:
-        rows = self.reader.execute(
+        rows = self.db.query(
             "SELECT raw FROM site_entries WHERE site_id=? ORDER BY "
-            "CASE type WHEN 'policy' THEN 0 WHEN 'cert' THEN 1 ELSE 2 END, rowid", (site_id,))
+            f"CASE type WHEN 'policy' THEN 0 WHEN 'cert' THEN 1 ELSE 2 END, {self.db.rowid}", (site_id,))
         return [bytes(r[0]) for r in rows]
 
     # -- sales ---------------------------------------------------------------------
 
+    def _one_sale(self, where: str, value: Any) -> SaleRow | None:
+        rows = self.db.query(f"SELECT {_SALE_COLUMNS} FROM sales WHERE {where}=?", (value,))
+        return _sale(rows[0]) if rows else None
+
     def sale(self, sale_id: str) -> SaleRow | None:
-        row = self.reader.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id=?", (sale_id,)).fetchone()
-        return None if row is None else _sale(row)
+        return self._one_sale("sale_id", sale_id)
+
+    def sales_of(self, sale_ids: list[str]) -> dict[str, SaleRow]:
+        """The rows of those of ``sale_ids`` the table holds, by sale id."""
+        found: dict[str, SaleRow] = {}
+        for k in range(0, len(sale_ids), IN_CHUNK):
+            chunk = sale_ids[k:k + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for r in self.db.query(f"SELECT {_SALE_COLUMNS} FROM sales WHERE sale_id IN ({marks})", chunk):
+                row = _sale(r)
+                found[row.sale_id] = row
+        return found
+
+    def voids_of(self, sale_ids: list[str]) -> dict[str, bytes]:
+        """The stored void envelopes of those of ``sale_ids`` that have one."""
+        found: dict[str, bytes] = {}
+        for k in range(0, len(sale_ids), IN_CHUNK):
+            chunk = sale_ids[k:k + IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for sale_id, raw in self.db.query(f"SELECT sale_id, raw FROM voids WHERE sale_id IN ({marks})", chunk):
+                found[str(sale_id)] = bytes(raw)
+        return found
 
     def sale_by_ref(self, ref: int) -> SaleRow | None:
-        row = self.reader.execute(f"SELECT {_SALE_COLUMNS} FROM sales WHERE ref=?", (ref,)).fetchone()
-        return None if row is None else _sale(row)
+        return self._one_sale("ref", ref)
 
     def insert_received(self, sale_id: str, site_id: str, terminal: str, digest: bytes, raw: bytes,
                         now_ms: int) -> None:
-        self.conn.execute(
-            "INSERT OR IGNORE INTO sales(sale_id, site_id, terminal, digest, sale_raw, state, received_at, updated_at)"
-            " VALUES(?,?,?,?,?,?,?,?)", (sale_id, site_id, terminal, digest, raw, RECEIVED, now_ms, now_ms))
+        self.insert_received_many([(sale_id, site_id, terminal, digest, raw)], now_ms)
 
-    def mark_advice_sent(self, sale_id: str, now_ms: int) -> None:
-        cur = self.conn.execute(
-            "UPDATE sales SET state=?, attempts=attempts+1, updated_at=? WHERE sale_id=? AND state=?",
-            (ADVICE_SENT, now_ms, sale_id, RECEIVED))
-        if cur.rowcount != 1:
-            raise StoreError(f"sale {sale_id} is not in state {RECEIVED}: refusing to mark a second 0220")
+    def insert_received_many(self, sales: list[tuple[str, str, str, bytes, bytes]], now_ms: int) -> None:
+        """Record sales (sale id, site id, terminal, digest, envelope) as received; known ids are
+        left as they are. Sorted by sale id, so two instances recording overlapping batches take
+        the rows' locks in one order (no deadlock between them)."""
+        self.db.execute_many(
+            "INSERT INTO sales(sale_id, site_id, terminal, digest, sale_raw, state, received_at, updated_at)"
+            " VALUES(?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+            [(*sale, RECEIVED, now_ms, now_ms) for sale in sorted(sales)])
+
+    def mark_advice_sent(self, sale_id: str, now_ms: int, owner: str = "", claim_until_ms: int = 0) -> None:
+        """received -> advice_sent, claimed by ``owner``: the one step that lets a 0220 leave.
+        ClaimLost if the sale is not ``received`` any more (another instance recorded it first)."""
+        n = self.db.execute(
+            "UPDATE sales SET state=?, attempts=attempts+1, updated_at=?, claimed_by=?, claimed_until=?"
+            " WHERE sale_id=? AND state=?", (ADVICE_SENT, now_ms, owner, claim_until_ms, sale_id, RECEIVED))
+        if n != 1:
+            raise ClaimLost(f"sale {sale_id} is not in state {RECEIVED}: refusing to mark a second 0220")
+
+    def claim(self, sale_id: str, owner: str, now_ms: int, until_ms: int) -> bool:
+        """Take (or renew) the claim on an ``advice_sent`` sale: free, ours, or expired. True if ours now."""
+        return self.db.execute(
+            "UPDATE sales SET claimed_by=?, claimed_until=? WHERE sale_id=? AND state=?"
+            " AND (claimed_by IS NULL OR claimed_by=? OR claimed_until < ?)",
+            (owner, until_ms, sale_id, ADVICE_SENT, owner, now_ms)) == 1
+
+    def release(self, sale_id: str, owner: str) -> None:
+        self.db.execute("UPDATE sales SET claimed_by=NULL, claimed_until=NULL WHERE sale_id=? AND claimed_by=?",
+                        (sale_id, owner))
+
+    def renew_claims(self, owner: str, until_ms: int) -> int:
+        """Extend every claim ``owner`` holds (its heartbeat); how many it holds."""
+        return self.db.execute("UPDATE sales SET claimed_until=? WHERE claimed_by=? AND state=?",
+                               (until_ms, owner, ADVICE_SENT))
+
+    def claim_of(self, sale_id: str) -> tuple[str | None, int | None]:
+        rows = self.db.query("SELECT claimed_by, claimed_until FROM sales WHERE sale_id=?", (sale_id,))
+        if not rows:
+            return None, None
+        by, until = rows[0]
+        return (None if by is None else str(by)), (None if until is None else int(until))
 
     def add_attempts(self, sale_id: str, n: int, now_ms: int) -> None:
-        self.conn.execute("UPDATE sales SET attempts=attempts+?, updated_at=? WHERE sale_id=?", (n, now_ms, sale_id))
+        self.db.execute("UPDATE sales SET attempts=attempts+?, updated_at=? WHERE sale_id=?", (n, now_ms, sale_id))
 
     def settle(self, sale_id: str, result: bytes, status: str, reversal: str | None, now_ms: int) -> None:
-        cur = self.conn.execute(
-            "UPDATE sales SET state=?, result=?, result_status=?, reversal=coalesce(?, reversal), updated_at=?"
-            " WHERE sale_id=? AND state!=?", (SETTLED, result, status, reversal, now_ms, sale_id, SETTLED))
-        if cur.rowcount != 1:
-            raise StoreError(f"sale {sale_id} is settled already or unknown")
+        """-> settled with ``result``; AlreadySettled if it was settled first (by anyone)."""
+        n = self.db.execute(
+            "UPDATE sales SET state=?, result=?, result_status=?, reversal=coalesce(?, reversal), updated_at=?,"
+            " claimed_by=NULL, claimed_until=NULL WHERE sale_id=? AND state<>?",
+            (SETTLED, result, status, reversal, now_ms, sale_id, SETTLED))
+        if n != 1:
+            raise AlreadySettled(f"sale {sale_id} is settled already or unknown")
 
     def set_reversal(self, sale_id: str, reversal: str, now_ms: int, entry: bytes | None = None) -> None:
-        self.conn.execute("UPDATE sales SET reversal=?, reversal_entry=coalesce(?, reversal_entry), updated_at=?"
-                          " WHERE sale_id=?", (reversal, entry, now_ms, sale_id))
+        self.db.execute("UPDATE sales SET reversal=?, reversal_entry=coalesce(?, reversal_entry), updated_at=?"
+                        " WHERE sale_id=?", (reversal, entry, now_ms, sale_id))
+
+    def statuses(self) -> dict[str, str | None]:
+        """Every sale id with its result status (None while unsettled)."""
+        return {str(r[0]): None if r[1] is None else str(r[1])
+                for r in self.db.query("SELECT sale_id, result_status FROM sales")}
 
     def count_states(self) -> dict[str, int]:
         counts = {s: 0 for s in STATES}
-        for state, n in self.reader.execute("SELECT state, count(*) FROM sales GROUP BY state"):
+        for state, n in self.db.query("SELECT state, count(*) FROM sales GROUP BY state"):
             counts[str(state)] = int(n)
         return counts
 
     # -- voids ---------------------------------------------------------------------
 
     def put_void(self, sale_id: str, site_id: str, raw: bytes, at_ms: int) -> None:
-        self.conn.execute("INSERT OR IGNORE INTO voids(sale_id, site_id, raw, at) VALUES(?,?,?,?)",
-                          (sale_id, site_id, raw, at_ms))
+        self.db.execute("INSERT INTO voids(sale_id, site_id, raw, at) VALUES(?,?,?,?) ON CONFLICT DO NOTHING",
+                        (sale_id, site_id, raw, at_ms))
 
     def void_of(self, sale_id: str) -> bytes | None:
-        row = self.reader.execute("SELECT raw FROM voids WHERE sale_id=?", (sale_id,)).fetchone()
-        return None if row is None else bytes(row[0])
+        rows = self.db.query("SELECT raw FROM voids WHERE sale_id=?", (sale_id,))
+        return bytes(rows[0][0]) if rows else None
 
 
 class _Group:
-    __slots__ = ("ops", "done", "errors", "leader")
+    __slots__ = ("ops", "keys", "done", "errors", "leader")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
+        self.keys: list[str] = []
         self.done = trio.Event()
         self.errors: dict[int, BaseException] = {}
         self.leader = False
 
 
 class GroupCommit:
-    """Durable writes from many tasks, many per fsync (group commit).
+    """Durable writes from many tasks, many per commit (group commit).
 
     ``await commit(op)`` returns once ``op`` is committed. Ops join the open group;
     its first caller leads it: it waits until the previous group's commit is done (so
     the group grows meanwhile), then runs all its ops in ONE transaction in a worker
-    thread, so the event loop goes on while SQLite writes and fsyncs. Each op runs in
-    its own savepoint: one that raises is undone alone and its caller gets the error.
-    The leader is shielded: a cancelled caller never strands the others. Every write of
-    a running switch goes through here; no transaction is held across an await.
+    thread, so the event loop goes on while the database writes and syncs. Each op runs in
+    its own savepoint: one that raises is undone alone and its caller gets the error. An op
+    the database gave up to break a deadlock with another instance runs again in a next
+    transaction, after this one released its locks. The leader is shielded: a cancelled
+    caller never strands the others. Every write of a running switch goes through here; no
+    transaction is held across an await.
     """
 
     def __init__(self, store: SwitchStore) -> None:
@@ -285,23 +320,42 @@ class GroupCommit:
         self._group = _Group()
         self._lock = trio.Lock()
         self.commits = 0
+        #: seconds each group's transaction took (metrics), set by whoever runs the service
+        self.observe: Callable[[float], None] = lambda seconds: None
 
     def _run(self, group: _Group) -> None:
-        conn = self.store.conn
-        with self.store.transaction():
-            for i, each in enumerate(group.ops):
-                conn.execute("SAVEPOINT op")
-                try:
-                    each(self.store)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
+        # in the order of the rows they lock (a sale id): two instances whose groups touch the
+        # same sales then take the locks in one order and never deadlock each other
+        todo = sorted(range(len(group.ops)), key=lambda i: group.keys[i])
+        for round_ in range(DEADLOCK_RETRIES + 1):
+            again: list[int] = []
+            try:
+                with self.store.transaction():
+                    for i in todo:
+                        try:
+                            with self.store.db.savepoint():
+                                group.ops[i](self.store)
+                        except RetryableStoreError as exc:
+                            if round_ == DEADLOCK_RETRIES:
+                                group.errors[i] = exc
+                            else:
+                                again.append(i)
+                        except Exception as exc:
+                            group.errors[i] = exc
+            except Exception as exc:  # the commit failed: nothing of this round is durable
+                for i in todo:
                     group.errors[i] = exc
-                conn.execute("RELEASE op")
+                return
+            if not again:
+                return
+            todo = again
 
-    async def commit(self, op: Op) -> None:
+    async def commit(self, op: Op, key: str = "") -> None:
+        """``key``: the (first) sale id the op writes; ops of a group run in key order."""
         group = self._group
         index = len(group.ops)
         group.ops.append(op)
+        group.keys.append(key)
         if group.leader:
             await group.done.wait()
         else:
@@ -309,12 +363,17 @@ class GroupCommit:
             with trio.CancelScope(shield=True):
                 async with self._lock:
                     self._group = _Group()  # later ops form the next group
-                    try:
-                        await trio.to_thread.run_sync(self._run, group)
-                        self.commits += 1
-                    except Exception as exc:  # the commit itself failed: nothing of the group is durable
-                        group.errors = {i: exc for i in range(len(group.ops))}
+                    started = trio.current_time()
+                    await trio.to_thread.run_sync(self._run, group)
+                    self.commits += 1
+                    self.observe(trio.current_time() - started)
                     group.done.set()
         error = group.errors.get(index)
+        if isinstance(error, (ClaimLost, AlreadySettled)):
+            raise error
         if error is not None:
             raise StoreError(f"switch database write failed: {error}") from error
+
+
+__all__ = ["SwitchStore", "GroupCommit", "SiteRow", "SaleRow", "ClaimLost", "AlreadySettled", "RECEIVED",
+           "ADVICE_SENT", "SETTLED", "REVERSAL_SENT", "REVERSAL_DONE"]

@@ -6,14 +6,20 @@ Layout of SWITCH_DIR:
                 (its X25519 form), and is the key of the TLS certificate
   switch.pub    the X25519 public key as 64 hex characters: what ``meshpos site init --switch-key`` takes
   tls.pem       the self-signed TLS certificate of switch.key (nodes pin the key, not the certificate)
-  switch.db     the de-duplication table and the registered sites (SQLite, WAL)
+  switch.db     the de-duplication table and the registered sites (SQLite, WAL), unless the
+                config names a PostgreSQL database (``db``, or ``$MESHPOS_SWITCH_DB``)
   switch.lock   held by the running switch
+
+Instances: ``meshpos switch instance SWITCH_DIR NEW_DIR`` makes another directory of the same
+switch (same key, same PostgreSQL database) with its own ``instance`` name and listen address.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,8 @@ from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.site.roster import Roster
 from meshpos.site.sitedir import verify_policy_envelope
 from meshpos.wire import envelope
-from meshpos.switch.const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, SWITCH_FORMAT
+from meshpos.switch.const import ACQUIRER_IN_FLIGHT, ACQUIRER_TIMEOUT_S, CLAIM_LEASE_S, SWITCH_FORMAT
+from meshpos.switch.database import ENV_VAR, check_url, is_url, redact, resolve
 from meshpos.switch.store import SiteRow, SwitchStore
 from meshpos.switch.tls import make_tls_cert
 
@@ -52,6 +59,15 @@ class SwitchConfig:
     acquirer_cert: str | None = None
     acquirer_key: str | None = None
     acquirer_plain: bool = False
+    #: a postgresql:// URL without password; None: the SQLite file switch.db
+    db: str | None = None
+    #: this instance's name, unique among the instances of one switch (claims, logs, metrics)
+    instance: str = "main"
+    #: ISO 8583 connections to the acquirer (a slow one does not hold the others)
+    acquirer_connections: int = 1
+    #: how long an instance's claim on a sale it advises holds unless renewed (a dead instance's
+    #: sales wait this long before another instance continues them with 0221)
+    claim_lease_s: float = CLAIM_LEASE_S
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -59,7 +75,9 @@ class SwitchConfig:
                 "acquirer_format": self.acquirer_format, "acquirer_ca": self.acquirer_ca,
                 "acquirer_cert": self.acquirer_cert, "acquirer_key": self.acquirer_key,
                 "acquirer_plain": self.acquirer_plain,
-                "acquirer_timeout_s": self.acquirer_timeout_s, "in_flight": self.in_flight}
+                "acquirer_timeout_s": self.acquirer_timeout_s, "in_flight": self.in_flight,
+                "db": self.db, "instance": self.instance, "acquirer_connections": self.acquirer_connections,
+                "claim_lease_s": self.claim_lease_s}
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "SwitchConfig":
@@ -73,7 +91,9 @@ class SwitchConfig:
                       acquirer_timeout_s=float(data.get("acquirer_timeout_s", ACQUIRER_TIMEOUT_S)),
                       in_flight=int(data.get("in_flight", ACQUIRER_IN_FLIGHT)),
                       acquirer_cert=data.get("acquirer_cert"), acquirer_key=data.get("acquirer_key"),
-                      acquirer_plain=plain)
+                      acquirer_plain=plain, db=data.get("db"), instance=str(data.get("instance", "main")),
+                      acquirer_connections=int(data.get("acquirer_connections", 1)),
+                      claim_lease_s=float(data.get("claim_lease_s", CLAIM_LEASE_S)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         cfg.validate(where)
@@ -93,6 +113,17 @@ class SwitchConfig:
             raise ConfigError(f"{where}: the acquirer client certificate needs both acquirer_cert and acquirer_key")
         if self.acquirer_plain and self.acquirer_format != "iso8583":
             raise ConfigError(f"{where}: plain TCP is for an ISO 8583 acquirer only; the JSON acquirer is HTTPS")
+        if self.db is not None:
+            check_url(self.db, where)
+            if redact(self.db) != self.db:
+                raise ConfigError(f"{where}: the database URL holds a password: give it in ${ENV_VAR}, "
+                                  "PGPASSWORD or ~/.pgpass instead")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.instance):
+            raise ConfigError(f"{where}: instance must be 1-64 letters, digits or _.-")
+        if not 0.3 <= self.claim_lease_s <= 3600:
+            raise ConfigError(f"{where}: claim_lease_s must be 0.3..3600 seconds")
+        if not 1 <= self.acquirer_connections <= 64:
+            raise ConfigError(f"{where}: acquirer_connections must be 1..64")
         if self.acquirer_plain and (self.acquirer_ca or self.acquirer_cert):
             raise ConfigError(f"{where}: acquirer_plain excludes acquirer_ca / acquirer_cert (they are for TLS)")
 
@@ -120,9 +151,13 @@ class SwitchDir:
     def key(self) -> nacl.signing.SigningKey:
         return keyfile.read_private_key(self.key_path)
 
+    def db_location(self) -> str:
+        """The database this switch uses: ``$MESHPOS_SWITCH_DB``, the configured URL, or switch.db."""
+        return resolve(self.config().db, self.db_path)
+
     def open_store(self) -> SwitchStore:
         self.check_exists()
-        return SwitchStore.open(self.db_path)
+        return SwitchStore.open(self.db_location())
 
     def lock(self) -> None:
         self._lock_fd = lock_file(self.path / "switch.lock", f"{self.path}: another switch process runs on this directory")
@@ -144,16 +179,22 @@ def _existing(path: Path | None, what: str) -> str | None:
 def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "iso8583",
                 acquirer_ca: Path | None = None, key: nacl.signing.SigningKey | None = None,
                 clock: Clock = SYSTEM_CLOCK, *, acquirer_cert: Path | None = None,
-                acquirer_key: Path | None = None, acquirer_plain: bool = False) -> SwitchDir:
+                acquirer_key: Path | None = None, acquirer_plain: bool = False, db: str | None = None,
+                acquirer_connections: int = 1) -> SwitchDir:
     """Create SWITCH_DIR with a new key (or ``key``, for tests), its TLS certificate, config and database.
 
+    ``db``: a PostgreSQL URL (``$MESHPOS_SWITCH_DB`` when set wins); the config keeps it without
+    its password. Without either, the database is the SQLite file switch.db.
     The acquirer link is TLS unless ``acquirer_plain`` (ISO 8583 only): trusting ``acquirer_ca``
     (default: the system's CAs), presenting ``acquirer_cert`` / ``acquirer_key`` if given."""
     cfg = SwitchConfig(listen=listen, acquirer=acquirer, acquirer_format=acquirer_format,
                        acquirer_ca=_existing(acquirer_ca, "the acquirer's CA"),
                        acquirer_cert=_existing(acquirer_cert, "the switch's acquirer client certificate"),
                        acquirer_key=_existing(acquirer_key, "the switch's acquirer client key"),
-                       acquirer_plain=acquirer_plain)
+                       acquirer_plain=acquirer_plain, acquirer_connections=acquirer_connections)
+    env = os.environ.get(ENV_VAR)
+    url = check_url(env, f"${ENV_VAR}") if env else (check_url(db, "--db") if db else None)
+    cfg.db = redact(url) if url else None
     cfg.validate("switch config")
     if path.exists() and any(path.iterdir()):
         raise ConfigError(f"{path}: directory exists and is not empty; choose a new switch directory")
@@ -168,8 +209,33 @@ def init_switch(path: Path, listen: str, acquirer: str, acquirer_format: str = "
     sd.tls_path.write_bytes(to_pem(make_tls_cert(key, hosts, clock.now_ms())))
     sd.pub_path.write_text(keys.x25519_public_of(key).hex() + "\n", encoding="ascii")
     write_json(sd.config_path, cfg.to_json())
-    SwitchStore.open(sd.db_path, create=True).close()
+    SwitchStore.open(url or sd.db_path, create=True).close()
     return sd
+
+
+def make_instance(path: Path, new_path: Path, listen: str) -> SwitchDir:
+    """Another instance of the switch at ``path``: same key, TLS certificate and PostgreSQL
+    database, its own name and listen address. Each instance runs on its own directory."""
+    sd = SwitchDir(path)
+    cfg = sd.config()
+    if cfg.db is None and not is_url(sd.db_location()):
+        raise ConfigError(f"{path}: this switch keeps its state in SQLite (switch.db), which one process "
+                          "uses at a time; several instances need PostgreSQL (`meshpos switch init --db URL`)")
+    parse_hostport(listen, "listen")
+    if new_path.exists() and any(new_path.iterdir()):
+        raise ConfigError(f"{new_path}: directory exists and is not empty; choose a new directory")
+    new_path.mkdir(parents=True, exist_ok=True)
+    new_path.chmod(0o700)
+    new = SwitchDir(new_path)
+    shutil.copyfile(sd.key_path, new.key_path)
+    os.chmod(new.key_path, 0o600)
+    shutil.copyfile(sd.pub_path, new.pub_path)
+    shutil.copyfile(sd.tls_path, new.tls_path)
+    cfg.listen = listen
+    cfg.instance = f"i-{secrets.token_hex(4)}"
+    cfg.validate("switch config")
+    write_json(new.config_path, cfg.to_json())
+    return new
 
 
 def default_merchant_id(site_id: str) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from meshpos.wire.leb128 import uleb128
 from meshpos.domain.errors import EncodingError
 from meshpos.wire.envelope import b64d, b64e
 
@@ -26,15 +27,6 @@ ID_BYTES = 8
 MAX_SEQ = 2**53
 MAX_HELD_BYTES = 2560  # 200 terminals with sequence numbers below 2^21 take 2,200
 MAX_LEB_BYTES = 8  # 2^53 needs 8 groups of 7 bits
-
-
-def _uleb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | 0x80 if n else low)
-        if not n:
-            return bytes(out)
 
 
 def _hex_id(terminal: str) -> bytes | None:
@@ -53,7 +45,7 @@ def encode(vector: Mapping[str, int], max_bytes: int = MAX_HELD_BYTES) -> str:
         tid = _hex_id(terminal)
         if tid is None or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEQ:
             continue
-        record = tid + _uleb(n)
+        record = tid + uleb128(n)
         if len(out) + len(record) > max_bytes:
             break
         out += record
@@ -90,7 +82,7 @@ def decode(text: object) -> dict[str, int]:
                 break
             if i - start >= MAX_LEB_BYTES:
                 raise EncodingError("status held: a sequence number is too long")
-        if raw[start:i] != _uleb(n) or not 1 <= n <= MAX_SEQ:
+        if raw[start:i] != uleb128(n) or not 1 <= n <= MAX_SEQ:
             raise EncodingError("status held: a sequence number is not minimal or out of 1..2^53")
         out[tid.hex()] = n
     return out
