@@ -25,7 +25,8 @@ from meshpos.replication.link_driver import LinkEndpoint, connect_link, serve_li
 from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
 from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import Replicator, SyncSession
-from meshpos.uplink.client import make_client_context, probe
+from meshpos.uplink.client import health, make_client_context
+from meshpos.wire.forwarding import health_time_ms
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
 from meshpos.wire.dnssd import LocalService
@@ -35,8 +36,13 @@ from meshpos.node.service import NodeService, run_until_signal
 log = logging.getLogger(__name__)
 
 MESH_TICK = 1.0
+# With no dial due, the mesh manager and the static-peer keepers wait for a link to open or close
+# (Replicator.on_links_changed) and look again at least this often anyway.
+MESH_IDLE_TICK = 30.0
 UPLINK_POLL = 2.0  # forwarder: look for work at least this often
+UPLINK_IDLE_POLL = 60.0  # the same while the node has no uplink (the probe wakes it when it gets one)
 PROBE_EVERY = 5.0  # how often an uplink node checks that the switch answers
+UPLINK_OFF_CHECK = 10.0  # how often a node not allowed to forward looks whether it was allowed
 # Discovery TTL for real nodes; overridable for the lab (a cut host is noticed within ~TTL).
 MDNS_TTL = int(os.environ.get("MESHPOS_MDNS_TTL", "120"))
 
@@ -59,7 +65,14 @@ class Mesh:
         self.discovery: DiscoveryHandle | None = None
         self.discovered: dict[str, PeerSeen] = {}
         self.wake = trio.Event()
+        self.links_event = trio.Event()  # set (and replaced) whenever a link opens or closes
+        self.replicator.on_links_changed.append(self._links_changed)
         service.extra_status.append(self.status)
+
+    def _links_changed(self) -> None:
+        self.wake.set()
+        self.links_event.set()
+        self.links_event = trio.Event()
 
     # -- status ----------------------------------------------------------------------
 
@@ -150,7 +163,9 @@ class Mesh:
         while True:
             known = self.static_ids.get(address)
             if known is not None and known in self.linked_peers():
-                await trio.sleep(MESH_TICK)
+                changed = self.links_event
+                with trio.move_on_after(MESH_IDLE_TICK):
+                    await changed.wait()
                 continue
             up_since = self.clock.monotonic()
             async with trio.open_nursery() as nursery:
@@ -177,13 +192,16 @@ class Mesh:
                     continue
                 nursery.start_soon(self._dial_discovered, info, nursery)
             self.wake = trio.Event()
-            with trio.move_on_after(MESH_TICK):
+            # the next dial due (back-off of a discovered peer), else a link change or mDNS news
+            due = self.planner.next_wakeup(now) - now if self.planner.targets() else MESH_IDLE_TICK
+            with trio.move_on_after(min(MESH_IDLE_TICK, max(MESH_TICK, due))):
                 await self.wake.wait()
 
     async def _dial_discovered(self, info: PeerInfo, nursery: trio.Nursery) -> None:
         session = await self._dial(info.addresses[0], info.port, info.node_id, nursery)
         if session is None:
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
+            self.wake.set()  # the manager sleeps until the back-off of this failure runs out
 
     def _dedupe(self) -> None:
         by_peer: dict[str, list[SyncSession]] = {}
@@ -269,17 +287,25 @@ class Uplink:
             self.forwarder = await nursery.start(
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
                                                   transport=self.transport, reachable=self.node_reachable,
-                                                  poll_s=UPLINK_POLL, task_status=task_status))
+                                                  poll_s=UPLINK_POLL, idle_poll_s=UPLINK_IDLE_POLL,
+                                                  task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
 
     async def _probe_loop(self) -> None:
         advertised: bool | None = None
+        could = self.has_uplink()
         while True:
             if self.allowed() and self.core.policy.switch_url:
                 try:
                     ctx = make_client_context(self.core)
-                    up = await probe(self.core.policy.switch_url, ctx)
+                    sent = self.core.clock.now_ms()
+                    reply = await health(self.core.policy.switch_url, ctx)
+                    up = reply is not None
+                    switch_ms = health_time_ms(reply)
+                    if switch_ms is not None:
+                        self.service.clock_skew.switch_sample(sent, self.core.clock.now_ms(), switch_ms,
+                                                              self.core.clock.monotonic())
                 except MeshposError as exc:
                     log.warning("uplink probe impossible: %s", exc)
                     up = False
@@ -292,7 +318,11 @@ class Uplink:
             if advertise != advertised and self.mesh is not None:
                 await self.mesh.set_uplink(advertise)
                 advertised = advertise
-            await trio.sleep(PROBE_EVERY)
+            can = self.has_uplink()
+            if can and not could and self.forwarder is not None:
+                self.forwarder.wake()  # its workers wait UPLINK_IDLE_POLL while there is no uplink
+            could = can
+            await trio.sleep(PROBE_EVERY if self.allowed() else UPLINK_OFF_CHECK)
 
 
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:

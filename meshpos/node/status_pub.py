@@ -1,10 +1,11 @@
 """The running node's status publisher: a small signed status, gossiped over the mesh.
 
-Every STATUS_INTERVAL seconds, and within about CHECK_EVERY seconds of a change
-(a new ledger entry, a link up or down, the printer or uplink state), the node
-signs a ``status`` envelope, puts it on its own StatusBoard and floods it on
-every link (meshpos.status.board). It also registers the control operations
-``statuses`` (the board) and ``report`` (end-of-day reconciliation data).
+Every status period, and soon after a change (a link up or down and a new ledger entry at once;
+the printer or uplink state within the check period), the node signs a ``status`` envelope,
+puts it on its own StatusBoard and floods it on every link (meshpos.status.board). The periods
+follow meshpos.domain.pace: fast while sales flow, slow when idle or on a low battery; the same
+pace sets the links' keep-alive. It also registers the control operations ``statuses`` (the
+board) and ``report`` (end-of-day reconciliation data).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from meshpos import __version__
+from meshpos.domain import pace as pace_mod
+from meshpos.domain.pace import Battery, Pace, Periods
 from meshpos.replication.discovery import local_addresses
+from meshpos.domain.clockskew import Estimate
 from meshpos.status.board import StatusBoard
 from meshpos.wire import envelope
 from meshpos.node.core import NodeCore
@@ -31,27 +35,56 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Seconds between two statuses of a node; the lab sets it low to see a cut host quickly.
-STATUS_INTERVAL = float(os.environ.get("MESHPOS_STATUS_INTERVAL", "10"))
-CHECK_EVERY = 1.0  # how often to look for a change worth publishing at once
+# A fixed period between two statuses of a node, instead of the paced one (meshpos.domain.pace);
+# the lab sets it low to see a cut host quickly.
+_FIXED = os.environ.get("MESHPOS_STATUS_INTERVAL")
+STATUS_INTERVAL: float | None = float(_FIXED) if _FIXED else None
+# Where the OS tells of batteries; TEST ONLY override, so a test can give a node a low battery.
+POWER_SUPPLY = Path(os.environ.get("MESHPOS_POWER_SUPPLY_DIR") or "/sys/class/power_supply")
+RTT_EVERY = 60.0  # a link's RTT (in the status) is measured at most this often: a PING per link
 MIN_GAP = 1.0  # never two statuses closer than this
 # A change of counts only (new entries, pending sales) waits this long: during a busy day every
 # node's counts change all the time, and 20 nodes flooding a status a second cost more CPU than
 # the sales themselves. Links, printer and uplink changes still go out within MIN_GAP.
 COUNTS_GAP = 5.0
+ACTIVITY_TYPES = frozenset({"sale", "void", "result"})  # entries that make a node "active" (pace)
 MAX_LINKS = 48  # keeps the envelope well under 8 KiB
 
 
-def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
-    """The first battery's charge in %, where the OS tells it."""
+def battery_state(root: Path = POWER_SUPPLY) -> Battery | None:
+    """The first battery's charge in % and whether it charges (its ``status`` says Charging or
+    Full, or a mains supply is online), where the OS tells it (Linux power_supply class)."""
+    battery: Battery | None = None
+    mains = False
     try:
         for supply in sorted(root.iterdir()):
-            cap = supply / "capacity"
-            if (supply / "type").exists() and (supply / "type").read_text().strip() == "Battery" and cap.exists():
-                return max(0, min(100, int(cap.read_text().strip())))
+            kind = _read(supply / "type")
+            if kind == "Battery" and battery is None:
+                cap = _read(supply / "capacity")
+                if cap is None:
+                    continue
+                state = _read(supply / "status") or ""
+                battery = Battery(max(0, min(100, int(cap))), state in ("Charging", "Full"))
+            elif kind == "Mains" and _read(supply / "online") == "1":
+                mains = True
     except (OSError, ValueError):
         return None
-    return None
+    if battery is not None and mains and not battery.charging:
+        battery = Battery(battery.percent, True)
+    return battery
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def battery_percent(root: Path = POWER_SUPPLY) -> int | None:
+    """The first battery's charge in %, where the OS tells it."""
+    state = battery_state(root)
+    return None if state is None else state.percent
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
@@ -92,18 +125,57 @@ def uplink_state(service: "NodeService") -> dict[str, Any]:
 
 
 class StatusPublisher:
-    def __init__(self, service: "NodeService", mesh: "Mesh | None", interval: float = STATUS_INTERVAL) -> None:
+    """``interval``: a fixed status period in seconds; None (the default, unless the environment
+    sets MESHPOS_STATUS_INTERVAL) paces it by activity and battery (meshpos.domain.pace)."""
+
+    def __init__(self, service: "NodeService", mesh: "Mesh | None", interval: float | None = STATUS_INTERVAL,
+                 power_root: Path = POWER_SUPPLY) -> None:
         self.service = service
         self.core = service.core
         self.mesh = mesh
-        self.interval = interval
+        self.fixed = interval
+        self.power_root = power_root
+        self.pace = Pace()
+        self.battery: Battery | None = battery_state(power_root)
+        self.interval = interval if interval is not None else pace_mod.ACTIVE_STATUS_S  # announced
         self.board = StatusBoard(self.core.roster, self.core.clock)
         self.published = 0
+        self._poke = trio.Event()
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_counts: tuple[Any, ...] | None = None
+        self._last_pub = -math.inf
+        self._pinged: dict[int, float] = {}  # id(session) -> when we last pinged it for its RTT
         if mesh is not None:
             self.board.attach(mesh.replicator)
+            mesh.replicator.on_links_changed.append(self.poke)
         self.core.ledger.on_accept.append(self.board.on_accept)
+        self.core.ledger.on_accept.append(self._on_accept)
+        self.skew = service.clock_skew
+        self.board.on_clock.append(self._clock_sample)
         service.extra_ops["statuses"] = lambda core, params: self.statuses_json()
         service.extra_ops["report"] = lambda core, params: _report_data(core)
+
+    def poke(self) -> None:
+        """Something may be worth a status: look now rather than at the next check."""
+        self._poke.set()
+
+    def _on_accept(self, verified: Any) -> None:
+        if verified.env.type in ACTIVITY_TYPES:
+            now = self.core.clock.monotonic()
+            was_active = self.pace.active(now)
+            self.pace.touch(now)
+            if not was_active:  # wake up to the fast pace at once; no work per sale after that
+                self.poke()
+
+    def _clock_sample(self, signer: str, received_at_ms: int, at: int) -> None:
+        if signer != self.core.node_id:
+            self.skew.peer_sample(signer, received_at_ms, at, self.core.clock.monotonic())
+
+    def periods(self, now: float) -> Periods:
+        periods = self.pace.periods(now, self.battery)
+        if self.fixed is not None:
+            return Periods(self.fixed, periods.keepalive_s, min(periods.check_s, self.fixed))
+        return periods
 
     def links(self) -> list[dict[str, Any]]:
         if self.mesh is None:
@@ -127,6 +199,7 @@ class StatusPublisher:
     def body(self) -> dict[str, Any]:
         core = self.core
         cfg = core.config
+        battery = self.battery
         return {
             "role": core.identity.role, "name": cfg.name, "version": __version__,
             "addresses": self.addresses(), "port": self.mesh.listen_port if self.mesh else None,
@@ -135,7 +208,10 @@ class StatusPublisher:
             "pending": pending_of(core, core.node_id), "site_pending": pending_of(core, None),
             "refused": refused_of(core),
             "uplink": uplink_state(self.service), "printer": printer_state(self.service),
-            "battery": battery_percent(), "every_ms": int(self.interval * 1000),
+            "battery": None if battery is None else battery.percent,
+            "battery_low": battery is not None and battery.low,
+            "every_ms": int(self.interval * 1000),
+            "clock": _estimate_json(self.skew.estimate(core.clock.monotonic())),
             "started_at": self.service.started_at, "at": core.clock.now_ms(),
         }
 
@@ -156,30 +232,62 @@ class StatusPublisher:
         return [{"node_id": s.node_id, "status": s.body, "received_at": s.received_at_ms}
                 for s in self.board.current().values()]
 
+    def _ping_links(self, now: float) -> None:
+        """One PING per link at most every RTT_EVERY, sent with a status: the next one carries
+        the RTT. (A PING every check, as before, woke every link every second.)"""
+        if self.mesh is None:
+            return
+        live = set()
+        for session in list(self.mesh.replicator.sessions):
+            if session.closed or not session.peer_node:
+                continue
+            live.add(id(session))
+            if now - self._pinged.get(id(session), -math.inf) >= RTT_EVERY:
+                if session.ping():
+                    self._pinged[id(session)] = now
+        self._pinged = {k: v for k, v in self._pinged.items() if k in live}
+
+    def step(self, now: float) -> float:
+        """Publish if a status is due at ``now`` (monotonic s); how long until the next look."""
+        periods = self.periods(now)
+        if self.mesh is not None:
+            self.mesh.replicator.set_keepalive(periods.keepalive_s)
+        since = now - self._last_pub
+        # Slowing down: the status that announces the longer period goes out on the old one, so
+        # a viewer never sees the last status go stale before the next arrives.
+        due = min(periods.status_s, self.interval)
+        key = self._change_key()
+        counts = self._counts_key() if since >= COUNTS_GAP else self._last_counts
+        if ((key != self._last_key and since >= MIN_GAP) or (counts != self._last_counts and since >= COUNTS_GAP)
+                or since >= due):
+            self.battery = battery_state(self.power_root)
+            periods = self.periods(now)
+            self.interval = periods.status_s
+            try:
+                self._ping_links(now)
+                self.publish()
+                self._last_key, self._last_counts = key, self._counts_key()
+            except Exception:  # a status must never take the node down
+                log.exception("status not published")
+            self._last_pub = now
+            return min(periods.check_s, self.interval)
+        wait = min(periods.check_s, due - since)
+        if key != self._last_key:
+            wait = min(wait, MIN_GAP - since)
+        return max(0.0, wait)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         clock = self.core.clock
-        last_key: tuple[Any, ...] | None = None
-        last_counts: tuple[Any, ...] | None = None
-        last_pub = -math.inf
         while True:
-            if self.mesh is not None:
-                for session in list(self.mesh.replicator.sessions):
-                    if not session.closed and session.peer_node:
-                        session.ping()  # the next status carries the RTT
-            key = self._change_key()
-            now = clock.monotonic()
-            since = now - last_pub
-            counts = self._counts_key() if since >= COUNTS_GAP else last_counts
-            if ((key != last_key and since >= MIN_GAP) or (counts != last_counts and since >= COUNTS_GAP)
-                    or since >= self.interval):
-                try:
-                    self.publish()
-                    last_key, last_counts, last_pub = key, self._counts_key(), now
-                except Exception:  # a status must never take the node down
-                    log.exception("status not published")
-                    last_pub = now
-            await trio.sleep(CHECK_EVERY)
+            self._poke = trio.Event()
+            wait = self.step(clock.monotonic())
+            with trio.move_on_after(wait):
+                await self._poke.wait()
+
+
+def _estimate_json(estimate: Estimate | None) -> dict[str, object] | None:
+    return None if estimate is None else estimate.to_json()
 
 
 def _report_data(core: NodeCore) -> Any:
