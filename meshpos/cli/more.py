@@ -27,6 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help=f"also write the log to FILE, rotated at {LOG_MAX_BYTES // 2**20} MiB keeping "
                         f"{LOG_BACKUPS} old files (FILE.1 ... FILE.{LOG_BACKUPS})")
     p.add_argument("--no-mdns", action="store_true", help="static peers only (networks that block multicast)")
+    p.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                   help="TEST ONLY: run as if this machine's clock were SECONDS off (negative: behind), "
+                        "to test how a site copes with a terminal whose clock is wrong (protocols/clocks.md). "
+                        "Never use it to correct a clock: set the system time instead.")
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser("receipt", help="print again, or preview, the receipt of a sale",
@@ -89,7 +93,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    trio.run(run_node, args.node_dir, not args.no_mdns)
+    from meshpos.infra.clock import SYSTEM_CLOCK, OffsetClock
+    clock = SYSTEM_CLOCK if not args.clock_offset else OffsetClock(SYSTEM_CLOCK, int(args.clock_offset * 1000))
+    if args.clock_offset:
+        logging.getLogger(__name__).warning("TEST ONLY: this node's clock is shifted by %+g s", args.clock_offset)
+    trio.run(run_node, args.node_dir, not args.no_mdns, clock)
     return 0
 
 

@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.clockskew import ClockSkew
 from meshpos.devices.spool import PrinterWorker, Spool, run_printer_worker
 from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
 from meshpos.node.core import NodeCore
@@ -37,6 +38,8 @@ class NodeService:
         self.printer: PrinterWorker | None = None
         self.printer_problem: str | None = None
         self.started_at = clock.now_ms()
+        # this node's clock offset, from its peers' statuses (status_pub) and the switch (runner)
+        self.clock_skew = ClockSkew()
         self.extra_status: list[Callable[[], dict[str, Any]]] = []
         self.extra_ops: dict[str, Callable[[NodeCore, dict[str, Any]], Any]] = {
             "reprint": self._op_reprint,
@@ -60,6 +63,9 @@ class NodeService:
     def status(self) -> dict[str, Any]:
         st = self.core.status()
         st["running"] = {"since": self.started_at, "pid": os.getpid()}
+        estimate = self.clock_skew.estimate(self.clock.monotonic())
+        st["clock"] = {"now_ms": self.clock.now_ms(),
+                       "estimate": None if estimate is None else estimate.to_json()}
         if self.printer is not None:
             st["printer"] = self.printer.status().to_json()
         elif self.printer_problem:

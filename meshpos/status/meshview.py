@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshpos.status.fieldwarn import battery_low, clock_offset_ms, field_warnings
+
 STALE_FACTOR = 3
 MIN_STALE_MS = 5_000
 DEFAULT_EVERY_MS = 10_000
@@ -122,6 +124,9 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         if role in NON_NODE_ROLES or (k.revoked and st is None):
             continue
         at = st.get("at") if st else None
+        offset = clock_offset_ms(st)
+        if at is not None and offset is not None:  # its time on our clock (fieldwarn: clocks)
+            at = int(at) - offset
         is_fresh = at is not None and now_ms - int(at) <= stale_after_ms(st or {})
         if is_fresh:
             fresh.add(node_id)
@@ -143,6 +148,8 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
             "uplink": _label(uplink.get("state")), "last_forward_at": _count(uplink.get("last_forward_at")),
             "printer": _label(printer.get("state")), "battery": _count((st or {}).get("battery")),
+            "battery_low": battery_low(st), "clock_offset_ms": offset,
+            "clock_source": _label(_obj((st or {}).get("clock")).get("source")),
             "version": _label((st or {}).get("version")), "links": _links(st, known),
             "revoked": k.revoked, "refused": 0, "warnings": [],
         }
@@ -208,6 +215,7 @@ def analyze(statuses: dict[str, dict[str, Any]], known: dict[str, Known], *, now
         if n["refused"]:
             warn(n, f"{n['name']}: {n['refused']} of its sales refused by the site's rules "
                     "(kept out of every total; reasons in `meshpos report`)")
+    field_warnings(nodes, lambda i: uf.find(i) if i in statuses else None, warn)
     partition = len(groups) > 1
     if partition:
         parts = " | ".join("{" + ", ".join(nodes[i]["name"] for i in g) + "}" for g in groups)
