@@ -151,3 +151,11 @@ def test_a_terminal_three_days_behind_gets_its_sales_settled_and_the_inspector_w
     proc = run_cli("doctor", str(fair.nodes["t1"]), "--json", "--mdns-wait", "0")
     checks = {c["name"]: c for c in json.loads(proc.stdout)["checks"]}
     assert checks["clock"]["state"] == "warn" and "3 day(s)" in checks["clock"]["detail"]
+
+
+def test_two_peers_that_disagree_do_not_make_a_node_blame_its_own_clock() -> None:
+    skew = ClockSkew()
+    skew.peer_sample("right", received_at_ms=5_000, status_at_ms=5_000, now=0.0)
+    skew.peer_sample("wrong", received_at_ms=5_000, status_at_ms=5_000 + 3 * DAY_MS, now=0.0)
+    est = skew.estimate(0.0)
+    assert est is not None and est.offset_ms == 0 and est.peers == 2

@@ -157,3 +157,54 @@ def test_keepalive_follows_the_pace_but_dead_links_close_after_the_same_idle_tim
     finally:
         core.close()
         peer_core.close()
+
+
+def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
+        tmp_path: Path, make_node: Callable[..., Path]) -> None:
+    """Real node processes: T1 on a low battery (the power_supply class faked through the test-only
+    MESHPOS_POWER_SUPPLY_DIR) with pending sales, linked to T2 on mains. While T2 is up and holds
+    the ledger, the inspector only mentions T1's battery; once T2 is gone, it warns that T1's
+    pending sales are held by no node with a good battery."""
+    import json
+
+    from meshpos.apps.procs import ProcessGroup, free_ports
+    from meshpos.node import client
+    from tests.helpers import run_cli
+
+    p1, p2 = free_ports(2)
+    t1 = make_node("T1", listen=f"127.0.0.1:{p1}", peers=[f"127.0.0.1:{p2}"])
+    t2 = make_node("T2", listen=f"127.0.0.1:{p2}")
+    insp = make_node("Insp", role="inspector", peers=[f"127.0.0.1:{p1}"])
+    low = ProcessGroup(tmp_path / "logs-low")
+    low.env.update(MESHPOS_STATUS_INTERVAL="1",
+                   MESHPOS_POWER_SUPPLY_DIR=str(power_supply(tmp_path / "power", 9)))
+    mains = ProcessGroup(tmp_path / "logs-mains")
+    mains.env["MESHPOS_STATUS_INTERVAL"] = "1"
+    alone = "T1: battery 9 % and 3 pending sale(s) that no node with a good battery is known to hold"
+
+    def warnings() -> list[str]:
+        proc = run_cli("inspect", str(insp), "--no-mdns", "--json", "--wait", "3")
+        assert proc.returncode == 0, proc.stderr
+        return list(json.loads(proc.stdout)["warnings"])
+
+    def poll(cond: Callable[[list[str]], bool], what: str) -> list[str]:
+        for _ in range(15):
+            seen = warnings()
+            if cond(seen):
+                return seen
+        raise AssertionError(f"{what}: {seen}")
+    try:
+        for i in range(3):
+            client.call(t1, "sell", {"amount_minor": 100 + i})
+        mains.start_node("t2", t2, "--no-mdns")
+        low.start_node("t1", t1, "--no-mdns")
+        seen = poll(lambda w: "T1: battery 9 %" in w, "no battery warning for T1")
+        assert not any(alone in w for w in seen)
+        assert client.call_running(t1, "statuses", {})  # T1 says battery_low in its own status
+        own = [s["status"] for s in client.call_running(t1, "statuses", {}) if s["status"].get("name") == "T1"]
+        assert own and own[0]["battery"] == 9 and own[0]["battery_low"] is True
+        mains.stop_all()
+        poll(lambda w: any(alone in x for x in w), "no warning once T2, the only good battery, is gone")
+    finally:
+        low.stop_all()
+        mains.stop_all()

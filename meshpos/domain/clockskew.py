@@ -7,9 +7,10 @@ set the system time, but it can tell its cashier and the organizer (protocols/cl
   ``our clock when the status arrived - at``: our offset from that peer's clock, plus the time
   the status took to arrive (a status relayed late, or handed over again on a new link, only
   makes a sample larger). So per peer we keep the *smallest* of its last PEER_SAMPLES samples,
-  and the peers' estimate is the median over peers heard from within PEER_MAX_AGE_S: with three
-  peers or more, one peer with a wrong clock, or lying about it, cannot move it past the
-  others'. With fewer than MIN_PEERS peers there is no peers' estimate.
+  and the peers' estimate is the median over peers heard from within PEER_MAX_AGE_S (of two
+  middle values, the one nearer zero): with three peers or more, one peer with a wrong clock, or
+  lying about it, cannot move it past the others'; with two that disagree, the node does not
+  blame its own clock. With fewer than MIN_PEERS peers there is no peers' estimate.
 * **Switch.** When the node reaches the switch, the health reply carries the switch's clock
   (``time_ms``, protocols/forwarding.md); the sample is ``our clock half-way through the
   exchange - time_ms``, good to half the round trip. The switch's clock is the one that decides
@@ -22,7 +23,6 @@ and the inspector start to warn. Pure: times come in.
 
 from __future__ import annotations
 
-import statistics
 from collections import deque
 from dataclasses import dataclass
 
@@ -63,6 +63,15 @@ def describe(offset_ms: int) -> str:
     return f"{text} {'ahead' if offset_ms > 0 else 'behind'}"
 
 
+def middle(offsets: list[int]) -> int:
+    """The median of sorted ``offsets``; of the two middle values of an even count, the one nearer
+    zero: when the evidence is split evenly, this node's clock gets the benefit of the doubt."""
+    n = len(offsets)
+    if n % 2:
+        return offsets[n // 2]
+    return min(offsets[n // 2 - 1], offsets[n // 2], key=abs)
+
+
 class ClockSkew:
     def __init__(self) -> None:
         self._peers: dict[str, tuple[deque[int], float]] = {}  # node -> (samples, when last heard)
@@ -89,10 +98,10 @@ class ClockSkew:
         self._switch = ((sent_ms + received_ms) // 2 - switch_ms, now)
 
     def peers_estimate(self, now: float) -> Estimate | None:
-        offsets = [min(samples) for samples, heard in self._peers.values() if now - heard <= PEER_MAX_AGE_S]
+        offsets = sorted(min(samples) for samples, heard in self._peers.values() if now - heard <= PEER_MAX_AGE_S)
         if len(offsets) < MIN_PEERS:
             return None
-        return Estimate(int(statistics.median_low(offsets)), "peers", len(offsets))
+        return Estimate(middle(offsets), "peers", len(offsets))
 
     def switch_estimate(self, now: float) -> Estimate | None:
         if self._switch is None or now - self._switch[1] > SWITCH_MAX_AGE_S:
