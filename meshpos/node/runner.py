@@ -31,6 +31,7 @@ from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
 from meshpos.wire.dnssd import LocalService
 from meshpos.node.core import NodeCore
+from meshpos.node.ops import OPS
 from meshpos.node.service import NodeService, run_until_signal
 
 log = logging.getLogger(__name__)
@@ -250,7 +251,18 @@ class Uplink:
         self.transport = RecordingTransport(self.core)
         self.reachable: bool | None = None
         self.forwarder: Forwarder | None = None
+        self.recheck = trio.Event()  # set when `meshpos uplink on|off` changed the config
         service.extra_status.append(self.status)
+        service.extra_ops["uplink"] = self._op_uplink
+
+    def _op_uplink(self, core: NodeCore, params: dict[str, Any]) -> Any:
+        """The `uplink` operation, then at once what it changes: the probe looks again and the
+        forwarder's workers (which poll slowly while there is no uplink) look for work."""
+        result = OPS["uplink"](core, params)
+        self.recheck.set()
+        if self.forwarder is not None:
+            self.forwarder.wake()
+        return result
 
     def allowed(self) -> bool:
         return bool(self.core.config.uplink) and self.core.identity.role in ("terminal", "gateway")
@@ -322,7 +334,9 @@ class Uplink:
             if can and not could and self.forwarder is not None:
                 self.forwarder.wake()  # its workers wait UPLINK_IDLE_POLL while there is no uplink
             could = can
-            await trio.sleep(PROBE_EVERY if self.allowed() else UPLINK_OFF_CHECK)
+            with trio.move_on_after(PROBE_EVERY if self.allowed() else UPLINK_OFF_CHECK):
+                await self.recheck.wait()
+            self.recheck = trio.Event()
 
 
 async def run_node(path: Path, mdns: bool = True, clock: Clock = SYSTEM_CLOCK) -> None:
