@@ -1,7 +1,7 @@
 """The running node's status publisher: a small signed status, gossiped over the mesh.
 
-Every status period, and soon after a change (a link up or down and a new ledger entry at once;
-the printer or uplink state within the check period), the node signs a ``status`` envelope,
+Every status period, and soon after a change (a link up or down at once, new ledger entries
+within COUNTS_GAP, the printer or uplink state within the check period), the node signs a ``status`` envelope,
 puts it on its own StatusBoard and floods it on every link (meshpos.status.board). The periods
 follow meshpos.domain.pace: fast while sales flow, slow when idle or on a low battery; the same
 pace sets the links' keep-alive. It also registers the control operations ``statuses`` (the
@@ -79,12 +79,6 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
-
-
-def battery_percent(root: Path = POWER_SUPPLY) -> int | None:
-    """The first battery's charge in %, where the OS tells it."""
-    state = battery_state(root)
-    return None if state is None else state.percent
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> dict[str, Any]:
