@@ -131,6 +131,11 @@ def test_a_terminal_three_days_behind_gets_its_sales_settled_and_the_inspector_w
     # (they are days "ahead" of it), still tell it by how much
     fair.wait(lambda: (client.call_running(fair.nodes["t1"], "status", {})["clock"]["estimate"] or {})
               .get("offset_ms", 0) < -2 * DAY_MS, "t1 did not find out that its clock is behind")
+    # the uplink node reads the switch's clock from its health replies, and prefers it
+    fair.wait(lambda: (client.call_running(fair.nodes["t3"], "status", {})["clock"]["estimate"] or {})
+              .get("source") == "switch", "t3 took no clock sample from the switch")
+    est = client.call_running(fair.nodes["t3"], "status", {})["clock"]["estimate"]
+    assert abs(est["offset_ms"]) < WARN_SKEW_MS  # the same host clock as the switch
     insp = tmp_path / "insp"
     t3_port = json.loads((fair.nodes["t3"] / "config.json").read_text())["listen"]
     enroll_one_step(fair.site, insp, "inspector", "Inspector", peers=[t3_port], clock=enrolled)
