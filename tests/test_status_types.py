@@ -7,6 +7,7 @@ import random
 from typing import Any
 
 import pytest
+from pathlib import Path
 
 from meshpos.domain.errors import ConfigError, EncodingError
 from meshpos.domain.jsonable import to_jsonable
@@ -117,5 +118,6 @@ def test_the_local_status_leaves_out_the_parts_a_node_does_not_run() -> None:
 def test_lab_tuning_comes_from_the_environment_once_and_is_checked() -> None:
     assert NodeTuning.from_env({}) == NodeTuning()
     assert NodeTuning.from_env({"MESHPOS_MDNS_TTL": "4", "MESHPOS_STATUS_INTERVAL": "0.5"}) == NodeTuning(4, 0.5)
+    assert NodeTuning.from_env({"MESHPOS_POWER_SUPPLY_DIR": "/x"}).power_root == Path("/x")
     with pytest.raises(ConfigError, match="MESHPOS_MDNS_TTL"):
         NodeTuning.from_env({"MESHPOS_MDNS_TTL": "soon"})

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from meshpos.acquirer.simulator import auth_code
 from meshpos.wire.cards import seal_card
 from meshpos.domain.errors import MeshposError
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.identity import keys
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
@@ -68,13 +69,15 @@ class Fair:
     stats_path: Path
     nodes: dict[str, Path] = field(default_factory=dict)
     expected: dict[str, Expected] = field(default_factory=dict)
+    node_args: dict[str, list[str]] = field(default_factory=dict)  # extra `meshpos run` options per node
 
     # -- set-up ------------------------------------------------------------------------
 
     @classmethod
     def create(cls, root: Path, procs: ProcessGroup, *, terminals: int = 3, rules: dict[str, Any] | None = None,
                switch_settings: dict[str, Any] | None = None, policy: dict[str, Any] | None = None,
-               start_nodes: bool = True) -> "Fair":
+               start_nodes: bool = True, site_clock: Clock = SYSTEM_CLOCK,
+               node_args: dict[str, list[str]] | None = None) -> "Fair":
         acq_port, switch_port, *node_ports = free_ports(2 + terminals)
         rules = rules if rules is not None else base_rules()
         rules_path = root / "acquirer-rules.json"
@@ -95,16 +98,16 @@ class Fair:
             cfg_path.write_text(json.dumps(cfg))
         switch_key = (switch_dir / "switch.pub").read_text().strip()
         site = init_site(root / "site", "Fiera dell'Uplink", "EUR", switch_key=switch_key,
-                         switch_url=f"https://127.0.0.1:{switch_port}")
+                         switch_url=f"https://127.0.0.1:{switch_port}", clock=site_clock)
         if policy:
             site.update_policy(**policy)
         add_site(switch_dir, site.path)
-        fair = cls(root, procs, rules, site, switch_dir, stats_path)
+        fair = cls(root, procs, rules, site, switch_dir, stats_path, node_args=dict(node_args or {}))
         for i in range(terminals):
             name = f"t{i + 1}"
             peers = [f"127.0.0.1:{node_ports[i - 1]}"] if i else []  # a line: t1 - t2 - t3
             enroll_one_step(site, root / name, "terminal", name.upper(), listen=f"127.0.0.1:{node_ports[i]}",
-                            peers=peers)
+                            peers=peers, clock=site_clock)
             fair.nodes[name] = root / name
         fair.start_switch()
         if start_nodes:
@@ -120,7 +123,7 @@ class Fair:
 
     def start_node(self, name: str) -> None:
         try:
-            self.procs.start_node(name, self.nodes[name], "--no-mdns", timeout=WAIT_S)
+            self.procs.start_node(name, self.nodes[name], "--no-mdns", *self.node_args.get(name, []), timeout=WAIT_S)
         except MeshposError as exc:
             raise AssertionError(f"{exc}\n{self.log_tails()}") from exc
 

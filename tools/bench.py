@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run every meshpos benchmark and write the results table into BENCHMARKS.md.
 
-    python tools/bench.py              # the full set (about 15 minutes on 2 cores)
+    python tools/bench.py              # the full set (about 20 minutes on 2 cores)
     python tools/bench.py --quick      # a smoke run of every script with small sizes (~2 minutes)
     python tools/bench.py --only mesh,settlement --no-write
 
@@ -137,6 +137,14 @@ def acquirer_rows(r: dict[str, Any]) -> list[Row]:
              f"median of {len(r['runs'])} runs", "—", f"{r['advices_per_s']:,.0f} advices/s", None)]
 
 
+def idle_rows(r: dict[str, Any]) -> list[Row]:
+    return [(f"Idle node ({r['nodes']} node processes, {r['nodes'] - 1} TLS links each, nothing sold): CPU and "
+             f"wake-ups over {r['window_s']:g} s, median of {r['runs']} runs; beside an idle trio process",
+             "next to nothing",
+             f"{r['node_cpu_pct']:.3f} % CPU, {r['node_wakeups_per_s']:.2f} wake-ups/s "
+             f"(idle trio: {r['trio_cpu_pct']:.3f} %, {r['trio_wakeups_per_s']:.2f}/s)", None)]
+
+
 BENCHES = [
     Bench("sale", "tools/bench_sale.py", [], ["--sales", "300", "--runs", "1"], sale_rows),
     Bench("sync", "tools/bench_sync.py", [], ["--sales", "2000", "--levels", "1000,2000", "--per-level", "10",
@@ -150,6 +158,7 @@ BENCHES = [
     Bench("settlement", "tools/bench_settlement.py", [], ["--nodes", "6", "--backlog", "60", "--live-rate", "5",
                                                            "--live-seconds", "5"], settlement_rows),
     Bench("acquirer", "tools/bench_acquirer.py", [], ["--count", "1000", "--runs", "1"], acquirer_rows),
+    Bench("idle", "tools/bench_idle.py", [], ["--runs", "1", "--window", "10", "--settle", "5"], idle_rows),
 ]
 FULL_ONLY = {"mesh-tmpfs"}
 

@@ -23,6 +23,7 @@ import automerge.core as am
 import trio
 
 from meshpos.domain.roles import READ_ONLY_ROLES, SELLING_ROLES
+from meshpos.domain.clockskew import WARN_SKEW_MS, describe, too_far
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.replication.discovery import PeerGone, PeerSeen, local_addresses, run_discovery
 from meshpos.domain.errors import MeshposError, NodeNotRunningError
@@ -378,6 +379,26 @@ async def check_switch(ctx: _Ctx) -> Check:
                  "URL in the site policy; the site's queue waits meanwhile, any other uplink node can forward it")
 
 
+def check_clock(ctx: _Ctx) -> Check:
+    """The running node's estimate of its clock's offset (meshpos.domain.clockskew: its peers'
+    statuses, the switch's health reply); past WARN_SKEW_MS a warning."""
+    name = "clock"
+    if ctx.running is None:
+        return Check(name, "skip", "the node is not running: it estimates its clock from its peers and the switch "
+                                   "while it runs")
+    clock = ctx.running.get("clock") if isinstance(ctx.running.get("clock"), dict) else {}
+    est = (clock or {}).get("estimate")
+    if not isinstance(est, dict) or not isinstance(est.get("offset_ms"), int):
+        return Check(name, "skip", "no estimate yet: no peer status and no switch answer received")
+    offset = int(est["offset_ms"])
+    source = "the switch" if est.get("source") == "switch" else f"{est.get('peers')} peer(s)"
+    if too_far(offset):
+        return Check(name, "warn", f"this node's clock is {describe(offset)} (by {source})",
+                     "set the device's date and time (NTP when it has an uplink): sale times and the offline "
+                     "window follow this clock (protocols/clocks.md)")
+    return _ok(name, f"within {WARN_SKEW_MS // 60_000} min of {source} ({describe(offset)})")
+
+
 async def check_printer(ctx: _Ctx) -> Check:
     name = "printer"
     assert ctx.cfg is not None
@@ -452,6 +473,7 @@ async def run_checks(path: Path, *, clock: Clock = SYSTEM_CLOCK, mdns_wait: floa
     checks.append(await check_multicast(ctx, mdns_wait))
     checks.append(await check_peers(ctx))
     checks.append(await check_switch(ctx))
+    checks.append(check_clock(ctx))
     checks.append(await check_printer(ctx))
     return checks
 

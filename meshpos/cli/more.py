@@ -30,6 +30,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--no-peer-exchange", action="store_true",
                    help="dial only static peers and what mDNS finds, not the addresses the other nodes' "
                         "signed statuses name (protocols/peer-exchange.md): a fixed topology")
+    p.add_argument("--clock-offset", type=float, default=0.0, metavar="SECONDS",
+                   help="TEST ONLY: run as if this machine's clock were SECONDS off (negative: behind), "
+                        "to test how a site copes with a terminal whose clock is wrong (protocols/clocks.md). "
+                        "Never use it to correct a clock: set the system time instead.")
     p.set_defaults(handler=cmd_run)
 
     r = sub.add_parser("receipt", help="print again, or preview, the receipt of a sale",
@@ -94,7 +98,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger().addHandler(open_log_file(args.log_file))
     if logging.getLogger().level > logging.INFO:
         logging.getLogger().setLevel(logging.INFO)
-    trio.run(run_node, args.node_dir, not args.no_mdns, not args.no_peer_exchange, SYSTEM_CLOCK, [api_component])
+    from meshpos.infra.clock import OffsetClock
+    clock = SYSTEM_CLOCK if not args.clock_offset else OffsetClock(SYSTEM_CLOCK, int(args.clock_offset * 1000))
+    if args.clock_offset:
+        logging.getLogger(__name__).warning("TEST ONLY: this node's clock is shifted by %+g s", args.clock_offset)
+    trio.run(run_node, args.node_dir, not args.no_mdns, not args.no_peer_exchange, clock, [api_component])
     return 0
 
 

@@ -44,4 +44,19 @@ class FakeClock:
         self._mono += seconds
 
 
+class OffsetClock:
+    """Another clock's wall time shifted by ``offset_ms`` (monotonic time unchanged): how a test
+    runs a real node process whose clock is wrong (``meshpos run --clock-offset``, test only)."""
+
+    def __init__(self, base: Clock, offset_ms: int) -> None:
+        self.base = base
+        self.offset_ms = offset_ms
+
+    def now_ms(self) -> int:
+        return self.base.now_ms() + self.offset_ms
+
+    def monotonic(self) -> float:
+        return self.base.monotonic()
+
+
 SYSTEM_CLOCK = SystemClock()

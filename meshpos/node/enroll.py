@@ -16,6 +16,7 @@ from meshpos.domain.errors import ConfigError, CryptoError, InputError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.identity import certs, keyfile, keys
 from meshpos.infra.jsonfile import read_json, write_json
+from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.site.sitedir import ANSWER_FORMAT, Site, make_request, verify_policy_envelope
 from meshpos.site.apitoken import ensure_api_token
 from meshpos.site.nodedir import NodeConfig, NodeDir
@@ -101,6 +102,7 @@ def install_answer(node_dir: Path, answer: dict[str, Any]) -> NodeConfig:
 
 def enroll_one_step(site: Site, node_dir: Path, role: str, name: str, listen: str | None = None,
                     peers: list[str] | None = None, uplink: bool = False, language: str = "en",
-                    valid_days: int = 90, dashboard: str | None = None, api: str | None = None) -> NodeConfig:
+                    valid_days: int = 90, dashboard: str | None = None, api: str | None = None,
+                    clock: Clock = SYSTEM_CLOCK) -> NodeConfig:
     request = create_request(node_dir, role, name, listen, peers, uplink, language, dashboard, api)
-    return install_answer(node_dir, site.sign_request(request, valid_days=valid_days))
+    return install_answer(node_dir, site.sign_request(request, clock, valid_days=valid_days))

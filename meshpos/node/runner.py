@@ -33,41 +33,53 @@ from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import SyncSession
 from meshpos.status.board import NodeStatus
 from meshpos.status.meshview import stale_after_ms
-from meshpos.uplink.client import make_client_context, probe
+from meshpos.uplink.client import health, make_client_context
+from meshpos.wire.forwarding import health_time_ms
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
 from meshpos.wire.dnssd import LocalService
 from meshpos.node.core import NodeCore
 from meshpos.node.dashboard import DashboardServer
 from meshpos.node.report import collect
+from meshpos.domain.clockskew import ClockSkew
+from meshpos.node.ops import OPS
 from meshpos.node.service import NodeService, run_until_signal
 from meshpos.node.status import ApiStatus, LocalStatus, PeersStatus, UplinkStatus
-from meshpos.node.status_pub import STATUS_INTERVAL, StatusPublisher
+from meshpos.node.status_pub import POWER_SUPPLY, StatusPublisher
 from meshpos.status.board import StatusBoard
 from meshpos.wire.status import PrinterSeen, UplinkSeen
 
 log = logging.getLogger(__name__)
 
 MESH_TICK = 1.0
+# With no dial due, the mesh manager and the static-peer keepers wait for a link to open or close
+# (Replicator.on_links_changed) and look again at least this often anyway.
+MESH_IDLE_TICK = 30.0
 UPLINK_POLL = 2.0  # forwarder: look for work at least this often
+UPLINK_IDLE_POLL = 60.0  # the same while the node has no uplink (the probe wakes it when it gets one)
 PROBE_EVERY = 5.0  # how often an uplink node checks that the switch answers
+UPLINK_OFF_CHECK = 10.0  # how often a node not allowed to forward looks whether it was allowed
 MDNS_TTL = 120  # discovery TTL for real nodes (NodeTuning may change it)
 
 
 @dataclass(frozen=True)
 class NodeTuning:
-    """Periods a lab shortens to see a cut host quickly: the mDNS TTL (a host that left is
-    noticed within about it) and the status period. Read from the environment once, by
-    ``run_node`` (MESHPOS_MDNS_TTL, MESHPOS_STATUS_INTERVAL), never at import."""
+    """What a lab or a test changes about a running node, read from the environment once, by
+    ``run_node``, never at import: the mDNS TTL (a host that left is noticed within about it;
+    MESHPOS_MDNS_TTL), a fixed status period instead of the paced one (MESHPOS_STATUS_INTERVAL,
+    seconds) and, TEST ONLY, where the battery is read (MESHPOS_POWER_SUPPLY_DIR)."""
 
     mdns_ttl: int = MDNS_TTL
-    status_interval: float = STATUS_INTERVAL
+    status_interval: float | None = None  # None: paced by activity and battery (domain/pace.py)
+    power_root: Path = POWER_SUPPLY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "NodeTuning":
         try:
+            fixed = env.get("MESHPOS_STATUS_INTERVAL")
             return cls(mdns_ttl=int(env.get("MESHPOS_MDNS_TTL", MDNS_TTL)),
-                       status_interval=float(env.get("MESHPOS_STATUS_INTERVAL", STATUS_INTERVAL)))
+                       status_interval=float(fixed) if fixed else None,
+                       power_root=Path(env.get("MESHPOS_POWER_SUPPLY_DIR") or POWER_SUPPLY))
         except ValueError as exc:
             raise ConfigError(f"MESHPOS_MDNS_TTL / MESHPOS_STATUS_INTERVAL must be numbers: {exc}") from exc
 
@@ -93,6 +105,13 @@ class Mesh:
         self.hints = PeerHints(self.core.node_id)  # peer exchange: addresses from signed statuses
         self.hint_budget = DialBudget()
         self.wake = trio.Event()
+        self.links_event = trio.Event()  # set (and replaced) whenever a link opens or closes
+        self.replicator.on_links_changed.append(self._links_changed)
+
+    def _links_changed(self) -> None:
+        self.wake.set()
+        self.links_event.set()
+        self.links_event = trio.Event()
 
     # -- status ----------------------------------------------------------------------
 
@@ -213,7 +232,9 @@ class Mesh:
         while True:
             known = self.static_ids.get(address)
             if known is not None and known in self.linked_peers():
-                await trio.sleep(MESH_TICK)
+                changed = self.links_event
+                with trio.move_on_after(MESH_IDLE_TICK):
+                    await changed.wait()
                 continue
             up_since = self.clock.monotonic()
             async with trio.open_nursery() as nursery:
@@ -244,7 +265,9 @@ class Mesh:
                     break  # dials to hinted nodes are rate-limited (peerx.DialBudget)
                 nursery.start_soon(self._dial_discovered, info, nursery)
             self.wake = trio.Event()
-            with trio.move_on_after(MESH_TICK):
+            # the next dial due (back-off of a discovered peer), else a link change or mDNS news
+            due = self.planner.next_wakeup(now) - now if self.planner.targets() else MESH_IDLE_TICK
+            with trio.move_on_after(min(MESH_IDLE_TICK, max(MESH_TICK, due))):
                 await self.wake.wait()
 
     async def _dial_discovered(self, info: PeerInfo, nursery: trio.Nursery) -> None:
@@ -253,6 +276,7 @@ class Mesh:
         session = await self._dial(address, info.port, info.node_id, nursery)
         if session is None:
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
+            self.wake.set()  # the manager sleeps until the back-off of this failure runs out
             return
         answered = session.conn.expect_node  # from the certificate: the address was only a hint
         others = {s.peer_node for s in self.replicator.sessions if s is not session and not s.closed and s.peer_node}
@@ -261,6 +285,7 @@ class Mesh:
             log.info("%s:%d, given for %s, answered as %s: a stale address", address, info.port,
                      self.core.roster.name_of(info.node_id), self.core.roster.name_of(answered or "?"))
             self.planner.dial_failed(info.node_id, self.clock.monotonic())
+            self.wake.set()
         if verdict == "close":  # never replace a working link
             session.close("already linked: a stale address answered")
 
@@ -304,13 +329,24 @@ class RecordingTransport(HttpsTransport):
 class Uplink:
     """Forwarding on this node: the forwarder loop, a reachability probe, the advertised state."""
 
-    def __init__(self, core: NodeCore, mesh: Mesh | None, board: StatusBoard | None) -> None:
+    def __init__(self, core: NodeCore, mesh: Mesh | None, board: StatusBoard | None, skew: ClockSkew) -> None:
         self.core = core
         self.mesh = mesh
         self.board = board  # peers' statuses: lease rule 1c (reachable)
+        self.skew = skew  # the switch's clock, read from its health answer, corrects ours
         self.transport = RecordingTransport(self.core)
         self.reachable: bool | None = None
         self.forwarder: Forwarder | None = None
+        self.recheck = trio.Event()  # set when `meshpos uplink on|off` changed the config
+
+    def op_uplink(self, core: NodeCore, params: dict[str, Any]) -> Any:
+        """The `uplink` operation, then at once what it changes: the probe looks again and the
+        forwarder's workers (which poll slowly while there is no uplink) look for work."""
+        result = OPS["uplink"](core, params)
+        self.recheck.set()
+        if self.forwarder is not None:
+            self.forwarder.wake()
+        return result
 
     def allowed(self) -> bool:
         return bool(self.core.config.uplink) and self.core.identity.role in SELLING_ROLES
@@ -350,17 +386,25 @@ class Uplink:
             self.forwarder = await nursery.start(
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
                                                   transport=self.transport, reachable=self.node_reachable,
-                                                  poll_s=UPLINK_POLL, task_status=task_status))
+                                                  poll_s=UPLINK_POLL, idle_poll_s=UPLINK_IDLE_POLL,
+                                                  task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
 
     async def _probe_loop(self) -> None:
         advertised: bool | None = None
+        could = self.has_uplink()
         while True:
             if self.allowed() and self.core.policy.switch_url:
                 try:
                     ctx = make_client_context(self.core)
-                    up = await probe(self.core.policy.switch_url, ctx)
+                    sent = self.core.clock.now_ms()
+                    reply = await health(self.core.policy.switch_url, ctx)
+                    up = reply is not None
+                    switch_ms = health_time_ms(reply)
+                    if switch_ms is not None:
+                        self.skew.switch_sample(sent, self.core.clock.now_ms(), switch_ms,
+                                                              self.core.clock.monotonic())
                 except MeshposError as exc:
                     log.warning("uplink probe impossible: %s", exc)
                     up = False
@@ -373,7 +417,13 @@ class Uplink:
             if advertise != advertised and self.mesh is not None:
                 await self.mesh.set_uplink(advertise)
                 advertised = advertise
-            await trio.sleep(PROBE_EVERY)
+            can = self.has_uplink()
+            if can and not could and self.forwarder is not None:
+                self.forwarder.wake()  # its workers wait UPLINK_IDLE_POLL while there is no uplink
+            could = can
+            with trio.move_on_after(PROBE_EVERY if self.allowed() else UPLINK_OFF_CHECK):
+                await self.recheck.wait()
+            self.recheck = trio.Event()
 
 
 class RunningNode:
@@ -394,16 +444,17 @@ class RunningNode:
         self.board.on_new.append(self.mesh.on_status)  # peer exchange: statuses name their signers' addresses
         self.board.on_new.append(core.holders.update)  # held_by: what each node says it holds
         core.ledger.on_accept.append(self.board.on_accept)
-        self.uplink = Uplink(core, self.mesh, self.board)
+        self.uplink = Uplink(core, self.mesh, self.board, self.service.clock_skew)
         self.publisher = StatusPublisher(
             core, self.board, self.mesh.replicator, listen_port=lambda: self.mesh.listen_port,
             printer=self.printer_seen, uplink=self.uplink.seen, started_at=self.service.started_at,
-            interval=tuning.status_interval)
+            skew=self.service.clock_skew, interval=tuning.status_interval, power_root=tuning.power_root)
         self.dashboard = DashboardServer(core, self.mesh, self.board)
         self.service.ops.update({
             "status": lambda core, params: self.status().to_json(),
             "statuses": lambda core, params: self.publisher.statuses_json(),
             "report": lambda core, params: collect(core),
+            "uplink": self.uplink.op_uplink,
         })
 
     def report_api(self, status: ApiStatus) -> None:

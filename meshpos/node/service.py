@@ -17,12 +17,13 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.domain.clockskew import ClockSkew
 from meshpos.devices.spool import PrinterStatus, PrinterWorker, Spool, run_printer_worker
 from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
 from meshpos.node.core import NodeCore
 from meshpos.node.control import serve_control
 from meshpos.node.ops import Op, dispatch
-from meshpos.node.status import LocalStatus, Running
+from meshpos.node.status import ClockStatus, LocalStatus, Running
 from meshpos.node.receipts import copies_for, printer_config, receipt_data, receipt_options
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class NodeService:
         self.printer: PrinterWorker | None = None
         self.printer_problem: str | None = None
         self.started_at = clock.now_ms()
+        # this node's clock offset, from its peers' statuses (status_pub) and the switch (runner)
+        self.clock_skew = ClockSkew()
         # Control operations beyond the node's own (node/ops.py); the running node adds its parts'
         # (``RunningNode`` in node/runner.py), replacing "status" with its fuller one.
         self.ops: dict[str, Op] = {
@@ -73,9 +76,11 @@ class NodeService:
         """The node's summary, the process and the printer (the running node adds its links,
         uplink and dashboard)."""
         summary = self.core.status()
+        estimate = self.clock_skew.estimate(self.clock.monotonic())
         return LocalStatus(**{f.name: getattr(summary, f.name) for f in dataclasses.fields(summary)},
                            running=Running(since=self.started_at, pid=os.getpid()),
-                           printer=self.printer_status())
+                           printer=self.printer_status(),
+                           clock=ClockStatus(now_ms=self.clock.now_ms(), estimate=estimate))
 
     # -- receipts -------------------------------------------------------------------
 

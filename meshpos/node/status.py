@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshpos.devices.spool import PrinterStatus
+from meshpos.domain.clockskew import Estimate
 from meshpos.domain.jsonable import OMIT_IF_NONE, json_object
 from meshpos.wire.status import LedgerSize
 
@@ -81,6 +82,14 @@ class DashboardStatus:
 
 
 @dataclass(frozen=True)
+class ClockStatus:
+    """This node's clock and its estimate of its own offset (protocols/clocks.md)."""
+
+    now_ms: int
+    estimate: Estimate | None
+
+
+@dataclass(frozen=True)
 class ApiStatus:
     """Where the terminal API serves (meshpos/terminal): its socket, its TCP URL, why not."""
 
@@ -115,6 +124,7 @@ class NodeSummary:
 @dataclass(frozen=True)
 class LocalStatus(NodeSummary):
     running: Running | None = field(default=None, metadata=OMIT_IF_NONE)
+    clock: ClockStatus | None = field(default=None, metadata=OMIT_IF_NONE)
     printer: PrinterStatus | None = field(default=None, metadata=OMIT_IF_NONE)
     peers: PeersStatus | None = field(default=None, metadata=OMIT_IF_NONE)
     uplink: UplinkStatus | None = field(default=None, metadata=OMIT_IF_NONE)

@@ -1,9 +1,10 @@
 """The running node's status publisher: a small signed status, gossiped over the mesh.
 
-Every STATUS_INTERVAL seconds, and within about CHECK_EVERY seconds of a change
-(a new ledger entry, a link up or down, the printer or uplink state), the node
-signs a ``status`` envelope, puts it on its own StatusBoard and floods it on
-every link (meshpos.status.board). The status is ``meshpos.wire.status.StatusBody``.
+Every status period, and soon after a change (a link up or down at once, new ledger entries
+within COUNTS_GAP, the printer or uplink state within the check period), the node signs a
+``status`` envelope (``meshpos.wire.status.StatusBody``), puts it on its own StatusBoard and
+floods it on every link (meshpos.status.board). The periods follow meshpos.domain.pace: fast
+while sales flow, slow when idle or on a low battery; the same pace sets the links' keep-alive.
 """
 
 from __future__ import annotations
@@ -17,38 +18,60 @@ from typing import Any
 import trio
 
 from meshpos import __version__
+from meshpos.domain import pace as pace_mod
+from meshpos.domain.clockskew import ClockSkew
 from meshpos.domain.hostport import parse_hostport
+from meshpos.domain.pace import Battery, Pace, Periods
 from meshpos.domain.rules import MAX_SKEW_MS
 from meshpos.node.core import NodeCore
 from meshpos.replication.discovery import local_addresses
 from meshpos.replication.sync import Replicator
 from meshpos.status.board import StatusBoard
 from meshpos.wire import envelope
-from meshpos.wire.status import (LedgerSize, LinkSeen, PendingCount, PrinterSeen, RefusedCount, StatusBody,
-                                 UplinkSeen)
+from meshpos.wire.status import (ClockSeen, LedgerSize, LinkSeen, PendingCount, PrinterSeen, RefusedCount,
+                                 StatusBody, UplinkSeen)
 
 log = logging.getLogger(__name__)
 
-STATUS_INTERVAL = 10.0  # seconds between two statuses of a node (NodeTuning may change it)
-CHECK_EVERY = 1.0  # how often to look for a change worth publishing at once
+POWER_SUPPLY = Path("/sys/class/power_supply")  # where Linux tells of batteries (NodeTuning may change it)
+RTT_EVERY = 60.0  # a link's RTT (in the status) is measured at most this often: a PING per link
 MIN_GAP = 1.0  # never two statuses closer than this
 # A change of counts only (new entries, pending sales) waits this long: during a busy day every
 # node's counts change all the time, and 20 nodes flooding a status a second cost more CPU than
 # the sales themselves. Links, printer and uplink changes still go out within MIN_GAP.
 COUNTS_GAP = 5.0
+ACTIVITY_TYPES = frozenset({"sale", "void", "result"})  # entries that make a node "active" (pace)
 MAX_LINKS = 48  # keeps the envelope well under 8 KiB
 
 
-def battery_percent(root: Path = Path("/sys/class/power_supply")) -> int | None:
-    """The first battery's charge in %, where the OS tells it."""
+def battery_state(root: Path = POWER_SUPPLY) -> Battery | None:
+    """The first battery's charge in % and whether it charges (its ``status`` says Charging or
+    Full, or a mains supply is online), where the OS tells it (Linux power_supply class)."""
+    battery: Battery | None = None
+    mains = False
     try:
         for supply in sorted(root.iterdir()):
-            cap = supply / "capacity"
-            if (supply / "type").exists() and (supply / "type").read_text().strip() == "Battery" and cap.exists():
-                return max(0, min(100, int(cap.read_text().strip())))
+            kind = _read(supply / "type")
+            if kind == "Battery" and battery is None:
+                cap = _read(supply / "capacity")
+                if cap is None:
+                    continue
+                state = _read(supply / "status") or ""
+                battery = Battery(max(0, min(100, int(cap))), state in ("Charging", "Full"))
+            elif kind == "Mains" and _read(supply / "online") == "1":
+                mains = True
     except (OSError, ValueError):
         return None
-    return None
+    if battery is not None and mains and not battery.charging:
+        battery = Battery(battery.percent, True)
+    return battery
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
 
 
 def pending_of(core: NodeCore, terminal: str | None) -> PendingCount:
@@ -78,12 +101,15 @@ def refused_of(core: NodeCore) -> RefusedCount:
 
 class StatusPublisher:
     """Signs and floods this node's status. It is handed what it shows: the board to publish on,
-    the replicator whose links it lists (None without a mesh), and functions that tell the
-    listening port, the printer's and the uplink's state."""
+    the replicator whose links it lists (None without a mesh), functions that tell the listening
+    port, the printer's and the uplink's state, and the clock-offset estimate it feeds and shows.
+    ``interval``: a fixed status period in seconds; None paces it by activity and battery
+    (meshpos.domain.pace)."""
 
     def __init__(self, core: NodeCore, board: StatusBoard, replicator: Replicator | None, *,
                  listen_port: Callable[[], int | None], printer: Callable[[], PrinterSeen],
-                 uplink: Callable[[], UplinkSeen], started_at: int, interval: float) -> None:
+                 uplink: Callable[[], UplinkSeen], started_at: int, skew: ClockSkew,
+                 interval: float | None = None, power_root: Path = POWER_SUPPLY) -> None:
         self.core = core
         self.board = board
         self.replicator = replicator
@@ -91,8 +117,48 @@ class StatusPublisher:
         self.printer = printer
         self.uplink = uplink
         self.started_at = started_at
-        self.interval = interval
+        self.skew = skew
+        self.fixed = interval
+        self.power_root = power_root
+        self.pace = Pace()
+        self.battery: Battery | None = battery_state(power_root)
+        self.interval = interval if interval is not None else pace_mod.ACTIVE_STATUS_S  # announced
         self.published = 0
+        self._poke = trio.Event()
+        self._last_key: tuple[Any, ...] | None = None
+        self._last_counts: tuple[Any, ...] | None = None
+        self._last_pub = -math.inf
+        self._pinged: dict[int, float] = {}  # id(session) -> when we last pinged it for its RTT
+        if replicator is not None:
+            replicator.on_links_changed.append(self.poke)
+        core.ledger.on_accept.append(self._on_accept)
+        board.on_clock.append(self._clock_sample)
+
+    def battery_percent(self) -> int | None:
+        """The battery's charge as last read (with the last status), where the OS tells it."""
+        return None if self.battery is None else self.battery.percent
+
+    def poke(self) -> None:
+        """Something may be worth a status: look now rather than at the next check."""
+        self._poke.set()
+
+    def _on_accept(self, verified: Any) -> None:
+        if verified.env.type in ACTIVITY_TYPES:
+            now = self.core.clock.monotonic()
+            was_active = self.pace.active(now)
+            self.pace.touch(now)
+            if not was_active:  # wake up to the fast pace at once; no work per sale after that
+                self.poke()
+
+    def _clock_sample(self, signer: str, received_at_ms: int, at: int) -> None:
+        if signer != self.core.node_id:
+            self.skew.peer_sample(signer, received_at_ms, at, self.core.clock.monotonic())
+
+    def periods(self, now: float) -> Periods:
+        periods = self.pace.periods(now, self.battery)
+        if self.fixed is not None:
+            return Periods(self.fixed, periods.keepalive_s, min(periods.check_s, self.fixed))
+        return periods
 
     def links(self) -> tuple[LinkSeen, ...]:
         if self.replicator is None:
@@ -115,13 +181,19 @@ class StatusPublisher:
 
     def body(self) -> StatusBody:
         core = self.core
+        battery = self.battery
+        estimate = self.skew.estimate(core.clock.monotonic())
         return StatusBody(
             at=core.clock.now_ms(), role=core.identity.role, name=core.config.name, version=__version__,
             addresses=self.addresses(), port=self.listen_port(), links=self.links(),
             ledger=LedgerSize(entries=core.store.entry_count(), shards=len(core.ledger.shards())),
             pending=pending_of(core, core.node_id), site_pending=pending_of(core, None),
             refused=refused_of(core), held=held_of(core), uplink=self.uplink(), printer=self.printer(),
-            battery=battery_percent(), every_ms=int(self.interval * 1000), started_at=self.started_at,
+            battery=None if battery is None else battery.percent,
+            battery_low=battery is not None and battery.low,
+            clock=None if estimate is None else ClockSeen(offset_ms=estimate.offset_ms, source=estimate.source,
+                                                          peers=estimate.peers),
+            every_ms=int(self.interval * 1000), started_at=self.started_at,
         )
 
     def publish(self) -> None:
@@ -141,27 +213,55 @@ class StatusPublisher:
         return [{"node_id": s.node_id, "status": s.body.to_json(), "received_at": s.received_at_ms}
                 for s in self.board.current().values()]
 
+    def _ping_links(self, now: float) -> None:
+        """One PING per link at most every RTT_EVERY, sent with a status: the next one carries
+        the RTT. (A PING every check, as before, woke every link every second.)"""
+        if self.replicator is None:
+            return
+        live = set()
+        for session in list(self.replicator.sessions):
+            if session.closed or not session.peer_node:
+                continue
+            live.add(id(session))
+            if now - self._pinged.get(id(session), -math.inf) >= RTT_EVERY:
+                if session.ping():
+                    self._pinged[id(session)] = now
+        self._pinged = {k: v for k, v in self._pinged.items() if k in live}
+
+    def step(self, now: float) -> float:
+        """Publish if a status is due at ``now`` (monotonic s); how long until the next look."""
+        periods = self.periods(now)
+        if self.replicator is not None:
+            self.replicator.set_keepalive(periods.keepalive_s)
+        since = now - self._last_pub
+        # Slowing down: the status that announces the longer period goes out on the old one, so
+        # a viewer never sees the last status go stale before the next arrives.
+        due = min(periods.status_s, self.interval)
+        key = self._change_key()
+        counts = self._counts_key() if since >= COUNTS_GAP else self._last_counts
+        if ((key != self._last_key and since >= MIN_GAP) or (counts != self._last_counts and since >= COUNTS_GAP)
+                or since >= due):
+            self.battery = battery_state(self.power_root)
+            periods = self.periods(now)
+            self.interval = periods.status_s
+            try:
+                self._ping_links(now)
+                self.publish()
+                self._last_key, self._last_counts = key, self._counts_key()
+            except Exception:  # a status must never take the node down
+                log.exception("status not published")
+            self._last_pub = now
+            return min(periods.check_s, self.interval)
+        wait = min(periods.check_s, due - since)
+        if key != self._last_key:
+            wait = min(wait, MIN_GAP - since)
+        return max(0.0, wait)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         clock = self.core.clock
-        last_key: tuple[Any, ...] | None = None
-        last_counts: tuple[Any, ...] | None = None
-        last_pub = -math.inf
         while True:
-            if self.replicator is not None:
-                for session in list(self.replicator.sessions):
-                    if not session.closed and session.peer_node:
-                        session.ping()  # the next status carries the RTT
-            key = self._change_key()
-            now = clock.monotonic()
-            since = now - last_pub
-            counts = self._counts_key() if since >= COUNTS_GAP else last_counts
-            if ((key != last_key and since >= MIN_GAP) or (counts != last_counts and since >= COUNTS_GAP)
-                    or since >= self.interval):
-                try:
-                    self.publish()
-                    last_key, last_counts, last_pub = key, self._counts_key(), now
-                except Exception:  # a status must never take the node down
-                    log.exception("status not published")
-                    last_pub = now
-            await trio.sleep(CHECK_EVERY)
+            self._poke = trio.Event()
+            wait = self.step(clock.monotonic())
+            with trio.move_on_after(wait):
+                await self._poke.wait()

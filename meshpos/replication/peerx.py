@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
 
 from meshpos.wire.status import StatusBody
 from meshpos.replication.planner import PeerInfo

@@ -41,6 +41,7 @@ Nothing here does I/O: bytes in with ``receive_data``, bytes out with
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import logging
 from pathlib import Path
@@ -142,6 +143,9 @@ class Replicator:
         self.sessions: list[SyncSession] = []
         self.park = ShardPark(ledger, clock)
         self.gossip: StatusGossip | None = None
+        # called when a link opens (HELLO accepted) or closes: the node's loops wait on it
+        # instead of polling the session list
+        self.on_links_changed: list[Callable[[], None]] = []
         ledger.on_changes.append(self._on_changes)
         self._origin: SyncSession | None = None  # the session whose frames are being applied
         ledger.on_accept.append(self._on_accept)
@@ -194,9 +198,24 @@ class Replicator:
     def health(self) -> list[LinkHealth]:
         return [s.health() for s in self.sessions]
 
+    def set_keepalive(self, seconds: float) -> None:
+        """Ping a silent link after ``seconds`` (meshpos.domain.pace), on open links and new ones.
+        The idle timeout, and so dead-link detection, stays as it is."""
+        if seconds == self.config.timeouts.keepalive:
+            return
+        self.config = dataclasses.replace(
+            self.config, timeouts=dataclasses.replace(self.config.timeouts, keepalive=seconds))
+        for session in self.sessions:
+            session.conn.timeouts = self.config.timeouts
+
+    def links_changed(self) -> None:
+        for hook in list(self.on_links_changed):
+            hook()
+
     def _forget(self, session: "SyncSession") -> None:
         if session in self.sessions:
             self.sessions.remove(session)
+            self.links_changed()
 
     def _on_changes(self, shard: str, changes: list[bytes] | None) -> None:
         # Not back to the link they came from: a SYNC there is answered by its own exchange, a
@@ -468,6 +487,7 @@ class SyncSession:
                  ", read-only" if self.read_only else "")
         self._theirs = self._admissible(peer.summary)
         self._compare(peer.summary)
+        self.replicator.links_changed()
         gossip = self.replicator.gossip
         if gossip is not None and not self.closed and (self.conn.version or 0) >= STATUS_VERSION:
             for raw in gossip.known():

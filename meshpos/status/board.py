@@ -82,6 +82,10 @@ class StatusBoard:
         self.statuses: dict[str, NodeStatus] = {}
         self.replicator: "Replicator | None" = None
         self.on_new: list[Callable[[NodeStatus], None]] = []
+        # (signer, our clock when it arrived, its at) of every new status whose signature verifies,
+        # those refused for coming from the future included: the node's clock estimate
+        # (meshpos.domain.clockskew) needs them most when this node's clock is behind
+        self.on_clock: list[Callable[[str, int, int], None]] = []
         self.rejected = 0
         self._parked: dict[str, bytes] = {}
         self._seen: set[bytes] = set()  # digests of statuses taken or refused for good
@@ -133,6 +137,9 @@ class StatusBoard:
             status = check_status_body(env.body)
             ahead = rules.future_problem(status.at, now, "status time")
             if ahead is not None:
+                if self.on_clock:
+                    self.roster.verify(env, now)
+                    self._clock_sample(env.signer, now, status.at)
                 raise VerificationError(ahead)
             current = self.statuses.get(env.signer)
             if current is not None and current.at >= status.at:
@@ -156,9 +163,14 @@ class StatusBoard:
         self._parked.pop(env.signer, None)
         node = NodeStatus(env.signer, status, raw, now)
         self.statuses[env.signer] = node
+        self._clock_sample(env.signer, now, node.at)
         for hook in self.on_new:
             hook(node)
         return node
+
+    def _clock_sample(self, signer: str, now: int, at: int) -> None:
+        for hook in self.on_clock:
+            hook(signer, now, at)
 
     def current(self) -> dict[str, NodeStatus]:
         """The statuses to show: those of nodes not revoked (a revocation may come after them)."""

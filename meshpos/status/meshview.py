@@ -28,6 +28,7 @@ from typing import Any
 from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.domain.text import duration
 from meshpos.wire.status import StatusBody
+from meshpos.status.fieldwarn import battery_low, clock_offset_ms, field_warnings
 
 STALE_FACTOR = 3
 MIN_STALE_MS = 5_000
@@ -105,6 +106,9 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         if role in READ_ONLY_ROLES or (k.revoked and st is None):
             continue
         at = st.at if st is not None else None
+        offset = clock_offset_ms(st)
+        if at is not None and offset is not None:  # its time on our clock (fieldwarn: clocks)
+            at = at - offset
         is_fresh = at is not None and now_ms - at <= stale_after_ms(st)
         if is_fresh:
             fresh.add(node_id)
@@ -123,6 +127,8 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
             "uplink": body.uplink.state, "last_forward_at": body.uplink.last_forward_at,
             "printer": body.printer.state, "battery": body.battery,
+            "battery_low": battery_low(st), "clock_offset_ms": offset,
+            "clock_source": body.clock.source if body.clock is not None else None,
             "version": body.version, "links": _links(st, known),
             "revoked": k.revoked, "refused": 0, "warnings": [],
         }
@@ -193,6 +199,7 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         topology["hub"] = hub["name"]
         warn(hub, f"star: every link goes through {hub['name']} (the other nodes do not link to each other: "
                   f"client isolation?); if {hub['name']} fails they are cut off from each other")
+    field_warnings(nodes, lambda i: uf.find(i) if i in statuses else None, warn)
     partition = len(groups) > 1
     if partition:
         parts = " | ".join("{" + ", ".join(nodes[i]["name"] for i in g) + "}" for g in groups)

@@ -31,7 +31,8 @@ from meshpos.domain.errors import ConfigError, EncodingError, InputError, Verifi
 from meshpos.domain.hostport import parse_hostport
 from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http
 from meshpos.identity import keys
-from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_BODY_BYTES, decode_request, encode_reply
+from meshpos.wire.forwarding import (FORWARD_PATH, HEALTH_PATH, HEALTH_TIME_FIELD, MAX_BODY_BYTES, decode_request,
+                                     encode_reply)
 from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
 from meshpos.switch.hardening import disable_core_dumps
 from meshpos.switch.metrics import SwitchMetrics
@@ -76,7 +77,8 @@ class SwitchService:
             if request.method != "GET":
                 return json_response(405, {"error": "use GET"}, {"allow": "GET"})
             return json_response(200, {"ok": True, "site": site.site_id,
-                                       "switch_key": self.switch.x25519_public.hex()})
+                                       "switch_key": self.switch.x25519_public.hex(),
+                                       HEALTH_TIME_FIELD: self.switch.clock.now_ms()})
         if request.method != "POST":
             return json_response(405, {"error": "use POST"}, {"allow": "POST"})
         try:

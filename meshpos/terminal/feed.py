@@ -21,7 +21,7 @@ from meshpos.domain.errors import MeshposError
 from meshpos.site.roster import Verified
 from meshpos.node.core import NodeCore, iso
 from meshpos.node.runner import RunningNode
-from meshpos.node.status_pub import battery_percent, pending_of
+from meshpos.node.status_pub import pending_of
 from meshpos.terminal.events import EventJournal
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ class EventFeed:
         oldest = pending.oldest_created_at
         return {
             "node_id": self.core.node_id, "peers": len(node.mesh.linked_peers()), "uplink": node.uplink.state(),
-            "printer": node.printer_seen().state, "battery": battery_percent(),
+            "printer": node.printer_seen().state, "battery": node.publisher.battery_percent(),
             "pending": {"count": pending.count, "amount_minor": pending.amount_minor,
                         "window_ends_at": None if oldest is None else iso(oldest + self.core.policy.offline_window_ms)},
         }

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import trio
@@ -163,10 +164,22 @@ async def forward_batch(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[
     return list((await forward(switch_url, ssl_ctx, entries)).results)
 
 
-async def probe(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Can this node reach the switch, and does the switch accept it? Never raises."""
+async def health(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any] | None:
+    """The switch's health reply if it answers and accepts this node (its ``time_ms`` is the
+    switch's clock, meshpos.wire.forwarding.health_time_ms), else None. Never raises."""
     try:
         response = await _exchange(switch_url, ssl_ctx, "GET", HEALTH_PATH, b"", timeout)
     except (UplinkError, ConfigError, OSError):
-        return False
-    return response.status == 200
+        return None
+    if response.status != 200:
+        return None
+    try:
+        body = response.json()
+    except ProtocolError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+async def probe(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Can this node reach the switch, and does the switch accept it? Never raises."""
+    return await health(switch_url, ssl_ctx, timeout) is not None

@@ -170,6 +170,7 @@ class Forwarder:
         self._split: list[list[str]] = []  # halves of failed batches, each to be sent as a batch of its own
         self._trouble: dict[str, _Trouble] = {}
         self._set_aside: set[str] = set()
+        self.wakers: list[Callable[[], None]] = []  # run_forwarder's: wake its idle workers
         self._ok = 0  # batches the switch took
         self._in_flight: set[str] = set()  # sent in a batch whose reply has not come back yet
         self._reversal_done: set[str] = set()
@@ -219,6 +220,10 @@ class Forwarder:
 
     def set_aside_count(self) -> int:
         return len(self._set_aside)
+    def wake(self) -> None:
+        """Wake the workers of run_forwarder now (an uplink came back)."""
+        for waker in self.wakers:
+            waker()
 
     def status(self) -> dict[str, object]:
         """For the node's status: the sales set aside (failing alone while others are forwarded)."""
@@ -455,6 +460,7 @@ async def run_forwarder(
     batch_sales: int = BATCH_SALES,
     backoff: Callable[[int], float] = exponential_backoff(2.0, 300.0),
     poll_s: float = POLL_S,
+    idle_poll_s: float | None = None,
     parallel: int = PARALLEL_BATCHES,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -467,6 +473,8 @@ async def run_forwarder(
     worker's own failures in a row (one worker's bad luck does not slow the other), and is
     not woken early by new entries. Leases are released only on a real loss of uplink, when
     ``has_uplink()`` turns false: failed batches alone never give them up.
+    While ``has_uplink()`` is false a worker looks again every ``idle_poll_s`` (default
+    ``poll_s``), or when woken by ``Forwarder.wake()`` (the caller's probe, on getting an uplink).
     ``task_status.started`` gets the :class:`Forwarder`.
     """
     fwd = Forwarder(core, clock, transport, batch_sales=batch_sales, reachable=reachable)
@@ -476,6 +484,12 @@ async def run_forwarder(
         if verified.env.type in ("sale", "void", "lease"):
             for event in wakes:
                 event.set()
+
+    def wake_all() -> None:
+        for event in wakes:
+            event.set()
+    fwd.wakers.append(wake_all)
+    no_uplink_poll = poll_s if idle_poll_s is None else idle_poll_s
 
     released = False  # the node's leases, shared by the workers; leases from before a restart may be live
 
@@ -493,7 +507,7 @@ async def run_forwarder(
                 if not released:
                     fwd.release()
                     released = True
-                await wait(poll_s)
+                await wait(no_uplink_poll)
                 continue
             try:
                 report = await fwd.step()

@@ -30,6 +30,10 @@ from meshpos.wire import envelope
 FORWARD_PATH: Final = "/v1/forward"
 HEALTH_PATH: Final = "/v1/health"
 
+#: the field of the health reply that carries the switch's clock (ms since the epoch), from which a
+#: node estimates its own clock's offset (protocols/forwarding.md, protocols/clocks.md)
+HEALTH_TIME_FIELD: Final = "time_ms"
+
 REQUEST_FORMAT: Final = "meshpos-forward/1"
 REPLY_FORMAT: Final = "meshpos-forward-reply/1"
 
@@ -103,6 +107,14 @@ def _envelope_bytes(value: Any, what: str) -> bytes:
     if len(raw) > envelope.MAX_ENVELOPE:
         raise EncodingError(f"{what} of {len(raw)} bytes exceeds {envelope.MAX_ENVELOPE}")
     return raw
+
+
+def health_time_ms(body: object) -> int | None:
+    """The switch's clock in a health reply body, or None (an older switch, or nonsense)."""
+    value = body.get(HEALTH_TIME_FIELD) if isinstance(body, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 2**53:
+        return None
+    return value
 
 
 # -- request -------------------------------------------------------------------------

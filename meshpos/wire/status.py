@@ -4,7 +4,8 @@ as one typed value with one encoder and one decoder.
 A status is signed by its node, but the signature says only who wrote it: every field is whatever
 that node wrote. ``StatusBody.from_json`` therefore reads any JSON object without failing, field by
 field, by these rules: a field of the wrong type counts as absent (its default); a count is a
-non-negative integer of at most 10**15 (booleans are not counts); a text is cut to 40 characters
+non-negative integer of at most 10**15 (booleans are not counts; a signed field such as a clock
+offset lies within +-10**15); a flag is a JSON boolean; a text is cut to 40 characters
 and stripped of every non-printable character (so no status breaks a view or a terminal); a list
 or a map keeps at most its bound of well-formed items. Only ``at`` is required (the board refuses a
 status without it, see ``require_at``).
@@ -89,6 +90,15 @@ class PrinterSeen:
 
 
 @dataclass(frozen=True)
+class ClockSeen:
+    """The node's estimate of its own clock's offset (protocols/clocks.md): positive, ahead."""
+
+    offset_ms: int | None = field(default=None, metadata={"signed": True})
+    source: str | None = None  # peers | switch
+    peers: int | None = None
+
+
+@dataclass(frozen=True)
 class StatusBody:
     """``body["status"]`` of a signed ``status`` envelope."""
 
@@ -110,6 +120,8 @@ class StatusBody:
     uplink: UplinkSeen = UplinkSeen()
     printer: PrinterSeen = PrinterSeen()
     battery: int | None = None  # percent, when the OS reports it
+    battery_low: bool | None = None  # below 15 % and not charging (None: an older node says nothing)
+    clock: ClockSeen | None = None
     every_ms: int | None = None  # the period the node publishes at
     started_at: int | None = None
 
@@ -146,7 +158,7 @@ def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
             except EncodingError:
                 pass
             continue
-        decoded = _decode(hints[f.name], obj[f.name], f.metadata.get("max", 64))
+        decoded = _decode(hints[f.name], obj[f.name], f.metadata.get("max", 64), f.metadata.get("signed", False))
         if decoded is not _ABSENT:
             kwargs[f.name] = decoded
     try:
@@ -162,14 +174,19 @@ class _Unusable(Exception):
 _ABSENT = object()
 
 
-def _decode(hint: Any, value: object, bound: int) -> object:
+def _decode(hint: Any, value: object, bound: int, signed: bool = False) -> object:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):  # X | None
         inner = [a for a in args if a is not type(None)][0]
-        decoded = _decode(inner, value, bound)
+        decoded = _decode(inner, value, bound, signed)
         return None if decoded is _ABSENT else decoded
+    if hint is bool:
+        return value if isinstance(value, bool) else _ABSENT
     if hint is int:
+        if signed:
+            ok = isinstance(value, int) and not isinstance(value, bool) and -MAX_COUNT <= value <= MAX_COUNT
+            return value if ok else _ABSENT
         return _ABSENT if count(value) is None else value
     if hint is str:
         text = label(value)
