@@ -269,25 +269,31 @@ class Uplink:
             self.forwarder = await nursery.start(
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
                                                   transport=self.transport, reachable=self.node_reachable,
-                                                  poll_s=UPLINK_POLL, task_status=task_status))
+                                                  poll_s=UPLINK_POLL, recheck=self.probe_now,
+                                                  task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
+
+    async def probe_now(self) -> None:
+        """Probe the switch once and set ``reachable`` (the forwarder calls it when a batch found
+        no connection, so a lost uplink releases the leases at once)."""
+        if self.allowed() and self.core.policy.switch_url:
+            try:
+                ctx = make_client_context(self.core)
+                up = await probe(self.core.policy.switch_url, ctx)
+            except MeshposError as exc:
+                log.warning("uplink probe impossible: %s", exc)
+                up = False
+            if up != self.reachable:
+                log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
+            self.reachable = up
+        else:
+            self.reachable = None
 
     async def _probe_loop(self) -> None:
         advertised: bool | None = None
         while True:
-            if self.allowed() and self.core.policy.switch_url:
-                try:
-                    ctx = make_client_context(self.core)
-                    up = await probe(self.core.policy.switch_url, ctx)
-                except MeshposError as exc:
-                    log.warning("uplink probe impossible: %s", exc)
-                    up = False
-                if up != self.reachable:
-                    log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
-                self.reachable = up
-            else:
-                self.reachable = None
+            await self.probe_now()
             advertise = bool(self.allowed() and self.reachable)
             if advertise != advertised and self.mesh is not None:
                 await self.mesh.set_uplink(advertise)
