@@ -277,20 +277,22 @@ def relay_to() -> Iterator[Callable[..., str]]:
 
 async def test_queued_sales_settle_once_over_a_256_kbit_link_that_drops(
         switch_dir: Path, uplink_node: NodeCore, clock: FakeClock, relay_to: Callable[..., str]) -> None:
-    """The acceptance test at a CI size: 300 sales over 256 kbit/s, the link down 2 s in every 6 s
-    (the benchmark, tools/bench_weak_uplink.py, runs 5,000 sales with 10 s drops every 30 s)."""
+    """The acceptance test at a CI size: 300 sales over 256 kbit/s, the link down 1 s in every
+    2.5 s, so that every exchange longer than 1.5 s meets a drop (the benchmark,
+    tools/bench_weak_uplink.py, runs 5,000 sales with 10 s drops every 30 s)."""
     sales = sell(uplink_node, 300)
     async with running_switch(switch_dir, clock) as h:
         received = count_received(h)
-        hostport = await trio.to_thread.run_sync(lambda: relay_to(h.url.split("//")[1], rate_kbit=256, up_s=4,
-                                                                   down_s=2))
+        hostport = await trio.to_thread.run_sync(lambda: relay_to(h.url.split("//")[1], rate_kbit=256, up_s=1.5,
+                                                                   down_s=1))
         transport = HttpsTransport(uplink_node, switch_url=f"https://{hostport}")
         fwd = Forwarder(uplink_node, clock, transport)
-        failures = 0
+        failures = 0  # exchanges the link cut: batches it broke, and attempts that found no link
         with trio.fail_after(240):
             while any(uplink_node.sale(s)["status"] == "pending" for s in sales):
                 try:
-                    await fwd.step()
+                    report = await fwd.step()
+                    failures += report.error is not None
                 except UplinkError:
                     failures += 1
                     await trio.sleep(0.5)
@@ -302,4 +304,4 @@ async def test_queued_sales_settle_once_over_a_256_kbit_link_that_drops(
     print(f"sale envelopes received by the switch: {Counter(received.values())}")
     per_sale = transport.body_bytes / len(sales)
     print(f"compressed request bytes per sale: {per_sale:.0f} ({transport.requests} requests)")
-    assert transport.gzip_url is not None and per_sale < 700
+    assert transport.gzip_url is not None and per_sale < 1000  # plain bodies cost over 1,000 bytes a sale

@@ -77,6 +77,8 @@ def main() -> int:
         finally:
             sim.close()
         print(f"run {k} (seed {cfg.seed}) done in {reports[-1].wall_s:.0f} s", flush=True)
+        if args.json:  # each run as it ends: a long benchmark cut short still leaves its figures
+            print(json.dumps({"run": k, **reports[-1].as_dict()}), flush=True)
     print(f"\n{args.terminals} terminals, {args.seconds:g} s of selling, one sale per terminal every "
           f"{args.sale_interval:g} s on average, loss {args.loss:g}, {args.resets:g} resets/link/h, "
           f"{args.partitions} partitions, {args.restarts} restarts, {args.uplinks} uplinks; {args.runs} runs")
