@@ -233,7 +233,7 @@ class SiteSim:
         self.session_of: dict[int, tuple[_Link, bool]] = {}  # id(session) -> (link, is side a)
         self._tick_at: dict[int, float] = {}
         self._flush_pending: set[int] = set()
-        self.blocked: set[frozenset[int]] = set()  # pairs a partition separates
+        self.blocked: Counter[frozenset[int]] = Counter()  # pairs partitions separate (partitions may overlap)
         self.down: set[int] = set()
         self._up: dict[int, Callable[[], None]] = {}  # how each node now down comes back
         self.fault_spans: list[tuple[float, float]] = []  # (start, end) of each partition and restart
@@ -313,7 +313,7 @@ class SiteSim:
             return
         if a in self.down or b in self.down:
             return  # the node dials again when it comes back
-        if frozenset(key) in self.blocked:
+        if self.blocked[frozenset(key)] > 0:
             self.at(self.clock.now + DIAL_BACKOFF(attempt) * self.net_rnd.uniform(0.5, 1.0),
                     lambda: self.dial(a, b, attempt + 1))
             return
@@ -454,7 +454,7 @@ class SiteSim:
     def _partition(self) -> None:
         group = set(self.rnd.sample(range(self.n), max(1, int(self.n * self.cfg.partition_share))))
         pairs = {frozenset((a, b)) for a in group for b in range(self.n) if b not in group}
-        self.blocked |= pairs
+        self.blocked.update(pairs)
         self.report.partitions += 1
         self.fault_spans.append((self.clock.now, self.clock.now + self.cfg.partition_s))
         for key, link in list(self.links.items()):
@@ -462,7 +462,7 @@ class SiteSim:
                 self._cut(link)
 
         def heal() -> None:
-            self.blocked -= pairs
+            self.blocked.subtract(pairs)
 
         self.at(self.clock.now + self.cfg.partition_s, heal)
 
