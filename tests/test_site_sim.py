@@ -78,3 +78,23 @@ def test_check_catches_a_second_0220(template: Path) -> None:
             sim.check()
     finally:
         sim.close()
+
+
+def test_overlapping_partitions_each_hold_until_their_own_end(template: Path) -> None:
+    """A pair that two partitions separate stays separated until the later one ends."""
+    sim = SiteSim(SMALL, template=template)
+    try:
+        sim._partition()  # ends at 30 s
+        first = {pair for pair, n in sim.blocked.items() if n > 0}
+        sim.clock.now = 10.0
+        sim._partition()  # ends at 40 s
+        second = {pair for pair, n in sim.blocked.items() if n > 0} - first
+        both = {pair for pair, n in sim.blocked.items() if n == 2}
+        assert both, "the seed gives overlapping partitions"
+        sim.run_until(35.0)
+        still = {pair for pair, n in sim.blocked.items() if n > 0}
+        assert still == both | second
+        sim.run_until(45.0)
+        assert not any(n > 0 for n in sim.blocked.values())
+    finally:
+        sim.close()
