@@ -6,7 +6,6 @@ tools/bench_site_sim.py (figures in BENCHMARKS.md)."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,8 @@ SMALL = SiteSimConfig(terminals=12, seed=7, warmup_s=10.0, duration_s=90.0, sale
 
 
 @pytest.fixture(scope="module")
-def template() -> Path:
-    return build_template(Path(tempfile.mkdtemp(prefix="meshpos-sitesim-template-")), SMALL.terminals)
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_template(tmp_path_factory.mktemp("sitesim-template"), SMALL.terminals)
 
 
 def test_small_site_keeps_every_guarantee_through_loss_partitions_and_restarts(template: Path) -> None:
