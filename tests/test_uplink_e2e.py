@@ -89,8 +89,11 @@ def test_offline_sales_of_three_terminals_are_forwarded_by_the_one_with_uplink(t
 def test_two_uplink_nodes_at_once_charge_each_sale_once(tmp_path: Path, procs: ProcessGroup) -> None:
     """t1 and t3 get an uplink at the same moment while t2, the only node between them, is down:
     neither sees the other's leases, so both forward the whole queue; the switch de-duplicates.
-    Then the mesh heals and both keep their uplinks while more sales come in."""
-    fair = Fair.create(tmp_path, procs, rules=base_rules(delay_ms=100))
+    Then the mesh heals and both keep their uplinks while more sales come in. (Peer exchange is
+    off: it would link t1 and t3 directly, and the point is two uplinks that cannot see each other.)"""
+    fixed = ["--no-peer-exchange"]
+    fair = Fair.create(tmp_path, procs, rules=base_rules(delay_ms=100),
+                       node_args={"t1": fixed, "t2": fixed, "t3": fixed})
     fair.sell_mix(30)
     fair.wait_converged()
     procs.stop("t2")

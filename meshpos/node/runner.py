@@ -387,40 +387,44 @@ class Uplink:
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
                                                   transport=self.transport, reachable=self.node_reachable,
                                                   poll_s=UPLINK_POLL, idle_poll_s=UPLINK_IDLE_POLL,
+                                                  recheck=self.probe_now,
                                                   task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
 
+    async def probe_now(self) -> None:
+        """Probe the switch once and set ``reachable`` (the forwarder calls it when a batch found
+        no connection, so a lost uplink releases the leases at once). Whoever probes, an uplink that
+        comes back wakes the forwarder's workers (they wait UPLINK_IDLE_POLL while there is none)."""
+        could = self.has_uplink()
+        if self.allowed() and self.core.policy.switch_url:
+            try:
+                ctx = make_client_context(self.core)
+                sent = self.core.clock.now_ms()
+                reply = await health(self.core.policy.switch_url, ctx)
+                up = reply is not None
+                switch_ms = health_time_ms(reply)
+                if switch_ms is not None:  # the switch's clock corrects ours (protocols/clocks.md)
+                    self.skew.switch_sample(sent, self.core.clock.now_ms(), switch_ms, self.core.clock.monotonic())
+            except MeshposError as exc:
+                log.warning("uplink probe impossible: %s", exc)
+                up = False
+            if up != self.reachable:
+                log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
+            self.reachable = up
+        else:
+            self.reachable = None
+        if self.has_uplink() and not could and self.forwarder is not None:
+            self.forwarder.wake()
+
     async def _probe_loop(self) -> None:
         advertised: bool | None = None
-        could = self.has_uplink()
         while True:
-            if self.allowed() and self.core.policy.switch_url:
-                try:
-                    ctx = make_client_context(self.core)
-                    sent = self.core.clock.now_ms()
-                    reply = await health(self.core.policy.switch_url, ctx)
-                    up = reply is not None
-                    switch_ms = health_time_ms(reply)
-                    if switch_ms is not None:
-                        self.skew.switch_sample(sent, self.core.clock.now_ms(), switch_ms,
-                                                              self.core.clock.monotonic())
-                except MeshposError as exc:
-                    log.warning("uplink probe impossible: %s", exc)
-                    up = False
-                if up != self.reachable:
-                    log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
-                self.reachable = up
-            else:
-                self.reachable = None
+            await self.probe_now()
             advertise = bool(self.allowed() and self.reachable)
             if advertise != advertised and self.mesh is not None:
                 await self.mesh.set_uplink(advertise)
                 advertised = advertise
-            can = self.has_uplink()
-            if can and not could and self.forwarder is not None:
-                self.forwarder.wake()  # its workers wait UPLINK_IDLE_POLL while there is no uplink
-            could = can
             with trio.move_on_after(PROBE_EVERY if self.allowed() else UPLINK_OFF_CHECK):
                 await self.recheck.wait()
             self.recheck = trio.Event()

@@ -33,6 +33,10 @@ from meshpos.infra.http import HttpLimits, Request, Response, json_response, lis
 from meshpos.identity import keys
 from meshpos.wire.forwarding import (FORWARD_PATH, HEALTH_PATH, HEALTH_TIME_FIELD, MAX_BODY_BYTES, decode_request,
                                      encode_reply)
+from meshpos.wire.forwarding_codings import (ANNOUNCE_HEADER, CODING_HEADER, COMPRESS_REPLY_FROM, GZIP, RESULTS_PATH,
+                                             UnsupportedCoding, announces_gzip, compress, decode_body,
+                                             decode_results_request)
+from meshpos.switch.lookup import results_for
 from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
 from meshpos.switch.hardening import disable_core_dumps
 from meshpos.switch.metrics import SwitchMetrics
@@ -65,8 +69,18 @@ class SwitchService:
             trust_sites(self.tls_context, [row.ca_pem])
 
     async def handle(self, request: Request) -> Response:
+        """Every answer announces the request codings taken (protocols/forwarding.md, "Compression")."""
+        response = await self._handle(request)
+        headers = {**response.headers, ANNOUNCE_HEADER: GZIP}
+        body = response.body
+        if len(body) >= COMPRESS_REPLY_FROM and announces_gzip(request.headers.get(ANNOUNCE_HEADER)):
+            body = compress(body)
+            headers[CODING_HEADER] = GZIP
+        return Response(response.status, headers, body)
+
+    async def _handle(self, request: Request) -> Response:
         self.requests += 1
-        if request.path not in (FORWARD_PATH, HEALTH_PATH):
+        if request.path not in (FORWARD_PATH, HEALTH_PATH, RESULTS_PATH):
             return json_response(404, {"error": f"no such path {request.path[:80]!r}"})
         try:
             site, ident = self.switch.identify_client(request.peer_cert_der)
@@ -77,12 +91,26 @@ class SwitchService:
             if request.method != "GET":
                 return json_response(405, {"error": "use GET"}, {"allow": "GET"})
             return json_response(200, {"ok": True, "site": site.site_id,
-                                       "switch_key": self.switch.x25519_public.hex(),
+                                       "switch_key": self.switch.x25519_public.hex(), "request_codings": [GZIP],
                                        HEALTH_TIME_FIELD: self.switch.clock.now_ms()})
         if request.method != "POST":
             return json_response(405, {"error": "use POST"}, {"allow": "POST"})
         try:
-            entries = decode_request(request.body)
+            body = decode_body(request.body, request.headers.get(CODING_HEADER))
+        except UnsupportedCoding as exc:
+            return json_response(415, {"error": str(exc)})
+        except EncodingError as exc:
+            log.warning("undecodable request body from %s (%s): %s", ident.name, ident.node_id, exc)
+            return json_response(400, {"error": str(exc)})
+        if request.path == RESULTS_PATH:
+            try:
+                sale_ids = decode_results_request(body)
+            except EncodingError as exc:
+                return json_response(400, {"error": str(exc)})
+            lookup = results_for(self.switch.store, site.site_id, sale_ids)
+            return Response(200, {"content-type": "application/json"}, encode_reply(lookup))
+        try:
+            entries = decode_request(body)
             reply = await self.switch.forward(site, entries)
         except (EncodingError, InputError) as exc:
             log.warning("malformed batch from %s (%s): %s", ident.name, ident.node_id, exc)

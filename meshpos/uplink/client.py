@@ -15,6 +15,7 @@ once the request was under way.
 from __future__ import annotations
 
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -26,6 +27,8 @@ from meshpos.infra.http import HttpClientConnection, Response, open_https, peer_
 from meshpos.site.nodedir import NodeDir
 from meshpos.domain.policy import SitePolicy
 from meshpos.wire.forwarding import FORWARD_PATH, HEALTH_PATH, MAX_REPLY_BYTES, ForwardReply, decode_reply, encode_request
+from meshpos.wire.forwarding_codings import (ANNOUNCE_HEADER, CODING_HEADER, GZIP, announces_gzip, compress, decode_body,
+                                             encode_results_request)
 from meshpos.wire.pin import check_pin
 
 from meshpos.uplink.host import UplinkHost
@@ -114,9 +117,13 @@ async def open_switch(switch_url: str, ssl_ctx: ssl.SSLContext) -> HttpClientCon
 
 
 async def _exchange(switch_url: str, ssl_ctx: ssl.SSLContext, method: str, path: str, body: bytes,
-                    timeout: float) -> Response:
+                    timeout: float, gzip_body: bool = False, accept_gzip: bool = True) -> Response:
     host, port = parse_switch_url(switch_url)
     headers = {"host": f"{host}:{port}", "content-type": "application/json", "accept": "application/json"}
+    if accept_gzip:
+        headers[ANNOUNCE_HEADER] = GZIP
+    if gzip_body:
+        headers[CODING_HEADER] = GZIP
     conn: HttpClientConnection | None = None
     response: Response | None = None
     with trio.move_on_after(timeout):
@@ -131,7 +138,11 @@ async def _exchange(switch_url: str, ssl_ctx: ssl.SSLContext, method: str, path:
         if conn is None:
             raise NotSent(f"switch at {switch_url} could not be reached within {timeout:g} s")
         raise UplinkError(f"switch at {switch_url} gave no answer within {timeout:g} s")
-    return response
+    try:
+        body = decode_body(response.body, response.headers.get(CODING_HEADER), MAX_REPLY_BYTES)
+    except EncodingError as exc:
+        raise UplinkError(f"switch at {switch_url} answered an unusable body: {exc}") from exc
+    return Response(response.status, response.headers, body)
 
 
 def _refusal(response: Response) -> str:
@@ -142,21 +153,55 @@ def _refusal(response: Response) -> str:
     return str(detail)
 
 
-async def forward(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes],
-                  timeout: float = FORWARD_TIMEOUT_S) -> ForwardReply:
-    """POST one batch; the full reply (results, pending, refused, reversed)."""
-    try:
-        body = encode_request(entries)
-    except EncodingError as exc:  # this batch's content: splitting it finds the entry
-        raise UplinkError(f"batch cannot be sent: {exc}") from exc
-    response = await _exchange(switch_url, ssl_ctx, "POST", FORWARD_PATH, body, timeout)
+@dataclass(frozen=True)
+class Exchanged:
+    """One answered POST: the reply, whether the switch announced gzip, the request's size on the wire."""
+
+    reply: ForwardReply
+    gzip_announced: bool
+    body_bytes: int
+
+
+async def post(switch_url: str, ssl_ctx: ssl.SSLContext, path: str, wire: bytes, *, gzip_body: bool = False,
+               accept_gzip: bool = True, timeout: float = FORWARD_TIMEOUT_S) -> Exchanged:
+    """POST ``wire`` (a body already gzip-compressed if ``gzip_body``, see :func:`coded`: only to a
+    switch that announced it) to a path answered in the forward reply format (protocols/forwarding.md)."""
+    response = await _exchange(switch_url, ssl_ctx, "POST", path, wire, timeout, gzip_body=gzip_body,
+                               accept_gzip=accept_gzip)
+    announced = announces_gzip(response.headers.get(ANNOUNCE_HEADER))
     if response.status != 200:
-        raise SwitchRefused(response.status, f"switch refused the batch (HTTP {response.status}): "
+        raise SwitchRefused(response.status, f"switch refused the request to {path} (HTTP {response.status}): "
                                              f"{_refusal(response)}")
     try:
-        return decode_reply(response.body)
+        return Exchanged(decode_reply(response.body), announced, len(wire))
     except EncodingError as exc:
         raise UplinkError(f"switch answered something unusable: {exc}") from exc
+
+
+def coded(body: bytes, gzip_body: bool) -> bytes:
+    return compress(body) if gzip_body else body
+
+
+def forward_body(entries: list[bytes]) -> bytes:
+    try:
+        return encode_request(entries)
+    except EncodingError as exc:  # this batch's content: splitting it finds the entry
+        raise UplinkError(f"batch cannot be sent: {exc}") from exc
+
+
+def results_body(sale_ids: list[str]) -> bytes:
+    try:
+        return encode_results_request(sale_ids)
+    except EncodingError as exc:
+        raise UplinkError(f"results lookup cannot be sent: {exc}") from exc
+
+
+async def forward(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes],
+                  timeout: float = FORWARD_TIMEOUT_S) -> ForwardReply:
+    """POST one batch, uncompressed; the full reply (results, pending, refused, reversed)."""
+    return (await post(switch_url, ssl_ctx, FORWARD_PATH, forward_body(entries), timeout=timeout)).reply
+
+
 
 
 async def forward_batch(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[bytes]) -> list[bytes]:

@@ -32,7 +32,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Awaitable, Protocol, runtime_checkable
 
 import trio
 
@@ -44,7 +44,11 @@ from meshpos.domain.rules import MAX_SKEW_MS
 from meshpos.wire import envelope
 from meshpos.wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
 from meshpos.uplink import leases as lease_rules
-from meshpos.uplink.client import NotSent, SwitchRefused, forward, make_client_context
+from meshpos.uplink.batching import BatchSizer
+from meshpos.uplink.client import (Exchanged, NotSent, SwitchRefused, coded, forward_body, make_client_context, post,
+                                   results_body)
+from meshpos.wire.forwarding import FORWARD_PATH
+from meshpos.wire.forwarding_codings import RESULTS_PATH
 
 from meshpos.uplink.host import UplinkHost
 
@@ -67,6 +71,13 @@ class Transport(Protocol):
         UplinkError if the switch did not take it (SwitchRefused: it answered so)."""
 
 
+@runtime_checkable
+class ResultsLookup(Protocol):
+    async def results(self, sale_ids: list[str]) -> ForwardReply:
+        """What the switch already knows of these sales (protocols/forwarding.md, "Resuming a
+        batch"): their signed results, or pending; errors as for ``forward``."""
+
+
 def batch_fault(exc: UplinkError) -> bool:
     """Whether a failed exchange may be the batch's own doing, so that splitting it can find
     the sale: the switch failed it (HTTP 400, 413, 5xx...) or the connection was lost once it
@@ -79,11 +90,21 @@ def batch_fault(exc: UplinkError) -> bool:
 
 
 class HttpsTransport:
-    """The real transport: HTTPS to the policy's switch URL, pinned to the policy's switch key."""
+    """The real transport: HTTPS to the policy's switch URL, pinned to the policy's switch key.
 
-    def __init__(self, core: UplinkHost, switch_url: str | None = None) -> None:
+    Request bodies go gzip-compressed once this switch announced it takes them (an
+    ``Accept-Encoding: gzip`` answer header; protocols/forwarding.md, "Compression"); a 415 to a
+    compressed body turns compression off again and the request is sent plain at once.
+    ``compress=False`` compresses nothing, either way. ``body_bytes`` / ``requests`` count what was sent (every
+    attempt, answered or not)."""
+
+    def __init__(self, core: UplinkHost, switch_url: str | None = None, *, compress: bool = True) -> None:
         self.core = core
         self.switch_url = switch_url  # overrides the policy's (a static route, or tests)
+        self.compress = compress
+        self.gzip_url: str | None = None  # the switch URL that last announced gzip request bodies
+        self.body_bytes = 0
+        self.requests = 0
         self._ctx: ssl.SSLContext | None = None
         self._for: tuple[str | None, str | None] = (None, None)
 
@@ -101,9 +122,29 @@ class HttpsTransport:
         return url, self._ctx
 
     async def forward(self, entries: list[bytes]) -> ForwardReply:
+        return await self._post(FORWARD_PATH, forward_body(entries))
+
+    async def results(self, sale_ids: list[str]) -> ForwardReply:
+        return await self._post(RESULTS_PATH, results_body(sale_ids))
+
+    async def _post(self, path: str, body: bytes) -> ForwardReply:
         url, ctx = self._context()
+        gzip_body = self.compress and self.gzip_url == url
         try:
-            return await forward(url, ctx, entries)
+            done = await self._send(url, ctx, path, coded(body, gzip_body), gzip_body)
+        except SwitchRefused as exc:
+            if not (gzip_body and exc.status == 415):
+                raise
+            self.gzip_url = None  # this switch no longer takes gzip: plain at once
+            done = await self._send(url, ctx, path, body, False)
+        self.gzip_url = url if done.gzip_announced else None
+        return done.reply
+
+    async def _send(self, url: str, ctx: ssl.SSLContext, path: str, wire: bytes, gzip_body: bool) -> Exchanged:
+        self.body_bytes += len(wire)  # every attempt, answered or not: what the uplink carried
+        self.requests += 1
+        try:
+            return await post(url, ctx, path, wire, gzip_body=gzip_body, accept_gzip=self.compress)
         except ConfigError as exc:  # a switch URL that cannot be used
             raise NotSent(str(exc)) from exc
 
@@ -122,6 +163,7 @@ class StepReport:
     more: bool = False  # work is left in scopes this node holds
     error: str | None = None  # the switch failed the batch (it was split, or its one sale deferred)
     set_aside: list[str] = field(default_factory=list)  # sales set aside by this step
+    resumed: int = 0  # sales of an unanswered batch the switch had settled: results taken, not sent again
 
 
 @dataclass
@@ -160,6 +202,9 @@ class Forwarder:
         self.clock = clock
         self.transport: Transport = transport if transport is not None else HttpsTransport(core)
         self.batch_sales = batch_sales
+        self.sizer = BatchSizer(maximum=batch_sales)  # batches sized to what gets through (uplink/batching.py)
+        self.lookup = transport if isinstance(transport, ResultsLookup) else None
+        self._unanswered: set[str] = set()  # sent in an exchange that broke after sending: ask before resending
         self.buckets = buckets
         self.lease_ms = lease_ms
         self.renew_left_ms = renew_left_ms
@@ -306,7 +351,7 @@ class Forwarder:
         batch: list[str] = []
         size = 0
         for sale_id in together:
-            if len(batch) >= self.batch_sales:
+            if len(batch) >= self.sizer.size:
                 break
             est = 2 * envelope.MAX_ENVELOPE
             if batch and size + est > BATCH_BYTES:
@@ -328,12 +373,22 @@ class Forwarder:
             return report
         report.forwarded = batch
         self._in_flight.update(batch)
+        sent = batch
         try:
+            batch = await self._resume(batch, report)
+            if not batch:
+                return report
             entries = self.entries_for(batch)
             if request_size(entries) > MAX_BODY_BYTES:  # defensive: estimates above keep well under
                 raise UplinkError("batch too large for the switch")
+            started = self.clock.monotonic()
             reply = await self.transport.forward(entries)
+            self.sizer.answered(len(batch), self.clock.monotonic() - started)
         except UplinkError as exc:
+            if not isinstance(exc, (NotSent, SwitchRefused)):
+                self._unanswered.update(batch)  # the switch may have acted: ask it before sending again
+            if not isinstance(exc, NotSent):
+                self.sizer.failed()
             if not batch_fault(exc):
                 if len(batch) > 1 and all(s in self._trouble for s in batch):
                     self._split.insert(0, batch)  # a half being searched: the search goes on from it
@@ -341,7 +396,7 @@ class Forwarder:
             self._batch_failed(batch, exc, report)
             return report
         finally:
-            self._in_flight.difference_update(batch)
+            self._in_flight.difference_update(sent)
         self._ok += 1
         for sale_id in batch:
             self._trouble.pop(sale_id, None)
@@ -350,6 +405,25 @@ class Forwarder:
                 log.info("sale %s, set aside, was taken by the switch", sale_id)
         self._take_reply(batch, reply, report)
         return report
+
+    async def _resume(self, batch: list[str], report: StepReport) -> list[str]:
+        """The part of ``batch`` still to send: sales sent before in an exchange that broke are
+        looked up first (a few bytes each), and those the switch settled meanwhile are taken
+        into the ledger instead of being sent again."""
+        ask = [s for s in batch if s in self._unanswered]
+        if not ask or self.lookup is None:
+            return batch
+        known = await self.lookup.results(ask)
+        self._unanswered.difference_update(ask)
+        answered = {verified.env.body["sale_id"] for verified in self._ingest(known.results)}
+        for sale_id in answered:
+            self._backoff.pop(sale_id, None)
+            self._trouble.pop(sale_id, None)
+        report.settled += len(answered)
+        report.resumed = len(answered)
+        report.more = report.more or bool(answered)
+        report.forwarded = [s for s in batch if s not in answered]
+        return report.forwarded
 
     def _batch_failed(self, batch: list[str], exc: UplinkError, report: StepReport) -> None:
         report.error = str(exc)
@@ -462,6 +536,7 @@ async def run_forwarder(
     poll_s: float = POLL_S,
     idle_poll_s: float | None = None,
     parallel: int = PARALLEL_BATCHES,
+    recheck: Callable[[], Awaitable[None]] | None = None,
     task_status: trio.TaskStatus[Forwarder] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forward the site's queue while ``has_uplink()`` (this node may forward and its uplink
@@ -472,7 +547,11 @@ async def run_forwarder(
     never reached the switch waits ``backoff(failures)``, ``failures`` counting that
     worker's own failures in a row (one worker's bad luck does not slow the other), and is
     not woken early by new entries. Leases are released only on a real loss of uplink, when
-    ``has_uplink()`` turns false: failed batches alone never give them up.
+    ``has_uplink()`` turns false: failed batches alone never give them up. But a batch that
+    failed for want of a connection (not a refusal of the switch) makes the worker call
+    ``recheck()`` (the node probes its uplink at once) and look at ``has_uplink()`` again before
+    backing off: an uplink lost mid-batch releases the leases without delay, so a node with
+    signal takes the scopes over at once (protocols/forwarding.md, "Leases", rule 5).
     While ``has_uplink()`` is false a worker looks again every ``idle_poll_s`` (default
     ``poll_s``), or when woken by ``Forwarder.wake()`` (the caller's probe, on getting an uplink).
     ``task_status.started`` gets the :class:`Forwarder`.
@@ -514,6 +593,10 @@ async def run_forwarder(
             except UplinkError as exc:
                 failures += 1
                 log.warning("forwarding failed (worker %d, %d in a row): %s", n, failures, exc)
+                if recheck is not None and not isinstance(exc, SwitchRefused):
+                    await recheck()
+                    if not has_uplink():
+                        continue  # released at the top of the loop, now
                 await trio.sleep(backoff(failures))
                 continue
             failures = 0

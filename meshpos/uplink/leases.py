@@ -31,7 +31,9 @@ lease's ``received_at`` is that node's clock when it accepted the entry.
    holds it. A node that dies stops renewing: its scopes are taken over once its lease
    ends or it is no longer reachable, whichever comes first. A node releases its leases
    when it loses its uplink (it may no longer forward, or its probe finds the switch
-   unreachable); failed batches alone never release them.
+   unreachable); failed batches alone never release them, but one that found no connection
+   makes the node probe at once (``run_forwarder``'s ``recheck``), so an uplink lost mid-batch
+   is handed over without waiting for a back-off.
 
 Leases save the site's uplink from carrying one batch twice; they are not what makes
 charging exactly-once (the switch de-duplicates on sale ids), so clock skew between
