@@ -317,7 +317,8 @@ class Simulation(RuleBasedStateMachine):
             for i in range(N):
                 self.forward(i)
                 self.net.pump()
-            if all(s["status"] != "pending" for s in self.nodes[0].core.sales()):
+            # awaiting the switch: card sales pending, and cash sales paid but not recorded yet
+            if all(s["status"] not in ("pending", "paid") for s in self.nodes[0].core.sales()):
                 break
         self.net.pump()
         for node in self.nodes:
