@@ -11,6 +11,7 @@ from typing import Iterator
 import pytest
 
 from api_harness import ApiClient, make_site, start
+from helpers import TEST_PANS, scan_for
 from meshpos.apps.procs import ProcessGroup
 
 CASH = {"amount": "1.00", "method": "cash"}
@@ -45,3 +46,27 @@ def test_deeply_nested_json_is_a_400_not_a_500(api: ApiClient, node: Path) -> No
     assert api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())}).status == 201
     log = b"".join(p.read_bytes() for p in (node.parent / "logs").glob("t1*"))
     assert b"RecursionError" not in log and b"Traceback" not in log
+
+
+@pytest.mark.parametrize("form", ["{pan}", "order-{pan}-retry", "{spaced}"])
+def test_a_card_number_as_idempotency_key_is_refused_and_stored_nowhere(
+        api: ApiClient, node: Path, form: str) -> None:
+    """Attack (a careless POS app): the card number as the sale's Idempotency-Key. The node took
+    it, stored it beside the sale in its SQLite file and echoed it in the sale object (API,
+    events, `sales --json`) and the Idempotency-Key response header. Now such a key is a 400 that
+    says why, and the number is nowhere on disk or in the answer."""
+    for pan in TEST_PANS:
+        spaced = " ".join(pan[i:i + 4] for i in range(0, len(pan), 4))
+        answer = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": form.format(pan=pan, spaced=spaced)})
+        assert answer.status == 400, answer.body
+        assert "card number" in answer.body["error"]["message"]
+        assert pan not in repr(answer.body) + repr(answer.headers)
+    assert not scan_for(node, [p.encode() for p in TEST_PANS])
+
+
+def test_keys_that_only_look_numeric_are_still_taken(api: ApiClient) -> None:
+    """The refusal above must not catch real keys: UUIDs (whose groups hold at most 12 digits),
+    millisecond timestamps and short order numbers."""
+    for k in ("12345678-1234-4123-9123-123456789012", "pos1-1733115600123", "1733115600123",
+              "order 000123 attempt 2"):
+        assert api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": k}).status == 201, k
