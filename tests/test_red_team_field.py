@@ -43,3 +43,30 @@ def test_a_status_with_an_enormous_time_is_refused_and_the_links_live_on(mesh: M
     for name in "abc":
         assert mesh.h.core.node_id not in boards[name].statuses
     assert boards["a"].rejected >= 1 and boards["b"].rejected >= 1  # C hears H only through B
+
+
+def test_a_leaf_that_claims_links_it_does_not_have_cannot_hide_a_star() -> None:
+    """Attack: under client isolation every link goes through the gateway, and the inspector says so
+    (a star). One leaf signs statuses that list links to every other leaf. A link counted when
+    either end listed it, so the view showed a mesh and the warning that all hangs on the gateway
+    went away. The star check now counts a link between two fresh nodes only when both list it."""
+    from meshpos.status.meshview import Known, analyze
+    from meshpos.wire.status import StatusBody
+
+    now = 10_000_000_000
+    ids = ("gw", "t1", "t2", "t3", "t4")
+    known = {n: Known(name=n.upper(), role="gateway" if n == "gw" else "terminal") for n in ids}
+
+    def st(links: list[str]) -> StatusBody:
+        return StatusBody.from_json({"at": now, "every_ms": 2000, "links": [{"node": n} for n in links]})
+
+    statuses = {"gw": st(["t1", "t2", "t3", "t4"]), **{t: st(["gw"]) for t in ids[1:]}}
+    statuses["t4"] = st(["gw", "t1", "t2", "t3"])  # the liar
+    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000)
+    assert view["topology"] == {"shape": "star", "hub": "GW"}
+    assert any(w.startswith("star: every link goes through GW") for w in view["warnings"])
+    assert not view["partition"]
+    # links both ends list are a mesh, as before
+    statuses["t1"], statuses["t2"] = st(["gw", "t2", "t4"]), st(["gw", "t1", "t4"])
+    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000)
+    assert view["topology"]["shape"] == "mesh"
