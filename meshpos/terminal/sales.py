@@ -208,16 +208,20 @@ class TerminalSales:
             raise InputError(f"limit must be 1 to {MAX_PAGE}")
         after = decode_cursor(cursor)
         out: list[dict[str, Any]] = []
+        # a status is no column: filtering reads rows in the largest batches, not ``limit`` at a time
+        batch = limit if status is None else MAX_PAGE
         while len(out) < limit:
-            rows = self.core.store.sales_page(after, limit, method=method, since_ms=since_ms)
+            rows = self.core.store.sales_page(after, batch, method=method, since_ms=since_ms)
+            used = 0
             for row in rows:
+                used += 1
                 after = (int(row["created_at"]), str(row["sale_id"]))
                 sale = self.core.sale_json(row)
                 if status is None or sale["status"] == status:
                     out.append(sale)
                     if len(out) == limit:
                         break
-            if len(rows) < limit:
+            if len(rows) < batch and used == len(rows):  # the last rows, every one looked at
                 return out, None
         return out, encode_cursor(after)
 
