@@ -97,3 +97,17 @@ def test_paging_with_a_status_filter_lists_every_sale(tmp_path: Path) -> None:
     finally:
         group.stop_all()
     assert listed == [made[0], made[1], made[3], made[4]]
+
+
+def test_a_sale_id_in_an_error_is_not_taken_for_a_card_number() -> None:
+    """The 409 for a reused key names the first sale; when the node id ends in digits (1927dc40e0113749),
+    its last digits and the sale number made a 15-digit run, and the message lost the sale id as a
+    "card number" (tests/test_terminal_api.py's conflict test failed for such node ids). A sale id
+    whose node id is all digits could be a card number, and is still blanked."""
+    from meshpos.terminal.problems import redact
+
+    message = "Idempotency-Key 'k' was used for another request (sale 1927dc40e0113749-00000003): use a new key"
+    assert redact(message) == message
+    assert "4111111111111111" not in redact("no sale '4111111111111111-00000001' on this node")
+    assert "4111111111111111" not in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
+    assert "1927dc40e0113749-00000003" in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")

@@ -33,7 +33,16 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
 )
 
 
+# a sale id (protocols/envelope.md): its node id's last hex digits and its number make a digit run
+# that is no card number; one whose node id is all digits is not exempt (it could be a card number)
+_SALE_ID = re.compile(r"\b(?=[0-9a-f]{0,15}[a-f])[0-9a-f]{16}-\d{8}\b")
+
+
 def redact(text: str) -> str:
+    parts = _SALE_ID.split(text)
+    if len(parts) > 1:  # redact around the sale ids, keep them
+        ids = _SALE_ID.findall(text)
+        return "".join(redact(p) + (ids[i] if i < len(ids) else "") for i, p in enumerate(parts))
     if not rules.has_card_number(text):
         return text
     cleaned = _DIGITS.sub(lambda m: "[card number removed]" if rules.has_card_number(m.group()) else m.group(), text)
