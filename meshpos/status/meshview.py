@@ -9,7 +9,8 @@ organizer dashboard both call :func:`analyze`, so they agree.
 * A node is **reachable** when its status is fresh, or when we hold an open
   link to it and it never sent a status (an older node).
 * **Star**: at least ``STAR_MIN_LEAVES`` fresh nodes besides one hub, and every
-  link among the fresh nodes has the hub at one end, each of them on one: every
+  link among the fresh nodes (a link both ends list: one node's word alone does not
+  unmake a star) has the hub at one end, each of them on one: every
   sale goes through the hub (client isolation, or a network where the others
   cannot reach each other), and if the hub goes the others are cut off from each
   other. ``topology`` says so, and a warning names the hub.
@@ -148,6 +149,7 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
 
     # topology
     edges: set[tuple[str, str]] = set()
+    claimed: set[tuple[str, str]] = set()  # (a, b): a's status lists a link to b
     uf = _Uf()
     with_status = [i for i in nodes if i in statuses]
     for a in with_status:
@@ -155,6 +157,7 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         for b in nodes[a]["links"]:
             if b not in nodes:
                 continue
+            claimed.add((a, b))
             if (a in fresh) == (b in fresh) and b in statuses:
                 edges.add((min(a, b), max(a, b)))
                 uf.union(a, b)
@@ -193,7 +196,9 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         if n["refused"]:
             warn(n, f"{n['name']}: {n['refused']} of its sales refused by the site's rules "
                     "(kept out of every total; reasons in `meshpos report`)")
-    topology = _topology(fresh, edges)
+    # a star is hidden by one node listing links it does not have: there, count a link only when
+    # both ends list it (each status is only its signer's word)
+    topology = _topology(fresh, {e for e in edges if e in claimed and (e[1], e[0]) in claimed})
     if topology["shape"] == "star":
         hub = nodes[topology["hub"]]
         topology["hub"] = hub["name"]

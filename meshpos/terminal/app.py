@@ -62,8 +62,8 @@ async def _body(request: Request, required: bool) -> Any:
         return {}
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError("the body is not JSON") from exc
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+        raise InputError("the body is not JSON (or nested too deep)") from exc
 
 
 class _TooLarge(Exception):

@@ -33,24 +33,20 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
 )
 
 
-# A sale id (16 hex digits of its terminal, a dash, the 8-digit sequence number): ours, never a card
-# number, though its hex may end in digits that run on into the sequence number ("...9815-00000003").
-_SALE_ID = re.compile(r"\b[0-9a-f]{16}-[0-9]{8,}\b")
+# a sale id (protocols/envelope.md): its node id's last hex digits and its number make a digit run
+# that is no card number; one whose node id is all digits is not exempt (it could be a card number)
+_SALE_ID = re.compile(r"\b(?=[0-9a-f]{0,15}[a-f])[0-9a-f]{16}-\d{8}\b")
 
 
 def redact(text: str) -> str:
-    """``text`` with every digit run that could be a card number blanked; the sale ids it names
-    are kept whole (they are checked apart: none can hide a card number)."""
-    ids = _SALE_ID.findall(text)
-    masked = _SALE_ID.sub("\x00", text)
-    if not rules.has_card_number(masked):
+    parts = _SALE_ID.split(text)
+    if len(parts) > 1:  # redact around the sale ids, keep them
+        ids = _SALE_ID.findall(text)
+        return "".join(redact(p) + (ids[i] if i < len(ids) else "") for i, p in enumerate(parts))
+    if not rules.has_card_number(text):
         return text
-    cleaned = _DIGITS.sub(lambda m: "[card number removed]" if rules.has_card_number(m.group()) else m.group(), masked)
-    if rules.has_card_number(cleaned):
-        return "the request held a card number where none belongs"
-    for sale_id in ids:
-        cleaned = cleaned.replace("\x00", sale_id, 1)
-    return cleaned
+    cleaned = _DIGITS.sub(lambda m: "[card number removed]" if rules.has_card_number(m.group()) else m.group(), text)
+    return cleaned if not rules.has_card_number(cleaned) else "the request held a card number where none belongs"
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import trio
 
 from meshpos.devices.reader import CardReader
 from meshpos.domain.currency import parse_amount
+from meshpos.domain.rules import PAN_MAX, PAN_MIN, luhn_ok
 from meshpos.domain.errors import ContentError, InputError, MeshposError
 from meshpos.node.core import STATUSES, NodeCore
 from meshpos.wire.cards import CardCapture
@@ -59,7 +61,24 @@ def check_key(key: str | None) -> str:
                          "the same value when the attempt is retried")
     if len(key) > MAX_KEY_LEN or not key.isascii() or not key.isprintable():
         raise InputError(f"Idempotency-Key must be 1 to {MAX_KEY_LEN} printable ASCII characters")
+    if holds_card_number(key):
+        raise InputError("Idempotency-Key holds what looks like a card number: the key is stored and shown "
+                         "with the sale, so use a UUID")
     return key
+
+
+_DIGIT_RUN = re.compile(r"\d(?: ?\d)*")  # digits, in groups split by single spaces (4111 1111 ...)
+
+
+def holds_card_number(key: str) -> bool:
+    """True if ``key`` holds a run of 13 to 19 digits (possibly grouped by spaces) that could be
+    an issued card number: first digit 2-6 (the card brands), Luhn valid. Narrower than the free
+    text rule (rules.has_card_number, any 12 digits): a UUID or a millisecond time is not refused."""
+    for match in _DIGIT_RUN.finditer(key):
+        digits = match.group().replace(" ", "")
+        if PAN_MIN < len(digits) <= PAN_MAX and digits[0] in "23456" and luhn_ok(digits):
+            return True
+    return False
 
 
 def body_hasher(core: NodeCore) -> "BodyHasher":
@@ -189,16 +208,20 @@ class TerminalSales:
             raise InputError(f"limit must be 1 to {MAX_PAGE}")
         after = decode_cursor(cursor)
         out: list[dict[str, Any]] = []
+        # a status is no column: filtering reads rows in the largest batches, not ``limit`` at a time
+        batch = limit if status is None else MAX_PAGE
         while len(out) < limit:
-            rows = self.core.store.sales_page(after, limit, method=method, since_ms=since_ms)
+            rows = self.core.store.sales_page(after, batch, method=method, since_ms=since_ms)
+            used = 0
             for row in rows:
+                used += 1
                 after = (int(row["created_at"]), str(row["sale_id"]))
                 sale = self.core.sale_json(row)
                 if status is None or sale["status"] == status:
                     out.append(sale)
                     if len(out) == limit:
                         break
-            if len(rows) < limit:
+            if len(rows) < batch and used == len(rows):  # the last rows, every one looked at
                 return out, None
         return out, encode_cursor(after)
 

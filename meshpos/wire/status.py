@@ -133,13 +133,16 @@ class StatusBody:
         """Any JSON value -> a StatusBody (see the module's rules); EncodingError without ``at``."""
         obj = value if isinstance(value, dict) else {}
         require_at(obj)
-        return _decode_dataclass(cls, obj)
+        try:
+            return _decode_dataclass(cls, obj)
+        except _Unusable as exc:  # a required field the decoder could not read
+            raise EncodingError("status envelope: status is unusable") from exc
 
 
 def require_at(status: Mapping[str, Any]) -> int:
-    at = status.get("at")
-    if not isinstance(at, int) or isinstance(at, bool) or at < 0:
-        raise EncodingError("status envelope: status.at must be a non-negative integer (ms)")
+    at = count(status.get("at"))  # the decoder reads ``at`` as a count: the same bound, or it is lost there
+    if at is None:
+        raise EncodingError(f"status envelope: status.at must be an integer of 0..{MAX_COUNT} (ms)")
     return at
 
 

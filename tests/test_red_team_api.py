@@ -1,0 +1,113 @@
+"""Red-team attacks on the terminal API (issue 14) from a hostile or careless POS app, against a
+real node process over real HTTP on loopback (tests/api_harness.py validates every answer against
+protocols/terminal-api.yaml)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from api_harness import ApiClient, make_site, start
+from helpers import TEST_PANS, scan_for
+from meshpos.apps.procs import ProcessGroup
+
+CASH = {"amount": "1.00", "method": "cash"}
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    root = tmp_path_factory.mktemp("redapi")
+    make_site(root, "t1")
+    group = ProcessGroup(root / "logs")
+    start(group, "t1", root / "t1")
+    yield root / "t1"
+    group.stop_all()
+
+
+@pytest.fixture
+def api(node: Path) -> Iterator[ApiClient]:
+    c = ApiClient(node, "tcp")
+    yield c
+    c.close()
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(api: ApiClient, node: Path) -> None:
+    """Attack: a body of 10,000 nested objects (40 kB, under the size limit). json.loads raised
+    RecursionError, which the API did not take for bad JSON: 500 and a traceback in the log."""
+    deep = b'{"a":' * 10_000 + b"1" + b"}" * 10_000
+    for path in ("/v1/sales", "/v1/sales/x/void", "/v1/sales/x/receipt"):
+        answer = api.request("POST", path, raw=deep, headers={"Idempotency-Key": str(uuid.uuid4()),
+                                                              "Content-Type": "application/json"})
+        assert answer.status == 400, (path, answer.status, answer.body)
+        assert "JSON" in answer.body["error"]["message"]
+    assert api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())}).status == 201
+    log = b"".join(p.read_bytes() for p in (node.parent / "logs").glob("t1*"))
+    assert b"RecursionError" not in log and b"Traceback" not in log
+
+
+@pytest.mark.parametrize("form", ["{pan}", "order-{pan}-retry", "{spaced}"])
+def test_a_card_number_as_idempotency_key_is_refused_and_stored_nowhere(
+        api: ApiClient, node: Path, form: str) -> None:
+    """Attack (a careless POS app): the card number as the sale's Idempotency-Key. The node took
+    it, stored it beside the sale in its SQLite file and echoed it in the sale object (API,
+    events, `sales --json`) and the Idempotency-Key response header. Now such a key is a 400 that
+    says why, and the number is nowhere on disk or in the answer."""
+    for pan in TEST_PANS:
+        spaced = " ".join(pan[i:i + 4] for i in range(0, len(pan), 4))
+        answer = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": form.format(pan=pan, spaced=spaced)})
+        assert answer.status == 400, answer.body
+        assert "card number" in answer.body["error"]["message"]
+        assert pan not in repr(answer.body) + repr(answer.headers)
+    assert not scan_for(node, [p.encode() for p in TEST_PANS])
+
+
+def test_keys_that_only_look_numeric_are_still_taken(api: ApiClient) -> None:
+    """The refusal above must not catch real keys: UUIDs (whose groups hold at most 12 digits),
+    millisecond timestamps and short order numbers."""
+    for k in ("12345678-1234-4123-9123-123456789012", "pos1-1733115600123", "1733115600123",
+              "order 000123 attempt 2"):
+        assert api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": k}).status == 201, k
+
+
+def test_paging_with_a_status_filter_lists_every_sale(tmp_path: Path) -> None:
+    """Found while attacking the listing: with a status filter, a page that filled up in the middle
+    of a short last batch of rows was taken for the last page (next_cursor null), so the sales
+    after it in that batch were never listed. Paid, paid, voided, paid, paid with
+    ``status=paid&limit=3``: the fourth paid sale was missing."""
+    make_site(tmp_path, "t2")
+    node = tmp_path / "t2"
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        start(group, "t2", node)
+        api = ApiClient(node, "tcp")
+        made = [api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())}).body["id"]
+                for _ in range(5)]
+        assert api.request("POST", f"/v1/sales/{made[2]}/void", {"reason": "wrong amount"}).status == 200
+        listed, cursor = [], None
+        for _ in range(10):
+            page = api.request("GET", "/v1/sales?status=paid&limit=3" + (f"&cursor={cursor}" if cursor else "")).body
+            listed += [s["id"] for s in page["sales"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        api.close()
+    finally:
+        group.stop_all()
+    assert listed == [made[0], made[1], made[3], made[4]]
+
+
+def test_a_sale_id_in_an_error_is_not_taken_for_a_card_number() -> None:
+    """The 409 for a reused key names the first sale; when the node id ends in digits (1927dc40e0113749),
+    its last digits and the sale number made a 15-digit run, and the message lost the sale id as a
+    "card number" (tests/test_terminal_api.py's conflict test failed for such node ids). A sale id
+    whose node id is all digits could be a card number, and is still blanked."""
+    from meshpos.terminal.problems import redact
+
+    message = "Idempotency-Key 'k' was used for another request (sale 1927dc40e0113749-00000003): use a new key"
+    assert redact(message) == message
+    assert "4111111111111111" not in redact("no sale '4111111111111111-00000001' on this node")
+    assert "4111111111111111" not in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
+    assert "1927dc40e0113749-00000003" in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
