@@ -313,13 +313,18 @@ class Simulation(RuleBasedStateMachine):
         self.acquirer.down = False
         for t in self.transports:
             t.up, t.lose_next_reply = True, False
-        for _ in range(20):
+        # A sale whose reply was lost waits its own back-off (5 s, doubling; set aside for 30 min
+        # after 3 failures alone): let time pass between rounds, in steps short enough that the
+        # links' keep-alives keep them open (an idle link closes after 45 s).
+        for k in range(120):
             for i in range(N):
                 self.forward(i)
                 self.net.pump()
             # awaiting the switch: card sales pending, and cash sales paid but not recorded yet
             if all(s["status"] not in ("pending", "paid") for s in self.nodes[0].core.sales()):
                 break
+            self.time_passes(min(30.0, 5.0 * 2 ** k) / 3600)
+            self.net.pump()
         self.net.pump()
         for node in self.nodes:
             statuses = {s["id"]: s["status"] for s in node.core.sales()}
