@@ -33,10 +33,10 @@ from meshpos.domain import rules
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
-from meshpos.site.roster import Roster, UnknownSigner, Verified, entry_key
+from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.ledger.holdings import Holdings
 from meshpos.ledger.store import Store
-from meshpos.wire.shards import SEGMENT, shard_name, valid_shard_name
+from meshpos.wire.shards import shard_name, valid_shard_name
 
 log = logging.getLogger(__name__)
 
