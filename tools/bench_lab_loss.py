@@ -51,7 +51,7 @@ from meshpos.node.enroll import enroll_one_step  # noqa: E402
 from meshpos.site.nodedir import NodeDir  # noqa: E402
 from meshpos.site.sitedir import init_site  # noqa: E402
 
-HOSTS = 6
+HOSTS = 6  # default; --hosts for the largest mesh this host holds
 PORT = 7420
 
 
@@ -62,14 +62,14 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
                      switch_url="https://127.0.0.1:9")
     procs = ProcessGroup(tmp / "logs")
     procs.env["MESHPOS_STATUS_INTERVAL"] = "2"
-    lab = netns_lab.Lab(HOSTS)
+    lab = netns_lab.Lab(args.hosts)
     try:
         lab.up()
-        for i in range(HOSTS):
+        for i in range(args.hosts):
             lab.loss(i, loss)
         gateway = f"{lab.addr(0)}:{PORT}"
         nodes = []
-        for i in range(HOSTS):
+        for i in range(args.hosts):
             path = tmp / f"n{i}"
             enroll_one_step(site, path, "gateway" if i == 0 else "terminal", f"N{i}",
                             listen=f"{lab.addr(i)}:{PORT}", peers=[] if i == 0 else [gateway])
@@ -94,7 +94,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
                                    lambda sid: f"sale/{sid}")
         links = sum(len([link for link in client.call_running(p, "status", {})["peers"]["links"]
                          if link["state"] == "open"]) for p in nodes) // 2
-        res.update(loss_pct=loss, hosts=HOSTS, links=links, rate=args.rate, seconds=args.seconds,
+        res.update(loss_pct=loss, hosts=args.hosts, links=links, rate=args.rate, seconds=args.seconds,
                    sales=len(sold), sell_errors=len(sold) - len(ok), converged=converged)
         return res
     finally:
@@ -124,8 +124,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0, help="load duration per run (default 20)")
     ap.add_argument("--runs", type=int, default=3, help="runs per loss level, each on a new lab (default 3)")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds between the mesh forming and the load")
+    ap.add_argument("--hosts", type=int, default=HOSTS,
+                    help=f"lab hosts, one node each (default {HOSTS}; at most 250, one /24)")
     ap.add_argument("--json", action="store_true", help="one JSON object per loss level")
     args = ap.parse_args()
+    if not 2 <= args.hosts <= 250:
+        ap.error("--hosts must be between 2 and 250")
     reason = netns_lab.usable()
     if reason:
         print(f"bench_lab_loss: {reason}", file=sys.stderr)
@@ -142,7 +146,7 @@ def main() -> int:
         if args.json:
             print(json.dumps(res), flush=True)
         else:
-            print(f"{loss:>3} % loss, {HOSTS} hosts ({res['links']:g} links), {res['sales']} sales at {args.rate:g}/s "
+            print(f"{loss:>3} % loss, {args.hosts} hosts ({res['links']:g} links), {res['sales']} sales at {args.rate:g}/s "
                   f"for {args.seconds:g} s, median of {args.runs} run(s): sale -> every node p50 "
                   f"{res.get('p50_ms', float('nan')):.0f} ms, p99 {res.get('p99_ms', float('nan')):.0f} ms "
                   f"(runs: {', '.join(f'{v:.0f}' for v in res['p99_runs_ms'] if v is not None)}), max "
