@@ -14,6 +14,7 @@ from meshpos.infra.clock import FakeClock
 from meshpos.domain.errors import UplinkError
 from meshpos.node.core import NodeCore
 from meshpos.uplink import leases as L
+from meshpos.uplink import forwarder as forwarder_module
 from meshpos.uplink.forwarder import Forwarder, run_forwarder
 
 from forwarder_helpers import VISA, FakeSwitch, merge
@@ -132,6 +133,39 @@ async def test_results_enter_the_ledger_and_nothing_is_forwarded_twice(
     assert (await fwd.step()).forwarded == []
     merge(seller, low)  # the selling terminal learns its outcomes by replication
     assert {s["status"] for s in seller.sales()} == {"approved"}
+
+
+async def test_a_large_reply_is_taken_in_slices_others_see_the_first_results_early(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reply's results are committed a slice at a time with a checkpoint between: the node's other
+    tasks (the sellers' event streams) see the first approvals before the whole reply is taken in,
+    and a second worker does not send the sales still being taken in."""
+    low, _, seller = nodes
+    monkeypatch.setattr(forwarder_module, "INGEST_SLICE", 5)
+    fake = FakeSwitch(switch_key, clock)
+    fwd = Forwarder(low, clock, fake, batch_sales=12)
+    seen: list[int] = []
+    second: list[list[str]] = []
+
+    async def second_worker() -> None:
+        second.append((await fwd.step()).forwarded)
+
+    async with trio.open_nursery() as nursery:
+        async def observe() -> None:
+            while not second or len(seen) < 2 or seen[-1] < 12:
+                seen.append(sum(1 for s in low.sales() if s["status"] == "approved"))
+                if seen[-1] and not second:  # the first slice is in: a second worker plans now
+                    second.append([])
+                    nursery.start_soon(second_worker)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(observe)
+        report = await fwd.step()
+    assert len(report.forwarded) == 12 and report.settled == 12
+    assert second[-1] == []  # the sales being taken in were not sent again by the second worker
+    assert 5 in seen and 10 in seen, seen  # committed slice by slice, visible between slices
+    assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())  # each sale sent once
 
 
 async def test_resume_after_restart_from_the_ledger(

@@ -59,6 +59,7 @@ BATCH_BYTES = MAX_BODY_BYTES // 2
 PARALLEL_BATCHES = 2  # batches in flight at once
 POLL_S = 5.0  # how often the loop looks for work when nothing wakes it
 SET_ASIDE_AFTER = 3  # failures alone (while the switch took other batches) before a sale is set aside
+INGEST_SLICE = 25  # results taken into the ledger per durable commit (a reply holds up to BATCH_SALES)
 SET_ASIDE_S = 1800.0  # how often a set-aside sale is tried again: 48 times in a 24 h offline window
 # Answers that say the switch will take nothing from this node (who it is, where it sends, how
 # fast), whatever the batch holds: splitting the batch would learn nothing.
@@ -395,16 +396,17 @@ class Forwarder:
                 raise
             self._batch_failed(batch, exc, report)
             return report
+        else:
+            self._ok += 1
+            for sale_id in batch:
+                self._trouble.pop(sale_id, None)
+                if sale_id in self._set_aside:
+                    self._set_aside.discard(sale_id)
+                    log.info("sale %s, set aside, was taken by the switch", sale_id)
+            await self._take_reply(batch, reply, report)  # in flight until taken: no other worker sends them
+            return report
         finally:
             self._in_flight.difference_update(sent)
-        self._ok += 1
-        for sale_id in batch:
-            self._trouble.pop(sale_id, None)
-            if sale_id in self._set_aside:
-                self._set_aside.discard(sale_id)
-                log.info("sale %s, set aside, was taken by the switch", sale_id)
-        self._take_reply(batch, reply, report)
-        return report
 
     async def _resume(self, batch: list[str], report: StepReport) -> list[str]:
         """The part of ``batch`` still to send: sales sent before in an exchange that broke are
@@ -475,13 +477,18 @@ class Forwarder:
                 nursery.start_soon(worker)
         return sent
 
-    def _take_reply(self, batch: list[str], reply: ForwardReply, report: StepReport) -> None:
+    async def _take_reply(self, batch: list[str], reply: ForwardReply, report: StepReport) -> None:
         now = self.clock.now_ms()
         settled: set[str] = set()
-        for verified in self._ingest(reply.results):
-            settled.add(verified.env.body["sale_id"])
-            self._backoff.pop(verified.env.body["sale_id"], None)
-            report.settled += 1
+        # in slices, each its own durable commit, with a checkpoint between them: the first
+        # results of a large reply reach the sellers' event streams while the rest are taken in
+        for first in range(0, len(reply.results), INGEST_SLICE):
+            if first:
+                await trio.lowlevel.checkpoint()
+            for verified in self._ingest(reply.results[first:first + INGEST_SLICE]):
+                settled.add(verified.env.body["sale_id"])
+                self._backoff.pop(verified.env.body["sale_id"], None)
+                report.settled += 1
         for sale_id in reply.reversed:
             self._reversal_done.add(sale_id)
             report.reversed += 1
