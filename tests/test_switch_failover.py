@@ -190,6 +190,26 @@ def test_every_instance_failing_raises_the_last_error_and_the_next_request_start
     assert t.sent[-1][0] == A
 
 
+class ScriptedProbe(ScriptedTransport):
+    async def _health_of(self, url: str, ctx: Any, timeout: float) -> dict[str, Any]:
+        self.sent.append((url, "/v1/health"))
+        answer = self.script[url].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return {"ok": True}
+
+
+def test_the_probe_moves_on_after_any_failure_but_a_4xx() -> None:
+    t = ScriptedProbe(URLS, {A: [NotSent("down")], B: [UplinkError("connection lost")], C: ["ok"]})
+    assert trio.run(t.health) == (C, {"ok": True})
+    assert t.instances.current == C  # the probe moved the node off the dead instances
+    t2 = ScriptedProbe(URLS, {A: [SwitchRefused(403, "revoked")], B: ["ok"], C: ["ok"]})
+    assert trio.run(t2.health) is None  # not accepted: no uplink, and B and C are not asked
+    assert [u for u, _ in t2.sent] == [A]
+    t3 = ScriptedProbe(URLS, {A: [NotSent("a")], B: [SwitchRefused(503, "b")], C: [NotSent("c")]})
+    assert trio.run(t3.health) is None and [u for u, _ in t3.sent] == [A, B, C]
+
+
 def test_a_static_switch_url_overrides_the_policys_instances() -> None:
     t = ScriptedTransport(URLS, {C: ["ok"]})
     t.switch_url = C

@@ -147,6 +147,8 @@ async def test_a_4xx_refusal_does_not_fail_over(tmp_path: Path, procs: ProcessGr
         entries = Forwarder(core, SYSTEM_CLOCK).entries_for
         reply = await transport.forward(entries(ids[:1]))
         assert transport.instances.current == inst.url(0) and reply.results  # the first instance serves it
+        # the batch carried the policy listing both instances: the switch took it (it judges sales by it)
+        assert not reply.refused and core.policy.switch_urls == (inst.url(0), inst.url(1))
 
         inst.site.revoke(core.node_id, "stolen")
         add_site(inst.dirs[0], inst.site.path)  # every running instance learns it within seconds

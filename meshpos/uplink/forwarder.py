@@ -45,8 +45,8 @@ from meshpos.wire import envelope
 from meshpos.wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
 from meshpos.uplink import leases as lease_rules
 from meshpos.uplink.batching import BatchSizer
-from meshpos.uplink.client import (PROBE_TIMEOUT_S, Exchanged, NotSent, SwitchRefused, coded, forward_body, health,
-                                   make_client_context, post, results_body)
+from meshpos.uplink.client import (PROBE_TIMEOUT_S, Exchanged, NotSent, SwitchRefused, coded, forward_body,
+                                   health_reply, make_client_context, post, results_body)
 from meshpos.uplink.instances import InstanceChooser, Verdict, verdict
 from meshpos.wire.forwarding import FORWARD_PATH
 from meshpos.wire.forwarding_codings import RESULTS_PATH
@@ -139,19 +139,29 @@ class HttpsTransport:
 
     async def health(self, timeout: float = PROBE_TIMEOUT_S) -> tuple[str, dict[str, Any]] | None:
         """The first instance, in failover order, that answers ``GET /v1/health`` and accepts this
-        node: (its URL, its reply); None if none does. Raises NotSent only when no switch is named."""
+        node: (its URL, its reply). None if none does, or if one refuses this node (a 4xx: the
+        others would too). Raises NotSent only when no switch is named. A GET changes nothing, so
+        the probe moves on after any failure of an instance but a 4xx."""
         urls, ctx = self._context()
         url: str | None = self.instances.first(urls, self.now())
         tried: set[str] = set()
         while url is not None:
             tried.add(url)
-            reply = await health(url, ctx, timeout)
-            if reply is not None:
-                self.instances.answered(url)
-                return url, reply
-            self.instances.failed(url, self.now())
-            url = self.instances.next(urls, url, tried, self.now())
+            try:
+                reply = await self._health_of(url, ctx, timeout)
+            except UplinkError as exc:
+                if verdict(exc) is Verdict.ANSWERED:
+                    self.instances.answered(url)
+                    return None
+                self.instances.failed(url, self.now())
+                url = self.instances.next(urls, url, tried, self.now())
+                continue
+            self.instances.answered(url)
+            return url, reply
         return None
+
+    async def _health_of(self, url: str, ctx: ssl.SSLContext, timeout: float) -> dict[str, Any]:
+        return await health_reply(url, ctx, timeout)
 
     async def _post(self, path: str, body: bytes) -> ForwardReply:
         urls, ctx = self._context()
