@@ -32,7 +32,7 @@ def test_a_status_survives_its_own_encoding_through_json() -> None:
     # the signed object keeps today's shape: nested objects and arrays, absent values as null
     assert wire["pending"] == {"count": 2, "amount_minor": 300, "oldest_created_at": 1_767_225_500_000}
     assert wire["links"][1] == {"node": "b" * 16, "role": "terminal", "rtt_ms": None}
-    assert StatusBody(at=5).to_json()["uplink"] == {"state": None, "last_forward_at": None}
+    assert StatusBody(at=5).to_json()["uplink"] == {"state": None, "last_forward_at": None, "switch": None}
 
 
 @pytest.mark.parametrize(("field", "value", "expected"), [

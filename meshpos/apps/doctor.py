@@ -372,9 +372,16 @@ async def check_switch(ctx: _Ctx) -> Check:
         ssl_ctx = make_client_context(ctx.nd.path, ctx.policy)
     except MeshposError as exc:
         return _fail(name, str(exc), "fix the node's key and certificate first")
-    if await probe(url, ssl_ctx):
-        return _ok(name, f"{url} answers and accepts this node")
-    return _fail(name, f"{url} does not answer (or refuses this node)",
+    urls = ctx.policy.switch_urls
+    up = [u for u in urls if await probe(u, ssl_ctx)]
+    down = [u for u in urls if u not in up]
+    if up and not down:
+        return _ok(name, f"{', '.join(up)} answer{'s' if len(up) == 1 else ''} and accept this node")
+    if up:
+        return Check(name, "warn", f"{', '.join(up)} answer; {', '.join(down)} do not (or refuse this node)",
+                     "this node forwards through the instances that answer (protocols/forwarding.md, \"Switch "
+                     "instances and failover\"); tell the processor that an instance is down")
+    return _fail(name, f"{', '.join(urls)} do{'es' if len(urls) == 1 else ''} not answer (or refuse this node)",
                  "check the uplink (SIM / organizer's line: can this device reach the internet?), DNS, the switch "
                  "URL in the site policy; the site's queue waits meanwhile, any other uplink node can forward it")
 

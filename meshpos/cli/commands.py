@@ -14,6 +14,7 @@ from meshpos.domain.roles import ROLES
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.domain.currency import check_currency, format_amount, parse_amount
 from meshpos.domain.errors import InputError
+from meshpos.domain.policy import MAX_SWITCH_INSTANCES
 from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.node import client
 from meshpos.node.enroll import create_request, enroll_one_step, install_answer
@@ -48,7 +49,7 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     i.add_argument("--currency", default="EUR", help="ISO 4217 currency of every sale (default EUR)")
     i.add_argument("--switch-key", type=_path, metavar="FILE",
                    help="the switch's public key file (switch.pub, 64 hex characters); card sales need it")
-    i.add_argument("--switch-url", metavar="URL", help="the switch's forwarding address, https://HOST:PORT")
+    i.add_argument("--switch-url", metavar="URL", action="append", default=[], help=SWITCH_URL_HELP)
     i.add_argument("--dashboard-password", nargs="?", const=secret_input.ASK, metavar="-",
                    help="set a password for the organizer dashboard: `-` reads it from standard input (one "
                         "line), no value asks for it without echo; never on the command line")
@@ -68,12 +69,15 @@ def _site(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                     help="minutes from now when the new limits apply (default 10; 0: at once)")
     sp.set_defaults(handler=cmd_site_set_policy)
 
-    w = s.add_parser("set-switch", help="set the switch's key and address in the site policy",
-                     description="Sign a new policy version naming the switch. Enrolled nodes receive it "
-                                 "through the ledger once one of them imports it (meshpos site push).")
+    w = s.add_parser("set-switch", help="set the switch's key and addresses in the site policy",
+                     description="Sign a new policy version naming the switch: its key and every instance's "
+                                 "address (repeat --switch-url; the list replaces the previous one). Enrolled "
+                                 "nodes receive it through the ledger once one of them imports it (meshpos site "
+                                 "push). A policy with more than one instance is refused by nodes and switches "
+                                 "older than this option: upgrade them first (protocols/files.md).")
     w.add_argument("site_dir", type=_path, metavar="SITE_DIR")
     w.add_argument("--switch-key", type=_path, metavar="FILE", required=True)
-    w.add_argument("--switch-url", metavar="URL", required=True)
+    w.add_argument("--switch-url", metavar="URL", action="append", required=True, help=SWITCH_URL_HELP)
     w.set_defaults(handler=cmd_site_set_switch)
 
     r = s.add_parser("revoke", help="revoke an enrolled node (stolen, lost, misbehaving)",
@@ -146,18 +150,33 @@ def cmd_site_set_policy(args: argparse.Namespace) -> int:
     return 0
 
 
+SWITCH_URL_HELP = ("a switch instance's forwarding address, https://HOST:PORT; repeat it for every instance "
+                   "of the switch, in order of preference: a node uses the first that works and moves to the "
+                   "next on connection errors or 5xx answers")
+
+
+def _switch_urls(given: list[str]) -> list[str]:
+    urls = [check_switch_url(u) for u in given]
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise InputError(f"--switch-url given twice: {', '.join(twice)}")
+    if len(urls) > MAX_SWITCH_INSTANCES:
+        raise InputError(f"at most {MAX_SWITCH_INSTANCES} switch instances (--switch-url)")
+    return urls
+
+
 def cmd_site_init(args: argparse.Namespace) -> int:
     secret_input.refuse_argv(args.dashboard_password, "--dashboard-password", "password")
     currency = check_currency(args.currency.upper())
     key = read_switch_key_file(args.switch_key) if args.switch_key else None
-    if args.switch_url:
-        check_switch_url(args.switch_url)
+    urls = _switch_urls(args.switch_url)
     limits = _limits(args, currency)
     password = None
     if args.dashboard_password is not None:
         password = secret_input.read_password(args.dashboard_password, "--dashboard-password")
     # Everything is checked above and in init_site before SITE_DIR appears: a bad option leaves nothing.
-    site = init_site(args.site_dir, args.name, currency, key, args.switch_url, password, limits=limits)
+    site = init_site(args.site_dir, args.name, currency, key, urls[0] if urls else None, password, limits=limits,
+                     more_switch_urls=urls[1:])
     return _show_site(site, args.json, created=True)
 
 
@@ -188,9 +207,11 @@ def cmd_site_show(args: argparse.Namespace) -> int:
 
 def cmd_site_set_switch(args: argparse.Namespace) -> int:
     site = load_site(args.site_dir)
+    urls = _switch_urls(args.switch_url)
     policy = site.update_policy(switch_key=read_switch_key_file(args.switch_key),
-                                switch_url=check_switch_url(args.switch_url))
-    print(f"policy version {policy.version}: switch {policy.switch_url} key {(policy.switch_key or '')[:16]}...")
+                                switch_url=urls[0], switch_more_urls=tuple(urls[1:]))
+    print(f"policy version {policy.version}: switch {', '.join(policy.switch_urls)} "
+          f"key {(policy.switch_key or '')[:16]}...")
     print("push it to a node with `meshpos site push SITE_DIR NODE_DIR`; the mesh spreads it")
     return 0
 
@@ -418,7 +439,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("running", "peers", "printer", "uplink", "api"):
         if key in st:
             print(f"  {key}: {json.dumps(st[key])}")
+    _print_instances(st.get("uplink"))
     return 0
+
+
+def _print_instances(uplink: Any) -> None:
+    """Which switch instance the node reaches, and how each of the policy's instances fares."""
+    if not isinstance(uplink, dict) or not uplink.get("instances"):
+        return
+    instances = uplink["instances"]
+    print(f"  switch instance reached: {uplink.get('switch_url') or 'none yet'}")
+    for k, inst in enumerate(instances, 1):
+        how = ("in use" if inst["current"] else "standby") + (
+            f", {inst['failures']} failure(s) in a row, next try in {inst['retry_in_s']:g} s"
+            if inst["failures"] else "")
+        print(f"    {k}/{len(instances)} {inst['url']}: {how}")
 
 
 def _void(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -91,6 +91,12 @@ def _age(seconds: float | None) -> str:
     return "-" if seconds is None else duration(seconds, compact=True)
 
 
+def _uplink(n: dict[str, Any]) -> str:
+    """The uplink's state and, once it reached one, which switch instance (HOST:PORT)."""
+    state = n["uplink"] or "-"
+    return f"{state} via {n['switch']}" if n.get("switch") and n["uplink"] not in (None, "off") else state
+
+
 def render(view: dict[str, Any]) -> str:
     cur = view["totals"]["currency"]
     window = view["offline_window_s"]
@@ -101,7 +107,7 @@ def render(view: dict[str, Any]) -> str:
         rows.append([n["name"], n["role"], n["address"] or "-", "yes" if n["reachable"] else "NO",
                      "-" if n["rtt_ms"] is None else f"{n['rtt_ms']} ms",
                      "-" if n["behind"] is None else str(n["behind"]), pend, oldest,
-                     n["uplink"] or "-", n["printer"] or "-", _age(n["status_age_s"])])
+                     _uplink(n), n["printer"] or "-", _age(n["status_age_s"])])
     t = view["totals"]
     out = [f"site {view['site']['name']!r} ({view['site']['site_id']}): {t['reachable']}/{t['nodes']} node(s) "
            f"reachable, {view['inspector']['links']} direct link(s)"

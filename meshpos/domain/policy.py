@@ -16,6 +16,9 @@ from typing import Any
 from meshpos.domain.currency import check_currency, format_amount
 from meshpos.domain.errors import ConfigError, PolicyError
 
+MAX_SWITCH_INSTANCES = 16
+MAX_SWITCH_URL = 200
+
 
 @dataclass(frozen=True)
 class SitePolicy:
@@ -29,14 +32,22 @@ class SitePolicy:
     max_terminal_pending_minor: int = 1_000_000
     max_site_pending_minor: int = 10_000_000
     switch_key: str | None = None
-    switch_url: str | None = None
+    switch_url: str | None = None  # the switch's first instance (protocols/files.md, "Switch instances")
+    # its further instances, in order of preference after switch_url; on the wire only when not
+    # empty, so a one-instance policy reads exactly as before this field existed
+    switch_more_urls: tuple[str, ...] = ()
     dashboard_password: str | None = None
     # ms since the epoch from which this version is in force (0: from the start); sales are
     # judged by the version in force at their own time (meshpos.domain.rules.policy_at)
     effective_at: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.switch_more_urls:
+            data["switch_more_urls"] = list(self.switch_more_urls)
+        else:
+            del data["switch_more_urls"]  # an older decoder refuses unknown fields: absent when unused
+        return data
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> "SitePolicy":
@@ -46,6 +57,8 @@ class SitePolicy:
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"{where}: unknown policy fields {sorted(unknown)}")
+        if isinstance(data.get("switch_more_urls"), list):
+            data = {**data, "switch_more_urls": tuple(data["switch_more_urls"])}
         try:
             policy = cls(**data)
         except TypeError as exc:
@@ -66,12 +79,34 @@ class SitePolicy:
             check_currency(self.currency)
         except Exception as exc:
             raise ConfigError(f"{where}: {exc}") from exc
+        self._validate_switch_urls(where)
         if self.switch_key is not None:
             try:
                 if len(bytes.fromhex(self.switch_key)) != 32:
                     raise ValueError
             except ValueError as exc:
                 raise ConfigError(f"{where}: switch_key must be 64 hex characters") from exc
+
+    def _validate_switch_urls(self, where: str) -> None:
+        more = self.switch_more_urls
+        if not isinstance(more, tuple) or not all(isinstance(u, str) for u in more):
+            raise ConfigError(f"{where}: switch_more_urls must be a list of URLs")
+        if more and self.switch_url is None:
+            raise ConfigError(f"{where}: switch_more_urls needs switch_url (the first instance)")
+        if len(more) > MAX_SWITCH_INSTANCES - 1:
+            raise ConfigError(f"{where}: at most {MAX_SWITCH_INSTANCES} switch instances")
+        urls = self.switch_urls
+        for url in more:  # switch_url itself is checked where it is set (older policies hold it as it was)
+            if not url.startswith("https://") or len(url) > MAX_SWITCH_URL:
+                raise ConfigError(f"{where}: a switch URL must be https://HOST:PORT "
+                                  f"(at most {MAX_SWITCH_URL} characters), got {str(url)[:80]!r}")
+        if len(set(urls)) != len(urls):
+            raise ConfigError(f"{where}: a switch instance is listed twice")
+
+    @property
+    def switch_urls(self) -> tuple[str, ...]:
+        """Every instance of the switch, in the policy's order: switch_url, then switch_more_urls."""
+        return () if self.switch_url is None else (self.switch_url, *self.switch_more_urls)
 
     @property
     def switch_key_bytes(self) -> bytes | None:

@@ -33,7 +33,7 @@ from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import SyncSession
 from meshpos.status.board import NodeStatus
 from meshpos.status.meshview import stale_after_ms
-from meshpos.uplink.client import health, make_client_context
+from meshpos.uplink.instances import instance_address
 from meshpos.wire.forwarding import health_time_ms
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport, run_forwarder
 from meshpos.uplink.reach import is_reachable
@@ -308,7 +308,7 @@ class RecordingTransport(HttpsTransport):
     """The real HTTPS transport, remembering how the last exchanges went (for the status)."""
 
     def __init__(self, core: NodeCore) -> None:
-        super().__init__(core)
+        super().__init__(core, clock=core.clock.monotonic)
         self.clock = core.clock
         self.last_ok_ms: int | None = None
         self.last_error: str | None = None
@@ -375,11 +375,13 @@ class Uplink:
         set_aside = self.forwarder.set_aside_count() if self.forwarder is not None else 0
         return UplinkStatus(state=self.state(), allowed=self.allowed(), last_forward_ms=t.last_ok_ms,
                             results_received=t.forwarded, last_error=t.last_error, last_error_ms=t.last_error_ms,
-                            set_aside=set_aside)
+                            set_aside=set_aside, switch_url=t.instances.current,
+                            instances=tuple(t.instances.states(t.urls(), t.now())))
 
     def seen(self) -> UplinkSeen:
         """What the signed status says of the uplink."""
-        return UplinkSeen(state=self.state(), last_forward_at=self.transport.last_ok_ms)
+        return UplinkSeen(state=self.state(), last_forward_at=self.transport.last_ok_ms,
+                          switch=instance_address(self.transport.instances.current))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -398,19 +400,20 @@ class Uplink:
         comes back wakes the forwarder's workers (they wait UPLINK_IDLE_POLL while there is none)."""
         could = self.has_uplink()
         if self.allowed() and self.core.policy.switch_url:
+            answer: tuple[str, dict[str, Any]] | None = None
             try:
-                ctx = make_client_context(self.core)
                 sent = self.core.clock.now_ms()
-                reply = await health(self.core.policy.switch_url, ctx)
-                up = reply is not None
-                switch_ms = health_time_ms(reply)
+                answer = await self.transport.health()  # the instances in failover order (uplink/instances.py)
+                up = answer is not None
+                switch_ms = health_time_ms(answer[1]) if answer is not None else None
                 if switch_ms is not None:  # the switch's clock corrects ours (protocols/clocks.md)
                     self.skew.switch_sample(sent, self.core.clock.now_ms(), switch_ms, self.core.clock.monotonic())
             except MeshposError as exc:
                 log.warning("uplink probe impossible: %s", exc)
                 up = False
             if up != self.reachable:
-                log.info("switch %s is %s", self.core.policy.switch_url, "reachable" if up else "unreachable")
+                log.info("switch %s is %s", answer[0] if answer else self.core.policy.switch_url,
+                         "reachable" if up else "unreachable")
             self.reachable = up
         else:
             self.reachable = None

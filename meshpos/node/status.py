@@ -18,6 +18,7 @@ from typing import Any
 from meshpos.devices.spool import PrinterStatus
 from meshpos.domain.clockskew import Estimate
 from meshpos.domain.jsonable import OMIT_IF_NONE, json_object
+from meshpos.uplink.instances import InstanceState
 from meshpos.wire.status import LedgerSize
 
 
@@ -72,6 +73,8 @@ class UplinkStatus:
     last_error: str | None
     last_error_ms: int | None
     set_aside: int
+    switch_url: str | None = None  # the switch instance this node last reached
+    instances: tuple[InstanceState, ...] = ()  # every instance of the policy, in its order
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import nacl.signing
 from cryptography import x509
@@ -175,7 +175,8 @@ class Site:
 
 def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | None = None,
               switch_url: str | None = None, dashboard_password: str | None = None,
-              clock: Clock = SYSTEM_CLOCK, limits: Mapping[str, int] | None = None) -> Site:
+              clock: Clock = SYSTEM_CLOCK, limits: Mapping[str, int] | None = None,
+              more_switch_urls: Sequence[str] = ()) -> Site:
     """Create SITE_DIR whole or not at all: everything is checked first, then written into a
     hidden directory beside it that is renamed into place (``limits``: SitePolicy fields such as
     ``max_sale_minor``, in the first policy version)."""
@@ -189,7 +190,8 @@ def init_site(path: Path, name: str, currency: str = "EUR", switch_key: str | No
     ca_cert = certs.make_ca(name, ca_key, clock.now_ms())
     site_id = certs.site_id_of(ca_cert)
     fields: dict[str, Any] = {"site_id": site_id, "name": name, "currency": currency, "switch_key": switch_key,
-                              "switch_url": check_switch_url(switch_url) if switch_url else None, **limits}
+                              "switch_url": check_switch_url(switch_url) if switch_url else None,
+                              "switch_more_urls": tuple(check_switch_url(u) for u in more_switch_urls), **limits}
     policy = SitePolicy(**fields)
     policy.validate("site policy")
     try:

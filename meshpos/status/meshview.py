@@ -127,6 +127,7 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
             "oldest_pending_age_s": _age_s(now_ms, oldest),
             "window_left_s": None if oldest is None else round((oldest + offline_window_ms - now_ms) / 1000),
             "uplink": body.uplink.state, "last_forward_at": body.uplink.last_forward_at,
+            "switch": body.uplink.switch,  # HOST:PORT of the switch instance it last reached
             "printer": body.printer.state, "battery": body.battery,
             "battery_low": battery_low(st), "clock_offset_ms": offset,
             "clock_source": body.clock.source if body.clock is not None else None,

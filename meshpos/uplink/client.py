@@ -209,20 +209,32 @@ async def forward_batch(switch_url: str, ssl_ctx: ssl.SSLContext, entries: list[
     return list((await forward(switch_url, ssl_ctx, entries)).results)
 
 
-async def health(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any] | None:
-    """The switch's health reply if it answers and accepts this node (its ``time_ms`` is the
-    switch's clock, meshpos.wire.forwarding.health_time_ms), else None. Never raises."""
+async def health_reply(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """The switch's health reply (its ``time_ms`` is the switch's clock,
+    meshpos.wire.forwarding.health_time_ms); the errors of a POST: NotSent, SwitchRefused with the
+    status when it answered but not 200 (403: it does not accept this node), else UplinkError."""
     try:
         response = await _exchange(switch_url, ssl_ctx, "GET", HEALTH_PATH, b"", timeout)
-    except (UplinkError, ConfigError, OSError):
-        return None
+    except ConfigError as exc:
+        raise NotSent(str(exc)) from exc
+    except OSError as exc:
+        raise UplinkError(f"switch at {switch_url}: {exc}") from exc
     if response.status != 200:
-        return None
+        raise SwitchRefused(response.status, f"switch refused the health probe (HTTP {response.status}): "
+                                             f"{_refusal(response)}")
     try:
         body = response.json()
     except ProtocolError:
         return {}
     return body if isinstance(body, dict) else {}
+
+
+async def health(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any] | None:
+    """The switch's health reply if it answers and accepts this node, else None. Never raises."""
+    try:
+        return await health_reply(switch_url, ssl_ctx, timeout)
+    except UplinkError:
+        return None
 
 
 async def probe(switch_url: str, ssl_ctx: ssl.SSLContext, timeout: float = PROBE_TIMEOUT_S) -> bool:

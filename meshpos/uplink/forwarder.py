@@ -32,7 +32,7 @@ import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Awaitable, Protocol, runtime_checkable
+from typing import Any, Awaitable, Protocol, runtime_checkable
 
 import trio
 
@@ -45,8 +45,9 @@ from meshpos.wire import envelope
 from meshpos.wire.forwarding import MAX_BODY_BYTES, ForwardReply, request_size
 from meshpos.uplink import leases as lease_rules
 from meshpos.uplink.batching import BatchSizer
-from meshpos.uplink.client import (Exchanged, NotSent, SwitchRefused, coded, forward_body, make_client_context, post,
-                                   results_body)
+from meshpos.uplink.client import (PROBE_TIMEOUT_S, Exchanged, NotSent, SwitchRefused, coded, forward_body,
+                                   health_reply, make_client_context, post, results_body)
+from meshpos.uplink.instances import InstanceChooser, Verdict, verdict
 from meshpos.wire.forwarding import FORWARD_PATH
 from meshpos.wire.forwarding_codings import RESULTS_PATH
 
@@ -91,54 +92,114 @@ def batch_fault(exc: UplinkError) -> bool:
 
 
 class HttpsTransport:
-    """The real transport: HTTPS to the policy's switch URL, pinned to the policy's switch key.
+    """The real transport: HTTPS to the policy's switch instances, pinned to the policy's switch key.
 
-    Request bodies go gzip-compressed once this switch announced it takes them (an
-    ``Accept-Encoding: gzip`` answer header; protocols/forwarding.md, "Compression"); a 415 to a
-    compressed body turns compression off again and the request is sent plain at once.
-    ``compress=False`` compresses nothing, either way. ``body_bytes`` / ``requests`` count what was sent (every
-    attempt, answered or not)."""
+    Each request goes to one instance and fails over to the next (meshpos/uplink/instances.py,
+    protocols/forwarding.md "Switch instances and failover"); ``instances`` holds which one is in
+    use and each one's back-off. Request bodies go gzip-compressed once the instance announced it
+    takes them (an ``Accept-Encoding: gzip`` answer header; protocols/forwarding.md, "Compression");
+    a 415 to a compressed body turns compression off again and the request is sent plain at once.
+    ``compress=False`` compresses nothing, either way. ``body_bytes`` / ``requests`` count what was
+    sent (every attempt, answered or not)."""
 
-    def __init__(self, core: UplinkHost, switch_url: str | None = None, *, compress: bool = True) -> None:
+    def __init__(self, core: UplinkHost, switch_url: str | None = None, *, compress: bool = True,
+                 clock: Callable[[], float] = trio.current_time) -> None:
         self.core = core
-        self.switch_url = switch_url  # overrides the policy's (a static route, or tests)
+        self.switch_url = switch_url  # overrides the policy's instances (a static route, or tests)
         self.compress = compress
-        self.gzip_url: str | None = None  # the switch URL that last announced gzip request bodies
+        self.now = clock  # monotonic seconds, for the instances' back-off
+        self.instances = InstanceChooser()
+        self.gzip_urls: set[str] = set()  # the instances that last announced gzip request bodies
         self.body_bytes = 0
         self.requests = 0
         self._ctx: ssl.SSLContext | None = None
-        self._for: tuple[str | None, str | None] = (None, None)
+        self._for: str | None = None
 
-    def _context(self) -> tuple[str, ssl.SSLContext]:
+    def urls(self) -> tuple[str, ...]:
+        return (self.switch_url,) if self.switch_url else self.core.policy.switch_urls
+
+    def _context(self) -> tuple[tuple[str, ...], ssl.SSLContext]:
         policy = self.core.policy
-        url = self.switch_url or policy.switch_url
-        if url is None or policy.switch_key is None:
+        urls = self.urls()
+        if not urls or policy.switch_key is None:
             raise NotSent("the site policy names no switch (meshpos site set-switch)")
-        if self._ctx is None or self._for != (url, policy.switch_key):
+        if self._ctx is None or self._for != policy.switch_key:
             try:
                 self._ctx = make_client_context(self.core, policy)
             except ConfigError as exc:
                 raise NotSent(str(exc)) from exc
-            self._for = (url, policy.switch_key)
-        return url, self._ctx
+            self._for = policy.switch_key
+        return urls, self._ctx
 
     async def forward(self, entries: list[bytes]) -> ForwardReply:
         return await self._post(FORWARD_PATH, forward_body(entries))
 
     async def results(self, sale_ids: list[str]) -> ForwardReply:
+        """Any instance answers it: they share one database."""
         return await self._post(RESULTS_PATH, results_body(sale_ids))
 
+    async def health(self, timeout: float = PROBE_TIMEOUT_S) -> tuple[str, dict[str, Any]] | None:
+        """The first instance, in failover order, that answers ``GET /v1/health`` and accepts this
+        node: (its URL, its reply). None if none does, or if one refuses this node (a 4xx: the
+        others would too). Raises NotSent only when no switch is named. A GET changes nothing, so
+        the probe moves on after any failure of an instance but a 4xx."""
+        urls, ctx = self._context()
+        url: str | None = self.instances.first(urls, self.now())
+        tried: set[str] = set()
+        while url is not None:
+            tried.add(url)
+            try:
+                reply = await self._health_of(url, ctx, timeout)
+            except UplinkError as exc:
+                if verdict(exc) is Verdict.ANSWERED:
+                    self.instances.answered(url)
+                    return None
+                self.instances.failed(url, self.now())
+                url = self.instances.next(urls, url, tried, self.now())
+                continue
+            self.instances.answered(url)
+            return url, reply
+        return None
+
+    async def _health_of(self, url: str, ctx: ssl.SSLContext, timeout: float) -> dict[str, Any]:
+        return await health_reply(url, ctx, timeout)
+
     async def _post(self, path: str, body: bytes) -> ForwardReply:
-        url, ctx = self._context()
-        gzip_body = self.compress and self.gzip_url == url
+        urls, ctx = self._context()
+        url = self.instances.first(urls, self.now())
+        tried: set[str] = set()
+        while True:
+            tried.add(url)
+            try:
+                reply = await self._post_to(url, ctx, path, body)
+            except UplinkError as exc:
+                seen = verdict(exc)
+                if seen is Verdict.ANSWERED:
+                    self.instances.answered(url)
+                    raise
+                self.instances.failed(url, self.now())
+                following = self.instances.next(urls, url, tried, self.now()) if seen is Verdict.NEXT else None
+                if following is None:
+                    raise
+                log.warning("switch instance %s failed (%s): trying %s", url, exc, following)
+                url = following
+                continue
+            self.instances.answered(url)
+            return reply
+
+    async def _post_to(self, url: str, ctx: ssl.SSLContext, path: str, body: bytes) -> ForwardReply:
+        gzip_body = self.compress and url in self.gzip_urls
         try:
             done = await self._send(url, ctx, path, coded(body, gzip_body), gzip_body)
         except SwitchRefused as exc:
             if not (gzip_body and exc.status == 415):
                 raise
-            self.gzip_url = None  # this switch no longer takes gzip: plain at once
+            self.gzip_urls.discard(url)  # this instance no longer takes gzip: plain at once
             done = await self._send(url, ctx, path, body, False)
-        self.gzip_url = url if done.gzip_announced else None
+        if done.gzip_announced:
+            self.gzip_urls.add(url)
+        else:
+            self.gzip_urls.discard(url)
         return done.reply
 
     async def _send(self, url: str, ctx: ssl.SSLContext, path: str, wire: bytes, gzip_body: bool) -> Exchanged:
@@ -201,7 +262,7 @@ class Forwarder:
         meshpos/uplink/leases.py); by default every node is taken as reachable."""
         self.core = core
         self.clock = clock
-        self.transport: Transport = transport if transport is not None else HttpsTransport(core)
+        self.transport: Transport = transport if transport is not None else HttpsTransport(core, clock=clock.monotonic)
         self.batch_sales = batch_sales
         self.sizer = BatchSizer(maximum=batch_sales)  # batches sized to what gets through (uplink/batching.py)
         self.lookup = transport if isinstance(transport, ResultsLookup) else None

@@ -81,6 +81,7 @@ class RefusedCount:
 class UplinkSeen:
     state: str | None = None
     last_forward_at: int | None = None
+    switch: str | None = None  # HOST:PORT of the switch instance the node last reached (cut to 40)
 
 
 @dataclass(frozen=True)
