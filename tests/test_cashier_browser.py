@@ -1,7 +1,7 @@
 """The cashier app in a real headless chromium (Debian's), against a real terminal in a small fair
 of real processes (tests/uplink_harness.py: acquirer simulator, switch, two terminals with TLS
 links): PIN login, the amount keypad, a cash sale and a keyed card sale, the card sale's offline
-window counting down, "held on" rising when the peer comes up and syncs, approval through the
+window counting down, a charge whose answer was lost retried with the same key (one sale), "held on" rising when the peer comes up and syncs, approval through the
 peer's uplink without a reload, a void, Italian; a double click on "charge" makes one sale; the
 page asks nothing of any other origin; no card number stays in the page or reaches a log.
 
@@ -46,14 +46,14 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
     group.stop_all()
 
 
-def until(cond: Callable[[], Any], what: str, timeout: float = 45.0) -> Any:
+def until(cond: Callable[[], Any], what: str, timeout: float = 45.0, state: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what} (last: {value!r})")
+            pytest.fail(f"timed out waiting for {what} (last: {value!r}){'; ' + state() if state else ''}")
         time.sleep(0.2)
 
 
@@ -158,9 +158,31 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         assert page.text("amount") == "2.50"
         page.click("#method-cash")
         page.click("#charge")
-        until(lambda: page.current().get("status") == "paid", "the cash sale")
+        until(lambda: page.current().get("status") == "paid", "the cash sale",
+              state=lambda: f"{page.current()}, error {page.text('sell-error')!r}, amount {page.text('amount')}")
         cash_id = page.current()["id"]
         assert page.current()["state"] == "Paid in cash"
+
+        # the answer to a charge is lost on the way back (the sale was made): the retry sends the
+        # same Idempotency-Key and the same body, and gets that sale, not a second one
+        browser.call("Fetch.enable", patterns=[{"urlPattern": "*/v1/sales", "requestStage": "Response"}])
+        page.keys("data-digit", "300")
+        page.click("#method-cash")
+        page.click("#charge")
+        paused = until(lambda: page.js("0") or next((e["params"] for e in browser.events
+                                                     if e["method"] == "Fetch.requestPaused"), None),
+                       "the charge's answer to be held back")  # js("0") only pumps the events
+        lost_key = {k.lower(): v for k, v in paused["request"]["headers"].items()}["idempotency-key"]
+        browser.call("Fetch.failRequest", requestId=paused["requestId"], errorReason="ConnectionReset")
+        browser.call("Fetch.disable")
+        until(lambda: page.text("charge") == "Retry charge", "the page to offer a retry")
+        assert len(own_sales(api)) == 2  # the node made the sale; the page did not hear of it
+        page.click("#charge")
+        until(lambda: page.current().get("status") == "paid" and page.current().get("id") != cash_id,
+              "the retried sale")
+        retried = api.request("GET", f"/v1/sales/{page.current()['id']}").body
+        assert retried["idempotency_key"] == lost_key and retried["amount"] == "3.00"
+        assert len(own_sales(api)) == 2 and page.text("charge") == "Charge"
 
         # a keyed card sale, charged with a double click: one sale
         assert page.js("document.getElementById('method-reader').disabled") is True  # no reader configured
@@ -169,12 +191,11 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         page.type_into("pan", VISA)
         page.type_into("expiry", "1230")
         page.click("#charge", count=2)
-        until(lambda: page.current().get("status") == "pending" and page.current().get("id") != cash_id,
-              "the card sale, pending")
+        until(lambda: page.current().get("status") == "pending", "the card sale, pending")
         card_id = page.current()["id"]
         sales = own_sales(api)
         assert len([s for s in sales if s["method"] == "card"]) == 1, sales  # the double click made one sale
-        assert len(sales) == 2
+        assert len(sales) == 3
         # the card number is gone from the page once sent: not in a field, not in the document
         assert page.js("document.getElementById('pan').value") == ""
         assert not page.js(f"document.documentElement.outerHTML.includes('{VISA}')")
@@ -213,10 +234,12 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         until(lambda: page.text("st-peers") == "1", "the status bar to show the peer")
 
         # today's sales, with totals per status and method
+        until(lambda: page.js(f"document.querySelector(\"#sales tr[data-id='{retried['id']}']\").dataset.status")
+              == "approved", "the switch to record the cash sale")
         totals = {r[0]: r[1:] for r in page.js("Array.from(document.querySelectorAll('#totals tbody tr')).map("
                                                "tr => Array.from(tr.cells).map(td => td.textContent))")}
-        assert totals == {"Voided": ["1 / 2.50", "0 / 0.00"], "Approved": ["0 / 0.00", "1 / 12.00"],
-                          "Total": ["1 / 2.50", "1 / 12.00"]}, totals
+        assert totals == {"Voided": ["1 / 2.50", "0 / 0.00"], "Approved": ["1 / 3.00", "1 / 12.00"],
+                          "Total": ["2 / 5.50", "1 / 12.00"]}, totals
         page.click(f"#sales tr[data-id='{card_id}'] button.reprint")
         until(lambda: page.text("toast"), "an answer to the reprint")  # no printer here: its message
 
