@@ -1,7 +1,8 @@
 """The cashier app in a real headless chromium (Debian's), against a real terminal in a small fair
 of real processes (tests/uplink_harness.py: acquirer simulator, switch, two terminals with TLS
 links): PIN login, the amount keypad, a cash sale and a keyed card sale, the card sale's offline
-window counting down, a charge whose answer was lost retried with the same key (one sale), "held on" rising when the peer comes up and syncs, approval through the
+window counting down, a charge whose answer was lost retried with the same key (one sale), a declined card with
+its reason, "held on" rising when the peer comes up and syncs, approval through the
 peer's uplink without a reload, a void, Italian; a double click on "charge" makes one sale; the
 page asks nothing of any other origin; no card number stays in the page or reaches a log.
 
@@ -27,7 +28,7 @@ from api_harness import ApiClient
 from cdp import Browser, chromium_path
 from helpers import run_cli
 from meshpos.apps.procs import ProcessGroup
-from uplink_harness import VISA, Fair
+from uplink_harness import DECLINED_05, VISA, Fair
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(chromium_path() is None, reason="chromium is not installed (apt-get install chromium)")]
@@ -184,6 +185,15 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         assert retried["idempotency_key"] == lost_key and retried["amount"] == "3.00"
         assert len(own_sales(api)) == 2 and page.text("charge") == "Charge"
 
+        # a card the acquirer will decline, keyed
+        page.keys("data-digit", "400")
+        page.click("#method-card")
+        page.type_into("pan", DECLINED_05)
+        page.type_into("expiry", "1230")
+        page.click("#charge")
+        until(lambda: page.current().get("status") == "pending", "the card sale to be declined, pending")
+        declined_id = page.current()["id"]
+
         # a keyed card sale, charged with a double click: one sale
         assert page.js("document.getElementById('method-reader').disabled") is True  # no reader configured
         page.keys("data-digit", "1200")
@@ -191,15 +201,18 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         page.type_into("pan", VISA)
         page.type_into("expiry", "1230")
         page.click("#charge", count=2)
-        until(lambda: page.current().get("status") == "pending", "the card sale, pending")
+        until(lambda: page.current().get("status") == "pending" and page.current().get("id") != declined_id,
+              "the card sale, pending")
         card_id = page.current()["id"]
         sales = own_sales(api)
-        assert len([s for s in sales if s["method"] == "card"]) == 1, sales  # the double click made one sale
-        assert len(sales) == 3
+        assert len([s for s in sales if s["method"] == "card"]) == 2, sales  # the double click made one sale
+        assert len(sales) == 4
+        assert page.text("sell-error") == ""  # the second tap is no mistake to scold the seller for
         # the card number is gone from the page once sent: not in a field, not in the document
         assert page.js("document.getElementById('pan').value") == ""
-        assert not page.js(f"document.documentElement.outerHTML.includes('{VISA}')")
-        assert not page.js(f"document.body.innerText.includes('{VISA[-8:]}')")
+        for pan in (VISA, DECLINED_05):
+            assert not page.js(f"document.documentElement.outerHTML.includes('{pan}')")
+            assert not page.js(f"document.body.innerText.includes('{pan[-8:]}')")
 
         # pending, with the offline window counting down, held by this terminal alone
         first = page.current()
@@ -234,12 +247,19 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         until(lambda: page.text("st-peers") == "1", "the status bar to show the peer")
 
         # today's sales, with totals per status and method
-        until(lambda: page.js(f"document.querySelector(\"#sales tr[data-id='{retried['id']}']\").dataset.status")
-              == "approved", "the switch to record the cash sale")
+        def row_status(sale_id: str) -> str:
+            return str(page.js(f"document.querySelector(\"#sales tr[data-id='{sale_id}']\").dataset.status"))
+        until(lambda: row_status(retried["id"]) == "approved" and row_status(declined_id) == "declined",
+              "the switch's results for the cash sale and the declined card")
         totals = {r[0]: r[1:] for r in page.js("Array.from(document.querySelectorAll('#totals tbody tr')).map("
                                                "tr => Array.from(tr.cells).map(td => td.textContent))")}
         assert totals == {"Voided": ["1 / 2.50", "0 / 0.00"], "Approved": ["1 / 3.00", "1 / 12.00"],
-                          "Total": ["2 / 5.50", "1 / 12.00"]}, totals
+                          "Declined": ["0 / 0.00", "1 / 4.00"], "Total": ["2 / 5.50", "2 / 16.00"]}, totals
+        # a tap on the declined sale shows it, with the acquirer's reason
+        page.click(f"#sales tr[data-id='{declined_id}'] td")
+        until(lambda: page.current()["id"] == declined_id, "the declined sale shown")
+        assert page.current()["state"] == "Declined" and "response code 05 (do not honour)" in page.current()["detail"]
+        page.click(f"#sales tr[data-id='{card_id}'] td")
         page.click(f"#sales tr[data-id='{card_id}'] button.reprint")
         until(lambda: page.text("toast"), "an answer to the reprint")  # no printer here: its message
 
@@ -265,6 +285,7 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
     finally:
         browser.close()
     api.close()
-    for log in (tmp_path / "logs").glob("*.log"):
-        assert VISA not in log.read_text(errors="replace"), log
+    for log in [*(tmp_path / "logs").glob("*.log"), tmp_path / "chromium.log"]:
+        text = log.read_text(errors="replace")
+        assert VISA not in text and DECLINED_05 not in text, log
     print(f"screenshots in {shots}")

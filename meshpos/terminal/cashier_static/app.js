@@ -50,9 +50,10 @@ const TEXT = {
 };
 
 const $ = (id) => document.getElementById(id);
+const DOUBLE_TAP_MS = 1500; // a tap on "charge" this soon after a sale, with no new amount, is its double tap
 const state = {
   lang: "en", setup: null, nodeId: null, pin: "", digits: "", method: null, attempt: null, busy: false,
-  sales: new Map(), current: null, events: null, status: null, confirmVoid: null,
+  sales: new Map(), current: null, events: null, status: null, confirmVoid: null, soldAt: 0,
 };
 
 function t(key, vars) {
@@ -89,6 +90,7 @@ function applyLanguage() {
   document.documentElement.lang = state.lang;
   for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
   $("lang").textContent = state.lang === "en" ? "IT" : "EN";
+  $("expiry").placeholder = state.lang === "it" ? "MMAA" : "MMYY";
   $("charge").textContent = t(state.attempt && state.attempt.failed ? "retry" : "charge");
   renderStatus(); renderCurrent(); renderToday();
 }
@@ -179,6 +181,7 @@ async function charge() {
   if (state.attempt && state.attempt.failed) {
     text = state.attempt.text; // the retry of an attempt whose answer was lost: same key, same body
   } else {
+    if (!state.digits && Date.now() - state.soldAt < DOUBLE_TAP_MS) return; // the second tap of a double tap
     try { text = saleBody(); } catch (e) { $("sell-error").textContent = e.message; return; }
     state.attempt = { key: uuid(), text, failed: false };
   }
@@ -187,7 +190,7 @@ async function charge() {
   try {
     const a = await call("POST", "/v1/sales", text, { "Idempotency-Key": state.attempt.key });
     if (a.status === 200 || a.status === 201) {
-      state.attempt = null; state.digits = ""; $("amount").textContent = amountText("");
+      state.attempt = null; state.digits = ""; state.soldAt = Date.now(); $("amount").textContent = amountText("");
       $("charge").textContent = t("charge");
       showSale(a.body, true);
     } else if (a.status >= 500) {
@@ -270,6 +273,10 @@ function renderToday() {
     totals.set(sale.status, row);
     const tr = document.createElement("tr");
     tr.dataset.id = sale.id; tr.dataset.status = sale.status;
+    tr.addEventListener("click", (ev) => { // a tap on a sale shows it in full above
+      if (ev.target.closest("button")) return;
+      state.current = sale.id; renderCurrent();
+    });
     const cells = [new Date(sale.created_at_ms).toLocaleTimeString(state.lang === "it" ? "it-IT" : "en-GB"),
                    sale.amount, methodText(sale), t("st_" + sale.status)];
     cells.forEach((text, i) => {
