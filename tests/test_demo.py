@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from meshpos.site.cashierpin import pin_matches, read_pin_hash
+
 pytestmark = pytest.mark.slow
 
 
@@ -44,6 +46,11 @@ def test_demo_runs_twice_in_a_row_with_every_sale_final(tmp_path: Path) -> None:
         # 17 sales, 6 of them cash (one voided): cash is final when taken, never counted pending
         assert "sales (card pending 11, cash paid 5, voided 1)" in output, output
         assert "0 advised twice" in output
+        # the cashier app of terminal 1: its address and the PIN that opens it (only its hash is kept)
+        line = next(x for x in output.splitlines() if x.startswith("cashier app of terminal-1: http://127.0.0.1:"))
+        pin = line.rsplit("PIN ", 1)[1]
+        stored = read_pin_hash(out / "terminal-1" / "cashier-pin")
+        assert stored is not None and pin_matches(stored, pin) and pin not in stored
         receipts = sorted(p.name for p in (out / "receipts").iterdir())
         assert "terminal-1.escpos" in receipts and "terminal-1.txt" in receipts
         text = (out / "receipts" / "terminal-1.txt").read_text()

@@ -24,8 +24,10 @@ from typing import Any, Callable
 from meshpos.domain.errors import MeshposError
 from meshpos.node import client
 from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
+from meshpos.site.cashierpin import generate_pin
 
 FINAL = {"approved", "declined", "voided", "expired", "rejected"}
+CASHIER_TERMINAL = "terminal-1"  # the terminal whose cashier app the demo shows
 CARDS = ("4111111111111111", "5555555555554444")
 DECLINED_CARD = "4000000000000002"
 
@@ -42,6 +44,7 @@ class Demo:
         self.t0 = time.monotonic()
         self.nodes: dict[str, Path] = {}
         self.expected: dict[str, dict[str, Any]] = {}
+        self.cashier_pin = ""
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -69,7 +72,7 @@ class Demo:
 
     def setup(self) -> None:
         out = self.out
-        acq_port, switch_port, *node_ports = free_ports(2 + self.n + 1)
+        acq_port, switch_port, cashier_port, *node_ports = free_ports(3 + self.n + 1)
         self.say(f"setting up in {out}: acquirer simulator, switch, gateway and {self.n} terminals")
         rules = out / "acquirer-rules.json"
         rules.write_text(json.dumps({"seed": 1, "delay_ms": 20, "cards": [
@@ -98,7 +101,11 @@ class Demo:
                     "--language", "it" if i % 2 == 0 else "en"]
             for p in peers:
                 args += ["--peer", p]
-            self.cli(*args)
+            pin = ""
+            if name == CASHIER_TERMINAL:  # its cashier app on a port of its own, with a fresh PIN (stdin, not argv)
+                self.cashier_pin = pin = generate_pin()
+                args += ["--api", f"127.0.0.1:{cashier_port}", "--cashier-pin", "-"]
+            self.cli(*args, stdin=pin + "\n" if pin else "")
             cfg_path = out / name / "config.json"
             cfg = json.loads(cfg_path.read_text())
             if i:
@@ -112,6 +119,13 @@ class Demo:
         for name, path in self.nodes.items():
             self.procs.start_node(name, path, "--no-mdns")
         self.say(f"started {len(self.nodes)} nodes; no uplink anywhere: every sale stays offline")
+        self.say(self.cashier_line())
+
+    def cashier_line(self) -> str:
+        """Where to open terminal 1's cashier app, and its PIN."""
+        api = client.call_running(self.nodes[CASHIER_TERMINAL], "status", {}).get("api") or {}
+        url = str(api.get("url") or "").removesuffix("v1/") or f"(not served: {api.get('error')})"
+        return f"cashier app of {CASHIER_TERMINAL}: {url}  PIN {self.cashier_pin}"
 
     def sell(self, name: str, amount: int, pan: str | None) -> dict[str, Any]:
         node = self.nodes[name]
@@ -227,6 +241,7 @@ class Demo:
         receipts = sorted((self.out / "receipts").glob("*"))
         self.write(f"receipts: {', '.join(str(p) for p in receipts)}")
         ok = ok and not double and advised == cards
+        self.write(self.cashier_line())
         self.write("demo " + ("passed: every sale is final on every node" if ok else "FAILED"))
         return 0 if ok else 1
 

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     _sales(sub)
     _status(sub)
     _void(sub)
-    from meshpos.cli import more
+    from meshpos.cli import cashier_cmd, more
     more.register(sub)
+    cashier_cmd.register(sub)
 
 
 # -- site ----------------------------------------------------------------------------
@@ -259,6 +260,8 @@ def _enroll_node_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api", metavar="HOST:PORT",
                    help="the terminal API's TCP address for a POS app (default 127.0.0.1:7480; an address off "
                         "loopback is served over TLS with the node's certificate). Bearer token: NODE_DIR/api-token")
+    from meshpos.cli.cashier_cmd import add_pin_option
+    add_pin_option(p)
 
 
 def _enroll(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -307,16 +310,24 @@ def _print_enrolled(cfg: Any, as_json: bool = False) -> None:
 def cmd_enroll(args: argparse.Namespace) -> int:
     if args.valid_days <= 0:
         raise InputError("--valid-days must be positive")
+    from meshpos.cli.cashier_cmd import read_checked_pin, save_pin
+    pin = read_checked_pin(args.cashier_pin, "--cashier-pin")
     site = load_site(args.site_dir)
     cfg = enroll_one_step(site, args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
                           args.language, args.valid_days, dashboard=args.dashboard, api=args.api)
+    if pin is not None:
+        save_pin(args.node_dir, pin)
     _print_enrolled(cfg, args.json)
     return 0
 
 
 def cmd_enroll_request(args: argparse.Namespace) -> int:
+    from meshpos.cli.cashier_cmd import read_checked_pin, save_pin
+    pin = read_checked_pin(args.cashier_pin, "--cashier-pin")
     request = create_request(args.node_dir, args.role, args.name, args.listen, args.peer, args.uplink,
                              args.language, dashboard=args.dashboard, api=args.api)
+    if pin is not None:
+        save_pin(args.node_dir, pin)
     write_json(args.out, request)
     print(f"request written to {args.out}: give it to the organizer (`meshpos enroll sign`)")
     return 0

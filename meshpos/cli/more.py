@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     d.add_argument("--terminals", type=int, default=4, help="number of terminals (default 4)")
     d.add_argument("--sales", type=int, default=36, help="offline sales across the terminals (default 36)")
     d.add_argument("--out", type=_path, default=Path("demo-out"), help="folder for receipts, logs and state")
+    d.add_argument("--stay", action="store_true",
+                   help="keep the fair running after the scripted day, until Ctrl-C: try terminal 1's cashier app "
+                        "in a browser at the address and PIN the demo prints")
     d.set_defaults(handler=cmd_demo)
 
     u = sub.add_parser("uplink", help="allow or forbid this node to forward the site's queue",
@@ -150,6 +153,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_term)
     try:
         code = demo.run()
+        if args.stay:
+            print("the fair keeps running (--stay): open the cashier app above; Ctrl-C stops it", flush=True)
+            try:
+                while True:
+                    signal.pause()
+            except KeyboardInterrupt:
+                pass
         demo.procs.stop_all()
         demo.write_text_receipts()
         print(f"receipts as text: {out / 'receipts'}/*.txt; logs: {out / 'logs'}")

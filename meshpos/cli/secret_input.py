@@ -123,3 +123,14 @@ def read_password(value: str | None, option: str, console: Console | None = None
     if console.ask("the same password again: ") != first:
         raise InputError("the two passwords differ")
     return first
+
+
+def read_pin(value: str | None, option: str, console: Console | None = None) -> str:
+    """A cashier PIN for ``option``: one line from stdin (``-``), or typed twice without echo."""
+    console = console or Console.real()
+    if _source(value, option, "PIN", console) == FROM_STDIN:
+        return _read_line(console, "PIN").strip()
+    first = console.ask("cashier PIN (not shown): ").strip()
+    if console.ask("the same PIN again: ").strip() != first:
+        raise InputError("the two PINs differ")
+    return first

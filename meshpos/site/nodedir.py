@@ -13,6 +13,7 @@ Layout (protocols/files.md):
   control.sock  the running node's local control socket
   api-token     the terminal API's bearer token (0600), made at enrollment or on first run
   api.sock      the terminal API on a UNIX socket (0600), while the node runs
+  cashier-pin   the cashier app's PIN, as a scrypt hash (0600); cashier-lock.json its wrong tries
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ class NodeDir:
     dashboard_path = property(lambda self: self.path / DASHBOARD_FILE)
     api_token_path = property(lambda self: self.path / "api-token")
     api_socket_path = property(lambda self: self.path / "api.sock")
+    cashier_pin_path = property(lambda self: self.path / "cashier-pin")
+    cashier_lock_path = property(lambda self: self.path / "cashier-lock.json")
 
     def check_exists(self) -> None:
         if not self.path.is_dir():

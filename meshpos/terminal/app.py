@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Callable
 
 import trio
@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 
 from meshpos.domain.errors import InputError, MeshposError
 from meshpos.node.service import NodeService
@@ -48,14 +48,14 @@ def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> JSO
     return JSONResponse(value, status_code=status, headers=headers)
 
 
-async def _body(request: Request, required: bool) -> Any:
+async def read_body(request: Request, required: bool) -> Any:
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
-        raise _TooLarge()
+        raise TooLarge()
     raw = b""
     async for chunk in request.stream():
         raw += chunk
         if len(raw) > MAX_BODY:
-            raise _TooLarge()
+            raise TooLarge()
     if not raw.strip():
         if required:
             raise InputError("the request needs a JSON body")
@@ -66,11 +66,12 @@ async def _body(request: Request, required: bool) -> Any:
         raise InputError("the body is not JSON (or nested too deep)") from exc
 
 
-class _TooLarge(Exception):
+class TooLarge(Exception):
     pass
 
 
-def make_app(api: TerminalApi) -> Starlette:
+def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
+    """The /v1 routes, and ``extra`` ones (the cashier app's page and login) beside them."""
     def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
             try:
@@ -79,13 +80,13 @@ def make_app(api: TerminalApi) -> Starlette:
             except MeshposError as exc:
                 status, body = translate(exc)
                 return _json(status, body)
-            except _TooLarge:
+            except TooLarge:
                 return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
         return endpoint
 
     async def create_sale(request: Request) -> Response:
         key = request.headers.get("idempotency-key")
-        body = await _body(request, required=True)
+        body = await read_body(request, required=True)
         created = await api.sales.create(key, body)
         if not created.replayed:
             api.service.print_receipts(created.sale)
@@ -109,14 +110,14 @@ def make_app(api: TerminalApi) -> Starlette:
         return _json(200, api.sales.get(request.path_params["sale_id"]))
 
     async def void_sale(request: Request) -> Response:
-        body = await _body(request, required=False)
+        body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"reason"}:
             raise InputError("the body may hold only {\"reason\": \"...\"}")
         sale, _ = api.sales.void(request.path_params["sale_id"], body.get("reason"))
         return _json(200, sale)
 
     async def print_receipt(request: Request) -> Response:
-        body = await _body(request, required=False)
+        body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"copy"}:
             raise InputError("the body may hold only {\"copy\": \"customer\" | \"merchant\" | \"outcome\"}")
         copy = body.get("copy", "customer")
@@ -158,6 +159,7 @@ def make_app(api: TerminalApi) -> Starlette:
         Route("/v1/status", handled(status), methods=["GET"]),
         Route("/v1/events", handled(events), methods=["GET"]),
         Route("/v1/openapi.json", handled(openapi), methods=["GET"]),
+        *extra,
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: crashed})
 

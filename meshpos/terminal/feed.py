@@ -4,6 +4,8 @@
   ``sale.rejected`` / ``sale.voided`` (a settlement result), ``sale.reversed``: from the ledger's
   accept hook, for this terminal's own sales, whichever node's uplink settled them (the result
   reaches this node by replication). The data is the sale object, as ``GET /v1/sales/{id}``.
+- ``sale.replicated``: the number of devices known to hold one of this terminal's pending card
+  sales (``held_by``) changed, as peers' statuses arrive; checked every ``TICK_S``.
 - ``sale.expired`` also when a card sale's offline window ends with no result (a time, not an
   entry: checked every ``TICK_S``).
 - ``node.status``: linked peers, uplink, printer, battery, this terminal's pending sales and the
@@ -36,6 +38,7 @@ class EventFeed:
         self.core: NodeCore = node.core
         self.journal = journal
         self.windows: dict[str, int] = {}  # own pending card sale -> when its window ends (ms)
+        self.held: dict[str, int] = {}  # own pending card sale -> its held_by as last sent
         self.last_status: dict[str, Any] | None = None
         for sale in self.core.sales(self.core.node_id):
             self._track(sale)
@@ -48,8 +51,10 @@ class EventFeed:
     def _track(self, sale: dict[str, Any]) -> None:
         if sale["method"] == "card" and sale["status"] == "pending":
             self.windows[sale["id"]] = int(sale["created_at_ms"]) + self.core.policy.offline_window_ms
+            self.held.setdefault(sale["id"], int(sale["held_by"]))
         else:
             self.windows.pop(sale["id"], None)
+            self.held.pop(sale["id"], None)
 
     def on_accept(self, verified: Verified) -> None:
         env = verified.env
@@ -75,16 +80,31 @@ class EventFeed:
             if ends > now:
                 break
             del self.windows[sale_id]
+            self.held.pop(sale_id, None)
             try:
                 sale = self.core.sale(sale_id)
             except MeshposError:
                 continue
             if sale["status"] == "expired":
                 self.journal.append("sale.expired", sale)
+        self.replicated()
         status = self.node_status()
         if status != self.last_status:
             self.last_status = status
             self.journal.append("node.status", status)
+
+    def replicated(self) -> None:
+        if not self.held:
+            return
+        index = self.core.held_index()
+        for sale_id in sorted(self.windows):
+            row = self.core.store.sale(sale_id)
+            if row is None:
+                continue
+            held = self.core.held_by(row, index)
+            if held != self.held.get(sale_id):
+                self.held[sale_id] = held
+                self.journal.append("sale.replicated", self.core.sale_json(row, index))
 
     def node_status(self) -> dict[str, Any]:
         """The node state a till shows (the same as ``GET /v1/status``'s ``summary``)."""

@@ -5,13 +5,19 @@
 - A state-changing request (POST, PUT, PATCH, DELETE) whose ``Origin`` is not the API's own
   gets 403: any page open in the terminal's browser could otherwise post a sale or a void.
   Requests without ``Origin`` (POS apps, curl) pass.
-- ``Authorization: Bearer TOKEN`` with the token of ``NODE_DIR/api-token``, or 401.
+- ``Authorization: Bearer TOKEN`` with the token of ``NODE_DIR/api-token``, or the cashier app's
+  session cookie (meshpos.terminal.cashier) where the policy has sessions, or 401. A
+  state-changing request authorized by the cookie must carry an ``Origin`` (the API's own, as
+  above): a browser always sends it on such requests, so one without it did not come from the
+  page.
+- ``public`` paths (the cashier app's page, its files, its login) need no token or cookie; the
+  Host and Origin checks still apply.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping
 
 from meshpos.site.apitoken import token_matches
@@ -31,6 +37,8 @@ class GuardPolicy:
     token: str
     hosts: frozenset[str] | None  # accepted Host values; None: any (the UNIX socket)
     origins: frozenset[str]  # accepted Origin values on a state-changing request
+    public: frozenset[str] = frozenset()  # paths open without a token or a session
+    session: Callable[[str | None], bool] | None = field(default=None)  # Cookie header -> a live session?
 
 
 WILDCARDS = ("0.0.0.0", "::")
@@ -88,8 +96,14 @@ class Guard:
         origin = _header(scope, b"origin")
         if scope.get("method") in STATE_CHANGING and origin is not None and origin.lower() not in p.origins:
             return 403, "forbidden", "requests from another origin may not change anything here"
+        if scope.get("path") in p.public:
+            return None
         auth = _header(scope, b"authorization") or ""
         scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token_matches(p.token, token.strip()):
-            return 401, "unauthorized", "send Authorization: Bearer <the token in NODE_DIR/api-token>"
-        return None
+        if scheme.lower() == "bearer" and token_matches(p.token, token.strip()):
+            return None
+        if p.session is not None and p.session(_header(scope, b"cookie")):
+            if scope.get("method") in STATE_CHANGING and origin is None:
+                return 403, "forbidden", "a change authorized by the cashier session must carry its Origin"
+            return None
+        return 401, "unauthorized", "send Authorization: Bearer <the token in NODE_DIR/api-token>"

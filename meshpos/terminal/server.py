@@ -25,6 +25,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from meshpos.devices.reader import CardReader
+from meshpos.domain.currency import minor_units
 from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.node.dashboard import is_loopback
@@ -32,6 +33,8 @@ from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
 from meshpos.site.apitoken import ensure_api_token
 from meshpos.terminal.app import TerminalApi, make_app
+from meshpos.terminal.cashier import CashierLogin, CookiePolicy
+from meshpos.terminal.cashier_app import PUBLIC, CashierPage, CashierSetup
 from meshpos.terminal.events import EventJournal
 from meshpos.terminal.feed import EventFeed
 from meshpos.replication.discovery import local_addresses
@@ -116,14 +119,19 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
     feed = EventFeed(node, journal)
     api = TerminalApi(service, TerminalSales(core, reader), journal, feed.node_status,
                       lambda: node.status().to_json(), OpenApiDocument())
-    app = make_app(api)
+    host, port = parse_hostport(core.config.api_address, "api")
+    tls = not is_loopback(host)
+    cashier = CashierPage(
+        CashierLogin(core.dir.cashier_pin_path, core.dir.cashier_lock_path, core.clock.now_ms),
+        CookiePolicy(secure=tls),
+        lambda: CashierSetup(core.config.name, core.config.language, core.policy.currency,
+                             minor_units(core.policy.currency), keyed=core.policy.switch_key is not None, reader=reader is not None))
+    app = make_app(api, cashier.routes())
     path: Path = core.dir.api_socket_path
     node.report_api(ApiStatus(socket=str(path), url=None, error=None))
-    host, port = parse_hostport(core.config.api_address, "api")
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, Guard(app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
-            tls = not is_loopback(host)
             try:
                 tcp = bind_tcp(host, port)
             except OSError as exc:
@@ -134,7 +142,8 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
                 bound = tcp.getsockname()[1]
                 hosts, origins = host_names(host, bound, tls, local_addresses() if host in WILDCARDS else ())
                 context = tls_context(core.dir.cert_path, core.dir.key_path) if tls else None
-                await nursery.start(serve, Guard(app, GuardPolicy(token, hosts, origins)), tcp, context)
+                policy = GuardPolicy(token, hosts, origins, public=PUBLIC, session=cashier.session_ok)
+                await nursery.start(serve, Guard(app, policy), tcp, context)
                 shown = f"[{host}]" if ":" in host else host
                 url = f"{'https' if tls else 'http'}://{shown}:{bound}/v1/"
                 node.report_api(ApiStatus(socket=str(path), url=url, error=None))
