@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -51,6 +52,10 @@ def test_demo_runs_twice_in_a_row_with_every_sale_final(tmp_path: Path) -> None:
         pin = line.rsplit("PIN ", 1)[1]
         stored = read_pin_hash(out / "terminal-1" / "cashier-pin")
         assert stored is not None and pin_matches(stored, pin) and pin not in stored
+        # every node's terminal API on an address of its own (none competes for the default port)
+        apis = [json.loads((out / name / "config.json").read_text()).get("api")
+                for name in ("gateway", "terminal-1", "terminal-2", "terminal-3")]
+        assert all(apis) and len(set(apis)) == len(apis), apis
         receipts = sorted(p.name for p in (out / "receipts").iterdir())
         assert "terminal-1.escpos" in receipts and "terminal-1.txt" in receipts
         text = (out / "receipts" / "terminal-1.txt").read_text()

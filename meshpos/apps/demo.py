@@ -72,7 +72,9 @@ class Demo:
 
     def setup(self) -> None:
         out = self.out
-        acq_port, switch_port, cashier_port, *node_ports = free_ports(3 + self.n + 1)
+        ports = free_ports(2 + 2 * (self.n + 1))
+        acq_port, switch_port = ports[:2]
+        node_ports, api_ports = ports[2:3 + self.n], ports[3 + self.n:]
         self.say(f"setting up in {out}: acquirer simulator, switch, gateway and {self.n} terminals")
         rules = out / "acquirer-rules.json"
         rules.write_text(json.dumps({"seed": 1, "delay_ms": 20, "cards": [
@@ -98,13 +100,14 @@ class Demo:
                 peers.append(f"127.0.0.1:{node_ports[i - 1]}")
             args = ["enroll", str(out / "site"), str(out / name), "--role", "gateway" if i == 0 else "terminal",
                     "--name", name.replace("-", " ").title(), "--listen", f"127.0.0.1:{node_ports[i]}",
-                    "--language", "it" if i % 2 == 0 else "en"]
+                    "--language", "it" if i % 2 == 0 else "en",
+                    "--api", f"127.0.0.1:{api_ports[i]}"]  # each node's terminal API on a port of its own
             for p in peers:
                 args += ["--peer", p]
             pin = ""
-            if name == CASHIER_TERMINAL:  # its cashier app on a port of its own, with a fresh PIN (stdin, not argv)
+            if name == CASHIER_TERMINAL:  # its cashier app, with a fresh PIN (stdin, not argv)
                 self.cashier_pin = pin = generate_pin()
-                args += ["--api", f"127.0.0.1:{cashier_port}", "--cashier-pin", "-"]
+                args += ["--cashier-pin", "-"]
             self.cli(*args, stdin=pin + "\n" if pin else "")
             cfg_path = out / name / "config.json"
             cfg = json.loads(cfg_path.read_text())
