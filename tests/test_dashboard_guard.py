@@ -114,7 +114,7 @@ def test_wrong_passwords_are_rate_limited_per_address_at_a_fixed_memory_cost(
             return False
         except OSError:
             return True
-    wait_for(lambda: sum(closed(s) for s in idle) >= 50 - LIMITS.max_pending_per_source, 20,
+    wait_for(lambda: sum(closed(s) for s in idle) >= 50 - LIMITS.per_source, 20,
              "the dashboard did not close the idle connections past its per-address bound")
     assert get(dash, PASSWORD, source="127.0.0.7").status == 200
     for s in idle:
