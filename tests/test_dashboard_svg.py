@@ -120,6 +120,27 @@ def test_layout_spaces_nodes_keeps_boxes_apart_and_is_deterministic() -> None:
     assert len(first) == 9 and min(first, key=lambda s: s.y).node_id == "n00"  # the first by name at the top
 
 
+def test_a_site_of_200_terminals_is_a_grid_not_a_huge_ring() -> None:
+    ids = [f"t{i:03d}" for i in range(200)]
+    known = {i: Known(name=f"T{i}", role="terminal") for i in ids}
+    statuses = {i: st([ids[(k + 1) % 200], ids[(k - 1) % 200]]) for k, i in enumerate(ids)}
+    pic = layout(view_of(statuses, known))
+    assert len(pic.spots) == 200 and len(pic.parts) == 1
+    assert pic.width < 16 * SPACING and pic.height < 16 * SPACING  # 15 columns; a ring would be 64 spacings across
+    for a, b in itertools.combinations(pic.spots.values(), 2):
+        assert math.dist((a.x, a.y), (b.x, b.y)) >= SPACING * 0.99
+    box = pic.parts[0]
+    assert all(box.x < s.x < box.x + box.width and box.y < s.y < box.y + box.height for s in pic.spots.values())
+    # split into 100 parts of two: the boxes wrap into rows, none overlaps another
+    cut = {i: st([ids[k + 1 if k % 2 == 0 else k - 1]], at=NOW if k < 2 else NOW - 60_000) for k, i in enumerate(ids)}
+    pic = layout(view_of(cut, known))
+    assert len(pic.parts) == 100 and pic.width < 1700 and pic.height < 20 * 300
+    for one, two in itertools.combinations(pic.parts, 2):
+        assert (one.x + one.width <= two.x or two.x + two.width <= one.x
+                or one.y + one.height <= two.y or two.y + two.height <= one.y)
+    assert all(0 < s.x < pic.width and 0 < s.y < pic.height for s in pic.spots.values())
+
+
 def test_a_hostile_name_cannot_break_the_markup() -> None:
     name = "<script>alert('x')</script> & \"q\" \x01\ud800"
     known = {"gw": Known(name=name, role="gateway")}

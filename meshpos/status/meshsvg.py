@@ -14,7 +14,8 @@ What it shows, and how a reader (or a test) finds it in the markup:
 
 Layout (:func:`layout`): the parts side by side, largest first (the view's order); the nodes of a
 part on a circle, gateway first at the top, then by name (the view's order), spaced so that their
-labels do not touch. Deterministic: the same view gives the same picture. Pure.
+labels do not touch; a part of more than RING_MAX nodes in a square grid, row by row; boxes wrap
+into rows past ROW_MAX. Deterministic: the same view gives the same picture. Pure.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ SPACING = 120.0  # between neighbouring nodes on a ring: room for their labels
 PAD = 46.0  # inside a part's box, around its ring (labels under the lowest node)
 GAP = 24.0  # between two boxes
 TOP = 22.0  # room for a box's label
+ROW_MAX = 1600.0  # boxes go on in a new row past this width (a split into many small parts)
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,33 @@ class Picture:
     parts: list[Box]
 
 
+RING_MAX = 16  # a larger part is laid out in a grid: a ring of 200 would be 60 spacings across
+
+
 def _ring_radius(n: int) -> float:
     if n <= 1:
         return 0.0
     return max(SPACING / 2, SPACING / (2 * math.sin(math.pi / n)))
+
+
+def _cols(n: int) -> int:
+    return math.ceil(math.sqrt(n))
+
+
+def _span(n: int) -> float:
+    """How wide (and high) the nodes of a part of ``n`` are drawn, centre to centre."""
+    return 2 * _ring_radius(n) if n <= RING_MAX else (_cols(n) - 1) * SPACING
+
+
+def _offsets(n: int) -> list[tuple[float, float]]:
+    """Each node's place around the part's centre: a ring from the top, clockwise; or grid rows."""
+    if n <= RING_MAX:
+        r = _ring_radius(n)
+        return [(r * math.cos(-math.pi / 2 + 2 * math.pi * j / n), r * math.sin(-math.pi / 2 + 2 * math.pi * j / n))
+                for j in range(n)]
+    cols = _cols(n)
+    half = (cols - 1) * SPACING / 2
+    return [(j % cols * SPACING - half, j // cols * SPACING - half) for j in range(n)]
 
 
 def _parts(view: dict[str, Any]) -> list[list[str]]:
@@ -83,24 +108,25 @@ def layout(view: dict[str, Any]) -> Picture:
     statused = len(view.get("group_ids", []))
     spots: dict[str, Spot] = {}
     boxes: list[Box] = []
-    x = GAP
-    sides = [2 * _ring_radius(len(p)) + 2 * PAD for p in parts]
-    height = (max(sides) if sides else 2 * PAD) + TOP + 2 * GAP
-    for k, (members, side) in enumerate(zip(parts, sides)):
-        r = _ring_radius(len(members))
-        cx, cy = x + side / 2, GAP + TOP + side / 2 - PAD / 4
-        for j, node_id in enumerate(members):
-            angle = -math.pi / 2 + 2 * math.pi * j / len(members)
-            spots[node_id] = Spot(node_id, cx + r * math.cos(angle), cy + r * math.sin(angle), k)
+    x, y, row_h, width = GAP, GAP, 0.0, 0.0
+    for k, members in enumerate(parts):
+        side = _span(len(members)) + 2 * PAD
+        if x > GAP and x + side > ROW_MAX:  # a new row of boxes
+            x, y, row_h = GAP, y + row_h + GAP, 0.0
+        cx, cy = x + side / 2, y + TOP + side / 2 - PAD / 4
+        for node_id, (dx, dy) in zip(members, _offsets(len(members))):
+            spots[node_id] = Spot(node_id, cx + dx, cy + dy, k)
         if k >= statused:
             label, cut = "no status received", False
         elif statused > 1:
             label, cut = f"part {k + 1} of {statused}" + (" (cut off)" if k else ""), k > 0
         else:
             label, cut = "", False
-        boxes.append(Box(x, GAP, side, side + TOP, label, cut))
+        boxes.append(Box(x, y, side, side + TOP, label, cut))
         x += side + GAP
-    return Picture(max(x, 2 * PAD), height, spots, boxes)
+        row_h = max(row_h, side + TOP)
+        width = max(width, x)
+    return Picture(max(width, 2 * PAD), y + max(row_h, 2 * PAD) + GAP, spots, boxes)
 
 
 def _detail(n: dict[str, Any]) -> str:
