@@ -1,9 +1,13 @@
 """The organizer dashboard in a real headless chromium: terminals and totals of running nodes,
-refreshed by the page itself after a new sale; no password, no page."""
+refreshed by the page itself after a new sale; no password, no page. The mesh as a picture
+(a node and a link element each, a partition when links are cut, who has uplink), the per-hour
+chart, the at-risk list with a sale made on an isolated node; the page asks nothing of any other
+origin (every request the browser makes is recorded over the DevTools protocol)."""
 
 from __future__ import annotations
 
 import base64
+import json
 import time
 import urllib.error
 import urllib.request
@@ -12,14 +16,17 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from meshpos.identity import keys
+from meshpos.apps.procs import free_ports, wait_for
 from meshpos.node import client
+from meshpos.switch.switchdir import add_site, init_switch
 from meshpos.node.enroll import enroll_one_step
 from meshpos.apps.procs import ProcessGroup
+from meshpos.site.nodedir import NodeDir
 from meshpos.site.sitedir import init_site
 from tests.cdp import Browser, chromium_path
 from tests.helpers import run_cli
-from tests.test_mesh_loopback import free_ports
+from tests.test_held_mesh import sell_card
+from tests.uplink_harness import base_rules
 
 PASSWORD = "sagra-2026"
 
@@ -45,9 +52,27 @@ def until(cond: Callable[[], Any], timeout: float, what: str) -> Any:
         time.sleep(0.2)
 
 
-def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, switch_key: Any) -> None:
+def start_switch(root: Path, procs: ProcessGroup) -> tuple[Path, str, str]:
+    """The acquirer simulator and a switch, as processes: (switch dir, its public key, its URL)."""
+    acq_port, switch_port = free_ports(2)
+    (root / "rules.json").write_text(json.dumps(base_rules()))
+    acquirer = procs.start("acquirer", "acquirer-sim", "--listen", f"127.0.0.1:{acq_port}", "--rules",
+                           str(root / "rules.json"), "--tls-cert-out", str(root / "acquirer-ca.pem"))
+    wait_for(lambda: acquirer.log_path.exists() and "listening on" in acquirer.log_path.read_text(), 60,
+             lambda: f"the acquirer simulator did not start\n{acquirer.log_tail(15)}", alive=acquirer)
+    switch_dir = root / "switch"
+    init_switch(switch_dir, f"127.0.0.1:{switch_port}", f"127.0.0.1:{acq_port}", acquirer_ca=root / "acquirer-ca.pem")
+    return switch_dir, (switch_dir / "switch.pub").read_text().strip(), f"https://127.0.0.1:{switch_port}"
+
+
+def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> None:
+    switch_dir, switch_key, switch_url = start_switch(tmp_path, procs)
     site = init_site(tmp_path / "site", "Sagra del Test", "EUR", dashboard_password=PASSWORD,
-                     switch_key=keys.x25519_public_of(switch_key).hex(), switch_url="https://127.0.0.1:9")
+                     switch_key=switch_key, switch_url=switch_url)
+    add_site(switch_dir, site.path)
+    switch = procs.start("switch", "switch", "run", str(switch_dir))
+    wait_for(lambda: "switch listening on port" in switch.log_path.read_text(), 60,
+             lambda: f"the switch did not start\n{switch.log_tail(15)}", alive=switch)
     pg, p1, p2, dash = free_ports(4)
     g, t1, t2 = tmp_path / "g", tmp_path / "t1", tmp_path / "t2"
     enroll_one_step(site, g, "gateway", "Gateway", listen=f"127.0.0.1:{pg}", dashboard=f"127.0.0.1:{dash}")
@@ -123,5 +148,86 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, swi
         until(lambda: rows()["Stall 1"][4] == "2 / 19.50", 30, "Stall 1's sales to include the new sale")
         assert browser.evaluate("document.getElementById('site-pending').textContent") == "1"
         assert browser.evaluate("document.getElementById('total-amount').textContent") == "27.00 EUR"
+
+        ids = {name: NodeDir(path).config().node_id for name, path in (("g", g), ("t1", t1), ("t2", t2))}
+
+        # the mesh as a picture: one element per node and per link, no partition, no uplink yet
+        def mesh() -> dict[str, Any]:
+            return dict(browser.evaluate(MESH_JS) or {})
+        def links(m: dict[str, Any]) -> set[frozenset[str]]:
+            return {frozenset(pair) for pair in m["links"]}
+        star = {frozenset((ids["g"], ids["t1"])), frozenset((ids["g"], ids["t2"]))}
+        until(lambda: (m := mesh()) and set(m["nodes"]) == set(ids.values()) and star <= links(m)
+              and m["partition"] == "false", 30, "the mesh picture with three nodes and their links")
+        m = mesh()
+        assert links(m) <= star | {frozenset((ids["t1"], ids["t2"]))}  # the stalls may link up (peer exchange)
+        assert {m["nodes"][i]["name"] for i in ids.values()} == {"Gateway", "Stall 1", "Stall 2"}
+        assert all(n["uplink"] == "off" and not n["marker"] for n in m["nodes"].values())
+        assert m["nodes"][ids["t1"]]["detail"].startswith("pending 1 · 23 h")  # its offline window
+        # the per-hour chart: bars by method whose counts add up to the sales taken
+        bars = browser.evaluate("Array.from(document.querySelectorAll('#per-hour-chart svg rect.bar'))"
+                                ".map(r => [r.dataset.method, Number(r.dataset.count)])")
+        assert {meth: sum(c for mm, c in bars if mm == meth) for meth, _ in bars} == {"card": 1, "cash": 3}
+
+        # links cut: Stall 2 stops; the picture shows it cut off in a part of its own
+        procs.stop("t2")
+        until(lambda: (m := mesh())["partition"] == "true" and m["nodes"][ids["t2"]]["part"] != m["nodes"][ids["g"]]["part"]
+              and links(m) == {frozenset((ids["g"], ids["t1"]))}, 40,
+              "the picture to show the partition")
+        assert mesh()["cut"] == ["part 2 of 2 (cut off)"] and mesh()["nodes"][ids["t2"]]["reachable"] is False
+
+        # the gateway alone (Stall 1 stops too) takes a card sale: held by one device, at risk
+        procs.stop("t1")
+        until(lambda: (m := mesh())["partition"] == "true" and not m["nodes"][ids["t1"]]["reachable"]
+              and [i for i, n in m["nodes"].items() if n["part"] == m["nodes"][ids["g"]]["part"]] == [ids["g"]], 40,
+              "the gateway cut off from both stalls")
+        lone = sell_card(g, 4200)
+        def risky() -> dict[str, list[str]]:
+            got = browser.evaluate("Array.from(document.querySelectorAll('#at-risk tbody tr[data-sale]'))"
+                                   ".map(tr => [tr.dataset.sale, ...Array.from(tr.cells).map(td => td.textContent)])")
+            return {r[0]: r[1:] for r in got or []}
+        until(lambda: lone["id"] in risky(), 30, "the isolated sale in the at-risk list")
+        assert risky()[lone["id"]][1:4] == ["Gateway", "42.00 EUR", "1"]
+        assert len(risky()) == 1  # the earlier card sale is held by all three (what they hold is on their disks)
+
+        # Stall 1 back: it holds the sale too, nothing is at risk; then the gateway's uplink goes on,
+        # the picture marks it up and the pending card sales are settled through it
+        procs.start_node("t1", t1, "--no-mdns")
+        until(lambda: browser.evaluate("document.querySelector('#at-risk tbody').textContent") == "none", 40,
+              "the sale to be held by two devices")
+        client.call_running(g, "uplink", {"on": True})
+        until(lambda: mesh()["nodes"][ids["g"]]["marker"] == "uplink up", 40, "the gateway's uplink marked up")
+        assert mesh()["nodes"][ids["t1"]]["marker"] is None
+        until(lambda: browser.evaluate("document.getElementById('site-pending').textContent") == "0", 60,
+              "the card sales to be settled through the gateway's uplink")
+        shot = browser.call("Page.captureScreenshot", format="png")
+        (tmp_path / "dashboard.png").write_bytes(base64.b64decode(shot["data"]))
+
+        # every request the page made went to the dashboard itself, with a strict CSP on the page
+        browser.evaluate("1")
+        asked = [ev["params"]["request"]["url"] for ev in browser.events if ev["method"] == "Network.requestWillBeSent"]
+        assert asked and {u.split("/", 3)[2] for u in asked} == {f"127.0.0.1:{dash}"}, sorted(set(asked))
+        assert any(u.endswith("/api/state") for u in asked) and any(u.endswith("/app.js") for u in asked)
+        page = next(ev["params"]["response"] for ev in browser.events if ev["method"] == "Network.responseReceived"
+                    and ev["params"]["response"]["url"] == url and ev["params"]["response"]["status"] == 200)
+        csp = {k.lower(): v for k, v in page["headers"].items()}["content-security-policy"]
+        assert "default-src 'none'" in csp and "connect-src 'self'" in csp and "unsafe-inline" not in csp
     finally:
         browser.close()
+
+
+# what the page's mesh picture shows, read from its SVG elements
+MESH_JS = """(() => {
+  const svg = document.querySelector('#mesh svg');
+  if (!svg) return null;
+  const nodes = {};
+  svg.querySelectorAll('g[data-node]').forEach(g => {
+    const marker = g.querySelector('g[data-state]');
+    nodes[g.dataset.node] = {name: g.dataset.name, uplink: g.dataset.uplink || null, part: g.dataset.part,
+      reachable: g.classList.contains('reachable'), marker: marker ? marker.getAttribute('class') : null,
+      detail: g.querySelector('text.detail').textContent};
+  });
+  return {nodes: nodes, partition: svg.dataset.partition, parts: svg.dataset.parts,
+          links: Array.from(svg.querySelectorAll('line.link')).map(l => [l.dataset.a, l.dataset.b]),
+          cut: Array.from(svg.querySelectorAll('g.part.cut text')).map(t => t.textContent)};
+})()"""

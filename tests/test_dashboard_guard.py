@@ -36,7 +36,8 @@ def dash_site(tmp_path: Path) -> Site:
     return init_site(tmp_path / "site", "Sagra del Test", "EUR", dashboard_password=PASSWORD)
 
 
-def get(port: int, password: str | None, source: str = "127.0.0.1", tls: bool = False) -> http.client.HTTPResponse:
+def get(port: int, password: str | None, source: str = "127.0.0.1", tls: bool = False, method: str = "GET",
+        path: str = "/api/state") -> http.client.HTTPResponse:
     if tls:
         ctx = ssl.create_default_context()
         ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # pinned by fingerprint in the test
@@ -47,7 +48,7 @@ def get(port: int, password: str | None, source: str = "127.0.0.1", tls: bool = 
     headers = {}
     if password is not None:
         headers["Authorization"] = "Basic " + base64.b64encode(f"organizer:{password}".encode()).decode()
-    conn.request("GET", "/api/state", headers=headers)
+    conn.request(method, path, headers=headers)
     response = conn.getresponse()
     response.read()
     conn.close()
@@ -84,6 +85,17 @@ def test_wrong_passwords_are_rate_limited_per_address_at_a_fixed_memory_cost(
     assert child.proc is not None
     assert get(dash, None).status == 401
     assert get(dash, PASSWORD).status == 200
+    # every path asks for the password first; read-only; the same guarding headers on every answer
+    answers = {(method, path, password): get(dash, password, method=method, path=path)
+               for method, path, password in (("GET", "/nowhere", None), ("GET", "/nowhere", PASSWORD),
+                                              ("POST", "/api/state", None), ("POST", "/api/state", PASSWORD),
+                                              ("HEAD", "/", PASSWORD), ("GET", "/app.css", PASSWORD))}
+    assert {k: r.status for k, r in answers.items()} == {
+        ("GET", "/nowhere", None): 401, ("GET", "/nowhere", PASSWORD): 404, ("POST", "/api/state", None): 401,
+        ("POST", "/api/state", PASSWORD): 405, ("HEAD", "/", PASSWORD): 200, ("GET", "/app.css", PASSWORD): 200}
+    for r in answers.values():
+        assert r.headers["Content-Security-Policy"].startswith("default-src 'none'")
+        assert r.headers["X-Frame-Options"] == "DENY" and r.headers["Cache-Control"] == "no-store"
     codes = [get(dash, "wrong", source="127.0.0.3").status for _ in range(LOGIN_BURST + 3)]
     assert codes == [401] * LOGIN_BURST + [429] * 3
     limited = get(dash, "right?", source="127.0.0.3")
@@ -114,7 +126,7 @@ def test_wrong_passwords_are_rate_limited_per_address_at_a_fixed_memory_cost(
             return False
         except OSError:
             return True
-    wait_for(lambda: sum(closed(s) for s in idle) >= 50 - LIMITS.max_pending_per_source, 20,
+    wait_for(lambda: sum(closed(s) for s in idle) >= 50 - LIMITS.per_source, 20,
              "the dashboard did not close the idle connections past its per-address bound")
     assert get(dash, PASSWORD, source="127.0.0.7").status == 200
     for s in idle:

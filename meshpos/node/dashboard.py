@@ -11,16 +11,21 @@ Logins are bounded: each source address may try ``LOGIN_BURST`` passwords, then
 one per ``LOGIN_REFILL_S`` (429 with Retry-After meanwhile; a table of at most
 ``MAX_LOGIN_SOURCES`` addresses, least recently seen forgotten), and at most
 ``SCRYPT_AT_ONCE`` password checks (16 MiB of scrypt each) run at once, so
-failed logins cost a fixed amount of memory. On a loopback address the page is
+failed logins cost a fixed amount of memory. Connections are bounded before any
+TLS work (``LIMITS``: meshpos.infra.asgi.serve_gated). On a loopback address the page is
 plain HTTP; on any other it is HTTPS only, with a P-256 certificate the gateway
 makes for it (browsers refuse the nodes' Ed25519 certificates): its SHA-256
-fingerprint is logged and shown by ``meshpos status``. The page (``/``, ``/app.js``) polls ``/api/state`` every few
-seconds: terminals and their state (from the gossiped statuses, the same
-analysis as ``meshpos inspect``) with each one's offline window, the site-wide
-pending queue (card sales awaiting authorization: cash is final when taken) and
-the time left in its offline window, the sales at risk (pending, held by fewer
-than 2 devices: meshpos.status.holders), sales per hour by method, settled totals
-by status, alerts. Nothing here writes.
+fingerprint is logged and shown by ``meshpos status``.
+
+Served by Starlette on Hypercorn's trio worker, the terminal API's stack (the routes and
+the page: meshpos.node.dashboard_web). The page polls ``/api/state`` every few seconds:
+the mesh as a picture (meshpos.status.meshsvg, drawn from the same view as ``meshpos
+inspect``: nodes, links, uplinks, partitions), terminals and their state with each one's
+offline window (the time left for its oldest pending card sale), the site-wide pending
+queue (card sales awaiting authorization: cash is final when taken) and the time left in
+its offline window, the sales at risk (pending, held by fewer than 2 devices:
+meshpos.status.holders) with terminal and amount, sales per hour by method (a chart:
+meshpos.node.hourchart, and a table), settled totals by status, alerts. Nothing here writes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import functools
 import hashlib
 import ipaddress
 import logging
@@ -48,9 +54,13 @@ import trio
 
 from meshpos.domain.currency import format_amount
 from meshpos.domain.hostport import parse_hostport
-from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http, text_response
+from meshpos.infra.asgi import HypercornConfig, bind_tcp, serve_gated
+from meshpos.infra.netguard import InboundLimits
+from meshpos.status.meshsvg import mesh_svg
 from meshpos.status.meshview import Known, analyze
 from meshpos.node.core import NodeCore, iso
+from meshpos.node.dashboard_web import make_app
+from meshpos.node.hourchart import hour_chart
 from meshpos.domain.policy import check_password
 from meshpos.node.report import METHODS, OUT_OF_TOTALS, _totals
 from meshpos.node.status import DashboardStatus
@@ -61,22 +71,19 @@ from meshpos.status.holders import MIN_HOLDERS, at_risk
 
 log = logging.getLogger(__name__)
 
-REALM = "meshpos dashboard"
 AUTH_CACHE = 64
 LOGIN_BURST = 5
 LOGIN_REFILL_S = 12.0
 MAX_LOGIN_SOURCES = 4096
 SCRYPT_AT_ONCE = 2
-LIMITS = HttpLimits(max_body_bytes=4096, read_timeout=10.0, handshake_timeout=5.0, max_connections=128,
-                    max_pending=32, max_pending_per_source=8)
+# connections held at once; not yet past their first request, in all and from one address; seconds
+# a connection may take to send its first request (meshpos.infra.netguard, meshpos.infra.asgi)
+LIMITS = InboundLimits(total=128, pending=32, per_source=8, proof_timeout=10.0)
+HANDSHAKE_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 10.0  # the page asks every REFRESH_MS: one connection stays open between
 TLS_CERT, TLS_KEY = "dashboard-tls.pem", "dashboard-tls.key"
 TLS_VALID_DAYS = 825
 REFRESH_MS = 2000
-SECURITY_HEADERS = {
-    "cache-control": "no-store", "x-frame-options": "DENY", "x-content-type-options": "nosniff",
-    "referrer-policy": "no-referrer",
-    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self'",
-}
 
 
 class LoginLimiter:
@@ -124,33 +131,12 @@ class Dashboard:
         self.logins = LoginLimiter(core.clock.monotonic)
         self.scrypt = trio.CapacityLimiter(SCRYPT_AT_ONCE)
 
-    # -- HTTP ---------------------------------------------------------------------------
+    # -- the password ---------------------------------------------------------------------
 
-    async def handle(self, request: Request) -> Response:
-        verdict = await self._authorized(request)
-        if verdict is not True:
-            if verdict is not False:
-                return Response(429, {"retry-after": str(math.ceil(verdict)),
-                                      "content-type": "text/plain; charset=utf-8", **SECURITY_HEADERS},
-                                b"too many wrong passwords from this address: wait and try again\n")
-            return Response(401, {"www-authenticate": f'Basic realm="{REALM}", charset="UTF-8"',
-                                  "content-type": "text/plain; charset=utf-8", **SECURITY_HEADERS},
-                            b"the organizer dashboard needs the site's dashboard password\n")
-        if request.method not in ("GET", "HEAD"):
-            return text_response(405, "read-only\n")
-        if request.path == "/":
-            return Response(200, {"content-type": "text/html; charset=utf-8", **SECURITY_HEADERS}, PAGE.encode())
-        if request.path == "/app.js":
-            return Response(200, {"content-type": "text/javascript; charset=utf-8", **SECURITY_HEADERS},
-                            SCRIPT.encode())
-        if request.path == "/api/state":
-            return json_response(200, self.state(), SECURITY_HEADERS)
-        return text_response(404, "not found\n")
-
-    async def _authorized(self, request: Request) -> bool | float:
-        """True, False (no or a wrong password), or seconds to wait before this source may try again."""
+    async def authorize(self, header: str, source: str) -> bool | float:
+        """True, False (no or a wrong password), or seconds to wait before ``source`` (an
+        address) may try again. ``header``: the request's Authorization header, "" if none."""
         stored = self.password_hash
-        header = request.headers.get("authorization", "")
         if not stored or not header.lower().startswith("basic "):
             return False
         key = hashlib.sha256(f"{stored}\0{header}".encode()).digest()
@@ -163,7 +149,7 @@ class Dashboard:
         _, sep, password = user_pass.partition(":")
         if not sep:
             return False
-        wait = self.logins.take(request.peer_addr or "unknown")
+        wait = self.logins.take(source)
         if wait is not None:
             return wait
         ok = await trio.to_thread.run_sync(check_password, stored, password, limiter=self.scrypt)
@@ -212,9 +198,11 @@ class Dashboard:
         oldest: dict[str, int] = {}  # terminal -> created_at of its oldest pending (card) sale
         for p in pending:
             oldest[p["terminal"]] = min(oldest.get(p["terminal"], p["created_at_ms"]), p["created_at_ms"])
+        hours = per_hour(sales, self.core.policy.currency)
         summary = {"site": _totals(sales), "pending": pending, "at_risk": risky,
                    "terminals": {t: _totals(ts) for t, ts in per_terminal.items()},
-                   "per_hour": per_hour(sales, self.core.policy.currency), "oldest_pending": oldest}
+                   "per_hour": hours, "per_hour_svg": hour_chart(hours, self.core.policy.currency),
+                   "oldest_pending": oldest}
         self._sales_cache = (key, summary)
         return summary
 
@@ -264,7 +252,8 @@ class Dashboard:
                                           "amount": format_amount(summary["site"]["total"]["amount_minor"], cur)},
             "terminals": terminals, "partition": view["partition"], "alerts": alerts,
             "at_risk": {"min_holders": MIN_HOLDERS, "sales": summary["at_risk"]},
-            "sales_per_hour": summary["per_hour"],
+            "sales_per_hour": summary["per_hour"], "sales_per_hour_svg": summary["per_hour_svg"],
+            "mesh_svg": mesh_svg(view), "mesh_groups": view["groups"],
         }
 
 
@@ -365,10 +354,12 @@ class DashboardServer:
         context, fingerprint = (None, None) if is_loopback(host) else tls_context(core.dir.path, cfg.name, host,
                                                                                     core.clock.now_ms())
         dashboard = Dashboard(core, self.mesh, self.board, stored)
+        config = HypercornConfig(context, log_name="meshpos.node.dashboard.http", keep_alive_s=KEEP_ALIVE_S,
+                                 handshake_timeout_s=HANDSHAKE_TIMEOUT_S, read_timeout_s=LIMITS.proof_timeout)
+        sock = bind_tcp(host, port)
         async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(lambda task_status: serve_http(dashboard.handle, (host, port, context),
-                                                                           limits=LIMITS, task_status=task_status))
-            bound = listener_port(listeners[0])
+            bound = await nursery.start(functools.partial(serve_gated, make_app(dashboard), sock, context, LIMITS,
+                                                          config=config))
             scheme = "http" if context is None else "https"
             url = f"{scheme}://{host}:{bound}/"
             self.status = DashboardStatus(url=url, port=bound, tls_fingerprint_sha256=fingerprint)
@@ -377,102 +368,3 @@ class DashboardServer:
             else:
                 log.info("organizer dashboard on %s (loopback: plain HTTP)", url)
             task_status.started()
-
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>meshpos dashboard</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:1rem 2rem;color:#222}
-h1{font-size:1.4rem;margin-bottom:.2rem} .sub{color:#666;margin-top:0}
-.cards{display:flex;gap:1rem;flex-wrap:wrap} .card{border:1px solid #ccc;border-radius:8px;padding:.6rem 1rem;min-width:12rem}
-.big{font-size:1.8rem;font-weight:600} table{border-collapse:collapse;margin:.5rem 0 1rem}
-th,td{border-bottom:1px solid #ddd;padding:.25rem .6rem;text-align:left} .down{color:#b00;font-weight:600}
-.up{color:#070} #alerts li{color:#b00} .muted{color:#888}
-</style></head>
-<body>
-<h1 id="site">meshpos</h1><p class="sub">updated <span id="updated">never</span> by <span id="node"></span>
-<span id="error" class="down"></span></p>
-<div class="cards">
- <div class="card"><div>pending sales (site)</div><div class="big" id="site-pending">-</div><div id="site-pending-amount"></div></div>
- <div class="card"><div>offline window</div><div class="big" id="window-left">-</div><div id="window-closes" class="muted"></div></div>
- <div class="card"><div>all sales</div><div class="big" id="total-count">-</div><div id="total-amount"></div></div>
-</div>
-<h2>Alerts</h2><ul id="alerts"><li class="muted">none</li></ul>
-<h2>At risk <span class="muted">(pending sales held by fewer than 2 devices)</span></h2>
-<table id="at-risk"><thead><tr><th>sale</th><th>terminal</th><th>amount</th><th>held by</th><th>taken</th>
-</tr></thead><tbody></tbody></table>
-<h2>Terminals</h2>
-<table id="terminals"><thead><tr><th>name</th><th>role</th><th>state</th><th>pending</th><th>sales</th>
-<th>uplink</th><th>printer</th><th>battery</th><th>rtt</th><th>status age</th><th>offline window</th></tr></thead>
-<tbody></tbody></table>
-<h2>Sales per hour <span class="muted">(UTC)</span></h2>
-<table id="per-hour"><thead><tr><th>hour</th><th>card</th><th>cash</th></tr></thead><tbody></tbody></table>
-<h2>Settled totals by status</h2>
-<table id="settled"><thead><tr><th>status</th><th>count</th><th>amount</th></tr></thead><tbody></tbody></table>
-<script src="/app.js"></script>
-</body></html>
-"""
-
-SCRIPT = r"""'use strict';
-function text(id, value) { document.getElementById(id).textContent = value; }
-function left(s) {
-  if (s === null || s === undefined) return '-';
-  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
-  return h > 0 ? h + ' h ' + String(m).padStart(2, '0') + ' min' : m + ' min';
-}
-function row(cells, cls) {
-  const tr = document.createElement('tr');
-  cells.forEach(function (c, i) {
-    const td = document.createElement('td');
-    td.textContent = c === null || c === undefined ? '-' : String(c);
-    if (cls && cls[i]) td.className = cls[i];
-    tr.appendChild(td);
-  });
-  return tr;
-}
-function render(s) {
-  text('site', s.site.name + ' (' + s.site.currency + ')');
-  text('updated', s.generated_at); text('node', s.node); text('error', '');
-  text('site-pending', s.queue.pending); text('site-pending-amount', s.queue.amount + ' ' + s.site.currency);
-  text('window-left', s.queue.window_left_s === null ? 'no pending sale' : left(s.queue.window_left_s));
-  text('window-closes', s.queue.window_closes_at ? 'closes ' + s.queue.window_closes_at : '');
-  text('total-count', s.total.count); text('total-amount', s.total.amount + ' ' + s.site.currency);
-  const alerts = document.getElementById('alerts'); alerts.replaceChildren();
-  if (!s.alerts.length) { const li = document.createElement('li'); li.className = 'muted'; li.textContent = 'none'; alerts.appendChild(li); }
-  s.alerts.forEach(function (a) { const li = document.createElement('li'); li.textContent = a; alerts.appendChild(li); });
-  const tb = document.querySelector('#terminals tbody'); tb.replaceChildren();
-  s.terminals.forEach(function (t) {
-    const tr = row([t.name, t.role, t.reachable ? 'reachable' : 'UNREACHABLE',
-      t.pending === null ? '-' : t.pending + ' / ' + t.pending_amount, t.sales + ' / ' + t.sales_amount,
-      t.uplink, t.printer, t.battery === null ? '-' : t.battery + '%', t.rtt_ms === null ? '-' : t.rtt_ms + ' ms',
-      t.status_age_s === null ? '-' : Math.round(t.status_age_s) + ' s',
-      t.window_left_s === null ? '-' : left(t.window_left_s) + ' left'], [null, null, t.reachable ? 'up' : 'down']);
-    tr.dataset.node = t.node_id; tb.appendChild(tr);
-  });
-  const ar = document.querySelector('#at-risk tbody'); ar.replaceChildren();
-  if (!s.at_risk.sales.length) ar.appendChild(row(['none']));
-  s.at_risk.sales.forEach(function (a) {
-    const tr = row([a.id, a.terminal_name, a.amount + ' ' + s.site.currency, a.held_by, a.created_at]);
-    tr.dataset.sale = a.id; ar.appendChild(tr);
-  });
-  const ph = document.querySelector('#per-hour tbody'); ph.replaceChildren();
-  s.sales_per_hour.forEach(function (h) {
-    const tr = row([h.hour.slice(0, 13).replace('T', ' ') + ':00', h.card.count + ' / ' + h.card.amount,
-                    h.cash.count + ' / ' + h.cash.amount]);
-    tr.dataset.hour = h.hour; ph.appendChild(tr);
-  });
-  const st = document.querySelector('#settled tbody'); st.replaceChildren();
-  s.settled.forEach(function (b) { const tr = row([b.status, b.count, b.amount]); tr.dataset.status = b.status; st.appendChild(tr); });
-}
-let period = 2000;
-async function poll() {
-  try {
-    const r = await fetch('/api/state', {cache: 'no-store', credentials: 'same-origin'});
-    if (!r.ok) throw new Error('HTTP ' + r.status);
-    const s = await r.json(); period = s.refresh_ms || period; render(s);
-  } catch (e) { text('error', ' (not updated: ' + e.message + ')'); }
-  setTimeout(poll, period);
-}
-poll();
-"""

@@ -231,6 +231,8 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
     return {"nodes": listed, "totals": totals, "warnings": warnings, "partition": partition, "topology": topology,
             "groups": [[nodes[i]["name"] for i in g] for g in groups],
             "edges": sorted(sorted([nodes[a]["name"], nodes[b]["name"]]) for a, b in edges),
+            # the same by node id (names need not be unique): the dashboard's picture (meshsvg)
+            "edge_ids": sorted([a, b] for a, b in edges), "group_ids": groups,
             "generated_at": now_ms, "offline_window_s": offline_window_ms // 1000}
 
 

@@ -1,19 +1,22 @@
-"""The terminal API's OpenAPI 3.1 document, protocols/terminal-api.yaml, served at
-``/v1/openapi.json``: read from the source tree once, on first request."""
+"""The terminal API's OpenAPI 3.1 document, served at ``/v1/openapi.json``: read once, on first
+request, from the package's own ``terminal-api.yaml`` (package data, so an installed node serves it
+with no source tree). In the repository that file is a symbolic link to the document of record,
+``protocols/terminal-api.yaml``; a wheel or sdist build copies its content: one source of truth."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import yaml
 
 from meshpos.domain.errors import ConfigError
 
-DOCUMENT = Path(__file__).resolve().parents[2] / "protocols" / "terminal-api.yaml"
+DOCUMENT: Traversable = resources.files(__package__ or "meshpos.terminal") / "terminal-api.yaml"
 
 
-def load_openapi(path: Path = DOCUMENT) -> dict[str, Any]:
+def load_openapi(path: Traversable = DOCUMENT) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -24,7 +27,7 @@ def load_openapi(path: Path = DOCUMENT) -> dict[str, Any]:
 
 
 class OpenApiDocument:
-    def __init__(self, path: Path = DOCUMENT) -> None:
+    def __init__(self, path: Traversable = DOCUMENT) -> None:
         self.path = path
         self._doc: dict[str, Any] | None = None
 

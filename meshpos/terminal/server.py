@@ -20,14 +20,13 @@ import ssl
 from pathlib import Path
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
 
 from meshpos.devices.reader import CardReader
 from meshpos.domain.currency import minor_units
 from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
+from meshpos.infra import asgi
+from meshpos.infra.asgi import BACKLOG, HypercornConfig, bind_tcp
 from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
@@ -44,23 +43,7 @@ from meshpos.terminal.sales import TerminalSales
 
 log = logging.getLogger(__name__)
 
-BACKLOG = 128
 KEEP_ALIVE_S = 75  # POS apps keep one connection open between sales
-
-
-class _Config(Config):
-    """Hypercorn's config with our own TLS context (the node's certificate, no client certificate)."""
-
-    def __init__(self, context: ssl.SSLContext | None) -> None:
-        super().__init__()
-        self._context = context
-        self.accesslog = None  # request lines are not logged: nothing of a request reaches a log
-        self.errorlog = logging.getLogger("meshpos.terminal.http")
-        self.keep_alive_timeout = KEEP_ALIVE_S
-        self.graceful_timeout = 1.0
-
-    def create_ssl_context(self) -> ssl.SSLContext | None:
-        return self._context
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -85,28 +68,11 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-def bind_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
 async def serve(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, *,
                 task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on one bound, listening socket until cancelled."""
-    sockets = Sockets(secure_sockets=[sock] if context else [], insecure_sockets=[] if context else [sock],
-                      quic_sockets=[])
-    config = _Config(context)
-    await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
-                       sockets=sockets, task_status=task_status)
+    config = HypercornConfig(context, log_name="meshpos.terminal.http", keep_alive_s=KEEP_ALIVE_S)
+    await asgi.serve(app, sock, context, config=config, task_status=task_status)
 
 
 async def api_component(node: RunningNode, *, reader: CardReader | None = None,
