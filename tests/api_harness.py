@@ -88,7 +88,7 @@ class ApiClient:
         self.transport = transport
         self.check = check  # validate every answer against the document (benchmarks turn it off)
         self.token = token if token is not None else (node_dir / "api-token").read_text().strip()
-        st = client.call_running(node_dir, "status", {})
+        st = client.running(node_dir).status()
         self.url = st["api"]["url"]
         self.host_port = self.url.split("//", 1)[1].split("/", 1)[0]
         self.conn = self._connect()

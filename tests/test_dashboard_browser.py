@@ -57,8 +57,8 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, swi
         procs.start_node(name, path, "--no-mdns")
     run_cli("sell", str(t1), "--amount", "12.50", "--card", "-", check=True,
             input="4111111111111111\n")  # the window: cards
-    client.call_running(t2, "sell", {"amount_minor": 300})
-    client.call_running(t2, "sell", {"amount_minor": 450})
+    client.running(t2).sell(300)
+    client.running(t2).sell(450)
     url = f"http://127.0.0.1:{dash}/"
 
     # no password, a wrong one: refused
@@ -117,7 +117,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup, swi
               "the card sale to be held by enough devices")
 
         # a new (cash) sale: the page refreshes by itself; the pending queue does not move
-        client.call_running(t1, "sell", {"amount_minor": 700})
+        client.running(t1).sell(700)
         until(lambda: browser.evaluate("document.querySelector('#settled tr[data-status=paid]').cells[1].textContent")
               == "3", 30, "the page to show the new sale")
         until(lambda: rows()["Stall 1"][4] == "2 / 19.50", 30, "Stall 1's sales to include the new sale")

@@ -27,7 +27,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
     group = ProcessGroup(tmp_path / "logs")
     try:
         start(group, "t1", node)
-        url = client.call_running(node, "status", {})["api"]["url"].removesuffix("/v1/")
+        url = client.running(node).status()["api"]["url"].removesuffix("/v1/")
         # the token reaches schemathesis through the environment, not its command line
         config = tmp_path / "schemathesis.toml"
         config.write_text('headers = { Authorization = "Bearer ${MESHPOS_API_TOKEN}" }\n')
@@ -42,6 +42,6 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
         assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
         assert "passed" in proc.stdout
         # not vacuous: the run was authenticated and made sales
-        assert client.call_running(node, "status", {})["sales"]["own"] > 0
+        assert client.running(node).status()["sales"]["own"] > 0
     finally:
         group.stop_all()

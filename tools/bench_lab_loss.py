@@ -78,7 +78,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
             procs.start_node(f"n{i}", path, timeout=120, wrap=["ip", "netns", "exec", lab.host_ns(i)])
 
         def linked() -> bool:  # every node holds a link to at least two others
-            return all(sum(1 for link in client.call_running(p, "status", {})["peers"]["links"]
+            return all(sum(1 for link in client.running(p).status()["peers"]["links"]
                            if link["state"] == "open") >= 2 for p in nodes)
         t0 = time.monotonic()
         while not linked():
@@ -92,7 +92,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
         converged = bench_mesh.wait_everywhere(dbs, "sale", {f"sale/{s.sale_id}" for s in ok}, timeout=180)
         res = bench_mesh.latencies(dbs, "sale", {s.sale_id: s.returned for s in ok if s.sale_id},
                                    lambda sid: f"sale/{sid}")
-        links = sum(len([link for link in client.call_running(p, "status", {})["peers"]["links"]
+        links = sum(len([link for link in client.running(p).status()["peers"]["links"]
                          if link["state"] == "open"]) for p in nodes) // 2
         res.update(loss_pct=loss, hosts=HOSTS, links=links, rate=args.rate, seconds=args.seconds,
                    sales=len(sold), sell_errors=len(sold) - len(ok), converged=converged)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Callable
 
 import trio
@@ -16,6 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from meshpos.domain.errors import InputError, MeshposError
+from meshpos.domain.jsonable import json_object
+from meshpos.node.ops import RECEIPT_COPIES
 from meshpos.node.service import NodeService
 from meshpos.terminal.events import RESYNC, Event, EventJournal
 from meshpos.terminal.openapi import OpenApiDocument
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies and clients from timing out
 RETRY_MS = 2000  # the SSE reconnection delay suggested to clients
-COPIES = ("customer", "merchant", "outcome")
 
 
 class TerminalApi:
@@ -44,11 +45,14 @@ class TerminalApi:
         self.openapi = openapi
 
 
-def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(value, status_code=status, headers=headers)
 
 
-async def _body(request: Request, required: bool) -> Any:
+_json = respond
+
+
+async def read_body(request: Request, required: bool) -> Any:
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         raise _TooLarge()
     raw = b""
@@ -70,22 +74,27 @@ class _TooLarge(Exception):
     pass
 
 
-def make_app(api: TerminalApi) -> Starlette:
-    def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                response: Response = await route(request)
-                return response
-            except MeshposError as exc:
-                status, body = translate(exc)
-                return _json(status, body)
-            except _TooLarge:
-                return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
-        return endpoint
+def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """A route whose typed errors become their HTTP answers (meshpos.terminal.problems)."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            response: Response = await route(request)
+            return response
+        except MeshposError as exc:
+            status, body = translate(exc)
+            return _json(status, body)
+        except _TooLarge:
+            return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
+    return endpoint
+
+
+def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
+    """The routes of ``/v1``; ``more``: routes only this transport serves (the node's own
+    operations on the UNIX socket, meshpos.terminal.admin)."""
 
     async def create_sale(request: Request) -> Response:
         key = request.headers.get("idempotency-key")
-        body = await _body(request, required=True)
+        body = await read_body(request, required=True)
         created = await api.sales.create(key, body)
         if not created.replayed:
             api.service.print_receipts(created.sale)
@@ -109,22 +118,21 @@ def make_app(api: TerminalApi) -> Starlette:
         return _json(200, api.sales.get(request.path_params["sale_id"]))
 
     async def void_sale(request: Request) -> Response:
-        body = await _body(request, required=False)
+        body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"reason"}:
             raise InputError("the body may hold only {\"reason\": \"...\"}")
         sale, _ = api.sales.void(request.path_params["sale_id"], body.get("reason"))
         return _json(200, sale)
 
     async def print_receipt(request: Request) -> Response:
-        body = await _body(request, required=False)
+        body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"copy"}:
             raise InputError("the body may hold only {\"copy\": \"customer\" | \"merchant\" | \"outcome\"}")
         copy = body.get("copy", "customer")
-        if copy not in COPIES:
+        if copy not in RECEIPT_COPIES:
             raise InputError("copy must be customer, merchant or outcome")
         sale = api.sales.get(request.path_params["sale_id"])
-        result = await api.service.handle("reprint", {"sale_id": sale["id"], "copy": copy})
-        return _json(202, {"sale_id": result["sale_id"], "queued": result["queued"]})
+        return _json(202, json_object(api.service.reprint(sale["id"], copy)))
 
     async def status(request: Request) -> Response:
         return _json(200, {"summary": api.summary(), "node": api.node_status(),
@@ -158,6 +166,7 @@ def make_app(api: TerminalApi) -> Starlette:
         Route("/v1/status", handled(status), methods=["GET"]),
         Route("/v1/events", handled(events), methods=["GET"]),
         Route("/v1/openapi.json", handled(openapi), methods=["GET"]),
+        *more,
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: crashed})
 

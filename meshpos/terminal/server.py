@@ -2,7 +2,8 @@
 
 One app, two transports, each with its own Guard:
 - ``NODE_DIR/api.sock``: a UNIX socket (0600, in the 0700 node directory), for the CLI and
-  programs on the device; any Host.
+  programs on the device; any Host. Only here: the node's own operations, ``/v1/node/...``
+  (meshpos.terminal.admin), which the TCP listener does not route (404).
 - TCP at config ``api`` (default 127.0.0.1:7480): plain HTTP on loopback; any other address only
   over TLS with the node's own certificate (site CA signed; clients trust ``NODE_DIR/ca.pem``).
   If the port cannot be bound the node keeps selling and says so in its log and status.
@@ -31,6 +32,7 @@ from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
 from meshpos.site.apitoken import ensure_api_token
+from meshpos.terminal.admin import admin_routes
 from meshpos.terminal.app import TerminalApi, make_app
 from meshpos.terminal.events import EventJournal
 from meshpos.terminal.feed import EventFeed
@@ -117,12 +119,13 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
     api = TerminalApi(service, TerminalSales(core, reader), journal, feed.node_status,
                       lambda: node.status().to_json(), OpenApiDocument())
     app = make_app(api)
+    socket_app = make_app(api, admin_routes(node))  # the same API plus the node's own operations
     path: Path = core.dir.api_socket_path
     node.report_api(ApiStatus(socket=str(path), url=None, error=None))
     host, port = parse_hostport(core.config.api_address, "api")
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, Guard(app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
+            await nursery.start(serve, Guard(socket_app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
             tls = not is_loopback(host)
             try:
                 tcp = bind_tcp(host, port)
