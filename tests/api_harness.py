@@ -191,3 +191,48 @@ class EventStream:
 def validate_schema(name: str, value: Any) -> None:
     schema = {**DOC, "$ref": f"#/components/schemas/{name}"}
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)
+
+
+class SocketRelay:
+    """A loopback TCP port whose connections are piped, byte for byte, to the node's UNIX socket:
+    for a client that speaks only TCP (schemathesis) to reach what only the socket serves."""
+
+    def __init__(self, unix_path: Path) -> None:
+        import socketserver
+        import threading
+
+        target = str(unix_path)
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                up.connect(target)
+                down: socket.socket = self.request
+
+                def pump(src: socket.socket, dst: socket.socket) -> None:
+                    try:
+                        while data := src.recv(65536):
+                            dst.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        for s in (src, dst):
+                            try:
+                                s.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                back = threading.Thread(target=pump, args=(up, down), daemon=True)
+                back.start()
+                pump(down, up)
+                back.join()
+                up.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pipe)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -24,7 +24,7 @@ RECEIPT_COPIES = ("customer", "merchant", "outcome")
 
 @dataclass(frozen=True)
 class SealedCard:
-    """A card the caller sealed to the switch's key (protocols/card-data.md): the full number
+    """A card the caller sealed to the switch's key (protocols/envelope.md, "card"): the full number
     never reaches the node, only its brand and last four digits in clear."""
     brand: str
     last4: str

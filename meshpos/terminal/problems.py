@@ -10,7 +10,7 @@ from typing import Any
 
 from meshpos.domain import errors, rules
 from meshpos.domain.errors import (
-    ConfigError, CryptoError, DeviceError, DiskFullError, InputError, MeshposError, PolicyError, StoreError,
+    ConfigError, CryptoError, DeviceError, DiskFullError, EncodingError, InputError, MeshposError, PolicyError, StoreError,
 )
 from meshpos.terminal.sales import Conflict, NotFound, Unprocessable
 
@@ -27,6 +27,7 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
     (CryptoError, 422, "unprocessable"),
     (DeviceError, 422, "unprocessable"),  # no printer, a reader that failed
     (InputError, 400, "bad_request"),
+    (EncodingError, 400, "bad_request"),  # bytes that are no envelope (POST /v1/node/ingest)
     (DiskFullError, 507, "disk_full"),
     (StoreError, 503, "unavailable"),
     (ConfigError, 503, "unavailable"),
