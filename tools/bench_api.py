@@ -170,7 +170,7 @@ def main() -> int:
               f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
               f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
-              f"cash: control socket {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"cash: CLI socket path {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['cash_median_ms']:.2f} ms; "
               f"load {os.getloadavg()[0]:.1f}",
@@ -192,7 +192,7 @@ def main() -> int:
               f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
               f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
               f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
-              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, API vs control socket: "
+              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, TCP API vs CLI socket path: "
               f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate")
     return 0

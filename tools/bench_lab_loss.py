@@ -9,7 +9,7 @@ at each loss level asked. Needs root, iproute2 and nftables.
 
 The site: host 0 is the gateway, hosts 1..5 terminals configured with the gateway's address only
 (mDNS on, peer exchange on: the links the product forms by itself). Sales are taken at --rate per
-second, round robin over the 6 nodes, through their control sockets (Unix sockets: no loss there);
+second, round robin over the 6 nodes, through their API sockets (Unix sockets: no loss there);
 2 of 3 are card sales. Presence = each node's own `entries.received_at` stamp, read from the SQLite
 files after the run (tools/bench_mesh.py explains the method; all namespaces share one clock).
 Each run builds a new site in a new lab; the figures are medians over the runs, every run's p99 kept.

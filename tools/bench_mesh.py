@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Mesh propagation: N `meshpos run` node processes on 127.0.0.1 with real TLS links, sales taken
-at a steady site-wide rate through the control sockets; for every sale, the time from its commit
+at a steady site-wide rate through the nodes' API sockets (api.sock); for every sale, the time from its commit
 (the `sell` call returning to this script) to its presence on EVERY node. Goal: p99 <= 500 ms.
 
     python tools/bench_mesh.py                       # 20 nodes, 40 sales/s for 60 s
@@ -18,7 +18,7 @@ every node's SQLite file. All processes share one host clock, so "on every node"
 of that sale over the N nodes, minus the `sell` return time. As an independent check, an observer
 thread in this script polls each node's database (read-only, incremental rowid queries) and notes
 when it first sees each sale; that is an upper bound whose resolution is the observer's cycle time
-(printed). Neither method loads the nodes' control sockets.
+(printed). Neither method loads the nodes' API sockets.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from meshpos.domain import errors
-from meshpos.domain.errors import ConfigError, MeshposError, NodeNotRunningError
+from meshpos.domain.errors import ConfigError, InputError, MeshposError, NodeNotRunningError
 from meshpos.domain.jsonable import from_jsonable, json_object
 from meshpos.node.ops import (
     IngestRequest, Ingested, PeerStatuses, PolicyView, Reprinted, SaleList, SealedCard, SellRequest,
@@ -83,6 +83,7 @@ class RunningNode:
         self._used = 0.0  # time.monotonic() of the last answer on self._conn
         self._token: str | None = None
         self._keep = False
+        self._headers: dict[str, str] = {}  # of the last answer
 
     def __enter__(self) -> "RunningNode":
         self._keep = True
@@ -153,7 +154,11 @@ class RunningNode:
         return sale
 
     def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:
-        sale: dict[str, Any] = self.request("POST", f"/v1/sales/{_segment(sale_id)}/void", {"reason": reason})
+        """As NodeCore.void: a sale voided before is an InputError (the API's void answers it)."""
+        body = {} if reason is None else {"reason": reason}
+        sale: dict[str, Any] = self.request("POST", f"/v1/sales/{_segment(sale_id)}/void", body)
+        if self._headers.get("void-outcome") == "already-voided":
+            raise InputError(f"sale {sale_id} is voided already")
         return sale
 
     def reprint(self, sale_id: str, copy: str = "customer") -> Reprinted:
@@ -194,6 +199,7 @@ class RunningNode:
             self._conn.request(method, path, body=data, headers=headers)
             response = self._conn.getresponse()
             raw = response.read(MAX_REPLY + 1)
+            self._headers = {k.lower(): v for k, v in response.getheaders()}
             self._used = time.monotonic()
             if not self._keep:
                 self.close()

@@ -121,8 +121,8 @@ def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
         body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"reason"}:
             raise InputError("the body may hold only {\"reason\": \"...\"}")
-        sale, _ = api.sales.void(request.path_params["sale_id"], body.get("reason"))
-        return _json(200, sale)
+        sale, now = api.sales.void(request.path_params["sale_id"], body.get("reason"))
+        return _json(200, sale, {"Void-Outcome": "voided" if now else "already-voided"})
 
     async def print_receipt(request: Request) -> Response:
         body = await read_body(request, required=False)
