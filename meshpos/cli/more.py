@@ -6,7 +6,6 @@ import argparse
 import logging
 import logging.handlers
 from pathlib import Path
-from typing import Any
 
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError

@@ -49,9 +49,6 @@ def respond(status: int, value: Any, headers: dict[str, str] | None = None) -> J
     return JSONResponse(value, status_code=status, headers=headers)
 
 
-_json = respond
-
-
 async def read_body(request: Request, required: bool) -> Any:
     if int(request.headers.get("content-length") or 0) > MAX_BODY:
         raise _TooLarge()
@@ -82,9 +79,9 @@ def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
             return response
         except MeshposError as exc:
             status, body = translate(exc)
-            return _json(status, body)
+            return respond(status, body)
         except _TooLarge:
-            return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
+            return respond(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
     return endpoint
 
 
@@ -98,7 +95,7 @@ def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
         created = await api.sales.create(key, body)
         if not created.replayed:
             api.service.print_receipts(created.sale)
-        return _json(200 if created.replayed else 201, created.sale,
+        return respond(200 if created.replayed else 201, created.sale,
                      {"Location": f"/v1/sales/{created.sale['id']}", "Idempotency-Key": key or ""})
 
     async def list_sales(request: Request) -> Response:
@@ -112,17 +109,17 @@ def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
         sales, cursor = api.sales.page(status=q.get("status"), method=q.get("method"),
                                        since_ms=parse_since(q.get("since")), cursor=q.get("cursor"),
                                        limit=int(limit_text))
-        return _json(200, {"sales": sales, "next_cursor": cursor})
+        return respond(200, {"sales": sales, "next_cursor": cursor})
 
     async def get_sale(request: Request) -> Response:
-        return _json(200, api.sales.get(request.path_params["sale_id"]))
+        return respond(200, api.sales.get(request.path_params["sale_id"]))
 
     async def void_sale(request: Request) -> Response:
         body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"reason"}:
             raise InputError("the body may hold only {\"reason\": \"...\"}")
         sale, now = api.sales.void(request.path_params["sale_id"], body.get("reason"))
-        return _json(200, sale, {"Void-Outcome": "voided" if now else "already-voided"})
+        return respond(200, sale, {"Void-Outcome": "voided" if now else "already-voided"})
 
     async def print_receipt(request: Request) -> Response:
         body = await read_body(request, required=False)
@@ -132,14 +129,14 @@ def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
         if copy not in RECEIPT_COPIES:
             raise InputError("copy must be customer, merchant or outcome")
         sale = api.sales.get(request.path_params["sale_id"])
-        return _json(202, json_object(api.service.reprint(sale["id"], copy)))
+        return respond(202, json_object(api.service.reprint(sale["id"], copy)))
 
     async def status(request: Request) -> Response:
-        return _json(200, {"summary": api.summary(), "node": api.node_status(),
+        return respond(200, {"summary": api.summary(), "node": api.node_status(),
                            "events": {"last_id": api.journal.last_id}})
 
     async def openapi(request: Request) -> Response:
-        return _json(200, api.openapi.get())
+        return respond(200, api.openapi.get())
 
     async def events(request: Request) -> Response:
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
@@ -151,11 +148,11 @@ def make_app(api: TerminalApi, more: Sequence[Route] = ()) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return _json(exc.status_code, error_body(code, str(exc.detail)), dict(exc.headers or {}))
+        return respond(exc.status_code, error_body(code, str(exc.detail)), dict(exc.headers or {}))
 
     async def crashed(request: Request, exc: Exception) -> Response:
         log.error("terminal API: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-        return _json(500, error_body("internal", f"internal error ({type(exc).__name__})"))
+        return respond(500, error_body("internal", f"internal error ({type(exc).__name__})"))
 
     routes = [
         Route("/v1/sales", handled(create_sale), methods=["POST"]),
