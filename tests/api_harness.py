@@ -88,7 +88,7 @@ class ApiClient:
         self.transport = transport
         self.check = check  # validate every answer against the document (benchmarks turn it off)
         self.token = token if token is not None else (node_dir / "api-token").read_text().strip()
-        st = client.call_running(node_dir, "status", {})
+        st = client.running(node_dir).status()
         self.url = st["api"]["url"]
         self.host_port = self.url.split("//", 1)[1].split("/", 1)[0]
         self.conn = self._connect()
@@ -191,3 +191,48 @@ class EventStream:
 def validate_schema(name: str, value: Any) -> None:
     schema = {**DOC, "$ref": f"#/components/schemas/{name}"}
     jsonschema.Draft202012Validator(schema, format_checker=jsonschema.FormatChecker()).validate(value)
+
+
+class SocketRelay:
+    """A loopback TCP port whose connections are piped, byte for byte, to the node's UNIX socket:
+    for a client that speaks only TCP (schemathesis) to reach what only the socket serves."""
+
+    def __init__(self, unix_path: Path) -> None:
+        import socketserver
+        import threading
+
+        target = str(unix_path)
+
+        class Pipe(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                up.connect(target)
+                down: socket.socket = self.request
+
+                def pump(src: socket.socket, dst: socket.socket) -> None:
+                    try:
+                        while data := src.recv(65536):
+                            dst.sendall(data)
+                    except OSError:
+                        pass
+                    finally:
+                        for s in (src, dst):
+                            try:
+                                s.shutdown(socket.SHUT_RDWR)
+                            except OSError:
+                                pass
+                back = threading.Thread(target=pump, args=(up, down), daemon=True)
+                back.start()
+                pump(down, up)
+                back.join()
+                up.close()
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Pipe)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -117,7 +117,7 @@ def test_a_terminal_three_days_behind_gets_its_sales_settled_and_the_inspector_w
     card = fair.sell("t1", 1234, VISA)
     cash = fair.sell("t1", 500)
     ok = fair.sell("t2", 700, VISA)
-    sale = client.call_running(fair.nodes["t1"], "sale", {"sale_id": card})
+    sale = client.running(fair.nodes["t1"]).sale(card)
     assert abs(sale["created_at_ms"] - (SYSTEM_CLOCK.now_ms() - 3 * DAY_MS)) < 600_000  # its own clock's time
     fair.wait_converged()
     fair.uplink("t3")
@@ -130,12 +130,12 @@ def test_a_terminal_three_days_behind_gets_its_sales_settled_and_the_inspector_w
         assert view[ok]["status"] == "approved"
     # the terminal knows its clock is off: its peers' statuses, whose times it refuses to believe
     # (they are days "ahead" of it), still tell it by how much
-    fair.wait(lambda: (client.call_running(fair.nodes["t1"], "status", {})["clock"]["estimate"] or {})
+    fair.wait(lambda: (client.running(fair.nodes["t1"]).status()["clock"]["estimate"] or {})
               .get("offset_ms", 0) < -2 * DAY_MS, "t1 did not find out that its clock is behind")
     # the uplink node reads the switch's clock from its health replies, and prefers it
-    fair.wait(lambda: (client.call_running(fair.nodes["t3"], "status", {})["clock"]["estimate"] or {})
+    fair.wait(lambda: (client.running(fair.nodes["t3"]).status()["clock"]["estimate"] or {})
               .get("source") == "switch", "t3 took no clock sample from the switch")
-    est = client.call_running(fair.nodes["t3"], "status", {})["clock"]["estimate"]
+    est = client.running(fair.nodes["t3"]).status()["clock"]["estimate"]
     assert abs(est["offset_ms"]) < WARN_SKEW_MS  # the same host clock as the switch
     insp = tmp_path / "insp"
     t3_port = json.loads((fair.nodes["t3"] / "config.json").read_text())["listen"]

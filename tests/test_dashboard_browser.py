@@ -82,8 +82,8 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> 
         procs.start_node(name, path, "--no-mdns")
     run_cli("sell", str(t1), "--amount", "12.50", "--card", "-", check=True,
             input="4111111111111111\n")  # the window: cards
-    client.call_running(t2, "sell", {"amount_minor": 300})
-    client.call_running(t2, "sell", {"amount_minor": 450})
+    client.running(t2).sell(300)
+    client.running(t2).sell(450)
     url = f"http://127.0.0.1:{dash}/"
 
     # no password, a wrong one: refused
@@ -142,7 +142,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> 
               "the card sale to be held by enough devices")
 
         # a new (cash) sale: the page refreshes by itself; the pending queue does not move
-        client.call_running(t1, "sell", {"amount_minor": 700})
+        client.running(t1).sell(700)
         until(lambda: browser.evaluate("document.querySelector('#settled tr[data-status=paid]').cells[1].textContent")
               == "3", 30, "the page to show the new sale")
         until(lambda: rows()["Stall 1"][4] == "2 / 19.50", 30, "Stall 1's sales to include the new sale")
@@ -195,7 +195,7 @@ def test_dashboard_in_headless_chromium(tmp_path: Path, procs: ProcessGroup) -> 
         procs.start_node("t1", t1, "--no-mdns")
         until(lambda: browser.evaluate("document.querySelector('#at-risk tbody').textContent") == "none", 40,
               "the sale to be held by two devices")
-        client.call_running(g, "uplink", {"on": True})
+        client.running(g).uplink(True)
         until(lambda: mesh()["nodes"][ids["g"]]["marker"] == "uplink up", 40, "the gateway's uplink marked up")
         assert mesh()["nodes"][ids["t1"]]["marker"] is None
         until(lambda: browser.evaluate("document.getElementById('site-pending').textContent") == "0", 60,

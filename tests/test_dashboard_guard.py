@@ -138,7 +138,7 @@ def test_the_dashboard_is_https_only_when_not_on_loopback(tmp_path: Path, dash_s
     g = tmp_path / "g"
     enroll_one_step(dash_site, g, "gateway", "Gateway", listen=f"127.0.0.1:{pg}", dashboard=f"0.0.0.0:{dash}")
     procs.start_node("g", g, "--no-mdns")
-    info: dict[str, Any] = client.call_running(g, "status", {})["dashboard"]
+    info: dict[str, Any] = client.running(g).status()["dashboard"]
     assert info["url"].startswith("https://")
     assert get(dash, None, tls=True).status == 401
     assert get(dash, PASSWORD, tls=True).status == 200

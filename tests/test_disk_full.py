@@ -101,12 +101,12 @@ def test_running_node_on_a_full_disk_refuses_sales_stays_up_and_loses_nothing(tm
     procs = ProcessGroup(tmp_path / "logs")
     try:
         child = procs.start_node("t1", node, "--no-mdns")
-        acknowledged = [client.call_running(node, "sell", {"amount_minor": 100})["id"]]
+        acknowledged = [client.running(node).sell(100)["id"]]
         ballast = _ballast(small_disk, SALE_RESERVE_BYTES + 256 * 1024)
         refused = None
         for i in range(2000):  # sell until the disk is full
             try:
-                sale = client.call_running(node, "sell", {"amount_minor": 100 + i, "description": "x" * 190})
+                sale = client.running(node).sell(100 + i, description="x" * 190)
             except DiskFullError as exc:
                 refused = exc
                 break
@@ -117,7 +117,7 @@ def test_running_node_on_a_full_disk_refuses_sales_stays_up_and_loses_nothing(tm
         proc = run_cli("sell", str(node), "--amount", "2.50", "--cash")  # what the cashier sees
         assert proc.returncode == DiskFullError.exit_code and "Traceback" not in proc.stderr
         _is_disk_full_message(proc.stderr)
-        assert child.alive and client.call_running(node, "status", {})["running"]  # still up
+        assert child.alive and client.running(node).status()["running"]  # still up
 
         ballast.unlink()  # space returns
         again = json.loads(run_cli("sell", str(node), "--amount", "2.50", "--cash", "--json", check=True).stdout)
@@ -133,7 +133,7 @@ def test_running_node_on_a_full_disk_refuses_sales_stays_up_and_loses_nothing(tm
 
 
 def _sale_ids(node: Path) -> set[str]:
-    return {s["id"] for s in client.call_running(node, "sales", {})}
+    return {s["id"] for s in client.running(node).sales()}
 
 
 def _until(cond: object, timeout: float, what: str) -> None:
@@ -161,22 +161,22 @@ def test_a_node_whose_disk_fills_with_what_its_links_bring_stays_up(tmp_path: Pa
     try:
         node_a = procs.start_node("a", a, "--no-mdns")
         procs.start_node("b", b, "--no-mdns")
-        own = client.call_running(a, "sell", {"amount_minor": 500})["id"]
+        own = client.running(a).sell(500)["id"]
         _until(lambda: own in _sale_ids(b), 60, "B has A's sale")
         ballast = small_disk / "ballast"
         fill_disk(ballast)
         made = {own}
         for i in range(60):
-            made.add(client.call_running(b, "sell", {"amount_minor": 100 + i, "description": "y" * 190})["id"])
+            made.add(client.running(b).sell(100 + i, description="y" * 190)["id"])
         _until(lambda: "the disk is full" in node_a.log_tail(200) or "rolled back" in node_a.log_tail(200), 60,
                "A met the full disk")
         assert node_a.alive
         with pytest.raises(DiskFullError):
-            client.call_running(a, "sell", {"amount_minor": 700})
-        assert client.call_running(a, "status", {})["running"]
+            client.running(a).sell(700)
+        assert client.running(a).status()["running"]
 
         ballast.unlink()
-        extra = client.call_running(a, "sell", {"amount_minor": 800})["id"]  # sells again at once
+        extra = client.running(a).sell(800)["id"]  # sells again at once
         made.add(extra)
         assert node_a.alive
         procs.stop("a")  # what SQLite rolled back comes back from B at the next sync

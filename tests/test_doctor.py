@@ -152,8 +152,9 @@ def test_doctor_names_an_expired_certificate(tmp_path: Path, site: Any) -> None:
 def test_doctor_names_a_corrupt_ledger(tmp_path: Path, site: Any, make_node: Any) -> None:
     node = make_node("T9", listen="127.0.0.1:0")
     edit_config(node, mdns=False)
-    for i in range(30):
-        client.call(node, "sell", {"amount_minor": 100 * (i + 1)})
+    with client.open_node(node) as stopped:
+        for i in range(30):
+            stopped.sell(100 * (i + 1))
     rc, checks = doctor(node)
     assert rc == 0 and checks["database and ledger"]["state"] == "ok", checks["database and ledger"]
     db = node / "meshpos.db"

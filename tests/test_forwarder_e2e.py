@@ -102,7 +102,7 @@ def test_hoarded_and_revoked_leases_do_not_stop_the_terminal_with_uplink(tmp_pat
     fair.wait_settled(["t2", "t3"])
     fair.check_exactly_once(repeats_allowed=False, names=["t1", "t2", "t3"])
     assert "from T3" in fair.switch_log()
-    assert client.call_running(fair.nodes["t3"], "status", {})["uplink"]["set_aside"] == 0
+    assert client.running(fair.nodes["t3"]).status()["uplink"]["set_aside"] == 0
 
 
 def test_the_leases_of_a_terminal_that_is_gone_are_taken_over_at_once(tmp_path: Path, procs: ProcessGroup) -> None:

@@ -4,7 +4,7 @@ after one node is cut off, and the inspector lists a sale of an isolated termina
 
 from __future__ import annotations
 
-import base64
+from meshpos.node.ops import SealedCard
 import json
 import time
 from pathlib import Path
@@ -34,23 +34,20 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
 
 def sell_card(node: Path, amount_minor: int) -> dict[str, Any]:
     """A keyed card sale on a running node, the card sealed here as `meshpos sell --card -` does."""
-    policy = client.call_running(node, "policy", {})
-    capture = seal_card(VISA, "1230", "manual", bytes.fromhex(policy["switch_key"]), at_ms=SYSTEM_CLOCK.now_ms())
-    card = {"brand": capture.brand, "last4": capture.last4, "entry_mode": capture.entry_mode,
-            "sealed": base64.b64encode(capture.sealed).decode()}
-    sale: dict[str, Any] = client.call_running(node, "sell", {"amount_minor": amount_minor, "card": card},
-                                               timeout=10)
+    policy = client.running(node).policy()
+    capture = seal_card(VISA, "1230", "manual", bytes.fromhex(policy.switch_key or ""), at_ms=SYSTEM_CLOCK.now_ms())
+    sale = client.running(node, timeout=10).sell(amount_minor, SealedCard.of(capture))
     return sale
 
 
 def held_by(node: Path, sale_id: str) -> int:
-    return int(client.call_running(node, "sale", {"sale_id": sale_id})["held_by"])
+    return int(client.running(node).sale(sale_id)["held_by"])
 
 
 def held_everywhere(nodes: list[Path], sale_id: str) -> dict[str, int | None]:
     out: dict[str, int | None] = {}
     for node in nodes:
-        listed = {s["id"]: s for s in client.call_running(node, "sales", {})}
+        listed = {s["id"]: s for s in client.running(node).sales()}
         out[node.name] = listed[sale_id]["held_by"] if sale_id in listed else None
     return out
 
@@ -73,7 +70,7 @@ def test_held_by_reaches_five_stops_at_four_after_a_cut_and_an_isolated_sale_is_
     assert first["held_by"] == 1  # at once: only the terminal itself holds it
     wait_for(lambda: set(held_everywhere(nodes, first["id"]).values()) == {5}, 60,
              lambda: f"held_by did not reach 5 everywhere: {held_everywhere(nodes, first['id'])}")
-    wait_for(lambda: client.call_running(nodes[2], "status", {})["at_risk"]["count"] == 0, 30,
+    wait_for(lambda: client.running(nodes[2]).status()["at_risk"]["count"] == 0, 30,
              "T2 still counts its sale at risk")
 
     # T4 cut off (stopped): sales made after the cut are held by the four others, never by five
@@ -97,7 +94,7 @@ def test_held_by_reaches_five_stops_at_four_after_a_cut_and_an_isolated_sale_is_
     procs.start_node("T4", nodes[4], "--no-mdns")
     lone = sell_card(nodes[4], 4200)
     assert held_by(nodes[4], lone["id"]) == 1
-    st = client.call_running(nodes[4], "status", {})
+    st = client.running(nodes[4]).status()
     assert st["at_risk"] == {"count": 1, "amount_minor": 4200, "min_holders": 2}
     text = run_cli("status", str(nodes[4]), check=True).stdout
     assert "at risk: 1 of this terminal's pending sale(s) (42.00 EUR)" in text

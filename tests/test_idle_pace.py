@@ -209,8 +209,8 @@ def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
         low.start_node("t1", t1, "--no-mdns")
         seen = poll(lambda w: "T1: battery 9 %" in w, "no battery warning for T1")
         assert not any(alone in w for w in seen)
-        assert client.call_running(t1, "statuses", {})  # T1 says battery_low in its own status
-        own = [s["status"] for s in client.call_running(t1, "statuses", {}) if s["status"].get("name") == "T1"]
+        assert client.running(t1).statuses()  # T1 says battery_low in its own status
+        own = [s["status"] for s in client.running(t1).statuses() if s["status"].get("name") == "T1"]
         assert own and own[0]["battery"] == 9 and own[0]["battery_low"] is True
         mains.stop_all()
         poll(lambda w: any(alone in x for x in w), "no warning once T2, the only good battery, is gone")

@@ -150,10 +150,10 @@ async def test_nodes_refuse_everything_an_inspector_sends(tmp_path: Path, site: 
 
         def holders() -> list[str]:
             return [n for n, p in (("A", a), ("B", b))
-                    if sale in {s["id"] for s in client.call_running(p, "sales", {})}]
+                    if sale in {s["id"] for s in client.running(p).sales()}]
 
         def statuses(path: Path) -> set[str]:
-            return {s["node_id"] for s in client.call_running(path, "statuses", {})}
+            return {s["node_id"] for s in client.running(path).statuses()}
 
         # a genuine, valid sale (and a genuine status of X), offered by an inspector: refused by every node
         for port in (pa, pb):
@@ -162,7 +162,7 @@ async def test_nodes_refuse_everything_an_inspector_sends(tmp_path: Path, site: 
         assert holders() == []
         assert core.node_id not in statuses(a) | statuses(b)
         for path in (a, b):
-            entries = client.call_running(path, "status", {})["ledger"]["entries"]
+            entries = client.running(path).status()["ledger"]["entries"]
             assert entries == 3, f"{path.name} took entries from the inspector"  # its cert, A's and B's
 
         # the same offered by an enrolled terminal is taken and spreads: the refusal above was the role's
@@ -202,4 +202,4 @@ async def test_a_status_tells_only_what_its_certificate_says(tmp_path: Path, sit
     assert nodes[x_id]["status_age_s"] is not None  # its status (of a valid time) was taken
     assert [n["name"] for n in view["nodes"]].count("A") == 1
     assert nodes[y_id]["status_age_s"] is None and not nodes[y_id]["fresh"]  # the future status was refused
-    assert y_id not in {s["node_id"] for s in client.call_running(a, "statuses", {})}
+    assert y_id not in {s["node_id"] for s in client.running(a).statuses()}

@@ -89,7 +89,7 @@ class IdleFlood:
 
 
 def sale_ids(node: Path) -> set[str]:
-    return {s["id"] for s in client.call_running(node, "sales", {})}
+    return {s["id"] for s in client.running(node).sales()}
 
 
 def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
@@ -102,8 +102,8 @@ def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
     with IdleFlood(pa, 300) as flood:
         wait_for(lambda: flood.closed_by_server >= 300, 60, lambda: f"A closed {flood.closed_by_server} idle ones")
         procs.start_node("B", b, "--no-mdns")
-        sold = {client.call_running(b, "sell", {"amount_minor": 100 + i})["id"] for i in range(3)}
-        sold.add(client.call_running(a, "sell", {"amount_minor": 700})["id"])
+        sold = {client.running(b).sell(100 + i)["id"] for i in range(3)}
+        sold.add(client.running(a).sell(700)["id"])
         wait_for(lambda: sale_ids(a) == sold == sale_ids(b), 60, "A and B did not replicate under the flood")
         wait_for(lambda: flood.closed_by_server >= 1000, 120, lambda: f"A closed {flood.closed_by_server} idle ones")
         # the few it took in (not yet authenticated) are closed once the short deadline passes
@@ -114,7 +114,7 @@ def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
     assert "Traceback" not in text
     assert len(lines) < 150, f"{len(lines)} log lines for {flood.closed_by_server} idle connections"
     assert any("refused link" in line and "at once" in line for line in lines)
-    status = client.call_running(a, "status", {})
+    status = client.running(a).status()
     assert any(link["state"] == "open" and link["peer_name"] == "B" for link in status["peers"]["links"])
     assert status["peers"]["shards_parked"] == 0 and status["peers"]["shard_frames_dropped"] == 0
 
@@ -154,7 +154,7 @@ def test_running_out_of_file_descriptors_is_logged_once_not_per_accept(
     assert "Traceback" not in text
     assert text.count("EMFILE") == 1, text[-3000:]
     procs.start_node("B", b, "--no-mdns")  # and A is still a node that links and replicates
-    sold = client.call_running(b, "sell", {"amount_minor": 100})["id"]
+    sold = client.running(b).sell(100)["id"]
     wait_for(lambda: sold in sale_ids(a), 60, "A did not replicate once file descriptors were back")
 
 

@@ -20,7 +20,7 @@ def procs(tmp_path: Path):
 
 
 def _sale_ids(node: Path) -> set[str]:
-    return {s["id"] for s in client.call_running(node, "sales", {})}
+    return {s["id"] for s in client.running(node).sales()}
 
 
 def test_five_node_processes_with_static_peers_converge(tmp_path: Path, site: Site, procs) -> None:
@@ -33,14 +33,15 @@ def test_five_node_processes_with_static_peers_converge(tmp_path: Path, site: Si
         nodes.append(path)
     expected = set()
     for i, path in enumerate(nodes):  # sales taken before the mesh exists
-        expected.add(client.call(path, "sell", {"amount_minor": 100 + i})["id"])
+        with client.open_node(path) as stopped:
+            expected.add(stopped.sell(100 + i)["id"])
     for i, path in enumerate(nodes):
         procs.start_node(f"t{i}", path, "--no-mdns")
     for i, path in enumerate(nodes):  # and while it runs
-        expected.add(client.call_running(path, "sell", {"amount_minor": 200 + i}, timeout=10)["id"])
+        expected.add(client.running(path, timeout=10).sell(200 + i)["id"])
     wait_for(lambda: all(_sale_ids(p) == expected for p in nodes), 60,
              "ledgers did not converge: " + str({p.name: len(_sale_ids(p)) for p in nodes}))
-    status = client.call_running(nodes[2], "status", {})
+    status = client.running(nodes[2]).status()
     peers = {link["peer_name"] for link in status["peers"]["links"] if link["state"] == "open"}
     # its static neighbours; peer exchange (protocols/peer-exchange.md) may add ring links to the others
     assert {"T1", "T3"} <= peers
@@ -56,9 +57,12 @@ def test_other_site_and_revoked_nodes_are_refused(tmp_path: Path, site: Site, pr
                     peers=[f"127.0.0.1:{p1}"])
     revoked = tmp_path / "revoked"
     enroll_one_step(site, revoked, "terminal", "Stolen", listen=f"127.0.0.1:{p_rev}", peers=[f"127.0.0.1:{p1}"])
-    client.call(t1, "ingest", {"raw": site.revoke(site.find_node("Stolen"), "stolen").decode()})
-    intruder_sale = client.call(intruder, "sell", {"amount_minor": 100})["id"]
-    stolen_sale = client.call(revoked, "sell", {"amount_minor": 100})["id"]
+    with client.open_node(t1) as stopped:
+        stopped.ingest(site.revoke(site.find_node("Stolen"), "stolen"))
+    with client.open_node(intruder) as stopped:
+        intruder_sale = stopped.sell(100)["id"]
+    with client.open_node(revoked) as stopped:
+        stolen_sale = stopped.sell(100)["id"]
     procs.start_node("t1", t1, "--no-mdns")
     procs.start_node("intruder", intruder, "--no-mdns")
     procs.start_node("revoked", revoked, "--no-mdns")
@@ -71,6 +75,6 @@ def test_other_site_and_revoked_nodes_are_refused(tmp_path: Path, site: Site, pr
                                            or "CERTIFICATE_VERIFY_FAILED" in text)
     wait_for(other_site_refused, 30, "no refusal of the other site's node was logged")
     wait_for(lambda: "revoked" in log.read_text(), 30, "t1 did not log the revoked node's refusal")
-    own = client.call_running(t1, "sell", {"amount_minor": 300})["id"]
+    own = client.running(t1).sell(300)["id"]
     assert _sale_ids(t1) == {own}
     assert intruder_sale not in _sale_ids(t1) and stolen_sale not in _sale_ids(t1)

@@ -64,16 +64,16 @@ def test_unreachable_printer_never_blocks_a_sale_and_prints_when_back(make_node,
     _set_printer(node, {"kind": "network", "host": "127.0.0.1", "port": port, "profile": "generic-58mm",
                         "timeout": 2})
     procs.start_node("t1", node, "--no-mdns")
-    sale = client.call_running(node, "sell", {"amount_minor": 450, "description": "polenta"}, timeout=10)
+    sale = client.running(node, timeout=10).sell(450, description="polenta")
     assert sale["status"] == "paid"
-    wait_for(lambda: client.call_running(node, "status", {})["printer"]["state"] == "unreachable", 30,
+    wait_for(lambda: client.running(node).status()["printer"]["state"] == "unreachable", 30,
              "printer state did not become unreachable")
-    assert client.call_running(node, "status", {})["printer"]["queued"] >= 1
-    client.call_running(node, "sell", {"amount_minor": 120}, timeout=10)  # still selling
+    assert client.running(node).status()["printer"]["queued"] >= 1
+    client.running(node, timeout=10).sell(120)  # still selling
     printer = FakePrinter(port)
     try:
         wait_for(lambda: sale["id"].encode() in bytes(printer.received)
-                 and client.call_running(node, "status", {})["printer"]["queued"] == 0, 90,
+                 and client.running(node).status()["printer"]["queued"] == 0, 90,
                  "queued receipts were not printed once the printer listened again")
     finally:
         printer.close()
@@ -89,7 +89,7 @@ def test_bad_printer_configuration_is_reported_and_the_node_keeps_selling(make_n
     node = make_node("t1")
     _set_printer(node, printer)
     procs.start_node("t1", node, "--no-mdns")
-    assert client.call_running(node, "sell", {"amount_minor": 300}, timeout=10)["status"] == "paid"
+    assert client.running(node, timeout=10).sell(300)["status"] == "paid"
     proc = run_cli("status", str(node))
     assert proc.returncode == 0
     assert "misconfigured" in proc.stdout and named in proc.stdout

@@ -84,12 +84,12 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
 
 
 def _open_links(node: Path) -> set[str]:
-    status = client.call_running(node, "status", {})
+    status = client.running(node).status()
     return {link["peer_name"] for link in status["peers"]["links"] if link["state"] == "open"}
 
 
 def _sales(node: Path) -> set[str]:
-    return {s["id"] for s in client.call_running(node, "sales", {})}
+    return {s["id"] for s in client.running(node).sales()}
 
 
 def test_terminals_that_know_only_the_gateway_find_each_other_and_mesh_without_it(
@@ -107,10 +107,10 @@ def test_terminals_that_know_only_the_gateway_find_each_other_and_mesh_without_i
     procs.start_node("gw", gateway, "--no-mdns")
     for i, path in enumerate(terminals, 1):
         procs.start_node(f"t{i}", path, "--no-mdns")
-    ids = {p.name: client.call_running(p, "status", {})["node_id"] for p in [gateway, *terminals]}
+    ids = {p.name: client.running(p).status()["node_id"] for p in [gateway, *terminals]}
 
     def hinted(p: Path) -> set[str]:
-        return set(client.call_running(p, "status", {})["peers"]["hinted"])
+        return set(client.running(p).status()["peers"]["hinted"])
 
     wait_for(lambda: all(hinted(p) >= set(ids.values()) - {ids[p.name]} for p in terminals), 60,
              lambda: "the terminals did not learn every node's address: "
@@ -119,12 +119,12 @@ def test_terminals_that_know_only_the_gateway_find_each_other_and_mesh_without_i
     # the ring planner dials the terminals it learnt of: links that no configuration asked for
     wait_for(lambda: all(_open_links(p) & (names - {p.name.upper()}) for p in terminals), 60,
              lambda: "no terminal-to-terminal link: " + str({p.name: sorted(_open_links(p)) for p in terminals}))
-    status = client.call_running(terminals[0], "status", {})
+    status = client.running(terminals[0]).status()
     assert status["peers"]["static"] == [f"127.0.0.1:{ports[0]}"] and status["peers"]["discovered"] == []
 
     procs.stop("gw")  # the only configured address is gone: the terminals still reach each other
     wait_for(lambda: all(_open_links(p) <= names and _open_links(p) for p in terminals), 60, "links to GW remain")
-    sold = {client.call_running(p, "sell", {"amount_minor": 100 + i})["id"] for i, p in enumerate(terminals)}
+    sold = {client.running(p).sell(100 + i)["id"] for i, p in enumerate(terminals)}
     wait_for(lambda: all(sold <= _sales(p) for p in terminals), 60,
              lambda: "sales did not spread without the gateway: " + str({p.name: len(_sales(p) & sold)
                                                                         for p in terminals}))

@@ -6,7 +6,6 @@ clock: tests/test_switch_failover.py."""
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,7 @@ from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.node import client
 from meshpos.node.core import NodeCore
 from meshpos.node.enroll import enroll_one_step
+from meshpos.node.ops import SealedCard
 from meshpos.switch.switchdir import add_site
 from meshpos.uplink.client import SwitchRefused
 from meshpos.uplink.forwarder import Forwarder, HttpsTransport
@@ -64,17 +64,15 @@ def wait(predicate: Callable[[], bool], what: str, state: Callable[[], str], tim
 
 def sell(node: Path, amount: int) -> str:
     """One card sale on a running terminal, the card sealed here as `meshpos sell --card` does."""
-    key = bytes.fromhex(client.call_running(node, "policy", {})["switch_key"])
-    cap = seal_card("4111111111111111", "1230", "contactless", key)
-    sale = client.call_running(node, "sell", {"amount_minor": amount, "card": {
-        "brand": cap.brand, "last4": cap.last4, "entry_mode": cap.entry_mode,
-        "sealed": base64.b64encode(cap.sealed).decode()}})
+    live = client.running(node)
+    key = bytes.fromhex(live.policy().switch_key or "")
+    sale = live.sell(amount, SealedCard.of(seal_card("4111111111111111", "1230", "contactless", key)))
     assert sale["status"] == "pending", sale
     return str(sale["id"])
 
 
 def statuses(node: Path) -> dict[str, str]:
-    return {s["id"]: s["status"] for s in client.call_running(node, "sales", {})}
+    return {s["id"]: s["status"] for s in client.running(node).sales()}
 
 
 def status_json(node: Path) -> dict[str, Any]:
@@ -95,7 +93,7 @@ def test_a_node_settles_through_the_second_instance_when_the_first_is_killed_and
     procs.start_node("t1", node, "--no-mdns")
     first = [sell(node, 100 + k) for k in range(30)]
 
-    client.call_running(node, "uplink", {"on": True})
+    client.running(node).uplink(True)
     # advices of the first batch reached the acquirer through instance 0: kill it mid-batch
     inst.wait_stats(lambda s: s["totals"].get("0220", 0) >= 1, "no advice reached the acquirer")
     inst.kill(0)  # SIGKILL, most likely while the batch waits for the acquirer's answers

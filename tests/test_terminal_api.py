@@ -65,7 +65,7 @@ def test_a_sale_is_created_once_and_the_same_key_answers_the_same_sale(api: ApiC
     assert len(own_sales(api)) == before
     assert api.request("GET", f"/v1/sales/{first.body['id']}").body == again.body
     # the same object as `meshpos sales --json` (through the node, as the CLI reads it)
-    listed = {s["id"]: s for s in client.call_running(api.node_dir, "sales", {})}
+    listed = {s["id"]: s for s in client.running(api.node_dir).sales()}
     assert listed[first.body["id"]] == again.body
 
 
@@ -339,7 +339,7 @@ def test_off_loopback_the_api_is_https_only_with_the_nodes_certificate(tmp_path:
     group = ProcessGroup(tmp_path / "logs")
     try:
         start(group, "gw", node)
-        url = client.call_running(node, "status", {})["api"]["url"]
+        url = client.running(node).status()["api"]["url"]
         assert url.startswith("https://")
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         token = (node / "api-token").read_text().strip()

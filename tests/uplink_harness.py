@@ -11,7 +11,7 @@ Every wait is bounded and polls state; nothing asserts on how long something too
 
 from __future__ import annotations
 
-import base64
+from meshpos.node.ops import SealedCard
 import json
 import sqlite3
 import time
@@ -153,14 +153,12 @@ class Fair:
 
     def sell(self, name: str, amount: int, pan: str | None = None) -> str:
         """One sale on a running terminal, the card sealed here as `meshpos sell --card` does."""
-        node = self.nodes[name]
-        params: dict[str, Any] = {"amount_minor": amount}
+        node = client.running(self.nodes[name])
+        card = None
         if pan is not None:
-            key = bytes.fromhex(client.call_running(node, "policy", {})["switch_key"])
-            cap = seal_card(pan, "1230", "contactless", key)
-            params["card"] = {"brand": cap.brand, "last4": cap.last4, "entry_mode": cap.entry_mode,
-                              "sealed": base64.b64encode(cap.sealed).decode()}
-        sale = client.call_running(node, "sell", params)
+            key = bytes.fromhex(node.policy().switch_key or "")
+            card = SealedCard.of(seal_card(pan, "1230", "contactless", key))
+        sale = node.sell(amount, card)
         assert sale["status"] == ("pending" if pan is not None else "paid"), sale  # cash is final when taken
         self.expected[sale["id"]] = Expected(sale["id"], name, amount, pan)
         return str(sale["id"])
@@ -172,12 +170,12 @@ class Fair:
         return [self.sell(names[k % len(names)], first_amount + 37 * k, pans[k % len(pans)]) for k in range(n)]
 
     def uplink(self, name: str, on: bool = True) -> None:
-        client.call_running(self.nodes[name], "uplink", {"on": on})
+        client.running(self.nodes[name]).uplink(on)
 
     # -- looking -----------------------------------------------------------------------
 
     def view(self, name: str) -> dict[str, dict[str, Any]]:
-        return {s["id"]: s for s in client.call_running(self.nodes[name], "sales", {})}
+        return {s["id"]: s for s in client.running(self.nodes[name]).sales()}
 
     def views(self, names: list[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
         return {name: self.view(name) for name in (names or list(self.nodes))}

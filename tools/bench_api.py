@@ -7,8 +7,9 @@ Per run, on fresh nodes in a temporary directory:
 2. over HTTP: a ``meshpos run`` node process with its API on 127.0.0.1 (plain HTTP on loopback),
    one keep-alive TCP connection, N ``POST /v1/sales`` of keyed card sales (each its own
    Idempotency-Key), median and p99 of request-to-201;
-3. cash sales in the same node, alternating blocks: through the old newline-JSON control socket
-   (``sell``, one connection per call, as the CLI does) and through ``POST /v1/sales``: CPU per
+3. cash sales in the same node, alternating blocks: the CLI's way (``POST /v1/node/sales`` on
+   ``NODE_DIR/api.sock``, one connection per call; the newline-JSON control socket it replaced
+   was measured here before) and through ``POST /v1/sales`` over TCP: CPU per
    sale of the node and median latency of each, the fair comparison of the two front doors
    (same node, same sale path, same store size);
 4. the same as (2) with 100 idle clients connected to ``GET /v1/events`` (each gets every
@@ -97,7 +98,8 @@ def _idle_streams(host: str, port: int, token: str, n: int) -> list[http.client.
 
 
 def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: int) -> dict[str, float]:
-    """Cash sales alternating in blocks of 50: control socket, then API (the store grows evenly)."""
+    """Cash sales alternating in blocks of 50: the CLI's socket path ("control"), then the TCP API
+    (the store grows evenly)."""
     cpu = {"control": 0.0, "api": 0.0}
     lat: dict[str, list[float]] = {"control": [], "api": []}
     conn = http.client.HTTPConnection(host, port, timeout=30)
@@ -108,7 +110,7 @@ def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: i
             for _ in range(50):
                 t = time.perf_counter()
                 if door == "control":
-                    client.call_running(node, "sell", {"amount_minor": 100})
+                    client.running(node).sell(100)
                 else:
                     conn.request("POST", "/v1/sales", body='{"amount": "1.00", "method": "cash"}',
                                  headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
@@ -135,7 +137,7 @@ def api_run(sales: int) -> dict[str, float]:
         group = ProcessGroup(root / "logs")
         try:
             group.start_node("t1", node, "--no-mdns")
-            status = client.call_running(node, "status", {})
+            status = client.running(node).status()
             url, pid = status["api"]["url"], int(status["running"]["pid"])
             host, port = url.split("//")[1].split("/")[0].rsplit(":", 1)
             token = (node / "api-token").read_text().strip()
@@ -168,7 +170,7 @@ def main() -> int:
               f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
               f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
-              f"cash: control socket {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
+              f"cash: CLI socket path {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['cash_median_ms']:.2f} ms; "
               f"load {os.getloadavg()[0]:.1f}",
@@ -190,7 +192,7 @@ def main() -> int:
               f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
               f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
               f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
-              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, API vs control socket: "
+              f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, TCP API vs CLI socket path: "
               f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate")
     return 0

@@ -124,14 +124,14 @@ def build(root: Path, n: int) -> list[Path]:
 
 def answers(path: Path) -> bool:
     try:
-        client.call_running(path, "status", {}, timeout=5.0)
+        client.running(path, timeout=5.0).status()
         return True
     except MeshposError:
         return False
 
 
 def open_links(path: Path) -> int:
-    st = client.call_running(path, "status", {}, timeout=10)
+    st = client.running(path, timeout=10).status()
     return len({ln["peer_node"] for ln in st["peers"]["links"] if ln["state"] == "open"})
 
 

@@ -72,14 +72,14 @@ def main() -> int:
             fresh = root / f"fresh{k}"
             enroll_one_step(site, fresh, "terminal", f"fresh{k}", peers=[f"127.0.0.1:{port}"])
             before = {link["peer_node"]: link["bytes_out"] for link in
-                      client.call_running(source_dir, "status", {})["peers"]["links"]}
+                      client.running(source_dir).status()["peers"]["links"]}
             t0 = time.perf_counter()
             procs.start(f"fresh{k}", "run", str(fresh), "--no-mdns")
             wait_for(lambda: entry_count(fresh / "meshpos.db") >= total, 600, "the fresh node did not catch up",
                      interval=0.05)
             walls.append(time.perf_counter() - t0)
-            links = client.call_running(source_dir, "status", {})["peers"]["links"]
-            fresh_id = client.call_running(fresh, "status", {})["node_id"]
+            links = client.running(source_dir).status()["peers"]["links"]
+            fresh_id = client.running(fresh).status()["node_id"]
             sent.append(sum(link["bytes_out"] - before.get(link["peer_node"], 0)
                             for link in links if link["peer_node"] == fresh_id))
             procs.stop(f"fresh{k}")

@@ -9,7 +9,7 @@ at each loss level asked. Needs root, iproute2 and nftables.
 
 The site: host 0 is the gateway, hosts 1..5 terminals configured with the gateway's address only
 (mDNS on, peer exchange on: the links the product forms by itself). Sales are taken at --rate per
-second, round robin over the 6 nodes, through their control sockets (Unix sockets: no loss there);
+second, round robin over the 6 nodes, through their API sockets (Unix sockets: no loss there);
 2 of 3 are card sales. Presence = each node's own `entries.received_at` stamp, read from the SQLite
 files after the run (tools/bench_mesh.py explains the method; all namespaces share one clock).
 Each run builds a new site in a new lab; the figures are medians over the runs, every run's p99 kept.
@@ -79,7 +79,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
             procs.start_node(f"n{i}", path, timeout=120, wrap=["ip", "netns", "exec", lab.host_ns(i)])
 
         def linked() -> bool:  # every node holds a link to at least two others
-            return all(sum(1 for link in client.call_running(p, "status", {})["peers"]["links"]
+            return all(sum(1 for link in client.running(p).status()["peers"]["links"]
                            if link["state"] == "open") >= 2 for p in nodes)
         t0 = time.monotonic()
         while not linked():
@@ -93,7 +93,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
         converged = bench_mesh.wait_everywhere(dbs, "sale", {f"sale/{s.sale_id}" for s in ok}, timeout=180)
         res = bench_mesh.latencies(dbs, "sale", {s.sale_id: s.returned for s in ok if s.sale_id},
                                    lambda sid: f"sale/{sid}")
-        links = sum(len([link for link in client.call_running(p, "status", {})["peers"]["links"]
+        links = sum(len([link for link in client.running(p).status()["peers"]["links"]
                          if link["state"] == "open"]) for p in nodes) // 2
         res.update(loss_pct=loss, hosts=args.hosts, links=links, rate=args.rate, seconds=args.seconds,
                    sales=len(sold), sell_errors=len(sold) - len(ok), converged=converged)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Mesh propagation: N `meshpos run` node processes on 127.0.0.1 with real TLS links, sales taken
-at a steady site-wide rate through the control sockets; for every sale, the time from its commit
+at a steady site-wide rate through the nodes' API sockets (api.sock); for every sale, the time from its commit
 (the `sell` call returning to this script) to its presence on EVERY node. Goal: p99 <= 500 ms.
 
     python tools/bench_mesh.py                       # 20 nodes, 40 sales/s for 60 s
@@ -18,13 +18,12 @@ every node's SQLite file. All processes share one host clock, so "on every node"
 of that sale over the N nodes, minus the `sell` return time. As an independent check, an observer
 thread in this script polls each node's database (read-only, incremental rowid queries) and notes
 when it first sees each sale; that is an upper bound whose resolution is the observer's cycle time
-(printed). Neither method loads the nodes' control sockets.
+(printed). Neither method loads the nodes' API sockets.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import shutil
@@ -47,6 +46,7 @@ from meshpos.domain.errors import MeshposError  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.replication.planner import ring_targets  # noqa: E402
 from meshpos.node import client  # noqa: E402
+from meshpos.node.ops import SealedCard, SellRequest  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
 from meshpos.site.nodedir import NodeDir  # noqa: E402
 from meshpos.apps.procs import ProcessGroup, free_ports, wait_for  # noqa: E402
@@ -177,7 +177,7 @@ class Mesh:
 
         def links_open() -> bool:
             for i, path in enumerate(self.nodes):
-                st = client.call_running(path, "status", {}, timeout=10)
+                st = client.running(path, timeout=10).status()
                 opened = {ln["peer_node"] for ln in st["peers"]["links"] if ln["state"] == "open"}
                 if len(opened) < want[i]:
                     return False
@@ -197,7 +197,7 @@ class Mesh:
 
 def _answers(path: Path) -> bool:
     try:
-        client.call_running(path, "status", {}, timeout=5.0)
+        client.running(path, timeout=5.0).status()
         return True
     except MeshposError:
         return False
@@ -271,14 +271,12 @@ class Sold:
     error: str | None = None
 
 
-def sell_params(k: int, switch_key: bytes, card_share: int = 2) -> dict[str, Any]:
+def sell_params(k: int, switch_key: bytes, card_share: int = 2) -> SellRequest:
     """Sale k: `card_share` of every 3 are card sales (sealed here, as `meshpos sell --card` does)."""
-    params: dict[str, Any] = {"amount_minor": 100 + k % 900, "description": f"bench {k}"}
+    card = None
     if k % 3 < card_share:
-        cap = seal_card(CARDS[k % 2], "1230", "contactless", switch_key)
-        params["card"] = {"brand": cap.brand, "last4": cap.last4, "entry_mode": cap.entry_mode,
-                          "sealed": base64.b64encode(cap.sealed).decode()}
-    return params
+        card = SealedCard.of(seal_card(CARDS[k % 2], "1230", "contactless", switch_key))
+    return SellRequest(100 + k % 900, card, f"bench {k}")
 
 
 def run_load(nodes: list[Path], rate: float, seconds: float, switch_key: bytes, workers: int = 16,
@@ -294,7 +292,7 @@ def run_load(nodes: list[Path], rate: float, seconds: float, switch_key: bytes, 
         params = sell_params(first_k + k, switch_key, card_share)
         started = time.time()
         try:
-            sale = client.call_running(nodes[node], "sell", params, timeout=30)
+            sale = client.running(nodes[node], timeout=30).sell(params.amount_minor, params.card, params.description)
             sold = Sold(k, node, due, started, time.time(), sale["id"])
         except MeshposError as exc:
             sold = Sold(k, node, due, started, time.time(), None, str(exc))

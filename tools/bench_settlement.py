@@ -232,7 +232,7 @@ def main() -> int:
         if not wait_everywhere(dbs, "sale", {f"sale/{s}" for s in backlog_ids}, timeout=180):
             print("warning: the backlog did not reach every node", file=sys.stderr)
         t_on = time.time()
-        client.call_running(mesh.nodes[uplink], "uplink", {"on": True})
+        client.running(mesh.nodes[uplink]).uplink(True)
         done = wait_everywhere(dbs, "result", {f"result/{s}" for s in backlog_ids}, timeout=300)
         drain_s = time.time() - t_on
         out["backlog"] = phase_result(mesh, sim, switch_dir / "switch.db", backlog_ids, uplink, observer)

@@ -139,7 +139,7 @@ class Matrix:
         self.demo.procs.kill(name, signal.SIGKILL)
 
     def check_own(self, name: str, acked: list[str]) -> None:
-        held = {s["id"] for s in client.call_running(self.demo.nodes[name], "sales", {})}
+        held = {s["id"] for s in client.running(self.demo.nodes[name]).sales()}
         lost = [s for s in acked if s not in held]
         if lost:
             self.say(f"LOST after kill of {name}: {lost[:5]}")
@@ -158,7 +158,7 @@ class Matrix:
         self.check_own(name, acked)
 
     def uplink(self, name: str, on: bool) -> None:
-        client.call_running(self.demo.nodes[name], "uplink", {"on": on})
+        client.running(self.demo.nodes[name]).uplink(on)
 
     def one(self, kind: str) -> None:
         rnd = self.rnd

@@ -126,23 +126,20 @@ class Demo:
 
     def cashier_line(self) -> str:
         """Where to open terminal 1's cashier app, and its PIN."""
-        api = client.call_running(self.nodes[CASHIER_TERMINAL], "status", {}).get("api") or {}
+        api = client.running(self.nodes[CASHIER_TERMINAL]).status().get("api") or {}
         url = str(api.get("url") or "").removesuffix("v1/") or f"(not served: {api.get('error')})"
         return f"cashier app of {CASHIER_TERMINAL}: {url}  PIN {self.cashier_pin}"
 
     def sell(self, name: str, amount: int, pan: str | None) -> dict[str, Any]:
-        node = self.nodes[name]
+        node = client.running(self.nodes[name])
         if pan is None:
-            sale = client.call_running(node, "sell", {"amount_minor": amount})
+            sale = node.sell(amount)
         else:
             # the same path as `meshpos sell --card`: sealed here, never sent in clear
+            from meshpos.node.ops import SealedCard
             from meshpos.wire.cards import seal_card
-            import base64
-            key = bytes.fromhex(client.call_running(node, "policy", {})["switch_key"])
-            cap = seal_card(pan, "1230", "contactless", key)
-            sale = client.call_running(node, "sell", {"amount_minor": amount, "card": {
-                "brand": cap.brand, "last4": cap.last4, "entry_mode": cap.entry_mode,
-                "sealed": base64.b64encode(cap.sealed).decode()}})
+            key = bytes.fromhex(node.policy().switch_key or "")
+            sale = node.sell(amount, SealedCard.of(seal_card(pan, "1230", "contactless", key)))
         self.expected[sale["id"]] = sale
         return dict(sale)
 
@@ -155,9 +152,9 @@ class Demo:
                 pan = DECLINED_CARD
             self.sell(name, 250 + 75 * k, pan)
         victim = next(s for s in self.expected.values() if s["method"] == "cash")
-        terminal_dir = next(p for n, p in self.nodes.items() if client.call_running(p, "status", {})["node_id"]
+        terminal_dir = next(p for n, p in self.nodes.items() if client.running(p).status()["node_id"]
                             == victim["terminal"])
-        client.call_running(terminal_dir, "void", {"sale_id": victim["id"], "reason": "customer changed mind"})
+        client.running(terminal_dir).void(victim["id"], "customer changed mind")
         self.voided = victim["id"]
         self.say(f"{len(self.expected)} sales taken offline on {len(terminals)} terminals "
                  f"(one card the acquirer declines, sale {victim['id']} voided)")
@@ -170,7 +167,7 @@ class Demo:
         self.procs.kill(name, signal.SIGKILL)
         self.say(f"{name} killed with SIGKILL after {len(self.expected) - before} more sales; restarting it")
         self.procs.start_node(name, self.nodes[name], "--no-mdns")
-        held = {s["id"] for s in client.call_running(self.nodes[name], "sales", {})}
+        held = {s["id"] for s in client.running(self.nodes[name]).sales()}
         node_id = self._node_id(name)
         lost = {sid for sid, s in self.expected.items() if s["terminal"] == node_id and sid not in held}
         if lost:
@@ -178,10 +175,10 @@ class Demo:
         self.say(f"{name} is back with every sale it had acknowledged")
 
     def _node_id(self, name: str) -> str:
-        return str(client.call_running(self.nodes[name], "status", {})["node_id"])
+        return str(client.running(self.nodes[name]).status()["node_id"])
 
     def _views(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return {name: {s["id"]: s for s in client.call_running(path, "sales", {})}
+        return {name: {s["id"]: s for s in client.running(path).sales()}
                 for name, path in self.nodes.items()}
 
     def wait_converged(self) -> None:
@@ -200,7 +197,7 @@ class Demo:
 
     def uplink(self) -> None:
         name = "terminal-3" if "terminal-3" in self.nodes else list(self.nodes)[-1]
-        client.call_running(self.nodes[name], "uplink", {"on": True})
+        client.running(self.nodes[name]).uplink(True)
         self.say(f"{name} gets an uplink: it forwards the whole site's queue to the switch")
 
     def wait_settled(self) -> None:

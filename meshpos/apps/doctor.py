@@ -467,7 +467,7 @@ async def run_checks(path: Path, *, clock: Clock = SYSTEM_CLOCK, mdns_wait: floa
     ctx = _Ctx(NodeDir(path), clock)
     try:
         from meshpos.node import client
-        ctx.running = await trio.to_thread.run_sync(lambda: client.call_running(path, "status", {}, timeout=5.0))
+        ctx.running = await trio.to_thread.run_sync(lambda: client.running(path, timeout=5.0).status())
     except (NodeNotRunningError, MeshposError):
         ctx.running = None
     checks = [check_config(ctx)]

@@ -111,7 +111,7 @@ def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
 
 def _answers(node_dir: Path) -> bool:
     try:
-        client.call_running(node_dir, "status", {}, timeout=5.0)
+        client.running(node_dir, timeout=5.0).status()
         return True
     except NodeNotRunningError:
         return False

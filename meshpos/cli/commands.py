@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import base64
 import json
 
 from typing import Any
@@ -17,6 +16,7 @@ from meshpos.domain.errors import InputError
 from meshpos.domain.policy import MAX_SWITCH_INSTANCES
 from meshpos.infra.jsonfile import read_json, write_json
 from meshpos.node import client
+from meshpos.node.ops import SealedCard
 from meshpos.node.enroll import create_request, enroll_one_step, install_answer
 from meshpos.site.sitedir import check_switch_url, init_site, load_site, read_switch_key_file
 from meshpos.wire.cards import check_pan, seal_card
@@ -222,14 +222,16 @@ def cmd_site_revoke(args: argparse.Namespace) -> int:
     node_id = site.find_node(args.node)
     cut_seq = args.cut_seq
     if cut_seq is None and args.via:
-        held = client.call(args.via, "sales", {"terminal": node_id})
+        with client.open_node(args.via) as node:
+            held = node.sales(node_id)
         cut_seq = max((int(s["seq"]) for s in held), default=0)
     raw = site.revoke(node_id, args.reason, cut_seq=cut_seq)
     cut = f"its sales up to #{cut_seq} stay valid" if cut_seq is not None else "its sales made until now stay valid"
     print(f"revoked {args.node} ({node_id}); {cut}; revocation in "
           f"{site.path / 'revocations' / (node_id + '.env')}")
     if args.via:
-        client.call(args.via, "ingest", {"raw": raw.decode()})
+        with client.open_node(args.via) as node:
+            node.ingest(raw)
         print(f"taken into the ledger of {args.via}; it spreads to every node it reaches")
     else:
         print("hand it to any node: `meshpos site push SITE_DIR NODE_DIR`")
@@ -239,8 +241,9 @@ def cmd_site_revoke(args: argparse.Namespace) -> int:
 def cmd_site_push(args: argparse.Namespace) -> int:
     site = load_site(args.site_dir)
     items = [site.policy_envelope()] + [p.read_bytes() for p in sorted((site.path / "revocations").glob("*.env"))]
-    for raw in items:
-        client.call(args.node_dir, "ingest", {"raw": raw.decode()})
+    with client.open_node(args.node_dir) as node:
+        for raw in items:
+            node.ingest(raw)
     print(f"pushed policy v{site.policy.version} and {len(items) - 1} revocation(s) to {args.node_dir}")
     return 0
 
@@ -370,24 +373,27 @@ def _sell(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def cmd_sell(args: argparse.Namespace) -> int:
     secret_input.refuse_argv(args.card, "--card", "card number")
-    policy = client.call(args.node_dir, "policy")
-    amount = parse_amount(args.amount, policy["currency"])
+    with client.open_node(args.node_dir) as node:
+        return _sell_on(node, args)
+
+
+def _sell_on(node: client.Node, args: argparse.Namespace) -> int:
+    policy = node.policy()
+    amount = parse_amount(args.amount, policy.currency)
     card = None
     if args.card is not None:
         pan, expiry = secret_input.read_card(args.card, args.expiry)
         pan = check_pan(pan)
-        if not policy["switch_key"]:
+        if not policy.switch_key:
             from meshpos.domain.errors import PolicyError
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: take cash, "
                               "or have the organizer run `meshpos site set-switch`")
         # an expired card is refused here, by this machine's clock, before anything is signed
-        capture = seal_card(pan, expiry, args.entry_mode, bytes.fromhex(policy["switch_key"]),
+        capture = seal_card(pan, expiry, args.entry_mode, bytes.fromhex(policy.switch_key),
                             at_ms=SYSTEM_CLOCK.now_ms())
         del pan
-        card = {"brand": capture.brand, "last4": capture.last4, "entry_mode": capture.entry_mode,
-                "sealed": base64.b64encode(capture.sealed).decode()}
-    sale = client.call(args.node_dir, "sell",
-                       {"amount_minor": amount, "card": card, "description": args.description})
+        card = SealedCard.of(capture)
+    sale = node.sell(amount, card, args.description)
     if args.json:
         emit_json(sale)
     else:
@@ -405,7 +411,8 @@ def _sales(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_sales(args: argparse.Namespace) -> int:
-    sales = client.call(args.node_dir, "sales", {"terminal": args.terminal})
+    with client.open_node(args.node_dir) as node:
+        sales = node.sales(args.terminal)
     if args.json:
         emit_json(sales)
         return 0
@@ -429,7 +436,8 @@ def _status(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = client.call(args.node_dir, "status")
+    with client.open_node(args.node_dir) as node:
+        st = node.status()
     if args.json:
         emit_json(st)
         return 0
@@ -477,7 +485,8 @@ def _void(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def cmd_void(args: argparse.Namespace) -> int:
-    sale = client.call(args.node_dir, "void", {"sale_id": args.sale_id, "reason": args.reason})
+    with client.open_node(args.node_dir) as node:
+        sale = node.void(args.sale_id, args.reason)
     if args.json:
         emit_json(sale)
     else:

@@ -6,7 +6,6 @@ import argparse
 import logging
 import logging.handlers
 from pathlib import Path
-from typing import Any
 
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError
@@ -18,8 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                        description="Run the node in NODE_DIR until SIGINT/SIGTERM: it discovers the site's "
                                    "nodes (mDNS and static peers), keeps links to some of them, replicates the "
                                    "ledger, forwards the site's queue when it has an uplink, prints receipts, "
-                                   "and answers `meshpos sell/sales/status` through its control socket. It "
-                                   "serves the terminal API for POS apps on NODE_DIR/api.sock and on the TCP "
+                                   "and serves the terminal API: on NODE_DIR/api.sock (which `meshpos sell/sales/status/...` "
+                                   "use; the node's own operations, /v1/node/..., only there) and on the TCP "
                                    "address of config.json's `api` (default 127.0.0.1:7480; HTTPS off loopback), "
                                    "with the bearer token of NODE_DIR/api-token (protocols/terminal-api.yaml).")
     p.add_argument("node_dir", type=_path, metavar="NODE_DIR")
@@ -114,7 +113,8 @@ def cmd_receipt(args: argparse.Namespace) -> int:
         from meshpos.devices.receipts import render_text
         from meshpos.node.core import NodeCore
         from meshpos.node.receipts import receipt_data, receipt_options
-        sale = client.call(args.node_dir, "sale", {"sale_id": args.sale_id})
+        with client.open_node(args.node_dir) as node:
+            sale = node.sale(args.sale_id)
         core = None
         try:
             core = NodeCore.open(args.node_dir, lock=False)
@@ -123,14 +123,16 @@ def cmd_receipt(args: argparse.Namespace) -> int:
             if core is not None:
                 core.store.close()
         return 0
-    result: Any = client.call_running(args.node_dir, "reprint", {"sale_id": args.sale_id, "copy": args.copy})
-    print(f"{result['queued']} copy of {result['sale_id']} queued for printing")
+    with client.running(args.node_dir) as running:
+        result = running.reprint(args.sale_id, args.copy)
+    print(f"{result.queued} copy of {result.sale_id} queued for printing")
     return 0
 
 
 def cmd_uplink(args: argparse.Namespace) -> int:
-    result = client.call(args.node_dir, "uplink", {"on": args.state == "on"})
-    print(f"uplink {'allowed' if result['uplink'] else 'forbidden'} on {args.node_dir}")
+    with client.open_node(args.node_dir) as node:
+        result = node.uplink(args.state == "on")
+    print(f"uplink {'allowed' if result.uplink else 'forbidden'} on {args.node_dir}")
     return 0
 
 

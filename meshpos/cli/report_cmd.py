@@ -25,7 +25,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from meshpos.node import client
     from meshpos.node.report import collect, render_text, summarize, write_csv
     try:
-        data = client.call_running(args.node_dir, "report", {})
+        with client.running(args.node_dir) as node:
+            data = node.report()
     except NodeNotRunningError:
         from meshpos.node.core import NodeCore
         core = NodeCore.open(args.node_dir)

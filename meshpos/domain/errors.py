@@ -104,6 +104,6 @@ class UplinkError(MeshposError):
 
 
 class NodeNotRunningError(MeshposError):
-    """No node answers on the control socket of this node directory."""
+    """No node answers on the terminal API socket (api.sock) of this node directory."""
 
     exit_code = 10

@@ -40,9 +40,8 @@ from meshpos.uplink.reach import is_reachable
 from meshpos.wire.dnssd import LocalService
 from meshpos.node.core import NodeCore
 from meshpos.node.dashboard import DashboardServer
-from meshpos.node.report import collect
 from meshpos.domain.clockskew import ClockSkew
-from meshpos.node.ops import OPS
+from meshpos.node.ops import UplinkRequest, UplinkState, set_uplink
 from meshpos.node.service import NodeService, run_until_signal
 from meshpos.node.status import ApiStatus, LocalStatus, PeersStatus, UplinkStatus
 from meshpos.node.status_pub import POWER_SUPPLY, StatusPublisher
@@ -339,10 +338,10 @@ class Uplink:
         self.forwarder: Forwarder | None = None
         self.recheck = trio.Event()  # set when `meshpos uplink on|off` changed the config
 
-    def op_uplink(self, core: NodeCore, params: dict[str, Any]) -> Any:
-        """The `uplink` operation, then at once what it changes: the probe looks again and the
+    def set_uplink(self, req: UplinkRequest) -> UplinkState:
+        """`meshpos uplink on|off`, then at once what it changes: the probe looks again and the
         forwarder's workers (which poll slowly while there is no uplink) look for work."""
-        result = OPS["uplink"](core, params)
+        result = set_uplink(self.core, req)
         self.recheck.set()
         if self.forwarder is not None:
             self.forwarder.wake()
@@ -435,7 +434,7 @@ class Uplink:
 
 class RunningNode:
     """One running node. It owns every part and hands each only what it needs: the service
-    (control socket, printer, group commit), the mesh, the status board and publisher, the
+    (printer, group commit), the mesh, the status board and publisher, the
     uplink and the dashboard. Nothing is attached to a part after it is built."""
 
     def __init__(self, core: NodeCore, *, mdns: bool, tuning: NodeTuning, clock: Clock,
@@ -457,12 +456,6 @@ class RunningNode:
             printer=self.printer_seen, uplink=self.uplink.seen, started_at=self.service.started_at,
             skew=self.service.clock_skew, interval=tuning.status_interval, power_root=tuning.power_root)
         self.dashboard = DashboardServer(core, self.mesh, self.board)
-        self.service.ops.update({
-            "status": lambda core, params: self.status().to_json(),
-            "statuses": lambda core, params: self.publisher.statuses_json(),
-            "report": lambda core, params: collect(core),
-            "uplink": self.uplink.op_uplink,
-        })
 
     def report_api(self, status: ApiStatus) -> None:
         """The terminal API (a layer above) tells where it serves, for the node's status."""

@@ -1,8 +1,9 @@
 """``meshpos run``: the node's long-running service.
 
-One trio nursery holds: the control socket, the mesh (link listener, dialler,
-discovery), the forwarder when the node may uplink, the printer worker, and
-the status publisher. SIGINT/SIGTERM cancel it; everything closes cleanly.
+One trio nursery holds: the mesh (link listener, dialler, discovery), the
+forwarder when the node may uplink, the printer worker, the status publisher,
+and the terminal API (a component of the layer above, on the node's UNIX
+socket and TCP). SIGINT/SIGTERM cancel it; everything closes cleanly.
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from meshpos.domain.clockskew import ClockSkew
 from meshpos.devices.spool import PrinterStatus, PrinterWorker, Spool, run_printer_worker
 from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
 from meshpos.node.core import NodeCore
-from meshpos.node.control import serve_control
-from meshpos.node.ops import Op, dispatch
+from meshpos.node.ops import Reprinted, check_copy
 from meshpos.node.status import ClockStatus, LocalStatus, Running
 from meshpos.node.receipts import copies_for, printer_config, receipt_data, receipt_options
 
@@ -45,25 +45,8 @@ class NodeService:
         self.started_at = clock.now_ms()
         # this node's clock offset, from its peers' statuses (status_pub) and the switch (runner)
         self.clock_skew = ClockSkew()
-        # Control operations beyond the node's own (node/ops.py); the running node adds its parts'
-        # (``RunningNode`` in node/runner.py), replacing "status" with its fuller one.
-        self.ops: dict[str, Op] = {
-            "reprint": self._op_reprint,
-            "status": lambda core, params: self.local_status().to_json(),
-        }
-        self.async_ops: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = {}
         self.nursery: trio.Nursery | None = None
         core.ledger.on_accept.append(self._on_accept)
-
-    # -- control --------------------------------------------------------------------
-
-    async def handle(self, method: str, params: dict[str, Any]) -> Any:
-        if method in self.async_ops:
-            return await self.async_ops[method](params)
-        result = dispatch(self.core, method, params, self.ops)
-        if method == "sell":
-            self._print_sale(result)
-        return result
 
     def printer_status(self) -> PrinterStatus:
         if self.printer is not None:
@@ -85,7 +68,7 @@ class NodeService:
     # -- receipts -------------------------------------------------------------------
 
     def print_receipts(self, sale: dict[str, Any]) -> None:
-        """Queue a new sale's receipt copies (a sale taken through the terminal API, as `sell`)."""
+        """Queue a new sale's receipt copies (a sale taken through the terminal API)."""
         self._print_sale(sale)
 
     def _print_sale(self, sale: dict[str, Any], copies: list[str] | None = None) -> None:
@@ -99,15 +82,14 @@ class NodeService:
         except (MeshposError, OSError) as exc:  # OSError: a full disk, the spool's directory
             log.warning("receipt of sale %s not queued: %s", sale.get("id"), exc)
 
-    def _op_reprint(self, core: NodeCore, params: dict[str, Any]) -> Any:
-        sale = core.sale(str(params.get("sale_id")))
-        copy = params.get("copy") or "customer"
-        if copy not in ("customer", "merchant", "outcome"):
-            raise InputError("copy must be customer, merchant or outcome")
-        if core.config.printer is None:
+    def reprint(self, sale_id: str, copy: str = "customer") -> Reprinted:
+        """Queue one more copy of a sale's receipt (``meshpos receipt``, ``POST /v1/sales/{id}/receipt``)."""
+        sale = self.core.sale(sale_id)
+        check_copy(copy)
+        if self.core.config.printer is None:
             raise PrinterError("this node has no printer configured")
         self._print_sale(sale, [copy])
-        return {"queued": copy, "sale_id": sale["id"]}
+        return Reprinted(sale_id=sale["id"], queued=copy)
 
     def _on_accept(self, verified: Any) -> None:
         env = verified.env
@@ -178,14 +160,13 @@ class NodeService:
     async def run(self, *, components: Sequence[Component] = (),
                   task_status: trio.TaskStatus["NodeService"] = trio.TASK_STATUS_IGNORED) -> None:
         """Group commit, the printer, then each component in order (each started before the
-        next), then the control socket."""
+        next)."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             await nursery.start(self._group_commit)
             await nursery.start(self._run_printer)
             for component in components:
                 await nursery.start(component)
-            await nursery.start(serve_control, self.core.dir.control_path, self.handle)
             log.info("node %s (%s, %s) running", self.core.config.name, self.core.node_id, self.core.identity.role)
             task_status.started(self)
 

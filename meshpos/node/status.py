@@ -1,4 +1,4 @@
-"""What a running node says of itself (``meshpos status``, the control socket's ``status``), typed.
+"""What a running node says of itself (``meshpos status``, ``GET /v1/status``'s ``node``), typed.
 
 ``NodeSummary`` is what the node's store and roster tell (``NodeCore.status``, also for a stopped
 node); ``LocalStatus`` adds the running parts: the process, the printer, the links, the uplink and

@@ -10,9 +10,8 @@ Layout (protocols/files.md):
   meshpos.db    the durable store (SQLite, WAL)
   dashboard.json  a gateway serving the organizer dashboard: its password hash (0600)
   node.lock     held by the one process that owns the directory
-  control.sock  the running node's local control socket
   api-token     the terminal API's bearer token (0600), made at enrollment or on first run
-  api.sock      the terminal API on a UNIX socket (0600), while the node runs
+  api.sock      the terminal API on a UNIX socket (0600), while the node runs; the CLI uses it
   cashier-pin   the cashier app's PIN, as a scrypt hash (0600); cashier-lock.json its wrong tries
 """
 
@@ -118,7 +117,6 @@ class NodeDir:
     policy_path = property(lambda self: self.path / "policy.env")
     db_path = property(lambda self: self.path / "meshpos.db")
     inbox = property(lambda self: self.path / "inbox")
-    control_path = property(lambda self: self.path / "control.sock")
     dashboard_path = property(lambda self: self.path / DASHBOARD_FILE)
     api_token_path = property(lambda self: self.path / "api-token")
     api_socket_path = property(lambda self: self.path / "api.sock")

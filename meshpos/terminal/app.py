@@ -16,6 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from meshpos.domain.errors import InputError, MeshposError
+from meshpos.domain.jsonable import json_object
+from meshpos.node.ops import RECEIPT_COPIES
 from meshpos.node.service import NodeService
 from meshpos.terminal.events import RESYNC, Event, EventJournal
 from meshpos.terminal.openapi import OpenApiDocument
@@ -27,7 +29,6 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 HEARTBEAT_S = 15.0  # a comment line this often keeps proxies and clients from timing out
 RETRY_MS = 2000  # the SSE reconnection delay suggested to clients
-COPIES = ("customer", "merchant", "outcome")
 
 
 class TerminalApi:
@@ -44,7 +45,7 @@ class TerminalApi:
         self.openapi = openapi
 
 
-def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+def respond(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(value, status_code=status, headers=headers)
 
 
@@ -70,19 +71,24 @@ class TooLarge(Exception):
     pass
 
 
-def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
-    """The /v1 routes, and ``extra`` ones (the cashier app's page and login) beside them."""
-    def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def endpoint(request: Request) -> Response:
-            try:
-                response: Response = await route(request)
-                return response
-            except MeshposError as exc:
-                status, body = translate(exc)
-                return _json(status, body)
-            except TooLarge:
-                return _json(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
-        return endpoint
+def handled(route: Callable[[Request], Any]) -> Callable[[Request], Any]:
+    """A route whose typed errors become their HTTP answers (meshpos.terminal.problems)."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            response: Response = await route(request)
+            return response
+        except MeshposError as exc:
+            status, body = translate(exc)
+            return respond(status, body)
+        except TooLarge:
+            return respond(413, error_body("too_large", f"the body is larger than {MAX_BODY} bytes"))
+    return endpoint
+
+
+def make_app(api: TerminalApi, more: Sequence[BaseRoute] = ()) -> Starlette:
+    """The routes of ``/v1``; ``more``: routes only this transport serves (the cashier app's page
+    and login on TCP, meshpos.terminal.cashier_app; the node's own operations on the UNIX socket,
+    meshpos.terminal.admin)."""
 
     async def create_sale(request: Request) -> Response:
         key = request.headers.get("idempotency-key")
@@ -90,7 +96,7 @@ def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
         created = await api.sales.create(key, body)
         if not created.replayed:
             api.service.print_receipts(created.sale)
-        return _json(200 if created.replayed else 201, created.sale,
+        return respond(200 if created.replayed else 201, created.sale,
                      {"Location": f"/v1/sales/{created.sale['id']}", "Idempotency-Key": key or ""})
 
     async def list_sales(request: Request) -> Response:
@@ -104,35 +110,34 @@ def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
         sales, cursor = api.sales.page(status=q.get("status"), method=q.get("method"),
                                        since_ms=parse_since(q.get("since")), cursor=q.get("cursor"),
                                        limit=int(limit_text))
-        return _json(200, {"sales": sales, "next_cursor": cursor})
+        return respond(200, {"sales": sales, "next_cursor": cursor})
 
     async def get_sale(request: Request) -> Response:
-        return _json(200, api.sales.get(request.path_params["sale_id"]))
+        return respond(200, api.sales.get(request.path_params["sale_id"]))
 
     async def void_sale(request: Request) -> Response:
         body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"reason"}:
             raise InputError("the body may hold only {\"reason\": \"...\"}")
-        sale, _ = api.sales.void(request.path_params["sale_id"], body.get("reason"))
-        return _json(200, sale)
+        sale, now = api.sales.void(request.path_params["sale_id"], body.get("reason"))
+        return respond(200, sale, {"Void-Outcome": "voided" if now else "already-voided"})
 
     async def print_receipt(request: Request) -> Response:
         body = await read_body(request, required=False)
         if not isinstance(body, dict) or set(body) - {"copy"}:
             raise InputError("the body may hold only {\"copy\": \"customer\" | \"merchant\" | \"outcome\"}")
         copy = body.get("copy", "customer")
-        if copy not in COPIES:
+        if copy not in RECEIPT_COPIES:
             raise InputError("copy must be customer, merchant or outcome")
         sale = api.sales.get(request.path_params["sale_id"])
-        result = await api.service.handle("reprint", {"sale_id": sale["id"], "copy": copy})
-        return _json(202, {"sale_id": result["sale_id"], "queued": result["queued"]})
+        return respond(202, json_object(api.service.reprint(sale["id"], copy)))
 
     async def status(request: Request) -> Response:
-        return _json(200, {"summary": api.summary(), "node": api.node_status(),
+        return respond(200, {"summary": api.summary(), "node": api.node_status(),
                            "events": {"last_id": api.journal.last_id}})
 
     async def openapi(request: Request) -> Response:
-        return _json(200, api.openapi.get())
+        return respond(200, api.openapi.get())
 
     async def events(request: Request) -> Response:
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
@@ -144,11 +149,11 @@ def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "bad_request")
-        return _json(exc.status_code, error_body(code, str(exc.detail)), dict(exc.headers or {}))
+        return respond(exc.status_code, error_body(code, str(exc.detail)), dict(exc.headers or {}))
 
     async def crashed(request: Request, exc: Exception) -> Response:
         log.error("terminal API: %s %s failed: %s", request.method, request.url.path, type(exc).__name__)
-        return _json(500, error_body("internal", f"internal error ({type(exc).__name__})"))
+        return respond(500, error_body("internal", f"internal error ({type(exc).__name__})"))
 
     routes = [
         Route("/v1/sales", handled(create_sale), methods=["POST"]),
@@ -159,7 +164,7 @@ def make_app(api: TerminalApi, extra: Sequence[BaseRoute] = ()) -> Starlette:
         Route("/v1/status", handled(status), methods=["GET"]),
         Route("/v1/events", handled(events), methods=["GET"]),
         Route("/v1/openapi.json", handled(openapi), methods=["GET"]),
-        *extra,
+        *more,
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: crashed})
 

@@ -8,9 +8,9 @@ import logging
 import re
 from typing import Any
 
-from meshpos.domain import rules
+from meshpos.domain import errors, rules
 from meshpos.domain.errors import (
-    ConfigError, CryptoError, DeviceError, DiskFullError, InputError, MeshposError, PolicyError, StoreError,
+    ConfigError, CryptoError, DeviceError, DiskFullError, EncodingError, InputError, MeshposError, PolicyError, StoreError,
 )
 from meshpos.terminal.sales import Conflict, NotFound, Unprocessable
 
@@ -27,6 +27,7 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
     (CryptoError, 422, "unprocessable"),
     (DeviceError, 422, "unprocessable"),  # no printer, a reader that failed
     (InputError, 400, "bad_request"),
+    (EncodingError, 400, "bad_request"),  # bytes that are no envelope (POST /v1/node/ingest)
     (DiskFullError, 507, "disk_full"),
     (StoreError, 503, "unavailable"),
     (ConfigError, 503, "unavailable"),
@@ -49,13 +50,25 @@ def redact(text: str) -> str:
     return cleaned if not rules.has_card_number(cleaned) else "the request held a card number where none belongs"
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": redact(message)}}
+def error_body(code: str, message: str, kind: str | None = None) -> dict[str, Any]:
+    error = {"code": code, "message": redact(message)}
+    if kind is not None:
+        error["type"] = kind
+    return {"error": error}
+
+
+def error_type(exc: MeshposError) -> str:
+    """The class of meshpos.domain.errors that ``exc`` is (its nearest one): the CLI raises it
+    again from an answer, so a command has the same exit code whether its node runs or not."""
+    for cls in type(exc).__mro__:
+        if getattr(errors, cls.__name__, None) is cls:
+            return str(cls.__name__)
+    return MeshposError.__name__
 
 
 def translate(exc: MeshposError) -> tuple[int, dict[str, Any]]:
     for kind, status, code in _MAP:
         if isinstance(exc, kind):
-            return status, error_body(code, str(exc))
+            return status, error_body(code, str(exc), error_type(exc))
     log.warning("terminal API: %s: %s", type(exc).__name__, redact(str(exc)))
-    return 500, error_body("internal", str(exc))
+    return 500, error_body("internal", str(exc), error_type(exc))

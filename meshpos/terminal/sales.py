@@ -26,7 +26,7 @@ import trio
 from meshpos.devices.reader import CardReader
 from meshpos.domain.currency import parse_amount
 from meshpos.domain.rules import PAN_MAX, PAN_MIN, luhn_ok
-from meshpos.domain.errors import ContentError, InputError, MeshposError
+from meshpos.domain.errors import ContentError, InputError, PolicyError
 from meshpos.node.core import STATUSES, NodeCore
 from meshpos.wire.cards import CardCapture
 
@@ -36,16 +36,16 @@ DEFAULT_PAGE = 100
 SALE_FIELDS = frozenset({"amount", "method", "card", "reader", "description"})
 
 
-class NotFound(MeshposError):
+class NotFound(InputError):
     """No sale of that id on this node."""
 
 
-class Conflict(MeshposError):
+class Conflict(InputError):
     """The request conflicts with the state: an idempotency key reused with another body, a void
     of a sale that is not pending (or of another terminal)."""
 
 
-class Unprocessable(MeshposError):
+class Unprocessable(PolicyError):
     """A well-formed request that this node cannot carry out (a content or policy rule)."""
 
 

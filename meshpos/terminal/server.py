@@ -2,7 +2,8 @@
 
 One app, two transports, each with its own Guard:
 - ``NODE_DIR/api.sock``: a UNIX socket (0600, in the 0700 node directory), for the CLI and
-  programs on the device; any Host.
+  programs on the device; any Host. Only here: the node's own operations, ``/v1/node/...``
+  (meshpos.terminal.admin), which the TCP listener does not route (404).
 - TCP at config ``api`` (default 127.0.0.1:7480): plain HTTP on loopback; any other address only
   over TLS with the node's own certificate (site CA signed; clients trust ``NODE_DIR/ca.pem``).
   If the port cannot be bound the node keeps selling and says so in its log and status.
@@ -31,6 +32,7 @@ from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
 from meshpos.site.apitoken import ensure_api_token
+from meshpos.terminal.admin import admin_routes
 from meshpos.terminal.app import TerminalApi, make_app
 from meshpos.terminal.cashier import CashierLogin, CookiePolicy
 from meshpos.terminal.cashier_app import PUBLIC, CashierPage, CashierSetup
@@ -92,12 +94,13 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
         CookiePolicy(secure=tls),
         lambda: CashierSetup(core.config.name, core.config.language, core.policy.currency,
                              minor_units(core.policy.currency), keyed=core.policy.switch_key is not None, reader=reader is not None))
-    app = make_app(api, cashier.routes())
+    app = make_app(api, cashier.routes())  # on TCP: the till's API and the cashier app
+    socket_app = make_app(api, admin_routes(node))  # on the socket: the same API plus the node's own operations
     path: Path = core.dir.api_socket_path
     node.report_api(ApiStatus(socket=str(path), url=None, error=None))
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, Guard(app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
+            await nursery.start(serve, Guard(socket_app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
             try:
                 tcp = bind_tcp(host, port)
             except OSError as exc:

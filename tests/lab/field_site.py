@@ -70,7 +70,7 @@ def start_nodes(fair: Fair, lab: Any, *extra: str) -> None:
 
 
 def status(fair: Fair, name: str) -> dict[str, Any]:
-    return dict(client.call_running(fair.nodes[name], "status", {}))
+    return dict(client.running(fair.nodes[name]).status())
 
 
 def open_links(fair: Fair, name: str) -> set[str]:

@@ -68,7 +68,7 @@ def test_inspector_over_mdns_sees_five_nodes_a_cut_and_its_repair(make_lab: Any,
                     "--log-file", str(tmp_path / f"{names[i]}.log")],
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{names[i]}.err", "wb"), env=ENV)
     for path in dirs:
-        wait_for(lambda: client.call_running(path, "status", {}, timeout=5) is not None, 30, f"{path} did not start")
+        wait_for(lambda: client.running(path, timeout=5).status() is not None, 30, f"{path} did not start")
 
     expected = {name: i + 1 for i, name in enumerate(names)}
 

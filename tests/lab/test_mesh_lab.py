@@ -31,7 +31,8 @@ def test_five_hosts_discover_each_other_by_mdns_and_converge(make_lab, site: Sit
         path = tmp_path / f"h{i}"
         enroll_one_step(site, path, "terminal", f"Host {i}", listen=f"0.0.0.0:{PORT}")
         nodes.append(path)
-        expected.add(client.call(path, "sell", {"amount_minor": 100 + i})["id"])
+        with client.open_node(path) as stopped:
+            expected.add(stopped.sell(100 + i)["id"])
     env = {**os.environ, "MESHPOS_MDNS_TTL": str(TTL), "PYTHONUNBUFFERED": "1"}
     procs = []
     for i, path in enumerate(nodes):
@@ -41,25 +42,25 @@ def test_five_hosts_discover_each_other_by_mdns_and_converge(make_lab, site: Sit
     for path in nodes:
         wait_for(lambda: _running(path), 30, f"{path.name} did not start")
     for i, path in enumerate(nodes):
-        expected.add(client.call_running(path, "sell", {"amount_minor": 200 + i})["id"])
+        expected.add(client.running(path).sell(200 + i)["id"])
 
     def converged() -> bool:
-        return all({s["id"] for s in client.call_running(p, "sales", {})} == expected for p in nodes)
+        return all({s["id"] for s in client.running(p).sales()} == expected for p in nodes)
     wait_for(converged, 60, "the five hosts did not converge by mDNS discovery: " + _logs(tmp_path))
-    wait_for(lambda: all(len(client.call_running(p, "status", {})["peers"]["discovered"]) == 4 for p in nodes),
+    wait_for(lambda: all(len(client.running(p).status()["peers"]["discovered"]) == 4 for p in nodes),
              60, "not every host discovered the four others")
-    assert all(client.call_running(p, "status", {})["peers"]["static"] == [] for p in nodes)
+    assert all(client.running(p).status()["peers"]["static"] == [] for p in nodes)
     leaving = procs[4]
-    leaving_id = client.call_running(nodes[4], "status", {})["node_id"]
+    leaving_id = client.running(nodes[4]).status()["node_id"]
     leaving.send_signal(signal.SIGTERM)
     leaving.wait(timeout=30)
-    wait_for(lambda: all(leaving_id not in client.call_running(p, "status", {})["peers"]["discovered"]
+    wait_for(lambda: all(leaving_id not in client.running(p).status()["peers"]["discovered"]
                          for p in nodes[:4]), 60, "the others did not notice the host that left")
 
 
 def _running(path: Path) -> bool:
     try:
-        client.call_running(path, "status", {}, timeout=5)
+        client.running(path, timeout=5).status()
         return True
     except Exception:
         return False
