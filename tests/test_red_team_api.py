@@ -111,3 +111,22 @@ def test_a_sale_id_in_an_error_is_not_taken_for_a_card_number() -> None:
     assert "4111111111111111" not in redact("no sale '4111111111111111-00000001' on this node")
     assert "4111111111111111" not in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
     assert "1927dc40e0113749-00000003" in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
+
+
+def test_a_lone_surrogate_in_free_text_is_a_422_not_a_500(api: ApiClient, node: Path) -> None:
+    """Attack: JSON may spell a lone UTF-16 surrogate (``"\\ud800"``), which json.loads turns into
+    a str that has no UTF-8 form. In a sale's description or a void's reason it passed every text
+    rule and failed when the envelope was encoded for signing: 500 and a traceback in the log.
+    Now the text rule refuses it (422, as any other bad description), and nothing is signed."""
+    raw = b'{"amount": "1.00", "method": "cash", "description": "caf\\ud800"}'
+    answer = api.request("POST", "/v1/sales", raw=raw, headers={"Idempotency-Key": str(uuid.uuid4()),
+                                                                "Content-Type": "application/json"})
+    assert answer.status == 422, answer.body
+    assert "surrogate" in answer.body["error"]["message"]
+    sale = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())}).body
+    answer = api.request("POST", f"/v1/sales/{sale['id']}/void", raw=b'{"reason": "\\udfff"}',
+                         headers={"Content-Type": "application/json"})
+    assert answer.status == 422, answer.body
+    assert api.request("GET", f"/v1/sales/{sale['id']}").body["status"] == "paid"  # not voided
+    log = b"".join(p.read_bytes() for p in (node.parent / "logs").glob("t1*"))
+    assert b"UnicodeEncodeError" not in log and b"Traceback" not in log
