@@ -4,15 +4,18 @@ protocols/terminal-api.yaml)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from api_harness import ApiClient, make_site, start
+from api_harness import ApiClient, EventStream, make_site, start
 from helpers import TEST_PANS, scan_for
-from meshpos.apps.procs import ProcessGroup
+from meshpos.apps.procs import ProcessGroup, wait_for
 
 CASH = {"amount": "1.00", "method": "cash"}
 
@@ -130,3 +133,67 @@ def test_a_lone_surrogate_in_free_text_is_a_422_not_a_500(api: ApiClient, node: 
     assert api.request("GET", f"/v1/sales/{sale['id']}").body["status"] == "paid"  # not voided
     log = b"".join(p.read_bytes() for p in (node.parent / "logs").glob("t1*"))
     assert b"UnicodeEncodeError" not in log and b"Traceback" not in log
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_and_half_sent_connections_are_bounded_and_closed(tmp_path: Path) -> None:
+    """Attack (slowloris, from any local program: the loopback API needs no token to connect):
+    600 connections that each send half a request and then nothing. Every one was held, open,
+    for as long as the client liked (a file descriptor each: under systemd's default limit of
+    1,024 the node could then open no link, file or database). So were connections that only
+    ever got 401s. Now a connection with no request past the Guard is closed after a few
+    seconds, at most a bounded number are held at once, and an authenticated event stream
+    stays open for as long as the client reads it."""
+    make_site(tmp_path, "t3")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        child = group.start_node("t3", tmp_path / "t3", "--no-mdns")
+        assert child.proc is not None
+        pid = child.proc.pid
+        api = ApiClient(tmp_path / "t3", "tcp")
+        stream = EventStream(api)  # authenticated: must outlive the attack
+        before = _open_fds(pid)
+        host, port = api.host_port.rsplit(":", 1)
+        attackers = []
+        for i in range(600):
+            s = socket.create_connection((host, int(port)))
+            if i % 2:
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: " + api.host_port.encode() + b"\r\nX-Slow: ")
+            else:  # whole requests, without the token: each answered 401, never authenticated
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: " + api.host_port.encode() + b"\r\n\r\n")
+            attackers.append(s)
+        time.sleep(1.0)
+        assert _open_fds(pid) < before + 100, (before, _open_fds(pid))
+        wait_for(lambda: all(_closed(s) for s in attackers), 60, lambda: "half-sent connections stay open")
+        for s in attackers:
+            s.close()
+        assert _open_fds(pid) < before + 10
+        api.conn.close()
+        api.conn = api._connect()
+        sale = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())})
+        assert sale.status == 201
+        events = [stream.next() for _ in range(1)]  # the stream was not cut with the attackers
+        while not any(e["event"] == "sale.created" and e["data"]["id"] == sale.body["id"] for e in events):
+            events.append(stream.next())
+        stream.close()
+        api.close()
+        log = (tmp_path / "logs" / "t3.log").read_text()
+        assert "refused terminal API connection" in log and "Traceback" not in log
+    finally:
+        group.stop_all()
+
+
+def _closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        while True:
+            data = s.recv(65536)
+            if data == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True

@@ -7,8 +7,16 @@ One app, two transports, each with its own Guard:
   over TLS with the node's own certificate (site CA signed; clients trust ``NODE_DIR/ca.pem``).
   If the port cannot be bound the node keeps selling and says so in its log and status.
 
-Served by Hypercorn's trio worker (the node is a trio program: the server runs inside the node's
-own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+Served by Hypercorn's HTTP/1.1 connection handler on trio (the node is a trio program: the server
+runs inside the node's own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+
+Connections are bounded per listener (meshpos.infra.netguard, numbers in ``API_LIMITS``): a
+connection is *pending* until one of its requests passes the Guard (the right Host, Origin and
+token); a pending connection is closed after ``proof_timeout`` seconds, whatever it sends, and
+past the caps on pending or held connections a new one is closed at once. Without this, idle or
+half-sent requests (slowloris) from any local program, or from the Wi-Fi when the API listens
+beyond loopback, held a file descriptor each for as long as they liked, until the node could
+open no link, file or database.
 """
 
 from __future__ import annotations
@@ -18,15 +26,18 @@ import os
 import socket
 import ssl
 from pathlib import Path
+from typing import Any, Callable
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio.run import worker_serve
+from hypercorn.config import Config
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.utils import wrap_app
 
 from meshpos.devices.reader import CardReader
 from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
+from meshpos.infra.netguard import InboundGate, InboundLimits, serve_bounded
 from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
@@ -35,7 +46,7 @@ from meshpos.terminal.app import TerminalApi, make_app
 from meshpos.terminal.events import EventJournal
 from meshpos.terminal.feed import EventFeed
 from meshpos.replication.discovery import local_addresses
-from meshpos.terminal.guard import WILDCARDS, ASGIApp, Guard, GuardPolicy, host_names
+from meshpos.terminal.guard import WILDCARDS, ASGIApp, Guard, GuardPolicy, Receive, Scope, Send, host_names
 from meshpos.terminal.openapi import OpenApiDocument
 from meshpos.terminal.sales import TerminalSales
 
@@ -43,6 +54,9 @@ log = logging.getLogger(__name__)
 
 BACKLOG = 128
 KEEP_ALIVE_S = 75  # POS apps keep one connection open between sales
+# per listener: connections held (event streams and keep-alive included); connections with no request
+# past the Guard yet, in all and from one address (on loopback every client is one address)
+API_LIMITS = InboundLimits(total=256, pending=64, per_source=32, proof_timeout=10.0)
 
 
 class _Config(Config):
@@ -55,6 +69,7 @@ class _Config(Config):
         self.errorlog = logging.getLogger("meshpos.terminal.http")
         self.keep_alive_timeout = KEEP_ALIVE_S
         self.graceful_timeout = 1.0
+        self.ssl_handshake_timeout = API_LIMITS.proof_timeout
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         return self._context
@@ -96,14 +111,58 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, *,
-                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on one bound, listening socket until cancelled."""
-    sockets = Sockets(secure_sockets=[sock] if context else [], insecure_sockets=[] if context else [sock],
-                      quic_sockets=[])
+class _Proving:
+    """The app behind one connection's Guard: the first request that gets here proves the connection."""
+
+    def __init__(self, app: ASGIApp, proof: "_Proof") -> None:
+        self.app = app
+        self.proof = proof
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.proof.done()
+        await self.app(scope, receive, send)
+
+
+class _Proof:
+    """Whether a connection has proved itself; tells the gate once."""
+
+    def __init__(self, proved: Callable[[], None]) -> None:
+        self.proved = proved
+        self.ok = False
+
+    def done(self) -> None:
+        if not self.ok:
+            self.ok = True
+            self.proved()
+
+
+async def serve(app: ASGIApp, policy: GuardPolicy, sock: socket.socket, context: ssl.SSLContext | None, *,
+                limits: InboundLimits = API_LIMITS,
+                task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` behind a Guard of ``policy`` on one bound, listening socket until cancelled, with
+    bounded connections (the module's docstring)."""
     config = _Config(context)
-    await worker_serve(wrap_app(app, config.wsgi_max_body_size, "asgi"), config,  # type: ignore[arg-type]
-                       sockets=sockets, task_status=task_status)
+    worker = WorkerContext(None)
+    gate = InboundGate(limits)
+
+    async def connection(stream: Any, source: str, where: str, proved: Callable[[], None]) -> None:
+        if context is not None:
+            stream = trio.SSLStream(stream, context, server_side=True, https_compatible=True)
+        proof = _Proof(proved)
+        guarded = Guard(_Proving(app, proof), policy)
+        async with trio.open_nursery() as nursery:
+            async def deadline() -> None:
+                await trio.sleep(limits.proof_timeout)
+                if not proof.ok:
+                    nursery.cancel_scope.cancel()
+            nursery.start_soon(deadline)
+            await TCPServer(wrap_app(guarded, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                            config, worker, {}, stream)
+            nursery.cancel_scope.cancel()
+
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await serve_bounded(connection, [listener], gate, what="terminal API connection", task_status=task_status)
 
 
 async def api_component(node: RunningNode, *, reader: CardReader | None = None,
@@ -122,7 +181,7 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
     host, port = parse_hostport(core.config.api_address, "api")
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, Guard(app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
+            await nursery.start(serve, app, GuardPolicy(token, None, frozenset()), bind_unix(path), None)
             tls = not is_loopback(host)
             try:
                 tcp = bind_tcp(host, port)
@@ -134,7 +193,7 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
                 bound = tcp.getsockname()[1]
                 hosts, origins = host_names(host, bound, tls, local_addresses() if host in WILDCARDS else ())
                 context = tls_context(core.dir.cert_path, core.dir.key_path) if tls else None
-                await nursery.start(serve, Guard(app, GuardPolicy(token, hosts, origins)), tcp, context)
+                await nursery.start(serve, app, GuardPolicy(token, hosts, origins), tcp, context)
                 shown = f"[{host}]" if ":" in host else host
                 url = f"{'https' if tls else 'http'}://{shown}:{bound}/v1/"
                 node.report_api(ApiStatus(socket=str(path), url=url, error=None))
