@@ -197,3 +197,48 @@ def _closed(s: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+def test_an_event_stream_client_that_stops_reading_is_disconnected(tmp_path: Path) -> None:
+    """Attack (or a till's tablet that goes to sleep with its event stream open): a client that
+    subscribes to /v1/events and then never reads. Once its socket buffers were full, Hypercorn
+    waited for it for ever, in a write that nothing could cancel: the connection was held for
+    good (enough of them fill the connection cap), and the node did not stop on SIGTERM for as
+    long as that client stayed. Now a client that takes no byte for WRITE_STALL_S is dropped;
+    the node goes on selling meanwhile and stops when told."""
+    make_site(tmp_path, "t4")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        child = group.start_node("t4", tmp_path / "t4", "--no-mdns")
+        assert child.proc is not None
+        api = ApiClient(tmp_path / "t4", "tcp")
+        host, port = api.host_port.rsplit(":", 1)
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        stuck.connect((host, int(port)))
+        stuck.sendall(f"GET /v1/events HTTP/1.1\r\nHost: {api.host_port}\r\n"
+                      f"Authorization: Bearer {api.token}\r\n\r\n".encode())
+        assert stuck.recv(12) == b"HTTP/1.1 200"  # subscribed; from here on it reads nothing
+        body = {"amount": "1.00", "method": "cash", "description": "x" * 190}
+        for _ in range(300):  # ~250 kB of events: far more than the two socket buffers hold
+            assert api.request("POST", "/v1/sales", body, {"Idempotency-Key": str(uuid.uuid4())}).status == 201
+        api.close()
+        wait_for(lambda: not _held_by_a_process(int(port), stuck.getsockname()[1]), 90,
+                 "the node still holds the connection of a client that stopped reading")
+        group.stop("t4", timeout=60)
+        assert child.proc.returncode is not None and child.proc.returncode != -9, child.proc.returncode
+        stuck.close()
+        assert "Traceback" not in (tmp_path / "logs" / "t4.log").read_text()
+    finally:
+        group.stop_all()
+
+
+def _held_by_a_process(server_port: int, client_port: int) -> bool:
+    """Whether the server end of the loopback TCP connection between these ports is still a
+    process's socket (an inode in /proc/net/tcp; 0 once the process closed it)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return inode != "0"
+    return False

@@ -16,7 +16,8 @@ token); a pending connection is closed after ``proof_timeout`` seconds, whatever
 past the caps on pending or held connections a new one is closed at once. Without this, idle or
 half-sent requests (slowloris) from any local program, or from the Wi-Fi when the API listens
 beyond loopback, held a file descriptor each for as long as they liked, until the node could
-open no link, file or database.
+open no link, file or database. A client that takes no byte of what is sent to it for
+WRITE_STALL_S is disconnected (``_StallGuard``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ KEEP_ALIVE_S = 75  # POS apps keep one connection open between sales
 # per listener: connections held (event streams and keep-alive included); connections with no request
 # past the Guard yet, in all and from one address (on loopback every client is one address)
 API_LIMITS = InboundLimits(total=256, pending=64, per_source=32, proof_timeout=10.0)
+WRITE_STALL_S = 20.0  # a client that takes no byte of an answer (or event) for this long is gone
+WRITE_PIECE = 64 * 1024
 
 
 class _Config(Config):
@@ -111,6 +114,28 @@ def bind_tcp(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _StallGuard:
+    """A connection's stream whose ``send_all`` fails (BrokenResourceError, which Hypercorn takes
+    for a closed connection) when the client accepts no byte for WRITE_STALL_S. Hypercorn writes
+    in a cancel-shielded scope: a client that stopped reading (a tablet asleep with an event
+    stream open) held its connection for ever, and the node could not stop while it did."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the stream's own (TLS or not)
+        return getattr(self._inner, name)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_PIECE):
+            with trio.move_on_after(WRITE_STALL_S) as scope:
+                await self._inner.send_all(view[start:start + WRITE_PIECE])
+            if scope.cancelled_caught:  # closed, so that the read waiting beside this write ends too
+                await trio.aclose_forcefully(self._inner)
+                raise trio.BrokenResourceError(f"the client took nothing for {WRITE_STALL_S:g} s")
+
+
 class _Proving:
     """The app behind one connection's Guard: the first request that gets here proves the connection."""
 
@@ -158,7 +183,7 @@ async def serve(app: ASGIApp, policy: GuardPolicy, sock: socket.socket, context:
                     nursery.cancel_scope.cancel()
             nursery.start_soon(deadline)
             await TCPServer(wrap_app(guarded, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                            config, worker, {}, stream)
+                            config, worker, {}, _StallGuard(stream))  # type: ignore[arg-type]
             nursery.cancel_scope.cancel()
 
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
