@@ -16,7 +16,7 @@ from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
 from meshpos.replication.peerx import (MAX_ADDRESSES, DialBudget, PeerHints, address_for, hint_from_status,
-                                       judge_answer, usable_address)
+                                       judge_answer, on_loopback, usable_address)
 from meshpos.replication.planner import PeerInfo
 from meshpos.site.sitedir import Site
 from meshpos.wire.status import StatusBody
@@ -128,3 +128,20 @@ def test_terminals_that_know_only_the_gateway_find_each_other_and_mesh_without_i
     wait_for(lambda: all(sold <= _sales(p) for p in terminals), 60,
              lambda: "sales did not spread without the gateway: " + str({p.name: len(_sales(p) & sold)
                                                                         for p in terminals}))
+
+
+def test_a_hint_naming_loopback_is_taken_only_by_a_node_that_is_on_loopback_itself() -> None:
+    """Red team: a hostile enrolled node signed a status whose addresses were 127.0.0.1 (and ::1)
+    with the port of some local service; every node of the site then dialled its OWN loopback
+    there (a TLS hello to, say, a local database or admin port), from every device at the fair.
+    Now a loopback address is dropped from a hint unless the receiver's own configuration (its
+    listen address or a static peer) is on loopback: a site on one machine, as in the demo."""
+    status = {"addresses": ["127.0.0.1", "::1", "127.9.9.9"], "port": 5432}
+    assert hint("terminal", status) is None  # nothing else left: no hint at all
+    mixed = hint("terminal", {"addresses": ["127.0.0.1", "10.0.0.5"], "port": 7420})
+    assert mixed is not None and mixed.addresses == ("10.0.0.5",)
+    taken = hint_from_status(NODE, "terminal", StatusBody.from_json({"at": 1, **status}), loopback_ok=True)
+    assert taken is not None and taken.addresses == ("127.0.0.1", "::1", "127.9.9.9")
+    assert on_loopback(["127.0.0.1:7420"]) and on_loopback(["0.0.0.0:7420", "[::1]:7420"])
+    assert on_loopback(["localhost:7420"])
+    assert not on_loopback(["0.0.0.0:7420", "10.0.0.1:7420"]) and not on_loopback([]) and not on_loopback(["x"])

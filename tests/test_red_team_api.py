@@ -4,15 +4,18 @@ protocols/terminal-api.yaml)."""
 
 from __future__ import annotations
 
+import os
+import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
-from api_harness import ApiClient, make_site, start
+from api_harness import ApiClient, EventStream, make_site, start
 from helpers import TEST_PANS, scan_for
-from meshpos.apps.procs import ProcessGroup
+from meshpos.apps.procs import ProcessGroup, wait_for
 
 CASH = {"amount": "1.00", "method": "cash"}
 
@@ -111,3 +114,131 @@ def test_a_sale_id_in_an_error_is_not_taken_for_a_card_number() -> None:
     assert "4111111111111111" not in redact("no sale '4111111111111111-00000001' on this node")
     assert "4111111111111111" not in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
     assert "1927dc40e0113749-00000003" in redact("sale 1927dc40e0113749-00000003 card 4111111111111111")
+
+
+def test_a_lone_surrogate_in_free_text_is_a_422_not_a_500(api: ApiClient, node: Path) -> None:
+    """Attack: JSON may spell a lone UTF-16 surrogate (``"\\ud800"``), which json.loads turns into
+    a str that has no UTF-8 form. In a sale's description or a void's reason it passed every text
+    rule and failed when the envelope was encoded for signing: 500 and a traceback in the log.
+    Now the text rule refuses it (422, as any other bad description), and nothing is signed."""
+    raw = b'{"amount": "1.00", "method": "cash", "description": "caf\\ud800"}'
+    answer = api.request("POST", "/v1/sales", raw=raw, headers={"Idempotency-Key": str(uuid.uuid4()),
+                                                                "Content-Type": "application/json"})
+    assert answer.status == 422, answer.body
+    assert "surrogate" in answer.body["error"]["message"]
+    sale = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())}).body
+    answer = api.request("POST", f"/v1/sales/{sale['id']}/void", raw=b'{"reason": "\\udfff"}',
+                         headers={"Content-Type": "application/json"})
+    assert answer.status == 422, answer.body
+    assert api.request("GET", f"/v1/sales/{sale['id']}").body["status"] == "paid"  # not voided
+    log = b"".join(p.read_bytes() for p in (node.parent / "logs").glob("t1*"))
+    assert b"UnicodeEncodeError" not in log and b"Traceback" not in log
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_and_half_sent_connections_are_bounded_and_closed(tmp_path: Path) -> None:
+    """Attack (slowloris, from any local program: the loopback API needs no token to connect):
+    600 connections that each send half a request and then nothing. Every one was held, open,
+    for as long as the client liked (a file descriptor each: under systemd's default limit of
+    1,024 the node could then open no link, file or database). So were connections that only
+    ever got 401s. Now a connection with no request past the Guard is closed after a few
+    seconds, at most a bounded number are held at once, and an authenticated event stream
+    stays open for as long as the client reads it."""
+    make_site(tmp_path, "t3")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        child = group.start_node("t3", tmp_path / "t3", "--no-mdns")
+        assert child.proc is not None
+        pid = child.proc.pid
+        api = ApiClient(tmp_path / "t3", "tcp")
+        stream = EventStream(api)  # authenticated: must outlive the attack
+        before = _open_fds(pid)
+        host, port = api.host_port.rsplit(":", 1)
+        attackers = []
+        for i in range(600):
+            s = socket.create_connection((host, int(port)))
+            if i % 2:
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: " + api.host_port.encode() + b"\r\nX-Slow: ")
+            else:  # whole requests, without the token: each answered 401, never authenticated
+                s.sendall(b"GET /v1/status HTTP/1.1\r\nHost: " + api.host_port.encode() + b"\r\n\r\n")
+            attackers.append(s)
+        time.sleep(1.0)
+        assert _open_fds(pid) < before + 100, (before, _open_fds(pid))
+        wait_for(lambda: all(_closed(s) for s in attackers), 60, lambda: "half-sent connections stay open")
+        for s in attackers:
+            s.close()
+        assert _open_fds(pid) < before + 10
+        api.conn.close()
+        api.conn = api._connect()
+        sale = api.request("POST", "/v1/sales", CASH, {"Idempotency-Key": str(uuid.uuid4())})
+        assert sale.status == 201
+        events = [stream.next() for _ in range(1)]  # the stream was not cut with the attackers
+        while not any(e["event"] == "sale.created" and e["data"]["id"] == sale.body["id"] for e in events):
+            events.append(stream.next())
+        stream.close()
+        api.close()
+        log = (tmp_path / "logs" / "t3.log").read_text()
+        assert "refused terminal API connection" in log and "Traceback" not in log
+    finally:
+        group.stop_all()
+
+
+def _closed(s: socket.socket) -> bool:
+    s.setblocking(False)
+    try:
+        while True:
+            data = s.recv(65536)
+            if data == b"":
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
+def test_an_event_stream_client_that_stops_reading_is_disconnected(tmp_path: Path) -> None:
+    """Attack (or a till's tablet that goes to sleep with its event stream open): a client that
+    subscribes to /v1/events and then never reads. Once its socket buffers were full, Hypercorn
+    waited for it for ever, in a write that nothing could cancel: the connection was held for
+    good (enough of them fill the connection cap), and the node did not stop on SIGTERM for as
+    long as that client stayed. Now a client that takes no byte for WRITE_STALL_S is dropped;
+    the node goes on selling meanwhile and stops when told."""
+    make_site(tmp_path, "t4")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        child = group.start_node("t4", tmp_path / "t4", "--no-mdns")
+        assert child.proc is not None
+        api = ApiClient(tmp_path / "t4", "tcp")
+        host, port = api.host_port.rsplit(":", 1)
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        stuck.connect((host, int(port)))
+        stuck.sendall(f"GET /v1/events HTTP/1.1\r\nHost: {api.host_port}\r\n"
+                      f"Authorization: Bearer {api.token}\r\n\r\n".encode())
+        assert stuck.recv(12) == b"HTTP/1.1 200"  # subscribed; from here on it reads nothing
+        body = {"amount": "1.00", "method": "cash", "description": "x" * 190}
+        for _ in range(300):  # ~250 kB of events: far more than the two socket buffers hold
+            assert api.request("POST", "/v1/sales", body, {"Idempotency-Key": str(uuid.uuid4())}).status == 201
+        api.close()
+        wait_for(lambda: not _held_by_a_process(int(port), stuck.getsockname()[1]), 90,
+                 "the node still holds the connection of a client that stopped reading")
+        group.stop("t4", timeout=60)
+        assert child.proc.returncode is not None and child.proc.returncode != -9, child.proc.returncode
+        stuck.close()
+        assert "Traceback" not in (tmp_path / "logs" / "t4.log").read_text()
+    finally:
+        group.stop_all()
+
+
+def _held_by_a_process(server_port: int, client_port: int) -> bool:
+    """Whether the server end of the loopback TCP connection between these ports is still a
+    process's socket (an inode in /proc/net/tcp; 0 once the process closed it)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote, inode = fields[1], fields[2], fields[9]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            return inode != "0"
+    return False

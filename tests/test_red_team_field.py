@@ -70,3 +70,41 @@ def test_a_leaf_that_claims_links_it_does_not_have_cannot_hide_a_star() -> None:
     statuses["t1"], statuses["t2"] = st(["gw", "t2", "t4"]), st(["gw", "t1", "t4"])
     view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000)
     assert view["topology"]["shape"] == "mesh"
+
+
+def test_a_status_flood_from_one_node_is_not_verified_or_relayed_past_its_rate(mesh: Mesh) -> None:
+    """Attack: H signs 300 statuses with ``at`` one millisecond apart and sends them all at
+    once. Each was newer than the last, so each was verified by A and B and relayed on every
+    other link (C got them all through B): one enrolled node made every node of the site check
+    and forward as many signatures as it could sign. Now a signer's statuses are taken at most
+    one a second on average (bursts of a few, as a stalled link delivers them); the rest are
+    dropped before any signature check, and H's statuses are taken again once it slows down."""
+    boards = {}
+    taken: dict[str, list[int]] = {name: [] for name in "abc"}
+    h_id = mesh.h.core.node_id
+    for name, node in mesh.nodes.items():
+        boards[name] = StatusBoard(node.core.roster, mesh.clock)
+        boards[name].attach(node.replicator)
+        if name in taken:
+            boards[name].on_new.append(
+                lambda status, name=name: taken[name].append(status.at) if status.node_id == h_id else None)
+    mesh.pump()
+    start = mesh.clock.now_ms()
+    for i in range(300):
+        raw = envelope.seal("status", h_id, {"status": {"at": start + i}}, mesh.h.core.key)
+        for session in list(mesh.h.replicator.sessions):
+            session.send_status(raw)
+    mesh.pump()
+    for name in "abc":
+        assert 1 <= len(taken[name]) <= 4, (name, len(taken[name]))
+    assert boards["a"].throttled >= 290 and boards["b"].throttled >= 290
+    mesh.clock.advance(10)
+    later = envelope.seal("status", h_id, {"status": {"at": mesh.clock.now_ms()}}, mesh.h.core.key)
+    for session in list(mesh.h.replicator.sessions):
+        session.send_status(later)
+    mesh.pump()
+    for name in "abc":
+        assert boards[name].statuses[h_id].at == mesh.clock.now_ms(), name  # a node that slowed down is heard
+    mesh.sell("a", 2)
+    mesh.pump()
+    mesh.check()

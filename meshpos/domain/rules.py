@@ -132,6 +132,8 @@ def description_problem(text: object, what: str = "description") -> str | None:
         return f"{what} must be text of at most {MAX_DESCRIPTION} characters"
     if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in BIDI_CONTROLS for ch in text):
         return f"{what} holds control or bidirectional formatting characters"
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):  # a lone surrogate (JSON "\ud800"): no UTF-8 for it
+        return f"{what} holds a lone surrogate (U+D800-U+DFFF), which is not a character"
     if has_card_number(text):
         return f"{what} holds a run of 12 or more digits (a card number?)"
     return None

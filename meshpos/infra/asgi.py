@@ -6,11 +6,13 @@ context, errors to a named logger):
 * :func:`serve`: Hypercorn's own accept loop (``worker_serve``) on one bound socket; the terminal
   API (meshpos.terminal.server) serves its UNIX socket and its TCP listener so.
 * :func:`serve_gated`: each accepted connection first passes an :class:`InboundGate`
-  (meshpos.infra.netguard: caps on connections held, on connections that have not yet sent a
-  whole request, in all and per source address; a connection past a cap is closed at once,
-  before any TLS work) and must send its first request within ``limits.proof_timeout``; then
-  Hypercorn's connection handler serves it. For a listener open to a whole network behind a
-  password (the organizer dashboard): a flood of idle or slow connections costs a bounded amount.
+  (meshpos.infra.netguard: caps on connections held, on connections that have not yet proved
+  themselves, in all and per source address; a connection past a cap is closed at once, before
+  any TLS work) and must prove itself (a request that gets through the caller's ``front``, e.g.
+  a token check) within ``limits.proof_timeout``; then Hypercorn's connection handler serves it,
+  and a client that stops taking what is sent to it is disconnected. For every listener a
+  client can reach (the terminal API, the organizer dashboard): a flood of idle, slow or
+  unauthenticated connections costs a bounded amount.
 """
 
 from __future__ import annotations
@@ -86,35 +88,71 @@ async def serve(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | Non
                        sockets=sockets, task_status=task_status)
 
 
+class StallGuard:
+    """A connection's stream whose ``send_all`` fails (BrokenResourceError, which Hypercorn takes
+    for a closed connection) when the client accepts no byte for ``stall_s``. Hypercorn writes in
+    a cancel-shielded scope: a client that stopped reading (a tablet asleep with an event stream
+    open) held its connection for ever, and the node could not stop while it did. Writes go out in
+    pieces of ``piece`` bytes, each with its own deadline."""
+
+    def __init__(self, inner: Any, stall_s: float, piece: int = 64 * 1024) -> None:
+        self._inner = inner
+        self._stall_s = stall_s
+        self._piece = piece
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the stream's own (TLS or not)
+        return getattr(self._inner, name)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), self._piece):
+            with trio.move_on_after(self._stall_s) as scope:
+                await self._inner.send_all(view[start:start + self._piece])
+            if scope.cancelled_caught:  # closed, so that the read waiting beside this write ends too
+                await trio.aclose_forcefully(self._inner)
+                raise trio.BrokenResourceError(f"the client took nothing for {self._stall_s:g} s")
+
+
+def _first_request(app: ASGIApp) -> ASGIApp:
+    return app
+
+
 async def serve_gated(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, limits: InboundLimits, *,
-                      config: HypercornConfig,
+                      config: HypercornConfig, front: Callable[[ASGIApp], ASGIApp] = _first_request,
+                      stall_s: float = 20.0,
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on one bound, listening TCP socket, each connection through ``limits`` (module
-    docstring); ``task_status.started(port)`` once it accepts."""
+    """Serve ``app`` on one bound, listening socket (TCP or UNIX), each connection through
+    ``limits`` (module docstring); ``task_status.started(port)`` once it accepts (0 on a UNIX socket).
+
+    A connection proves itself with its first request that gets through ``front`` (a wrapper
+    around the app, such as the terminal API's Guard: a request it refuses proves nothing); by
+    default any whole request does. A client that takes no byte of an answer for ``stall_s`` is
+    disconnected (:class:`StallGuard`)."""
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if context is not None:
         listener = trio.SSLListener(listener, context, https_compatible=True)
     gate = InboundGate(limits)
     worker = WorkerContext(None)
-    port = int(sock.getsockname()[1])
+    name = sock.getsockname()
+    port = int(name[1]) if isinstance(name, tuple) else 0
 
     async def connection(stream: Any, source: str, where: str, proved: Callable[[], None]) -> None:
         asked = trio.Event()
 
-        async def first_request_proves(scope: Scope, receive: Receive, send: Send) -> None:
+        async def proving(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "http" and not asked.is_set():
                 proved()
                 asked.set()
             await app(scope, receive, send)
 
-        server = TCPServer(wrap_app(first_request_proves, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
-                           config, worker, ConnectionState({}), stream)
+        server = TCPServer(wrap_app(front(proving), config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                           config, worker, ConnectionState({}), StallGuard(stream, stall_s))  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             async def deadline() -> None:
                 with trio.move_on_after(limits.proof_timeout):
                     await asked.wait()
                     return
-                nursery.cancel_scope.cancel()  # no whole request in time: the connection goes
+                nursery.cancel_scope.cancel()  # no request proved it in time: the connection goes
             nursery.start_soon(deadline)
             await server.run()
             nursery.cancel_scope.cancel()

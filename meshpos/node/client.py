@@ -31,7 +31,7 @@ from meshpos.site.nodedir import NodeDir
 
 MAX_REPLY = 64 * 1024 * 1024
 LEGACY_CONTROL_SOCKET = "control.sock"  # the newline-JSON socket of meshpos before the terminal API took it over
-IDLE_RECONNECT_S = 20.0  # well under the node's keep-alive timeout (meshpos.terminal.server.KEEP_ALIVE_S)
+IDLE_RECONNECT_S = 5.0  # well under the node's keep-alive timeout (meshpos.terminal.server.KEEP_ALIVE_S) and the 10 s in which a new connection must send a request (API_LIMITS.proof_timeout)
 
 # the error of an answer without ``error.type`` (another server), by its ``error.code``
 _BY_CODE: dict[str, type[MeshposError]] = {

@@ -27,7 +27,7 @@ from meshpos.replication.discovery import DiscoveryHandle, PeerGone, PeerSeen, r
 from meshpos.domain.errors import ConfigError, MeshposError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.replication.link_driver import connect_link, serve_links
-from meshpos.replication.peerx import DialBudget, PeerHints, address_for, hint_from_status, judge_answer
+from meshpos.replication.peerx import DialBudget, PeerHints, address_for, hint_from_status, judge_answer, on_loopback
 from meshpos.replication.planner import DIAL_BACKOFF, PeerInfo, PeerPlanner, keep_link
 from meshpos.infra.netguard import install_log_limits
 from meshpos.replication.sync import SyncSession
@@ -102,6 +102,8 @@ class Mesh:
         self.discovered: dict[str, PeerSeen] = {}
         self.peer_exchange = peer_exchange
         self.hints = PeerHints(self.core.node_id)  # peer exchange: addresses from signed statuses
+        cfg = self.core.config  # loopback hints only where our own configuration is on loopback
+        self.loopback_hints = on_loopback(([cfg.listen] if cfg.listen else []) + list(cfg.peers))
         self.hint_budget = DialBudget()
         self.wake = trio.Event()
         self.links_event = trio.Event()  # set (and replaced) whenever a link opens or closes
@@ -187,7 +189,7 @@ class Mesh:
             role = self.core.roster.identity(node).role  # who it is: the certificate, never the status
         except MeshposError:
             return
-        info = hint_from_status(node, role, status.body)
+        info = hint_from_status(node, role, status.body, loopback_ok=self.loopback_hints)
         if info is not None and node not in self.hints.hints and node not in self.discovered:
             log.info("peer exchange: %s (%s) listens at %s port %d", self.core.roster.name_of(node), node,
                      ",".join(info.addresses), info.port)

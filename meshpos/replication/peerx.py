@@ -13,7 +13,9 @@ Rules (protocols/peer-exchange.md; pure, time comes in as ``now``):
   another node's certificate is a link to that other node (kept only if we had
   no link to it), and a failed dial for the hinted node.
 * Bounds: at most ``MAX_ADDRESSES`` addresses per node, IP literals only (no
-  name is ever resolved), no multicast, broadcast or unspecified address, a port
+  name is ever resolved), no multicast, broadcast or unspecified address, no
+  loopback address unless the receiver itself is configured on loopback (a site on
+  one machine: elsewhere it names the receiver's own local services), a port
   in 1..65535; hints of at most ``MAX_HINTED`` nodes; a hint lives as long as
   the status it came from is fresh (``ttl_s``, the status's own staleness bound),
   then it is forgotten unless a newer status renews it.
@@ -27,8 +29,11 @@ Rules (protocols/peer-exchange.md; pure, time comes in as ``now``):
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from meshpos.domain.errors import InputError
+from meshpos.domain.hostport import parse_hostport
 from meshpos.wire.status import StatusBody
 from meshpos.replication.planner import PeerInfo
 
@@ -52,9 +57,25 @@ def usable_address(text: object) -> str | None:
     return str(ip)
 
 
-def hint_from_status(node_id: str, role: str, status: StatusBody) -> PeerInfo | None:
+def on_loopback(hostports: Iterable[str]) -> bool:
+    """True if any of ``hostports`` (HOST:PORT of this node's own configuration: its listen
+    address, its static peers) is on loopback: then the site runs on one machine and loopback
+    hints mean what they say."""
+    for text in hostports:
+        try:
+            host = parse_hostport(text, "address")[0].strip("[]")
+            if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+                return True
+        except (InputError, ValueError):
+            continue
+    return False
+
+
+def hint_from_status(node_id: str, role: str, status: StatusBody, *, loopback_ok: bool = False) -> PeerInfo | None:
     """The dial hint in one verified status (``role`` from the signer's certificate), or None
-    if it names no usable address and port."""
+    if it names no usable address and port. A loopback address counts only with ``loopback_ok``
+    (the receiver is on loopback itself, ``on_loopback``): a hostile node could otherwise make
+    every node of the site dial services on its own 127.0.0.1."""
     if role not in LINK_ROLES:
         return None
     port = status.port
@@ -63,6 +84,8 @@ def hint_from_status(node_id: str, role: str, status: StatusBody) -> PeerInfo | 
     addresses: list[str] = []
     for item in status.addresses:
         address = usable_address(item)
+        if address is not None and not loopback_ok and ipaddress.ip_address(address).is_loopback:
+            continue
         if address is not None and address not in addresses:
             addresses.append(address)
         if len(addresses) == MAX_ADDRESSES:

@@ -13,6 +13,11 @@ Rules (protocols/link.md, "Status gossip"):
   board does not relay (nodes ignore what it sends anyway).
 * A status whose signer's certificate has not arrived is parked (bounded) and
   tried again when a certificate is accepted.
+* A signer's statuses are taken at most ``STATUS_RATE`` a second on average (bursts of
+  ``STATUS_BURST``, our monotonic clock; only verified statuses count): one beyond that is
+  ignored before any signature check and not relayed, so a hostile enrolled node that signs
+  statuses as fast as it can costs each neighbour a hash per frame, and the rest of the site
+  nothing (each of those statuses is newer, so each would otherwise flood every link).
 * A status tells only what its signer may say: one dated more than
   ``rules.MAX_SKEW_MS`` ahead of our clock is refused (it would stay "fresh"
   for as long as it lies), a revoked node's statuses are refused and the one
@@ -47,6 +52,10 @@ log = logging.getLogger(__name__)
 MAX_PARKED = 256
 MAX_NODES = 4096
 MAX_SEEN = 16384
+# A node publishes at most one status a second (meshpos.node.status_pub.MIN_GAP); a link that
+# stalled may deliver a few at once. Past that a signer's newer statuses are ignored unverified.
+STATUS_RATE = 1.0  # statuses per second per signer, on average
+STATUS_BURST = 4
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,8 @@ class StatusBoard:
         # (meshpos.domain.clockskew) needs them most when this node's clock is behind
         self.on_clock: list[Callable[[str, int, int], None]] = []
         self.rejected = 0
+        self.throttled = 0  # newer statuses ignored because their signer sent more than its rate
+        self._rate: dict[str, tuple[float, float]] = {}  # verified signer -> (tokens, monotonic time)
         self._parked: dict[str, bytes] = {}
         self._seen: set[bytes] = set()  # digests of statuses taken or refused for good
 
@@ -135,10 +146,15 @@ class StatusBoard:
             if env.type != "status":
                 raise EncodingError(f"a {env.type} envelope where a status was expected")
             status = check_status_body(env.body)
+            mono = self.clock.monotonic()
+            if self._tokens(env.signer, mono) < 1.0:  # a signer past its rate: not verified, not relayed
+                self.throttled += 1
+                return None
             ahead = rules.future_problem(status.at, now, "status time")
             if ahead is not None:
                 if self.on_clock:
                     self.roster.verify(env, now)
+                    self._spend(env.signer, mono)
                     self._clock_sample(env.signer, now, status.at)
                 raise VerificationError(ahead)
             current = self.statuses.get(env.signer)
@@ -160,6 +176,7 @@ class StatusBoard:
             log.info("status from %s refused: %s", origin, exc)
             return None
         self._seen.add(seen)
+        self._spend(env.signer, mono)
         self._parked.pop(env.signer, None)
         node = NodeStatus(env.signer, status, raw, now)
         self.statuses[env.signer] = node
@@ -167,6 +184,15 @@ class StatusBoard:
         for hook in self.on_new:
             hook(node)
         return node
+
+    def _tokens(self, signer: str, mono: float) -> float:
+        """The statuses ``signer`` may still have taken now (a token bucket per signer)."""
+        tokens, at = self._rate.get(signer, (float(STATUS_BURST), mono))
+        return min(float(STATUS_BURST), tokens + max(0.0, mono - at) * STATUS_RATE)
+
+    def _spend(self, signer: str, mono: float) -> None:
+        """One verified status of ``signer`` was taken (or refused for its time)."""
+        self._rate[signer] = (self._tokens(signer, mono) - 1.0, mono)
 
     def _clock_sample(self, signer: str, now: int, at: int) -> None:
         for hook in self.on_clock:

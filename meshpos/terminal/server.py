@@ -8,8 +8,17 @@ One app, two transports, each with its own Guard:
   over TLS with the node's own certificate (site CA signed; clients trust ``NODE_DIR/ca.pem``).
   If the port cannot be bound the node keeps selling and says so in its log and status.
 
-Served by Hypercorn's trio worker (the node is a trio program: the server runs inside the node's
-own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+Served by Hypercorn's HTTP/1.1 connection handler on trio (the node is a trio program: the server
+runs inside the node's own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+
+Connections are bounded per listener (meshpos.infra.netguard, numbers in ``API_LIMITS``): a
+connection is *pending* until one of its requests passes the Guard (the right Host, Origin and
+token); a pending connection is closed after ``proof_timeout`` seconds, whatever it sends, and
+past the caps on pending or held connections a new one is closed at once. Without this, idle or
+half-sent requests (slowloris) from any local program, or from the Wi-Fi when the API listens
+beyond loopback, held a file descriptor each for as long as they liked, until the node could
+open no link, file or database. A client that takes no byte of what is sent to it for
+WRITE_STALL_S is disconnected (meshpos.infra.asgi.StallGuard).
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.infra import asgi
 from meshpos.infra.asgi import BACKLOG, HypercornConfig, bind_tcp
+from meshpos.infra.netguard import InboundLimits
 from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
 from meshpos.node.status import ApiStatus
@@ -46,6 +56,10 @@ from meshpos.terminal.sales import TerminalSales
 log = logging.getLogger(__name__)
 
 KEEP_ALIVE_S = 75  # POS apps keep one connection open between sales
+# per listener: connections held (event streams and keep-alive included); connections with no request
+# past the Guard yet, in all and from one address (on loopback every client is one address)
+API_LIMITS = InboundLimits(total=256, pending=64, per_source=32, proof_timeout=10.0)
+WRITE_STALL_S = 20.0  # a client that takes no byte of an answer (or event) for this long is gone
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -70,11 +84,15 @@ def bind_unix(path: Path) -> socket.socket:
     return sock
 
 
-async def serve(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, *,
-                task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on one bound, listening socket until cancelled."""
-    config = HypercornConfig(context, log_name="meshpos.terminal.http", keep_alive_s=KEEP_ALIVE_S)
-    await asgi.serve(app, sock, context, config=config, task_status=task_status)
+async def serve(app: ASGIApp, policy: GuardPolicy, sock: socket.socket, context: ssl.SSLContext | None, *,
+                limits: InboundLimits = API_LIMITS,
+                task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` behind a Guard of ``policy`` on one bound, listening socket until cancelled, with
+    bounded connections (the module's docstring; meshpos.infra.asgi.serve_gated)."""
+    config = HypercornConfig(context, log_name="meshpos.terminal.http", keep_alive_s=KEEP_ALIVE_S,
+                             handshake_timeout_s=limits.proof_timeout)
+    await asgi.serve_gated(app, sock, context, limits, config=config, front=lambda inner: Guard(inner, policy),
+                           stall_s=WRITE_STALL_S, task_status=task_status)
 
 
 async def api_component(node: RunningNode, *, reader: CardReader | None = None,
@@ -100,7 +118,7 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
     node.report_api(ApiStatus(socket=str(path), url=None, error=None))
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, Guard(socket_app, GuardPolicy(token, None, frozenset())), bind_unix(path), None)
+            await nursery.start(serve, socket_app, GuardPolicy(token, None, frozenset()), bind_unix(path), None)
             try:
                 tcp = bind_tcp(host, port)
             except OSError as exc:
@@ -112,7 +130,7 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
                 hosts, origins = host_names(host, bound, tls, local_addresses() if host in WILDCARDS else ())
                 context = tls_context(core.dir.cert_path, core.dir.key_path) if tls else None
                 policy = GuardPolicy(token, hosts, origins, public=PUBLIC, session=cashier.session_ok)
-                await nursery.start(serve, Guard(app, policy), tcp, context)
+                await nursery.start(serve, app, policy, tcp, context)
                 shown = f"[{host}]" if ":" in host else host
                 url = f"{'https' if tls else 'http'}://{shown}:{bound}/v1/"
                 node.report_api(ApiStatus(socket=str(path), url=url, error=None))
