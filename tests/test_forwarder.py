@@ -12,6 +12,7 @@ import trio.testing
 
 from meshpos.infra.clock import FakeClock
 from meshpos.domain.errors import UplinkError
+from meshpos.domain.rules import MAX_SKEW_MS
 from meshpos.node.core import NodeCore
 from meshpos.uplink import leases as L
 from meshpos.uplink import forwarder as forwarder_module
@@ -166,6 +167,23 @@ async def test_a_large_reply_is_taken_in_slices_others_see_the_first_results_ear
     assert second[-1] == []  # the sales being taken in were not sent again by the second worker
     assert 5 in seen and 10 in seen, seen  # committed slice by slice, visible between slices
     assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())  # each sale sent once
+
+
+async def test_a_forwarder_whose_clock_is_behind_the_switch_still_forwards_the_sales_of_that_time(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    """A gateway 2 h behind takes the sales of the last 2 h for dated ahead. Once it has measured
+    the switch's clock, it forwards them (card sales held back past their window would expire);
+    without a measurement it keeps to its own clock plus the skew."""
+    low, _, seller = nodes
+    behind = FakeClock(now_ms=clock.now_ms() - 2 * 3_600_000, monotonic=clock.monotonic())
+    offset: list[int | None] = [None]
+    fwd = Forwarder(low, behind, FakeSwitch(switch_key, clock), batch_sales=50, switch_offset=lambda: offset[0])
+    assert fwd.pending(behind.now_ms()) == []  # by its own clock every sale is 2 h ahead
+    offset[0] = -2 * 3_600_000  # the switch's health answer said: 2 h behind
+    assert sorted(fwd.pending(behind.now_ms())) == sorted(s["id"] for s in seller.sales())
+    assert (await fwd.step()).settled == 12
+    offset[0] = 3_600_000  # a clock ahead of the switch never narrows what is forwarded
+    assert fwd.not_after(behind.now_ms()) == behind.now_ms() + MAX_SKEW_MS
 
 
 async def test_resume_after_restart_from_the_ledger(

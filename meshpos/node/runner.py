@@ -390,10 +390,15 @@ class Uplink:
                 lambda task_status: run_forwarder(self.core, self.core.clock, self.has_uplink,
                                                   transport=self.transport, reachable=self.node_reachable,
                                                   poll_s=UPLINK_POLL, idle_poll_s=UPLINK_IDLE_POLL,
-                                                  recheck=self.probe_now,
+                                                  recheck=self.probe_now, switch_offset=self.switch_offset,
                                                   task_status=task_status))
             nursery.start_soon(self._probe_loop)
             task_status.started()
+
+    def switch_offset(self) -> int | None:
+        """How far this node's clock is ahead of the switch's (ms), as last measured; or None."""
+        estimate = self.skew.switch_estimate(self.core.clock.monotonic())
+        return None if estimate is None else estimate.offset_ms
 
     async def probe_now(self) -> None:
         """Probe the switch once and set ``reachable`` (the forwarder calls it when a batch found

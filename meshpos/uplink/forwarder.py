@@ -17,7 +17,8 @@ keeps in memory is only back-off and suspicion:
   :meth:`Forwarder.status`, retried every ``set_aside_s`` only. Every other sale goes on.
 
 Not forwarded at all: sales the node's view holds as refused (``sales.refused``), sales
-dated more than ``rules.MAX_SKEW_MS`` ahead of this node's clock (not valid yet), and
+dated more than ``rules.MAX_SKEW_MS`` ahead of this node's clock, or of the switch's when this
+node's clock is measured behind it (not valid yet: :meth:`Forwarder.not_after`), and
 voids after approval whose reversal is known (``sales.reversed_at``).
 
 :class:`Forwarder` makes one decision at a time (:meth:`Forwarder.step`) against
@@ -257,9 +258,12 @@ class Forwarder:
         sale_backoff: Callable[[int], float] = exponential_backoff(5.0, 600.0),
         set_aside_s: float = SET_ASIDE_S,
         reachable: Callable[[str], bool] | None = None,
+        switch_offset: Callable[[], int | None] = lambda: None,
     ) -> None:
         """``reachable(node_id)``: whether this node can reach that node now (lease rule 1c,
-        meshpos/uplink/leases.py); by default every node is taken as reachable."""
+        meshpos/uplink/leases.py); by default every node is taken as reachable.
+        ``switch_offset()``: how far this node's clock is ahead of the switch's, in ms (negative:
+        behind), as last measured (meshpos.domain.clockskew), or None."""
         self.core = core
         self.clock = clock
         self.transport: Transport = transport if transport is not None else HttpsTransport(core, clock=clock.monotonic)
@@ -273,6 +277,7 @@ class Forwarder:
         self.sale_backoff = sale_backoff
         self.set_aside_s = set_aside_s
         self.reachable: Callable[[str], bool] = reachable if reachable is not None else (lambda node_id: True)
+        self.switch_offset = switch_offset
         self._backoff: dict[str, _Backoff] = {}
         self._split: list[list[str]] = []  # halves of failed batches, each to be sent as a batch of its own
         self._trouble: dict[str, _Trouble] = {}
@@ -291,8 +296,8 @@ class Forwarder:
 
     def pending(self, now: int) -> list[str]:
         """Sale ids to forward now: no result yet, or voided after approval and not reversed yet;
-        never a sale this node's view refuses, nor one dated beyond the skew ahead of ``now``."""
-        rows = self.core.store.to_forward(now + MAX_SKEW_MS)
+        never a sale this node's view refuses, nor one dated after :meth:`not_after`."""
+        rows = self.core.store.to_forward(self.not_after(now))
         out = []
         for sale_id, status in rows:
             if sale_id in self._in_flight or (status is not None and sale_id in self._reversal_done):
@@ -303,6 +308,15 @@ class Forwarder:
             out.append(str(sale_id))
         self._forget_settled({str(sale_id) for sale_id, _ in rows})
         return out
+
+    def not_after(self, now: int) -> int:
+        """The latest sale time forwarded now: ``MAX_SKEW_MS`` past this node's clock, or past the
+        switch's when this node's clock is behind it (measured). Only ever widened: a forwarder
+        whose clock is behind would otherwise hold back every sale of the time it is behind, and
+        card sales held back past their window expire (the switch, which decides, defers by its
+        own clock: protocols/rules.md, "Clocks: the skew")."""
+        offset = self.switch_offset()
+        return now + max(0, -(offset or 0)) + MAX_SKEW_MS
 
     def _forget_settled(self, open_ids: set[str]) -> None:
         """Drop the suspicion of sales that need no forwarding any more (settled through another node)."""
@@ -599,6 +613,7 @@ async def run_forwarder(
     *,
     transport: Transport | None = None,
     reachable: Callable[[str], bool] | None = None,
+    switch_offset: Callable[[], int | None] = lambda: None,
     batch_sales: int = BATCH_SALES,
     backoff: Callable[[int], float] = exponential_backoff(2.0, 300.0),
     poll_s: float = POLL_S,
@@ -624,7 +639,7 @@ async def run_forwarder(
     ``poll_s``), or when woken by ``Forwarder.wake()`` (the caller's probe, on getting an uplink).
     ``task_status.started`` gets the :class:`Forwarder`.
     """
-    fwd = Forwarder(core, clock, transport, batch_sales=batch_sales, reachable=reachable)
+    fwd = Forwarder(core, clock, transport, batch_sales=batch_sales, reachable=reachable, switch_offset=switch_offset)
     wakes: list[trio.Event] = [trio.Event() for _ in range(parallel)]
 
     def on_accept(verified: Verified) -> None:
