@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from meshpos.domain.rules import PAN_MAX, PAN_MIN, luhn_ok  # the one Luhn check
+from meshpos.wire.envelope import SALE_ID_IN_TEXT
 
 INTERVAL_S = 0.05
 # A digit run, possibly grouped by spaces or dashes as people type card numbers.
@@ -27,7 +28,7 @@ def card_numbers_in(arg: str, known: tuple[str, ...] = ()) -> list[str]:
     """The card numbers in one argv element: 12-19 ASCII digits (spaces or dashes between groups
     allowed) passing Luhn, or one of ``known`` anywhere in it."""
     found = [k for k in known if k in arg]
-    for match in _GROUPED.finditer(arg):
+    for match in _GROUPED.finditer(SALE_ID_IN_TEXT.sub(" ", arg)):  # a sale id's digits are none
         text = match.group()
         for digits in {text.replace(" ", "").replace("-", ""), *re.findall(r"[0-9]+", text)}:
             if PAN_MIN <= len(digits) <= PAN_MAX and luhn_ok(digits) and digits not in found:

@@ -66,3 +66,13 @@ def test_detection_rules() -> None:
     assert card_numbers_in("x5555555555554444y", known=TEST_PANS) == ["5555555555554444"]
     assert masked("--card 4111 1111 1111 1111", ["4111111111111111"]) == "--card **** **** **** 1111"
     assert masked("--card=4111111111111111", ["4111111111111111"]) == "--card=************1111"
+
+
+def test_a_sale_id_is_no_card_number_but_a_card_number_beside_it_is() -> None:
+    """A sale id whose node id ends in digits makes, with its number, a Luhn-valid run across the
+    dash (`meshpos receipt NODE abcdef0123456789-00000003` was reported in a CI run); an all-digit
+    "node id" is no sale id and stays suspect."""
+    assert luhn_ok("0123456789" + "00000003")
+    assert card_numbers_in("abcdef0123456789-00000003") == []
+    assert card_numbers_in("abcdef0123456789-00000003 4111111111111111") == ["4111111111111111"]
+    assert card_numbers_in("4111111111111111-00000003") == ["4111111111111111"]

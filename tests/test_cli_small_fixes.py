@@ -19,7 +19,8 @@ import pytest
 
 from meshpos.cli.more import LOG_BACKUPS, LOG_MAX_BYTES, open_log_file
 from meshpos.domain.errors import ConfigError, InputError
-from meshpos.status.meshview import to_dot
+from meshpos.status.meshview import Known, MeshView, analyze, to_dot
+from meshpos.wire.status import StatusBody
 from meshpos.apps.procs import ProcessGroup
 from meshpos.site.sitedir import init_site
 
@@ -169,13 +170,20 @@ def test_switch_add_site_refuses_what_is_not_a_site_directory(tmp_path: Path, no
 
 # -- inspect --graph --------------------------------------------------------------------------------
 
+NOW = 10_000_000_000
 NASTY = ['a"b\\nc', "<b>{x}</b>", "back\\", "new\nline", '"; x -- y; "', "\\N\\G"]
 
 
-def _view() -> dict[str, object]:
-    nodes = [{"name": n, "role": "terminal", "pending": 1, "reachable": True, "rtt_ms": 3} for n in NASTY]
-    nodes.append({"name": "gw", "role": "gateway", "pending": None, "reachable": False, "rtt_ms": None})
-    return {"nodes": nodes, "edges": [[n, "gw"] for n in NASTY]}
+def _view() -> MeshView:
+    """The view of a terminal per nasty name, each linked to a gateway that is unreachable."""
+    statuses = {f"t{i}": StatusBody.from_json({"at": NOW, "links": [{"node": "gw"}], "pending": {"count": 1}})
+                for i in range(len(NASTY))}
+    known = {f"t{i}": Known(name=name, role="terminal", linked=True, rtt_ms=3) for i, name in enumerate(NASTY)}
+    known["gw"] = Known(name="gw", role="gateway")
+    statuses["gw"] = StatusBody.from_json({"at": NOW - 3_600_000, "links": [{"node": f"t{i}"} for i in range(len(NASTY))]})
+    view = analyze(statuses, known, now_ms=NOW, offline_window_ms=86_400_000, warn_before_ms=3_600_000)
+    view.edges = [[n, "gw"] for n in NASTY]  # every terminal's link to the gateway drawn
+    return view
 
 
 def _dot_strings(text: str) -> list[str]:

@@ -65,7 +65,7 @@ def test_view_warns_about_a_wrong_clock_and_dates_its_status_on_true_time() -> N
     statuses = {"t1": _st(now - 3 * DAY_MS, clock={"offset_ms": -3 * DAY_MS, "source": "peers", "peers": 2}),
                 "t2": _st(now + 90_000, clock={"offset_ms": 90_000, "source": "switch", "peers": 0})}
     known = {"t1": Known(name="T1", role="terminal"), "t2": Known(name="T2", role="terminal")}
-    view = analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=DAY_MS, warn_before_ms=3_600_000)
+    view = analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=DAY_MS, warn_before_ms=3_600_000).to_json()
     nodes = {n["name"]: n for n in view["nodes"]}
     assert nodes["T1"]["reachable"] and nodes["T1"]["clock_offset_ms"] == -3 * DAY_MS
     assert any("T1: its clock is 3 day(s) 0 h behind" in w for w in view["warnings"])
@@ -83,7 +83,7 @@ def test_view_warns_when_pending_sales_are_held_only_by_low_batteries() -> None:
                     "t2": _st(now, **{"ledger": {"entries": 20}, "links": [{"node": "t1"}, {"node": "t3"}], **t2}),
                     "t3": _st(now, **{"ledger": {"entries": 20}, "links": [{"node": "t2"}], **t3})}
         return list(analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=DAY_MS,
-                            warn_before_ms=3_600_000)["warnings"])
+                            warn_before_ms=3_600_000).warnings)
 
     alone = "T1: battery 9 % and 4 pending sale(s) that no node with a good battery is known to hold"
     # T2 is on a good battery and holds as much of the ledger: only the battery is worth a word

@@ -12,7 +12,7 @@ from typing import Any
 from meshpos.domain.svg import esc, num
 from meshpos.node.hourchart import PLOT_H, hour_chart
 from meshpos.status.meshsvg import SPACING, layout, mesh_svg
-from meshpos.status.meshview import Known, analyze
+from meshpos.status.meshview import Known, MeshView, analyze
 from meshpos.wire.status import StatusBody
 
 NS = {"s": "http://www.w3.org/2000/svg"}
@@ -28,7 +28,7 @@ def st(links: list[str], *, at: int = NOW, uplink: str | None = None, pending: i
                                              "oldest_created_at": oldest}})
 
 
-def view_of(statuses: dict[str, StatusBody], known: dict[str, Known]) -> dict[str, Any]:
+def view_of(statuses: dict[str, StatusBody], known: dict[str, Known]) -> MeshView:
     return analyze(statuses, known, now_ms=NOW, offline_window_ms=24 * HOUR_S * 1000, warn_before_ms=HOUR_S * 1000)
 
 
@@ -80,7 +80,7 @@ def test_a_cut_link_shows_as_a_partition_with_the_cut_off_part_boxed() -> None:
                 # t2 and t3 stopped hearing the gateway a minute ago; they still link to each other
                 "t2": st(["gw", "t3"], at=NOW - 60_000), "t3": st(["t2"], at=NOW - 60_000)}
     view = view_of(statuses, KNOWN)
-    assert view["partition"]
+    assert view.partition
     root = parse(mesh_svg(view))
     assert root.get("data-partition") == "true" and root.get("data-parts") == "2"
     assert links_of(root) == {frozenset(("gw", "t1")), frozenset(("t2", "t3"))}  # the cut link is not drawn

@@ -294,5 +294,5 @@ def test_made_up_shards_and_lying_statuses_do_not_spread(mesh: Mesh) -> None:
     known = {n: Known(name=i.name, role=i.role) for n, i in roster.identities.items()}
     view = analyze({s.node_id: s.body for s in board.current().values()}, known, now_ms=now,
                    offline_window_ms=3_600_000, warn_before_ms=60_000)
-    shown = {n["node_id"]: (n["name"], n["role"]) for n in view["nodes"]}
+    shown = {n.node_id: (n.name, n.role) for n in view.nodes}
     assert shown[h_id] == (roster.identities[h_id].name, "terminal")

@@ -130,6 +130,7 @@ def test_a_status_with_fields_of_the_wrong_type_breaks_no_view(what: str) -> Non
     hold terminal escape sequences. ``meshview.analyze`` (behind `meshpos inspect` and the
     dashboard's /api/state) crashed on it with AttributeError/TypeError, on every node that held
     it, for as long as the status was fresh; escape sequences went to the inspector's terminal."""
+    from meshpos.apps.inspector import InspectorSelf, InspectorView, SiteRef
     from meshpos.cli.inspect_cmd import render
     from meshpos.status.meshview import Known, analyze
     from meshpos.wire.status import StatusBody
@@ -140,9 +141,9 @@ def test_a_status_with_fields_of_the_wrong_type_breaks_no_view(what: str) -> Non
     statuses = {"a" * 16: honest, "h" * 16: {"at": now, **HOSTILE_STATUSES[what]}}
     known = {"a" * 16: Known(name="A", role="terminal"), "h" * 16: Known(name="H", role="terminal")}
     view = analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=86_400_000, warn_before_ms=3_600_000)
-    assert view["totals"]["pending_amount_minor"] >= 300
-    assert all(isinstance(n["pending_amount_minor"], (int, type(None))) for n in view["nodes"])
-    text = render({**view, "site": {"name": "S", "site_id": "s"}, "inspector": {"links": 1}})
+    assert view.totals.pending_amount_minor >= 300
+    assert all(isinstance(n.pending_amount_minor, (int, type(None))) for n in view.nodes)
+    text = render(InspectorView(view, SiteRef("s", "S"), [], InspectorSelf("I", False, None, [], 1)))
     assert "\x1b" not in text and "\x07" not in text
 
 

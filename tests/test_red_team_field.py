@@ -62,13 +62,13 @@ def test_a_leaf_that_claims_links_it_does_not_have_cannot_hide_a_star() -> None:
 
     statuses = {"gw": st(["t1", "t2", "t3", "t4"]), **{t: st(["gw"]) for t in ids[1:]}}
     statuses["t4"] = st(["gw", "t1", "t2", "t3"])  # the liar
-    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000)
+    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000).to_json()
     assert view["topology"] == {"shape": "star", "hub": "GW"}
     assert any(w.startswith("star: every link goes through GW") for w in view["warnings"])
     assert not view["partition"]
     # links both ends list are a mesh, as before
     statuses["t1"], statuses["t2"] = st(["gw", "t2", "t4"]), st(["gw", "t1", "t4"])
-    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000)
+    view = analyze(statuses, known, now_ms=now, offline_window_ms=3_600_000, warn_before_ms=60_000).to_json()
     assert view["topology"]["shape"] == "mesh"
 
 

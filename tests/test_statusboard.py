@@ -12,7 +12,7 @@ from meshpos.wire import canonical, envelope
 from meshpos.infra.clock import FakeClock
 from meshpos.domain.errors import ProtocolError
 from meshpos.wire.link import Hello, LinkConnection, Status
-from meshpos.status.meshview import Known, analyze, to_dot
+from meshpos.status.meshview import Known, MeshView, analyze, to_dot
 from meshpos.node.core import NodeCore
 from meshpos.site.sitedir import Site
 from meshpos.status.board import StatusBoard
@@ -23,7 +23,12 @@ WINDOW, WARN = 24 * 3_600_000, 3 * 3_600_000
 
 
 def view_of(statuses: dict[str, Any], known: dict[str, Known], **kwargs: Any) -> dict[str, Any]:
-    """The mesh view of statuses given as the JSON a node signs (read as the board reads them)."""
+    """The mesh view of statuses given as the JSON a node signs (read as the board reads them), as
+    its JSON (`meshpos inspect --json`)."""
+    return typed_view_of(statuses, known, **kwargs).to_json()
+
+
+def typed_view_of(statuses: dict[str, Any], known: dict[str, Known], **kwargs: Any) -> MeshView:
     return analyze({node: StatusBody.from_json(body) for node, body in statuses.items()}, known, **kwargs)
 
 
@@ -193,7 +198,8 @@ def test_a_star_is_shown_as_such_and_a_mesh_or_a_line_is_not() -> None:
     assert view["topology"] == {"shape": "star", "hub": "GW"} and not view["partition"]
     assert any(w.startswith("star: every link goes through GW") for w in view["warnings"]), view["warnings"]
     assert any(w.startswith("star:") for w in {n["name"]: n for n in view["nodes"]}["GW"]["warnings"])
-    assert "hub of a star" in to_dot(view)
+    assert "hub of a star" in to_dot(typed_view_of(star, known, now_ms=now, offline_window_ms=WINDOW,
+                                                   warn_before_ms=WARN))
     # one terminal-to-terminal link: no longer a star
     meshed = {**star, "t1": st(now, ["gw", "t2"]), "t2": st(now, ["gw", "t1"])}
     view = view_of(meshed, known, now_ms=now, offline_window_ms=WINDOW, warn_before_ms=WARN)

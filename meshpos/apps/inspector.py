@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from meshpos.domain.jsonable import json_object
 from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.node.parts import endpoint_for, replicator_for
 from meshpos.infra.clock import Clock
@@ -27,7 +28,7 @@ from meshpos.domain.errors import ConfigError, MeshposError, ProtocolError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.ledger.ledger import Ledger
 from meshpos.replication.link_driver import LinkEndpoint, connect_link
-from meshpos.status.meshview import Known, analyze
+from meshpos.status.meshview import Known, MeshView, analyze
 from meshpos.node.core import NodeCore
 from meshpos.site.nodedir import NodeDir
 from meshpos.site.roster import Roster
@@ -53,6 +54,38 @@ class BrowseOnlyBackend(ZeroconfBackend):
 
     def update(self, local: LocalService, ttl: int) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    site_id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class InspectorSelf:
+    """The inspector itself: how it finds nodes and how many it links to."""
+
+    name: str
+    mdns: bool
+    mdns_problem: str | None
+    static: list[str]
+    links: int
+
+
+@dataclass
+class InspectorView:
+    """What `meshpos inspect` shows: the mesh view, the site, the sales at risk, and the inspector."""
+
+    mesh: MeshView
+    site: SiteRef
+    at_risk: list[dict[str, Any]]  # sale objects (as `sales --json`) with held_by and terminal_name
+    inspector: InspectorSelf
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON of `meshpos inspect --json`: the mesh view's members, then these three."""
+        return {**self.mesh.to_json(), "site": json_object(self.site), "at_risk": self.at_risk,
+                "inspector": json_object(self.inspector)}
 
 
 class Inspector:
@@ -165,17 +198,17 @@ class Inspector:
                                  revoked=node_id in roster.revoked)
         return out
 
-    def view(self) -> dict[str, Any]:
+    def view(self) -> InspectorView:
         policy = self.core.policy
         statuses = {s.node_id: s.body for s in self.board.current().values()}
-        view = analyze(statuses, self.known(), now_ms=self.clock.now_ms(),
+        mesh = analyze(statuses, self.known(), now_ms=self.clock.now_ms(),
                        offline_window_ms=policy.offline_window_ms, warn_before_ms=policy.warn_before_s * 1000,
                        currency=policy.currency, me=self.core.node_id)
-        view["site"] = {"site_id": policy.site_id, "name": policy.name}
-        view["at_risk"] = self.core.at_risk()  # the ledger the inspector received, against the statuses
-        view["inspector"] = {"name": self.core.config.name, "mdns": self.mdns, "mdns_problem": self.mdns_problem,
-                             "static": self.static, "links": len(self.open_links())}
-        return view
+        return InspectorView(
+            mesh=mesh, site=SiteRef(policy.site_id, policy.name),
+            at_risk=self.core.at_risk(),  # the ledger the inspector received, against the statuses
+            inspector=InspectorSelf(self.core.config.name, self.mdns, self.mdns_problem, list(self.static),
+                                    len(self.open_links())))
 
 
 # -- probe ---------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshpos.domain.text import duration
 from meshpos.cli.args import path_arg as _path
@@ -16,6 +16,10 @@ from meshpos.domain.currency import format_amount
 from meshpos.domain.errors import InputError
 from meshpos.cli.output import emit_json, table
 from meshpos.status.holders import MIN_HOLDERS
+
+if TYPE_CHECKING:  # imported where used: `meshpos --help` stays quick
+    from meshpos.apps.inspector import InspectorView
+    from meshpos.status.meshview import NodeRow
 
 DEFAULT_WAIT = 6.0
 GRAPH_FORMATS = {".svg": "svg", ".png": "png", ".pdf": "pdf"}
@@ -91,33 +95,33 @@ def _age(seconds: float | None) -> str:
     return "-" if seconds is None else duration(seconds, compact=True)
 
 
-def _uplink(n: dict[str, Any]) -> str:
+def _uplink(n: NodeRow) -> str:
     """The uplink's state and, once it reached one, which switch instance (HOST:PORT)."""
-    state = n["uplink"] or "-"
-    return f"{state} via {n['switch']}" if n.get("switch") and n["uplink"] not in (None, "off") else state
+    state = n.uplink or "-"
+    return f"{state} via {n.switch}" if n.switch and n.uplink not in (None, "off") else state
 
 
-def render(view: dict[str, Any]) -> str:
-    cur = view["totals"]["currency"]
-    window = view["offline_window_s"]
+def render(view: InspectorView) -> str:
+    mesh = view.mesh
+    t = mesh.totals
+    cur = t.currency
+    window = mesh.offline_window_s
     rows = []
-    for n in view["nodes"]:
-        pend = "-" if n["pending"] is None else f"{n['pending']} / {format_amount(n['pending_amount_minor'] or 0, cur)}"
-        oldest = "-" if n["oldest_pending_age_s"] is None else f"{_age(n['oldest_pending_age_s'])} of {_age(window)}"
-        rows.append([n["name"], n["role"], n["address"] or "-", "yes" if n["reachable"] else "NO",
-                     "-" if n["rtt_ms"] is None else f"{n['rtt_ms']} ms",
-                     "-" if n["behind"] is None else str(n["behind"]), pend, oldest,
-                     _uplink(n), n["printer"] or "-", _age(n["status_age_s"])])
-    t = view["totals"]
-    out = [f"site {view['site']['name']!r} ({view['site']['site_id']}): {t['reachable']}/{t['nodes']} node(s) "
-           f"reachable, {view['inspector']['links']} direct link(s)"
-           + (f"; topology: a star through {view['topology']['hub']}"
-              if view.get("topology", {}).get("shape") == "star" else ""),
+    for n in mesh.nodes:
+        pend = "-" if n.pending is None else f"{n.pending} / {format_amount(n.pending_amount_minor or 0, cur)}"
+        oldest = "-" if n.oldest_pending_age_s is None else f"{_age(n.oldest_pending_age_s)} of {_age(window)}"
+        rows.append([n.name, n.role, n.address or "-", "yes" if n.reachable else "NO",
+                     "-" if n.rtt_ms is None else f"{n.rtt_ms} ms",
+                     "-" if n.behind is None else str(n.behind), pend, oldest,
+                     _uplink(n), n.printer or "-", _age(n.status_age_s)])
+    out = [f"site {view.site.name!r} ({view.site.site_id}): {t.reachable}/{t.nodes} node(s) "
+           f"reachable, {view.inspector.links} direct link(s)"
+           + (f"; topology: a star through {mesh.topology.hub}" if mesh.topology.shape == "star" else ""),
            table(rows, ["NODE", "ROLE", "ADDRESS", "REACHABLE", "RTT", "BEHIND", "PENDING", "OLDEST/WINDOW",
                         "UPLINK", "PRINTER", "STATUS AGE"]),
-           f"site: {t['pending']} pending sale(s), {format_amount(t['pending_amount_minor'], cur)} {cur}"
-           + ("" if t["window_left_s"] is None else f"; first window closes in {_age(t['window_left_s'])}")]
-    risky = view.get("at_risk") or []
+           f"site: {t.pending} pending sale(s), {format_amount(t.pending_amount_minor, cur)} {cur}"
+           + ("" if t.window_left_s is None else f"; first window closes in {_age(t.window_left_s)}")]
+    risky = view.at_risk
     if risky:
         out.append(f"at risk: {len(risky)} pending sale(s) held by fewer than {MIN_HOLDERS} nodes "
                    "(one lost device loses them):")
@@ -126,21 +130,21 @@ def render(view: dict[str, Any]) -> str:
                          ["SALE", "TERMINAL", "AMOUNT", "METHOD", "HELD BY", "CREATED"]))
     else:
         out.append(f"at risk: none (every pending sale is held by at least {MIN_HOLDERS} nodes)")
-    if view["warnings"]:
+    if mesh.warnings:
         out.append("warnings:")
-        out += [f"  ! {w}" for w in view["warnings"]]
+        out += [f"  ! {w}" for w in mesh.warnings]
     else:
         out.append("no warnings")
     return "\n".join(out)
 
 
-def _show(view: dict[str, Any], args: argparse.Namespace, clear: bool) -> None:
+def _show(view: InspectorView, args: argparse.Namespace, clear: bool) -> None:
     if args.json:
         if args.watch:
-            sys.stdout.write(json.dumps(view, sort_keys=True) + "\n")
+            sys.stdout.write(json.dumps(view.to_json(), sort_keys=True) + "\n")
             sys.stdout.flush()
         else:
-            emit_json(view)
+            emit_json(view.to_json())
         return
     if clear:
         sys.stdout.write("\x1b[H\x1b[2J")
@@ -155,9 +159,9 @@ def _graph_format(path: Path) -> str | None:
     return fmt
 
 
-def write_graph(view: dict[str, Any], path: Path) -> None:
+def write_graph(view: InspectorView, path: Path) -> None:
     from meshpos.status.meshview import to_dot
-    dot = to_dot(view)
+    dot = to_dot(view.mesh)
     fmt = _graph_format(path)
     if fmt is None:
         path.write_text(dot)

@@ -119,7 +119,7 @@ def _first_request(app: ASGIApp) -> ASGIApp:
 
 async def serve_gated(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext | None, limits: InboundLimits, *,
                       config: HypercornConfig, front: Callable[[ASGIApp], ASGIApp] = _first_request,
-                      stall_s: float = 20.0,
+                      stall_s: float = 20.0, what: str = "HTTP connection",
                       task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` on one bound, listening socket (TCP or UNIX), each connection through
     ``limits`` (module docstring); ``task_status.started(port)`` once it accepts (0 on a UNIX socket).
@@ -127,7 +127,7 @@ async def serve_gated(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext
     A connection proves itself with its first request that gets through ``front`` (a wrapper
     around the app, such as the terminal API's Guard: a request it refuses proves nothing); by
     default any whole request does. A client that takes no byte of an answer for ``stall_s`` is
-    disconnected (:class:`StallGuard`)."""
+    disconnected (:class:`StallGuard`). ``what`` names a connection in the log ("refused WHAT ...")."""
     listener: trio.abc.Listener[Any] = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     if context is not None:
         listener = trio.SSLListener(listener, context, https_compatible=True)
@@ -158,5 +158,5 @@ async def serve_gated(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext
             nursery.cancel_scope.cancel()
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(functools.partial(serve_bounded, connection, [listener], gate, what="HTTP connection"))
+        await nursery.start(functools.partial(serve_bounded, connection, [listener], gate, what=what))
         task_status.started(port)

@@ -219,22 +219,22 @@ class Dashboard:
         pending = summary["pending"]
         oldest = min((p["created_at_ms"] for p in pending if p["method"] == "card"), default=None)
         closes = None if oldest is None else oldest + policy.offline_window_ms
-        alerts = list(view["warnings"])
+        alerts = list(view.warnings)
         if closes is not None and closes - now <= policy.warn_before_s * 1000:
             alerts.insert(0, f"the offline window of the oldest pending sale closes at {iso(closes)}: "
                              "the site's queue must be forwarded before then")
         terminals = []
-        for n in view["nodes"]:
-            t = summary["terminals"].get(n["node_id"])
-            first = summary["oldest_pending"].get(n["node_id"])
+        for n in view.nodes:
+            t = summary["terminals"].get(n.node_id)
+            first = summary["oldest_pending"].get(n.node_id)
             window_closes = None if first is None else first + policy.offline_window_ms
             terminals.append({
-                "node_id": n["node_id"], "name": n["name"], "role": n["role"], "reachable": n["reachable"],
-                "pending": n["pending"], "pending_amount": format_amount(n["pending_amount_minor"] or 0, cur),
+                "node_id": n.node_id, "name": n.name, "role": n.role, "reachable": n.reachable,
+                "pending": n.pending, "pending_amount": format_amount(n.pending_amount_minor or 0, cur),
                 "sales": t["total"]["count"] if t else 0,
                 "sales_amount": format_amount(t["total"]["amount_minor"] if t else 0, cur),
-                "uplink": n["uplink"], "printer": n["printer"], "battery": n["battery"], "rtt_ms": n["rtt_ms"],
-                "status_age_s": n["status_age_s"], "behind": n["behind"], "warnings": n["warnings"],
+                "uplink": n.uplink, "printer": n.printer, "battery": n.battery, "rtt_ms": n.rtt_ms,
+                "status_age_s": n.status_age_s, "behind": n.behind, "warnings": n.warnings,
                 # the offline window of its oldest pending card sale this node holds (None: nothing pending)
                 "window_closes_at": iso(window_closes),
                 "window_left_s": None if window_closes is None else max(0, (window_closes - now) // 1000)})
@@ -250,10 +250,10 @@ class Dashboard:
                       "window_left_s": None if closes is None else max(0, (closes - now) // 1000)},
             "settled": settled, "total": {"count": summary["site"]["total"]["count"],
                                           "amount": format_amount(summary["site"]["total"]["amount_minor"], cur)},
-            "terminals": terminals, "partition": view["partition"], "alerts": alerts,
+            "terminals": terminals, "partition": view.partition, "alerts": alerts,
             "at_risk": {"min_holders": MIN_HOLDERS, "sales": summary["at_risk"]},
             "sales_per_hour": summary["per_hour"], "sales_per_hour_svg": summary["per_hour_svg"],
-            "mesh_svg": mesh_svg(view), "mesh_groups": view["groups"],
+            "mesh_svg": mesh_svg(view), "mesh_groups": view.groups,
         }
 
 

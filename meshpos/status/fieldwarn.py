@@ -14,11 +14,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Callable
 
 from meshpos.domain.clockskew import describe, too_far
 from meshpos.domain.pace import LOW_BATTERY_PERCENT
 from meshpos.wire.status import StatusBody
+
+if TYPE_CHECKING:  # meshview imports this module
+    from meshpos.status.meshview import NodeRow
 
 MAX_OFFSET_MS = 10 * 365 * 86_400_000  # a reported offset beyond this is nonsense
 
@@ -39,30 +43,30 @@ def battery_low(status: StatusBody | None) -> bool:
     return status.battery is not None and status.battery < LOW_BATTERY_PERCENT
 
 
-def field_warnings(nodes: dict[str, dict[str, Any]], group_of: Callable[[str], str | None],
-                   warn: Callable[[dict[str, Any], str], None]) -> None:
+def field_warnings(nodes: Mapping[str, NodeRow], group_of: Callable[[str], str | None],
+                   warn: Callable[[NodeRow, str], None]) -> None:
     """Add the clock and battery warnings to ``nodes`` (meshview.analyze's node rows, which carry
     ``clock_offset_ms`` and ``battery_low``); ``group_of`` names a node's part of the mesh."""
-    for n in sorted(nodes.values(), key=lambda n: n["name"]):
-        offset = n.get("clock_offset_ms")
+    for n in sorted(nodes.values(), key=lambda n: n.name):
+        offset = n.clock_offset_ms
         if too_far(offset):
             assert offset is not None
-            warn(n, f"{n['name']}: its clock is {describe(offset)} (by {n.get('clock_source') or 'its peers'}): "
+            warn(n, f"{n.name}: its clock is {describe(offset)} (by {n.clock_source or 'its peers'}): "
                     "sale times, offline windows and the site's view of it are off; set its time")
-        if not n.get("battery_low"):
+        if not n.battery_low:
             continue
-        level = f"{n['battery']} %" if n.get("battery") is not None else "low"
-        if not n.get("pending"):
-            warn(n, f"{n['name']}: battery {level}")
+        level = f"{n.battery} %" if n.battery is not None else "low"
+        if not n.pending:
+            warn(n, f"{n.name}: battery {level}")
             continue
-        group = group_of(n["node_id"])
+        group = group_of(n.node_id)
         held_elsewhere = [m for m in nodes.values()
-                          if m is not n and m["fresh"] and not m.get("battery_low") and m["role"] != "inspector"
-                          and group is not None and group_of(m["node_id"]) == group
-                          and m["ledger_entries"] is not None and n["ledger_entries"] is not None
-                          and m["ledger_entries"] >= n["ledger_entries"]]
+                          if m is not n and m.fresh and not m.battery_low and m.role != "inspector"
+                          and group is not None and group_of(m.node_id) == group
+                          and m.ledger_entries is not None and n.ledger_entries is not None
+                          and m.ledger_entries >= n.ledger_entries]
         if held_elsewhere:
-            warn(n, f"{n['name']}: battery {level}")
+            warn(n, f"{n.name}: battery {level}")
         else:
-            warn(n, f"{n['name']}: battery {level} and {n['pending']} pending sale(s) that no node with a good "
+            warn(n, f"{n.name}: battery {level} and {n.pending} pending sale(s) that no node with a good "
                     "battery is known to hold: charge it, or link it to the mesh before it dies")

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 from meshpos.domain.svg import document, el
 from meshpos.domain.text import duration
+from meshpos.status.meshview import MeshView, NodeRow
 
 NODE_R = 16.0
 SPACING = 120.0  # between neighbouring nodes on a ring: room for their labels
@@ -90,11 +90,11 @@ def _offsets(n: int) -> list[tuple[float, float]]:
     return [(j % cols * SPACING - half, j // cols * SPACING - half) for j in range(n)]
 
 
-def _parts(view: dict[str, Any]) -> list[list[str]]:
+def _parts(view: MeshView) -> list[list[str]]:
     """The node ids of each part, in the view's node order; the nodes with no status last."""
-    order = [n["node_id"] for n in view["nodes"]]
+    order = [n.node_id for n in view.nodes]
     rank = {node_id: i for i, node_id in enumerate(order)}
-    parts = [sorted((i for i in group if i in rank), key=rank.__getitem__) for group in view.get("group_ids", [])]
+    parts = [sorted((i for i in group if i in rank), key=rank.__getitem__) for group in view.group_ids]
     parts = [p for p in parts if p]
     placed = {i for p in parts for i in p}
     unplaced = [i for i in order if i not in placed]
@@ -103,9 +103,9 @@ def _parts(view: dict[str, Any]) -> list[list[str]]:
     return parts
 
 
-def layout(view: dict[str, Any]) -> Picture:
+def layout(view: MeshView) -> Picture:
     parts = _parts(view)
-    statused = len(view.get("group_ids", []))
+    statused = len(view.group_ids)
     spots: dict[str, Spot] = {}
     boxes: list[Box] = []
     x, y, row_h, width = GAP, GAP, 0.0, 0.0
@@ -129,20 +129,20 @@ def layout(view: dict[str, Any]) -> Picture:
     return Picture(max(width, 2 * PAD), y + max(row_h, 2 * PAD) + GAP, spots, boxes)
 
 
-def _detail(n: dict[str, Any]) -> str:
-    pending = n.get("pending")
+def _detail(n: NodeRow) -> str:
+    pending = n.pending
     if not pending:
         return "no pending sale" if pending == 0 else "pending unknown"
-    left = n.get("window_left_s")
+    left = n.window_left_s
     window = "" if left is None else (" · window closed" if left <= 0 else f" · {duration(left)} left")
     return f"pending {pending}{window}"
 
 
-def mesh_svg(view: dict[str, Any]) -> str:
+def mesh_svg(view: MeshView) -> str:
     """The picture of ``view`` as one ``<svg>`` element (module docstring)."""
     pic = layout(view)
-    nodes = {n["node_id"]: n for n in view["nodes"]}
-    hub = (view.get("topology") or {}).get("hub")
+    nodes = {n.node_id: n for n in view.nodes}
+    hub = view.topology.hub
     out: list[str] = []
     for k, box in enumerate(pic.parts):
         if not box.label:
@@ -153,7 +153,7 @@ def mesh_svg(view: dict[str, Any]) -> str:
                                   "stroke": "#b00" if box.cut else "#999", "stroke-dasharray": "6 4"}),
                       el("text", {"x": box.x + 8, "y": box.y + 16, "font-size": 13,
                                   "fill": "#b00" if box.cut else "#555"}, text=box.label)))
-    for a, b in view.get("edge_ids", []):
+    for a, b in view.edge_ids:
         if a not in pic.spots or b not in pic.spots:
             continue
         pa, pb = pic.spots[a], pic.spots[b]
@@ -161,20 +161,20 @@ def mesh_svg(view: dict[str, Any]) -> str:
                                "x2": pb.x, "y2": pb.y, "stroke": "#777", "stroke-width": 2}))
     for node_id, spot in pic.spots.items():
         n = nodes[node_id]
-        up = bool(n["reachable"])
-        classes = ["node", "reachable" if up else "unreachable"] + (["hub"] if n["name"] == hub else [])
-        parts = [el("title", None, text=f"{n['name']} ({n['role']}): " + ("reachable" if up else "unreachable")
-                    + (f", uplink {n['uplink']}" if n.get("uplink") else "")),
+        up = n.reachable
+        classes = ["node", "reachable" if up else "unreachable"] + (["hub"] if n.name == hub else [])
+        parts = [el("title", None, text=f"{n.name} ({n.role}): " + ("reachable" if up else "unreachable")
+                    + (f", uplink {n.uplink}" if n.uplink else "")),
                  el("circle", {"cx": spot.x, "cy": spot.y, "r": NODE_R, "fill": "#e6f4e6" if up else "#fde8e8",
-                               "stroke": "#070" if up else "#b00", "stroke-width": 4 if n["name"] == hub else 2,
+                               "stroke": "#070" if up else "#b00", "stroke-width": 4 if n.name == hub else 2,
                                "stroke-dasharray": None if up else "4 3"}),
                  el("text", {"x": spot.x, "y": spot.y + 4, "text-anchor": "middle", "font-size": 12,
-                             "font-weight": "bold", "fill": "#333"}, text=(n["role"] or "?")[:1].upper()),
+                             "font-weight": "bold", "fill": "#333"}, text=(n.role or "?")[:1].upper()),
                  el("text", {"class": "name", "x": spot.x, "y": spot.y + NODE_R + 15, "text-anchor": "middle",
-                             "font-size": 13, "fill": "#222"}, text=n["name"]),
+                             "font-size": 13, "fill": "#222"}, text=n.name),
                  el("text", {"class": "detail", "x": spot.x, "y": spot.y + NODE_R + 30, "text-anchor": "middle",
                              "font-size": 11, "fill": "#555"}, text=_detail(n))]
-        state = n.get("uplink")
+        state = n.uplink
         if state and state != "off":
             on = state == "up"
             parts.append(el("g", {"class": "uplink up" if on else "uplink", "data-state": state},
@@ -184,10 +184,10 @@ def mesh_svg(view: dict[str, Any]) -> str:
                                           "stroke-width": 2}),
                             el("text", {"x": spot.x + NODE_R, "y": spot.y - NODE_R + 4, "text-anchor": "middle",
                                         "font-size": 10, "fill": "#fff" if on else "#b00"}, text="↑")))
-        out.append(el("g", {"class": " ".join(classes), "data-node": node_id, "data-name": n["name"],
-                            "data-role": n["role"], "data-uplink": state, "data-part": spot.part + 1}, *parts))
-    parts_n = len(view.get("group_ids", []))
-    label = (f"the mesh: {len(pic.spots)} node(s), {len(view.get('edge_ids', []))} link(s)"
-             + (f", split into {parts_n} parts" if view.get("partition") else ""))
+        out.append(el("g", {"class": " ".join(classes), "data-node": node_id, "data-name": n.name,
+                            "data-role": n.role, "data-uplink": state, "data-part": spot.part + 1}, *parts))
+    parts_n = len(view.group_ids)
+    label = (f"the mesh: {len(pic.spots)} node(s), {len(view.edge_ids)} link(s)"
+             + (f", split into {parts_n} parts" if view.partition else ""))
     return document(pic.width, pic.height, label, *out, cls="mesh",
-                    attrs={"data-partition": "true" if view.get("partition") else "false", "data-parts": parts_n})
+                    attrs={"data-partition": "true" if view.partition else "false", "data-parts": parts_n})

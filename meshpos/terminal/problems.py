@@ -13,6 +13,7 @@ from meshpos.domain.errors import (
     ConfigError, CryptoError, DeviceError, DiskFullError, EncodingError, InputError, MeshposError, PolicyError, StoreError,
 )
 from meshpos.terminal.sales import Conflict, NotFound, Unprocessable
+from meshpos.wire.envelope import SALE_ID_IN_TEXT
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
 )
 
 
-# a sale id (protocols/envelope.md): its node id's last hex digits and its number make a digit run
-# that is no card number; one whose node id is all digits is not exempt (it could be a card number)
-_SALE_ID = re.compile(r"\b(?=[0-9a-f]{0,15}[a-f])[0-9a-f]{16}-\d{8}\b")
+_SALE_ID = SALE_ID_IN_TEXT  # a sale id is kept whole (wire/envelope.py)
 
 
 def redact(text: str) -> str:

@@ -92,7 +92,7 @@ async def serve(app: ASGIApp, policy: GuardPolicy, sock: socket.socket, context:
     config = HypercornConfig(context, log_name="meshpos.terminal.http", keep_alive_s=KEEP_ALIVE_S,
                              handshake_timeout_s=limits.proof_timeout)
     await asgi.serve_gated(app, sock, context, limits, config=config, front=lambda inner: Guard(inner, policy),
-                           stall_s=WRITE_STALL_S, task_status=task_status)
+                           stall_s=WRITE_STALL_S, what="terminal API connection", task_status=task_status)
 
 
 async def api_component(node: RunningNode, *, reader: CardReader | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -202,3 +203,9 @@ def check_schema(env: Envelope) -> None:
 
 def sale_id(terminal_id: str, seq: int) -> str:
     return f"{terminal_id}-{seq:08d}"
+
+
+# A sale id inside some text. Its node id's last hex digits and its number make a digit run that
+# is no card number; one whose node id is all digits is not matched (it could be a card number).
+# Whoever scans text for card numbers (error messages, argv) leaves these out.
+SALE_ID_IN_TEXT = re.compile(r"\b(?=[0-9a-f]{0,15}[a-f])[0-9a-f]{16}-\d{8}\b")
