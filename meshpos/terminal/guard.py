@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, MutableMapping
+from typing import Any, Callable, Iterable
 
+from meshpos.infra.asgi import ASGIApp, Message, Receive, Scope, Send
 from meshpos.site.apitoken import token_matches
 from meshpos.terminal.problems import error_body
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

@@ -36,7 +36,7 @@ from meshpos.domain.currency import minor_units
 from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.infra import asgi
-from meshpos.infra.asgi import BACKLOG, HypercornConfig, bind_tcp
+from meshpos.infra.asgi import BACKLOG, ASGIApp, HypercornConfig, bind_tcp
 from meshpos.infra.netguard import InboundLimits
 from meshpos.node.dashboard import is_loopback
 from meshpos.node.runner import RunningNode
@@ -49,7 +49,7 @@ from meshpos.terminal.cashier_app import PUBLIC, CashierPage, CashierSetup
 from meshpos.terminal.events import EventJournal
 from meshpos.terminal.feed import EventFeed
 from meshpos.replication.discovery import local_addresses
-from meshpos.terminal.guard import WILDCARDS, ASGIApp, Guard, GuardPolicy, host_names
+from meshpos.terminal.guard import WILDCARDS, Guard, GuardPolicy, host_names
 from meshpos.terminal.openapi import OpenApiDocument
 from meshpos.terminal.sales import TerminalSales
 
