@@ -4,6 +4,7 @@ protocols/terminal-api.yaml (tests/api_harness.py)."""
 
 from __future__ import annotations
 
+import json
 import stat
 import threading
 import uuid
@@ -361,5 +362,36 @@ def test_off_loopback_the_api_is_https_only_with_the_nodes_certificate(tmp_path:
         assert resp.status == 403
         resp.read()
         tls.close()
+    finally:
+        group.stop_all()
+
+
+def test_a_node_configured_with_a_reader_takes_the_card_from_it(tmp_path: Path) -> None:
+    """config.json "reader": {"kind": "simulated", "card": NAME} gives the API (and the cashier
+    app) a card reader: "reader": true reads NAME's card, sealed at the read. A reader setting the
+    node cannot use is logged and leaves the node selling without one (422 for a reader sale)."""
+    make_site(tmp_path, "t1", "t2")
+    for name, reader in (("t1", {"kind": "simulated", "card": "mastercard-contactless"}),
+                         ("t2", {"kind": "simulated", "card": "no-such-card"})):
+        cfg_path = tmp_path / name / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["reader"] = reader
+        cfg_path.write_text(json.dumps(cfg))
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        start(group, "t1", tmp_path / "t1")
+        start(group, "t2", tmp_path / "t2")
+        api = ApiClient(tmp_path / "t1", "tcp")
+        made = api.request("POST", "/v1/sales", {"amount": "7.00", "method": "card", "reader": True}, key())
+        assert made.status == 201, made.body
+        assert made.body["card_brand"] == "mastercard" and made.body["card_last4"] == "4444"
+        assert made.body["status"] == "pending"
+        api.close()
+        other = ApiClient(tmp_path / "t2", "tcp")
+        refused = other.request("POST", "/v1/sales", {"amount": "7.00", "method": "card", "reader": True}, key())
+        assert refused.status == 422 and "no card reader" in refused.body["error"]["message"]
+        assert other.request("POST", "/v1/sales", CASH, key()).status == 201  # it sells on
+        other.close()
+        assert "card reader not used: reader: card must be one of" in (group.log_dir / "t2.file.log").read_text()
     finally:
         group.stop_all()

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.currency import check_currency
-from meshpos.domain.errors import DeviceError, InputError
+from meshpos.domain.errors import ConfigError, DeviceError, InputError
 from meshpos.wire.cards import CardCapture, seal_card
 
 
@@ -61,6 +61,30 @@ TEST_CARDS: dict[str, TestCard] = {
     )
 }
 DEFAULT_TEST_CARD = "visa-contactless"
+
+
+READER_KINDS = ("simulated",)
+
+
+def reader_from_config(setting: dict[str, Any] | None, switch_key: bytes | None) -> "CardReader | None":
+    """The card reader a node's config names (``config.json`` ``reader``, protocols/files.md), or
+    None. ``{"kind": "simulated", "card": NAME}``: the simulated reader, which reads the test card
+    NAME (default: DEFAULT_TEST_CARD) whenever asked; the only kind this version has. ConfigError
+    for anything else, or when the site has no switch key to seal cards to."""
+    if setting is None:
+        return None
+    kind = setting.get("kind")
+    if kind not in READER_KINDS:
+        raise ConfigError(f"reader: kind must be one of {', '.join(READER_KINDS)} (got {kind!r})")
+    unknown = set(setting) - {"kind", "card"}
+    if unknown:
+        raise ConfigError(f"reader: unknown settings {sorted(unknown)}")
+    if switch_key is None:
+        raise ConfigError("reader: the site's policy has no switch key to seal cards to")
+    card = setting.get("card", DEFAULT_TEST_CARD)
+    if not isinstance(card, str) or card not in TEST_CARDS:
+        raise ConfigError(f"reader: card must be one of {', '.join(sorted(TEST_CARDS))}")
+    return SimulatedReader(switch_key, default_card=card)
 
 
 class SimulatedReader:

@@ -53,6 +53,7 @@ class NodeConfig:
     printer: dict[str, Any] | None = None
     dashboard: str | None = None  # HOST:PORT of the organizer dashboard (gateway), None: not served
     api: str | None = None  # HOST:PORT of the terminal API's TCP listener; None: DEFAULT_API
+    reader: dict[str, Any] | None = None  # the card reader (meshpos.devices.reader.reader_from_config)
 
     @property
     def api_address(self) -> str:
@@ -66,12 +67,14 @@ class NodeConfig:
             out["dashboard"] = self.dashboard
         if self.api is not None:
             out["api"] = self.api
+        if self.reader is not None:
+            out["reader"] = self.reader
         return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any], where: str) -> "NodeConfig":
         known = {"format", "name", "role", "node_id", "site_id", "listen", "peers", "uplink", "mdns",
-                 "language", "printer", "dashboard", "api"}
+                 "language", "printer", "dashboard", "api", "reader"}
         unknown = set(data) - known
         if unknown:
             raise ConfigError(f"{where}: unknown settings {sorted(unknown)}")
@@ -80,7 +83,7 @@ class NodeConfig:
                       listen=data.get("listen"), peers=list(data.get("peers") or []),
                       uplink=bool(data.get("uplink", False)), mdns=bool(data.get("mdns", True)),
                       language=data.get("language", "en"), printer=data.get("printer"),
-                      dashboard=data.get("dashboard"), api=data.get("api"))
+                      dashboard=data.get("dashboard"), api=data.get("api"), reader=data.get("reader"))
         except (KeyError, TypeError) as exc:
             raise ConfigError(f"{where}: missing or bad setting {exc}") from exc
         if cfg.role not in ROLES:
@@ -100,6 +103,8 @@ class NodeConfig:
                 if not isinstance(cfg.api, str):
                     raise InputError("api must be HOST:PORT")
                 parse_hostport(cfg.api, "api")
+            if cfg.reader is not None and not (isinstance(cfg.reader, dict) and isinstance(cfg.reader.get("kind"), str)):
+                raise InputError('reader must be an object with a "kind" (e.g. {"kind": "simulated"})')
         except InputError as exc:
             raise ConfigError(f"{where}: {exc}") from exc
         return cfg

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import trio
 
-from meshpos.devices.reader import CardReader
+from meshpos.devices.reader import CardReader, reader_from_config
 from meshpos.domain.currency import minor_units
 from meshpos.domain.errors import ConfigError
 from meshpos.domain.hostport import parse_hostport
@@ -101,6 +101,12 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
     service = node.service
     core = node.core
     token = ensure_api_token(core.dir.api_token_path)  # node directories enrolled before the API had none
+    if reader is None:
+        try:
+            reader = reader_from_config(core.config.reader, bytes.fromhex(core.policy.switch_key)
+                                        if core.policy.switch_key else None)
+        except ConfigError as exc:  # the node sells on: cash and keyed cards, as without a reader
+            log.error("card reader not used: %s", exc)
     journal = EventJournal(epoch=core.clock.now_ms())
     feed = EventFeed(node, journal)
     api = TerminalApi(service, TerminalSales(core, reader), journal, feed.node_status,
