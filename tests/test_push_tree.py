@@ -25,14 +25,14 @@ O = "a" * 16
 
 # -- the state machine ---------------------------------------------------------------------
 
-def test_links_start_eager_and_a_duplicate_prunes_once() -> None:
+def test_links_start_eager_and_a_duplicate_asks_for_a_prune_once() -> None:
     tree: PushTree[str] = PushTree()
     assert tree.eager("x", O)
-    assert tree.pushed("x", O, new=False) is True  # answer with PRUNE
-    assert not tree.eager("x", O) and tree.eager("x", "b" * 16) and tree.eager("y", O)
-    assert tree.pushed("x", O, new=False) is False  # pruned already: no second PRUNE
-    assert tree.pushed("x", O, new=True) is False  # news on a lazy link makes it eager again
-    assert tree.eager("x", O)
+    assert tree.pushed("x", O, new=True) is False  # news: nothing to say
+    assert tree.pushed("x", O, new=False) is True  # a duplicate: answer with PRUNE
+    assert tree.pushed("x", O, new=False) is False  # asked already: no second PRUNE
+    assert tree.pushed("x", "b" * 16, new=False) is True and tree.pushed("y", O, new=False) is True
+    assert tree.eager("x", O)  # what we push on x is the peer's to decide, by its own PRUNE
 
 
 def test_prune_and_graft_frames_received_switch_the_link() -> None:
@@ -55,17 +55,16 @@ def test_an_announced_change_that_arrives_in_time_is_not_pulled() -> None:
 def test_an_announced_change_that_does_not_arrive_grafts_each_announcer_in_turn() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)
     shard = f"{O}/000000"
-    tree.prune("x", O)
-    tree.prune("y", O)
+    assert tree.pushed("x", O, new=False)  # we had asked x's peer for announcements only
     tree.announced("x", shard, [H1, H2], now=0.0)
     tree.announced("y", shard, [H1], now=0.4)
     assert tree.due(0.99) == []
     assert tree.due(1.0) == [GraftDue("x", shard)]  # one pull per link and shard, for both hashes
-    assert tree.eager("x", O) and not tree.eager("y", O)
     assert tree.due(1.5) == []
     assert tree.due(2.0) == [GraftDue("y", shard)]  # H1 still missing: the next announcer
     assert tree.due(3.0) == []  # nobody else announced it: given up (SUMMARY repairs it)
     assert tree.wanted == 0 and tree.grafts == 2
+    assert tree.pushed("x", O, new=False) is True  # grafted: a later duplicate prunes it again
 
 
 def test_seen_changes_are_not_wanted_and_old_ones_are_forgotten() -> None:
@@ -80,9 +79,10 @@ def test_seen_changes_are_not_wanted_and_old_ones_are_forgotten() -> None:
 def test_a_closed_link_is_forgotten() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)
     tree.prune("x", O)
+    tree.pushed("x", O, new=False)
     tree.announced("x", f"{O}/000000", [H1], now=0.0)
     tree.drop_link("x")
-    assert tree.eager("x", O)
+    assert tree.eager("x", O) and tree.pushed("x", O, new=False) is True
     assert tree.due(5.0) == [] and tree.wanted == 0
 
 

@@ -7,12 +7,15 @@ keys, time is the ``now`` the caller passes.
 
 The rules, all of them:
 
-* Every link starts **eager** for every origin: a change goes to it in a PUSH, as in version 3.
+* Every link starts **eager** for every origin, both ways: a change goes to it in a PUSH, as in
+  version 3.
 * A PUSH that brings nothing new (every change in it was held already) is a duplicate: the
-  receiver makes that link **lazy** for the change's origin and answers PRUNE(origin) (once
-  while the link is eager); a PRUNE received makes the link lazy for those origins. The first
-  path a change takes to a node stays eager, so the eager links of each origin thin out to a
-  tree.
+  receiver answers PRUNE(origin) (once, until it grafts that link again); the PRUNE makes the link
+  **lazy** for that origin in the direction towards the receiver only. Each node thus decides
+  about what comes *in*: the link that brought a change first is never pruned for it, so every
+  node keeps an eager way in for each origin and the eager links thin out to a tree. (Plumtree
+  as published also makes the link lazy the other way; two nodes that push the same change to
+  each other at once then cut a link that one of them needed, and a graft must mend it.)
 * On a lazy link a change is only announced: its change hash goes in an IHAVE, a few of them
   per frame (``ANNOUNCE_DELAY``, or sooner along with a PUSH on the same link).
 * An announced hash the node has not seen starts a timer (``GRAFT_TIMEOUT``). If the change
@@ -21,8 +24,7 @@ The rules, all of them:
   sync protocol. If that does not bring it either, the next announcer is grafted one timeout
   later, and so on; a hash nobody else announced is dropped after its last try (the digest
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
-* A change that arrives in a PUSH makes the link it came on eager for its origin, and cancels
-  the timers of its hash.
+* A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
 * ``seen`` remembers the most recent ``SEEN_LIMIT`` change hashes; an announced hash that has
   dropped out of it costs at most one needless pull.
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
 
 GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled from its announcer
-ANNOUNCE_DELAY = 0.1  # s: announcements of one link wait this long to share a frame
+ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
 SEEN_LIMIT = 1 << 16  # change hashes remembered
 
 L = TypeVar("L", bound=Hashable)
@@ -65,7 +67,8 @@ class PushTree(Generic[L]):
     def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT) -> None:
         self.graft_timeout = graft_timeout
         self.seen_limit = seen_limit
-        self._lazy: dict[L, set[str]] = {}  # link -> origins it is lazy for
+        self._lazy: dict[L, set[str]] = {}  # link -> origins its peer asked us not to push (PRUNE)
+        self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._wanted: dict[bytes, _Wanted[L]] = {}
         self.grafts = 0
@@ -77,16 +80,12 @@ class PushTree(Generic[L]):
         lazy = self._lazy.get(link)
         return lazy is None or origin not in lazy
 
-    def prune(self, link: L, origin: str) -> bool:
-        """Make ``link`` lazy for ``origin``; True if it was eager."""
-        lazy = self._lazy.setdefault(link, set())
-        if origin in lazy:
-            return False
-        lazy.add(origin)
-        self.prunes += 1
-        return True
+    def prune(self, link: L, origin: str) -> None:
+        """PRUNE received: stop pushing ``origin``'s changes on ``link`` (announce them)."""
+        self._lazy.setdefault(link, set()).add(origin)
 
     def graft(self, link: L, origin: str) -> None:
+        """GRAFT received: push ``origin``'s changes on ``link`` again."""
         lazy = self._lazy.get(link)
         if lazy is not None:
             lazy.discard(origin)
@@ -94,6 +93,7 @@ class PushTree(Generic[L]):
     def drop_link(self, link: L) -> None:
         """A link closed: forget its state (a new link to the same peer starts eager)."""
         self._lazy.pop(link, None)
+        self._pruned.pop(link, None)
         for wanted in self._wanted.values():
             if link in wanted.announcers:
                 wanted.announcers.remove(link)
@@ -114,11 +114,15 @@ class PushTree(Generic[L]):
 
     def pushed(self, link: L, origin: str, new: bool) -> bool:
         """A PUSH of ``origin``'s changes came on ``link``; ``new``: it brought something.
-        True if a PRUNE should answer it."""
+        True if a PRUNE should answer it (a duplicate, and not asked for already)."""
         if new:
-            self.graft(link, origin)
             return False
-        return self.prune(link, origin)
+        pruned = self._pruned.setdefault(link, set())
+        if origin in pruned:
+            return False
+        pruned.add(origin)
+        self.prunes += 1
+        return True
 
     def announced(self, link: L, shard: str, hashes: Iterable[bytes], now: float) -> None:
         """``link``'s peer announced it holds these changes of ``shard``."""
@@ -137,7 +141,7 @@ class PushTree(Generic[L]):
         return min((w.deadline for w in self._wanted.values()), default=float("inf"))
 
     def due(self, now: float) -> list[GraftDue[L]]:
-        """The grafts whose time has come (one per link and shard); their links are eager again."""
+        """The grafts whose time has come (one per link and shard): send GRAFT and pull."""
         out: dict[tuple[L, str], GraftDue[L]] = {}
         for h, wanted in list(self._wanted.items()):
             if wanted.deadline > now:
@@ -147,7 +151,9 @@ class PushTree(Generic[L]):
                 continue
             link = wanted.announcers.pop(0)
             wanted.deadline = now + self.graft_timeout
-            self.graft(link, origin_of(wanted.shard))
+            pruned = self._pruned.get(link)
+            if pruned is not None:
+                pruned.discard(origin_of(wanted.shard))
             out.setdefault((link, wanted.shard), GraftDue(link, wanted.shard))
         if out:
             self.grafts += len(out)
