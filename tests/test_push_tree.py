@@ -76,6 +76,17 @@ def test_seen_changes_are_not_wanted_and_old_ones_are_forgotten() -> None:
     assert not tree.seen(H1) and tree.seen(H2) and tree.seen(H3)
 
 
+def test_announcements_past_the_bound_are_ignored() -> None:
+    """A peer announcing made-up hashes by the thousand costs bounded memory and pulls."""
+    tree: PushTree[str] = PushTree(graft_timeout=1.0, wanted_limit=3)
+    tree.announced("x", f"{O}/000000", [bytes([i]) * 32 for i in range(10)], now=0.0)
+    assert tree.wanted == 3 and tree.ignored == 7
+    assert tree.due(1.0) == [GraftDue("x", f"{O}/000000")]
+    assert tree.due(2.0) == [] and tree.wanted == 0  # given up: room again
+    tree.announced("x", f"{O}/000000", [H1], now=2.0)
+    assert tree.wanted == 1
+
+
 def test_a_closed_link_is_forgotten() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)
     tree.prune("x", O)

@@ -26,7 +26,9 @@ The rules, all of them:
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
 * ``seen`` remembers the most recent ``SEEN_LIMIT`` change hashes; an announced hash that has
-  dropped out of it costs at most one needless pull.
+  dropped out of it costs at most one needless pull. At most ``WANTED_LIMIT`` announced hashes
+  are awaited at once (a peer announcing made-up hashes by the million costs bounded memory);
+  past it new announcements are ignored, and the repairs below the tree find what they named.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from typing import Generic, Hashable, Iterable, TypeVar
 GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled from its announcer
 ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
 SEEN_LIMIT = 1 << 16  # change hashes remembered
+WANTED_LIMIT = 1 << 14  # announced changes awaited at once; past it, announcements are ignored
 
 L = TypeVar("L", bound=Hashable)
 
@@ -64,9 +67,12 @@ class GraftDue(Generic[L]):
 
 
 class PushTree(Generic[L]):
-    def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT) -> None:
+    def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT,
+                 wanted_limit: int = WANTED_LIMIT) -> None:
         self.graft_timeout = graft_timeout
         self.seen_limit = seen_limit
+        self.wanted_limit = wanted_limit
+        self.ignored = 0  # announcements past ``wanted_limit``
         self._lazy: dict[L, set[str]] = {}  # link -> origins its peer asked us not to push (PRUNE)
         self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
         self._seen: OrderedDict[bytes, None] = OrderedDict()
@@ -131,6 +137,9 @@ class PushTree(Generic[L]):
                 continue
             wanted = self._wanted.get(h)
             if wanted is None:
+                if len(self._wanted) >= self.wanted_limit:
+                    self.ignored += 1
+                    continue
                 wanted = self._wanted[h] = _Wanted(shard, now + self.graft_timeout)
             if link not in wanted.announcers:
                 wanted.announcers.append(link)
