@@ -77,6 +77,7 @@ class PushTree(Generic[L]):
         self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._wanted: dict[bytes, _Wanted[L]] = {}
+        self._next: float | None = float("inf")  # the earliest deadline of _wanted; None: recompute
         self.grafts = 0
         self.prunes = 0
 
@@ -112,7 +113,8 @@ class PushTree(Generic[L]):
     def saw(self, hashes: Iterable[bytes]) -> None:
         """These changes are held now (made here, or merged from any link)."""
         for h in hashes:
-            self._wanted.pop(h, None)
+            if self._wanted.pop(h, None) is not None:
+                self._next = None
             self._seen[h] = None
             self._seen.move_to_end(h)
         while len(self._seen) > self.seen_limit:
@@ -141,17 +143,24 @@ class PushTree(Generic[L]):
                     self.ignored += 1
                     continue
                 wanted = self._wanted[h] = _Wanted(shard, now + self.graft_timeout)
+                if self._next is not None:
+                    self._next = min(self._next, wanted.deadline)
             if link not in wanted.announcers:
                 wanted.announcers.append(link)
 
     # -- timers -------------------------------------------------------------------------
 
     def next_deadline(self) -> float:
-        return min((w.deadline for w in self._wanted.values()), default=float("inf"))
+        if self._next is None:  # asked by every link's driver on each turn: computed once per change
+            self._next = min((w.deadline for w in self._wanted.values()), default=float("inf"))
+        return self._next
 
     def due(self, now: float) -> list[GraftDue[L]]:
         """The grafts whose time has come (one per link and shard): send GRAFT and pull."""
         out: dict[tuple[L, str], GraftDue[L]] = {}
+        if self.next_deadline() > now:
+            return []
+        self._next = None
         for h, wanted in list(self._wanted.items()):
             if wanted.deadline > now:
                 continue
