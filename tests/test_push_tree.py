@@ -132,7 +132,7 @@ def test_malformed_tree_frames_are_refused_on_send(event: lp.Sendable) -> None:
     b"\x17" + f"{O}/000001".encode() + b"\x00\x00",  # no hash
     b'{"origins":["bbbbbbbbbbbbbbbb","aaaaaaaaaaaaaaaa"]}'])
 def test_malformed_tree_payloads_close_the_link(payload: bytes) -> None:
-    a, b = _pair((1, 2, 3, 4), (1, 2, 3, 4))
+    a, _ = _pair((1, 2, 3, 4), (1, 2, 3, 4))
     frame_type = FrameType.PRUNE if payload.startswith(b"{") else FrameType.IHAVE
     a.receive_data(len(payload).to_bytes(4, "big") + bytes([frame_type]) + payload, 1.0)
     assert a.closed and "bad" in (a.close_reason or "")
@@ -149,7 +149,7 @@ def test_tree_frames_are_refused_below_version_4() -> None:
 
 
 def _pair(va: tuple[int, ...], vb: tuple[int, ...]) -> tuple[lp.LinkConnection, lp.LinkConnection]:
-    ha = lp.Hello(va, "s" * 0 + "0" * 16, "1" * 16, "terminal")
+    ha = lp.Hello(va, "0" * 16, "1" * 16, "terminal")
     hb = lp.Hello(vb, "0" * 16, "2" * 16, "terminal")
     a, b = lp.LinkConnection(ha, 0.0), lp.LinkConnection(hb, 0.0)
     a.receive_data(b.start(), 0.0)
