@@ -50,6 +50,12 @@ def _event(desc: dict[str, Any]) -> lp.Sendable:
         return lp.Have(digests(desc["shards"]))
     if kind == "push":
         return lp.Push(desc["shard"], bytes.fromhex(desc["digest_hex"]), tuple(bytes.fromhex(c) for c in desc["changes_hex"]))
+    if kind == "ihave":
+        return lp.Ihave(tuple((shard, tuple(bytes.fromhex(h) for h in hashes)) for shard, hashes in desc["entries"]))
+    if kind == "prune":
+        return lp.Prune(tuple(desc["origins"]))
+    if kind == "graft":
+        return lp.Graft(tuple(desc["origins"]))
     if kind == "ping":
         return lp.Ping(desc["nonce"])
     if kind == "pong":

@@ -34,6 +34,7 @@ def test_small_site_keeps_every_guarantee_through_loss_partitions_and_restarts(t
     assert report.propagation_all_p99_s > 1.0
     assert report.advices_0220 == report.card_sales and report.settled_s is not None
     assert report.frames_per_sale_per_node > 0 and report.cpu_ms_per_sale_per_node > 0
+    assert 0 < report.push_copies_per_sale_per_node < report.frames_per_sale_per_node
 
 
 def test_the_same_seed_gives_the_same_run(template: Path) -> None:

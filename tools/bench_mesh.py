@@ -185,6 +185,18 @@ class Mesh:
         wait_for(links_open, timeout, "not every planned link opened", interval=1.0)
         return time.monotonic() - t0
 
+    def link_totals(self) -> tuple[int, int | None]:
+        """Bytes received over every node's links, and changes received in PUSH frames (None where
+        a node does not count them: code before link protocol version 4)."""
+        received, pushed = 0, 0
+        counted = True
+        for path in self.nodes:
+            for ln in client.call_running(path, "status", {}, timeout=30)["peers"]["links"]:
+                received += ln["bytes_in"]
+                counted = counted and "changes_pushed_in" in ln
+                pushed += ln.get("changes_pushed_in", 0)
+        return received, pushed if counted else None
+
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self.procs.children.values() if c.proc is not None]
 
@@ -391,6 +403,10 @@ def main() -> int:
         print(f"  sell call under load: p50 {res['sell_p50_ms']:.1f} ms, p99 {res['sell_p99_ms']:.1f} ms; "
               f"node CPU {res['node_cpu_s_per_s']:.2f} cores = {res['node_cpu_ms_per_sale_per_node']:.2f} ms "
               f"per sale per node; host {res['machine_nproc']} x {res['machine_cpu']}")
+        copies = res.get("pushed_changes_per_sale_per_node")
+        print(f"  received over links: {res['link_bytes_in_per_sale_per_node']:.0f} bytes per sale per node; "
+              + (f"changes in PUSH frames {copies:.2f} per sale per node" if copies is not None
+                 else "changes in PUSH frames not counted by this code"))
     return 0
 
 
@@ -407,6 +423,7 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     res["converged"] = all(r.get("converged") for r in runs)
     res["runs"] = len(runs)
     res["p99_runs_ms"] = [r.get("p99_ms") for r in runs]
+    res["cpu_runs_ms"] = [r.get("node_cpu_ms_per_sale_per_node") for r in runs]
     res["observer_p99_runs_ms"] = [r.get("observer_p99_ms") for r in runs]
     return res
 
@@ -424,6 +441,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"all nodes up and linked in {startup:.1f} s", file=sys.stderr, flush=True)
         dbs = [NodeDir(p).db_path for p in mesh.nodes]
         observer = Observer(dbs, "sale", args.poll_ms / 1000)
+        links0 = mesh.link_totals()
         observer.start()
         cpu0, wall0 = mesh.cpu(), time.time()
         sold = run_load(mesh.nodes, args.rate, args.seconds, switch_pub, card_share=0 if args.cash else 2)
@@ -434,6 +452,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         cpu1, wall1 = mesh.cpu(), time.time()
         observer.stop_flag.set()
         observer.join()
+        links1 = mesh.link_totals()  # after the CPU figure: these status calls cost the nodes a little
+        per = max(1, len(ok)) * args.nodes
+        copies = None if links0[1] is None or links1[1] is None else (links1[1] - links0[1]) / per
         res = latencies(dbs, "sale", {s.sale_id: s.returned for s in ok if s.sale_id}, lambda sid: f"sale/{sid}",
                         observer)
         sell_ms = [(s.returned - s.started) * 1000 for s in ok]
@@ -447,6 +468,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             "schedule_late_p99_ms": pct(late_ms, 99) if late_ms else None,
             "node_cpu_s_per_s": (cpu1 - cpu0) / (wall1 - wall0), "node_cpu_ms_per_sale_per_node":
                 (cpu1 - cpu0) * 1000 / max(1, len(ok)) / args.nodes,
+            "link_bytes_in_per_sale_per_node": (links1[0] - links0[0]) / per,
+            "pushed_changes_per_sale_per_node": copies,
             "resolution": "node received_at stamps: 1 ms; commit time: sell call return in this script",
             **{"machine_" + k: v for k, v in machine().items()},
         })

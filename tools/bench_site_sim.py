@@ -34,6 +34,7 @@ FIELDS = (
     ("propagation_p99_s", "sale -> every node p99, s (no fault)", "{:.3f}"),
     ("propagation_all_p99_s", "sale -> every node p99, s (all)", "{:.2f}"),
     ("frames_per_sale_per_node", "frames per sale per node", "{:.1f}"),
+    ("push_copies_per_sale_per_node", "changes received in PUSH frames per sale per node", "{:.2f}"),
     ("bytes_per_sale_per_node", "bytes per sale per node", "{:.0f}"),
     ("cpu_ms_per_sale_per_node", "replication CPU ms per sale per node", "{:.2f}"),
     ("cpu_total_ms_per_sale_per_node", "whole-run CPU ms per sale per node", "{:.2f}"),

@@ -58,6 +58,7 @@ from meshpos.uplink.client import NotSent
 from meshpos.uplink.forwarder import Forwarder
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.forwarding import ForwardReply
+from meshpos.wire.link_frames import FrameType
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class SiteSimReport:
     propagation_p99_s: float = 0.0
     propagation_all_p99_s: float = 0.0  # every sale, faults included
     frames_per_sale_per_node: float = 0.0
+    push_copies_per_sale_per_node: float = 0.0  # changes carried in PUSH frames (results, leases too)
     bytes_per_sale_per_node: float = 0.0
     cpu_ms_per_sale_per_node: float = 0.0  # replication CPU: sessions' receive/send/tick
     cpu_total_ms_per_sale_per_node: float = 0.0  # everything of the run (sales, forwarding, switch)
@@ -243,6 +245,7 @@ class SiteSim:
         self.reached: dict[str, int] = {}  # sale id -> nodes holding it
         self.everywhere_at: dict[str, float] = {}
         self.frames = 0
+        self.pushed = 0
         self.bytes = 0
         self.repl_cpu = 0.0
         self.report = SiteSimReport(config=asdict(config))
@@ -371,7 +374,10 @@ class SiteSim:
         self.bytes += len(data)
         pos = 0
         while pos + FRAME_HEADER <= len(data):
-            pos += FRAME_HEADER + int.from_bytes(data[pos:pos + 4], "big")
+            end = pos + FRAME_HEADER + int.from_bytes(data[pos:pos + 4], "big")
+            if data[pos + 4] == FrameType.PUSH:
+                self.pushed += _push_changes(data[pos + FRAME_HEADER:end])
+            pos = end
             self.frames += 1
 
     def _deliver(self, link: _Link, dst: SyncSession, data: bytes) -> None:
@@ -582,6 +588,7 @@ class SiteSim:
         r.card_sales = len(self.cards)
         denom = max(1, r.sales) * self.n
         r.frames_per_sale_per_node = self.frames / denom
+        r.push_copies_per_sale_per_node = self.pushed / denom
         r.bytes_per_sale_per_node = self.bytes / denom
         r.cpu_ms_per_sale_per_node = self.repl_cpu * 1000 / denom
         r.cpu_total_ms_per_sale_per_node = total_cpu * 1000 / denom
@@ -649,3 +656,14 @@ def _rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _push_changes(payload: bytes) -> int:
+    """How many changes one PUSH payload carries (protocols/link.md: shard, digest, then
+    ``u32be m, change`` repeated)."""
+    at, n = 1 + payload[0] + 8, 0
+    while at + 4 <= len(payload):
+        at += 4 + int.from_bytes(payload[at:at + 4], "big")
+        n += 1
+    return n
+

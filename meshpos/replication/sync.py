@@ -16,6 +16,12 @@ What a session does (protocols/link.md, "Replication"):
   frame per link per change, where the sync protocol costs three. An older
   link marks the shard; the next ``data_to_send`` generates its sync message.
   Only touched shards cost anything, whatever the ledger's size.
+* On a version-4 link the pushes of each origin (the node whose log a shard holds) follow a
+  push tree (meshpos.replication.pushtree, Plumtree): a link that brought a change we held
+  already is pruned to lazy for that origin, and gets IHAVE announcements of change hashes
+  instead of PUSH; an announced change that does not arrive within a timeout is pulled from its
+  announcer by the sync protocol and that link grafted back to eager. So each change reaches a
+  node about once, where version 3 brings it over most links.
 * When a sync exchange on a shard ends on our side (a peer's message needs no
   answer) we send HAVE with our digest of it. A peer whose digest differs
   restarts that shard's sync from a fresh SyncState (once per pair of
@@ -54,11 +60,13 @@ from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError
 from meshpos.ledger.ledger import IngestReport, Ledger
+from meshpos.replication.pushtree import ANNOUNCE_DELAY, PushTree, change_hash, origin_of
 from meshpos.replication.shardpark import ShardPark
 from meshpos.wire.link_frames import MAX_PAYLOAD
 from meshpos.wire.shards import SEGMENT
-from meshpos.wire.link import (PUSH_VERSION, SUPPORTED_VERSIONS, Closed, Goodbye, Have, Hello, LinkConnection, LinkState,
-                            LinkUp, Ping, Pong, Push, Snapshot, STATUS_VERSION, Status, Summary, Sync, Timeouts)
+from meshpos.wire.link import (PUSH_VERSION, SUPPORTED_VERSIONS, TREE_VERSION, Closed, Goodbye, Graft, Have, Hello,
+                            Ihave, LinkConnection, LinkState, LinkUp, Ping, Pong, Prune, Push, Snapshot,
+                            STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:
     from meshpos.site.roster import Verified
@@ -71,6 +79,7 @@ STALL_ROUNDS = 8  # sync messages on one shard that change nothing before we sus
 RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a message went astray
 PUSH_QUEUE_LIMIT = 512 * 1024  # unsent pushed changes per (link, shard); past it, the sync protocol
 MAX_ORPHAN_PUSHES = 256  # PUSH frames in a row that neither apply nor match: a peer gone wrong
+MAX_ANNOUNCED = 2048  # change hashes in one IHAVE frame
 
 
 def shard_digest(ledger: Ledger, shard: str) -> bytes:
@@ -106,6 +115,8 @@ class LinkHealth:
     snapshots_sent: int
     snapshots_received: int
     close_reason: str | None
+    changes_pushed_in: int = 0  # changes received in PUSH frames
+    changes_pushed_dup: int = 0  # of which this node held already (version 4: each prunes the link)
 
 
 @dataclass
@@ -117,6 +128,8 @@ class _Counters:
     snapshots_received: int = 0
     last_sync_at: float | None = None
     last_rejection: str = ""
+    changes_pushed_in: int = 0
+    changes_pushed_dup: int = 0
 
 
 class StatusGossip(Protocol):
@@ -143,6 +156,7 @@ class Replicator:
         self.sessions: list[SyncSession] = []
         self.park = ShardPark(ledger, clock)
         self.gossip: StatusGossip | None = None
+        self.tree: PushTree[SyncSession] = PushTree()
         # called when a link opens (HELLO accepted) or closes: the node's loops wait on it
         # instead of polling the session list
         self.on_links_changed: list[Callable[[], None]] = []
@@ -213,6 +227,7 @@ class Replicator:
             hook()
 
     def _forget(self, session: "SyncSession") -> None:
+        self.tree.drop_link(session)
         if session in self.sessions:
             self.sessions.remove(session)
             self.links_changed()
@@ -220,12 +235,35 @@ class Replicator:
     def _on_changes(self, shard: str, changes: list[bytes] | None) -> None:
         # Not back to the link they came from: a SYNC there is answered by its own exchange, a
         # PUSH needs nothing. Nor to the neighbours of the peer they came from: it pushed them
-        # to all of its links itself (its status lists them).
+        # to all of its links itself (its status lists them), unless both links speak version 4,
+        # where that peer may only have announced them (push trees). On a version-4 link, a
+        # push if the link is eager for the shard's origin, else an announcement.
         origin = self._origin
         theirs = self._links_of(origin)
+        tree_origin = origin is not None and origin.version >= TREE_VERSION
+        hashes = [change_hash(c) for c in changes] if changes else None
+        if hashes:
+            self.tree.saw(hashes)
+        author = origin_of(shard)
         for session in self.sessions:
-            if session is not origin and session.peer_node not in theirs:
+            if session is origin:
+                continue
+            tree_link = session.version >= TREE_VERSION
+            if session.peer_node in theirs and not (tree_origin and tree_link):
+                continue
+            if hashes and tree_link and not self.tree.eager(session, author):
+                session.announce(shard, hashes)
+            else:
                 session.local_change(shard, changes)
+
+    def run_timers(self) -> None:
+        """Pull the announced changes that no push brought in time (push trees)."""
+        for due in self.tree.due(self.clock.monotonic()):
+            if due.link in self.sessions:
+                due.link.graft_pull(due.shard)
+
+    def next_deadline(self) -> float:
+        return self.tree.next_deadline()
 
     def _links_of(self, session: "SyncSession | None") -> frozenset[str]:
         """The nodes ``session``'s peer is linked to, by its fresh status (none if unknown)."""
@@ -273,6 +311,11 @@ class SyncSession:
         self._push: dict[str, list[bytes]] = {}  # shard -> changes to PUSH (version-3 links)
         self._push_size: dict[str, int] = {}
         self._orphans = 0
+        self._announce: dict[str, list[bytes]] = {}  # shard -> change hashes to announce (IHAVE)
+        self._announce_due: float | None = None
+        self._prune_out: set[str] = set()
+        self._graft_out: set[str] = set()
+        self._rearm = False  # a new timer: the driver must recompute its deadline
         self.wakeup: Callable[[], None] | None = None
 
     # -- driver API -------------------------------------------------------------
@@ -289,6 +332,11 @@ class SyncSession:
     def peer_node(self) -> str | None:
         return self.conn.peer.node_id if self.conn.peer else None
 
+    @property
+    def version(self) -> int:
+        """The link's protocol version (0 until HELLO)."""
+        return self.conn.version or 0
+
     def receive_data(self, data: bytes) -> None:
         """Bytes from the peer (``b""``: it closed). Never raises for anything the peer sends."""
         self.conn.receive_data(data, self.clock.monotonic())
@@ -299,18 +347,28 @@ class SyncSession:
         self._out += self.conn.tick(now)
         if self.conn.state is LinkState.OPEN and now - self._last_summary >= self.config.resync_interval:
             self.request_summary()
+        if self.version >= TREE_VERSION:
+            self.replicator.run_timers()
         self._process()
 
     def next_deadline(self) -> float:
         deadline = self.conn.next_deadline()
         if self.conn.state is LinkState.OPEN:
             deadline = min(deadline, self._last_summary + self.config.resync_interval)
+            if self._announce_due is not None:
+                deadline = min(deadline, self._announce_due)
+            if self.version >= TREE_VERSION:
+                deadline = min(deadline, self.replicator.next_deadline())
         return deadline
+
+    def _announce_ready(self) -> bool:
+        return self._announce_due is not None and self.clock.monotonic() >= self._announce_due
 
     @property
     def wants_write(self) -> bool:
         return bool(self._out) or (self.conn.state is LinkState.OPEN
-                                   and bool(self._push or self._dirty or self._snapshots))
+                                   and bool(self._push or self._dirty or self._snapshots or self._prune_out
+                                            or self._graft_out or self._announce_ready()))
 
     def data_to_send(self, budget: int | None = None) -> bytes:
         """What to write now: at most about ``budget`` bytes of replication data; call again while
@@ -346,6 +404,30 @@ class SyncSession:
             self._push_size.pop(shard, None)
             self._dirty.setdefault(shard, False)
         if was_idle and self.wakeup is not None:
+            self.wakeup()
+
+    def announce(self, shard: str, hashes: list[bytes]) -> None:
+        """Our shard changed and this (version-4) link is lazy for its origin: announce the
+        changes' hashes in an IHAVE, after ``ANNOUNCE_DELAY`` with whatever else comes meanwhile."""
+        if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION:
+            return
+        self._announce.setdefault(shard, []).extend(hashes)
+        if self._announce_due is None:
+            self._announce_due = self.clock.monotonic() + ANNOUNCE_DELAY
+            if self.wakeup is not None:
+                self.wakeup()  # a new deadline for the driver
+
+    def graft_pull(self, shard: str) -> None:
+        """An announced change of ``shard`` did not come: GRAFT its origin on this link and pull
+        the shard from the peer by the sync protocol."""
+        if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION:
+            return
+        log.debug("link %s: grafting %s", self.label, shard)
+        self._graft_out.add(origin_of(shard))
+        self._prune_out.discard(origin_of(shard))
+        self.states[shard] = am.SyncState()
+        self._dirty.setdefault(shard, False)
+        if self.wakeup is not None:
             self.wakeup()
 
     def request_summary(self) -> None:
@@ -384,7 +466,8 @@ class SyncSession:
             last_sync_at=c.last_sync_at, bytes_in=self.conn.bytes_in, bytes_out=self.conn.bytes_out,
             entries_received=c.entries_received, entries_rejected=c.entries_rejected,
             entries_reasserted=c.entries_reasserted, snapshots_sent=c.snapshots_sent,
-            snapshots_received=c.snapshots_received, close_reason=self.conn.close_reason)
+            snapshots_received=c.snapshots_received, close_reason=self.conn.close_reason,
+            changes_pushed_in=c.changes_pushed_in, changes_pushed_dup=c.changes_pushed_dup)
 
     # -- events -----------------------------------------------------------------
 
@@ -401,7 +484,8 @@ class SyncSession:
             self.replicator._origin = None
         if self.replicator.recovery_flag is not None:
             self._check_recovered()
-        if self.wants_write and self.wakeup is not None:
+        rearm, self._rearm = self._rearm, False
+        if (rearm or self.wants_write) and self.wakeup is not None:
             self.wakeup()
 
     def _process_events(self) -> None:
@@ -420,6 +504,14 @@ class SyncSession:
                     self._on_push(event)
                 elif isinstance(event, Have):
                     self._on_have(event)
+                elif isinstance(event, Ihave):
+                    self._on_ihave(event)
+                elif isinstance(event, Prune):
+                    for origin in event.origins:
+                        self.replicator.tree.prune(self, origin)
+                elif isinstance(event, Graft):
+                    for origin in event.origins:
+                        self.replicator.tree.graft(self, origin)
                 elif isinstance(event, Ping):
                     self._out += self.conn.send(Pong(event.nonce))
                 elif isinstance(event, Pong):
@@ -606,12 +698,23 @@ class SyncSession:
         shard = event.shard
         before = self._digest(shard)
         park = self.replicator.park
+        tree = self.replicator.tree
+        self._counters.changes_pushed_in += len(event.changes)
+        held = all(tree.seen(change_hash(c)) for c in event.changes)
         if not park.admitted(shard):
             if not park.receive_push(shard, list(event.changes), self._peer_name()):
                 return
         else:
             self._count(self.ledger.receive_push(shard, list(event.changes), self._peer_name()))
         after = self._digest(shard)
+        duplicate = held and after == before
+        if duplicate:
+            self._counters.changes_pushed_dup += len(event.changes)
+        if self.version >= TREE_VERSION and park.admitted(shard) and (duplicate or after != before):
+            # a duplicate prunes this link for the shard's origin; news makes it eager again
+            if tree.pushed(self, origin_of(shard), new=not duplicate):
+                self._prune_out.add(origin_of(shard))
+                self._graft_out.discard(origin_of(shard))
         if after == event.digest or after != before:
             self._orphans = 0
         else:
@@ -638,6 +741,19 @@ class SyncSession:
             self._last_reset[shard] = pair
             self.states[shard] = am.SyncState()
             self._dirty.setdefault(shard, False)
+
+    def _on_ihave(self, event: Ihave) -> None:
+        if self.read_only:
+            return
+        tree = self.replicator.tree
+        before = tree.next_deadline()
+        shards = self._admissible({shard: b"" for shard, _ in event.entries})
+        now = self.clock.monotonic()
+        for shard, hashes in event.entries:
+            if shard in shards:
+                tree.announced(self, shard, hashes, now)
+        if tree.next_deadline() < before:
+            self._rearm = True
 
     def _on_closed(self, event: Closed) -> None:
         if event.error or event.by_peer:
@@ -672,6 +788,10 @@ class SyncSession:
         return data
 
     def _clear_work(self) -> None:
+        self._announce.clear()
+        self._announce_due = None
+        self._prune_out.clear()
+        self._graft_out.clear()
         self._dirty.clear()
         self._snapshots.clear()
         self._push.clear()
@@ -684,6 +804,14 @@ class SyncSession:
 
     def _generate(self, out: bytearray, budget: int) -> None:
         start = len(out)
+        if self._prune_out:
+            out += self.conn.send(Prune(tuple(sorted(self._prune_out))))
+            self._prune_out.clear()
+        if self._graft_out:
+            out += self.conn.send(Graft(tuple(sorted(self._graft_out))))
+            self._graft_out.clear()
+        if self._announce and (self._push or self._announce_ready()):
+            self._send_announcements(out)  # due, or riding along with a push: no write of its own
         for shard in list(self._push):  # first: small and waited for
             changes = self._push.pop(shard)
             self._push_size.pop(shard, None)
@@ -721,3 +849,19 @@ class SyncSession:
                 have[shard] = self._digest(shard)
         if have:
             out += self.conn.send(Have(have))
+
+    def _send_announcements(self, out: bytearray) -> None:
+        pending, self._announce, self._announce_due = self._announce, {}, None
+        batch: list[tuple[str, tuple[bytes, ...]]] = []
+        size = 0
+        for shard, hashes in pending.items():
+            unique = list(dict.fromkeys(hashes))
+            for i in range(0, len(unique), MAX_ANNOUNCED):
+                part = tuple(unique[i:i + MAX_ANNOUNCED])
+                if batch and (i > 0 or size + len(part) > MAX_ANNOUNCED):  # one entry per shard and frame
+                    out += self.conn.send(Ihave(tuple(batch)))
+                    batch, size = [], 0
+                batch.append((shard, part))
+                size += len(part)
+        if batch:
+            out += self.conn.send(Ihave(tuple(batch)))

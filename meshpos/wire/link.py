@@ -14,6 +14,7 @@ States and transitions (the only ones):
     OPEN        --recv SUMMARY/SYNC/SNAPSHOT/HAVE/PING/PONG-----------> OPEN    (event)
     OPEN        --recv STATUS on a version-1 link---------------------> CLOSED
     OPEN        --recv PUSH on a version-1 or -2 link-----------------> CLOSED
+    OPEN        --recv IHAVE/PRUNE/GRAFT on a link below version 4----> CLOSED
     OPEN        --recv HELLO------------------------------------------> CLOSED  (out of order)
     OPEN        --recv PONG with no PING outstanding / wrong nonce----> CLOSED
     OPEN        --nothing received within idle_timeout (tick)---------> CLOSED
@@ -43,9 +44,12 @@ from meshpos.wire import canonical
 from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 from meshpos.wire.shards import valid_shard_name
 
-SUPPORTED_VERSIONS = (1, 2, 3)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 STATUS_VERSION = 2  # the first version with STATUS frames
 PUSH_VERSION = 3  # the first version with PUSH frames
+TREE_VERSION = 4  # the first version with IHAVE, PRUNE and GRAFT (push trees)
+CHANGE_HASH_LEN = 32  # an Automerge change hash (SHA-256)
+MAX_ORIGINS = 256  # node ids in one PRUNE or GRAFT
 MAX_STATUS = 8192  # one signed envelope (protocols/envelope.md)
 HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 45.0
@@ -117,6 +121,28 @@ class Push:
 
 
 @dataclass(frozen=True)
+class Ihave:
+    """Lazy announcement (version 4 links): the sender holds these changes (32-byte Automerge
+    change hashes) of these shards; nothing is answered unless they fail to arrive otherwise."""
+
+    entries: tuple[tuple[str, tuple[bytes, ...]], ...]  # (shard, change hashes), shards distinct
+
+
+@dataclass(frozen=True)
+class Prune:
+    """(version 4) Stop pushing to me the changes of the shards of these nodes: announce them."""
+
+    origins: tuple[str, ...]  # node ids, sorted, distinct
+
+
+@dataclass(frozen=True)
+class Graft:
+    """(version 4) Push to me again the changes of the shards of these nodes."""
+
+    origins: tuple[str, ...]  # node ids, sorted, distinct
+
+
+@dataclass(frozen=True)
 class Ping:
     nonce: int
 
@@ -146,9 +172,11 @@ class Closed:
     error: bool = False  # the peer broke the protocol or timed out
 
 
-Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Push, Ping, Pong, Status, Closed]
-Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Push, Ping, Pong, Status, Goodbye]
-MIN_VERSION: dict[type, int] = {Status: STATUS_VERSION, Push: PUSH_VERSION}  # frames later versions added
+Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Ping, Pong, Status, Closed]
+Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Ping, Pong, Status, Goodbye]
+MIN_VERSION: dict[type, int] = {Status: STATUS_VERSION, Push: PUSH_VERSION, Ihave: TREE_VERSION,
+                                Prune: TREE_VERSION, Graft: TREE_VERSION}  # frames later versions added
+_COUNT = struct.Struct(">H")
 
 
 # -- payload layouts ------------------------------------------------------------------
@@ -196,6 +224,68 @@ def _parse_shard_payload(payload: bytes) -> tuple[str, bytes]:
     return shard, data
 
 
+def _node_id(v: Any) -> bool:
+    return isinstance(v, str) and len(v) == 16 and all(c in "0123456789abcdef" for c in v)
+
+
+def _origins_payload(origins: tuple[str, ...], what: str) -> bytes:
+    if (not 0 < len(origins) <= MAX_ORIGINS or list(origins) != sorted(set(origins))
+            or not all(map(_node_id, origins))):
+        raise ProtocolError(f"{what} needs 1..{MAX_ORIGINS} sorted distinct node ids")
+    return canonical.encode({"origins": list(origins)})
+
+
+def _parse_origins(payload: bytes, what: str) -> tuple[str, ...]:
+    origins = _json_object(payload, {"origins"}, what)["origins"]
+    if (not isinstance(origins, list) or not 0 < len(origins) <= MAX_ORIGINS or not all(map(_node_id, origins))
+            or origins != sorted(set(origins))):
+        raise EncodingError(f"{what} origins must be 1..{MAX_ORIGINS} sorted distinct 16-hex-digit node ids")
+    return tuple(origins)
+
+
+def _ihave_payload(event: Ihave) -> bytes:
+    out = bytearray()
+    shards: set[str] = set()
+    for shard, hashes in event.entries:
+        if (shard in shards or not valid_shard_name(shard) or not 0 < len(hashes) < 1 << 16
+                or any(len(h) != CHANGE_HASH_LEN for h in hashes)):
+            raise ProtocolError("IHAVE needs distinct valid shards, each with 1..65535 32-byte change hashes")
+        shards.add(shard)
+        name = shard.encode("ascii")
+        out += bytes([len(name)]) + name + _COUNT.pack(len(hashes)) + b"".join(hashes)
+    if not out:
+        raise ProtocolError("IHAVE announces nothing")
+    return bytes(out)
+
+
+def _parse_ihave(payload: bytes) -> Ihave:
+    entries: list[tuple[str, tuple[bytes, ...]]] = []
+    seen: set[str] = set()
+    at = 0
+    if not payload:
+        raise EncodingError("IHAVE announces nothing")
+    while at < len(payload):
+        n = payload[at]
+        end = at + 1 + n
+        if end + _COUNT.size > len(payload):
+            raise EncodingError("IHAVE entry runs past the payload")
+        try:
+            shard = payload[at + 1:end].decode("ascii")
+        except UnicodeDecodeError as exc:
+            raise EncodingError("IHAVE shard name is not ASCII") from exc
+        if not valid_shard_name(shard) or shard in seen:
+            raise EncodingError(f"bad or repeated IHAVE shard name {shard[:60]!r}")
+        seen.add(shard)
+        (k,) = _COUNT.unpack_from(payload, end)
+        at = end + _COUNT.size
+        if k == 0 or at + k * CHANGE_HASH_LEN > len(payload):
+            raise EncodingError(f"IHAVE of {shard}: no hash, or hashes run past the payload")
+        entries.append((shard, tuple(payload[at + i * CHANGE_HASH_LEN:at + (i + 1) * CHANGE_HASH_LEN]
+                                     for i in range(k))))
+        at += k * CHANGE_HASH_LEN
+    return Ihave(tuple(entries))
+
+
 def encode_event(event: Sendable) -> bytes:
     """The one byte encoding of each frame (deterministic: canonical JSON or a fixed layout)."""
     if isinstance(event, Hello):
@@ -215,6 +305,12 @@ def encode_event(event: Sendable) -> bytes:
             raise ProtocolError("PUSH needs an 8-byte digest and at least one change")
         pushed = b"".join(_LENGTH.pack(len(c)) + c for c in event.changes)
         return encode_frame(FrameType.PUSH, _shard_payload(event.shard, event.digest + pushed))
+    if isinstance(event, Ihave):
+        return encode_frame(FrameType.IHAVE, _ihave_payload(event))
+    if isinstance(event, Prune):
+        return encode_frame(FrameType.PRUNE, _origins_payload(event.origins, "PRUNE"))
+    if isinstance(event, Graft):
+        return encode_frame(FrameType.GRAFT, _origins_payload(event.origins, "GRAFT"))
     if isinstance(event, Ping):
         return encode_frame(FrameType.PING, _NONCE.pack(event.nonce))
     if isinstance(event, Pong):
@@ -287,6 +383,12 @@ def decode_frame(frame: Frame) -> Sendable:
         return Status(p)
     if t is FrameType.PUSH:
         return _parse_push(p)
+    if t is FrameType.IHAVE:
+        return _parse_ihave(p)
+    if t is FrameType.PRUNE:
+        return Prune(_parse_origins(p, "PRUNE"))
+    if t is FrameType.GRAFT:
+        return Graft(_parse_origins(p, "GRAFT"))
     if t is FrameType.GOODBYE:
         if len(p) > MAX_REASON:
             raise EncodingError("GOODBYE reason too long")

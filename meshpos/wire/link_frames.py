@@ -31,6 +31,9 @@ class FrameType(enum.IntEnum):
     GOODBYE = 8
     STATUS = 9  # version 2 links only
     PUSH = 10  # version 3 links only
+    IHAVE = 11  # version 4 links only
+    PRUNE = 12  # version 4 links only
+    GRAFT = 13  # version 4 links only
 
 
 @dataclass(frozen=True)

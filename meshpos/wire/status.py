@@ -150,10 +150,23 @@ def require_at(status: Mapping[str, Any]) -> int:
 # -- the decoder, driven by the dataclasses' type hints (the encoder is domain.jsonable) ---------
 
 
+_LAYOUTS: dict[type, tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]] = {}
+
+
+def _layout(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
+    """A dataclass's resolved type hints and fields, once per class: ``get_type_hints`` compiles
+    and evaluates every string annotation on each call, which made reading one status cost
+    milliseconds (a node reads a few each second from a busy site)."""
+    layout = _LAYOUTS.get(cls)
+    if layout is None:
+        layout = _LAYOUTS[cls] = (typing.get_type_hints(cls), dataclasses.fields(cls))
+    return layout
+
+
 def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
-    hints = typing.get_type_hints(cls)
+    hints, fields = _layout(cls)
     kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+    for f in fields:
         if f.name not in obj:
             continue
         if "decode" in f.metadata:  # a field with a format of its own

@@ -1,0 +1,188 @@
+"""Push trees: which links push a change eagerly and which only announce it (protocols/link.md,
+"Push trees (version 4)").
+
+Plumtree (Leitao, Pereira, Rodrigues, 2007), one tree per origin, where the origin of a change
+is the node whose log its shard holds (``<node id>/<segment>``). Sans-IO: links are opaque
+keys, time is the ``now`` the caller passes.
+
+The rules, all of them:
+
+* Every link starts **eager** for every origin, both ways: a change goes to it in a PUSH, as in
+  version 3.
+* A PUSH that brings nothing new (every change in it was held already) is a duplicate: the
+  receiver answers PRUNE(origin) (once, until it grafts that link again); the PRUNE makes the link
+  **lazy** for that origin in the direction towards the receiver only. Each node thus decides
+  about what comes *in*: the link that brought a change first is never pruned for it, so every
+  node keeps an eager way in for each origin and the eager links thin out to a tree. (Plumtree
+  as published also makes the link lazy the other way; two nodes that push the same change to
+  each other at once then cut a link that one of them needed, and a graft must mend it.)
+* On a lazy link a change is only announced: its change hash goes in an IHAVE, a few of them
+  per frame (``ANNOUNCE_DELAY``, or sooner along with a PUSH on the same link).
+* An announced hash the node has not seen starts a timer (``GRAFT_TIMEOUT``). If the change
+  has not arrived by then the announcer is **grafted**: the link becomes eager for that origin
+  again, GRAFT(origin) tells the peer so, and the caller pulls the shard from that peer by the
+  sync protocol. If that does not bring it either, the next announcer is grafted one timeout
+  later, and so on; a hash nobody else announced is dropped after its last try (the digest
+  comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
+* A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
+* ``seen`` remembers the most recent ``SEEN_LIMIT`` change hashes; an announced hash that has
+  dropped out of it costs at most one needless pull. At most ``WANTED_LIMIT`` announced hashes
+  are awaited at once (a peer announcing made-up hashes by the million costs bounded memory);
+  past it new announcements are ignored, and the repairs below the tree find what they named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, Iterable, TypeVar
+
+GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled from its announcer
+ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
+SEEN_LIMIT = 1 << 16  # change hashes remembered
+WANTED_LIMIT = 1 << 14  # announced changes awaited at once; past it, announcements are ignored
+
+L = TypeVar("L", bound=Hashable)
+
+
+def origin_of(shard: str) -> str:
+    """The node whose log a shard holds (protocols/ledger.md: ``<node id>/<segment>``)."""
+    return shard.split("/", 1)[0]
+
+
+@dataclass
+class _Wanted(Generic[L]):
+    shard: str
+    deadline: float
+    announcers: list[L] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class GraftDue(Generic[L]):
+    """Pull ``shard`` from the peer of ``link`` and tell it to push ``shard``'s origin again."""
+
+    link: L
+    shard: str
+
+
+class PushTree(Generic[L]):
+    def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT,
+                 wanted_limit: int = WANTED_LIMIT) -> None:
+        self.graft_timeout = graft_timeout
+        self.seen_limit = seen_limit
+        self.wanted_limit = wanted_limit
+        self.ignored = 0  # announcements past ``wanted_limit``
+        self._lazy: dict[L, set[str]] = {}  # link -> origins its peer asked us not to push (PRUNE)
+        self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._wanted: dict[bytes, _Wanted[L]] = {}
+        self._next: float | None = float("inf")  # the earliest deadline of _wanted; None: recompute
+        self.grafts = 0
+        self.prunes = 0
+
+    # -- eager or lazy ------------------------------------------------------------------
+
+    def eager(self, link: L, origin: str) -> bool:
+        lazy = self._lazy.get(link)
+        return lazy is None or origin not in lazy
+
+    def prune(self, link: L, origin: str) -> None:
+        """PRUNE received: stop pushing ``origin``'s changes on ``link`` (announce them)."""
+        self._lazy.setdefault(link, set()).add(origin)
+
+    def graft(self, link: L, origin: str) -> None:
+        """GRAFT received: push ``origin``'s changes on ``link`` again."""
+        lazy = self._lazy.get(link)
+        if lazy is not None:
+            lazy.discard(origin)
+
+    def drop_link(self, link: L) -> None:
+        """A link closed: forget its state (a new link to the same peer starts eager)."""
+        self._lazy.pop(link, None)
+        self._pruned.pop(link, None)
+        for wanted in self._wanted.values():
+            if link in wanted.announcers:
+                wanted.announcers.remove(link)
+
+    # -- changes ------------------------------------------------------------------------
+
+    def seen(self, change_hash: bytes) -> bool:
+        return change_hash in self._seen
+
+    def saw(self, hashes: Iterable[bytes]) -> None:
+        """These changes are held now (made here, or merged from any link)."""
+        for h in hashes:
+            if self._wanted.pop(h, None) is not None:
+                self._next = None
+            self._seen[h] = None
+            self._seen.move_to_end(h)
+        while len(self._seen) > self.seen_limit:
+            self._seen.popitem(last=False)
+
+    def pushed(self, link: L, origin: str, new: bool) -> bool:
+        """A PUSH of ``origin``'s changes came on ``link``; ``new``: it brought something.
+        True if a PRUNE should answer it (a duplicate, and not asked for already)."""
+        if new:
+            return False
+        pruned = self._pruned.setdefault(link, set())
+        if origin in pruned:
+            return False
+        pruned.add(origin)
+        self.prunes += 1
+        return True
+
+    def announced(self, link: L, shard: str, hashes: Iterable[bytes], now: float) -> None:
+        """``link``'s peer announced it holds these changes of ``shard``."""
+        for h in hashes:
+            if h in self._seen:
+                continue
+            wanted = self._wanted.get(h)
+            if wanted is None:
+                if len(self._wanted) >= self.wanted_limit:
+                    self.ignored += 1
+                    continue
+                wanted = self._wanted[h] = _Wanted(shard, now + self.graft_timeout)
+                if self._next is not None:
+                    self._next = min(self._next, wanted.deadline)
+            if link not in wanted.announcers:
+                wanted.announcers.append(link)
+
+    # -- timers -------------------------------------------------------------------------
+
+    def next_deadline(self) -> float:
+        if self._next is None:  # asked by every link's driver on each turn: computed once per change
+            self._next = min((w.deadline for w in self._wanted.values()), default=float("inf"))
+        return self._next
+
+    def due(self, now: float) -> list[GraftDue[L]]:
+        """The grafts whose time has come (one per link and shard): send GRAFT and pull."""
+        out: dict[tuple[L, str], GraftDue[L]] = {}
+        if self.next_deadline() > now:
+            return []
+        self._next = None
+        for h, wanted in list(self._wanted.items()):
+            if wanted.deadline > now:
+                continue
+            if not wanted.announcers:
+                del self._wanted[h]
+                continue
+            link = wanted.announcers.pop(0)
+            wanted.deadline = now + self.graft_timeout
+            pruned = self._pruned.get(link)
+            if pruned is not None:
+                pruned.discard(origin_of(wanted.shard))
+            out.setdefault((link, wanted.shard), GraftDue(link, wanted.shard))
+        if out:
+            self.grafts += len(out)
+        return list(out.values())
+
+    @property
+    def wanted(self) -> int:
+        return len(self._wanted)
+
+
+def change_hash(chunk: bytes) -> bytes:
+    """The hash of one Automerge change chunk, as its heads and IHAVE name it: SHA-256 of the
+    chunk after its 4-byte magic and 4-byte checksum (Automerge binary format, "Change chunks")."""
+    return hashlib.sha256(chunk[8:]).digest()
