@@ -165,7 +165,9 @@ async def test_a_large_reply_is_taken_in_slices_others_see_the_first_results_ear
         report = await fwd.step()
     assert len(report.forwarded) == 12 and report.settled == 12
     assert second[-1] == []  # the sales being taken in were not sent again by the second worker
-    assert 5 in seen and 10 in seen, seen  # committed slice by slice, visible between slices
+    # committed slice by slice (5, 10, 12), visible between slices: trio runs the observer once per
+    # scheduling round in a random order beside the forwarder, so it sees 5 or 10, maybe both
+    assert any(0 < n < 12 for n in seen), seen
     assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())  # each sale sent once
 
 
