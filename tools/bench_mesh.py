@@ -191,7 +191,7 @@ class Mesh:
         received, pushed = 0, 0
         counted = True
         for path in self.nodes:
-            for ln in client.call_running(path, "status", {}, timeout=30)["peers"]["links"]:
+            for ln in client.running(path, timeout=30).status()["peers"]["links"]:
                 received += ln["bytes_in"]
                 counted = counted and "changes_pushed_in" in ln
                 pushed += ln.get("changes_pushed_in", 0)
