@@ -14,6 +14,7 @@ advisory lock so two of them never run at once.
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager
 import queue
 import sys
 import threading
@@ -181,44 +182,35 @@ class PostgresDatabase:
             except psycopg.Error as exc:
                 raise self._error("reading", exc) from exc
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        conn = self._writer_conn()
-        try:
-            conn.execute("BEGIN")
-        except psycopg.Error as exc:
-            raise self._error("starting a transaction", exc) from exc
-        try:
-            yield
-        except BaseException:
-            with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK")
-            raise
-        try:
-            conn.execute("COMMIT")
-        except psycopg.Error as exc:
-            # the outcome is unknown when the connection died during COMMIT: callers treat
-            # it as not committed, and every state change is safe to find done later
-            raise self._error("commit", exc) from exc
+    def transaction(self) -> AbstractContextManager[None]:
+        # the outcome is unknown when the connection died during COMMIT: callers treat it as not
+        # committed, and every state change is safe to find done later
+        return self._bracketed("BEGIN", ("ROLLBACK",), "COMMIT", ("starting a transaction", "commit"))
+
+    def savepoint(self) -> AbstractContextManager[None]:
+        return self._bracketed("SAVEPOINT op", ("ROLLBACK TO SAVEPOINT op", "RELEASE SAVEPOINT op"),
+                               "RELEASE SAVEPOINT op", ("writing", "writing"))
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
+    def _bracketed(self, begin: str, undo: tuple[str, ...], end: str, what: tuple[str, str]) -> Iterator[None]:
+        """The block between ``begin`` and ``end`` on the writer connection; on any exception,
+        ``undo`` (best effort) and the exception goes on. ``what`` names a failing begin / end."""
         conn = self._writer_conn()
         try:
-            conn.execute("SAVEPOINT op")
+            conn.execute(begin)
         except psycopg.Error as exc:
-            raise self._error("writing", exc) from exc
+            raise self._error(what[0], exc) from exc
         try:
             yield
         except BaseException:
             with contextlib.suppress(psycopg.Error):
-                conn.execute("ROLLBACK TO SAVEPOINT op")
-                conn.execute("RELEASE SAVEPOINT op")
+                for sql in undo:
+                    conn.execute(sql)
             raise
         try:
-            conn.execute("RELEASE SAVEPOINT op")
+            conn.execute(end)
         except psycopg.Error as exc:
-            raise self._error("writing", exc) from exc
+            raise self._error(what[1], exc) from exc
 
     def ping(self) -> None:
         self.query("SELECT 1")
