@@ -18,6 +18,7 @@ to the status is adding it to one dataclass here (with its default); the publish
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from collections.abc import Mapping
@@ -150,21 +151,16 @@ def require_at(status: Mapping[str, Any]) -> int:
 # -- the decoder, driven by the dataclasses' type hints (the encoder is domain.jsonable) ---------
 
 
-_LAYOUTS: dict[type, tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]] = {}
-
-
+@functools.cache
 def _layout(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
-    """A dataclass's resolved type hints and fields, once per class: ``get_type_hints`` compiles
-    and evaluates every string annotation on each call, which made reading one status cost
-    milliseconds (a node reads a few each second from a busy site)."""
-    layout = _LAYOUTS.get(cls)
-    if layout is None:
-        layout = _LAYOUTS[cls] = (typing.get_type_hints(cls), dataclasses.fields(cls))
-    return layout
+    """A dataclass's resolved type hints and fields, once per class (a pure function of the class,
+    cached): ``get_type_hints`` compiles and evaluates every string annotation on each call, which
+    made reading one status cost milliseconds (a node reads a few each second from a busy site)."""
+    return typing.get_type_hints(cls), dataclasses.fields(cls)
 
 
 def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
-    hints, fields = _layout(cls)
+    hints, fields = _layout(typing.cast(type, cls))  # a class is hashable; mypy cannot tell of type[T]
     kwargs: dict[str, Any] = {}
     for f in fields:
         if f.name not in obj:
