@@ -190,3 +190,29 @@ def test_the_document_describes_every_node_answer(running: Path) -> None:
         assert unix.request("GET", "/v1/node/policy").body["currency"] == "EUR"
     finally:
         unix.close()
+
+
+class _CutOff(_OlderApi):
+    """A node killed while answering: the status line and headers left, the body never did."""
+
+    def do_POST(self) -> None:
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def test_an_answer_cut_off_by_a_dying_node_is_an_error_not_an_empty_sale(tmp_path: Path) -> None:
+    """The crash matrix kills nodes while they answer; a sale whose answer was cut off came back
+    as None and broke its caller. It is an error that says the outcome is unknown."""
+    node = enroll(tmp_path)
+    server = _UnixHttp(str(node / "api.sock"), _CutOff)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(client.MeshposError, match="answer was cut off"):
+            client.running(node).sell(100)
+    finally:
+        server.shutdown()
+        server.server_close()

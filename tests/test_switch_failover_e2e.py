@@ -107,11 +107,14 @@ def test_a_node_settles_through_the_second_instance_when_the_first_is_killed_and
     wait(lambda: all(statuses(node).get(s) in FINAL for s in later), "the later sales did not settle", progress)
     assert not inst.alive(0)
 
-    # exactly once at the acquirer: one 0220 per sale, repeats (of the killed instance's) as 0221 only
+    # exactly once at the acquirer: never a second 0220; what the killed instance had marked "advice
+    # sent" is finished as 0221 (a repeat), which may be the acquirer's first sight of it when the
+    # kill came between the mark and the send (protocols/switch-instances.md)
     by_rrn = inst.stats()["by_sale"]
     counts = {s: by_rrn.get(rrn, {}) for s, rrn in inst.rrns(first + later).items()}
-    assert len(counts) == 40 and all(c.get("0220") == 1 and set(c) <= {"0220", "0221"} for c in counts.values()), \
-        counts
+    assert len(counts) == 40 and all(c.get("0220", 0) <= 1 and c and set(c) <= {"0220", "0221"}
+                                     for c in counts.values()), counts
+    assert all(c == {"0220": 1} for s, c in counts.items() if s in later)  # after the kill: once, plainly
 
     st = status_json(node)["uplink"]
     assert st["switch_url"] == inst.url(1), st

@@ -218,6 +218,10 @@ class RunningNode:
             raise MeshposError(f"{self.node_dir}: the node answered something that is not JSON") from exc
         if response.status >= 400:
             raise self._error(response.status, path, answer)
+        if answer is None and response.status != 204:
+            # a node stopped (killed) while answering: whether it acted is not known
+            raise MeshposError(f"{self.node_dir}: the node's answer was cut off (did it stop?); "
+                               "look before trying again")
         return answer
 
     def _error(self, status: int, path: str, answer: Any) -> MeshposError:
