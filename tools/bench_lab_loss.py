@@ -101,7 +101,10 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
     finally:
         procs.stop_all()
         lab.down()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if args.keep:
+            print(f"kept {tmp} (logs in {tmp / 'logs'})", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -131,6 +134,7 @@ def main() -> int:
                     help="seconds between a node's statuses (MESHPOS_STATUS_INTERVAL; default 2, fast for a "
                          "small lab; 0 keeps the product's paced periods, which large meshes need: statuses "
                          "flood, so every node handles N per period)")
+    ap.add_argument("--keep", action="store_true", help="keep each run's directory (node logs, databases)")
     ap.add_argument("--json", action="store_true", help="one JSON object per loss level")
     args = ap.parse_args()
     if not 2 <= args.hosts <= 250:
