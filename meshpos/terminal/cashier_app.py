@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meshpos.domain.errors import InputError, MeshposError
-from meshpos.terminal.app import TooLarge, read_body
+from meshpos.terminal.app import TooLarge, read_body, respond
 from meshpos.terminal.cashier import CashierLogin, CookiePolicy, Locked, LoginRefused, cookie_value
 from meshpos.terminal.problems import error_body, translate
 
@@ -102,5 +102,6 @@ class CashierPage:
 
 
 def _json(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(value, status_code=status, headers={**HEADERS, **(headers or {})})
+    """The API's JSON answer (meshpos.terminal.app.respond) with the page's security headers."""
+    return respond(status, value, {**HEADERS, **(headers or {})})
 

@@ -35,13 +35,10 @@ _MAP: tuple[tuple[type[MeshposError], int, str], ...] = (
 )
 
 
-_SALE_ID = SALE_ID_IN_TEXT  # a sale id is kept whole (wire/envelope.py)
-
-
 def redact(text: str) -> str:
-    parts = _SALE_ID.split(text)
+    parts = SALE_ID_IN_TEXT.split(text)  # a sale id is kept whole (wire/envelope.py)
     if len(parts) > 1:  # redact around the sale ids, keep them
-        ids = _SALE_ID.findall(text)
+        ids = SALE_ID_IN_TEXT.findall(text)
         return "".join(redact(p) + (ids[i] if i < len(ids) else "") for i, p in enumerate(parts))
     if not rules.has_card_number(text):
         return text
