@@ -186,7 +186,7 @@ async def test_malformed_request_is_a_400() -> None:
 async def test_abort_connection_gives_the_client_a_protocol_error() -> None:
     async with server() as port:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
-        with pytest.raises(ProtocolError):
+        with pytest.raises(ProtocolError, match="connection lost during GET /abort: closed before the whole answer"):
             await request(stream, "GET", "/abort", {})
         await stream.aclose()
 

@@ -16,6 +16,7 @@ import pytest
 from api_harness import ApiClient, EventStream, make_site, start
 from helpers import TEST_PANS, scan_for
 from meshpos.apps.procs import ProcessGroup, wait_for
+from meshpos.node import client
 
 CASH = {"amount": "1.00", "method": "cash"}
 
@@ -182,6 +183,34 @@ def test_idle_and_half_sent_connections_are_bounded_and_closed(tmp_path: Path) -
         api.close()
         log = (tmp_path / "logs" / "t3.log").read_text()
         assert "refused terminal API connection" in log and "Traceback" not in log
+    finally:
+        group.stop_all()
+
+
+def test_connections_the_client_closed_free_their_slot_at_once(tmp_path: Path) -> None:
+    """Found by CI (the failover test polls a node's sales ten times a second): a connection the
+    client closed after one request kept its slot until the keep-alive timer (75 s) ran out, so
+    after 256 CLI calls in 75 s the node refused its own CLI ('256 connections held'). 400 calls,
+    each on a new connection, over the UNIX socket the CLI uses and over TCP as a till would:
+    every one is answered and the node holds no connection afterwards."""
+    make_site(tmp_path, "t4")
+    group = ProcessGroup(tmp_path / "logs")
+    try:
+        child = group.start_node("t4", tmp_path / "t4", "--no-mdns")
+        assert child.proc is not None
+        before = _open_fds(child.proc.pid)
+        for _ in range(400):
+            live = client.running(tmp_path / "t4")
+            assert live.policy().site_id
+        tcp = ApiClient(tmp_path / "t4", "tcp")
+        for _ in range(400):
+            tcp.conn.close()
+            tcp.conn = tcp._connect()
+            assert tcp.request("GET", "/v1/sales?limit=1").status == 200
+        tcp.close()
+        wait_for(lambda: _open_fds(child.proc.pid) < before + 5, 5,  # type: ignore[union-attr]
+                 lambda: f"{_open_fds(child.proc.pid)} fds open, {before} before")  # type: ignore[union-attr]
+        assert "connections held" not in (tmp_path / "logs" / "t4.log").read_text()
     finally:
         group.stop_all()
 

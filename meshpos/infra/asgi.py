@@ -113,6 +113,17 @@ class StallGuard:
                 raise trio.BrokenResourceError(f"the client took nothing for {self._stall_s:g} s")
 
 
+class _Connection(TCPServer):
+    """Hypercorn's connection handler, released as soon as the client has gone. Hypercorn's own
+    waits out the keep-alive timer (``keep_alive_s``, 75 s on the terminal API) after the client
+    closed an idle connection: every CLI call held a connection slot that long, and a till that
+    asked twice a second filled the listener's cap (256) and was refused."""
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()  # the keep-alive timer: nobody is left to keep alive
+
+
 def _first_request(app: ASGIApp) -> ASGIApp:
     return app
 
@@ -145,7 +156,7 @@ async def serve_gated(app: ASGIApp, sock: socket.socket, context: ssl.SSLContext
                 asked.set()
             await app(scope, receive, send)
 
-        server = TCPServer(wrap_app(front(proving), config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+        server = _Connection(wrap_app(front(proving), config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
                            config, worker, ConnectionState({}), StallGuard(stream, stall_s))  # type: ignore[arg-type]
         async with trio.open_nursery() as nursery:
             async def deadline() -> None:

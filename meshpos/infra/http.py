@@ -282,6 +282,7 @@ class HttpClientConnection:
         self._max_body = max_body_bytes
         self._conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
         self._host = stream.server_hostname if isinstance(stream, trio.SSLStream) else None
+        self._eof = False
 
     @property
     def reusable(self) -> bool:
@@ -302,6 +303,9 @@ class HttpClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise ProtocolError(f"HTTP connection lost during {method} {path}") from exc
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
+            if self._eof:  # h11's words for it ("can't handle event type ConnectionClosed...") help nobody
+                raise ProtocolError(f"HTTP connection lost during {method} {path}: closed before the "
+                                    "whole answer came") from exc
             raise ProtocolError(f"bad HTTP exchange on {method} {path}: {exc}") from exc
         if self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE:
             self._conn.start_next_cycle()
@@ -314,6 +318,7 @@ class HttpClientConnection:
             event = self._conn.next_event()
             if event is h11.NEED_DATA:
                 data = await self.stream.receive_some(RECEIVE_SIZE)
+                self._eof = not data
                 self._conn.receive_data(bytes(data))
             elif isinstance(event, h11.Response):
                 head = event
