@@ -150,7 +150,8 @@ async def forward_until_settled(core: NodeCore, urls: list[str], sale_ids: list[
     """Forward ``sale_ids`` in batches (in sale id order, so that two nodes contend for the same
     sales at once) to ``urls[start]``, moving on to the next URL when an instance does not
     answer (and after every batch with ``rotate``), until every sale has a result; the signed
-    result bytes by sale id."""
+    result bytes by sale id. Fails when no sale settled for ``timeout`` seconds (a stall, not a
+    slow host: a loaded CI host once took more than 60 s for 2,000 sales that settled steadily)."""
     ctx = make_client_context(core)
     fwd = Forwarder(core, SYSTEM_CLOCK)
     results: dict[str, bytes] = {}
@@ -172,7 +173,10 @@ async def forward_until_settled(core: NodeCore, urls: list[str], sale_ids: list[
             if env.type == "result":
                 core.ingest(raw, "switch")
                 results[env.body["sale_id"]] = raw
-        remaining = [s for s in remaining if s not in results]
+        settled = [s for s in remaining if s in results]
+        if settled:
+            remaining = [s for s in remaining if s not in results]
+            deadline = trio.current_time() + timeout
         if rotate:
             which += 1
         if reply.pending and not reply.results:
