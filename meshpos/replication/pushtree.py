@@ -25,6 +25,10 @@ The rules, all of them:
   later, and so on; a hash nobody else announced is dropped after its last try (the digest
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
+* A link is lazy for at most ``ORIGIN_LIMIT`` origins (PRUNE names node ids, known or not): past
+  that, PRUNEs of new origins are ignored and counted, and the link stays eager for them (more
+  pushing, nothing lost). A peer sending PRUNEs of made-up node ids by the million cannot grow
+  the node's memory without bound.
 * ``seen`` remembers the most recent ``SEEN_LIMIT`` change hashes; an announced hash that has
   dropped out of it costs at most one needless pull. At most ``WANTED_LIMIT`` announced hashes
   are awaited at once (a peer announcing made-up hashes by the million costs bounded memory);
@@ -42,6 +46,7 @@ GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled f
 ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
 SEEN_LIMIT = 1 << 16  # change hashes remembered
 WANTED_LIMIT = 1 << 14  # announced changes awaited at once; past it, announcements are ignored
+ORIGIN_LIMIT = 4096  # origins one link may be lazy for (a site's nodes: status board's MAX_NODES)
 
 L = TypeVar("L", bound=Hashable)
 
@@ -68,8 +73,10 @@ class GraftDue(Generic[L]):
 
 class PushTree(Generic[L]):
     def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT,
-                 wanted_limit: int = WANTED_LIMIT) -> None:
+                 wanted_limit: int = WANTED_LIMIT, origin_limit: int = ORIGIN_LIMIT) -> None:
         self.graft_timeout = graft_timeout
+        self.origin_limit = origin_limit
+        self.prunes_ignored = 0  # PRUNEs of an origin past ``origin_limit`` on their link
         self.seen_limit = seen_limit
         self.wanted_limit = wanted_limit
         self.ignored = 0  # announcements past ``wanted_limit``
@@ -89,7 +96,11 @@ class PushTree(Generic[L]):
 
     def prune(self, link: L, origin: str) -> None:
         """PRUNE received: stop pushing ``origin``'s changes on ``link`` (announce them)."""
-        self._lazy.setdefault(link, set()).add(origin)
+        lazy = self._lazy.setdefault(link, set())
+        if len(lazy) >= self.origin_limit and origin not in lazy:
+            self.prunes_ignored += 1  # made-up origins by the million: the link stays eager for them
+            return
+        lazy.add(origin)
 
     def graft(self, link: L, origin: str) -> None:
         """GRAFT received: push ``origin``'s changes on ``link`` again."""
