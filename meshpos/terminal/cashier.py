@@ -8,6 +8,11 @@ Rules (protocols/terminal-api.yaml, "The cashier app's session"):
   is counted per node, not per client address: on loopback every client has the same address,
   and the node serves one screen.
 - Attempts are taken one at a time: five parallel guesses are five attempts in a row.
+- A PIN that cannot be one (not 4 to 12 ASCII digits: letters, a lone surrogate...) is a wrong
+  PIN, counted, and never hashed.
+- The lock's end is wall-clock time: a lock that ends more than ``LOCK_MS`` from now was set
+  before the clock was set back (a terminal's clock corrected by days after a lock-out); it
+  ends ``LOCK_MS`` from now instead, so a corrected clock never locks the cashier out for days.
 - A session is a random token (256 bits) in an HttpOnly, SameSite=Strict cookie; the node keeps
   only its hash, in memory (a restart of the node logs the cashier out), for ``SESSION_MS``
   after the login; at most ``MAX_SESSIONS`` at once (the oldest goes first).
@@ -25,7 +30,8 @@ from typing import Callable
 import trio
 
 from meshpos.domain.errors import MeshposError
-from meshpos.site.cashierpin import LockState, pin_matches, read_lock_state, read_pin_hash, write_lock_state
+from meshpos.site.cashierpin import (LockState, pin_matches, pin_problem, read_lock_state, read_pin_hash,
+                                     write_lock_state)
 
 MAX_FAILURES = 5
 LOCK_MS = 60_000
@@ -69,6 +75,14 @@ def after_attempt(state: LockState, ok: bool, now_ms: int) -> LockState:
 def locked_for(state: LockState, now_ms: int) -> int:
     """ms left of the lock (0: not locked)."""
     return max(0, state.locked_until_ms - now_ms)
+
+
+def after_clock_change(state: LockState, now_ms: int) -> LockState:
+    """``state`` with a lock that ends further off than LOCK_MS (the clock was set back since it
+    began) ending LOCK_MS from ``now_ms``."""
+    if state.locked_until_ms - now_ms > LOCK_MS:
+        return LockState(state.failures, now_ms + LOCK_MS)
+    return state
 
 
 class Sessions:
@@ -121,13 +135,17 @@ class CashierLogin:
         """A new session's token, or LoginRefused (NoPin, Locked, WrongPin)."""
         async with self._one_at_a_time:
             state = read_lock_state(self.lock_path)
-            left = locked_for(state, self.now_ms())
+            now = self.now_ms()
+            if (fixed := after_clock_change(state, now)) != state:
+                write_lock_state(self.lock_path, fixed)
+                state = fixed
+            left = locked_for(state, now)
             if left:
                 raise Locked(left)
             stored = read_pin_hash(self.pin_path)
             if stored is None:
                 raise NoPin("no cashier PIN is set on this terminal: run `meshpos cashier-pin NODE_DIR` on it")
-            ok = await trio.to_thread.run_sync(pin_matches, stored, pin)
+            ok = pin_problem(pin) is None and await trio.to_thread.run_sync(pin_matches, stored, pin)
             new = after_attempt(state, ok, self.now_ms())
             if new != state:
                 write_lock_state(self.lock_path, new)
