@@ -117,6 +117,26 @@ def test_announcements_past_the_bound_are_ignored() -> None:
     assert tree.wanted == 1
 
 
+
+def test_a_timer_costs_what_is_due_not_what_is_awaited() -> None:
+    """Red team: due() scanned every awaited hash whenever one timer was due, so a peer announcing
+    made-up hashes spread over time (16,384 awaited, one falling due every 30 us) made every turn
+    of the node's loop scan 16,384 entries: the loop saturated (tools/bench_pushtree_flood.py)."""
+    tree: PushTree[str] = PushTree()
+    n = tree.wanted_limit
+    hashes = [i.to_bytes(32, "big") for i in range(n)]
+    for i, h in enumerate(hashes):
+        tree.announced("evil", f"{O}/000000", [h], now=i * (GRAFT_TIMEOUT / n))
+    tree.saw(hashes[1:101])  # a hundred came after all: their timers are stale now
+    assert tree.next_deadline() == GRAFT_TIMEOUT
+    assert tree.due(GRAFT_TIMEOUT) == [GraftDue("evil", f"{O}/000000")]
+    assert tree.timers_run == 1  # one timer due: one looked at, not 16,384
+    tree.due(GRAFT_TIMEOUT + 101 * (GRAFT_TIMEOUT / n))
+    assert tree.timers_run == 102 and tree.wanted == n - 100  # the 100 stale ones cost one look each
+    assert tree.next_deadline() == GRAFT_TIMEOUT + 102 * (GRAFT_TIMEOUT / n)
+    tree.due(2 * GRAFT_TIMEOUT + 101 * (GRAFT_TIMEOUT / n))  # every timer due: the two grafted ones end
+    assert tree.wanted == n - 102  # nobody else announced them: forgotten after their one try
+
 def test_a_closed_link_is_forgotten() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)
     tree.prune("x", O)

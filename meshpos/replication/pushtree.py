@@ -38,6 +38,7 @@ The rules, all of them:
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
@@ -84,7 +85,13 @@ class PushTree(Generic[L]):
         self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._wanted: dict[bytes, _Wanted[L]] = {}
-        self._next: float | None = float("inf")  # the earliest deadline of _wanted; None: recompute
+        # (deadline, order, hash) of every armed timer, earliest first; an entry whose hash is no
+        # longer awaited, or awaited with another deadline, is stale and skipped when it comes up.
+        # due() thus costs what is due, not what is awaited: a peer announcing made-up hashes
+        # spread over time made each timer scan all WANTED_LIMIT of them (the node's loop saturated)
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._order = 0
+        self.timers_run = 0  # timer entries due() has looked at (its whole cost), stale ones included
         self.grafts = 0
         self.prunes = 0
 
@@ -124,8 +131,7 @@ class PushTree(Generic[L]):
     def saw(self, hashes: Iterable[bytes]) -> None:
         """These changes are held now (made here, or merged from any link)."""
         for h in hashes:
-            if self._wanted.pop(h, None) is not None:
-                self._next = None
+            self._wanted.pop(h, None)  # its timer entry goes stale
             self._seen[h] = None
             self._seen.move_to_end(h)
         while len(self._seen) > self.seen_limit:
@@ -154,32 +160,45 @@ class PushTree(Generic[L]):
                     self.ignored += 1
                     continue
                 wanted = self._wanted[h] = _Wanted(shard, now + self.graft_timeout)
-                if self._next is not None:
-                    self._next = min(self._next, wanted.deadline)
+                self._arm(h, wanted.deadline)
             if link not in wanted.announcers:
                 wanted.announcers.append(link)
 
     # -- timers -------------------------------------------------------------------------
 
+    def _arm(self, h: bytes, deadline: float) -> None:
+        self._order += 1
+        heapq.heappush(self._timers, (deadline, self._order, h))
+        if len(self._timers) > 2 * len(self._wanted) + 1024:  # mostly stale (changes that came): rebuild
+            self._timers = [(w.deadline, n, k) for n, (k, w) in enumerate(self._wanted.items())]
+            heapq.heapify(self._timers)
+
+    def _live(self, entry: tuple[float, int, bytes]) -> bool:
+        wanted = self._wanted.get(entry[2])
+        return wanted is not None and wanted.deadline == entry[0]
+
     def next_deadline(self) -> float:
-        if self._next is None:  # asked by every link's driver on each turn: computed once per change
-            self._next = min((w.deadline for w in self._wanted.values()), default=float("inf"))
-        return self._next
+        timers = self._timers
+        while timers and not self._live(timers[0]):  # stale tops go, each once
+            heapq.heappop(timers)
+        return timers[0][0] if timers else float("inf")
 
     def due(self, now: float) -> list[GraftDue[L]]:
         """The grafts whose time has come (one per link and shard): send GRAFT and pull."""
         out: dict[tuple[L, str], GraftDue[L]] = {}
-        if self.next_deadline() > now:
-            return []
-        self._next = None
-        for h, wanted in list(self._wanted.items()):
-            if wanted.deadline > now:
+        while self._timers and self._timers[0][0] <= now:  # (_arm may rebuild the list)
+            entry = heapq.heappop(self._timers)
+            self.timers_run += 1
+            if not self._live(entry):
                 continue
+            h = entry[2]
+            wanted = self._wanted[h]
             if not wanted.announcers:
                 del self._wanted[h]
                 continue
             link = wanted.announcers.pop(0)
             wanted.deadline = now + self.graft_timeout
+            self._arm(h, wanted.deadline)
             pruned = self._pruned.get(link)
             if pruned is not None:
                 pruned.discard(origin_of(wanted.shard))
