@@ -53,3 +53,19 @@ async def test_a_clock_set_back_after_a_lock_out_locks_for_a_minute_not_for_days
     assert locked.value.retry_after_s == LOCK_MS // 1000
     clock.ms += LOCK_MS
     assert restarted.sessions.valid(await restarted.login(PIN))
+
+
+async def test_wrong_pins_from_the_network_do_not_lock_the_devices_own_screen(tmp_path: Path) -> None:
+    """With the API on the fair's Wi-Fi, anyone there could send five wrong PINs a minute and keep
+    the terminal's own screen (the kiosk browser on loopback) locked out for good: one count per
+    node. The network's tries are counted apart (all together: still five guesses a minute)."""
+    clock = Clock(1_800_000_000_000)
+    login = login_at(tmp_path, clock)
+    for _ in range(MAX_FAILURES):
+        with pytest.raises(WrongPin):
+            await login.login("0000", local=False)
+    with pytest.raises(Locked):
+        await login.login(PIN, local=False)  # the network is locked out, even with the right PIN
+    assert login.sessions.valid(await login.login(PIN))  # the device's own screen is not
+    assert read_lock_state(tmp_path / "cashier-lock-remote.json").locked_until_ms == clock.ms + LOCK_MS
+    assert read_lock_state(tmp_path / "cashier-lock.json") == LockState()
