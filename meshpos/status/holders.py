@@ -8,12 +8,14 @@ itself when it holds the sale (an inspector does not count itself: it is no part
 of the mesh's memory). A status that went stale still counts: what a node holds
 is on its disk, whether or not we hear from it now; a revoked node does not.
 
-A claim covers only sales that existed, as far as this node knew, when it arrived:
-each mark is cut to the highest sequence number of that terminal this node held
-then (``known``). A status (say a hostile node's ``2^53`` for every terminal)
-thus never counts for sales made after it: "held on 2" at a cashier means a status
-that arrived after the sale was made. What a member could have received it may
-claim, truly or not; no vector can prove that it still has it.
+A claim about this node's *own* sales covers only those it had made when the claim
+arrived: that mark is cut to the highest sequence number of its own it held then
+(``own``). A status (say a hostile node's ``2^53`` for every terminal) thus never
+counts for a sale made after it: "held on 2" at a cashier means another node's
+status arrived after the sale was made. (Claims about other terminals' sales are
+taken whole: an observer may receive a sale after a status that truly covers it.)
+What a member could have received it may claim, truly or not; no vector can prove
+that it still has it.
 
 A pending sale held by fewer than MIN_HOLDERS nodes is **at risk**: the loss of
 one device loses it. Pure: statuses come in through ``update``.
@@ -51,9 +53,9 @@ class HeldIndex:
 
 
 class Holders:
-    def __init__(self, node_id: str, known: Callable[[str], int] | None = None) -> None:
+    def __init__(self, node_id: str, own: Callable[[], int] | None = None) -> None:
         self.node_id = node_id
-        self.known = known  # terminal -> the highest seq of it this node holds (None: claims taken whole)
+        self.own = own  # the highest seq of this node's own sales it holds (None: claims taken whole)
         self._vectors: dict[str, dict[str, int]] = {}
         self._version = 0
         self._cached: tuple[int, frozenset[str], HeldIndex] | None = None
@@ -63,8 +65,12 @@ class Holders:
         if status.node_id == self.node_id:
             return
         vector = dict(status.body.held)  # a malformed one was read as empty (wire/status.py)
-        if self.known is not None:  # a claim covers only the sales we knew to exist when it came
-            vector = {t: n for t, mark in vector.items() if (n := min(mark, self.known(t))) > 0}
+        if self.own is not None and self.node_id in vector:  # our sales: only those made before it came
+            mark = min(vector[self.node_id], self.own())
+            if mark > 0:
+                vector[self.node_id] = mark
+            else:
+                del vector[self.node_id]
         if self._vectors.get(status.node_id) != vector:
             self._vectors[status.node_id] = vector
             self._version += 1
