@@ -165,3 +165,15 @@ def test_two_peers_that_disagree_do_not_make_a_node_blame_its_own_clock() -> Non
     skew.peer_sample("wrong", received_at_ms=5_000, status_at_ms=5_000 + 3 * DAY_MS, now=0.0)
     est = skew.estimate(0.0)
     assert est is not None and est.offset_ms == 0 and est.peers == 2
+
+
+def test_one_peer_alone_cannot_set_the_estimate() -> None:
+    """Red team: a single (hostile) peer whose statuses say we are 3 days ahead made the node warn
+    its cashier to set a right clock back by 3 days; one peer never decides, and beside one honest
+    peer the liar can only pull the estimate towards zero."""
+    skew = ClockSkew()
+    skew.peer_sample("liar", received_at_ms=5_000 + 3 * DAY_MS, status_at_ms=5_000, now=0.0)
+    assert skew.estimate(1.0) is None
+    skew.peer_sample("honest", received_at_ms=9_000, status_at_ms=9_000 - 30, now=0.5)
+    est = skew.estimate(1.0)
+    assert est is not None and est.peers == 2 and abs(est.offset_ms) < WARN_SKEW_MS

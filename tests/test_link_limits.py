@@ -106,8 +106,10 @@ def test_an_idle_connection_flood_neither_stops_honest_links_nor_fills_the_log(
         sold.add(client.running(a).sell(700)["id"])
         wait_for(lambda: sale_ids(a) == sold == sale_ids(b), 60, "A and B did not replicate under the flood")
         wait_for(lambda: flood.closed_by_server >= 1000, 120, lambda: f"A closed {flood.closed_by_server} idle ones")
-        # the few it took in (not yet authenticated) are closed once the short deadline passes
-        wait_for(lambda: "no TLS handshake and HELLO within" in procs.children["A"].log_path.read_text(), 30,
+        # the few it took in (not yet authenticated) are closed once the short deadline passes, or
+        # sooner, to make room for newer ones (meshpos.infra.netguard)
+        wait_for(lambda: any(line in procs.children["A"].log_path.read_text()
+                             for line in ("no TLS handshake and HELLO within", "not authenticated after")), 30,
                  "A did not close the idle connections it had taken in")
     text = procs.children["A"].log_path.read_text()
     lines = text.splitlines()

@@ -15,7 +15,7 @@ import pytest
 from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
 from meshpos.node import client
 from meshpos.node.enroll import enroll_one_step
-from meshpos.replication.peerx import (MAX_ADDRESSES, DialBudget, PeerHints, address_for, hint_from_status,
+from meshpos.replication.peerx import (HINT_SLACK_S, MAX_ADDRESSES, DialBudget, PeerHints, address_for, hint_from_status,
                                        judge_answer, on_loopback, usable_address)
 from meshpos.replication.planner import PeerInfo
 from meshpos.site.sitedir import Site
@@ -56,6 +56,32 @@ def test_hints_are_bounded_and_expire_with_their_status() -> None:
     assert hints.expire(30.5) == [] and hints.expire(32) == ["a"] and hints.nodes() == ["b"]  # renewed at 1
     assert hints.offer(None, "b", now=2, ttl_s=30) and hints.nodes() == []  # a status without address
 
+
+
+def test_a_replayed_history_keeps_a_hint_alive_only_as_long_as_it_spans() -> None:
+    """Red team: a hint's life was counted from each status's arrival, so a hostile relay replaying
+    a departed node's recorded statuses, each newer than the last, kept its stale address a dial
+    target for ever. A hint now lives no longer than its signer's clock advanced since the first
+    status of it we took (plus the ttl and HINT_SLACK_S), whatever arrives when."""
+    a = PeerInfo("a", ("10.0.0.1",), 1)
+    live = PeerHints("me")
+    for k in range(1000):  # a live node: a status every 10 s, its clock running with ours
+        live.offer(a, "a", now=10.0 * k, ttl_s=30, at=5_000_000 + 10_000 * k)
+    assert live.expire(10.0 * 999 + 29) == [] and live.nodes() == ["a"]
+    replayed = PeerHints("me")
+    recorded = [5_000_000 + 10_000 * k for k in range(30)]  # 290 s of a node's statuses
+    alive_at = []
+    for k, at in enumerate(recorded):  # replayed one every 25 s: each newer, each "fresh" on arrival
+        now = 25.0 * k
+        replayed.offer(a, "a", now=now, ttl_s=30, at=at)
+        replayed.expire(now + 1)
+        if replayed.nodes():
+            alive_at.append(now)
+    bound = 290 + 30 + HINT_SLACK_S
+    assert alive_at and max(alive_at) <= bound < 25.0 * 29
+    assert replayed.nodes() == [] and replayed.expire(1e6) == []
+    # the anchor outlives the hint: once expired, an old status does not start its life again
+    assert not replayed.offer(a, "a", now=2000.0, ttl_s=30, at=recorded[-1] + 1) and replayed.nodes() == []
 
 def test_dials_to_hinted_nodes_are_rate_limited() -> None:
     budget = DialBudget(rate=2.0, burst=4)

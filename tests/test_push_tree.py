@@ -14,9 +14,11 @@ from meshpos.infra.clock import FakeClock
 from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 from meshpos.replication.memnet import MemLink, MemNetwork
 from meshpos.replication.planner import ring_targets
-from meshpos.replication.pushtree import ANNOUNCE_DELAY, GRAFT_TIMEOUT, GraftDue, PushTree, change_hash, origin_of
+from meshpos.replication.pushtree import (ANNOUNCE_DELAY, GRAFT_TIMEOUT, ORIGIN_LIMIT, GraftDue, PushTree,
+                                         change_hash, origin_of)
 from meshpos.replication.sync import SyncConfig, SyncSession
 from meshpos.wire import link as lp
+from meshpos.wire.link import MAX_ORIGINS
 from meshpos.wire.link_frames import FrameDecoder, FrameType
 
 H1, H2, H3 = (bytes([i]) * 32 for i in (1, 2, 3))
@@ -42,6 +44,34 @@ def test_prune_and_graft_frames_received_switch_the_link() -> None:
     tree.graft("x", O)
     assert tree.eager("x", O)
 
+
+
+def test_prunes_of_made_up_origins_are_bounded_per_link(tmp_path: Path) -> None:
+    """Red team: every PRUNE origin a peer named went into a set of its link, whether any such
+    node existed or not: a peer sending well-formed PRUNEs of made-up node ids (256 a frame, as
+    many frames as it liked) grew the node's memory without bound. Past ORIGIN_LIMIT per link
+    they are ignored, and the link stays eager for them."""
+    tree: PushTree[str] = PushTree(origin_limit=3)
+    for i in range(5):
+        tree.prune("x", f"{i:016x}")
+    assert [tree.eager("x", f"{i:016x}") for i in range(5)] == [False] * 3 + [True] * 2
+    assert tree.prunes_ignored == 2
+    tree.prune("x", f"{0:016x}")  # one it is lazy for already: no change, nothing ignored
+    tree.graft("x", f"{1:016x}")
+    tree.prune("x", f"{4:016x}")  # a graft made room
+    assert not tree.eager("x", f"{4:016x}") and tree.prunes_ignored == 2 and tree.eager("y", f"{0:016x}")
+    clock = wall_clock()
+    a, b = _nodes(tmp_path, clock, 2)
+    net = MemNetwork()
+    link = net.connect(a.replicator, b.replicator)
+    _settle(net, clock, 1.0)  # the link opens (version 4)
+    sa = _session(link, a)
+    made_up = [f"{i:016x}" for i in range(ORIGIN_LIMIT + 2 * MAX_ORIGINS)]
+    sa.receive_data(b"".join(lp.encode_event(lp.Prune(tuple(made_up[k:k + MAX_ORIGINS])))
+                             for k in range(0, len(made_up), MAX_ORIGINS)))
+    assert not sa.closed
+    assert sum(not a.replicator.tree.eager(sa, o) for o in made_up) == ORIGIN_LIMIT
+    assert a.replicator.tree.prunes_ignored == 2 * MAX_ORIGINS
 
 def test_an_announced_change_that_arrives_in_time_is_not_pulled() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)
@@ -86,6 +116,26 @@ def test_announcements_past_the_bound_are_ignored() -> None:
     tree.announced("x", f"{O}/000000", [H1], now=2.0)
     assert tree.wanted == 1
 
+
+
+def test_a_timer_costs_what_is_due_not_what_is_awaited() -> None:
+    """Red team: due() scanned every awaited hash whenever one timer was due, so a peer announcing
+    made-up hashes spread over time (16,384 awaited, one falling due every 30 us) made every turn
+    of the node's loop scan 16,384 entries: the loop saturated (tools/bench_pushtree_flood.py)."""
+    tree: PushTree[str] = PushTree()
+    n = tree.wanted_limit
+    hashes = [i.to_bytes(32, "big") for i in range(n)]
+    for i, h in enumerate(hashes):
+        tree.announced("evil", f"{O}/000000", [h], now=i * (GRAFT_TIMEOUT / n))
+    tree.saw(hashes[1:101])  # a hundred came after all: their timers are stale now
+    assert tree.next_deadline() == GRAFT_TIMEOUT
+    assert tree.due(GRAFT_TIMEOUT) == [GraftDue("evil", f"{O}/000000")]
+    assert tree.timers_run == 1  # one timer due: one looked at, not 16,384
+    tree.due(GRAFT_TIMEOUT + 101 * (GRAFT_TIMEOUT / n))
+    assert tree.timers_run == 102 and tree.wanted == n - 100  # the 100 stale ones cost one look each
+    assert tree.next_deadline() == GRAFT_TIMEOUT + 102 * (GRAFT_TIMEOUT / n)
+    tree.due(2 * GRAFT_TIMEOUT + 101 * (GRAFT_TIMEOUT / n))  # every timer due: the two grafted ones end
+    assert tree.wanted == n - 102  # nobody else announced them: forgotten after their one try
 
 def test_a_closed_link_is_forgotten() -> None:
     tree: PushTree[str] = PushTree(graft_timeout=1.0)

@@ -10,7 +10,8 @@ set the system time, but it can tell its cashier and the organizer (protocols/cl
   and the peers' estimate is the median over peers heard from within PEER_MAX_AGE_S (of two
   middle values, the one nearer zero): with three peers or more, one peer with a wrong clock, or
   lying about it, cannot move it past the others'; with two that disagree, the node does not
-  blame its own clock. With fewer than MIN_PEERS peers there is no peers' estimate.
+  blame its own clock. With fewer than MIN_PEERS (2) peers there is no peers' estimate: one peer
+  alone, hostile or merely wrong, could otherwise tell the cashier to set a right clock days off.
 * **Switch.** When the node reaches the switch, the health reply carries the switch's clock
   (``time_ms``, protocols/forwarding.md); the sample is ``our clock half-way through the
   exchange - time_ms``, good to half the round trip. The switch's clock is the one that decides
@@ -30,7 +31,7 @@ WARN_SKEW_MS = 120_000
 PEER_SAMPLES = 4
 PEER_MAX_AGE_S = 300.0
 SWITCH_MAX_AGE_S = 600.0
-MIN_PEERS = 1
+MIN_PEERS = 2  # one peer alone never decides (of two, the middle value nearer zero wins)
 MAX_PEERS = 256
 
 

@@ -6,9 +6,19 @@ Rules (used by the link listener and the HTTP server; the numbers are the caller
   the TLS handshake and the peer's HELLO; HTTP: its first whole request),
   then *open*. At most ``per_source`` connections of one source address may be
   pending at once, at most ``pending`` from all sources, and at most ``total``
-  connections may be held at all. A connection past a cap is closed at once,
-  before any TLS work, and the refusal is logged at most once per
-  ``LOG_INTERVAL`` per reason.
+  connections may be held at all. A new connection past a cap first makes room:
+  the oldest pending connection of its own source (the per-source cap), else of the
+  source with the most pending connections (the pending or total cap) is closed, if
+  it has been pending for at least ``evict_after`` (default: a fifth of
+  ``proof_timeout``). Only when no pending connection is that old (or all held
+  ones have proved themselves) is the new connection closed at once, before any
+  TLS work; either is logged at most once per ``LOG_INTERVAL`` per reason. So
+  connections that never prove themselves cannot lock a client out for
+  ``proof_timeout`` after ``proof_timeout``: a client that proves itself within
+  ``evict_after`` of being taken is never closed for another, and one arriving
+  while the flood's connections are older than that is taken. (A source that opens
+  more than ``per_source`` connections per ``evict_after`` can still keep its own
+  address's slots young; from another address it takes only what the caps leave.)
 * The caller closes a pending connection that has not proved itself within
   its own short deadline, so an idle connection costs a few seconds, not ten.
 * Running out of file descriptors (``EMFILE`` and the like) while accepting is
@@ -107,49 +117,116 @@ class InboundLimits:
     pending: int  # connections not yet proved, from all sources
     per_source: int  # connections not yet proved, from one source address
     proof_timeout: float  # seconds a connection may stay pending (the caller enforces it)
+    evict_after: float | None = None  # seconds pending before one may be closed for a newcomer (None: proof_timeout / 5)
+
+    @property
+    def grace(self) -> float:
+        return self.proof_timeout / 5 if self.evict_after is None else self.evict_after
+
+
+@dataclass(frozen=True)
+class Admission:
+    """``admit``'s answer: ``ticket`` (None: refused, ``reason`` says why) and the tickets of pending
+    connections to close now to make room for it (already no longer counted)."""
+    ticket: int | None
+    reason: str = ""
+    evict: tuple[int, ...] = ()
 
 
 class InboundGate:
-    """Counts of inbound connections; ``admit`` says whether one more may be held."""
+    """Counts of inbound connections; ``admit`` says whether one more may be held, and which
+    pending connections must go to make room for it (module docstring). Pure: time comes in."""
 
-    def __init__(self, limits: InboundLimits) -> None:
+    def __init__(self, limits: InboundLimits, now: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
-        self.held = 0
-        self.pending: dict[str, int] = {}
+        self.now = now
+        self.open = 0  # held connections that proved themselves
+        self._pending: OrderedDict[int, tuple[str, float]] = OrderedDict()  # ticket -> (source, since), oldest first
+        self._by_source: dict[str, int] = {}
+        self._next = 0
         self.refused = 0
+        self.evicted = 0
+
+    @property
+    def held(self) -> int:
+        return self.open + len(self._pending)
+
+    @property
+    def pending(self) -> dict[str, int]:
+        """Pending connections per source."""
+        return dict(self._by_source)
 
     @property
     def pending_total(self) -> int:
-        return sum(self.pending.values())
+        return len(self._pending)
 
-    def admit(self, source: str) -> str | None:
-        """None: take it (now pending); else why it must be closed at once."""
+    def admit(self, source: str) -> Admission:
+        """Take a new connection from ``source`` (pending) unless a cap forbids it even after
+        closing old pending connections; see :class:`Admission`."""
         lim = self.limits
-        if self.held >= lim.total:
-            reason = f"{self.held} connections held (limit {lim.total})"
-        elif self.pending.get(source, 0) >= lim.per_source:
-            reason = f"{lim.per_source} connections from {source} not yet authenticated"
-        elif self.pending_total >= lim.pending:
-            reason = f"{lim.pending} connections not yet authenticated"
-        else:
-            self.held += 1
-            self.pending[source] = self.pending.get(source, 0) + 1
+        now = self.now()
+        gone: list[int] = []
+        counts = dict(self._by_source)
+
+        def victim(src: str) -> int | None:  # the oldest pending of src, if it waited long enough
+            for ticket, (of, since) in self._pending.items():  # oldest first
+                if of == src and ticket not in gone:
+                    return ticket if now - since >= lim.grace else None
             return None
-        self.refused += 1
-        return reason
 
-    def proved(self, source: str) -> None:
-        """The connection proved itself: it no longer counts as pending."""
-        n = self.pending.get(source, 0)
-        if n <= 1:
-            self.pending.pop(source, None)
+        while True:
+            waiting = len(self._pending) - len(gone)
+            if counts.get(source, 0) >= lim.per_source:
+                cap, ticket = f"{lim.per_source} connections from {source} not yet authenticated", victim(source)
+            elif waiting >= lim.pending or self.open + waiting >= lim.total:
+                cap = (f"{lim.pending} connections not yet authenticated" if waiting >= lim.pending
+                       else f"{self.open + waiting} connections held (limit {lim.total})")
+                heaviest = max(counts, key=lambda src: counts[src]) if counts else None
+                ticket = victim(heaviest) if heaviest is not None else None
+            else:
+                break
+            if ticket is None:
+                self.refused += 1
+                return Admission(None, cap)
+            gone.append(ticket)
+            of = self._pending[ticket][0]
+            counts[of] -= 1
+            if not counts[of]:
+                del counts[of]
+        for ticket in gone:
+            self._drop(ticket)
+        self.evicted += len(gone)
+        self._next += 1
+        self._pending[self._next] = (source, now)
+        self._by_source[source] = self._by_source.get(source, 0) + 1
+        return Admission(self._next, evict=tuple(gone))
+
+    def _drop(self, ticket: int) -> bool:
+        """Stop counting ``ticket`` as pending; False if it was not (proved, closed for another)."""
+        entry = self._pending.pop(ticket, None)
+        if entry is None:
+            return False
+        n = self._by_source[entry[0]] - 1
+        if n:
+            self._by_source[entry[0]] = n
         else:
-            self.pending[source] = n - 1
+            del self._by_source[entry[0]]
+        return True
 
-    def release(self, source: str, proved: bool) -> None:
-        self.held -= 1
-        if not proved:
-            self.proved(source)
+    def proved(self, ticket: int) -> bool:
+        """The connection proved itself: it no longer counts as pending (nor can it be closed for
+        another); False if it was closed for another already (it is on its way out)."""
+        if self._drop(ticket):
+            self.open += 1
+            return True
+        return False
+
+    def release(self, ticket: int, proved: bool) -> None:
+        """The connection ended (if it was closed for another, it counts no longer already)."""
+        if proved:
+            self.open -= 1
+        else:
+            self._drop(ticket)
 
 
 def _socket_of(stream: Any) -> Any:
@@ -177,18 +254,22 @@ async def serve_bounded(handler: Connection, listeners: Sequence[trio.abc.Listen
     connection (it calls ``proved()`` once the peer has shown who it is); the stream is closed after."""
     limited = LogLimiter()
 
-    async def run_one(stream: Any, source: str, where: str) -> None:
+    running: dict[int, tuple[trio.CancelScope, str]] = {}  # pending connections: ticket -> (scope, where)
+
+    async def run_one(stream: Any, ticket: int, source: str, where: str, scope: trio.CancelScope) -> None:
         done = False
 
         def proved() -> None:
             nonlocal done
-            if not done:
+            if not done and gate.proved(ticket):
                 done = True
-                gate.proved(source)
+                running.pop(ticket, None)
         try:
-            await handler(stream, source, where, proved)
+            with scope:
+                await handler(stream, source, where, proved)
         finally:
-            gate.release(source, done)
+            running.pop(ticket, None)
+            gate.release(ticket, done)
             await trio.aclose_forcefully(stream)
 
     async def accept_loop(listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
@@ -207,16 +288,29 @@ async def serve_bounded(handler: Connection, listeners: Sequence[trio.abc.Listen
                     await trio.sleep(ACCEPT_RETRY)
                     continue
                 source, where = source_of(stream)
-                reason = gate.admit(source)
-                if reason is not None:
+                admission = gate.admit(source)
+                if admission.ticket is None:
                     await trio.aclose_forcefully(stream)
-                    ok, suppressed = limited.allow(("refused", reason))
+                    ok, suppressed = limited.allow(("refused", admission.reason))
                     if ok:
-                        log.warning("refused %s from %s at once: %s (%d refused so far)%s", what, where, reason,
-                                    gate.refused,
+                        log.warning("refused %s from %s at once: %s (%d refused so far)%s", what, where,
+                                    admission.reason, gate.refused,
                                     f"; {suppressed} similar refusals not logged" if suppressed else "")
                     continue
-                nursery.start_soon(run_one, stream, source, where)
+                for old in admission.evict:  # pending too long while others wait: closed to make room
+                    victim = running.pop(old, None)
+                    if victim is None:
+                        continue
+                    victim[0].cancel()
+                    old_where = victim[1]
+                    ok, suppressed = limited.allow(("evicted", source))
+                    if ok:
+                        log.warning("closed %s from %s, not authenticated after %gs, to take one from %s "
+                                    "(%d closed so far)%s", what, old_where, gate.limits.grace, where, gate.evicted,
+                                    f"; {suppressed} similar not logged" if suppressed else "")
+                scope = trio.CancelScope()
+                running[admission.ticket] = (scope, where)
+                nursery.start_soon(run_one, stream, admission.ticket, source, where, scope)
 
     async with trio.open_nursery() as nursery:
         for listener in listeners:

@@ -46,6 +46,10 @@ class Holdings:
     def mark(self, terminal: str) -> int:
         return self._mark.get(terminal, 0)
 
+    def highest(self, terminal: str) -> int:
+        """The greatest sequence number of ``terminal`` held, gap or not (0: none)."""
+        return max(self._ahead.get(terminal, ()), default=self.mark(terminal))
+
     def holds(self, terminal: str, seq: int) -> bool:
         return seq <= self.mark(terminal) or seq in self._ahead.get(terminal, ())
 

@@ -82,7 +82,7 @@ class NodeCore:
             write_atomically(created, f"node {cfg.node_id}\n".encode(), mode=0o600)
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
         # who else holds which sales, from the statuses the node receives (fed by its status board)
-        self.holders = Holders(cfg.node_id)
+        self.holders = Holders(cfg.node_id, lambda: self.ledger.holdings.highest(cfg.node_id))
 
     @classmethod
     def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True) -> "NodeCore":

@@ -194,7 +194,7 @@ class Mesh:
             log.info("peer exchange: %s (%s) listens at %s port %d", self.core.roster.name_of(node), node,
                      ",".join(info.addresses), info.port)
         ttl = stale_after_ms(status.body) / 1000
-        if self.hints.offer(info, node, self.clock.monotonic(), ttl):
+        if self.hints.offer(info, node, self.clock.monotonic(), ttl, status.at):
             self._refresh(node)
             self.wake.set()
 

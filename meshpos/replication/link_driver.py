@@ -6,8 +6,8 @@ Whatever one peer does (garbage, stalls, resets, a failed handshake), its task
 ends with a logged reason and never raises into the caller's nursery, so one
 misbehaving link cannot stop the node or its other links. Inbound connections
 are bounded (meshpos.infra.netguard, numbers in meshpos.replication.planner): one that has not
-finished its TLS handshake and HELLO within ``AUTH_TIMEOUT`` is closed, one
-past a cap is closed at once.
+finished its TLS handshake and HELLO within ``AUTH_TIMEOUT`` is closed; past a cap
+a new one makes room by closing an old unauthenticated one, or is closed at once.
 """
 
 from __future__ import annotations

@@ -18,7 +18,12 @@ Rules (protocols/peer-exchange.md; pure, time comes in as ``now``):
   one machine: elsewhere it names the receiver's own local services), a port
   in 1..65535; hints of at most ``MAX_HINTED`` nodes; a hint lives as long as
   the status it came from is fresh (``ttl_s``, the status's own staleness bound),
-  then it is forgotten unless a newer status renews it.
+  then it is forgotten unless a newer status renews it. A renewal can extend a
+  hint only as far as its signer's clock advanced: the first status of a node we
+  take anchors (our monotonic time, its ``at``), and no hint of that node lives past
+  ``anchor + (at - anchor's at) + ttl + HINT_SLACK_S``. A hostile relay replaying a
+  node's recorded statuses, each newer than the last, so keeps a stale address
+  alive at most as long as the recording spans, not for ever.
 * Hints only add dial targets to the ring planner (meshpos.replication.planner),
   whose targets, back-off and one-link-per-pair rule stay as they are: a hint
   never closes or replaces a working link. Dials to hinted nodes also draw on a
@@ -41,6 +46,8 @@ MAX_ADDRESSES = 4
 MAX_HINTED = 1024
 HINT_DIAL_RATE = 2.0  # dials per second to nodes known only by a hint
 HINT_DIAL_BURST = 4
+HINT_SLACK_S = 60.0  # how much later than its signer's clock advanced a hint may still live (delays, drift)
+MAX_ANCHORS = 4096
 LINK_ROLES = ("terminal", "gateway")  # the roles that listen for links (inspectors only dial)
 
 
@@ -104,9 +111,13 @@ class PeerHints:
     max_nodes: int = MAX_HINTED
     hints: dict[str, tuple[PeerInfo, float]] = field(default_factory=dict)  # node -> (hint, expires at)
     refused: int = 0  # hints not taken because the table was full
+    # node -> (our monotonic time, its at) of the first status of it we took: kept after its hint
+    # expires, so that replayed old statuses cannot start a hint's life again (bounded, oldest out)
+    anchors: dict[str, tuple[float, int]] = field(default_factory=dict)
 
-    def offer(self, info: PeerInfo | None, node_id: str, now: float, ttl_s: float) -> bool:
-        """Take (or drop, if ``info`` is None) ``node_id``'s hint; True if what we would dial changed."""
+    def offer(self, info: PeerInfo | None, node_id: str, now: float, ttl_s: float, at: int | None = None) -> bool:
+        """Take (or drop, if ``info`` is None) ``node_id``'s hint from its status dated ``at`` (its
+        signer's clock, ms; None: no bound by it); True if what we would dial changed."""
         if node_id == self.me:
             return False
         old = self.hints.get(node_id)
@@ -115,7 +126,17 @@ class PeerHints:
         if old is None and len(self.hints) >= self.max_nodes:
             self.refused += 1
             return False
-        self.hints[node_id] = (info, now + ttl_s)
+        until = now + ttl_s
+        if at is not None:
+            anchor = self.anchors.get(node_id)
+            if anchor is None:
+                if len(self.anchors) >= MAX_ANCHORS:  # the oldest anchored first (insertion order)
+                    del self.anchors[next(iter(self.anchors))]
+                anchor = self.anchors[node_id] = (now, at)
+            until = min(until, anchor[0] + max(0, at - anchor[1]) / 1000 + ttl_s + HINT_SLACK_S)
+            if until <= now:  # a status its signer made long before: its address is not worth a dial
+                return self.hints.pop(node_id, None) is not None
+        self.hints[node_id] = (info, until)
         return old is None or old[0] != info
 
     def get(self, node_id: str) -> PeerInfo | None:

@@ -25,6 +25,10 @@ The rules, all of them:
   later, and so on; a hash nobody else announced is dropped after its last try (the digest
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
+* A link is lazy for at most ``ORIGIN_LIMIT`` origins (PRUNE names node ids, known or not): past
+  that, PRUNEs of new origins are ignored and counted, and the link stays eager for them (more
+  pushing, nothing lost). A peer sending PRUNEs of made-up node ids by the million cannot grow
+  the node's memory without bound.
 * ``seen`` remembers the most recent ``SEEN_LIMIT`` change hashes; an announced hash that has
   dropped out of it costs at most one needless pull. At most ``WANTED_LIMIT`` announced hashes
   are awaited at once (a peer announcing made-up hashes by the million costs bounded memory);
@@ -34,6 +38,7 @@ The rules, all of them:
 from __future__ import annotations
 
 import hashlib
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
@@ -42,6 +47,7 @@ GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled f
 ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
 SEEN_LIMIT = 1 << 16  # change hashes remembered
 WANTED_LIMIT = 1 << 14  # announced changes awaited at once; past it, announcements are ignored
+ORIGIN_LIMIT = 4096  # origins one link may be lazy for (a site's nodes: status board's MAX_NODES)
 
 L = TypeVar("L", bound=Hashable)
 
@@ -68,8 +74,10 @@ class GraftDue(Generic[L]):
 
 class PushTree(Generic[L]):
     def __init__(self, graft_timeout: float = GRAFT_TIMEOUT, seen_limit: int = SEEN_LIMIT,
-                 wanted_limit: int = WANTED_LIMIT) -> None:
+                 wanted_limit: int = WANTED_LIMIT, origin_limit: int = ORIGIN_LIMIT) -> None:
         self.graft_timeout = graft_timeout
+        self.origin_limit = origin_limit
+        self.prunes_ignored = 0  # PRUNEs of an origin past ``origin_limit`` on their link
         self.seen_limit = seen_limit
         self.wanted_limit = wanted_limit
         self.ignored = 0  # announcements past ``wanted_limit``
@@ -77,7 +85,13 @@ class PushTree(Generic[L]):
         self._pruned: dict[L, set[str]] = {}  # link -> origins we asked its peer not to push
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         self._wanted: dict[bytes, _Wanted[L]] = {}
-        self._next: float | None = float("inf")  # the earliest deadline of _wanted; None: recompute
+        # (deadline, order, hash) of every armed timer, earliest first; an entry whose hash is no
+        # longer awaited, or awaited with another deadline, is stale and skipped when it comes up.
+        # due() thus costs what is due, not what is awaited: a peer announcing made-up hashes
+        # spread over time made each timer scan all WANTED_LIMIT of them (the node's loop saturated)
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._order = 0
+        self.timers_run = 0  # timer entries due() has looked at (its whole cost), stale ones included
         self.grafts = 0
         self.prunes = 0
 
@@ -89,7 +103,11 @@ class PushTree(Generic[L]):
 
     def prune(self, link: L, origin: str) -> None:
         """PRUNE received: stop pushing ``origin``'s changes on ``link`` (announce them)."""
-        self._lazy.setdefault(link, set()).add(origin)
+        lazy = self._lazy.setdefault(link, set())
+        if len(lazy) >= self.origin_limit and origin not in lazy:
+            self.prunes_ignored += 1  # made-up origins by the million: the link stays eager for them
+            return
+        lazy.add(origin)
 
     def graft(self, link: L, origin: str) -> None:
         """GRAFT received: push ``origin``'s changes on ``link`` again."""
@@ -113,8 +131,7 @@ class PushTree(Generic[L]):
     def saw(self, hashes: Iterable[bytes]) -> None:
         """These changes are held now (made here, or merged from any link)."""
         for h in hashes:
-            if self._wanted.pop(h, None) is not None:
-                self._next = None
+            self._wanted.pop(h, None)  # its timer entry goes stale
             self._seen[h] = None
             self._seen.move_to_end(h)
         while len(self._seen) > self.seen_limit:
@@ -143,32 +160,45 @@ class PushTree(Generic[L]):
                     self.ignored += 1
                     continue
                 wanted = self._wanted[h] = _Wanted(shard, now + self.graft_timeout)
-                if self._next is not None:
-                    self._next = min(self._next, wanted.deadline)
+                self._arm(h, wanted.deadline)
             if link not in wanted.announcers:
                 wanted.announcers.append(link)
 
     # -- timers -------------------------------------------------------------------------
 
+    def _arm(self, h: bytes, deadline: float) -> None:
+        self._order += 1
+        heapq.heappush(self._timers, (deadline, self._order, h))
+        if len(self._timers) > 2 * len(self._wanted) + 1024:  # mostly stale (changes that came): rebuild
+            self._timers = [(w.deadline, n, k) for n, (k, w) in enumerate(self._wanted.items())]
+            heapq.heapify(self._timers)
+
+    def _live(self, entry: tuple[float, int, bytes]) -> bool:
+        wanted = self._wanted.get(entry[2])
+        return wanted is not None and wanted.deadline == entry[0]
+
     def next_deadline(self) -> float:
-        if self._next is None:  # asked by every link's driver on each turn: computed once per change
-            self._next = min((w.deadline for w in self._wanted.values()), default=float("inf"))
-        return self._next
+        timers = self._timers
+        while timers and not self._live(timers[0]):  # stale tops go, each once
+            heapq.heappop(timers)
+        return timers[0][0] if timers else float("inf")
 
     def due(self, now: float) -> list[GraftDue[L]]:
         """The grafts whose time has come (one per link and shard): send GRAFT and pull."""
         out: dict[tuple[L, str], GraftDue[L]] = {}
-        if self.next_deadline() > now:
-            return []
-        self._next = None
-        for h, wanted in list(self._wanted.items()):
-            if wanted.deadline > now:
+        while self._timers and self._timers[0][0] <= now:  # (_arm may rebuild the list)
+            entry = heapq.heappop(self._timers)
+            self.timers_run += 1
+            if not self._live(entry):
                 continue
+            h = entry[2]
+            wanted = self._wanted[h]
             if not wanted.announcers:
                 del self._wanted[h]
                 continue
             link = wanted.announcers.pop(0)
             wanted.deadline = now + self.graft_timeout
+            self._arm(h, wanted.deadline)
             pruned = self._pruned.get(link)
             if pruned is not None:
                 pruned.discard(origin_of(wanted.shard))

@@ -12,7 +12,7 @@ Layout (protocols/files.md):
   node.lock     held by the one process that owns the directory
   api-token     the terminal API's bearer token (0600), made at enrollment or on first run
   api.sock      the terminal API on a UNIX socket (0600), while the node runs; the CLI uses it
-  cashier-pin   the cashier app's PIN, as a scrypt hash (0600); cashier-lock.json its wrong tries
+  cashier-pin   the cashier app's PIN, as a scrypt hash (0600); cashier-lock(-remote).json its wrong tries
 """
 
 from __future__ import annotations

@@ -8,6 +8,15 @@ itself when it holds the sale (an inspector does not count itself: it is no part
 of the mesh's memory). A status that went stale still counts: what a node holds
 is on its disk, whether or not we hear from it now; a revoked node does not.
 
+A claim about this node's *own* sales covers only those it had made when the claim
+arrived: that mark is cut to the highest sequence number of its own it held then
+(``own``). A status (say a hostile node's ``2^53`` for every terminal) thus never
+counts for a sale made after it: "held on 2" at a cashier means another node's
+status arrived after the sale was made. (Claims about other terminals' sales are
+taken whole: an observer may receive a sale after a status that truly covers it.)
+What a member could have received it may claim, truly or not; no vector can prove
+that it still has it.
+
 A pending sale held by fewer than MIN_HOLDERS nodes is **at risk**: the loss of
 one device loses it. Pure: statuses come in through ``update``.
 """
@@ -16,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from typing import Collection
+from typing import Callable, Collection
 
 from meshpos.status.board import NodeStatus
 
@@ -44,8 +53,9 @@ class HeldIndex:
 
 
 class Holders:
-    def __init__(self, node_id: str) -> None:
+    def __init__(self, node_id: str, own: Callable[[], int] | None = None) -> None:
         self.node_id = node_id
+        self.own = own  # the highest seq of this node's own sales it holds (None: claims taken whole)
         self._vectors: dict[str, dict[str, int]] = {}
         self._version = 0
         self._cached: tuple[int, frozenset[str], HeldIndex] | None = None
@@ -55,6 +65,12 @@ class Holders:
         if status.node_id == self.node_id:
             return
         vector = dict(status.body.held)  # a malformed one was read as empty (wire/status.py)
+        if self.own is not None and self.node_id in vector:  # our sales: only those made before it came
+            mark = min(vector[self.node_id], self.own())
+            if mark > 0:
+                vector[self.node_id] = mark
+            else:
+                del vector[self.node_id]
         if self._vectors.get(status.node_id) != vector:
             self._vectors[status.node_id] = vector
             self._version += 1

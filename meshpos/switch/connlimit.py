@@ -7,6 +7,13 @@ stream fails with ``BrokenResourceError`` when its peer sends nothing for
 ``idle_s`` while the switch waits for bytes (a TLS handshake or a request that
 stalls), so an idle connection holds its slot for seconds, not minutes.
 A source is the peer's IP address.
+
+At the per-source cap a new connection first makes room: the oldest connection of that source
+that has been waiting for its peer's bytes (a TLS handshake, a request head or body, or an idle
+keep-alive) for at least ``evict_after_s`` (default: a fifth of ``handshake_s``) is closed; only
+if there is none is the new one closed at once. A whole fair reaches the switch from one NAT
+address, so anyone on its Wi-Fi holding ``per_source`` idle connections would otherwise lock
+every gateway of the fair out; a connection the switch is working on is never closed for another.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ class ConnectionLimits:
     per_source: int = 64  # a whole fair may reach the switch from one NAT address
     idle_s: float = 5.0  # no byte for this long while the switch waits for one: closed
     handshake_s: float = 5.0  # the whole TLS handshake
+    evict_after_s: float | None = None  # waiting this long, closed for a newcomer at the cap (None: handshake_s/5)
+
+    @property
+    def grace(self) -> float:
+        return self.handshake_s / 5 if self.evict_after_s is None else self.evict_after_s
 
 
 class ConnectionGate:
@@ -38,6 +50,18 @@ class ConnectionGate:
         self.by_source: Counter[str] = Counter()
         self.refused = 0  # closed at once: over the per-source cap
         self.idled_out = 0  # closed for sending nothing
+        self.evicted = 0  # closed, waiting for their peer, to make room for a newcomer of their source
+        self.streams: dict[str, list["_Tracked"]] = {}  # source -> its open connections, oldest first
+
+    def make_room(self, source: str) -> bool:
+        """At ``source``'s cap: close its oldest connection waiting for bytes for ``grace``; False if none."""
+        now = trio.current_time()
+        for tracked in self.streams.get(source, ()):
+            if tracked.evictable(now, self.limits.grace):
+                tracked.evict()
+                self.evicted += 1
+                return True
+        return False
 
     @property
     def open(self) -> int:
@@ -63,7 +87,7 @@ class LimitedListener(trio.abc.Listener[trio.abc.Stream]):
                 gate.slots.release()
                 raise
             source = _source_of(stream)
-            if gate.by_source[source] >= gate.limits.per_source:
+            if gate.by_source[source] >= gate.limits.per_source and not gate.make_room(source):
                 gate.slots.release()
                 gate.refused += 1
                 if gate.refused == 1 or gate.refused % 1000 == 0:
@@ -72,7 +96,9 @@ class LimitedListener(trio.abc.Listener[trio.abc.Stream]):
                 await trio.aclose_forcefully(stream)
                 continue
             gate.by_source[source] += 1
-            return _Tracked(stream, gate, source)
+            tracked = _Tracked(stream, gate, source)
+            gate.streams.setdefault(source, []).append(tracked)
+            return tracked
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -94,6 +120,18 @@ class _Tracked(trio.abc.Stream):
         self.gate = gate
         self.source = source
         self._released = False
+        self._waiting: trio.CancelScope | None = None  # while waiting for the peer's bytes
+        self._waiting_since = 0.0
+        self._evicted = False
+
+    def evictable(self, now: float, grace: float) -> bool:
+        return not self._evicted and self._waiting is not None and now - self._waiting_since >= grace
+
+    def evict(self) -> None:
+        """Close it for a newcomer of its source: its wait for bytes ends in BrokenResourceError."""
+        self._evicted = True
+        if self._waiting is not None:
+            self._waiting.cancel()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
@@ -102,14 +140,27 @@ class _Tracked(trio.abc.Stream):
         await self.stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        with trio.move_on_after(self.gate.limits.idle_s):
-            return await self.stream.receive_some(max_bytes)
+        if self._evicted:
+            raise trio.BrokenResourceError(f"closed to make room for a newer connection from {self.source}")
+        with trio.move_on_after(self.gate.limits.idle_s) as self._waiting:
+            self._waiting_since = trio.current_time()
+            try:
+                return await self.stream.receive_some(max_bytes)
+            finally:
+                self._waiting = None
+        if self._evicted:
+            raise trio.BrokenResourceError(f"closed to make room for a newer connection from {self.source}")
         self.gate.idled_out += 1
         raise trio.BrokenResourceError(f"no byte from {self.source} for {self.gate.limits.idle_s:g} s")
 
     async def aclose(self) -> None:
         if not self._released:
             self._released = True
+            mine = self.gate.streams.get(self.source, [])
+            if self in mine:
+                mine.remove(self)
+            if not mine:
+                self.gate.streams.pop(self.source, None)
             self.gate.by_source[self.source] -= 1
             if not self.gate.by_source[self.source]:
                 del self.gate.by_source[self.source]

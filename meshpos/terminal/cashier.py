@@ -6,8 +6,16 @@ Rules (protocols/terminal-api.yaml, "The cashier app's session"):
 - The count and the lock's end are written to ``NODE_DIR/cashier-lock.json`` before the answer
   goes out: a restart of the node, or a power cycle of the device, gives no new tries. The lock
   is counted per node, not per client address: on loopback every client has the same address,
-  and the node serves one screen.
+  and the node serves one screen. Logins from beyond loopback (an API listening on the Wi-Fi)
+  are counted apart, in ``cashier-lock-remote.json``, all of them together: anyone on the
+  fair's Wi-Fi could otherwise keep the device's own screen locked out for good, five wrong
+  PINs a minute; guesses from the network are still five a minute in all.
 - Attempts are taken one at a time: five parallel guesses are five attempts in a row.
+- A PIN that cannot be one (not 4 to 12 ASCII digits: letters, a lone surrogate...) is a wrong
+  PIN, counted, and never hashed.
+- The lock's end is wall-clock time: a lock that ends more than ``LOCK_MS`` from now was set
+  before the clock was set back (a terminal's clock corrected by days after a lock-out); it
+  ends ``LOCK_MS`` from now instead, so a corrected clock never locks the cashier out for days.
 - A session is a random token (256 bits) in an HttpOnly, SameSite=Strict cookie; the node keeps
   only its hash, in memory (a restart of the node logs the cashier out), for ``SESSION_MS``
   after the login; at most ``MAX_SESSIONS`` at once (the oldest goes first).
@@ -25,7 +33,8 @@ from typing import Callable
 import trio
 
 from meshpos.domain.errors import MeshposError
-from meshpos.site.cashierpin import LockState, pin_matches, read_lock_state, read_pin_hash, write_lock_state
+from meshpos.site.cashierpin import (LockState, pin_matches, pin_problem, read_lock_state, read_pin_hash,
+                                     write_lock_state)
 
 MAX_FAILURES = 5
 LOCK_MS = 60_000
@@ -71,6 +80,14 @@ def locked_for(state: LockState, now_ms: int) -> int:
     return max(0, state.locked_until_ms - now_ms)
 
 
+def after_clock_change(state: LockState, now_ms: int) -> LockState:
+    """``state`` with a lock that ends further off than LOCK_MS (the clock was set back since it
+    began) ending LOCK_MS from ``now_ms``."""
+    if state.locked_until_ms - now_ms > LOCK_MS:
+        return LockState(state.failures, now_ms + LOCK_MS)
+    return state
+
+
 class Sessions:
     def __init__(self, now_ms: Callable[[], int]) -> None:
         self._now = now_ms
@@ -110,6 +127,7 @@ class CashierLogin:
     def __init__(self, pin_path: Path, lock_path: Path, now_ms: Callable[[], int]) -> None:
         self.pin_path = pin_path
         self.lock_path = lock_path
+        self.remote_lock_path = lock_path.with_name(lock_path.stem + "-remote" + lock_path.suffix)
         self.now_ms = now_ms
         self.sessions = Sessions(now_ms)
         self._one_at_a_time = trio.Lock()
@@ -117,20 +135,26 @@ class CashierLogin:
     def pin_set(self) -> bool:
         return read_pin_hash(self.pin_path) is not None
 
-    async def login(self, pin: str) -> str:
-        """A new session's token, or LoginRefused (NoPin, Locked, WrongPin)."""
+    async def login(self, pin: str, local: bool = True) -> str:
+        """A new session's token, or LoginRefused (NoPin, Locked, WrongPin); ``local``: the client
+        is on loopback (the device's own screen), else its tries are counted apart."""
+        lock_path = self.lock_path if local else self.remote_lock_path
         async with self._one_at_a_time:
-            state = read_lock_state(self.lock_path)
-            left = locked_for(state, self.now_ms())
+            state = read_lock_state(lock_path)
+            now = self.now_ms()
+            if (fixed := after_clock_change(state, now)) != state:
+                write_lock_state(lock_path, fixed)
+                state = fixed
+            left = locked_for(state, now)
             if left:
                 raise Locked(left)
             stored = read_pin_hash(self.pin_path)
             if stored is None:
                 raise NoPin("no cashier PIN is set on this terminal: run `meshpos cashier-pin NODE_DIR` on it")
-            ok = await trio.to_thread.run_sync(pin_matches, stored, pin)
+            ok = pin_problem(pin) is None and await trio.to_thread.run_sync(pin_matches, stored, pin)
             new = after_attempt(state, ok, self.now_ms())
             if new != state:
-                write_lock_state(self.lock_path, new)
+                write_lock_state(lock_path, new)
             if not ok:
                 raise WrongPin(MAX_FAILURES - new.failures if new.failures else 0)
             return self.sessions.open()

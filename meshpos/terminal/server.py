@@ -14,7 +14,8 @@ runs inside the node's own nursery, beside its links); Starlette routes (meshpos
 Connections are bounded per listener (meshpos.infra.netguard, numbers in ``API_LIMITS``): a
 connection is *pending* until one of its requests passes the Guard (the right Host, Origin and
 token); a pending connection is closed after ``proof_timeout`` seconds, whatever it sends, and
-past the caps on pending or held connections a new one is closed at once. Without this, idle or
+past the caps on pending or held connections a new one closes the oldest pending one that waited
+``evict_after`` (so idle connections cannot lock a client out), or is closed at once. Without this, idle or
 half-sent requests (slowloris) from any local program, or from the Wi-Fi when the API listens
 beyond loopback, held a file descriptor each for as long as they liked, until the node could
 open no link, file or database. A client that takes no byte of what is sent to it for
