@@ -85,8 +85,8 @@ from meshpos.wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
 from meshpos.switch.const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, CLAIM_LEASE_S,
                     REVERSAL_ATTEMPTS, WAIT_FOR_OTHER_INSTANCE_S, WAIT_POLL_S)
 from meshpos.switch.metrics import MeteredLink, SwitchMetrics
-from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AlreadySettled, ClaimLost,
-                    GroupCommit, SaleRow, SiteRow, SwitchStore)
+from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AdviceSent, AlreadySettled,
+                    ClaimLost, GroupCommit, SaleRow, Settle, SiteRow, SwitchStore)
 
 # what one sale's own data can make go wrong before or at the acquirer: it settles ``rejected``
 SALE_ERRORS = (CryptoError, InputError, EncodingError)
@@ -574,7 +574,7 @@ class Switch:
     async def _settle(self, sale_id: str, raw: bytes, status: str, reversal: str | None = None) -> _Settled:
         now = self.clock.now_ms()
         try:
-            await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now), sale_id)
+            await self.writer.commit(Settle(sale_id, raw, status, reversal, now), sale_id)
         except AlreadySettled:
             self._claims.discard(sale_id)
             row = await self._sale(sale_id)
@@ -725,7 +725,7 @@ class Switch:
 
         async def on_sent() -> None:
             at, until = self.clock.now_ms(), self._claim_until()
-            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at, self.instance, until), sale_id)
+            await self.writer.commit(AdviceSent(sale_id, at, self.instance, until), sale_id)
             self._claims.add(sale_id)
 
         try:
