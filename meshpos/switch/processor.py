@@ -63,6 +63,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import nacl.public
 import nacl.signing
 import trio
 
@@ -206,6 +207,7 @@ class Switch:
         self.metrics = metrics or SwitchMetrics()
         self.key = key
         self.x25519_private = keys.x25519_private_of(key)
+        self._card_key = nacl.public.PrivateKey(self.x25519_private)  # made once: see open_card
         self.x25519_public = keys.x25519_public_of(key)
         self.link: AcquirerLink = MeteredLink(link, self.metrics)
         self.clock = clock
@@ -790,7 +792,7 @@ class Switch:
     def _open(self, env: Envelope) -> OpenedCard:
         """The sale's card data, opened with the switch key (the PAN lives only in memory). What it
         holds is checked once, before the first advice (``rules.card_problem`` in _first_time)."""
-        return open_card(envelope.b64d(env.body["card"]["sealed"], "sealed card data"), self.x25519_private)
+        return open_card(envelope.b64d(env.body["card"]["sealed"], "sealed card data"), self._card_key)
 
     def _request(self, site: SiteState, row: SaleRow, env: Envelope, opened: OpenedCard) -> AcquirerRequest:
         body = env.body
