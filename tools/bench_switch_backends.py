@@ -13,6 +13,11 @@ its signed result back (a sale answered pending is sent again). The forwarders o
 results (no node ledger ingests them), so the figure is the switches' and not the nodes'.
 Each run has a fresh database (a new SQLite switch.db, or a new PostgreSQL database in one
 throw-away cluster with fsync on, UNIX socket) and fresh instance processes.
+
+Beside the rate, each run prints the CPU milliseconds per settled sale of each kind of process
+(the instances, the simulator, the forwarders in this process, PostgreSQL's server processes),
+read from /proc just before and after the timed part, and what their sum allows on 2 cores.
+Before/after in one window: ``--tree`` runs instances and simulator from another checkout.
 """
 
 from __future__ import annotations
