@@ -44,11 +44,14 @@ class Instances:
     dirs: list[Path] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
     metrics_ports: list[int] = field(default_factory=list)
+    #: a command put before each instance's own (tools/bench_switch_backends.py --profile)
+    wrap: tuple[str, ...] = ()
 
     @classmethod
     def create(cls, root: Path, procs: ProcessGroup, db: str | None, n: int, *, delay_ms: int = 0,
                claim_lease_s: float = 2.0, acquirer_connections: int = 1,
-               policy: dict[str, Any] | None = None, stats: bool = True) -> "Instances":
+               policy: dict[str, Any] | None = None, stats: bool = True,
+               wrap: tuple[str, ...] = (), in_flight: int | None = None) -> "Instances":
         acq_port, *ports = free_ports(1 + 2 * n)
         rules = root / "rules.json"
         rules.write_text(json.dumps({"seed": 3, "delay_ms": delay_ms}))
@@ -62,14 +65,15 @@ class Instances:
                     acquirer_connections=acquirer_connections)
         cfg_path = first / "config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg_path.write_text(json.dumps({**cfg, "claim_lease_s": claim_lease_s}))
+        cfg_path.write_text(json.dumps({**cfg, "claim_lease_s": claim_lease_s,
+                                        **({"in_flight": in_flight} if in_flight else {})}))
         site = init_site(root / "site", "Fiera delle Istanze", "EUR",
                          switch_key=(first / "switch.pub").read_text().strip(),
                          switch_url=f"https://127.0.0.1:{ports[0]}")
         if policy:
             site.update_policy(**policy)
         add_site(first, site.path)
-        inst = cls(root, procs, db or "", stats_path, site, [first], [ports[0]], [ports[n]])
+        inst = cls(root, procs, db or "", stats_path, site, [first], [ports[0]], [ports[n]], wrap)
         for i in range(1, n):
             make_instance(first, root / f"sw{i}", f"127.0.0.1:{ports[i]}")
             inst.dirs.append(root / f"sw{i}")
@@ -87,7 +91,7 @@ class Instances:
         log = self.procs.log_dir / f"{name}.log"
         size = log.stat().st_size if log.exists() else 0
         child = self.procs.start(name, "switch", "run", str(self.dirs[i]),
-                                 "--metrics", f"127.0.0.1:{self.metrics_ports[i]}")
+                                 "--metrics", f"127.0.0.1:{self.metrics_ports[i]}", wrap=self.wrap)
         wait_for(lambda: "switch listening on port" in child.log_path.read_text()[size:], WAIT_S,
                  lambda: f"instance {i} did not start\n{child.log_tail()}", alive=child)
 

@@ -373,7 +373,7 @@ def test_exactly_once_check_catches_a_switch_that_sends_0220_on_retry(monkeypatc
     """A switch that does not record "advice sent" before the 0220 leaves retries with a second
     0220 after a lost answer."""
     from meshpos.switch import store as switch_store
-    monkeypatch.setattr(switch_store.SwitchStore, "mark_advice_sent", lambda self, *args: None)
+    monkeypatch.setattr(switch_store.SwitchStore, "mark_advice_sent_many", lambda self, sales: [True] * len(sales))
     sim = _scripted()
     try:
         sim.sell(0, 120, True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import nacl.signing
@@ -16,7 +17,8 @@ from meshpos.domain.errors import ConfigError, StoreError
 from meshpos.switch import db_postgres, db_sqlite
 from meshpos.cli.switch_cmd import main_switch
 from meshpos.switch.database import ENV_VAR, redact
-from meshpos.switch.store import ADVICE_SENT, RECEIVED, AlreadySettled, ClaimLost, GroupCommit, SwitchStore
+from meshpos.switch.store import (ADVICE_SENT, RECEIVED, SETTLED, AdviceSent, AlreadySettled, ClaimLost, GroupCommit,
+                                  Settle, SwitchStore)
 from meshpos.switch.switchdir import SwitchConfig, SwitchDir, init_switch, make_instance
 
 from pg import PgCluster
@@ -52,6 +54,96 @@ async def test_group_commit_batches_and_isolates_a_failing_op(tmp_path: Path, sw
     assert failed == [3]
     assert [store.sale(f"t-{n:08d}") is not None for n in range(10)] == [n != 3 for n in range(10)]
     assert writer.commits < 10  # grouped
+    store.close()
+
+
+class CountingDatabase:
+    """The store's database, counting the statements run through ``execute`` and ``execute_each``."""
+
+    def __init__(self, db: object) -> None:
+        self._db = db
+        self.single = 0
+        self.each: list[int] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+    def execute(self, sql: str, params: object = ()) -> int:
+        self.single += 1
+        return self._db.execute(sql, params)  # type: ignore[attr-defined, no-any-return]
+
+    def execute_each(self, sql: str, rows: list[object]) -> list[int]:
+        self.each.append(len(rows))
+        return self._db.execute_each(sql, rows)  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_a_group_runs_its_advice_and_settle_steps_as_one_statement_each_and_a_lost_step_fails_alone(
+        tmp_path: Path, switch_db: str | None) -> None:
+    """The hot path of a forwarded sale: the 0220 steps of many sales in one group are ONE
+    pipelined statement, their settlements another; a sale another instance took first gets its
+    ClaimLost / AlreadySettled alone, the others commit."""
+    store = open_store(tmp_path, switch_db)
+    for n in range(20):
+        received(store, f"t-{n:08d}")
+    with store.transaction():
+        store.mark_advice_sent("t-00000005", 1, "other", 1000)  # another instance sent this one's 0220
+    counting = store.db = CountingDatabase(store.db)  # type: ignore[assignment]
+    writer = GroupCommit(store)
+    lost: list[str] = []
+
+    async def step(op: AdviceSent | Settle) -> None:
+        try:
+            await writer.commit(op, op.sale_id)
+        except (ClaimLost, AlreadySettled) as exc:
+            lost.append(f"{type(exc).__name__} {op.sale_id}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(step, AdviceSent(f"t-{n:08d}", 2, "me", 2000))
+    assert lost == ["ClaimLost t-00000005"]
+    assert writer.commits == 1 and counting.each == [20] and counting.single == 0 and writer.fallbacks == 0
+    assert {store.sale(f"t-{n:08d}").state for n in range(20)} == {ADVICE_SENT}  # type: ignore[union-attr]
+    with store.transaction():
+        store.settle("t-00000007", b"theirs", "approved", None, 3)  # settled elsewhere meanwhile
+    lost.clear()
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(step, Settle(f"t-{n:08d}", b"mine", "approved", None, 4))
+    assert lost == ["AlreadySettled t-00000007"]
+    assert writer.commits == 2 and counting.each == [20, 1, 20] and writer.fallbacks == 0  # 1: the settle above
+    rows = {n: store.sale(f"t-{n:08d}") for n in range(20)}
+    assert {row.state for row in rows.values()} == {SETTLED}  # type: ignore[union-attr]
+    assert [n for n, row in rows.items() if row.result != b"mine"] == [7]  # type: ignore[union-attr]
+    store.close()
+
+
+async def test_a_group_whose_plain_op_raises_runs_again_op_by_op_and_keeps_its_bulk_steps(
+        tmp_path: Path, switch_db: str | None) -> None:
+    """An op that raises undoes the fast run of its group; run again with a savepoint per op,
+    it alone fails and every other op of the group (bulk steps included) commits."""
+    store = open_store(tmp_path, switch_db)
+    for n in range(4):
+        received(store, f"t-{n:08d}")
+    writer = GroupCommit(store)
+    failed: list[str] = []
+
+    def bad(s: SwitchStore) -> None:
+        s.insert_received("t-99999999", "site", "t", b"d", b"raw", 1)
+        raise ValueError("no")
+
+    async def commit(op: AdviceSent | Callable[[SwitchStore], None], key: str) -> None:
+        try:
+            await writer.commit(op, key)
+        except StoreError as exc:
+            failed.append(f"{type(exc).__name__} {key}")
+
+    async with trio.open_nursery() as nursery:
+        for n in range(4):
+            nursery.start_soon(commit, AdviceSent(f"t-{n:08d}", 2, "me", 2000), f"t-{n:08d}")
+        nursery.start_soon(commit, bad, "t-99999999")
+    assert failed == ["StoreError t-99999999"] and writer.fallbacks == 1
+    assert store.sale("t-99999999") is None
+    assert {store.sale(f"t-{n:08d}").state for n in range(4)} == {ADVICE_SENT}  # type: ignore[union-attr]
     store.close()
 
 

@@ -13,12 +13,18 @@ its signed result back (a sale answered pending is sent again). The forwarders o
 results (no node ledger ingests them), so the figure is the switches' and not the nodes'.
 Each run has a fresh database (a new SQLite switch.db, or a new PostgreSQL database in one
 throw-away cluster with fsync on, UNIX socket) and fresh instance processes.
+
+Beside the rate, each run prints the CPU milliseconds per settled sale of each kind of process
+(the instances, the simulator, the forwarders in this process, PostgreSQL's server processes),
+read from /proc just before and after the timed part, and what their sum allows on 2 cores.
+Before/after in one window: ``--tree`` runs instances and simulator from another checkout.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -121,18 +127,69 @@ def check_once(inst: Instances, results: list[dict[str, bytes]], config: str) ->
           f"one 0220 each, no 0221, identical signed results on both", flush=True)
 
 
-def one_run(root: Path, cluster: PgCluster | None, config: str, args: argparse.Namespace) -> float:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a live process (all its threads), from /proc; 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def postgres_pids(cluster: PgCluster) -> list[int]:
+    """The cluster's postmaster and its children (one backend per connection, the writers)."""
+    try:
+        master = int((cluster.data / "postmaster.pid").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        return []
+    pids = [master]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == master:
+                    pids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+    return pids
+
+
+def cpu_by_kind(procs: ProcessGroup, n: int, cluster: PgCluster | None, backend: str) -> dict[str, float]:
+    """CPU seconds used so far by each kind of process of a run (the forwarders: this process)."""
+    out = {"instances": sum(cpu_s(procs.children[f"sw{i}"].proc.pid) for i in range(n)),  # type: ignore[union-attr]
+           "acquirer simulator": cpu_s(procs.children["acquirer"].proc.pid),  # type: ignore[union-attr]
+           "forwarders": time.process_time()}
+    if backend == "postgresql" and cluster is not None:
+        out["postgresql"] = sum(cpu_s(pid) for pid in postgres_pids(cluster))
+    return out
+
+
+def one_run(root: Path, cluster: PgCluster | None, config: str, args: argparse.Namespace,
+            cpu: dict[str, list[float]]) -> float:
     backend, n = CONFIGS[config]
     procs = ProcessGroup(root / "logs")
     try:
         db = cluster.new_database("bench") if backend == "postgresql" and cluster else None
         twice = args.twice and n > 1
+        wrap = (sys.executable, str(Path(__file__).resolve()), "--profile-child",
+                str(Path(args.profile) / f"{config}-{root.name}")) if args.profile else ()
         inst = Instances.create(root, procs, db, n, delay_ms=args.delay_ms, policy=POLICY,
-                                acquirer_connections=args.acquirer_connections, stats=twice)
+                                acquirer_connections=args.acquirer_connections, stats=twice, wrap=wrap,
+                                in_flight=args.in_flight)
         batches, core = prepare(inst, args.sales, args.terminals, args.batch)
         try:
+            before = cpu_by_kind(procs, n, cluster, backend)
             elapsed, results = trio.run(drive, [inst.url(i) for i in range(n)], core, batches,
                                         args.clients, 2 if twice else 1)
+            after = cpu_by_kind(procs, n, cluster, backend)
+            if args.profile:  # each instance's own timings (database, acquirer round trips) beside its profile
+                for i in range(n):
+                    (Path(args.profile) / f"{config}-{root.name}-sw{i}.metrics").write_bytes(inst.ops(i, "/metrics")[1])
+            for kind, used in after.items():  # CPU seconds per sale settled
+                cpu.setdefault(kind, []).append((used - before[kind]) / args.sales)
+            cpu.setdefault("wall", []).append(elapsed / args.sales)
         finally:
             core.close()
         if any(len(r) != args.sales for r in results):
@@ -153,21 +210,36 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=200, help="sales per forwarding request (default 200)")
     p.add_argument("--clients", type=int, default=6, help="concurrent forwarding requests (default 6)")
     p.add_argument("--acquirer-connections", type=int, default=1, help="per instance (default 1)")
+    p.add_argument("--in-flight", type=int, metavar="N",
+                   help="advices outstanding at the acquirer per instance (default: the switch's own default)")
     p.add_argument("--twice", action="store_true",
                    help="with 2+ instances, two uplink nodes each send every sale (starting at different "
                         "instances) and the run checks one 0220 per sale at the simulator and identical results")
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS))
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p.add_argument("--tree", type=Path, default=ROOT,
+                   help="run the instances and the simulator from another checkout of meshpos (a baseline, e.g. "
+                        "`git archive COMMIT | tar -x -C DIR`); the forwarders always run this one's")
+    p.add_argument("--profile", metavar="DIR",
+                   help="run each instance under cProfile (its event loop thread; slower) and write one "
+                        "profile per instance process into DIR (read with `python -m pstats FILE`)")
     args = p.parse_args()
+    if args.profile:
+        args.profile = str(Path(args.profile).resolve())
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    os.chdir(args.tree)  # the children run `python -m meshpos...`: the meshpos of that checkout
     cluster = start_cluster(options=()) if any(CONFIGS[c][0] == "postgresql" for c in args.configs) else None
     results: dict[str, dict[str, object]] = {}
+    cpus: dict[str, dict[str, list[float]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="meshpos-bench-") as tmp:
             for run in range(args.runs):  # configs interleaved: a noisy minute does not hit one config only
                 for config in args.configs:
-                    rate = one_run(Path(tmp) / f"{config}-{run}", cluster, config, args)
+                    cpu = cpus.setdefault(config, {})
+                    rate = one_run(Path(tmp) / f"{config}-{run}", cluster, config, args, cpu)
                     results.setdefault(config, {"runs": []})["runs"].append(rate)  # type: ignore[union-attr]
-                    print(f"run {run + 1} {config}: {rate:.0f} sales/s", flush=True)
+                    print(f"run {run + 1} {config}: {rate:.0f} sales/s; CPU ms per sale: "
+                          + ", ".join(f"{k} {v[-1] * 1000:.2f}" for k, v in cpu.items() if k != "wall"), flush=True)
     finally:
         if cluster is not None:
             remove_cluster(cluster)
@@ -178,11 +250,39 @@ def main() -> int:
         r["per_instance"] = statistics.median(runs) / n
         print(f"{config}: median {r['sales_per_s']:.0f} sales/s, {r['per_instance']:.0f} per instance "
               f"(runs {', '.join(f'{x:.0f}' for x in runs)})")
+        medians = {kind: statistics.median(v) * 1000 for kind, v in cpus[config].items() if kind != "wall"}
+        r["cpu_ms_per_sale"] = medians
+        total = sum(medians.values())
+        print(f"  CPU ms per sale (medians): {', '.join(f'{k} {v:.2f}' for k, v in medians.items())}; "
+              f"all {total:.2f}: at most {2000 / total:.0f} sales/s on 2 cores" if total else "")
     if args.json:
-        print(json.dumps({"sales": args.sales, "delay_ms": args.delay_ms, "batch": args.batch,
+        print(json.dumps({"tree": str(args.tree), "sales": args.sales, "delay_ms": args.delay_ms, "batch": args.batch,
                           "clients": args.clients, "results": results}))
     return 0
 
 
+def profile_child(out: str, argv: list[str]) -> int:
+    """``--profile-child OUT PYTHON -m meshpos.cli.main ARGS``: run that command in this process
+    under cProfile and write the profile to OUT.<pid> when it ends (SIGTERM ends a switch cleanly)."""
+    import cProfile
+    import runpy
+
+    sys.argv = ["meshpos", *argv[3:]]
+    sys.path.insert(0, os.getcwd())  # the meshpos of --tree, as for a child run without --profile
+    prof = cProfile.Profile()
+    code = 0
+    prof.enable()
+    try:
+        runpy.run_module(argv[2], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 0
+    finally:
+        prof.disable()
+        prof.dump_stats(f"{out}.{os.getpid()}")
+    return code
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--profile-child":
+        raise SystemExit(profile_child(sys.argv[2], sys.argv[3:]))
     raise SystemExit(main())

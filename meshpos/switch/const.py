@@ -5,8 +5,12 @@ from __future__ import annotations
 
 from typing import Final
 
-#: advices outstanding at the acquirer at once, over all batches
-ACQUIRER_IN_FLIGHT: Final = 64
+#: advices outstanding at the acquirer at once, over all batches. The window bounds an instance's
+#: rate at (window / time a slot is held): a slot is held for the "advice sent" commit and the
+#: host's answer, so at 64 and a 50 ms host (75 ms with the commit) one instance could not pass
+#: ~850 sales/s however idle it was; 512 leaves the CPU as the bound (BENCHMARKS.md, issue 16).
+#: Each ISO 8583 connection takes up to 1000 outstanding requests (acquirer/iso8583_link.py).
+ACQUIRER_IN_FLIGHT: Final = 512
 #: attempts per sale and request (one 0220 or 0221 each) before the sale is answered "pending"
 ADVICE_ATTEMPTS: Final = 5
 REVERSAL_ATTEMPTS: Final = 5

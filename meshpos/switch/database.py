@@ -47,6 +47,10 @@ class Database(Protocol):
         """One statement for many parameter rows, inside the open write transaction (pipelined
         where the driver can)."""
 
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        """The statement once for each parameter row, in order, inside the open write transaction:
+        the number of rows each run changed (PostgreSQL: all in one pipelined round trip)."""
+
     def fetch_tx(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         """Rows of a statement (``... RETURNING``, or a read) inside the open write transaction."""
 

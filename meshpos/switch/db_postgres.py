@@ -169,6 +169,16 @@ class PostgresDatabase:
         except psycopg.Error as exc:
             raise self._error("writing", exc) from exc
 
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        conn = self._writer_conn()
+        query = _sql(sql)
+        try:
+            with conn.pipeline():  # every statement sent at once, their results read after one sync
+                cursors = [conn.execute(query, tuple(r)) for r in rows]
+            return [cur.rowcount for cur in cursors]
+        except psycopg.Error as exc:
+            raise self._error("writing", exc) from exc
+
     def fetch_tx(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:
             return [tuple(r) for r in self._writer_conn().execute(_sql(sql), tuple(params)).fetchall()]

@@ -96,6 +96,9 @@ class SqliteDatabase:
     def execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         self.conn.executemany(sql, [tuple(r) for r in rows])
 
+    def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        return [self.conn.execute(sql, tuple(r)).rowcount for r in rows]
+
     def fetch_tx(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         return [tuple(r) for r in self.conn.execute(sql, tuple(params)).fetchall()]
 

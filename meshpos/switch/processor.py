@@ -63,6 +63,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import nacl.public
 import nacl.signing
 import trio
 
@@ -85,8 +86,8 @@ from meshpos.wire.forwarding import MAX_SALES, ForwardReply, Pending, Refusal
 from meshpos.switch.const import (ACQUIRER_IN_FLIGHT, ADVICE_ATTEMPTS, BACKOFF_BASE_S, BACKOFF_CAP_S, CLAIM_LEASE_S,
                     REVERSAL_ATTEMPTS, WAIT_FOR_OTHER_INSTANCE_S, WAIT_POLL_S)
 from meshpos.switch.metrics import MeteredLink, SwitchMetrics
-from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AlreadySettled, ClaimLost,
-                    GroupCommit, SaleRow, SiteRow, SwitchStore)
+from meshpos.switch.store import (ADVICE_SENT, RECEIVED, REVERSAL_DONE, REVERSAL_SENT, SETTLED, AdviceSent, AlreadySettled,
+                    ClaimLost, GroupCommit, SaleRow, Settle, SiteRow, SwitchStore)
 
 # what one sale's own data can make go wrong before or at the acquirer: it settles ``rejected``
 SALE_ERRORS = (CryptoError, InputError, EncodingError)
@@ -206,6 +207,7 @@ class Switch:
         self.metrics = metrics or SwitchMetrics()
         self.key = key
         self.x25519_private = keys.x25519_private_of(key)
+        self._card_key = nacl.public.PrivateKey(self.x25519_private)  # made once: see open_card
         self.x25519_public = keys.x25519_public_of(key)
         self.link: AcquirerLink = MeteredLink(link, self.metrics)
         self.clock = clock
@@ -574,7 +576,7 @@ class Switch:
     async def _settle(self, sale_id: str, raw: bytes, status: str, reversal: str | None = None) -> _Settled:
         now = self.clock.now_ms()
         try:
-            await self.writer.commit(lambda s: s.settle(sale_id, raw, status, reversal, now), sale_id)
+            await self.writer.commit(Settle(sale_id, raw, status, reversal, now), sale_id)
         except AlreadySettled:
             self._claims.discard(sale_id)
             row = await self._sale(sale_id)
@@ -725,7 +727,7 @@ class Switch:
 
         async def on_sent() -> None:
             at, until = self.clock.now_ms(), self._claim_until()
-            await self.writer.commit(lambda s: s.mark_advice_sent(sale_id, at, self.instance, until), sale_id)
+            await self.writer.commit(AdviceSent(sale_id, at, self.instance, until), sale_id)
             self._claims.add(sale_id)
 
         try:
@@ -790,7 +792,7 @@ class Switch:
     def _open(self, env: Envelope) -> OpenedCard:
         """The sale's card data, opened with the switch key (the PAN lives only in memory). What it
         holds is checked once, before the first advice (``rules.card_problem`` in _first_time)."""
-        return open_card(envelope.b64d(env.body["card"]["sealed"], "sealed card data"), self.x25519_private)
+        return open_card(envelope.b64d(env.body["card"]["sealed"], "sealed card data"), self._card_key)
 
     def _request(self, site: SiteState, row: SaleRow, env: Envelope, opened: OpenedCard) -> AcquirerRequest:
         body = env.body

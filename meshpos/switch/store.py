@@ -29,6 +29,7 @@ No column ever holds a full card number.
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -36,6 +37,8 @@ import trio
 
 from meshpos.domain.errors import StoreError
 from meshpos.switch.database import Database, RetryableStoreError, open_database
+
+log = logging.getLogger(__name__)
 
 RECEIVED = "received"
 ADVICE_SENT = "advice_sent"
@@ -223,11 +226,17 @@ class SwitchStore:
     def mark_advice_sent(self, sale_id: str, now_ms: int, owner: str = "", claim_until_ms: int = 0) -> None:
         """received -> advice_sent, claimed by ``owner``: the one step that lets a 0220 leave.
         ClaimLost if the sale is not ``received`` any more (another instance recorded it first)."""
-        n = self.db.execute(
-            "UPDATE sales SET state=?, attempts=attempts+1, updated_at=?, claimed_by=?, claimed_until=?"
-            " WHERE sale_id=? AND state=?", (ADVICE_SENT, now_ms, owner, claim_until_ms, sale_id, RECEIVED))
-        if n != 1:
+        if not self.mark_advice_sent_many([(sale_id, now_ms, owner, claim_until_ms)])[0]:
             raise ClaimLost(f"sale {sale_id} is not in state {RECEIVED}: refusing to mark a second 0220")
+
+    def mark_advice_sent_many(self, sales: list[tuple[str, int, str, int]]) -> list[bool]:
+        """:meth:`mark_advice_sent` of each (sale id, now, owner, claim until), in one pipelined
+        round trip: whether each took effect (False: not ``received`` any more, nothing written)."""
+        changed = self.db.execute_each(
+            "UPDATE sales SET state=?, attempts=attempts+1, updated_at=?, claimed_by=?, claimed_until=?"
+            " WHERE sale_id=? AND state=?",
+            [(ADVICE_SENT, now_ms, owner, until, sale_id, RECEIVED) for sale_id, now_ms, owner, until in sales])
+        return [n == 1 for n in changed]
 
     def claim(self, sale_id: str, owner: str, now_ms: int, until_ms: int) -> bool:
         """Take (or renew) the claim on an ``advice_sent`` sale: free, ours, or expired. True if ours now."""
@@ -257,12 +266,18 @@ class SwitchStore:
 
     def settle(self, sale_id: str, result: bytes, status: str, reversal: str | None, now_ms: int) -> None:
         """-> settled with ``result``; AlreadySettled if it was settled first (by anyone)."""
-        n = self.db.execute(
+        if not self.settle_many([(sale_id, result, status, reversal, now_ms)])[0]:
+            raise AlreadySettled(f"sale {sale_id} is settled already or unknown")
+
+    def settle_many(self, sales: list[tuple[str, bytes, str, str | None, int]]) -> list[bool]:
+        """:meth:`settle` of each (sale id, result, status, reversal, now), in one pipelined round
+        trip: whether each took effect (False: settled already or unknown, nothing written)."""
+        changed = self.db.execute_each(
             "UPDATE sales SET state=?, result=?, result_status=?, reversal=coalesce(?, reversal), updated_at=?,"
             " claimed_by=NULL, claimed_until=NULL WHERE sale_id=? AND state<>?",
-            (SETTLED, result, status, reversal, now_ms, sale_id, SETTLED))
-        if n != 1:
-            raise AlreadySettled(f"sale {sale_id} is settled already or unknown")
+            [(SETTLED, result, status, reversal, now_ms, sale_id, SETTLED)
+             for sale_id, result, status, reversal, now_ms in sales])
+        return [n == 1 for n in changed]
 
     def set_reversal(self, sale_id: str, reversal: str, now_ms: int, entry: bytes | None = None) -> None:
         self.db.execute("UPDATE sales SET reversal=?, reversal_entry=coalesce(?, reversal_entry), updated_at=?"
@@ -290,11 +305,63 @@ class SwitchStore:
         return bytes(rows[0][0]) if rows else None
 
 
+@dataclass(frozen=True)
+class AdviceSent:
+    """The op :meth:`SwitchStore.mark_advice_sent` (ClaimLost if it does not take effect), given as
+    data so that a group runs all of its kind as one pipelined statement (:class:`GroupCommit`)."""
+
+    sale_id: str
+    now_ms: int
+    owner: str
+    claim_until_ms: int
+
+    def apply(self, store: SwitchStore) -> None:
+        store.mark_advice_sent(self.sale_id, self.now_ms, self.owner, self.claim_until_ms)
+
+    @staticmethod
+    def apply_many(store: SwitchStore, ops: list["AdviceSent"]) -> list[StoreError | None]:
+        if not ops:
+            return []
+        done = store.mark_advice_sent_many([(o.sale_id, o.now_ms, o.owner, o.claim_until_ms) for o in ops])
+        return [None if ok else ClaimLost(f"sale {o.sale_id} is not in state {RECEIVED}: refusing to mark a "
+                                          "second 0220") for o, ok in zip(ops, done)]
+
+
+@dataclass(frozen=True)
+class Settle:
+    """The op :meth:`SwitchStore.settle` (AlreadySettled if it does not take effect), as data."""
+
+    sale_id: str
+    result: bytes
+    status: str
+    reversal: str | None
+    now_ms: int
+
+    def apply(self, store: SwitchStore) -> None:
+        store.settle(self.sale_id, self.result, self.status, self.reversal, self.now_ms)
+
+    @staticmethod
+    def apply_many(store: SwitchStore, ops: list["Settle"]) -> list[StoreError | None]:
+        if not ops:
+            return []
+        done = store.settle_many([(o.sale_id, o.result, o.status, o.reversal, o.now_ms) for o in ops])
+        return [None if ok else AlreadySettled(f"sale {o.sale_id} is settled already or unknown")
+                for o, ok in zip(ops, done)]
+
+
+#: ops a group runs together, one statement per kind for all of them (the hot path: two per sale)
+BulkOp = AdviceSent | Settle
+
+
+class _Fallback(Exception):
+    """The fast way of running a group met an error: undo it and run it op by op."""
+
+
 class _Group:
     __slots__ = ("ops", "keys", "done", "errors", "leader")
 
     def __init__(self) -> None:
-        self.ops: list[Op] = []
+        self.ops: list[Op | BulkOp] = []
         self.keys: list[str] = []
         self.done = trio.Event()
         self.errors: dict[int, BaseException] = {}
@@ -307,12 +374,18 @@ class GroupCommit:
     ``await commit(op)`` returns once ``op`` is committed. Ops join the open group;
     its first caller leads it: it waits until the previous group's commit is done (so
     the group grows meanwhile), then runs all its ops in ONE transaction in a worker
-    thread, so the event loop goes on while the database writes and syncs. Each op runs in
-    its own savepoint: one that raises is undone alone and its caller gets the error. An op
-    the database gave up to break a deadlock with another instance runs again in a next
-    transaction, after this one released its locks. The leader is shielded: a cancelled
-    caller never strands the others. Every write of a running switch goes through here; no
-    transaction is held across an await.
+    thread, so the event loop goes on while the database writes and syncs. The leader is
+    shielded: a cancelled caller never strands the others. Every write of a running switch
+    goes through here; no transaction is held across an await.
+
+    Fast way first: the group's :data:`BulkOp` ops (a sale's "advice sent" and "settled"
+    compare-and-sets) run as one pipelined statement per kind, each in sale id order, then the
+    other ops in key order, with no savepoint between them. A bulk op that does not take effect
+    wrote nothing and gets its ClaimLost / AlreadySettled. If anything else goes wrong (an op
+    raises, the database broke a deadlock), the transaction is rolled back and the group runs
+    the careful way: each op in its own savepoint, so one that raises is undone alone and its
+    caller gets the error, and an op the database gave up to break a deadlock with another
+    instance runs again in a next transaction, after this one released its locks.
     """
 
     def __init__(self, store: SwitchStore) -> None:
@@ -320,10 +393,56 @@ class GroupCommit:
         self._group = _Group()
         self._lock = trio.Lock()
         self.commits = 0
+        #: groups that had to run op by op (an op raised, or a deadlock with another instance)
+        self.fallbacks = 0
         #: seconds each group's transaction took (metrics), set by whoever runs the service
         self.observe: Callable[[float], None] = lambda seconds: None
 
     def _run(self, group: _Group) -> None:
+        committed = False
+        try:
+            with self.store.transaction():
+                self._run_fast(group)
+                committed = True  # the ops ran: an error now is the commit's, not theirs
+        except _Fallback as exc:
+            cause: BaseException = exc.__cause__ or exc
+        except Exception as exc:
+            if committed:  # the commit failed: nothing is durable
+                group.errors.clear()
+                for i in range(len(group.ops)):
+                    group.errors[i] = exc
+                return
+            cause = exc
+        else:
+            return
+        group.errors.clear()
+        self.fallbacks += 1
+        log.info("a group of %d writes runs again op by op (%s: %s)", len(group.ops), type(cause).__name__,
+                 str(cause)[:200])
+        self._run_careful(group)
+
+    def _run_fast(self, group: _Group) -> None:
+        order = sorted(range(len(group.ops)), key=lambda i: group.keys[i])
+        advices = [(i, op) for i in order if isinstance(op := group.ops[i], AdviceSent)]
+        settles = [(i, op) for i in order if isinstance(op := group.ops[i], Settle)]
+        try:
+            outcomes = [*zip([i for i, _ in advices], AdviceSent.apply_many(self.store, [o for _, o in advices])),
+                        *zip([i for i, _ in settles], Settle.apply_many(self.store, [o for _, o in settles]))]
+        except Exception as exc:
+            raise _Fallback() from exc
+        for i, error in outcomes:
+            if error is not None:
+                group.errors[i] = error
+        for i in order:
+            op = group.ops[i]
+            if isinstance(op, (AdviceSent, Settle)):
+                continue
+            try:
+                op(self.store)
+            except Exception as exc:
+                raise _Fallback() from exc
+
+    def _run_careful(self, group: _Group) -> None:
         # in the order of the rows they lock (a sale id): two instances whose groups touch the
         # same sales then take the locks in one order and never deadlock each other
         todo = sorted(range(len(group.ops)), key=lambda i: group.keys[i])
@@ -332,9 +451,13 @@ class GroupCommit:
             try:
                 with self.store.transaction():
                     for i in todo:
+                        op = group.ops[i]
                         try:
                             with self.store.db.savepoint():
-                                group.ops[i](self.store)
+                                if isinstance(op, (AdviceSent, Settle)):
+                                    op.apply(self.store)
+                                else:
+                                    op(self.store)
                         except RetryableStoreError as exc:
                             if round_ == DEADLOCK_RETRIES:
                                 group.errors[i] = exc
@@ -350,7 +473,7 @@ class GroupCommit:
                 return
             todo = again
 
-    async def commit(self, op: Op, key: str = "") -> None:
+    async def commit(self, op: Op | BulkOp, key: str = "") -> None:
         """``key``: the (first) sale id the op writes; ops of a group run in key order."""
         group = self._group
         index = len(group.ops)
@@ -375,5 +498,5 @@ class GroupCommit:
             raise StoreError(f"switch database write failed: {error}") from error
 
 
-__all__ = ["SwitchStore", "GroupCommit", "SiteRow", "SaleRow", "ClaimLost", "AlreadySettled", "RECEIVED",
-           "ADVICE_SENT", "SETTLED", "REVERSAL_SENT", "REVERSAL_DONE"]
+__all__ = ["SwitchStore", "GroupCommit", "AdviceSent", "Settle", "BulkOp", "SiteRow", "SaleRow", "ClaimLost",
+           "AlreadySettled", "RECEIVED", "ADVICE_SENT", "SETTLED", "REVERSAL_SENT", "REVERSAL_DONE"]

@@ -85,10 +85,13 @@ class OpenedCard:
     expiry: str | None
 
 
-def open_card(sealed: bytes, switch_private_key: bytes) -> OpenedCard:
-    """The switch side of :func:`seal_card`."""
+def open_card(sealed: bytes, switch_private_key: bytes | nacl.public.PrivateKey) -> OpenedCard:
+    """The switch side of :func:`seal_card`. A switch opening many passes its key as a
+    ``PrivateKey`` made once (making one from bytes derives the public key: a scalar multiplication)."""
     try:
-        plaintext = nacl.public.SealedBox(nacl.public.PrivateKey(switch_private_key)).decrypt(sealed)
+        key = (switch_private_key if isinstance(switch_private_key, nacl.public.PrivateKey)
+               else nacl.public.PrivateKey(switch_private_key))
+        plaintext = nacl.public.SealedBox(key).decrypt(sealed)
         data = canonical.decode(plaintext)
         pan, expiry = data["pan"], data["expiry"]
     except (nacl.exceptions.CryptoError, EncodingError, KeyError, TypeError, ValueError) as exc:
