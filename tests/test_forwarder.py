@@ -231,3 +231,31 @@ async def test_run_forwarder_backs_off_and_releases_when_the_uplink_goes(
     merge(high, low)
     f_high = Forwarder(high, clock, FakeSwitch(switch_key, clock))
     assert f_high.plan(clock.now_ms())[1].held_by_others == {}
+
+
+async def test_sales_do_not_wake_the_workers_of_a_node_without_an_uplink(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock,
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Every node of a site takes in every sale; only the ones with an uplink forward. Without
+    one, the workers sleep through the sales (each wake-up of each worker cost CPU on every node
+    for every sale) and look again only at their idle poll."""
+    low, high, seller = nodes
+    looks = 0
+
+    def has_uplink() -> bool:
+        nonlocal looks
+        looks += 1
+        return False
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_forwarder(
+            low, clock, has_uplink, transport=FakeSwitch(switch_key, clock), poll_s=1.0, idle_poll_s=3600.0,
+            parallel=2, task_status=task_status))
+        await trio.sleep(1)
+        before = looks
+        for i in range(10):
+            seller.sell(500 + i, card=seller.seal_card(VISA, "1228", "chip"))
+            merge(low, seller)
+            await trio.sleep(1)
+        assert looks - before <= 10  # one look per sale (is there an uplink now?), no worker woken
+        nursery.cancel_scope.cancel()

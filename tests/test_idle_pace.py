@@ -217,3 +217,20 @@ def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
     finally:
         low.stop_all()
         mains.stop_all()
+
+
+def test_a_selling_node_publishes_once_per_active_period_whatever_its_counts_do(
+        make_node: Callable[..., Path], clock: FakeClock, tmp_path: Path) -> None:
+    """Every sale changes the counts a status carries; while selling, those changes wait for the
+    active status period (every node of the site verifies and relays each status)."""
+    core, pub = _publisher(make_node("T1"), clock, power_supply(tmp_path / "power", 80))
+    try:
+        _run_for(pub, clock, 5)
+        published = 0
+        for i in range(60):  # a sale a second for a minute
+            core.sell(100 + i)
+            published += _run_for(pub, clock, 1)
+        assert _published(pub)["every_ms"] == pace.ACTIVE_STATUS_S * 1000
+        assert published <= 60 / pace.ACTIVE_STATUS_S + 1
+    finally:
+        core.close()

@@ -377,3 +377,39 @@ def test_a_ring_planner_mesh_gets_each_sale_about_once(tmp_path: Path) -> None:
     per_sale_per_node = received / len(sold) / (len(nodes) - 1)  # the seller receives none
     assert per_sale_per_node <= 1.1
     assert all(n.entries() == nodes[0].entries() for n in nodes)
+
+
+def test_announcements_wait_for_their_delay_even_while_pushes_flow(tmp_path: Path) -> None:
+    """All three sell; a link that pushes one origin's sales and announces another's writes
+    one IHAVE per ANNOUNCE_DELAY, not one along with every PUSH (each costs a frame to build,
+    parse and look up at the receiver), and every sale still reaches every node."""
+    clock = wall_clock()
+    a, b, c = _nodes(tmp_path, clock, 3)
+    net = MemNetwork()
+    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
+    _settle(net, clock, 1.0)
+    for i in range(3):  # the trees form
+        for k, node in enumerate((a, b, c)):
+            node.core.sell(100 + 10 * k + i)
+            _settle(net, clock)
+    tap: list[tuple[SyncSession, FrameType]] = []
+    for link in (ab, ac, bc):
+        _frames(link, tap)
+    sold = []
+    seconds, step = 2 * ANNOUNCE_DELAY, 0.05
+    for i in range(int(seconds / step)):
+        sold.append((a, b, c)[i % 3].core.sell(200 + i)["id"])
+        _settle(net, clock, step, step)
+    _settle(net, clock, ANNOUNCE_DELAY + 0.5)
+    writers = {s for s, _ in tap}
+    pushes = {s: sum(1 for w, t in tap if w is s and t == FrameType.PUSH) for s in writers}
+    ihaves = {s: sum(1 for w, t in tap if w is s and t == FrameType.IHAVE) for s in writers}
+    mixed = [s for s in writers if pushes[s] >= 10 and ihaves[s] >= 1]
+    print([(s.replicator.node_id[:4], s.label[:4], pushes[s], ihaves[s]) for s in writers])
+    assert mixed  # some link pushes one origin and announces the other
+    for s in writers:
+        assert ihaves[s] <= seconds / ANNOUNCE_DELAY + 2, [(pushes[w], ihaves[w]) for w in writers]
+    assert FrameType.GRAFT not in [t for _, t in tap]
+    for node in (a, b, c):
+        assert set(sold) <= node.sale_ids()
+    assert a.entries() == b.entries() == c.entries()

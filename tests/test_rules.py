@@ -124,3 +124,13 @@ def test_policy_in_force() -> None:
     assert rules.policy_at([v1, v2, v3], 1000).version == 3  # the highest version that took effect
     only_later = SitePolicy(site_id="s", name="n", version=4, effective_at=10**9)
     assert rules.policy_at([only_later], 0).version == 4  # before every version: the lowest
+
+
+def test_the_character_rules_hold_for_every_code_point() -> None:
+    """Control characters (C0, DEL, C1), bidirectional formatting characters and lone surrogates
+    are refused in free text, every other single character is not (the rules are compiled
+    searches; this checks them against their definition, one code point at a time)."""
+    for cp in range(0x110000):
+        ch = chr(cp)
+        refused = cp < 32 or 0x7F <= cp < 0xA0 or ch in rules.BIDI_CONTROLS or 0xD800 <= cp <= 0xDFFF
+        assert (rules.description_problem(f"a{ch}b") is not None) is refused, hex(cp)

@@ -36,6 +36,10 @@ _DIGIT_RUN = re.compile(r"(?:\d[ .\-_/]{0,3}){11,}\d")
 # Bidirectional formatting characters reorder what a listing shows (a description could make
 # the amount beside it read differently): refused in free text like control characters.
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# The same two character rules as one search each (every node runs them on every entry it takes
+# in: a compiled class instead of a generator per character).
+_CONTROL_OR_BIDI = re.compile("[\x00-\x1f\x7f-\x9f" + "".join(sorted(BIDI_CONTROLS)) + "]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def is_ascii_digits(text: object, min_len: int = 1, max_len: int = 64) -> bool:
@@ -99,6 +103,8 @@ def digits_view(text: str) -> str:
     space and joiners, bidirectional marks, soft hyphen, word joiner) removed, then compatibility
     forms folded by NFKC (superscript, subscript, circled and full-width digits become ASCII,
     no-break and thin spaces become spaces). Unicode data of Python 3.11 (Unicode 14.0)."""
+    if text.isascii():  # no format character, and NFKC leaves ASCII as it is
+        return text
     visible = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
     return unicodedata.normalize("NFKC", visible)
 
@@ -130,9 +136,9 @@ def description_problem(text: object, what: str = "description") -> str | None:
         return None
     if not isinstance(text, str) or len(text) > MAX_DESCRIPTION:
         return f"{what} must be text of at most {MAX_DESCRIPTION} characters"
-    if any(ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0 or ch in BIDI_CONTROLS for ch in text):
+    if _CONTROL_OR_BIDI.search(text) is not None:
         return f"{what} holds control or bidirectional formatting characters"
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in text):  # a lone surrogate (JSON "\ud800"): no UTF-8 for it
+    if _SURROGATE.search(text) is not None:  # a lone surrogate (JSON "\ud800"): no UTF-8 for it
         return f"{what} holds a lone surrogate (U+D800-U+DFFF), which is not a character"
     if has_card_number(text):
         return f"{what} holds a run of 12 or more digits (a card number?)"

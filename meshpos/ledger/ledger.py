@@ -97,16 +97,22 @@ def _unescape(text: str) -> str | None:
 
 
 def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
-    """Root keys a merge put or deleted since ``before``, from Automerge's own diff.
+    """Root keys whose value a merge changed since ``before`` (put, overwritten or deleted), from
+    Automerge's own diff.
 
     automerge 1.0.0rc1's Python binding exposes patches only through their
     Debug text, so the keys are read from it; anything unexpected returns None
-    and the caller scans the whole shard instead.
+    and the caller scans the whole shard instead. The diff is taken backwards, from now to
+    ``before``: the same keys (those whose value differs between the two), but a new entry, what
+    nearly every merge brings, reads as ``DeleteMap { key }`` instead of a ``PutMap`` that prints
+    the whole envelope as a list of numbers (most of this function's cost). A key whose value
+    stays but gained a losing concurrent value is in neither direction's keys (forwards it is a
+    ``Conflict`` patch, which made the caller scan every key for nothing).
     """
     if not before:
         return None  # a whole new shard (a snapshot): scanning it is cheaper than printing its diff
     try:
-        patches = doc.diff(before, doc.get_heads())
+        patches = doc.diff(doc.get_heads(), before)
     except Exception:
         return None
     keys: set[str] = set()

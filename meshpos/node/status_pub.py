@@ -38,8 +38,10 @@ RTT_EVERY = 60.0  # a link's RTT (in the status) is measured at most this often:
 MIN_GAP = 1.0  # never two statuses closer than this
 # A change of counts only (new entries, pending sales) waits this long: during a busy day every
 # node's counts change all the time, and 20 nodes flooding a status a second cost more CPU than
-# the sales themselves. Links, printer and uplink changes still go out within MIN_GAP.
-COUNTS_GAP = 5.0
+# the sales themselves. Links, printer and uplink changes still go out within MIN_GAP. As long as
+# the active status period: while selling, a node's status goes out every 10 s, not every 5 s
+# (each one is verified, decoded and relayed by every node of the site).
+COUNTS_GAP = pace_mod.ACTIVE_STATUS_S
 ACTIVITY_TYPES = frozenset({"sale", "void", "result"})  # entries that make a node "active" (pace)
 MAX_LINKS = 48  # keeps the envelope well under 8 KiB
 

@@ -17,7 +17,7 @@ The rules, all of them:
   as published also makes the link lazy the other way; two nodes that push the same change to
   each other at once then cut a link that one of them needed, and a graft must mend it.)
 * On a lazy link a change is only announced: its change hash goes in an IHAVE, a few of them
-  per frame (``ANNOUNCE_DELAY``, or sooner along with a PUSH on the same link).
+  per frame: a link's announcements wait ``ANNOUNCE_DELAY`` and go in one IHAVE.
 * An announced hash the node has not seen starts a timer (``GRAFT_TIMEOUT``). If the change
   has not arrived by then the announcer is **grafted**: the link becomes eager for that origin
   again, GRAFT(origin) tells the peer so, and the caller pulls the shard from that peer by the
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
 
 GRAFT_TIMEOUT = 0.5  # s: an announced change not pushed within this is pulled from its announcer
-ANNOUNCE_DELAY = 0.25  # s: announcements of one link wait this long to share a frame
+ANNOUNCE_DELAY = 1.0  # s: announcements of one link wait this long to share one frame
 SEEN_LIMIT = 1 << 16  # change hashes remembered
 WANTED_LIMIT = 1 << 14  # announced changes awaited at once; past it, announcements are ignored
 ORIGIN_LIMIT = 4096  # origins one link may be lazy for (a site's nodes: status board's MAX_NODES)

@@ -810,8 +810,11 @@ class SyncSession:
         if self._graft_out:
             out += self.conn.send(Graft(tuple(sorted(self._graft_out))))
             self._graft_out.clear()
-        if self._announce and (self._push or self._announce_ready()):
-            self._send_announcements(out)  # due, or riding along with a push: no write of its own
+        if self._announce and self._announce_ready():
+            # only when due, not along with every PUSH: under load a push goes out on some link
+            # nearly all the time, and an IHAVE of one or two hashes each time cost a frame per
+            # push to build, parse and look up, where one frame per ANNOUNCE_DELAY carries them all
+            self._send_announcements(out)
         for shard in list(self._push):  # first: small and waited for
             changes = self._push.pop(shard)
             self._push_size.pop(shard, None)

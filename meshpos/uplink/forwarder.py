@@ -661,7 +661,9 @@ async def run_forwarder(
     wakes: list[trio.Event] = [trio.Event() for _ in range(parallel)]
 
     def on_accept(verified: Verified) -> None:
-        if verified.env.type in ("sale", "void", "lease"):
+        # not without an uplink: its workers would wake on every sale of the site for nothing
+        # (the probe wakes them when the node gets one)
+        if verified.env.type in ("sale", "void", "lease") and has_uplink():
             for event in wakes:
                 event.set()
 
