@@ -61,7 +61,10 @@ BATCH_BYTES = MAX_BODY_BYTES // 2
 PARALLEL_BATCHES = 2  # batches in flight at once
 POLL_S = 5.0  # how often the loop looks for work when nothing wakes it
 SET_ASIDE_AFTER = 3  # failures alone (while the switch took other batches) before a sale is set aside
-INGEST_SLICE = 25  # results taken into the ledger per durable commit (a reply holds up to BATCH_SALES)
+INGEST_SLICE = 25  # at most this many results taken into the ledger per commit (a reply holds up to BATCH_SALES)
+# ... and a slice ends once it took this long: a result's event waits for the rest of its slice, and
+# a slice of 25 is ~15 ms on this host's cores but 5-10 x that on a terminal's ARM core
+INGEST_SLICE_S = 0.004
 SET_ASIDE_S = 1800.0  # how often a set-aside sale is tried again: 48 times in a 24 h offline window
 # Answers that say the switch will take nothing from this node (who it is, where it sends, how
 # fast), whatever the batch holds: splitting the batch would learn nothing.
@@ -557,10 +560,12 @@ class Forwarder:
         settled: set[str] = set()
         # in slices, each its own durable commit, with a checkpoint between them: the first
         # results of a large reply reach the sellers' event streams while the rest are taken in
-        for first in range(0, len(reply.results), INGEST_SLICE):
+        first = 0
+        while first < len(reply.results):
             if first:
                 await trio.lowlevel.checkpoint()
-            for verified in self._ingest(reply.results[first:first + INGEST_SLICE]):
+            verified_slice, first = self._ingest_slice(reply.results, first)
+            for verified in verified_slice:
                 settled.add(verified.env.body["sale_id"])
                 self._backoff.pop(verified.env.body["sale_id"], None)
                 report.settled += 1
@@ -591,14 +596,27 @@ class Forwarder:
         without disturbing the others. Only a failing disk aborts the commit; the results
         are then simply forwarded again (the switch returns the same bytes).
         """
+        return self._ingest_slice(results, 0, len(results), None)[0]
+
+    def _ingest_slice(self, results: tuple[bytes, ...], first: int, most: int | None = None,
+                      seconds: float | None = INGEST_SLICE_S) -> tuple[list[Verified], int]:
+        """``_ingest`` of ``results[first:]``, in one commit, ending after ``most`` results
+        (INGEST_SLICE) or once ``seconds`` have passed (at least one result): the verified
+        results and the index of the first result not taken."""
+        most = INGEST_SLICE if most is None else most
         out: list[Verified] = []
+        ends = None if seconds is None else self.clock.monotonic() + seconds
+        taken = first
         with self.core.store.transaction():
-            for raw in results:
+            for raw in results[first:first + most]:
+                taken += 1
                 try:
                     out.append(self.core.ledger.ingest_raw(raw, "switch"))
                 except (EncodingError, VerificationError) as exc:
                     log.warning("a result from the switch was refused by the ledger: %s", exc)
-        return out
+                if ends is not None and self.clock.monotonic() >= ends:
+                    break
+        return out, taken
 
     def _defer(self, sale_id: str, now: int) -> None:
         b = self._backoff.get(sale_id)
