@@ -280,8 +280,9 @@ def main() -> int:
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
               f"cash: CLI socket path {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
-              f"{api[-1]['cash_median_ms']:.2f} ms; interleaved in process {api[-1]['interleaved_in_process_median_ms']:.2f} ms / "
-              f"API {api[-1]['interleaved_api_median_ms']:.2f} ms (median); replayed key {api[-1]['replay_cpu_ms']:.2f} ms CPU / {api[-1]['replay_median_ms']:.2f} ms; "
+              f"{api[-1]['cash_median_ms']:.2f} ms; interleaved in process "
+              f"{api[-1]['interleaved_in_process_median_ms']:.2f} ms / API {api[-1]['interleaved_api_median_ms']:.2f} ms "
+              f"(median); replayed key {api[-1]['replay_cpu_ms']:.2f} ms CPU / {api[-1]['replay_median_ms']:.2f} ms; "
               f"framework floor plain {api[-1]['floor_plain_cpu_ms']:.2f} ms CPU / "
               f"{api[-1]['floor_plain_median_ms']:.2f} ms, gated {api[-1]['floor_gated_cpu_ms']:.2f} ms CPU / "
               f"{api[-1]['floor_gated_median_ms']:.2f} ms; "
@@ -291,7 +292,8 @@ def main() -> int:
     med.update({f"in_process_{k}": statistics.median(r[k] for r in base)
                 for k in ("median_ms", "p99_ms", "cpu_ms_per_sale")})
     med["http_overhead_median_ms"] = med["api_median_ms"] - med["in_process_median_ms"]
-    med["interleaved_overhead_median_ms"] = med["api_interleaved_api_median_ms"] - med["api_interleaved_in_process_median_ms"]
+    med["interleaved_overhead_median_ms"] = (med["api_interleaved_api_median_ms"]
+                                             - med["api_interleaved_in_process_median_ms"])
     med["http_overhead_cpu_ms"] = med["api_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
     med["api_vs_control_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["api_control_cpu_ms_per_sale"]
     med["cash_over_in_process_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]

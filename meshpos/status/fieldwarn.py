@@ -64,8 +64,8 @@ class PendingSale:
 def holders_of(sale: PendingSale, nodes: Mapping[str, NodeRow], held: Mapping[str, Mapping[str, int]]) -> list[str]:
     """The nodes (ids, among ``nodes``) known to hold ``sale``: the terminal that made it and every
     node whose held vector covers it (``held``: node id -> its status's vector)."""
-    return sorted(node_id for node_id, n in nodes.items()
-                  if not n.revoked and (node_id == sale.terminal or held.get(node_id, {}).get(sale.terminal, 0) >= sale.seq))
+    return sorted(node_id for node_id, n in nodes.items() if not n.revoked
+                  and (node_id == sale.terminal or held.get(node_id, {}).get(sale.terminal, 0) >= sale.seq))
 
 
 def field_warnings(nodes: Mapping[str, NodeRow], held: Mapping[str, Mapping[str, int]],
