@@ -73,30 +73,6 @@ def test_view_warns_about_a_wrong_clock_and_dates_its_status_on_true_time() -> N
     assert 90_000 < WARN_SKEW_MS
 
 
-def test_view_warns_when_pending_sales_are_held_only_by_low_batteries() -> None:
-    now = 10 * DAY_MS
-    known = {n: Known(name=n.upper(), role="terminal") for n in ("t1", "t2", "t3")}
-
-    def view(t2: dict[str, Any], t3: dict[str, Any]) -> list[str]:
-        statuses = {"t1": _st(now, battery=9, battery_low=True, ledger={"entries": 20},
-                              pending={"count": 4, "amount_minor": 400}, links=[{"node": "t2"}]),
-                    "t2": _st(now, **{"ledger": {"entries": 20}, "links": [{"node": "t1"}, {"node": "t3"}], **t2}),
-                    "t3": _st(now, **{"ledger": {"entries": 20}, "links": [{"node": "t2"}], **t3})}
-        return list(analyze({n: StatusBody.from_json(s) for n, s in statuses.items()}, known, now_ms=now, offline_window_ms=DAY_MS,
-                            warn_before_ms=3_600_000).warnings)
-
-    alone = "T1: battery 9 % and 4 pending sale(s) that no node with a good battery is known to hold"
-    # T2 is on a good battery and holds as much of the ledger: only the battery is worth a word
-    warnings = view({"battery": 80}, {"battery": 5, "battery_low": True})
-    assert "T1: battery 9 %" in warnings and not any(alone in w for w in warnings)
-    # every other node is low too, or behind: the pending sales may die with T1
-    warnings = view({"battery": 12}, {"battery": 5, "battery_low": True, "ledger": {"entries": 3}})
-    assert any(alone in w for w in warnings)
-    # a node whose battery charges is not low (it sends battery_low false)
-    warnings = view({"battery": 12, "battery_low": False}, {"battery": 5})
-    assert not any(alone in w for w in warnings)
-
-
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
     group = ProcessGroup(tmp_path / "logs")

@@ -171,6 +171,40 @@ async def test_a_large_reply_is_taken_in_slices_others_see_the_first_results_ear
     assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())  # each sale sent once
 
 
+class SlowCores(FakeClock):
+    """A clock on which every look at the time finds 3 ms gone: ingesting a result is slow."""
+
+    def monotonic(self) -> float:
+        self._mono += 0.003
+        return self._mono
+
+
+async def test_a_slice_ends_after_its_time_on_slow_cores_not_only_after_25_results(
+        nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
+    """A reply of 12 results, fewer than INGEST_SLICE: on cores where each result takes a few ms
+    (a terminal's ARM core) the first approvals still reach the node's other tasks before the
+    whole reply is in, because a slice also ends once INGEST_SLICE_S has passed."""
+    low, _, seller = nodes
+    assert forwarder_module.INGEST_SLICE > 12
+    fake = FakeSwitch(switch_key, clock)
+    fwd = Forwarder(low, SlowCores(clock.now_ms()), fake, batch_sales=12)
+    seen: list[int] = []
+    done = False
+
+    async def observe() -> None:
+        while not done:
+            seen.append(sum(1 for s in low.sales() if s["status"] == "approved"))
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(observe)
+        report = await fwd.step()
+        done = True
+    assert report.settled == 12
+    assert any(0 < n < 12 for n in seen), seen  # a part of the reply was in while the rest was not
+    assert sorted(fake.sent()) == sorted(s["id"] for s in seller.sales())
+
+
 async def test_a_forwarder_whose_clock_is_behind_the_switch_still_forwards_the_sales_of_that_time(
         nodes: tuple[NodeCore, NodeCore, NodeCore], switch_key: nacl.signing.SigningKey, clock: FakeClock) -> None:
     """A gateway 2 h behind takes the sales of the last 2 h for dated ahead. Once it has measured

@@ -1,6 +1,8 @@
 """held_by on real node processes (issue 14, part 3, acceptance): five terminals on loopback with
-static peers and real TLS; a sale's held_by reaches 5 on every node, stops at 4 for sales made
-after one node is cut off, and the inspector lists a sale of an isolated terminal as at risk."""
+static peers and real TLS; a sale's held_by reaches 5 on every node, card and cash alike, and a
+till connected to the selling terminal's event stream sees it rise live for both; it stops at 4
+for sales made after one node is cut off, and the inspector lists a sale of an isolated terminal
+as at risk."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import uuid
+
 import pytest
 
+from tests.api_harness import ApiClient, EventStream
 from meshpos.apps.procs import ProcessGroup, free_ports, wait_for
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.node import client
@@ -59,17 +64,36 @@ def test_held_by_reaches_five_stops_at_four_after_a_cut_and_an_isolated_sale_is_
     for i in range(5):
         peers = [f"127.0.0.1:{ports[i - 1]}"] if i else []  # a line: T0 - T1 - T2 - T3 - T4
         path = tmp_path / f"T{i}"
-        enroll_one_step(site, path, "terminal", f"T{i}", listen=f"127.0.0.1:{ports[i]}", peers=peers)
+        enroll_one_step(site, path, "terminal", f"T{i}", listen=f"127.0.0.1:{ports[i]}", peers=peers,
+                        api="127.0.0.1:0")
         nodes.append(path)
     insp = tmp_path / "insp"
     enroll_one_step(site, insp, "inspector", "Inspector", peers=[f"127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[4]}"])
     for i, path in enumerate(nodes):
         procs.start_node(f"T{i}", path, "--no-mdns")
 
+    till = ApiClient(nodes[2], "unix")
+    stream = EventStream(till, patience=90)
     first = sell_card(nodes[2], 1250)
     assert first["held_by"] == 1  # at once: only the terminal itself holds it
-    wait_for(lambda: set(held_everywhere(nodes, first["id"]).values()) == {5}, 60,
-             lambda: f"held_by did not reach 5 everywhere: {held_everywhere(nodes, first['id'])}")
+    answer = till.request("POST", "/v1/sales", {"amount": "3.00", "method": "cash"},
+                          {"Idempotency-Key": str(uuid.uuid4())})
+    assert answer.status == 201 and answer.body["status"] == "paid", answer.body
+    cash = answer.body
+    assert cash["held_by"] == 1
+    for sale_id in (first["id"], cash["id"]):
+        wait_for(lambda s=sale_id: set(held_everywhere(nodes, s).values()) == {5}, 60,
+                 lambda s=sale_id: f"held_by did not reach 5 everywhere: {held_everywhere(nodes, s)}")
+    # the till saw both rise, live: "held on N devices" for the card sale and the cash sale alike
+    seen: dict[str, list[int]] = {first["id"]: [], cash["id"]: []}
+    while any(5 not in counts for counts in seen.values()):
+        event = stream.next()
+        if event["event"] == "sale.replicated" and event["data"]["id"] in seen:
+            seen[event["data"]["id"]].append(event["data"]["held_by"])
+    stream.close()
+    till.close()
+    for counts in seen.values():
+        assert 1 < counts[0] and all(a < b for a, b in zip(counts, counts[1:])), seen  # rising, once each
     wait_for(lambda: client.running(nodes[2]).status()["at_risk"]["count"] == 0, 30,
              "T2 still counts its sale at risk")
 

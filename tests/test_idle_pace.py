@@ -167,13 +167,16 @@ def test_keepalive_follows_the_pace_but_dead_links_close_after_the_same_idle_tim
 def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
         tmp_path: Path, make_node: Callable[..., Path]) -> None:
     """Real node processes: T1 on a low battery (the power_supply class faked through the test-only
-    MESHPOS_POWER_SUPPLY_DIR) with pending sales, linked to T2 on mains. While T2 is up and holds
-    the ledger, the inspector only mentions T1's battery; once T2 is gone, it warns that T1's
-    pending sales are held by no node with a good battery."""
+    MESHPOS_POWER_SUPPLY_DIR) with 3 pending card sales, linked to T2 on mains. While T2 holds
+    them, the inspector only mentions T1's battery. T2 goes; T1 sells 2 more: the inspector warns
+    about those 2, held only by T1 (T2's held vector says it holds the first 3 on its disk)."""
     import json
 
     from meshpos.apps.procs import ProcessGroup, free_ports
+    from meshpos.infra.clock import SYSTEM_CLOCK
     from meshpos.node import client
+    from meshpos.node.ops import SealedCard
+    from meshpos.wire.cards import seal_card
     from tests.helpers import run_cli
 
     p1, p2 = free_ports(2)
@@ -185,7 +188,8 @@ def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
                    MESHPOS_POWER_SUPPLY_DIR=str(power_supply(tmp_path / "power", 9)))
     mains = ProcessGroup(tmp_path / "logs-mains")
     mains.env["MESHPOS_STATUS_INTERVAL"] = "1"
-    alone = "T1: battery 9 % and 3 pending sale(s) that no node with a good battery is known to hold"
+    alone = ("2 pending sale(s) (4.00 EUR) held only by nodes on a low battery: T1 (9 %); "
+             "charge one, or link a charged node to them before they die")
 
     def warnings() -> list[str]:
         proc = run_cli("inspect", str(insp), "--no-mdns", "--json", "--wait", "3")
@@ -207,13 +211,18 @@ def test_inspector_warns_when_a_low_battery_terminal_holds_pending_sales_alone(
             core.close()
         mains.start_node("t2", t2, "--no-mdns")
         low.start_node("t1", t1, "--no-mdns")
-        seen = poll(lambda w: "T1: battery 9 %" in w, "no battery warning for T1")
-        assert not any(alone in w for w in seen)
-        assert client.running(t1).statuses()  # T1 says battery_low in its own status
+        poll(lambda w: "T1: battery 9 %" in w and not any("held only by" in x for x in w),
+             "no battery warning for T1, or a warning about sales T2 holds")
         own = [s["status"] for s in client.running(t1).statuses() if s["status"].get("name") == "T1"]
-        assert own and own[0]["battery"] == 9 and own[0]["battery_low"] is True
+        assert own and own[0]["battery"] == 9 and own[0]["battery_low"] is True  # T1 says so itself
         mains.stop_all()
-        poll(lambda w: any(alone in x for x in w), "no warning once T2, the only good battery, is gone")
+        policy = client.running(t1).policy()
+        for amount in (150, 250):  # made after T2 went: nobody but T1 holds them
+            capture = seal_card("4111111111111111", "1230", "manual", bytes.fromhex(policy.switch_key or ""),
+                                at_ms=SYSTEM_CLOCK.now_ms())
+            client.running(t1, timeout=10).sell(amount, SealedCard.of(capture))
+        seen = poll(lambda w: alone in w, "no warning about the sales only T1 holds")
+        assert not any("3 pending" in w or "5 pending" in w for w in seen)  # T2 holds the first three
     finally:
         low.stop_all()
         mains.stop_all()

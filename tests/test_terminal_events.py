@@ -75,3 +75,21 @@ async def test_a_waiting_reader_wakes_for_the_next_event() -> None:
         assert got == []
         journal.append("node.status", {})
     assert got == ["1-1"]
+
+
+async def test_events_that_came_together_leave_in_one_write() -> None:
+    """The stream of a connected client (meshpos.terminal.app._stream) sends what the journal got
+    between two of its wake-ups as one piece: one write, where there was one per event (each write
+    a checkpoint at which a forwarder taking a reply in slices ran its next slice first)."""
+    from meshpos.terminal.app import _stream
+
+    journal = EventJournal(epoch=1)
+    resume = journal.resume(None)
+    stream = _stream(journal, resume.resync, resume.events, resume.next_seq)
+    assert (await stream.__anext__()).startswith(b"retry: ")
+    ids = _fill(journal, 3)  # e.g. a slice of three results, taken in before the stream's task ran
+    piece = await stream.__anext__()
+    assert [line.removeprefix(b"id: ").decode() for line in piece.split(b"\n") if line.startswith(b"id: ")] == ids
+    journal.append("sale.created", {"n": 3})
+    assert (await stream.__anext__()).startswith(b"id: 1-4\n")  # the next one, alone
+    await stream.aclose()

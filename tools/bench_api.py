@@ -11,9 +11,19 @@ Per run, on fresh nodes in a temporary directory:
    ``NODE_DIR/api.sock``, one connection per call; the newline-JSON control socket it replaced
    was measured here before) and through ``POST /v1/sales`` over TCP: CPU per
    sale of the node and median latency of each, the fair comparison of the two front doors
-   (same node, same sale path, same store size);
+   (same node, same sale path, same store size); then N requests that replay one key and body
+   (200 with the stored sale: the API's request path without a commit);
 4. the same as (2) with 100 idle clients connected to ``GET /v1/events`` (each gets every
-   ``sale.created`` event): the selling rate as a ratio to (2).
+   ``sale.created`` event): the selling rate as a ratio to (2);
+5. the framework's floor (tools/bench_api_floor.py): a bare Starlette app on Hypercorn's trio
+   worker answering ``POST /v1/sales`` with a constant sale-sized object, in a process of its own,
+   over Hypercorn's own accept loop ("plain") and over the terminal API's own transport and Guard
+   ("gated"); N requests on one keep-alive connection, CPU per request and median latency. The
+   node's CPU per cash sale through the API minus the in-process commit, beside this floor, says
+   how much of the HTTP layer's cost is the framework's and how much is ours.
+6. keyed card sales alternating in blocks of 50 between (1)'s way, on a second node of the site
+   opened in this process, and (2)'s: the two doors' medians from the same minutes of the host's
+   load, the fairest wall-clock comparison on a shared host.
 The figures are medians of the per-run figures over --runs runs; the HTTP layer's cost is
 (2) - (1) at the median. On a shared, loaded machine the wall-clock figures of (2) carry the
 scheduling delays of two processes (client and node) waking each other per request; so CPU time
@@ -28,6 +38,7 @@ import http.client
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +53,7 @@ from bench_sale import one_run as in_process_run  # noqa: E402  (the baseline, m
 from meshpos.apps.procs import ProcessGroup  # noqa: E402
 from meshpos.identity import keys  # noqa: E402
 from meshpos.node import client  # noqa: E402
+from meshpos.node.core import NodeCore  # noqa: E402
 from meshpos.node.enroll import enroll_one_step  # noqa: E402
 from meshpos.site.sitedir import init_site  # noqa: E402
 
@@ -83,6 +95,95 @@ def _post_sales(host: str, port: int, token: str, n: int) -> tuple[list[float], 
     elapsed = time.perf_counter() - start
     conn.close()
     return lat, n / elapsed
+
+
+def _floor(mode: str, sales: int, root: Path) -> dict[str, float]:
+    """CPU per request and median latency of the bare framework (``mode``: plain or gated)."""
+    portfile = root / f"floor-{mode}.port"
+    portfile.unlink(missing_ok=True)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parent / "bench_api_floor.py"), mode,
+                             str(portfile)])
+    try:
+        deadline = time.monotonic() + 30
+        while not portfile.exists() or not portfile.read_text():
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit(f"the {mode} floor server did not start")
+            time.sleep(0.05)
+        port = int(portfile.read_text())
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        headers = {"Authorization": "Bearer floor", "Host": f"127.0.0.1:{port}", "Content-Type": "application/json"}
+        lat = []
+        for i in range(50 + sales):  # 50 to warm up
+            if i == 50:
+                cpu = _cpu_s(proc.pid)
+            t = time.perf_counter()
+            conn.request("POST", "/v1/sales", body='{"amount": "1.00", "method": "cash"}',
+                         headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 201:
+                raise SystemExit(f"the {mode} floor answered {resp.status}")
+            if i >= 50:
+                lat.append(time.perf_counter() - t)
+        cpu_ms = (_cpu_s(proc.pid) - cpu) * 1000 / sales
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    return {f"floor_{mode}_cpu_ms": cpu_ms, f"floor_{mode}_median_ms": statistics.median(lat) * 1000}
+
+
+def _interleaved(core: NodeCore, host: str, port: int, token: str, n: int) -> dict[str, float]:
+    """The same keyed card sale in process (``core``: a second node of the same site, opened in this
+    process, as tools/bench_sale.py does) and through the API, alternating in blocks of 50: both
+    doors see the same minutes of the host's load. Median and p99 of each."""
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Host": f"{host}:{port}", "Content-Type": "application/json"}
+    lat: dict[str, list[float]] = {"in_process": [], "api": []}
+    for block in range(max(1, n // 50)):
+        for i in range(50):
+            t = time.perf_counter()
+            core.sell(100 + i, card=core.seal_card(PAN, "1230", "chip"))
+            lat["in_process"].append(time.perf_counter() - t)
+        for i in range(50):
+            body = json.dumps({"amount": f"{1 + i}.00", "method": "card", "card": {"pan": PAN, "expiry": "1230"}})
+            t = time.perf_counter()
+            conn.request("POST", "/v1/sales", body=body, headers={**headers, "Idempotency-Key": str(uuid.uuid4())})
+            resp = conn.getresponse()
+            resp.read()
+            lat["api"].append(time.perf_counter() - t)
+            if resp.status != 201:
+                raise SystemExit(f"POST /v1/sales answered {resp.status}")
+    conn.close()
+    out = {}
+    for door, values in lat.items():
+        out.update({f"interleaved_{door}_{k}": v for k, v in _percentiles(values).items()})
+    return out
+
+
+def _replays(pid: int, host: str, port: int, token: str, n: int) -> dict[str, float]:
+    """``POST /v1/sales`` with one key and body again and again: the API answers 200 with the stored
+    sale (the idempotency lookup and the sale read), no new sale is made. The request path of the
+    terminal API without the commit, in the running node: CPU per request and median latency."""
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    headers = {"Authorization": f"Bearer {token}", "Host": f"{host}:{port}", "Content-Type": "application/json",
+               "Idempotency-Key": str(uuid.uuid4())}
+    body = '{"amount": "1.00", "method": "cash"}'
+    lat = []
+    for i in range(50 + n):
+        if i == 50:
+            cpu = _cpu_s(pid)
+        t = time.perf_counter()
+        conn.request("POST", "/v1/sales", body=body, headers=headers)
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != (201 if i == 0 else 200):
+            raise SystemExit(f"POST /v1/sales (replay) answered {resp.status}")
+        if i >= 50:
+            lat.append(time.perf_counter() - t)
+    cpu_ms = (_cpu_s(pid) - cpu) * 1000 / n
+    conn.close()
+    return {"replay_cpu_ms": cpu_ms, "replay_median_ms": statistics.median(lat) * 1000}
 
 
 def _idle_streams(host: str, port: int, token: str, n: int) -> list[http.client.HTTPConnection]:
@@ -131,10 +232,13 @@ def api_run(sales: int) -> dict[str, float]:
         site = init_site(root / "site", "Bench", switch_key=keys.x25519_public_of(switch).hex())
         node = root / "t1"
         enroll_one_step(site, node, "terminal", "T1", api="127.0.0.1:0")
+        enroll_one_step(site, root / "t2", "terminal", "T2", api="127.0.0.1:0")  # the in-process twin
         site.update_policy(max_terminal_pending_minor=10**12, max_site_pending_minor=10**12)
         (node / "inbox").mkdir(exist_ok=True)
         (node / "inbox" / "policy.env").write_bytes(site.policy_envelope())  # taken in when the node starts
         group = ProcessGroup(root / "logs")
+        twin = NodeCore.open(root / "t2")
+        twin.ingest(site.policy_envelope(), "organizer")
         try:
             group.start_node("t1", node, "--no-mdns")
             status = client.running(node).status()
@@ -146,14 +250,18 @@ def api_run(sales: int) -> dict[str, float]:
             lat, rate = _post_sales(host, int(port), token, sales)
             cpu_per_sale = (_cpu_s(pid) - cpu) * 1000 / sales
             doors = _control_vs_api(node, pid, host, int(port), token, sales)
+            doors.update(_replays(pid, host, int(port), token, sales))
+            doors.update(_interleaved(twin, host, int(port), token, sales))
             streams = _idle_streams(host, int(port), token, IDLE_CLIENTS)
             _, rate_sse = _post_sales(host, int(port), token, sales)
             for c in streams:
                 c.close()
         finally:
             group.stop_all()
+            twin.close()
+        floor = {**_floor("plain", sales, root), **_floor("gated", sales, root)}
         return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse,
-                "cpu_ms_per_sale": cpu_per_sale, **doors}
+                "cpu_ms_per_sale": cpu_per_sale, **doors, **floor}
 
 
 def main() -> int:
@@ -172,15 +280,23 @@ def main() -> int:
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
               f"cash: CLI socket path {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
-              f"{api[-1]['cash_median_ms']:.2f} ms; "
+              f"{api[-1]['cash_median_ms']:.2f} ms; interleaved in process "
+              f"{api[-1]['interleaved_in_process_median_ms']:.2f} ms / API {api[-1]['interleaved_api_median_ms']:.2f} ms "
+              f"(median); replayed key {api[-1]['replay_cpu_ms']:.2f} ms CPU / {api[-1]['replay_median_ms']:.2f} ms; "
+              f"framework floor plain {api[-1]['floor_plain_cpu_ms']:.2f} ms CPU / "
+              f"{api[-1]['floor_plain_median_ms']:.2f} ms, gated {api[-1]['floor_gated_cpu_ms']:.2f} ms CPU / "
+              f"{api[-1]['floor_gated_median_ms']:.2f} ms; "
               f"load {os.getloadavg()[0]:.1f}",
               file=sys.stderr)
     med = {f"api_{k}": statistics.median(r[k] for r in api) for k in api[0]}
     med.update({f"in_process_{k}": statistics.median(r[k] for r in base)
                 for k in ("median_ms", "p99_ms", "cpu_ms_per_sale")})
     med["http_overhead_median_ms"] = med["api_median_ms"] - med["in_process_median_ms"]
+    med["interleaved_overhead_median_ms"] = (med["api_interleaved_api_median_ms"]
+                                             - med["api_interleaved_in_process_median_ms"])
     med["http_overhead_cpu_ms"] = med["api_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
     med["api_vs_control_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["api_control_cpu_ms_per_sale"]
+    med["cash_over_in_process_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
     med["load_average_1m"] = os.getloadavg()[0]
     med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s"]
     med["sales"], med["runs"] = args.sales, args.runs
@@ -190,10 +306,13 @@ def main() -> int:
         print(f"POST /v1/sales over loopback TCP keep-alive, {args.sales} card sales, median of {args.runs} runs: "
               f"median {med['api_median_ms']:.2f} ms, p99 {med['api_p99_ms']:.2f} ms; in process (bench_sale) "
               f"median {med['in_process_median_ms']:.2f} ms, p99 {med['in_process_p99_ms']:.2f} ms; HTTP layer "
-              f"+{med['http_overhead_median_ms']:.2f} ms at the median; CPU per sale in the node "
+              f"+{med['http_overhead_median_ms']:.2f} ms at the median; in alternating blocks "
+              f"+{med['interleaved_overhead_median_ms']:.2f} ms; CPU per sale in the node "
               f"{med['api_cpu_ms_per_sale']:.2f} ms vs {med['in_process_cpu_ms_per_sale']:.2f} ms in process "
               f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, TCP API vs CLI socket path: "
-              f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; with {IDLE_CLIENTS} idle SSE clients "
+              f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; the bare framework answering a constant "
+              f"{med['api_floor_plain_cpu_ms']:.2f} ms CPU per request (plain Hypercorn), "
+              f"{med['api_floor_gated_cpu_ms']:.2f} ms (our transport and Guard); with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate")
     return 0
 

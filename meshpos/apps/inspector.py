@@ -28,6 +28,7 @@ from meshpos.domain.errors import ConfigError, MeshposError, ProtocolError
 from meshpos.domain.hostport import parse_hostport
 from meshpos.ledger.ledger import Ledger
 from meshpos.replication.link_driver import LinkEndpoint, connect_link
+from meshpos.status.fieldwarn import PendingSale
 from meshpos.status.meshview import Known, MeshView, analyze
 from meshpos.node.core import NodeCore
 from meshpos.site.nodedir import NodeDir
@@ -201,9 +202,11 @@ class Inspector:
     def view(self) -> InspectorView:
         policy = self.core.policy
         statuses = {s.node_id: s.body for s in self.board.current().values()}
+        # the pending sales of the ledger the inspector received: who holds each (the battery warning)
+        pending = [PendingSale.of(s) for s in self.core.sales() if s["status"] == "pending"]
         mesh = analyze(statuses, self.known(), now_ms=self.clock.now_ms(),
                        offline_window_ms=policy.offline_window_ms, warn_before_ms=policy.warn_before_s * 1000,
-                       currency=policy.currency, me=self.core.node_id)
+                       currency=policy.currency, me=self.core.node_id, pending_sales=pending)
         return InspectorView(
             mesh=mesh, site=SiteRef(policy.site_id, policy.name),
             at_risk=self.core.at_risk(),  # the ledger the inspector received, against the statuses

@@ -25,6 +25,7 @@ from typing import Any, Awaitable, Callable, MutableMapping
 
 import trio
 from hypercorn.config import Config, Sockets
+from hypercorn.events import Event, RawData
 from hypercorn.trio.run import worker_serve
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
@@ -119,9 +120,27 @@ class _Connection(TCPServer):
     closed an idle connection: every CLI call held a connection slot that long, and a till that
     asked twice a second filled the listener's cap (256) and was refused."""
 
+    _head = b""  # a response head held back until the next piece of the answer
+
     async def _read_data(self) -> None:
         await super()._read_data()
         await self.idle_task.stop()  # the keep-alive timer: nobody is left to keep alive
+
+    async def protocol_send(self, event: Event) -> None:
+        """Hypercorn writes a response's head and its body separately: two sends, and on loopback
+        two wake-ups of the client, per answer. The head is held back and goes out with the next
+        piece (the body, the end of the message, or a streamed answer's first chunk), so that a
+        whole small answer leaves in one write."""
+        if isinstance(event, RawData):
+            if not self._head and event.data.startswith(b"HTTP/1.1 ") and event.data.endswith(b"\r\n\r\n"):
+                self._head = event.data
+                return
+            if self._head:
+                event, self._head = RawData(data=self._head + event.data), b""
+        elif self._head:  # closing, or idle: what is held goes first
+            head, self._head = self._head, b""
+            await super().protocol_send(RawData(data=head))
+        await super().protocol_send(event)
 
 
 def _first_request(app: ASGIApp) -> ASGIApp:

@@ -56,6 +56,7 @@ from meshpos.domain.currency import format_amount
 from meshpos.domain.hostport import parse_hostport
 from meshpos.infra.asgi import HypercornConfig, bind_tcp, serve_gated
 from meshpos.infra.netguard import InboundLimits
+from meshpos.status.fieldwarn import PendingSale
 from meshpos.status.meshsvg import mesh_svg
 from meshpos.status.meshview import Known, analyze
 from meshpos.node.core import NodeCore, iso
@@ -213,10 +214,11 @@ class Dashboard:
         cur = policy.currency
         board = self.board
         statuses = {s.node_id: s.body for s in board.current().values()} if board is not None else {}
-        view = analyze(statuses, self._known(), now_ms=now, offline_window_ms=policy.offline_window_ms,
-                       warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None)
         summary = self._sales_summary(now)
         pending = summary["pending"]
+        view = analyze(statuses, self._known(), now_ms=now, offline_window_ms=policy.offline_window_ms,
+                       warn_before_ms=policy.warn_before_s * 1000, currency=cur, me=None,
+                       pending_sales=[PendingSale.of(p) for p in pending])
         oldest = min((p["created_at_ms"] for p in pending if p["method"] == "card"), default=None)
         closes = None if oldest is None else oldest + policy.offline_window_ms
         alerts = list(view.warnings)

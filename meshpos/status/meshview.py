@@ -22,7 +22,7 @@ organizer dashboard both call :func:`analyze`, so they agree.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from meshpos.domain.jsonable import json_object
 from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.domain.text import duration
 from meshpos.wire.status import StatusBody
-from meshpos.status.fieldwarn import battery_low, clock_offset_ms, field_warnings
+from meshpos.status.fieldwarn import PendingSale, battery_low, clock_offset_ms, field_warnings
 
 STALE_FACTOR = 3
 MIN_STALE_MS = 5_000
@@ -172,8 +172,9 @@ def _links(status: StatusBody | None, known: dict[str, Known]) -> list[str]:
 
 def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_ms: int,
             offline_window_ms: int, warn_before_ms: int, currency: str = "EUR",
-            me: str | None = None) -> MeshView:
-    """``statuses``: node id -> its status; ``known``: node id -> Known."""
+            me: str | None = None, pending_sales: Sequence[PendingSale] = ()) -> MeshView:
+    """``statuses``: node id -> its status; ``known``: node id -> Known; ``pending_sales``: the
+    pending sales the viewer holds (for the battery warning: meshpos.status.fieldwarn)."""
     ids = sorted((set(statuses) | set(known)) - {me})
     nodes: dict[str, NodeRow] = {}
     fresh: set[str] = set()
@@ -282,7 +283,7 @@ def analyze(statuses: Mapping[str, StatusBody], known: dict[str, Known], *, now_
         topology = Topology("star", hub.name)
         warn(hub, f"star: every link goes through {hub.name} (the other nodes do not link to each other: "
                   f"client isolation?); if {hub.name} fails they are cut off from each other")
-    field_warnings(nodes, lambda i: uf.find(i) if i in statuses else None, warn)
+    field_warnings(nodes, {i: st.held for i, st in statuses.items()}, pending_sales, warn, currency)
     partition = len(groups) > 1
     if partition:
         parts = " | ".join("{" + ", ".join(nodes[i].name for i in g) + "}" for g in groups)

@@ -183,11 +183,13 @@ async def _stream(journal: EventJournal, resync: Event | None, missed: list[Even
         if not batch:
             yield b": keep-alive\n\n"
             continue
+        # the events that came together go out together: one write, not one per event (each write
+        # is a checkpoint where a forwarder taking a reply in slices would run before the rest)
+        out = [event.wire for event in batch]
         if batch[0].seq > next_seq:  # this client fell behind the horizon while connected
             before = f"{journal.epoch}-{batch[0].seq - 1}"
-            yield Event(0, before, RESYNC, {"reason": "this client fell behind the event horizon",
-                                            "last_id": before}).encode()
-        for event in batch:
-            yield event.wire
+            out.insert(0, Event(0, before, RESYNC, {"reason": "this client fell behind the event horizon",
+                                                    "last_id": before}).encode())
+        yield b"".join(out)
         next_seq = batch[-1].seq + 1
 

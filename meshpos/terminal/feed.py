@@ -4,8 +4,11 @@
   ``sale.rejected`` / ``sale.voided`` (a settlement result), ``sale.reversed``: from the ledger's
   accept hook, for this terminal's own sales, whichever node's uplink settled them (the result
   reaches this node by replication). The data is the sale object, as ``GET /v1/sales/{id}``.
-- ``sale.replicated``: the number of devices known to hold one of this terminal's pending card
-  sales (``held_by``) changed, as peers' statuses arrive; checked every ``TICK_S``.
+- ``sale.replicated``: the number of devices known to hold one of this terminal's sales
+  (``held_by``) changed, as peers' statuses arrive; checked every ``TICK_S`` while the sale is
+  pending (a card sale) or paid (cash: final when taken, but until other devices hold it, the
+  loss of this one loses the record of the money in the till), up to the end of the offline window
+  from its creation. Only a change of the statuses' held vectors makes the check read anything.
 - ``sale.expired`` also when a card sale's offline window ends with no result (a time, not an
   entry: checked every ``TICK_S``).
 - ``node.status``: linked peers, uplink, printer, battery, this terminal's pending sales and the
@@ -15,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -24,12 +28,24 @@ from meshpos.site.roster import Verified
 from meshpos.node.core import NodeCore, iso
 from meshpos.node.runner import RunningNode
 from meshpos.node.status_pub import pending_of
+from meshpos.status.holders import HeldIndex
 from meshpos.terminal.events import EventJournal
 
 log = logging.getLogger(__name__)
 
 TICK_S = 1.0
+HELD_WATCHED = ("pending", "paid")  # the statuses in which a sale's held_by is followed live
 ENTRY_EVENTS = {"sale": "sale.created", "void": "sale.voided", "reversal": "sale.reversed"}
+
+
+@dataclass(frozen=True)
+class Watched:
+    """An own sale whose held_by is followed: its number, the end of its window, and how many other
+    nodes held it when its held_by was last sent."""
+
+    seq: int
+    ends: int
+    others: int
 
 
 class EventFeed:
@@ -38,7 +54,8 @@ class EventFeed:
         self.core: NodeCore = node.core
         self.journal = journal
         self.windows: dict[str, int] = {}  # own pending card sale -> when its window ends (ms)
-        self.held: dict[str, int] = {}  # own pending card sale -> its held_by as last sent
+        self.held: dict[str, Watched] = {}  # own sale whose held_by is followed -> as last sent
+        self.held_seen: HeldIndex | None = None  # the held index of the last check
         self.last_status: dict[str, Any] | None = None
         for sale in self.core.sales(self.core.node_id):
             self._track(sale)
@@ -49,11 +66,16 @@ class EventFeed:
             self.core.ledger.on_accept.remove(self.on_accept)
 
     def _track(self, sale: dict[str, Any]) -> None:
+        ends = int(sale["created_at_ms"]) + self.core.policy.offline_window_ms
         if sale["method"] == "card" and sale["status"] == "pending":
-            self.windows[sale["id"]] = int(sale["created_at_ms"]) + self.core.policy.offline_window_ms
-            self.held.setdefault(sale["id"], int(sale["held_by"]))
+            self.windows[sale["id"]] = ends
         else:
             self.windows.pop(sale["id"], None)
+        if sale["status"] in HELD_WATCHED and ends > self.core.clock.now_ms():
+            if sale["id"] not in self.held:
+                seq = int(sale["seq"])
+                self.held[sale["id"]] = Watched(seq, ends, self._others(self.core.held_index(), seq))
+        else:
             self.held.pop(sale["id"], None)
 
     def on_accept(self, verified: Verified) -> None:
@@ -94,17 +116,30 @@ class EventFeed:
             self.journal.append("node.status", status)
 
     def replicated(self) -> None:
-        if not self.held:
-            return
+        """``sale.replicated`` for each followed sale whose held_by changed since it was last sent.
+        held_by counts this node and the others whose held vector covers the sale's number
+        (NodeCore.held_by); while no vector changed (the index is the same cached one) nothing did."""
+        now = self.core.clock.now_ms()
+        for sale_id in [s for s, w in self.held.items() if w.ends <= now]:
+            del self.held[sale_id]  # past its window: a card sale expired, a cash sale is old news
         index = self.core.held_index()
-        for sale_id in sorted(self.windows):
+        if not self.held or index is self.held_seen:
+            return
+        self.held_seen = index
+        for sale_id in sorted(self.held):
+            watched = self.held[sale_id]
+            others = self._others(index, watched.seq)
+            if others == watched.others:
+                continue
             row = self.core.store.sale(sale_id)
             if row is None:
                 continue
-            held = self.core.held_by(row, index)
-            if held != self.held.get(sale_id):
-                self.held[sale_id] = held
-                self.journal.append("sale.replicated", self.core.sale_json(row, index))
+            self.held[sale_id] = Watched(watched.seq, watched.ends, others)
+            self.journal.append("sale.replicated", self.core.sale_json(row, index))
+
+    def _others(self, index: HeldIndex, seq: int) -> int:
+        """How many other nodes hold this node's sale number ``seq``: held_by's changing part."""
+        return index.others_holding(self.core.node_id, seq)
 
     def node_status(self) -> dict[str, Any]:
         """The node state a till shows (the same as ``GET /v1/status``'s ``summary``)."""

@@ -61,6 +61,24 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+DRAIN_MAX = 64 * 1024  # the most of a refused request's body read before answering
+
+
+async def _drain(receive: Receive) -> None:
+    """Read what is left of a refused request's body (up to DRAIN_MAX bytes): an answer given while
+    the body is still arriving makes Hypercorn close the connection (the request is not done), and
+    a client still sending its body then gets a broken pipe instead of the 401 or 403. Past
+    DRAIN_MAX the connection is closed after the answer, as before."""
+    read = 0
+    while read <= DRAIN_MAX:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        read += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class Guard:
     def __init__(self, app: ASGIApp, policy: GuardPolicy) -> None:
         self.app = app
@@ -75,6 +93,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         status, code, message = problem
+        await _drain(receive)
         body = json.dumps(error_body(code, message)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if status == 401:
