@@ -242,8 +242,8 @@ class Mesh:
             up_since = self.clock.monotonic()
             async with trio.open_nursery() as nursery:
                 session = await self._dial(host, port, address, nursery)
-                if session is not None and session.peer_node:
-                    self.static_ids[address] = session.peer_node
+                if session is not None and session.conn.expect_node:  # from the certificate: HELLO may not be in yet
+                    self.static_ids[address] = session.conn.expect_node
             lasted = self.clock.monotonic() - up_since
             failures = 0 if (session is not None and lasted > 10) else failures + 1
             await trio.sleep(DIAL_BACKOFF(failures + 1))
