@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from meshpos.replication.planner import BACKOFF_MAX, PeerInfo, PeerPlanner, keep_link, ring_targets
+from meshpos.replication.planner import (BACKOFF_MAX, PRUNE_AFTER, PeerInfo, PeerPlanner, keep_link, ring_targets,
+                                         wanted_by)
 
 
 def _ids(n: int, seed: int = 1) -> list[str]:
@@ -76,3 +77,112 @@ def test_backoff_grows_and_resets_after_a_stable_link() -> None:
     assert planner.to_dial(now) == []
     planner.link_down(peer.node_id, now + 60)
     assert planner.backoff[peer.node_id].next_try - (now + 60) <= 0.5 * 1.25
+
+
+# --- surplus links (PeerPlanner.to_prune) -------------------------------------------------------
+
+def _info(node: str) -> PeerInfo:
+    return PeerInfo(node, ("10.0.0.1",), 7420)
+
+
+class _Site:
+    """Planners of a site and the links between them (dialler, peer), stepped once a second:
+    each node prunes, then dials, as meshpos.node.runner's manager does; a dial always succeeds
+    unless the pair already holds a link."""
+
+    def __init__(self) -> None:
+        self.planners: dict[str, PeerPlanner] = {}
+        self.links: dict[frozenset[str], str] = {}  # pair -> the node that dialled it
+        self.now = 0.0
+        self.closed = 0
+
+    def join(self, node: str) -> None:
+        new = PeerPlanner(node, rng=random.Random(node))
+        for other, planner in self.planners.items():
+            planner.seen(_info(node))
+            new.seen(_info(other))
+        self.planners[node] = new
+
+    def pairs(self) -> set[frozenset[str]]:
+        return set(self.links)
+
+    def step(self) -> None:
+        self.now += 1.0
+        for me, planner in self.planners.items():
+            mine = {pair: dialler for pair, dialler in self.links.items() if me in pair}
+            peers = {p for pair in mine for p in pair if p != me}
+            for peer in list(planner.connected):
+                if peer not in peers:
+                    planner.link_down(peer, self.now)
+            for peer in peers - set(planner.connected):
+                planner.link_up(peer, self.now)
+            dialled = {p for pair, dialler in mine.items() if dialler == me for p in pair if p != me}
+            for peer in planner.to_prune(self.now, dialled):
+                del self.links[frozenset((me, peer))]
+                self.closed += 1
+            for info in planner.to_dial(self.now):
+                self.links.setdefault(frozenset((me, info.node_id)), me)
+
+    def run(self, seconds: int) -> None:
+        for _ in range(seconds):
+            self.step()
+
+
+def test_nodes_joining_one_by_one_end_with_the_rings_links_only() -> None:
+    # 50 nodes started one a second: each partial ring had other targets, and without pruning
+    # the site kept ~580 links (every link anyone ever dialled) instead of the ring's ~190.
+    ids = _ids(50, seed=3)
+    site = _Site()
+    for node in ids:
+        site.join(node)
+        site.step()
+    assert len(site.pairs()) > 2 * len(_links(ids))  # the surplus the join order leaves behind
+    site.run(120)
+    assert site.pairs() == _links(ids)
+    assert _connected(ids, site.pairs())
+    closed = site.closed
+    site.run(300)
+    assert site.closed == closed  # settled: nothing more is closed or dialled
+
+
+def test_a_node_that_misses_a_member_does_not_make_links_churn() -> None:
+    # One node never hears of another (say its mDNS answer was lost and no status named it yet):
+    # its view of the ring differs from everyone else's. Only the dialler prunes, and the end that
+    # wants a link dials it itself, so the site settles anyway.
+    ids = _ids(20, seed=5)
+    site = _Site()
+    for node in ids:
+        site.join(node)
+    blind, unseen = ids[0], ids[1]
+    site.planners[blind].gone(unseen)
+    site.run(200)
+    links, closed = site.pairs(), site.closed
+    site.run(300)
+    assert site.pairs() == links and site.closed == closed
+    assert _connected(ids, links)
+
+
+def test_what_is_never_pruned() -> None:
+    ids = sorted(_ids(12, seed=9))
+    me = ids[0]
+    planner = PeerPlanner(me, rng=random.Random(0))
+    for node in ids[1:]:
+        planner.seen(_info(node))
+    targets = planner.targets()
+    surplus = next(p for p in ids[1:] if not wanted_by(me, p, set(ids)))
+    wanted_back = next(p for p in ids[1:] if p not in targets and me in ring_targets(p, set(ids)))
+    for peer in targets | {surplus, wanted_back}:
+        planner.link_up(peer, 0.0)
+    dialled = targets | {surplus, wanted_back}
+    assert planner.to_prune(0.0, dialled) == []  # targets just seen: they may still change
+    assert planner.to_prune(PRUNE_AFTER - 1, dialled) == []  # not stable for long enough
+    assert planner.to_prune(PRUNE_AFTER, dialled) == [surplus]  # not the targets, not the peer's target
+    assert planner.to_prune(PRUNE_AFTER, dialled, keep={surplus}) == []  # a static peer stays
+    assert planner.to_prune(PRUNE_AFTER, dialled - {surplus}) == []  # only links we dialled
+    planner.link_down(surplus, PRUNE_AFTER)
+    planner.link_up(surplus, PRUNE_AFTER + 1)
+    assert planner.to_prune(PRUNE_AFTER + 2, dialled) == []  # a young link: up for less than PRUNE_AFTER
+    target = sorted(targets)[0]
+    planner.link_down(target, 2 * PRUNE_AFTER + 1)
+    planner.backoff[target].failures = 0  # as if it had never been dialled
+    assert planner.to_prune(2 * PRUNE_AFTER + 2, dialled) == []  # a target not yet linked: keep everything

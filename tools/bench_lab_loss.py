@@ -13,6 +13,12 @@ second, round robin over the 6 nodes, through their API sockets (Unix sockets: n
 2 of 3 are card sales. Presence = each node's own `entries.received_at` stamp, read from the SQLite
 files after the run (tools/bench_mesh.py explains the method; all namespaces share one clock).
 Each run builds a new site in a new lab; the figures are medians over the runs, every run's p99 kept.
+
+Also per run: how long the mesh took to form (every node with at least two open links), from the
+first node's start and from the last one's; the links held before the load (after --settle); and
+the CPU % of each node process (utime + stime from /proc) over an idle window (--idle-seconds,
+nothing sold) and over the load, beside an idle `python3 -c "import trio; trio.run(trio.sleep_forever)"`
+process measured in the same windows (the floor; the host may be shared: compare the two).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import importlib.util
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +60,22 @@ from meshpos.site.sitedir import init_site  # noqa: E402
 
 HOSTS = 6  # default; --hosts for the largest mesh this host holds
 PORT = 7420
+TRIO_IDLE = "import trio; trio.run(trio.sleep_forever)"
+FORM_TIMEOUT = 120.0  # seconds after the last node started
+
+
+def cpu_window(pids: list[int], seconds: float) -> list[float]:
+    """Each process's CPU % (of one core) over the next ``seconds``."""
+    before = [bench_mesh.cpu_seconds(pid) for pid in pids]
+    t0 = time.monotonic()
+    time.sleep(seconds)
+    elapsed = time.monotonic() - t0
+    return [100.0 * (bench_mesh.cpu_seconds(pid) - b) / elapsed for pid, b in zip(pids, before)]
+
+
+def open_links(nodes: list[Path]) -> list[int]:
+    return [sum(1 for link in client.running(p).status()["peers"]["links"] if link["state"] == "open")
+            for p in nodes]
 
 
 def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -64,6 +87,7 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
     if args.status_interval:
         procs.env["MESHPOS_STATUS_INTERVAL"] = str(args.status_interval)
     lab = netns_lab.Lab(args.hosts)
+    baseline = subprocess.Popen([sys.executable, "-c", TRIO_IDLE])
     try:
         lab.up()
         for i in range(args.hosts):
@@ -75,20 +99,28 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
             enroll_one_step(site, path, "gateway" if i == 0 else "terminal", f"N{i}",
                             listen=f"{lab.addr(i)}:{PORT}", peers=[] if i == 0 else [gateway])
             nodes.append(path)
-        for i, path in enumerate(nodes):
-            procs.start_node(f"n{i}", path, timeout=120, wrap=["ip", "netns", "exec", lab.host_ns(i)])
-
-        def linked() -> bool:  # every node holds a link to at least two others
-            return all(sum(1 for link in client.running(p).status()["peers"]["links"]
-                           if link["state"] == "open") >= 2 for p in nodes)
+        first = time.monotonic()
+        children = [procs.start_node(f"n{i}", path, timeout=120, wrap=["ip", "netns", "exec", lab.host_ns(i)])
+                    for i, path in enumerate(nodes)]
+        pids = [c.proc.pid for c in children if c.proc is not None]
         t0 = time.monotonic()
-        while not linked():
-            if time.monotonic() - t0 > 120:
+        while min(open_links(nodes)) < 2:  # every node holds a link to at least two others
+            if time.monotonic() - t0 > FORM_TIMEOUT:
                 raise SystemExit(f"the mesh did not form at {loss} % loss")
             time.sleep(0.5)
+        formed = time.monotonic()
+        print(f"mesh formed {formed - first:.1f} s after the first node started, {formed - t0:.1f} s after "
+              f"the last", file=sys.stderr, flush=True)
         time.sleep(args.settle)
+        held = open_links(nodes)
+        idle = cpu_window(pids + [baseline.pid], args.idle_seconds) if args.idle_seconds > 0 else None
         dbs = [NodeDir(p).db_path for p in nodes]
+        cpu_before = [bench_mesh.cpu_seconds(pid) for pid in pids + [baseline.pid]]
+        load_t0 = time.monotonic()
         sold = bench_mesh.run_load(nodes, args.rate, args.seconds, switch_pub)
+        load_s = time.monotonic() - load_t0
+        load = [100.0 * (bench_mesh.cpu_seconds(pid) - b) / load_s
+                for pid, b in zip(pids + [baseline.pid], cpu_before)]
         ok = [s for s in sold if s.sale_id is not None]
         converged = bench_mesh.wait_everywhere(dbs, "sale", {f"sale/{s.sale_id}" for s in ok}, timeout=180)
         res = bench_mesh.latencies(dbs, "sale", {s.sale_id: s.returned for s in ok if s.sale_id},
@@ -96,9 +128,18 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
         links = sum(len([link for link in client.running(p).status()["peers"]["links"]
                          if link["state"] == "open"]) for p in nodes) // 2
         res.update(loss_pct=loss, hosts=args.hosts, links=links, rate=args.rate, seconds=args.seconds,
-                   sales=len(sold), sell_errors=len(sold) - len(ok), converged=converged)
+                   sales=len(sold), sell_errors=len(sold) - len(ok), converged=converged,
+                   formed_s=round(formed - first, 1), formed_after_last_s=round(formed - t0, 1),
+                   links_settled=sum(held) // 2, links_per_node_max=max(held),
+                   cpu_load_pct=round(statistics.median(load[:-1]), 2), cpu_load_pct_max=round(max(load[:-1]), 2),
+                   baseline_load_pct=round(load[-1], 2))
+        if idle is not None:
+            res.update(cpu_idle_pct=round(statistics.median(idle[:-1]), 2), cpu_idle_pct_max=round(max(idle[:-1]), 2),
+                       baseline_idle_pct=round(idle[-1], 2))
         return res
     finally:
+        baseline.kill()
+        baseline.wait()
         procs.stop_all()
         lab.down()
         if args.keep:
@@ -109,7 +150,8 @@ def one_run(loss: int, args: argparse.Namespace) -> dict[str, Any]:
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     res = dict(runs[0])
-    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "min_ms", "links"):
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms", "min_ms", "links", "formed_s", "formed_after_last_s",
+                "links_settled", "cpu_load_pct", "baseline_load_pct", "cpu_idle_pct", "baseline_idle_pct"):
         values = [r[key] for r in runs if key in r]
         if values:
             res[key] = statistics.median(values)
@@ -134,6 +176,8 @@ def main() -> int:
                     help="seconds between a node's statuses (MESHPOS_STATUS_INTERVAL; default 2, fast for a "
                          "small lab; 0 keeps the product's paced periods, which large meshes need: statuses "
                          "flood, so every node handles N per period)")
+    ap.add_argument("--idle-seconds", type=float, default=10.0,
+                    help="CPU window with nothing sold, after --settle (default 10; 0: none)")
     ap.add_argument("--keep", action="store_true", help="keep each run's directory (node logs, databases)")
     ap.add_argument("--json", action="store_true", help="one JSON object per loss level")
     args = ap.parse_args()
@@ -161,6 +205,11 @@ def main() -> int:
                   f"(runs: {', '.join(f'{v:.0f}' for v in res['p99_runs_ms'] if v is not None)}), max "
                   f"{res.get('max_ms', float('nan')):.0f} ms; {res['missing']} missing, "
                   f"{res['sell_errors']} sell errors", flush=True)
+            idle_txt = (f"idle {res['cpu_idle_pct']:.1f} % (trio idle {res['baseline_idle_pct']:.1f} %), "
+                        if "cpu_idle_pct" in res else "")
+            print(f"      formed {res['formed_s']:g} s after the first start ({res['formed_after_last_s']:g} s after "
+                  f"the last); {res['links_settled']:g} links after --settle; CPU per node (median) {idle_txt}"
+                  f"under load {res['cpu_load_pct']:.1f} % (trio idle {res['baseline_load_pct']:.1f} %)", flush=True)
     return 0
 
 

@@ -8,7 +8,9 @@ Topology (lab id L, hosts 0..N-1)::
     ...                                     ┘      IGMP snooping off)
 
 Every host has ``lo`` up and a route for 224.0.0.0/4 on ``eth0``, so mDNS
-floods to every host through the bridge. The bridge lives in its own namespace,
+floods to every host through the bridge, and a permanent ARP entry for every other
+host (the kernel's neighbour table is shared by all namespaces and too small for
+a big lab's N(N-1) entries: ``Lab._pin_neighbours``). The bridge lives in its own namespace,
 so nothing of the lab touches the root namespace's links. ``cut(i)`` takes the
 bridge port of host i down (the host keeps its address and routes, as when a
 terminal walks out of Wi-Fi range); ``restore(i)`` brings it back.
@@ -258,6 +260,25 @@ class Lab:
             _ip("-n", h, "addr", "add", f"{self.addr(i)}/24", "dev", HOST_IF)
             _ip("-n", h, "link", "set", HOST_IF, "multicast", "on", "up")
             _ip("-n", h, "route", "add", "224.0.0.0/4", "dev", HOST_IF)
+        self._pin_neighbours()
+
+    def _pin_neighbours(self) -> None:
+        """Give every host a permanent ARP entry for every other host. The kernel's neighbour
+        table is ONE table for all namespaces, and it holds at most gc_thresh3 (1024 by default)
+        learnt entries: a lab of N hosts that all talk needs N(N-1) of them, so past ~32 hosts
+        ARP fails ("neighbor table overflow" in dmesg) and hosts cannot reach each other, which
+        no real network does (each device has its own table). Permanent entries do not count
+        against that bound, and they survive a cut or flapping bridge port."""
+        if self.n < 2:
+            return
+        macs = []
+        for i in range(self.n):
+            shown = json.loads(_ip("-n", self.host_ns(i), "-j", "link", "show", HOST_IF).stdout)
+            macs.append(shown[0]["address"])
+        for i in range(self.n):
+            lines = [f"neigh replace {self.addr(j)} lladdr {macs[j]} dev {HOST_IF} nud permanent"
+                     for j in range(self.n) if j != i]
+            _run(["ip", "-n", self.host_ns(i), "-batch", "-"], stdin="\n".join(lines) + "\n")
 
     def _save(self) -> None:
         state = {"id": self.id, "n": self.n, "namespaces": self.created, "pid": os.getpid(),

@@ -3,7 +3,8 @@
 The mesh part follows meshpos/replication/planner.py's rules: static peers are always
 dialled; peers found by mDNS, or named by their own signed statuses (peer exchange,
 meshpos/replication/peerx.py), are dialled when the ring planner picks them; one
-link per pair (simultaneous dials are resolved by ``keep_link``).
+link per pair (simultaneous dials are resolved by ``keep_link``); a link we dialled that
+neither end needs any more is closed (``PeerPlanner.to_prune``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import functools
 import logging
 import os
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,7 +96,7 @@ class Mesh:
         self.replicator = replicator_for(self.core)
         self.endpoint = endpoint_for(self.core, self.replicator)
         self.planner = PeerPlanner(self.core.node_id)
-        self.outbound: set[int] = set()  # id() of sessions we dialled
+        self.outbound: weakref.WeakSet[SyncSession] = weakref.WeakSet()  # the sessions we dialled (not id(): ids are reused)
         self.dialling: set[str] = set()  # node ids or addresses being dialled now
         self.static_ids: dict[str, str] = {}  # static address -> node id learnt on first link
         self.listen_port: int | None = None
@@ -223,7 +225,7 @@ class Mesh:
         finally:
             self.dialling.discard(key)
         if session is not None:
-            self.outbound.add(id(session))
+            self.outbound.add(session)
         return session
 
     async def _static_peer(self, address: str) -> None:
@@ -240,8 +242,8 @@ class Mesh:
             up_since = self.clock.monotonic()
             async with trio.open_nursery() as nursery:
                 session = await self._dial(host, port, address, nursery)
-                if session is not None and session.peer_node:
-                    self.static_ids[address] = session.peer_node
+                if session is not None and session.conn.expect_node:  # from the certificate: HELLO may not be in yet
+                    self.static_ids[address] = session.conn.expect_node
             lasted = self.clock.monotonic() - up_since
             failures = 0 if (session is not None and lasted > 10) else failures + 1
             await trio.sleep(DIAL_BACKOFF(failures + 1))
@@ -259,6 +261,12 @@ class Mesh:
             for peer in linked:
                 if peer not in self.planner.connected:
                     self.planner.link_up(peer, now)
+            dialled = {s.peer_node for s in self.replicator.sessions
+                       if s.peer_node and not s.closed and s in self.outbound}
+            for peer in self.planner.to_prune(now, dialled, set(self.static_ids.values())):
+                for s in self.replicator.sessions:
+                    if s.peer_node == peer and s in self.outbound and not s.closed:
+                        s.close("surplus link: neither end's ring target")
             for info in self.planner.to_dial(now):
                 if info.node_id in self.dialling or info.node_id in linked or not info.addresses:
                     continue
@@ -298,7 +306,7 @@ class Mesh:
         for peer, sessions in by_peer.items():
             if len(sessions) < 2:
                 continue
-            keep = [s for s in sessions if keep_link(self.core.node_id, peer, id(s) in self.outbound)]
+            keep = [s for s in sessions if keep_link(self.core.node_id, peer, s in self.outbound)]
             chosen = keep[0] if keep else sessions[0]
             for s in sessions:
                 if s is not chosen:

@@ -12,6 +12,16 @@ Rules (the planner is pure; time comes in as ``now``):
 * Static peers (config) are always dialled: the operator asked for them.
 * At most one link per pair: when both ends dial at once, the link initiated by
   the smaller node id is kept and the other is closed.
+* Surplus links are closed (``to_prune``). Nodes learn the site a few members at a
+  time, and each partial ring has other targets: without pruning, a node keeps
+  every link it ever dialled (50 nodes started one after another held ~580
+  links, not ~190). A node closes a link it dialled once the link is neither
+  its target nor, by its view of the membership, the peer's (the peer would
+  not dial it back), provided its own targets have been the same for
+  ``PRUNE_AFTER`` seconds, each is linked or backing off, and the link has been
+  up that long. Only the dialling end prunes: when the two ends' views of the
+  membership differ, the end that still wants the link dials it itself, and
+  that link is its to keep. Links to static peers are never pruned.
 * Inbound links are bounded (MAX_INBOUND held, MAX_PENDING_* not yet
   authenticated, AUTH_TIMEOUT to authenticate): see meshpos.infra.netguard.
 * A failed dial backs off exponentially (BACKOFF_MIN .. BACKOFF_MAX, with
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from meshpos.domain.backoff import exponential_backoff
@@ -32,6 +43,7 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 DIAL_BACKOFF = exponential_backoff(BACKOFF_MIN, BACKOFF_MAX)
 BACKOFF_RESET = 10.0
+PRUNE_AFTER = 30.0  # seconds the targets must stay the same, and a link up, before a surplus link is closed
 # Inbound links (meshpos.infra.netguard rules): held at once; not yet authenticated (TLS handshake and
 # HELLO), from all sources and from one address; and how long authenticating may take.
 MAX_INBOUND = 64
@@ -73,6 +85,12 @@ def ring_targets(me: str, members: set[str], successors: int = RING_SUCCESSORS, 
     return targets
 
 
+def wanted_by(me: str, peer: str, members: set[str]) -> bool:
+    """True if either end of the link me-peer dials it, given the site's members."""
+    everyone = members | {me, peer}
+    return peer in ring_targets(me, everyone) or me in ring_targets(peer, everyone)
+
+
 def keep_link(me: str, peer: str, initiated_by_me: bool) -> bool:
     """Of two simultaneous links between ``me`` and ``peer``, keep the one the smaller id dialled."""
     initiator = me if initiated_by_me else peer
@@ -86,6 +104,8 @@ class PeerPlanner:
     peers: dict[str, PeerInfo] = field(default_factory=dict)
     backoff: dict[str, _Backoff] = field(default_factory=dict)
     connected: dict[str, float] = field(default_factory=dict)  # peer -> link up since
+    _targets: frozenset[str] = frozenset()
+    _targets_since: float = 0.0
 
     def seen(self, info: PeerInfo) -> None:
         if info.node_id != self.me:
@@ -124,6 +144,28 @@ class PeerPlanner:
             b = self.backoff.get(peer)
             if b is None or b.next_try <= now:
                 out.append(self.peers[peer])
+        return out
+
+    def to_prune(self, now: float, dialled: AbstractSet[str], keep: AbstractSet[str] = frozenset()) -> list[str]:
+        """The peers whose link to close as surplus (module docstring): ``dialled`` are the peers
+        of the open links we dialled, ``keep`` those never to prune (static peers)."""
+        targets = frozenset(self.targets())
+        if targets != self._targets:
+            self._targets, self._targets_since = targets, now
+            return []
+        if now - self._targets_since < PRUNE_AFTER:
+            return []
+        for peer in targets:
+            b = self.backoff.get(peer)
+            if peer not in self.connected and (b is None or b.failures == 0):
+                return []  # a target not yet linked nor failing: the mesh may still need this link
+        members = set(self.peers)
+        out = []
+        for peer in sorted(dialled - keep - targets):
+            since = self.connected.get(peer)
+            if (peer in self.peers and since is not None and now - since >= PRUNE_AFTER
+                    and not wanted_by(self.me, peer, members)):
+                out.append(peer)
         return out
 
     def next_wakeup(self, now: float) -> float:

@@ -5,6 +5,9 @@
     netprobe.py send HOST PORT N            send N numbered UDP datagrams, 2 ms apart
     netprobe.py listen PORT SECONDS         accept TCP connections for SECONDS
     netprobe.py connect HOST PORT           print "ok" if a TCP connection opens within 3 s, else "fail"
+    netprobe.py all PORT SECONDS HOST...    bind PORT, print "ready", wait for a line on stdin, send a
+                                            datagram to PORT of every HOST (3 rounds), print how many
+                                            of the HOSTs were heard from within SECONDS
 """
 
 from __future__ import annotations
@@ -57,6 +60,27 @@ def main(argv: list[str]) -> None:
                 s.accept()[0].close()
             except socket.timeout:
                 break
+    elif cmd == "all":
+        port, seconds, hosts = int(argv[1]), float(argv[2]), argv[3:]
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("", port))
+        print("ready", flush=True)
+        sys.stdin.readline()
+        deadline, heard = time.monotonic() + seconds, set()
+        for _ in range(3):
+            for host in hosts:
+                try:
+                    s.sendto(b"hi", (host, port))
+                except OSError:
+                    pass  # no neighbour entry could be made: that datagram is lost
+            time.sleep(0.2)
+        while (left := deadline - time.monotonic()) > 0 and len(heard) < len(hosts):
+            s.settimeout(left)
+            try:
+                heard.add(s.recvfrom(64)[1][0])
+            except socket.timeout:
+                break
+        print(len(heard), flush=True)
     elif cmd == "connect":
         try:
             socket.create_connection((argv[1], int(argv[2])), timeout=3).close()

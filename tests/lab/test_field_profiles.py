@@ -123,6 +123,23 @@ def test_a_flapping_link_goes_down_and_up_on_its_schedule_and_stays_up_when_stop
     assert udp_count(lab, 0, 1, 20) == 20
 
 
+def test_fifty_hosts_all_reach_each_other(make_lab: Any) -> None:
+    # The kernel's neighbour (ARP) table is one for all namespaces, 1024 learnt entries by default:
+    # 50 hosts talking to each other need 2,450. The lab pins them (Lab._pin_neighbours), so every
+    # host hears every other one, as on a real network.
+    n = 50
+    lab = make_lab(n)
+    probes = [lab.run(i, [sys.executable, PROBE, "all", "42000", "20", *(lab.addr(j) for j in range(n) if j != i)],
+                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(n)]
+    for p in probes:
+        assert p.stdout.readline().strip() == "ready"
+    for p in probes:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    heard = [int(p.communicate(timeout=60)[0].strip()) for p in probes]
+    assert heard == [n - 1] * n
+
+
 def test_down_removes_the_profiled_namespaces(make_lab: Any) -> None:
     lab = make_lab(2)
     lab.apply(0, netns_lab.Profile(loss_pct=20, rate_kbit=512, multicast=False))
