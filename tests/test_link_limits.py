@@ -176,3 +176,31 @@ def test_the_log_filter_keeps_a_burst_then_counts_what_it_dropped() -> None:
     limiter = LogLimiter(interval=10.0, burst=1, max_keys=4, now=lambda: now[0])
     assert all(limiter.allow(i)[0] for i in range(100))  # keys bounded: the oldest forgotten
     assert len(limiter._keys) == 4
+
+
+def test_a_gateway_holds_a_link_from_each_terminal_of_a_200_terminal_fair() -> None:
+    """Every terminal of a fair is configured with the gateway's address; where the Wi-Fi filters
+    multicast or isolates clients, that link is a terminal's only way into the site. With 64
+    inbound links held at most, the 65th terminal was refused at once and for good (the first 64
+    keep their static links, and addresses spread only over links). The link listener's own
+    limits take 200 terminals connecting at once, each from its own address, 16 at a time
+    (the pending cap), and refuse none; strangers stay bounded by the pending caps."""
+    from meshpos.infra.netguard import InboundGate
+    from meshpos.replication.link_driver import INBOUND
+
+    clock = [0.0]
+    gate = InboundGate(INBOUND, now=lambda: clock[0])
+    waiting: list[int] = []
+    for k in range(200):
+        if len(waiting) == INBOUND.pending:  # the handshakes in flight finish
+            assert all(gate.proved(ticket) for ticket in waiting)
+            waiting.clear()
+        admission = gate.admit(f"10.0.{k // 250}.{k % 250 + 1}")
+        assert admission.ticket is not None, f"terminal {k + 1} refused: {admission.reason}"
+        assert admission.evict == ()
+        waiting.append(admission.ticket)
+    assert all(gate.proved(ticket) for ticket in waiting)
+    assert gate.held == 200 and gate.refused == 0
+    # a stranger's unauthenticated connections still count against the pending caps only
+    stranger = [gate.admit("10.9.9.9") for _ in range(INBOUND.per_source + 1)]
+    assert [a.ticket is not None for a in stranger] == [True] * INBOUND.per_source + [False]

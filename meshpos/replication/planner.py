@@ -45,8 +45,13 @@ DIAL_BACKOFF = exponential_backoff(BACKOFF_MIN, BACKOFF_MAX)
 BACKOFF_RESET = 10.0
 PRUNE_AFTER = 30.0  # seconds the targets must stay the same, and a link up, before a surplus link is closed
 # Inbound links (meshpos.infra.netguard rules): held at once; not yet authenticated (TLS handshake and
-# HELLO), from all sources and from one address; and how long authenticating may take.
-MAX_INBOUND = 64
+# HELLO), from all sources and from one address; and how long authenticating may take. MAX_INBOUND
+# is sized for the gateway of a large fair: every terminal is configured with its address, and where
+# the Wi-Fi filters multicast or isolates clients that link is a terminal's only way into the site.
+# At 64 the 65th terminal was refused at once, for good (the first 64 keep their static links), and
+# never learnt another address. Only enrolled nodes authenticate, one link per pair: the site's size
+# bounds what is held; the pending caps bound what strangers can hold.
+MAX_INBOUND = 256
 MAX_PENDING_INBOUND = 16
 MAX_PENDING_PER_SOURCE = 4
 AUTH_TIMEOUT = 5.0
