@@ -147,6 +147,27 @@ def test_a_closed_link_is_forgotten() -> None:
     assert tree.due(5.0) == [] and tree.wanted == 0
 
 
+def test_a_closed_link_that_was_the_last_eager_way_in_is_mended_on_another_link() -> None:
+    """Every other open link was pruned for O: the closed link was this node's only eager way in
+    for O, so O is grafted at once on one of the others (and counted eager there again here);
+    an origin some other link still brings eagerly, or one the closed link was pruned for too,
+    needs nothing."""
+    P = "b" * 16
+    Q = "c" * 16
+    tree: PushTree[str] = PushTree()
+    for link in ("y", "z"):
+        for origin in (O, P):
+            assert tree.pushed(link, origin, new=False)  # duplicates: both pruned for O and P
+    assert tree.pushed("x", Q, new=False) and tree.pushed("y", Q, new=False)  # Q: x and y pruned, z eager
+    mend = tree.drop_link("x", ["x", "y", "z"])
+    assert sorted(origin for _, origin in mend) == [O, P]  # not Q: z still brings it
+    assert all(link in ("y", "z") for link, _ in mend) and tree.mended == 2
+    for link, origin in mend:  # a later duplicate there may be pruned again
+        assert tree.pushed(link, origin, new=False)
+    assert tree.drop_link("y", ["z"]) == []  # z was never pruned for Q: eager for it
+    assert PushTree[str]().drop_link("x", []) == []  # no other link: nothing to graft on
+
+
 def test_change_hash_is_automerges_own() -> None:
     doc = am.Document()
     with doc.transaction() as tx:
@@ -412,4 +433,37 @@ def test_announcements_wait_for_their_delay_even_while_pushes_flow(tmp_path: Pat
     assert FrameType.GRAFT not in [t for _, t in tap]
     for node in (a, b, c):
         assert set(sold) <= node.sale_ids()
+    assert a.entries() == b.entries() == c.entries()
+
+
+def test_a_node_whose_eager_link_closes_grafts_at_once_and_misses_no_push(tmp_path: Path) -> None:
+    """A triangle whose trees have formed: C takes A's sales from one link, the other is pruned.
+    That link closes (the planner closing a surplus link, a peer gone). C grafts A's origin on
+    its remaining link at once, so A's next sale reaches C in a PUSH well before any
+    announcement could (ANNOUNCE_DELAY) and without a pull. Before, it came only by IHAVE and
+    graft, ANNOUNCE_DELAY + GRAFT_TIMEOUT later, on every node whose eager link had closed."""
+    clock = wall_clock()
+    a, b, c = _nodes(tmp_path, clock, 3)
+    net = MemNetwork()
+    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
+    _settle(net, clock, 1.0)
+    for i in range(3):
+        a.core.sell(100 + i)
+        _settle(net, clock)
+    origin = a.core.node_id
+    eager = [link for link, peer in ((ac, a), (bc, b)) if peer.replicator.tree.eager(_session(link, peer), origin)]
+    assert len(eager) == 1
+    (closing,) = eager
+    remaining, remaining_peer = (bc, b) if closing is ac else (ac, a)
+    assert not remaining_peer.replicator.tree.eager(_session(remaining, remaining_peer), origin)
+    closing.cut()
+    net.pump()
+    assert c.replicator.tree.mended == 1
+    assert remaining_peer.replicator.tree.eager(_session(remaining, remaining_peer), origin)  # the GRAFT arrived
+    grafts = c.replicator.tree.grafts
+    pushed0, _ = _pushed(c)
+    sale = a.core.sell(400)["id"]
+    _settle(net, clock, ANNOUNCE_DELAY / 4)
+    assert sale in c.sale_ids()
+    assert _pushed(c)[0] > pushed0 and c.replicator.tree.grafts == grafts  # pushed, not pulled
     assert a.entries() == b.entries() == c.entries()

@@ -25,6 +25,9 @@ The rules, all of them:
   later, and so on; a hash nobody else announced is dropped after its last try (the digest
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
+* A link that closes was maybe the only eager way in for some origins (every other link was
+  pruned for them): the node grafts each such origin at once on one of its other links
+  (``drop_link``), rather than waiting for an announcement and its timer.
 * A link is lazy for at most ``ORIGIN_LIMIT`` origins (PRUNE names node ids, known or not): past
   that, PRUNEs of new origins are ignored and counted, and the link stays eager for them (more
   pushing, nothing lost). A peer sending PRUNEs of made-up node ids by the million cannot grow
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
@@ -94,6 +98,7 @@ class PushTree(Generic[L]):
         self.timers_run = 0  # timer entries due() has looked at (its whole cost), stale ones included
         self.grafts = 0
         self.prunes = 0
+        self.mended = 0  # GRAFTs sent because a link closed (drop_link)
 
     # -- eager or lazy ------------------------------------------------------------------
 
@@ -115,13 +120,31 @@ class PushTree(Generic[L]):
         if lazy is not None:
             lazy.discard(origin)
 
-    def drop_link(self, link: L) -> None:
-        """A link closed: forget its state (a new link to the same peer starts eager)."""
+    def drop_link(self, link: L, live: Iterable[L] = ()) -> list[tuple[L, str]]:
+        """A link closed: forget its state (a new link to the same peer starts eager), and mend
+        this node's trees. ``live``: the links still open. For each origin the closed link was
+        this node's last eager way in for (every other live link was pruned for it), one other
+        live link to GRAFT that origin on, counted as eager again here already: the caller sends
+        the GRAFTs. Without them the origin's next changes came only by announcement and graft
+        (ANNOUNCE_DELAY + GRAFT_TIMEOUT later) until every node on the way had grafted: the
+        planner closing surplus links once a site had formed cost a second on every sale in flight."""
+        closed = self._pruned.pop(link, set())
         self._lazy.pop(link, None)
-        self._pruned.pop(link, None)
         for wanted in self._wanted.values():
             if link in wanted.announcers:
                 wanted.announcers.remove(link)
+        others = [other for other in live if other != link]
+        pruned = [self._pruned.get(other) for other in others]
+        if not others or any(not p for p in pruned):
+            return []  # some link is still eager for every origin (or there is none to graft)
+        orphans = set.intersection(*(p for p in pruned if p)) - closed
+        mend: list[tuple[L, str]] = []
+        for origin in sorted(orphans):  # spread over the links, the same link for an origin
+            other = others[zlib.crc32(origin.encode()) % len(others)]
+            self._pruned[other].discard(origin)
+            mend.append((other, origin))
+        self.mended += len(mend)
+        return mend
 
     # -- changes ------------------------------------------------------------------------
 

@@ -227,7 +227,8 @@ class Replicator:
             hook()
 
     def _forget(self, session: "SyncSession") -> None:
-        self.tree.drop_link(session)
+        for other, origin in self.tree.drop_link(session, [s for s in self.sessions if s.conn.state is LinkState.OPEN]):
+            other.graft_origin(origin)
         if session in self.sessions:
             self.sessions.remove(session)
             self.links_changed()
@@ -416,6 +417,21 @@ class SyncSession:
             self._announce_due = self.clock.monotonic() + ANNOUNCE_DELAY
             if self.wakeup is not None:
                 self.wakeup()  # a new deadline for the driver
+
+    def tree_ready(self) -> bool:
+        """Open, and speaking push trees (version 4): GRAFT and PRUNE mean something here."""
+        return self.conn.state is LinkState.OPEN and self.version >= TREE_VERSION
+
+    def graft_origin(self, origin: str) -> None:
+        """GRAFT ``origin`` on this link: its peer pushes that origin's changes here again (this
+        node's eager way in for it closed; meshpos.replication.pushtree.PushTree.drop_link)."""
+        if not self.tree_ready():
+            return
+        log.debug("link %s: grafting %s (its eager link closed)", self.label, origin)
+        self._graft_out.add(origin)
+        self._prune_out.discard(origin)
+        if self.wakeup is not None:
+            self.wakeup()
 
     def graft_pull(self, shard: str) -> None:
         """An announced change of ``shard`` did not come: GRAFT its origin on this link and pull
