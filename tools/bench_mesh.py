@@ -377,6 +377,10 @@ def main() -> int:
     ap.add_argument("--tmpdir", type=Path, default=None,
                     help="where the node directories go (e.g. /dev/shm to take the disk's fsync out)")
     ap.add_argument("--runs", type=int, default=1, help="whole runs (a new mesh each); figures are their medians")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds to wait after the mesh formed before selling (default 0). The planner "
+                         "closes the links it no longer needs 30 s after its targets settle; --settle 45 "
+                         "measures a site whose links have settled, the default includes those closes")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs = []
@@ -439,6 +443,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
               f"diameter {diameter(mesh.adjacency())} hops", file=sys.stderr, flush=True)
         startup = mesh.start()
         print(f"all nodes up and linked in {startup:.1f} s", file=sys.stderr, flush=True)
+        if args.settle:
+            print(f"settling {args.settle:g} s before the load", file=sys.stderr, flush=True)
+            time.sleep(args.settle)
         dbs = [NodeDir(p).db_path for p in mesh.nodes]
         observer = Observer(dbs, "sale", args.poll_ms / 1000)
         links0 = mesh.link_totals()
@@ -460,7 +467,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         sell_ms = [(s.returned - s.started) * 1000 for s in ok]
         late_ms = [(s.started - s.scheduled) * 1000 for s in sold]
         res.update({
-            "nodes": args.nodes, "topology": args.topology, "links": len(mesh.edges),
+            "nodes": args.nodes, "topology": args.topology, "settle_s": args.settle, "links": len(mesh.edges),
             "diameter": diameter(mesh.adjacency()), "rate": args.rate, "seconds": args.seconds,
             "sales": len(sold), "sell_errors": len(sold) - len(ok), "converged": converged,
             "achieved_rate": len(ok) / wall_load if wall_load else 0.0,
