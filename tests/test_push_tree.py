@@ -4,6 +4,7 @@ SyncSessions whose clock the test moves."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import automerge.core as am
@@ -305,23 +306,42 @@ def test_a_triangle_prunes_to_one_copy_per_sale(tmp_path: Path) -> None:
     assert a.entries() == b.entries() == c.entries()
 
 
+@dataclass
+class _Triangle:
+    """A-B, A-C, B-C after A's first sales: C takes A's sales from one link (``eager``)."""
+    clock: FakeClock
+    net: MemNetwork
+    a: SimNode
+    b: SimNode
+    c: SimNode
+    ab: MemLink
+    ac: MemLink
+    bc: MemLink
+    eager: MemLink
+
+    @classmethod
+    def formed(cls, tmp_path: Path) -> "_Triangle":
+        clock = wall_clock()
+        a, b, c = _nodes(tmp_path, clock, 3)
+        net = MemNetwork()
+        ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
+        _settle(net, clock, 1.0)
+        for i in range(3):
+            a.core.sell(100 + i)
+            _settle(net, clock)
+        eager = [link for link, peer in ((ac, a), (bc, b))
+                 if peer.replicator.tree.eager(_session(link, peer), a.core.node_id)]
+        assert len(eager) == 1  # a tree: one link pushes A's sales to C, the other announces them
+        return cls(clock, net, a, b, c, ab, ac, bc, eager[0])
+
+
 def test_a_change_announced_but_not_pushed_is_pulled_by_graft(tmp_path: Path) -> None:
     """Once C takes A's sales from one link only, the PUSH of a sale on that link is lost: the
     IHAVE on the other link makes C pull the sale from its announcer after the graft timeout,
     and that link is eager for A from then on."""
-    clock = wall_clock()
-    a, b, c = _nodes(tmp_path, clock, 3)
-    net = MemNetwork()
-    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
-    _settle(net, clock, 1.0)
-    for i in range(3):
-        a.core.sell(100 + i)
-        _settle(net, clock)
+    t = _Triangle.formed(tmp_path)
+    clock, net, a, b, c, ab, ac, bc, eager = t.clock, t.net, t.a, t.b, t.c, t.ab, t.ac, t.bc, t.eager
     origin = a.core.node_id
-    eager_at_c = [link for link, peer in ((ac, a), (bc, b))
-                  if peer.replicator.tree.eager(_session(link, peer), origin)]
-    assert len(eager_at_c) == 1  # a tree: one link pushes A's sales to C, the other announces them
-    (eager,) = eager_at_c
     lazy = bc if eager is ac else ac
     lazy_peer = b if lazy is bc else a
     sender = _session(eager, a if eager is ac else b)
@@ -442,18 +462,9 @@ def test_a_node_whose_eager_link_closes_grafts_at_once_and_misses_no_push(tmp_pa
     its remaining link at once, so A's next sale reaches C in a PUSH well before any
     announcement could (ANNOUNCE_DELAY) and without a pull. Before, it came only by IHAVE and
     graft, ANNOUNCE_DELAY + GRAFT_TIMEOUT later, on every node whose eager link had closed."""
-    clock = wall_clock()
-    a, b, c = _nodes(tmp_path, clock, 3)
-    net = MemNetwork()
-    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
-    _settle(net, clock, 1.0)
-    for i in range(3):
-        a.core.sell(100 + i)
-        _settle(net, clock)
+    t = _Triangle.formed(tmp_path)
+    clock, net, a, b, c, ac, bc, closing = t.clock, t.net, t.a, t.b, t.c, t.ac, t.bc, t.eager
     origin = a.core.node_id
-    eager = [link for link, peer in ((ac, a), (bc, b)) if peer.replicator.tree.eager(_session(link, peer), origin)]
-    assert len(eager) == 1
-    (closing,) = eager
     remaining, remaining_peer = (bc, b) if closing is ac else (ac, a)
     assert not remaining_peer.replicator.tree.eager(_session(remaining, remaining_peer), origin)
     closing.cut()
