@@ -185,11 +185,11 @@ def test_a_gateway_holds_a_link_from_each_terminal_of_a_200_terminal_fair() -> N
     keep their static links, and addresses spread only over links). The link listener's own
     limits take 200 terminals connecting at once, each from its own address, 16 at a time
     (the pending cap), and refuse none; strangers stay bounded by the pending caps."""
+    from meshpos.infra.clock import FakeClock
     from meshpos.infra.netguard import InboundGate
     from meshpos.replication.link_driver import INBOUND
 
-    clock = [0.0]
-    gate = InboundGate(INBOUND, now=lambda: clock[0])
+    gate = InboundGate(INBOUND, now=FakeClock().monotonic)
     waiting: list[int] = []
     for k in range(200):
         if len(waiting) == INBOUND.pending:  # the handshakes in flight finish

@@ -14,29 +14,22 @@ import functools
 import trio
 
 from meshpos.infra.asgi import Receive, Scope, Send, bind_tcp
+from meshpos.infra.clock import FakeClock
 from meshpos.infra.http import HttpLimits, Request, Response, listener_port, serve_http
 from meshpos.infra.netguard import InboundGate, InboundLimits
 from meshpos.terminal import server
 from meshpos.terminal.guard import GuardPolicy
 
 
-class Ticks:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_a_newcomer_closes_the_oldest_pending_connection_of_its_source() -> None:
-    now = Ticks()
-    gate = InboundGate(InboundLimits(total=6, pending=4, per_source=2, proof_timeout=10.0), now=now)
+    clock = FakeClock()
+    gate = InboundGate(InboundLimits(total=6, pending=4, per_source=2, proof_timeout=10.0), now=clock.monotonic)
     assert gate.limits.grace == 2.0
     first, second = gate.admit("a"), gate.admit("a")
     assert first.ticket is not None and second.ticket is not None
     refused = gate.admit("a")  # both are younger than the grace: the newcomer is refused, nobody closed
     assert refused.ticket is None and "from a not yet authenticated" in refused.reason and gate.pending == {"a": 2}
-    now.t = 2.5
+    clock.advance(2.5)
     taken = gate.admit("a")
     assert taken.ticket is not None and taken.evict == (first.ticket,)
     assert gate.pending == {"a": 2} and gate.held == 2 and gate.evicted == 1
@@ -48,31 +41,31 @@ def test_a_newcomer_closes_the_oldest_pending_connection_of_its_source() -> None
 
 
 def test_past_the_pending_cap_the_source_with_most_pending_gives_way() -> None:
-    now = Ticks()
-    gate = InboundGate(InboundLimits(total=10, pending=4, per_source=3, proof_timeout=5.0, evict_after=1.0), now=now)
+    clock = FakeClock()
+    gate = InboundGate(InboundLimits(total=10, pending=4, per_source=3, proof_timeout=5.0, evict_after=1.0), now=clock.monotonic)
     b = gate.admit("b").ticket
     flood = [gate.admit("x").ticket for _ in range(3)]
     assert b is not None and None not in flood and gate.pending_total == 4
-    now.t = 1.5
+    clock.advance(1.5)
     honest = gate.admit("c")
     assert honest.ticket is not None and honest.evict == (flood[0],)  # x's oldest, not b's older one
     assert gate.pending == {"b": 1, "x": 2, "c": 1}
 
 
 def test_the_total_cap_holds_when_every_held_connection_proved_itself() -> None:
-    now = Ticks()
-    gate = InboundGate(InboundLimits(total=2, pending=2, per_source=2, proof_timeout=1.0), now=now)
+    clock = FakeClock()
+    gate = InboundGate(InboundLimits(total=2, pending=2, per_source=2, proof_timeout=1.0), now=clock.monotonic)
     for _ in range(2):
         ticket = gate.admit("a").ticket
         assert ticket is not None and gate.proved(ticket)
-    now.t = 100.0
+    clock.advance(100.0)
     refused = gate.admit("b")
     assert refused.ticket is None and "2 connections held (limit 2)" in refused.reason and gate.held == 2
-    third = InboundGate(InboundLimits(total=2, pending=2, per_source=2, proof_timeout=1.0), now=now)
+    third = InboundGate(InboundLimits(total=2, pending=2, per_source=2, proof_timeout=1.0), now=clock.monotonic)
     kept = third.admit("a").ticket
     assert kept is not None and third.proved(kept)
     old = third.admit("a").ticket
-    now.t = 200.0
+    clock.advance(100.0)
     newcomer = third.admit("b")  # one held connection is still pending: it makes room
     assert newcomer.evict == (old,) and third.held == 2
 
