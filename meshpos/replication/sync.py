@@ -422,25 +422,25 @@ class SyncSession:
         """Open, and speaking push trees (version 4): GRAFT and PRUNE mean something here."""
         return self.conn.state is LinkState.OPEN and self.version >= TREE_VERSION
 
-    def graft_origin(self, origin: str) -> None:
-        """GRAFT ``origin`` on this link: its peer pushes that origin's changes here again (this
-        node's eager way in for it closed; meshpos.replication.pushtree.PushTree.drop_link)."""
+    def graft_origin(self, origin: str, why: str = "its eager link closed") -> bool:
+        """GRAFT ``origin`` on this link: its peer pushes that origin's changes here again (by
+        default because this node's eager way in for it closed:
+        meshpos.replication.pushtree.PushTree.drop_link). False if the link cannot (not open,
+        or below version 4)."""
         if not self.tree_ready():
-            return
-        log.debug("link %s: grafting %s (its eager link closed)", self.label, origin)
+            return False
+        log.debug("link %s: grafting %s (%s)", self.label, origin, why)
         self._graft_out.add(origin)
         self._prune_out.discard(origin)
         if self.wakeup is not None:
             self.wakeup()
+        return True
 
     def graft_pull(self, shard: str) -> None:
         """An announced change of ``shard`` did not come: GRAFT its origin on this link and pull
         the shard from the peer by the sync protocol."""
-        if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION:
+        if not self.graft_origin(origin_of(shard), f"a change of {shard} announced, not pushed"):
             return
-        log.debug("link %s: grafting %s", self.label, shard)
-        self._graft_out.add(origin_of(shard))
-        self._prune_out.discard(origin_of(shard))
         self.states[shard] = am.SyncState()
         self._dirty.setdefault(shard, False)
         if self.wakeup is not None:
