@@ -141,3 +141,20 @@ async def test_an_authenticated_gateways_slow_upload_is_not_closed_for_anonymous
         await conn.aclose()
         for s in socks:
             s.close()
+
+
+async def test_a_forwarder_holds_at_most_per_client_authenticated_connections(
+        switch_dir: Path, make_node: Callable[..., Path], clock: FakeClock) -> None:  # noqa: F811
+    """A gateway gone bad cannot hold the switch with authenticated connections: past
+    ``per_client`` its further connections are anonymous (its address's cap, closed for others)."""
+    ctx = make_client_context(make_node("gw", "gateway"))
+    limits = ConnectionLimits(total=64, per_source=4, per_client=2, idle_s=60.0, handshake_s=5.0)
+    async with switch_with(switch_dir, clock, limits) as (service, port):
+        conns = [await open_switch(f"https://127.0.0.1:{port}", ctx) for _ in range(3)]
+        with trio.fail_after(10):
+            while sum(service.gate.by_client.values()) + sum(service.gate.by_source.values()) < 3:
+                await trio.sleep(0.01)
+        assert list(service.gate.by_client.values()) == [2] and service.gate.by_source["127.0.0.1"] == 1
+        for conn in conns:  # all three are served
+            assert (await conn.request("GET", HEALTH_PATH, {})).status == 200
+            await conn.aclose()
