@@ -158,3 +158,17 @@ async def test_a_forwarder_holds_at_most_per_client_authenticated_connections(
         for conn in conns:  # all three are served
             assert (await conn.request("GET", HEALTH_PATH, {})).status == 200
             await conn.aclose()
+
+
+async def test_a_refused_client_cannot_fill_the_switchs_log(
+        switch_dir: Path, make_node: Callable[..., Path], clock: FakeClock,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Each refusal costs the client a TLS handshake, and the switch one log line per reason a minute."""
+    spy = make_client_context(make_node("spy", "inspector"))
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (service, port):
+        for _ in range(30):
+            conn = await open_switch(f"https://127.0.0.1:{port}", spy)
+            assert (await conn.request("GET", HEALTH_PATH, {})).status == 403
+            await conn.aclose()
+    lines = [r for r in caplog.records if "refused a forwarder" in r.getMessage()]
+    assert len(lines) == 1 and "role inspector" in lines[0].getMessage()

@@ -29,6 +29,7 @@ from meshpos.acquirer.pool import AcquirerPool, CheckableLink
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
 from meshpos.domain.hostport import parse_hostport
+from meshpos.infra.netguard import LogLimiter
 from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, peer_cert_der, serve_http
 from meshpos.identity import keys
 from meshpos.wire.forwarding import (FORWARD_PATH, HEALTH_PATH, HEALTH_TIME_FIELD, MAX_BODY_BYTES, decode_request,
@@ -61,6 +62,7 @@ class SwitchService:
         self.tls_context = tls_context
         self.gate = ConnectionGate(limits)
         self.requests = 0
+        self.refusal_log = LogLimiter()  # one line per reason a minute: a client the switch refuses writes no more
 
     def register_site(self, row: SiteRow) -> None:
         """Take a site registered while running: its forwarders may connect at once."""
@@ -92,7 +94,10 @@ class SwitchService:
         try:
             site, ident = self.switch.identify_client(request.peer_cert_der)
         except VerificationError as exc:
-            log.warning("refused a forwarder from %s: %s", request.peer_addr, exc)
+            ok, suppressed = self.refusal_log.allow(str(exc))
+            if ok:
+                log.warning("refused a forwarder from %s: %s%s", request.peer_addr, exc,
+                            f" ({suppressed} more refusals for this since the last line)" if suppressed else "")
             return json_response(403, {"error": str(exc)}, {"connection": "close"})  # no keep-alive for it
         if request.path not in (FORWARD_PATH, HEALTH_PATH, RESULTS_PATH):
             return json_response(404, {"error": f"no such path {request.path[:80]!r}"})
