@@ -8,6 +8,7 @@ the loop's waits. Every lease here is signed with an enrolled terminal's real ke
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,7 +110,8 @@ async def test_a_lease_counts_for_its_life_from_when_this_node_received_it(
     uplink, hostile, _ = fair
     hoard(hostile, clock.now_ms() + rules.MAX_SKEW_MS - 60_000)
     merge(uplink, hostile)
-    fwd = Forwarder(uplink, clock, FakeSwitch(switch_key, clock))
+    # rule 3 alone: rule 6 (stalled sales forwarded anyway after 120 s) is off here
+    fwd = Forwarder(uplink, clock, FakeSwitch(switch_key, clock), stall_s=math.inf)
     assert (await fwd.step()).forwarded == []
     clock.advance(L.MAX_LEASE_MS / 1000 - 0.001)
     assert (await fwd.step()).forwarded == []

@@ -3,7 +3,8 @@
 A whole fair reaches the switch from one address. Before, anyone on the fair's Wi-Fi who held
 ``per_source`` connections open (re-opening each the switch closed after ``idle_s``) had every
 new connection from that address closed at once: no gateway of the fair could forward. Now a
-newcomer closes the oldest connection of its source that has waited for bytes ``grace`` or more."""
+newcomer closes the oldest anonymous connection of its source open for ``grace`` or more
+(tests/test_red_team_switch_fairness.py: whatever it is doing)."""
 
 from __future__ import annotations
 

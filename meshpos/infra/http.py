@@ -3,10 +3,12 @@
 Server: :func:`serve_http` runs ``handler(Request) -> Response`` for each request
 with bounded header and body sizes (431 / 413), a read deadline per request,
 keep-alive, and a 500 for a handler that raises; the connection and the server
-live on. Connections are bounded (meshpos.infra.netguard): past ``HttpLimits``'s caps a
+live on. A handler's ``connection: close`` header ends the connection after that answer.
+Connections are bounded (meshpos.infra.netguard): past ``HttpLimits``'s caps a
 new one is closed at once, and running out of file descriptors is logged once a
-minute, not as a traceback per accept. Over TLS the handler sees the client's certificate as
-``Request.peer_cert_der``.
+minute, not as a traceback per accept. A connection proves itself with its first whole
+request, or, over TLS with ``authenticate``, as soon as that accepts the finished handshake.
+Over TLS the handler sees the client's certificate as ``Request.peer_cert_der``.
 
 Client: :class:`HttpClientConnection` (keep-alive on one stream), the one-shot
 :func:`request`, and :func:`open_https`. Failures become
@@ -100,6 +102,7 @@ class HttpLimits:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+Authenticate = Callable[[trio.SSLStream[Any]], bool]  # the handshake done: is this a known client?
 
 
 def _headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -195,7 +198,8 @@ async def _read_request(
 
 
 async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: HttpLimits,
-                            addr: str | None = None, proved: Callable[[], None] = lambda: None) -> None:
+                            addr: str | None = None, proved: Callable[[], None] = lambda: None,
+                            authenticate: Authenticate | None = None) -> None:
     try:
         peer = None
         if isinstance(stream, trio.SSLStream):
@@ -204,6 +208,8 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
             if scope.cancelled_caught:
                 return
             peer = peer_cert_der(stream)
+            if authenticate is not None and authenticate(stream):
+                proved()
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
         while True:
             try:
@@ -222,7 +228,7 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
             except Exception:
                 log.exception("HTTP handler failed on %s %s", request.method, request.path)
                 response = text_response(500, "internal error\n")
-            await _send_response(stream, conn, response, close=False)
+            await _send_response(stream, conn, response, close=_closes(response))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -232,14 +238,20 @@ async def _serve_connection(stream: trio.abc.Stream, handler: Handler, limits: H
         await trio.aclose_forcefully(stream)
 
 
+def _closes(response: Response) -> bool:
+    return any(k.lower() == "connection" and "close" in (t.strip() for t in v.lower().split(",")) for k, v in response.headers.items())
+
+
 async def serve_http(
     handler: Handler,
     where: Sequence[trio.abc.Listener[Any]] | tuple[str, int, ssl.SSLContext | None],
     *,
     limits: HttpLimits = HttpLimits(),
+    authenticate: Authenticate | None = None,
     task_status: trio.TaskStatus[list[trio.abc.Listener[Any]]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. ``where`` is listeners or ``(host, port, ssl_context or None)``.
+    """Serve until cancelled. ``where`` is listeners or ``(host, port, ssl_context or None)``;
+    ``authenticate`` (TLS only) is asked once per connection after its handshake.
 
     ``task_status.started`` receives the listeners (read the bound port from them).
     """
@@ -254,7 +266,7 @@ async def serve_http(
         listeners = list(where)
 
     async def serve_one(stream: trio.abc.Stream, source: str, where: str, proved: Callable[[], None]) -> None:
-        await _serve_connection(stream, handler, limits, source, proved)
+        await _serve_connection(stream, handler, limits, source, proved, authenticate)
 
     gate = InboundGate(InboundLimits(total=limits.max_connections, pending=limits.max_pending,
                                      per_source=limits.max_pending_per_source,

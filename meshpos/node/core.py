@@ -66,23 +66,30 @@ class NodeCore:
         if policy.site_id != cfg.site_id:
             raise ConfigError(f"{nd.path}: policy.env is of site {policy.site_id}, config of {cfg.site_id}")
         self.roster = Roster(self.ca_cert, policy)
-        # A store that existed once and is gone (moved aside after damage, a lost disk) comes back
-        # empty: until a peer gives back this node's own log, selling would reuse sale ids the mesh
-        # (and the switch) hold already. The flag file is written before the new store exists.
+        # A store that existed once and is gone (moved aside after damage, a lost disk) or empty (a
+        # file truncated to nothing, an SQLite file without our tables) comes back empty: until a
+        # peer gives back this node's own log, selling would reuse sale ids the mesh (and the
+        # switch) hold already. A missing store is flagged before the new one exists; an empty one
+        # by the node's own certificate missing from it, which the first open writes after this
+        # (a crash in between finds it missing again).
         created = nd.path / STORE_CREATED_FILE
         self.recovery_flag = nd.path / RECOVERING_FILE
         if not nd.db_path.exists() and created.exists():
-            write_atomically(self.recovery_flag, f"store {nd.db_path} re-created; selling waits for a peer\n".encode(),
-                             mode=0o600)
-            log.warning("%s was created once and is missing: recovering this node's log from the mesh "
-                        "before it sells again", nd.db_path)
+            self._flag_recovery(f"{nd.db_path} was created once and is missing")
         self.store = Store.open(nd.db_path, create=True,
                                 identity={"site_id": cfg.site_id, "node_id": cfg.node_id})
+        if created.exists() and not self.recovery_flag.exists() and self.store.entry(f"cert/{cfg.node_id}") is None:
+            self._flag_recovery(f"{nd.db_path} was created once and holds nothing of this node")
         if not created.exists():
             write_atomically(created, f"node {cfg.node_id}\n".encode(), mode=0o600)
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
         # who else holds which sales, from the statuses the node receives (fed by its status board)
         self.holders = Holders(cfg.node_id, lambda: self.ledger.holdings.highest(cfg.node_id))
+
+    def _flag_recovery(self, why: str) -> None:
+        write_atomically(self.recovery_flag, f"store {self.dir.db_path} re-created; selling waits for a peer\n".encode(),
+                         mode=0o600)
+        log.warning("%s: recovering this node's log from the mesh before it sells again", why)
 
     @classmethod
     def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True) -> "NodeCore":

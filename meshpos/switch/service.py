@@ -29,7 +29,8 @@ from meshpos.acquirer.pool import AcquirerPool, CheckableLink
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, VerificationError
 from meshpos.domain.hostport import parse_hostport
-from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, serve_http
+from meshpos.infra.netguard import LogLimiter
+from meshpos.infra.http import HttpLimits, Request, Response, json_response, listener_port, peer_cert_der, serve_http
 from meshpos.identity import keys
 from meshpos.wire.forwarding import (FORWARD_PATH, HEALTH_PATH, HEALTH_TIME_FIELD, MAX_BODY_BYTES, decode_request,
                                      encode_reply)
@@ -61,6 +62,7 @@ class SwitchService:
         self.tls_context = tls_context
         self.gate = ConnectionGate(limits)
         self.requests = 0
+        self.refusal_log = LogLimiter()  # one line per reason a minute: a client the switch refuses writes no more
 
     def register_site(self, row: SiteRow) -> None:
         """Take a site registered while running: its forwarders may connect at once."""
@@ -78,15 +80,27 @@ class SwitchService:
             headers[CODING_HEADER] = GZIP
         return Response(response.status, headers, body)
 
+    def authenticate(self, stream: trio.SSLStream[Any]) -> bool:
+        """Right after the TLS handshake: does the client certificate name a forwarder of a
+        registered site? Then its connection no longer counts against its address (:mod:`.connlimit`)."""
+        try:
+            _, ident = self.switch.identify_client(peer_cert_der(stream))
+        except VerificationError:
+            return False  # the request handler answers 403 and closes the connection
+        return self.gate.authenticate(stream.transport_stream, ident.node_id)
+
     async def _handle(self, request: Request) -> Response:
         self.requests += 1
-        if request.path not in (FORWARD_PATH, HEALTH_PATH, RESULTS_PATH):
-            return json_response(404, {"error": f"no such path {request.path[:80]!r}"})
         try:
             site, ident = self.switch.identify_client(request.peer_cert_der)
         except VerificationError as exc:
-            log.warning("refused a forwarder: %s", exc)
-            return json_response(403, {"error": str(exc)})
+            ok, suppressed = self.refusal_log.allow(str(exc))
+            if ok:
+                log.warning("refused a forwarder from %s: %s%s", request.peer_addr, exc,
+                            f" ({suppressed} more refusals for this since the last line)" if suppressed else "")
+            return json_response(403, {"error": str(exc)}, {"connection": "close"})  # no keep-alive for it
+        if request.path not in (FORWARD_PATH, HEALTH_PATH, RESULTS_PATH):
+            return json_response(404, {"error": f"no such path {request.path[:80]!r}"})
         if request.path == HEALTH_PATH:
             if request.method != "GET":
                 return json_response(405, {"error": "use GET"}, {"allow": "GET"})
@@ -140,6 +154,7 @@ async def serve_switch(
     http_limits = dataclasses.replace(LIMITS, handshake_timeout=limits.handshake_s)
     async with trio.open_nursery() as nursery:
         await nursery.start(lambda task_status: serve_http(service.handle, listeners, limits=http_limits,
+                                                           authenticate=service.authenticate,
                                                            task_status=task_status))
         task_status.started(listener_port(listeners[0]))
 

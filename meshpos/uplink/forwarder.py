@@ -65,6 +65,7 @@ INGEST_SLICE = 25  # at most this many results taken into the ledger per commit 
 # ... and a slice ends once it took this long: a result's event waits for the rest of its slice, and
 # a slice of 25 is ~15 ms on this host's cores but 5-10 x that on a terminal's ARM core
 INGEST_SLICE_S = 0.004
+STALL_S = 2 * lease_rules.LEASE_MS / 1000  # a sale waiting this long in another node's scope is forwarded here too
 SET_ASIDE_S = 1800.0  # how often a set-aside sale is tried again: 48 times in a 24 h offline window
 # Answers that say the switch will take nothing from this node (who it is, where it sends, how
 # fast), whatever the batch holds: splitting the batch would learn nothing.
@@ -262,11 +263,12 @@ class Forwarder:
         set_aside_s: float = SET_ASIDE_S,
         reachable: Callable[[str], bool] | None = None,
         switch_offset: Callable[[], int | None] = lambda: None,
+        stall_s: float = STALL_S,
     ) -> None:
         """``reachable(node_id)``: whether this node can reach that node now (lease rule 1c,
         meshpos/uplink/leases.py); by default every node is taken as reachable.
         ``switch_offset()``: how far this node's clock is ahead of the switch's, in ms (negative:
-        behind), as last measured (meshpos.domain.clockskew), or None."""
+        behind), as last measured (meshpos.domain.clockskew), or None. ``stall_s``: lease rule 6."""
         self.core = core
         self.clock = clock
         self.transport: Transport = transport if transport is not None else HttpsTransport(core, clock=clock.monotonic)
@@ -290,6 +292,9 @@ class Forwarder:
         self._in_flight: set[str] = set()  # sent in a batch whose reply has not come back yet
         self._reversal_done: set[str] = set()
         self._leases: dict[str, lease_rules.Lease] = {}
+        self.stall_s = stall_s
+        self._waiting: dict[str, float] = {}  # sale id -> when (monotonic) first seen in a scope another node holds
+        self._stalled_logged: set[str] = set()  # holders whose stalled scopes were logged
 
     @property
     def node_id(self) -> str:
@@ -325,6 +330,8 @@ class Forwarder:
         """Drop the suspicion of sales that need no forwarding any more (settled through another node)."""
         if self._set_aside - open_ids:
             self._set_aside &= open_ids
+        for sale_id in [s for s in self._waiting if s not in open_ids]:
+            del self._waiting[sale_id]
         for sale_id in [s for s in self._trouble if s not in open_ids and s not in self._in_flight]:
             del self._trouble[sale_id]
 
@@ -417,7 +424,8 @@ class Forwarder:
         leases = self.leases()
         lp = lease_rules.plan(self.node_id, set(scopes.values()), leases, now, self.rank,
                               self.lease_ms, self.renew_left_ms, ignore=self.ignored_holders(leases))
-        mine = [s for s in pending if scopes[s] in lp.forward]
+        stalled = self._stalled(pending, scopes, lp.held_by_others)
+        mine = [s for s in pending if scopes[s] in lp.forward or s in stalled]
         eligible = set(mine)
         while self._split:
             group = [s for s in self._split.pop(0) if s in eligible]
@@ -438,6 +446,25 @@ class Forwarder:
             batch.append(sale_id)
             size += est
         return batch, lp, len(mine) > len(batch)
+
+    def _stalled(self, pending: list[str], scopes: dict[str, str], others: dict[str, str]) -> set[str]:
+        """Lease rule 6 (protocols/forwarding.md): the sales of scopes other nodes hold that have
+        waited ``stall_s`` here; a holder that keeps renewing and never forwards (on purpose or
+        not) must not keep the site's sales from the switch."""
+        mono = self.clock.monotonic()
+        out: set[str] = set()
+        for sale_id in pending:
+            holder = others.get(scopes[sale_id])
+            if holder is None:
+                continue
+            if mono - self._waiting.setdefault(sale_id, mono) >= self.stall_s:
+                out.add(sale_id)
+                if holder not in self._stalled_logged:
+                    self._stalled_logged.add(holder)
+                    log.warning("node %s holds the lease of %s, but sale %s has waited %.0f s there: forwarding "
+                                "such sales from here too (if it goes on, check that node; revoke it if it is "
+                                "not yours)", holder, scopes[sale_id], sale_id, mono - self._waiting[sale_id])
+        return out
 
     async def step(self) -> StepReport:
         """Claim or renew leases, forward at most one batch, take the results into the ledger.

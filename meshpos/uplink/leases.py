@@ -34,6 +34,9 @@ lease's ``received_at`` is that node's clock when it accepted the entry.
    unreachable); failed batches alone never release them, but one that found no connection
    makes the node probe at once (``run_forwarder``'s ``recheck``), so an uplink lost mid-batch
    is handed over without waiting for a back-off.
+6. A holder must also settle what it holds: a sale that has waited ``forwarder.STALL_S`` in a
+   scope another node holds is forwarded by this node too (``Forwarder._stalled``), so a
+   holder that renews and never forwards delays the site's sales, never stops them.
 
 Leases save the site's uplink from carrying one batch twice; they are not what makes
 charging exactly-once (the switch de-duplicates on sale ids), so clock skew between

@@ -1,0 +1,89 @@
+"""Red team: one enrolled node that claims every forwarding lease and never forwards.
+
+Its leases are validly signed, it renews them and it stays reachable, so by lease rules 1-5 alone
+every other uplink node of the site leaves its scopes to it, and no sale of the site is ever
+settled: one terminal stops the site (issue 12's rule: none may). Rule 6 (protocols/forwarding.md,
+"Leases"): a sale that has waited ``STALL_S`` in a scope another node holds is forwarded by this
+node too (the switch de-duplicates, so it costs at most a repeated sale, never a second charge).
+Real ledgers and a real switch over TLS on loopback; the clock is a FakeClock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meshpos.infra.clock import FakeClock
+from meshpos.node.core import NodeCore
+from meshpos.switch.connlimit import ConnectionLimits
+from meshpos.uplink import leases as L
+from meshpos.uplink.forwarder import STALL_S, Forwarder
+from switch_harness import merge, switch_dir, transport  # noqa: F401 -- switch_dir: fixture
+from test_switch_hardening import switch_with
+
+pytestmark = pytest.mark.usefixtures("switch_backend_env")
+
+
+def hoard(hoarder: NodeCore, clock: FakeClock) -> None:
+    """The hoarder's move: a fresh 60 s lease on every bucket (what a renewing holder writes)."""
+    now = clock.now_ms()
+    Forwarder(hoarder, clock)._write_leases([L.LeaseWrite(f"bucket/{n}", now, now + L.LEASE_MS)
+                                             for n in range(L.BUCKETS)])
+
+
+async def test_a_node_that_holds_every_lease_and_never_forwards_does_not_stop_the_site(
+        switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],  # noqa: F811
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    gateway = open_node(make_node("gw", "gateway"))
+    hoarder = open_node(make_node("hoarder", uplink=True))
+    seller = open_node(make_node("seller"))
+    sales = sorted(str(seller.sell(700 + n)["id"]) for n in range(8))
+    merge(gateway, seller)
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
+        fwd = Forwarder(gateway, clock, transport(gateway, f"https://127.0.0.1:{port}"),
+                        reachable=lambda node_id: True)  # the hoarder keeps publishing its statuses
+        hoard(hoarder, clock)
+        merge(gateway, hoarder)
+        first = await fwd.step()
+        assert first.forwarded == [] and set(first.held_by_others.values()) == {hoarder.node_id}
+        waited = 0.0
+        while waited < STALL_S:  # the hoarder renews in time, again and again
+            clock.advance(25)
+            waited += 25
+            hoard(hoarder, clock)
+            merge(gateway, hoarder)
+            if waited < STALL_S:
+                assert (await fwd.step()).forwarded == []  # rules 1-5: its scopes, not ours
+        sent: list[str] = []
+        while True:
+            report = await fwd.step()
+            sent += report.forwarded
+            if not report.more:
+                break
+        assert sorted(sent) == sales
+        assert fwd.pending(clock.now_ms()) == []  # every sale has its result
+        assert [r.getMessage() for r in caplog.records if hoarder.node_id in r.getMessage()]
+
+
+async def test_an_honest_holder_keeps_its_scopes(
+        switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],  # noqa: F811
+        clock: FakeClock) -> None:
+    """A holder that settles what it holds: nobody forwards its scopes besides it."""
+    gateway = open_node(make_node("gw", "gateway"))
+    other = open_node(make_node("other", uplink=True))
+    seller = open_node(make_node("seller"))
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
+        url = f"https://127.0.0.1:{port}"
+        fwd = Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True)
+        honest = Forwarder(other, clock, transport(other, url), reachable=lambda node_id: True)
+        for _ in range(8):  # a sale every 25 s for longer than STALL_S, each settled by the holder
+            seller.sell(900)
+            merge(gateway, seller)
+            merge(other, seller)
+            await honest.step()  # claims (or renews) and forwards
+            merge(gateway, other)
+            assert (await fwd.step()).forwarded == []
+            clock.advance(25)
+        assert fwd.pending(clock.now_ms()) == []
