@@ -26,8 +26,9 @@ The rules, all of them:
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
 * A link that closes was maybe the only eager way in for some origins (every other link was
-  pruned for them): the node grafts each such origin at once on one of its other links
-  (``drop_link``), rather than waiting for an announcement and its timer.
+  pruned for them): the node grafts each such origin at once on all of its other links
+  (``drop_link``), rather than waiting for an announcement and its timer (one of them may lead
+  back to this node only; the duplicates the others bring prune them again).
 * A link that **drains** (link protocol version 5: one end closes it gracefully, ``drain_link``)
   is mended the same way, but before it closes, while what it has in flight still arrives: the
   node grafts at once each origin the draining link was its last eager way in for, on one of its
@@ -49,7 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
@@ -147,9 +147,9 @@ class PushTree(Generic[L]):
     def drop_link(self, link: L, live: Iterable[L] = ()) -> list[tuple[L, str]]:
         """A link closed: forget its state (a new link to the same peer starts eager), and mend
         this node's trees. ``live``: the links still open. For each origin the closed link was
-        this node's last eager way in for (every other live link was pruned for it), one other
-        live link to GRAFT that origin on, counted as eager again here already: the caller sends
-        the GRAFTs. Without them the origin's next changes came only by announcement and graft
+        this node's last eager way in for (every other live link was pruned for it), the other
+        live links to GRAFT that origin on (``_mend``), counted as eager again here already: the
+        caller sends the GRAFTs. Without them the origin's next changes came only by announcement and graft
         (ANNOUNCE_DELAY + GRAFT_TIMEOUT later) until every node on the way had grafted: the
         planner closing surplus links once a site had formed cost a second on every sale in flight."""
         mend = self._mend(link, live)
@@ -162,8 +162,12 @@ class PushTree(Generic[L]):
         return mend
 
     def _mend(self, link: L, live: Iterable[L]) -> list[tuple[L, str]]:
-        """The origins ``link`` is this node's last eager way in for, each with another live (not
-        draining) link to GRAFT it on, counted as eager there from now on."""
+        """The origins ``link`` is this node's last eager way in for, each with every other live
+        (not draining) link to GRAFT it on, counted as eager there from now on. Every one, not
+        one: the peer of a single link chosen may itself get the origin's changes only through
+        this node (its eager way in is the link back to us), and would then push nothing; the
+        changes came by announcement and graft, 1.5 s later. The copies the extra links bring
+        prune them again, each after one duplicate."""
         closed = self._pruned.get(link, set())
         others = [other for other in live if other != link and other not in self._draining]
         pruned = [self._pruned.get(other) for other in others]
@@ -171,10 +175,10 @@ class PushTree(Generic[L]):
             return []  # some link is still eager for every origin (or there is none to graft)
         orphans = set.intersection(*(p for p in pruned if p)) - closed
         mend: list[tuple[L, str]] = []
-        for origin in sorted(orphans):  # spread over the links, the same link for an origin
-            other = others[zlib.crc32(origin.encode()) % len(others)]
-            self._pruned[other].discard(origin)
-            mend.append((other, origin))
+        for origin in sorted(orphans):
+            for other in others:
+                self._pruned[other].discard(origin)
+                mend.append((other, origin))
         self.mended += len(mend)
         return mend
 
