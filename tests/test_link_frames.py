@@ -60,6 +60,8 @@ def _event(desc: dict[str, Any]) -> lp.Sendable:
         return lp.Ping(desc["nonce"])
     if kind == "pong":
         return lp.Pong(desc["nonce"])
+    if kind == "drain":
+        return lp.Drain(desc["reason"])
     return lp.Goodbye(desc["reason"])
 
 

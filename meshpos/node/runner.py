@@ -4,7 +4,7 @@ The mesh part follows meshpos/replication/planner.py's rules: static peers are a
 dialled; peers found by mDNS, or named by their own signed statuses (peer exchange,
 meshpos/replication/peerx.py), are dialled when the ring planner picks them; one
 link per pair (simultaneous dials are resolved by ``keep_link``); a link we dialled that
-neither end needs any more is closed (``PeerPlanner.to_prune``).
+neither end needs any more is drained, then closed (``PeerPlanner.to_prune``, ``SyncSession.drain``).
 """
 
 from __future__ import annotations
@@ -266,7 +266,7 @@ class Mesh:
             for peer in self.planner.to_prune(now, dialled, set(self.static_ids.values())):
                 for s in self.replicator.sessions:
                     if s.peer_node == peer and s in self.outbound and not s.closed:
-                        s.close("surplus link: neither end's ring target")
+                        s.drain("surplus link: neither end's ring target")  # closes in a second or two
             for info in self.planner.to_dial(now):
                 if info.node_id in self.dialling or info.node_id in linked or not info.addresses:
                     continue

@@ -26,8 +26,16 @@ The rules, all of them:
   comparisons and the periodic SUMMARY of the link protocol still repair anything missed).
 * A change that arrives (in a PUSH or any other frame) cancels the timers of its hash.
 * A link that closes was maybe the only eager way in for some origins (every other link was
-  pruned for them): the node grafts each such origin at once on one of its other links
-  (``drop_link``), rather than waiting for an announcement and its timer.
+  pruned for them): the node grafts each such origin at once on all of its other links
+  (``drop_link``), rather than waiting for an announcement and its timer (one of them may lead
+  back to this node only; the duplicates the others bring prune them again).
+* A link that **drains** (link protocol version 5: one end closes it gracefully, ``drain_link``)
+  is mended the same way, but before it closes, while what it has in flight still arrives: the
+  node grafts at once each origin the draining link was its last eager way in for, on one of its
+  other (not draining) links. The draining link is no longer an announcer, nor a link to graft
+  on, and a duplicate it brings prunes nothing; nor does a duplicate on a link grafted so, until
+  the draining link has closed (the draining link and the grafted one both bring the origin's
+  changes for that moment, and pruning the grafted link would leave only the one that closes).
 * A link is lazy for at most ``ORIGIN_LIMIT`` origins (PRUNE names node ids, known or not): past
   that, PRUNEs of new origins are ignored and counted, and the link stays eager for them (more
   pushing, nothing lost). A peer sending PRUNEs of made-up node ids by the million cannot grow
@@ -42,7 +50,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Generic, Hashable, Iterable, TypeVar
@@ -98,7 +105,8 @@ class PushTree(Generic[L]):
         self.timers_run = 0  # timer entries due() has looked at (its whole cost), stale ones included
         self.grafts = 0
         self.prunes = 0
-        self.mended = 0  # GRAFTs sent because a link closed (drop_link)
+        self.mended = 0  # GRAFTs sent because a link closed or drains (drop_link, drain_link)
+        self._draining: dict[L, set[tuple[L, str]]] = {}  # draining link -> (link, origin) it had grafted
 
     # -- eager or lazy ------------------------------------------------------------------
 
@@ -120,29 +128,57 @@ class PushTree(Generic[L]):
         if lazy is not None:
             lazy.discard(origin)
 
-    def drop_link(self, link: L, live: Iterable[L] = ()) -> list[tuple[L, str]]:
-        """A link closed: forget its state (a new link to the same peer starts eager), and mend
-        this node's trees. ``live``: the links still open. For each origin the closed link was
-        this node's last eager way in for (every other live link was pruned for it), one other
-        live link to GRAFT that origin on, counted as eager again here already: the caller sends
-        the GRAFTs. Without them the origin's next changes came only by announcement and graft
-        (ANNOUNCE_DELAY + GRAFT_TIMEOUT later) until every node on the way had grafted: the
-        planner closing surplus links once a site had formed cost a second on every sale in flight."""
-        closed = self._pruned.pop(link, set())
-        self._lazy.pop(link, None)
+    def drain_link(self, link: L, live: Iterable[L] = ()) -> list[tuple[L, str]]:
+        """``link`` drains (it closes within seconds): mend this node's trees now, as ``drop_link``
+        does once it has closed, and keep the grafts it returns from being pruned by the duplicates
+        both links bring meanwhile. ``live``: the links open (drained ones are skipped)."""
+        if link in self._draining:
+            return []
         for wanted in self._wanted.values():
             if link in wanted.announcers:
                 wanted.announcers.remove(link)
-        others = [other for other in live if other != link]
+        mend = self._mend(link, live)
+        self._draining[link] = set(mend)
+        return mend
+
+    def draining(self, link: L) -> bool:
+        return link in self._draining
+
+    def drop_link(self, link: L, live: Iterable[L] = ()) -> list[tuple[L, str]]:
+        """A link closed: forget its state (a new link to the same peer starts eager), and mend
+        this node's trees. ``live``: the links still open. For each origin the closed link was
+        this node's last eager way in for (every other live link was pruned for it), the other
+        live links to GRAFT that origin on (``_mend``), counted as eager again here already: the
+        caller sends the GRAFTs. Without them the origin's next changes came only by announcement and graft
+        (ANNOUNCE_DELAY + GRAFT_TIMEOUT later) until every node on the way had grafted: the
+        planner closing surplus links once a site had formed cost a second on every sale in flight."""
+        mend = self._mend(link, live)
+        self._pruned.pop(link, None)
+        self._lazy.pop(link, None)
+        self._draining.pop(link, None)
+        for wanted in self._wanted.values():
+            if link in wanted.announcers:
+                wanted.announcers.remove(link)
+        return mend
+
+    def _mend(self, link: L, live: Iterable[L]) -> list[tuple[L, str]]:
+        """The origins ``link`` is this node's last eager way in for, each with every other live
+        (not draining) link to GRAFT it on, counted as eager there from now on. Every one, not
+        one: the peer of a single link chosen may itself get the origin's changes only through
+        this node (its eager way in is the link back to us), and would then push nothing; the
+        changes came by announcement and graft, 1.5 s later. The copies the extra links bring
+        prune them again, each after one duplicate."""
+        closed = self._pruned.get(link, set())
+        others = [other for other in live if other != link and other not in self._draining]
         pruned = [self._pruned.get(other) for other in others]
         if not others or any(not p for p in pruned):
             return []  # some link is still eager for every origin (or there is none to graft)
         orphans = set.intersection(*(p for p in pruned if p)) - closed
         mend: list[tuple[L, str]] = []
-        for origin in sorted(orphans):  # spread over the links, the same link for an origin
-            other = others[zlib.crc32(origin.encode()) % len(others)]
-            self._pruned[other].discard(origin)
-            mend.append((other, origin))
+        for origin in sorted(orphans):
+            for other in others:
+                self._pruned[other].discard(origin)
+                mend.append((other, origin))
         self.mended += len(mend)
         return mend
 
@@ -163,8 +199,8 @@ class PushTree(Generic[L]):
     def pushed(self, link: L, origin: str, new: bool) -> bool:
         """A PUSH of ``origin``'s changes came on ``link``; ``new``: it brought something.
         True if a PRUNE should answer it (a duplicate, and not asked for already)."""
-        if new:
-            return False
+        if new or link in self._draining or any((link, origin) in g for g in self._draining.values()):
+            return False  # (a draining link, or one grafted for it: drain_link)
         pruned = self._pruned.setdefault(link, set())
         if origin in pruned:
             return False
@@ -174,6 +210,8 @@ class PushTree(Generic[L]):
 
     def announced(self, link: L, shard: str, hashes: Iterable[bytes], now: float) -> None:
         """``link``'s peer announced it holds these changes of ``shard``."""
+        if link in self._draining:
+            return  # it closes before a graft there could bring them
         for h in hashes:
             if h in self._seen:
                 continue

@@ -36,6 +36,12 @@ What a session does (protocols/link.md, "Replication"):
 * A read-only peer (an inspector) is served but never trusted: its sync
   messages are applied to a throw-away fork of the shard (so the sync state
   learns what it has and needs) and its snapshots and STATUS frames are ignored.
+* A link this node no longer needs is **drained**, not cut (version 5, ``SyncSession.drain``):
+  both ends graft elsewhere, at once, each origin the link was their last eager way in for
+  (``PushTree.drain_link``), the draining end tells its peer by DRAIN and goes on pushing until
+  the peer answers DRAIN (after which the peer sends nothing), then closes: what either end had
+  in flight on the link arrives, where a cut lost it and it came again only by announcement and
+  graft 1.5 s later. Below version 5 the draining end grafts and lingers as long, then closes.
 * Node statuses (version-2 links) are gossip, not ledger: on LinkUp a session
   sends every status the node's ``StatusGossip`` holds; a STATUS from a
   writing peer goes to the gossip, which verifies it and, if newer, has the
@@ -64,8 +70,8 @@ from meshpos.replication.pushtree import ANNOUNCE_DELAY, PushTree, change_hash, 
 from meshpos.replication.shardpark import ShardPark
 from meshpos.wire.link_frames import MAX_PAYLOAD
 from meshpos.wire.shards import SEGMENT
-from meshpos.wire.link import (PUSH_VERSION, SUPPORTED_VERSIONS, TREE_VERSION, Closed, Goodbye, Graft, Have, Hello,
-                            Ihave, LinkConnection, LinkState, LinkUp, Ping, Pong, Prune, Push, Snapshot,
+from meshpos.wire.link import (PUSH_VERSION, SUPPORTED_VERSIONS, TREE_VERSION, Closed, Drain, Goodbye, Graft, Have,
+                            Hello, Ihave, LinkConnection, LinkState, LinkUp, Ping, Pong, Prune, Push, Snapshot,
                             STATUS_VERSION, Status, Summary, Sync, Timeouts)
 
 if TYPE_CHECKING:
@@ -226,6 +232,11 @@ class Replicator:
         for hook in list(self.on_links_changed):
             hook()
 
+    def _drain(self, session: "SyncSession") -> None:
+        """``session`` drains: graft elsewhere what it was this node's last eager way in for."""
+        for other, origin in self.tree.drain_link(session, [s for s in self.sessions if s.conn.state is LinkState.OPEN]):
+            other.graft_origin(origin, "a link drains")
+
     def _forget(self, session: "SyncSession") -> None:
         for other, origin in self.tree.drop_link(session, [s for s in self.sessions if s.conn.state is LinkState.OPEN]):
             other.graft_origin(origin)
@@ -367,9 +378,16 @@ class SyncSession:
 
     @property
     def wants_write(self) -> bool:
+        if self.conn.draining:
+            return bool(self._out) or (self.conn.may_push and bool(self._push))
         return bool(self._out) or (self.conn.state is LinkState.OPEN
                                    and bool(self._push or self._dirty or self._snapshots or self._prune_out
                                             or self._graft_out or self._announce_ready()))
+
+    @property
+    def draining(self) -> bool:
+        """Closing gracefully (``drain``, or the peer's DRAIN): it carries no more than pushes."""
+        return self.conn.draining
 
     def data_to_send(self, budget: int | None = None) -> bytes:
         """What to write now: at most about ``budget`` bytes of replication data; call again while
@@ -391,10 +409,27 @@ class SyncSession:
         self._out += self.conn.send(Goodbye(reason))
         self._process()
 
+    def drain(self, reason: str) -> bool:
+        """Close this link gracefully (protocols/link.md, "Draining a link"): graft elsewhere, at
+        once, each origin it is this node's last eager way in for, tell the peer (DRAIN, version 5),
+        go on pushing until it answers, then close; ``conn.timeouts.drain`` at the latest. False if
+        the link is not open or drains already."""
+        if self.conn.state is not LinkState.OPEN or self.conn.draining:
+            return False
+        log.info("link %s: draining: %s", self.label, reason)
+        self.replicator._drain(self)
+        self._clear_work(pushes=False)  # the pushes waiting still go
+        self._out += self.conn.drain(self.clock.monotonic(), reason)
+        if self.wakeup is not None:
+            self.wakeup()
+        return True
+
     def local_change(self, shard: str, changes: list[bytes] | None = None) -> None:
         """Our shard changed: push ``changes`` (version-3 link) or mark the shard for a sync message."""
         if self.conn.state is not LinkState.OPEN:
             return
+        if self.conn.draining and not (self.conn.may_push and changes and (self.conn.version or 0) >= PUSH_VERSION):
+            return  # a draining link carries pushes only, and only until the peer's DRAIN
         was_idle = not self.wants_write
         size = self._push_size.get(shard, 0) + sum(map(len, changes or ()))
         if changes and (self.conn.version or 0) >= PUSH_VERSION and size <= PUSH_QUEUE_LIMIT:
@@ -410,7 +445,7 @@ class SyncSession:
     def announce(self, shard: str, hashes: list[bytes]) -> None:
         """Our shard changed and this (version-4) link is lazy for its origin: announce the
         changes' hashes in an IHAVE, after ``ANNOUNCE_DELAY`` with whatever else comes meanwhile."""
-        if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION:
+        if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION or self.conn.draining:
             return
         self._announce.setdefault(shard, []).extend(hashes)
         if self._announce_due is None:
@@ -420,7 +455,7 @@ class SyncSession:
 
     def tree_ready(self) -> bool:
         """Open, and speaking push trees (version 4): GRAFT and PRUNE mean something here."""
-        return self.conn.state is LinkState.OPEN and self.version >= TREE_VERSION
+        return self.conn.state is LinkState.OPEN and self.version >= TREE_VERSION and not self.conn.draining
 
     def graft_origin(self, origin: str, why: str = "its eager link closed") -> bool:
         """GRAFT ``origin`` on this link: its peer pushes that origin's changes here again (by
@@ -448,7 +483,7 @@ class SyncSession:
 
     def request_summary(self) -> None:
         """Ask for a full comparison (the peer answers with shards to sync and snapshots)."""
-        if self.conn.state is LinkState.OPEN:
+        if self.conn.state is LinkState.OPEN and not self.conn.draining:
             self._last_summary = self.clock.monotonic()
             self._out += self.conn.send(Summary(self.ledger.summary()))
             if self.wakeup is not None:
@@ -456,7 +491,8 @@ class SyncSession:
 
     def send_status(self, raw: bytes) -> bool:
         """Queue one STATUS frame (False if the link is not open or speaks version 1)."""
-        if self.conn.state is not LinkState.OPEN or (self.conn.version or 0) < STATUS_VERSION:
+        if (self.conn.state is not LinkState.OPEN or (self.conn.version or 0) < STATUS_VERSION
+                or self.conn.draining):
             return False
         was_idle = not self.wants_write
         self._out += self.conn.send(Status(raw))
@@ -528,6 +564,8 @@ class SyncSession:
                 elif isinstance(event, Graft):
                     for origin in event.origins:
                         self.replicator.tree.graft(self, origin)
+                elif isinstance(event, Drain):
+                    self._on_drain(event)
                 elif isinstance(event, Ping):
                     self._out += self.conn.send(Pong(event.nonce))
                 elif isinstance(event, Pong):
@@ -759,7 +797,7 @@ class SyncSession:
             self._dirty.setdefault(shard, False)
 
     def _on_ihave(self, event: Ihave) -> None:
-        if self.read_only:
+        if self.read_only or self.conn.draining:
             return
         tree = self.replicator.tree
         before = tree.next_deadline()
@@ -770,6 +808,17 @@ class SyncSession:
                 tree.announced(self, shard, hashes, now)
         if tree.next_deadline() < before:
             self._rearm = True
+
+    def _on_drain(self, event: Drain) -> None:
+        """The peer drains this link: graft elsewhere what it was our last eager way in for, write
+        the pushes waiting, and answer DRAIN, our last frame but GOODBYE; the peer then closes."""
+        log.info("link %s: peer drains the link: %s", self.label, event.reason)
+        self.replicator._drain(self)
+        out = bytearray()
+        self._write_pushes(out)
+        self._clear_work()
+        self._out += out
+        self._out += self.conn.drain(self.clock.monotonic(), "answer")
 
     def _on_closed(self, event: Closed) -> None:
         if event.error or event.by_peer:
@@ -803,22 +852,35 @@ class SyncSession:
                 self.replicator._forget(self)
         return data
 
-    def _clear_work(self) -> None:
+    def _clear_work(self, pushes: bool = True) -> None:
+        if pushes:
+            self._push.clear()
+            self._push_size.clear()
         self._announce.clear()
         self._announce_due = None
         self._prune_out.clear()
         self._graft_out.clear()
         self._dirty.clear()
         self._snapshots.clear()
-        self._push.clear()
-        self._push_size.clear()
+        self._snapshot_set.clear()
 
     def _peer_name(self) -> str:
         return self.conn.peer.node_id if self.conn.peer else self.label
 
     # -- output -----------------------------------------------------------------
 
+    def _write_pushes(self, out: bytearray) -> None:
+        for shard in list(self._push):  # first: small and waited for
+            changes = self._push.pop(shard)
+            self._push_size.pop(shard, None)
+            if shard not in self._snapshot_set:  # else its snapshot holds them
+                out += self.conn.send(Push(shard, self._digest(shard), tuple(changes)))
+
     def _generate(self, out: bytearray, budget: int) -> None:
+        if self.conn.draining:
+            if self.conn.may_push:
+                self._write_pushes(out)
+            return
         start = len(out)
         if self._prune_out:
             out += self.conn.send(Prune(tuple(sorted(self._prune_out))))
@@ -831,11 +893,7 @@ class SyncSession:
             # nearly all the time, and an IHAVE of one or two hashes each time cost a frame per
             # push to build, parse and look up, where one frame per ANNOUNCE_DELAY carries them all
             self._send_announcements(out)
-        for shard in list(self._push):  # first: small and waited for
-            changes = self._push.pop(shard)
-            self._push_size.pop(shard, None)
-            if shard not in self._snapshot_set:  # else its snapshot holds them
-                out += self.conn.send(Push(shard, self._digest(shard), tuple(changes)))
+        self._write_pushes(out)
         while self._snapshots and len(out) - start < budget:
             shard = self._snapshots.pop(0)
             self._snapshot_set.discard(shard)

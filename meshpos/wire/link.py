@@ -16,6 +16,15 @@ States and transitions (the only ones):
     OPEN        --recv PUSH on a version-1 or -2 link-----------------> CLOSED
     OPEN        --recv IHAVE/PRUNE/GRAFT on a link below version 4----> CLOSED
     OPEN        --recv HELLO------------------------------------------> CLOSED  (out of order)
+    OPEN        --recv DRAIN on a link below version 5----------------> CLOSED
+    OPEN        --drain(now): DRAIN sent (version 5; below, nothing is
+                  sent and the link only lingers)-----------------------> OPEN    (draining)
+    OPEN        --recv DRAIN, none sent yet---------------------------> OPEN    (Drain event; the
+                  caller answers with drain(now))
+    OPEN        --recv DRAIN after sending ours-----------------------> CLOSED  (drained)
+    OPEN        --draining for drain_timeout (tick)-------------------> CLOSED  (not an error)
+    OPEN        --recv after the peer's DRAIN anything but PUSH, PING,
+                  PONG, GOODBYE---------------------------------------> CLOSED
     OPEN        --recv PONG with no PING outstanding / wrong nonce----> CLOSED
     OPEN        --nothing received within idle_timeout (tick)---------> CLOSED
     any         --recv GOODBYE----------------------------------------> CLOSED  (Closed, by_peer)
@@ -28,6 +37,12 @@ once, so there is no client/server asymmetry. Every way in to CLOSED yields
 exactly one ``Closed(reason)`` event; after that the connection ignores input.
 The caller answers a Closed it did not ask for with ``send(Goodbye(reason))``
 (empty bytes if a GOODBYE was sent already), as wsproto's CloseConnection.
+
+Draining (version 5, protocols/link.md "Draining a link"): the end that closes a link it no
+longer needs calls ``drain(now)``; from then on it sends only PUSH (until the peer's DRAIN),
+PING, PONG and GOODBYE. The peer answers with its own DRAIN (after any PUSH it had waiting),
+after which it sends only PING, PONG and GOODBYE. The first end closes on that answer: every frame the peer sent has arrived.
+Either end closes ``drain_timeout`` after its own DRAIN whatever the peer does.
 """
 
 from __future__ import annotations
@@ -44,10 +59,11 @@ from meshpos.wire import canonical
 from meshpos.wire.link_frames import MAX_PAYLOAD, Frame, FrameDecoder, FrameType, encode_frame
 from meshpos.wire.shards import valid_shard_name
 
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 STATUS_VERSION = 2  # the first version with STATUS frames
 PUSH_VERSION = 3  # the first version with PUSH frames
 TREE_VERSION = 4  # the first version with IHAVE, PRUNE and GRAFT (push trees)
+DRAIN_VERSION = 5  # the first version with DRAIN (a graceful close)
 CHANGE_HASH_LEN = 32  # an Automerge change hash (SHA-256)
 MAX_ORIGINS = 256  # node ids in one PRUNE or GRAFT
 MAX_STATUS = 8192  # one signed envelope (protocols/envelope.md)
@@ -55,6 +71,7 @@ HELLO_TIMEOUT = 10.0
 IDLE_TIMEOUT = 45.0
 KEEPALIVE_INTERVAL = 15.0
 FRAME_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 2.0  # a draining link closes this long after its DRAIN, answered or not
 MAX_REASON = 512
 _NONCE = struct.Struct(">Q")
 _LENGTH = struct.Struct(">I")
@@ -143,6 +160,14 @@ class Graft:
 
 
 @dataclass(frozen=True)
+class Drain:
+    """(version 5) I will close this link: graft elsewhere what it brings you eagerly, then
+    answer DRAIN; ``reason`` is for the logs."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Ping:
     nonce: int
 
@@ -172,10 +197,12 @@ class Closed:
     error: bool = False  # the peer broke the protocol or timed out
 
 
-Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Ping, Pong, Status, Closed]
-Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Ping, Pong, Status, Goodbye]
+Event = Union[LinkUp, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Drain, Ping, Pong, Status, Closed]
+Sendable = Union[Hello, Summary, Sync, Snapshot, Have, Push, Ihave, Prune, Graft, Drain, Ping, Pong, Status,
+                 Goodbye]
 MIN_VERSION: dict[type, int] = {Status: STATUS_VERSION, Push: PUSH_VERSION, Ihave: TREE_VERSION,
-                                Prune: TREE_VERSION, Graft: TREE_VERSION}  # frames later versions added
+                                Prune: TREE_VERSION, Graft: TREE_VERSION,
+                                Drain: DRAIN_VERSION}  # frames later versions added
 _COUNT = struct.Struct(">H")
 
 
@@ -321,6 +348,8 @@ def encode_event(event: Sendable) -> bytes:
         return encode_frame(FrameType.STATUS, event.envelope)
     if isinstance(event, Goodbye):
         return encode_frame(FrameType.GOODBYE, event.reason.encode("utf-8")[:MAX_REASON])
+    if isinstance(event, Drain):
+        return encode_frame(FrameType.DRAIN, event.reason.encode("utf-8")[:MAX_REASON])
     raise ProtocolError(f"cannot send {type(event).__name__}")
 
 
@@ -389,10 +418,11 @@ def decode_frame(frame: Frame) -> Sendable:
         return Prune(_parse_origins(p, "PRUNE"))
     if t is FrameType.GRAFT:
         return Graft(_parse_origins(p, "GRAFT"))
-    if t is FrameType.GOODBYE:
+    if t in (FrameType.GOODBYE, FrameType.DRAIN):
         if len(p) > MAX_REASON:
-            raise EncodingError("GOODBYE reason too long")
-        return Goodbye(p.decode("utf-8", errors="replace"))
+            raise EncodingError(f"{t.name} reason too long")
+        reason = p.decode("utf-8", errors="replace")
+        return Goodbye(reason) if t is FrameType.GOODBYE else Drain(reason)
     raise EncodingError(f"unhandled frame type {t!r}")  # pragma: no cover - FrameType is closed
 
 
@@ -408,6 +438,7 @@ class Timeouts:
     idle: float = IDLE_TIMEOUT
     keepalive: float = KEEPALIVE_INTERVAL
     frame: float = FRAME_TIMEOUT
+    drain: float = DRAIN_TIMEOUT
 
 
 class LinkConnection:
@@ -429,6 +460,9 @@ class LinkConnection:
         self._ping_out: tuple[int, float] | None = None
         self._goodbye_sent = False
         self._hello_sent = False
+        self._drain_deadline: float | None = None  # set by drain(): the link closes then at the latest
+        self._drain_sent = False
+        self._drain_received = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.rtt: float | None = None
@@ -436,6 +470,17 @@ class LinkConnection:
     @property
     def closed(self) -> bool:
         return self.state is LinkState.CLOSED
+
+    @property
+    def draining(self) -> bool:
+        """This end has started to drain the link (``drain``), or the peer has: nothing is sent on
+        it any more but PUSH (``may_push``), PING, PONG and GOODBYE."""
+        return self._drain_deadline is not None or self._drain_received
+
+    @property
+    def may_push(self) -> bool:
+        """PUSH may still be sent: open, and not both DRAINs (the peer's, ours) passed."""
+        return self.state is LinkState.OPEN and not (self._drain_received and self._drain_sent)
 
     # -- output -------------------------------------------------------------------
 
@@ -452,6 +497,11 @@ class LinkConnection:
             return self._count(encode_event(event))
         if self.state is LinkState.CLOSED:
             raise ProtocolError(f"cannot send {type(event).__name__}: link is closed")
+        if isinstance(event, Drain) and (self._drain_deadline is None or self._drain_sent):
+            raise ProtocolError("DRAIN is sent once, by drain(now), which arms its timer")
+        if self.draining and not isinstance(event, (Ping, Pong, Drain)):
+            if not (isinstance(event, Push) and self.may_push):
+                raise ProtocolError(f"cannot send {type(event).__name__} on a draining link")
         if isinstance(event, Hello):
             if self._hello_sent:
                 raise ProtocolError("HELLO was sent already")
@@ -473,6 +523,20 @@ class LinkConnection:
         self._ping_out = (nonce, now)
         return self.send(Ping(nonce))
 
+    def drain(self, now: float, reason: str = "") -> bytes:
+        """Start closing this link gracefully: on a version-5 link, DRAIN (the peer answers with its
+        own, and we close on it); below version 5 nothing is sent and the link only lingers. Either
+        way it closes ``timeouts.drain`` from now at the latest (a Closed event from ``tick``).
+        Once only; empty bytes if the link is not open or drains already."""
+        if self.state is not LinkState.OPEN or self._drain_deadline is not None:
+            return b""
+        self._drain_deadline = now + self.timeouts.drain
+        if (self.version or 0) < DRAIN_VERSION:
+            return b""
+        data = self.send(Drain(reason))
+        self._drain_sent = True
+        return data
+
     def tick(self, now: float) -> bytes:
         """Run the timers: a timeout closes the link (Closed event); a due keep-alive returns a PING."""
         if self.state is LinkState.CLOSED:
@@ -486,6 +550,15 @@ class LinkConnection:
             return b""
         if now - self._last_rx > self.timeouts.idle:
             self._fail(f"nothing received for {self.timeouts.idle:g}s")
+            return b""
+        if self._drain_deadline is not None and now >= self._drain_deadline:
+            if self._drain_received:
+                reason = f"drained; no GOODBYE within {self.timeouts.drain:g}s"
+            elif self._drain_sent:
+                reason = f"DRAIN not answered within {self.timeouts.drain:g}s"
+            else:
+                reason = f"drained (a version-{self.version} link: no DRAIN, {self.timeouts.drain:g}s lingered)"
+            self._close(reason, by_peer=False, error=False)
             return b""
         if self._ping_out is None and now - self._last_rx >= self.timeouts.keepalive:
             return self.ping(now)
@@ -501,6 +574,8 @@ class LinkConnection:
             deadline = self._last_rx + self.timeouts.idle
             if self._ping_out is None:
                 deadline = min(deadline, self._last_rx + self.timeouts.keepalive)
+            if self._drain_deadline is not None:
+                deadline = min(deadline, self._drain_deadline)
         if self._partial_since is not None:
             deadline = min(deadline, self._partial_since + self.timeouts.frame)
         return deadline + 1e-3
@@ -563,6 +638,17 @@ class LinkConnection:
             return
         if (self.version or 0) < _min_version(event):
             self._fail(f"{frame.type.name} on a version-{self.version} link")
+            return
+        if self._drain_received and not isinstance(event, (Push, Ping, Pong)):
+            # (the peer drained first, so it still pushes until our answer reaches it)
+            self._fail(f"{frame.type.name} after the peer's DRAIN")
+            return
+        if isinstance(event, Drain):
+            self._drain_received = True
+            if self._drain_sent:  # the answer to ours: every frame the peer sent is in
+                self._close("link drained", by_peer=False, error=False)
+            else:
+                self._events.append(event)
             return
         if isinstance(event, Pong):
             if self._ping_out is None or self._ping_out[0] != event.nonce:

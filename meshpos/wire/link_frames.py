@@ -34,6 +34,7 @@ class FrameType(enum.IntEnum):
     IHAVE = 11  # version 4 links only
     PRUNE = 12  # version 4 links only
     GRAFT = 13  # version 4 links only
+    DRAIN = 14  # version 5 links only
 
 
 @dataclass(frozen=True)
