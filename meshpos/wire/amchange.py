@@ -43,6 +43,9 @@ class _Reader:
         self.end = len(data) if end is None else end
 
     def uleb(self) -> int:
+        if self.pos < self.end and self.data[self.pos] < 0x80:  # one byte: nearly every field here
+            self.pos += 1
+            return self.data[self.pos - 1]
         result, shift = 0, 0
         while True:
             if self.pos >= self.end or shift > 63:
