@@ -112,3 +112,15 @@ def test_merged_keys_hold_every_key_whose_value_a_merge_changed(
     touched = merged_keys(doc, before)
     assert touched is not None
     assert differs <= touched <= written
+
+
+def test_a_merge_of_many_changes_reads_its_keys_from_the_diff_with_the_same_answer() -> None:
+    from meshpos.ledger.ledger import MERGED_KEYS_MAX_CHANGES
+    doc = am.Document()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "old", am.ScalarType.Bytes, b"0")
+    before = doc.get_heads()
+    for i in range(MERGED_KEYS_MAX_CHANGES + 1):
+        with doc.transaction() as tx:
+            tx.put(am.ROOT, f"sale/{i}", am.ScalarType.Bytes, b"x")
+    assert merged_keys(doc, before) == {f"sale/{i}" for i in range(MERGED_KEYS_MAX_CHANGES + 1)}

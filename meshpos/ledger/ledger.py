@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
+MERGED_KEYS_MAX_CHANGES = 16  # a merge of more changes reads its keys from Automerge's diff
 PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
 PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
@@ -134,11 +135,15 @@ def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
 def merged_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
     """Root keys a merge since ``before`` may have changed: the keys its new changes' operations
     name (meshpos.wire.amchange, a superset of the changed keys, in time that does not grow with
-    the shard), else Automerge's diff (``changed_keys``)."""
+    the shard), else Automerge's diff (``changed_keys``): also for a merge of many changes (a
+    sync after a partition), where one diff costs less than reading each change here."""
     if not before:
         return None
+    changes = doc.get_changes(before)
+    if len(changes) > MERGED_KEYS_MAX_CHANGES:
+        return changed_keys(doc, before)
     keys: set[str] = set()
-    for change in doc.get_changes(before):
+    for change in changes:
         named = amchange.root_keys(change.raw_bytes)
         if named is None:
             return changed_keys(doc, before)
