@@ -291,20 +291,55 @@ def sell_params(k: int, switch_key: bytes, card_share: int = 2) -> SellRequest:
     return SellRequest(100 + k % 900, card, f"bench {k}")
 
 
+class Sellers:
+    """Keep-alive connections to the nodes' API sockets, as a till or the cashier page keeps one:
+    idle ones per node, taken by one call at a time (a connection carries one request at a time;
+    a node gets a second one while a call to it is slow). With ``keep_alive`` False every call
+    makes its own connection, as the CLI does."""
+
+    def __init__(self, nodes: list[Path], keep_alive: bool) -> None:
+        self.nodes = nodes
+        self.keep_alive = keep_alive
+        self.idle: list[list[client.RunningNode]] = [[] for _ in nodes]
+        self.lock = threading.Lock()
+
+    def sell(self, node: int, params: SellRequest) -> dict[str, Any]:
+        if not self.keep_alive:
+            return client.running(self.nodes[node], timeout=30).sell(params.amount_minor, params.card,
+                                                                       params.description)
+        with self.lock:
+            conn = self.idle[node].pop() if self.idle[node] else None
+        if conn is None:
+            conn = client.running(self.nodes[node], timeout=30).__enter__()
+        try:
+            return conn.sell(params.amount_minor, params.card, params.description)
+        finally:
+            with self.lock:
+                self.idle[node].append(conn)  # a failed connection is closed; the next call reconnects
+
+    def close(self) -> None:
+        with self.lock:
+            for conns in self.idle:
+                for conn in conns:
+                    conn.__exit__(None, None, None)
+                conns.clear()
+
+
 def run_load(nodes: list[Path], rate: float, seconds: float, switch_key: bytes, workers: int = 16,
-             card_share: int = 2, first_k: int = 0) -> list[Sold]:
+             card_share: int = 2, first_k: int = 0, keep_alive: bool = False) -> list[Sold]:
     """Open-loop load: sale k is due at t0 + k/rate, on node k mod N; each call runs in a pool thread
-    so a slow answer never delays the next sale."""
+    so a slow answer never delays the next sale. ``keep_alive``: calls reuse connections (Sellers)."""
     total = int(rate * seconds)
     out: list[Sold] = []
     lock = threading.Lock()
+    sellers = Sellers(nodes, keep_alive)
 
     def one(k: int, due: float) -> None:
         node = k % len(nodes)
         params = sell_params(first_k + k, switch_key, card_share)
         started = time.time()
         try:
-            sale = client.running(nodes[node], timeout=30).sell(params.amount_minor, params.card, params.description)
+            sale = sellers.sell(node, params)
             sold = Sold(k, node, due, started, time.time(), sale["id"])
         except MeshposError as exc:
             sold = Sold(k, node, due, started, time.time(), None, str(exc))
@@ -312,16 +347,19 @@ def run_load(nodes: list[Path], rate: float, seconds: float, switch_key: bytes, 
             out.append(sold)
 
     futures: list[Future[None]] = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        t0 = time.time() + 0.2
-        for k in range(total):
-            due = t0 + k / rate
-            delay = due - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            futures.append(pool.submit(one, k, due))
-        for f in futures:
-            f.result()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            t0 = time.time() + 0.2
+            for k in range(total):
+                due = t0 + k / rate
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                futures.append(pool.submit(one, k, due))
+            for f in futures:
+                f.result()
+    finally:
+        sellers.close()
     out.sort(key=lambda s: s.k)
     return out
 
@@ -381,6 +419,10 @@ def main() -> int:
                     help="seconds to wait after the mesh formed before selling (default 0). The planner "
                          "closes the links it no longer needs 30 s after its targets settle; --settle 45 "
                          "measures a site whose links have settled, the default includes those closes")
+    ap.add_argument("--new-connection-per-sale", action="store_true",
+                    help="make a new API connection for every sale, as the CLI does (default: keep-alive "
+                         "connections per node, as a till or the cashier page keeps one; before this "
+                         "option the tool always made a new one)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     runs = []
@@ -451,7 +493,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         links0 = mesh.link_totals()
         observer.start()
         cpu0, wall0 = mesh.cpu(), time.time()
-        sold = run_load(mesh.nodes, args.rate, args.seconds, switch_pub, card_share=0 if args.cash else 2)
+        sold = run_load(mesh.nodes, args.rate, args.seconds, switch_pub, card_share=0 if args.cash else 2,
+                        keep_alive=not args.new_connection_per_sale)
         wall_load = time.time() - wall0
         ok = [s for s in sold if s.sale_id is not None]
         want = {f"sale/{s.sale_id}" for s in ok}
@@ -467,7 +510,7 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         sell_ms = [(s.returned - s.started) * 1000 for s in ok]
         late_ms = [(s.started - s.scheduled) * 1000 for s in sold]
         res.update({
-            "nodes": args.nodes, "topology": args.topology, "settle_s": args.settle, "links": len(mesh.edges),
+            "nodes": args.nodes, "topology": args.topology, "keep_alive": not args.new_connection_per_sale, "settle_s": args.settle, "links": len(mesh.edges),
             "diameter": diameter(mesh.adjacency()), "rate": args.rate, "seconds": args.seconds,
             "sales": len(sold), "sell_errors": len(sold) - len(ok), "converged": converged,
             "achieved_rate": len(ok) / wall_load if wall_load else 0.0,

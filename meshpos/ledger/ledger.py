@@ -28,6 +28,7 @@ from typing import Callable
 import automerge.core as am
 
 from meshpos.wire.leb128 import uleb128
+from meshpos.wire import amchange
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
+MERGED_KEYS_MAX_CHANGES = 16  # a merge of more changes reads its keys from Automerge's diff
 PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
 PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
@@ -130,6 +132,25 @@ def changed_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
     return keys
 
 
+def merged_keys(doc: am.Document, before: list[bytes]) -> set[str] | None:
+    """Root keys a merge since ``before`` may have changed: the keys its new changes' operations
+    name (meshpos.wire.amchange, a superset of the changed keys, in time that does not grow with
+    the shard), else Automerge's diff (``changed_keys``): also for a merge of many changes (a
+    sync after a partition), where one diff costs less than reading each change here."""
+    if not before:
+        return None
+    changes = doc.get_changes(before)
+    if len(changes) > MERGED_KEYS_MAX_CHANGES:
+        return changed_keys(doc, before)
+    keys: set[str] = set()
+    for change in changes:
+        named = amchange.root_keys(change.raw_bytes)
+        if named is None:
+            return changed_keys(doc, before)
+        keys |= named
+    return keys
+
+
 def changes_message(changes: list[bytes]) -> bytes:
     """An Automerge sync message (format v1) that carries just ``changes``.
 
@@ -182,6 +203,7 @@ class Ledger:
         self.on_accept: list[Callable[[Verified], None]] = [self._hold]
         # (shard, its new Automerge changes, or None when too many to push as they are)
         self.on_changes: list[Callable[[str, list[bytes] | None], None]] = []
+        self._since: tuple[tuple[str, tuple[bytes, ...], tuple[bytes, ...]], list[bytes]] | None = None
 
     # -- opening ------------------------------------------------------------------
 
@@ -315,10 +337,10 @@ class Ledger:
         if not before:  # a whole shard arrived (bootstrap): keep it as a compact snapshot
             self.store.put_snapshot(shard, doc.save())
             return
-        changes = doc.get_changes(before)
+        changes = self._changes_since(shard, before)
         if not changes:
             return
-        self.store.add_chunk(shard, b"".join(c.bytes for c in changes))
+        self.store.add_chunk(shard, b"".join(changes))
         if self.store.chunk_count(shard) >= COMPACT_AFTER_CHUNKS:
             self.store.put_snapshot(shard, doc.save())
 
@@ -412,6 +434,17 @@ class Ledger:
                 self._purged_shards.add(shard)
         log.warning("revocation of %s: %d entr%s after its cut left the ledger", node_id, n, "y" if n == 1 else "ies")
 
+    def _changes_since(self, shard: str, before: list[bytes]) -> list[bytes]:
+        """The shard's changes since ``before``, as Automerge encodes them to store and push.
+        ``Change.bytes`` deflates the change anew on each call (~20 us for a sale), and both
+        ``_persist`` and ``_notify`` want the same list, so the last one is kept, keyed by the
+        heads it was taken at."""
+        doc = self.docs[shard]
+        key = (shard, tuple(before), tuple(doc.get_heads()))
+        if self._since is None or self._since[0] != key:
+            self._since = (key, [c.bytes for c in doc.get_changes(before)])
+        return self._since[1]
+
     def _notify(self, shard: str, accepted: list[Verified], before: list[bytes]) -> None:
         for verified in accepted:
             for on_accept in self.on_accept:
@@ -428,7 +461,7 @@ class Ledger:
         # A whole shard that just arrived (a snapshot) is not pushed change by change: links
         # that need it sync it. A new shard of our own log (one entry) is.
         if before or doc.length(am.ROOT) <= PUSH_WHOLE_SHARD_MAX:
-            changes = [c.bytes for c in doc.get_changes(before)]
+            changes = self._changes_since(shard, before)
             if sum(map(len, changes)) > PUSH_LIMIT:
                 changes = None
         for on_changes in self.on_changes:
@@ -497,7 +530,7 @@ class Ledger:
         if heads == before:
             return IngestReport()
         report = IngestReport()
-        touched = changed_keys(doc, before)
+        touched = merged_keys(doc, before)
         try:
             with self.store.transaction():
                 self._scan(shard, peer, report, touched)

@@ -17,7 +17,7 @@ import math
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import trio
 
@@ -28,6 +28,7 @@ from meshpos.infra.netguard import InboundGate, InboundLimits, serve_bounded
 from meshpos.site.roster import Roster
 from meshpos.replication.sync import Replicator, SyncSession
 from meshpos.replication import tls
+from meshpos.replication.tlsstream import LinkTLSStream
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -137,7 +138,7 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock,
     return reason
 
 
-async def _handshake(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where: str) -> tls.LinkPeer | None:
+async def _handshake(endpoint: LinkEndpoint, stream: LinkTLSStream, where: str) -> tls.LinkPeer | None:
     try:
         with trio.fail_after(endpoint.handshake_timeout):
             await stream.do_handshake()
@@ -154,7 +155,7 @@ async def _handshake(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where:
     return None
 
 
-async def _link(endpoint: LinkEndpoint, stream: trio.SSLStream[Any], where: str,
+async def _link(endpoint: LinkEndpoint, stream: LinkTLSStream, where: str,
                 task_status: trio.TaskStatus[SyncSession | None], opened: Callable[[], None] | None = None) -> str:
     peer = await _handshake(endpoint, stream, where)
     if peer is None:
@@ -181,7 +182,7 @@ async def connect_link(endpoint: LinkEndpoint, host: str, port: int, *,
         log.info("cannot reach %s: %s", where, exc)
         task_status.started(None)
         return f"unreachable: {exc}"
-    stream = trio.SSLStream(tcp, endpoint.client_ctx, server_hostname=None, https_compatible=False)
+    stream = LinkTLSStream(tcp, endpoint.client_ctx, server_side=False)
     return await _link(endpoint, stream, where, task_status)
 
 
@@ -196,7 +197,7 @@ async def serve_links(endpoint: LinkEndpoint, host: str, port: int, *, limits: I
                 scope.deadline = math.inf  # authenticated: from now on the link protocol's own timers
                 proved()
             try:
-                stream = trio.SSLStream(tcp, endpoint.server_ctx, server_side=True, https_compatible=False)
+                stream = LinkTLSStream(tcp, endpoint.server_ctx, server_side=True)
                 await _link(endpoint, stream, where, trio.TASK_STATUS_IGNORED, opened)
             except Exception:
                 log.exception("link %s: unexpected failure", where)

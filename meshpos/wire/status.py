@@ -43,7 +43,10 @@ def label(value: object, limit: int = MAX_TEXT) -> str | None:
     """A short printable text, or None."""
     if not isinstance(value, str):
         return None
-    return "".join(ch for ch in value[:limit] if ch.isprintable()) or None
+    value = value[:limit]
+    if value.isprintable():  # nearly always: no character to drop
+        return value or None
+    return "".join(ch for ch in value if ch.isprintable()) or None
 
 
 @dataclass(frozen=True)
@@ -160,20 +163,12 @@ def _layout(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ..
 
 
 def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
-    hints, fields = _layout(typing.cast(type, cls))  # a class is hashable; mypy cannot tell of type[T]
     kwargs: dict[str, Any] = {}
-    for f in fields:
-        if f.name not in obj:
-            continue
-        if "decode" in f.metadata:  # a field with a format of its own
-            try:
-                kwargs[f.name] = f.metadata["decode"](obj[f.name])
-            except EncodingError:
-                pass
-            continue
-        decoded = _decode(hints[f.name], obj[f.name], f.metadata.get("max", 64), f.metadata.get("signed", False))
-        if decoded is not _ABSENT:
-            kwargs[f.name] = decoded
+    for name, decode in _field_decoders(typing.cast(type, cls)):  # a class is hashable; mypy cannot tell of type[T]
+        if name in obj:
+            decoded = decode(obj[name])
+            if decoded is not _ABSENT:
+                kwargs[name] = decoded
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field (such as LinkSeen.node) absent or unusable
@@ -185,48 +180,87 @@ class _Unusable(Exception):
 
 
 _ABSENT = object()
+_Decoder = typing.Callable[[object], object]
 
 
-def _decode(hint: Any, value: object, bound: int, signed: bool = False) -> object:
+@functools.cache
+def _field_decoders(cls: type) -> tuple[tuple[str, _Decoder], ...]:
+    """One decoder per field of a dataclass, built once from its type hints (a pure function of
+    the class, cached): reading the hints with ``typing.get_origin``/``get_args`` on every value
+    was most of the cost of reading a status, which every node does a few times a second."""
+    hints, fields = _layout(cls)
+    out = []
+    for f in fields:
+        if "decode" in f.metadata:  # a field with a format of its own
+            out.append((f.name, _own_format(f.metadata["decode"])))
+        else:
+            out.append((f.name, _decoder(hints[f.name], f.metadata.get("max", 64), f.metadata.get("signed", False))))
+    return tuple(out)
+
+
+def _own_format(decode: typing.Callable[[object], object]) -> _Decoder:
+    def run(value: object) -> object:
+        try:
+            return decode(value)
+        except EncodingError:
+            return _ABSENT
+    return run
+
+
+@functools.cache
+def _decoder(hint: Any, bound: int, signed: bool = False) -> _Decoder:
+    """The function that reads a value of type ``hint`` by the module's rules (``_ABSENT``: unusable)."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):  # X | None
-        inner = [a for a in args if a is not type(None)][0]
-        decoded = _decode(inner, value, bound, signed)
-        return None if decoded is _ABSENT else decoded
+        inner = _decoder([a for a in args if a is not type(None)][0], bound, signed)
+
+        def optional(value: object) -> object:
+            decoded = inner(value)
+            return None if decoded is _ABSENT else decoded
+        return optional
     if hint is bool:
-        return value if isinstance(value, bool) else _ABSENT
+        return lambda value: value if isinstance(value, bool) else _ABSENT
     if hint is int:
         if signed:
-            ok = isinstance(value, int) and not isinstance(value, bool) and -MAX_COUNT <= value <= MAX_COUNT
-            return value if ok else _ABSENT
-        return _ABSENT if count(value) is None else value
+            return lambda value: value if (isinstance(value, int) and not isinstance(value, bool)
+                                           and -MAX_COUNT <= value <= MAX_COUNT) else _ABSENT
+        return lambda value: _ABSENT if count(value) is None else value
     if hint is str:
-        text = label(value)
-        return _ABSENT if text is None else text
+        def text(value: object) -> object:
+            got = label(value)
+            return _ABSENT if got is None else got
+        return text
     if origin is tuple:
-        if not isinstance(value, list):
-            return _ABSENT
-        out = []
-        for item in value[:bound]:
-            decoded = _decode(args[0], item, bound)
-            if decoded is not _ABSENT:
-                out.append(decoded)
-        return tuple(out)
+        item_decoder = _decoder(args[0], bound)
+
+        def items(value: object) -> object:
+            if not isinstance(value, list):
+                return _ABSENT
+            return tuple(d for d in map(item_decoder, value[:bound]) if d is not _ABSENT)
+        return items
     if origin is Mapping:
-        if not isinstance(value, dict):
-            return _ABSENT
-        result = {}
-        for key, item in list(value.items())[:bound]:
-            k, v = label(key), _decode(args[1], item, bound)
-            if k is not None and v is not _ABSENT:
-                result[k] = v
-        return result
+        value_decoder = _decoder(args[1], bound)
+
+        def mapping(value: object) -> object:
+            if not isinstance(value, dict):
+                return _ABSENT
+            result = {}
+            for key, item in list(value.items())[:bound]:
+                k, v = label(key), value_decoder(item)
+                if k is not None and v is not _ABSENT:
+                    result[k] = v
+            return result
+        return mapping
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            return _ABSENT
-        try:
-            return _decode_dataclass(hint, value)
-        except _Unusable:
-            return _ABSENT
+        cls = hint
+
+        def record(value: object) -> object:
+            if not isinstance(value, dict):
+                return _ABSENT
+            try:
+                return _decode_dataclass(cls, value)
+            except _Unusable:
+                return _ABSENT
+        return record
     raise TypeError(f"status field of unsupported type {hint!r}")  # a programming error, caught by the tests
