@@ -105,6 +105,10 @@ class EventJournal:
         out.reverse()
         return out
 
+    def holds(self, seq: int) -> bool:
+        """Whether an event with this seq (or a later one) exists."""
+        return self._last >= seq
+
     async def wait_for(self, seq: int) -> None:
         """Return once an event with this seq (or a later one) exists."""
         while self._last < seq:
