@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import ssl
 from typing import Any, Awaitable, Callable, MutableMapping
@@ -111,6 +112,10 @@ class StallGuard:
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
+        if len(view) <= self._piece:
+            view = view[self._write_now(view):]
+            if not view:
+                return
         try:
             for start in range(0, len(view), self._piece):
                 self._since = trio.current_time()
@@ -121,6 +126,23 @@ class StallGuard:
             raise
         finally:
             self._since = None
+
+    def _write_now(self, view: memoryview) -> int:
+        """Hand ``view`` to the kernel at once if the socket takes it (a plain socket, not TLS):
+        how many bytes it took. trio's own send waits for its turn twice on the way (a checkpoint
+        before and after the system call); for a small answer or a piece of an event stream, which
+        the kernel almost always takes whole, those two trips through the scheduler cost more than
+        the write (with 100 event streams, a round of writes was 200 extra task steps)."""
+        sock = getattr(self._inner, "socket", None)
+        fd = -1 if sock is None else sock.fileno()  # -1 once closed
+        if fd < 0:
+            return 0
+        try:
+            return os.write(fd, view)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:  # as trio's SocketStream would say it
+            raise trio.BrokenResourceError(f"the client has gone: {exc}") from exc
 
     async def watch(self) -> None:
         """Until cancelled: close the stream once a piece has waited ``stall_s`` (so that the write,
