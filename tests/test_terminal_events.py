@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from meshpos.terminal.events import RESYNC, EventJournal
-from meshpos.terminal.stream import MAX_GAP_S, Readers, event_stream
+from meshpos.terminal.stream import HEARTBEAT_S, MAX_GAP_S, Readers, event_stream, heartbeat
 
 
 def _fill(journal: EventJournal, n: int) -> list[str]:
@@ -142,3 +142,20 @@ async def test_one_timer_keeps_the_rounds_of_all_streams(autojump_clock: trio.te
         for _ in range(3):
             nursery.start_soon(waiter)
     assert len(woke) == 3 and len(set(woke)) == 1
+
+
+async def test_an_idle_stream_sends_a_keep_alive_at_each_heartbeat(autojump_clock: trio.testing.MockClock) -> None:
+    """One heartbeat timer for all streams (``heartbeat``): an idle stream writes a comment every
+    HEARTBEAT_S, and events still come after it, once each."""
+    journal = EventJournal(epoch=1)
+    stream = event_stream(journal, Readers(), journal.resume(None))
+    await stream.__anext__()  # the hello
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat, journal)
+        start = trio.current_time()
+        assert await stream.__anext__() == b": keep-alive\n\n"
+        assert trio.current_time() - start == HEARTBEAT_S
+        event = journal.append("sale.created", {"n": 1})
+        assert _ids(await stream.__anext__()) == [event.id]
+        nursery.cancel_scope.cancel()
+    await stream.aclose()

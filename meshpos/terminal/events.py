@@ -113,3 +113,13 @@ class EventJournal:
         """Return once an event with this seq (or a later one) exists."""
         while self._last < seq:
             await self._changed.wait()
+
+    async def changed(self) -> None:
+        """Return at the next event or the next ``pulse()``."""
+        await self._changed.wait()
+
+    def pulse(self) -> None:
+        """Wake every reader waiting in ``changed()`` without an event (the streams' heartbeat:
+        one timer for all of them, not a cancel scope each around every wait)."""
+        self._changed.set()
+        self._changed = trio.Event()

@@ -10,6 +10,9 @@ size: one write per client per sale made 100 idle clients cut the selling rate t
 grows with the number of connected streams, so that under load all of them together write about
 ``WRITES_PER_S`` times a second, between ``MIN_GAP_S`` (one client: 5 ms) and ``MAX_GAP_S``
 (100 clients or more: 40 ms, within the 50 ms the issue allows from a result to its event).
+A stream with nothing to send writes a comment every ``HEARTBEAT_S``: one timer wakes them all
+(``heartbeat``, run beside the API by meshpos.terminal.server), where each stream had a cancel
+scope of its own around every wait.
 """
 
 from __future__ import annotations
@@ -83,8 +86,7 @@ async def event_stream(journal: EventJournal, readers: Readers, resume: Resume) 
     wrote = -math.inf
     while True:
         if not journal.holds(next_seq):
-            with trio.move_on_after(HEARTBEAT_S):
-                await journal.wait_for(next_seq)
+            await journal.changed()  # an event, or the heartbeat (``heartbeat``)
         if trio.current_time() - wrote < readers.gap():  # wrote a moment ago: the next round
             await readers.next_round()                   # takes what comes until then too
         batch = journal.after(next_seq)
@@ -99,6 +101,15 @@ async def event_stream(journal: EventJournal, readers: Readers, resume: Resume) 
             out.insert(0, behind(journal, batch[0].seq - 1).encode())
         yield b"".join(out)
         next_seq = batch[-1].seq + 1
+
+
+async def heartbeat(journal: EventJournal, period: float = HEARTBEAT_S) -> None:
+    """Until cancelled: every ``period``, wake the streams, so that one with nothing to send
+    writes a comment (a keep-alive: proxies and clients do not time it out, and a client that
+    has gone is noticed)."""
+    while True:
+        await trio.sleep(period)
+        journal.pulse()
 
 
 def behind(journal: EventJournal, seq: int) -> Event:
