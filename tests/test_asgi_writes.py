@@ -136,3 +136,33 @@ async def test_a_refused_request_whose_body_comes_late_gets_its_401_and_keeps_th
             got = await _read_until(client, b'"1.00"}')
             assert got.startswith(b"HTTP/1.1 201 ")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_write_the_client_takes_nothing_of_fails_after_the_stall_time(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """StallGuard: a write to a client that reads nothing fails (BrokenResourceError, which
+    Hypercorn takes for a closed connection) once it waited ``stall_s`` (at most a quarter more:
+    the watchdog's period); a client that reads slowly, but reads, is never cut off."""
+    import trio.testing
+
+    ours, theirs = trio.testing.lockstep_stream_pair()  # a write waits until the other side reads
+    guarded = asgi.StallGuard(ours, stall_s=20.0, piece=4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(guarded.watch)
+
+        async def slow_reader() -> None:
+            for _ in range(4):
+                await trio.sleep(15.0)  # within the stall time each time
+                assert await theirs.receive_some(4) == b"data"
+
+        nursery.start_soon(slow_reader)
+        await guarded.send_all(b"data" * 4)  # 60 s in all, but no piece waited 20 s
+        start = trio.current_time()
+        try:
+            await guarded.send_all(b"more")  # nobody reads any more
+        except trio.BrokenResourceError as exc:
+            assert "took nothing for 20 s" in str(exc)
+        else:
+            raise AssertionError("a write that nobody took did not fail")
+        assert 20.0 <= trio.current_time() - start <= 25.0
+        nursery.cancel_scope.cancel()

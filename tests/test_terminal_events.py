@@ -9,6 +9,7 @@ import trio
 import trio.testing
 
 from meshpos.terminal.events import RESYNC, EventJournal
+from meshpos.terminal.stream import HEARTBEAT_S, MAX_GAP_S, Readers, event_stream, heartbeat
 
 
 def _fill(journal: EventJournal, n: int) -> list[str]:
@@ -78,18 +79,83 @@ async def test_a_waiting_reader_wakes_for_the_next_event() -> None:
 
 
 async def test_events_that_came_together_leave_in_one_write() -> None:
-    """The stream of a connected client (meshpos.terminal.app._stream) sends what the journal got
+    """The stream of a connected client (meshpos.terminal.stream) sends what the journal got
     between two of its wake-ups as one piece: one write, where there was one per event (each write
     a checkpoint at which a forwarder taking a reply in slices ran its next slice first)."""
-    from meshpos.terminal.app import _stream
-
     journal = EventJournal(epoch=1)
-    resume = journal.resume(None)
-    stream = _stream(journal, resume.resync, resume.events, resume.next_seq)
+    stream = event_stream(journal, Readers(), journal.resume(None))
     assert (await stream.__anext__()).startswith(b"retry: ")
     ids = _fill(journal, 3)  # e.g. a slice of three results, taken in before the stream's task ran
     piece = await stream.__anext__()
     assert [line.removeprefix(b"id: ").decode() for line in piece.split(b"\n") if line.startswith(b"id: ")] == ids
     journal.append("sale.created", {"n": 3})
     assert (await stream.__anext__()).startswith(b"id: 1-4\n")  # the next one, alone
+    await stream.aclose()
+
+
+def _ids(piece: bytes) -> list[str]:
+    return [line.removeprefix(b"id: ").decode() for line in piece.split(b"\n") if line.startswith(b"id: ")]
+
+
+async def test_a_stream_that_just_wrote_sends_what_comes_next_in_one_later_write(
+        autojump_clock: trio.testing.MockClock) -> None:
+    """Under a stream of sales, a client's stream writes at most once a round (``Readers.gap``, up
+    to 40 ms with 100 clients), all that came meanwhile in one piece: one write per client per sale
+    made 100 idle clients cut the selling rate to a third. An idle client still gets an event at
+    once (virtual time: the clock does not move), and nothing is lost or sent twice."""
+    journal = EventJournal(epoch=1)
+    readers = Readers()
+    readers.count = 100  # as many streams as the benchmark's idle clients: the longest gap
+    stream = event_stream(journal, readers, journal.resume(None))
+    await stream.__anext__()  # the hello
+    start = trio.current_time()
+    first = journal.append("sale.created", {"n": 0}).id
+    assert _ids(await stream.__anext__()) == [first]
+    assert trio.current_time() == start  # idle until then: sent at once
+
+    made: list[str] = []
+
+    async def sell() -> None:  # a sale every millisecond for 30 ms
+        for i in range(30):
+            made.append(journal.append("sale.created", {"n": i + 1}).id)
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sell)
+        piece = await stream.__anext__()
+    assert _ids(piece) == made  # all 30 in one write, in order
+    assert trio.current_time() - start <= MAX_GAP_S + 0.001
+    await stream.aclose()
+
+
+async def test_one_timer_keeps_the_rounds_of_all_streams(autojump_clock: trio.testing.MockClock) -> None:
+    """Streams waiting for the next round all wake at its start, together."""
+    readers = Readers()
+    readers.count = 3
+    woke: list[float] = []
+
+    async def waiter() -> None:
+        await readers.next_round()
+        woke.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(waiter)
+    assert len(woke) == 3 and len(set(woke)) == 1
+
+
+async def test_an_idle_stream_sends_a_keep_alive_at_each_heartbeat(autojump_clock: trio.testing.MockClock) -> None:
+    """One heartbeat timer for all streams (``heartbeat``): an idle stream writes a comment every
+    HEARTBEAT_S, and events still come after it, once each."""
+    journal = EventJournal(epoch=1)
+    stream = event_stream(journal, Readers(), journal.resume(None))
+    await stream.__anext__()  # the hello
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(heartbeat, journal)
+        start = trio.current_time()
+        assert await stream.__anext__() == b": keep-alive\n\n"
+        assert trio.current_time() - start == HEARTBEAT_S
+        event = journal.append("sale.created", {"n": 1})
+        assert _ids(await stream.__anext__()) == [event.id]
+        nursery.cancel_scope.cancel()
     await stream.aclose()

@@ -13,8 +13,11 @@ Per run, on fresh nodes in a temporary directory:
    sale of the node and median latency of each, the fair comparison of the two front doors
    (same node, same sale path, same store size); then N requests that replay one key and body
    (200 with the stored sale: the API's request path without a commit);
-4. the same as (2) with 100 idle clients connected to ``GET /v1/events`` (each gets every
-   ``sale.created`` event): the selling rate as a ratio to (2);
+4. N keyed card sales through the API in blocks alternating between no event stream and 100
+   idle clients connected to ``GET /v1/events`` (each gets every ``sale.created`` event; they
+   connect before their block and leave after it): the selling rate with them as a ratio to
+   without, and the same for the node's CPU per sale (without / with: the load-robust figure),
+   both sides from the same minutes of the host's load;
 5. the framework's floor (tools/bench_api_floor.py): a bare Starlette app on Hypercorn's trio
    worker answering ``POST /v1/sales`` with a constant sale-sized object, in a process of its own,
    over Hypercorn's own accept loop ("plain") and over the terminal API's own transport and Guard
@@ -198,6 +201,28 @@ def _idle_streams(host: str, port: int, token: str, n: int) -> list[http.client.
     return conns
 
 
+def _with_and_without_streams(pid: int, host: str, port: int, token: str, n: int, blocks: int = 4) -> dict[str, float]:
+    """Keyed card sales in ``blocks`` pairs of blocks: without event streams, then with
+    IDLE_CLIENTS idle clients connected to ``GET /v1/events`` (each gets every ``sale.created``;
+    connected before the block, closed after it): the selling rate and the node's CPU per sale of
+    each, from the same minutes of the host's load."""
+    elapsed = {"none": 0.0, "sse": 0.0}
+    cpu = {"none": 0.0, "sse": 0.0}
+    per_block = max(1, n // blocks)
+    for _ in range(blocks):
+        for side in ("none", "sse"):
+            streams = _idle_streams(host, port, token, IDLE_CLIENTS) if side == "sse" else []
+            before = _cpu_s(pid)
+            _, rate = _post_sales(host, port, token, per_block)
+            cpu[side] += _cpu_s(pid) - before
+            elapsed[side] += per_block / rate
+            for c in streams:
+                c.close()
+    total = per_block * blocks
+    return {"sales_per_s_no_sse": total / elapsed["none"], "sales_per_s_100_sse": total / elapsed["sse"],
+            "cpu_ms_per_sale_no_sse": cpu["none"] * 1000 / total, "cpu_ms_per_sale_100_sse": cpu["sse"] * 1000 / total}
+
+
 def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: int) -> dict[str, float]:
     """Cash sales alternating in blocks of 50: the CLI's socket path ("control"), then the TCP API
     (the store grows evenly)."""
@@ -225,7 +250,7 @@ def _control_vs_api(node: Path, pid: int, host: str, port: int, token: str, n: i
             "cash_median_ms": statistics.median(lat["api"]) * 1000}
 
 
-def api_run(sales: int) -> dict[str, float]:
+def api_run(sales: int, with_floor: bool = True) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         switch = nacl.signing.SigningKey.generate()
@@ -252,16 +277,13 @@ def api_run(sales: int) -> dict[str, float]:
             doors = _control_vs_api(node, pid, host, int(port), token, sales)
             doors.update(_replays(pid, host, int(port), token, sales))
             doors.update(_interleaved(twin, host, int(port), token, sales))
-            streams = _idle_streams(host, int(port), token, IDLE_CLIENTS)
-            _, rate_sse = _post_sales(host, int(port), token, sales)
-            for c in streams:
-                c.close()
+            sse = _with_and_without_streams(pid, host, int(port), token, sales)
         finally:
             group.stop_all()
             twin.close()
-        floor = {**_floor("plain", sales, root), **_floor("gated", sales, root)}
-        return {**_percentiles(lat), "sales_per_s": rate, "sales_per_s_100_sse": rate_sse,
-                "cpu_ms_per_sale": cpu_per_sale, **doors, **floor}
+        floor = {**_floor("plain", sales, root), **_floor("gated", sales, root)} if with_floor else {
+            f"floor_{mode}_{k}": float("nan") for mode in ("plain", "gated") for k in ("cpu_ms", "median_ms")}
+        return {**_percentiles(lat), "sales_per_s": rate, "cpu_ms_per_sale": cpu_per_sale, **sse, **doors, **floor}
 
 
 def main() -> int:
@@ -269,14 +291,17 @@ def main() -> int:
     ap.add_argument("--sales", type=int, default=2000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--no-floor", action="store_true", help="skip (5), the bare framework's floor")
     args = ap.parse_args()
     base, api = [], []
     for r in range(args.runs):
         base.append(in_process(args.sales))
-        api.append(api_run(args.sales))
+        api.append(api_run(args.sales, with_floor=not args.no_floor))
         print(f"run {r + 1}: in process median {base[-1]['median_ms']:.2f} ms p99 {base[-1]['p99_ms']:.2f} ms; "
               f"API median {api[-1]['median_ms']:.2f} ms p99 {api[-1]['p99_ms']:.2f} ms, "
-              f"{api[-1]['sales_per_s']:.0f}/s, with {IDLE_CLIENTS} SSE clients {api[-1]['sales_per_s_100_sse']:.0f}/s; "
+              f"{api[-1]['sales_per_s']:.0f}/s; alternating blocks without / with {IDLE_CLIENTS} SSE clients "
+              f"{api[-1]['sales_per_s_no_sse']:.0f} / {api[-1]['sales_per_s_100_sse']:.0f} sales/s, "
+              f"{api[-1]['cpu_ms_per_sale_no_sse']:.2f} / {api[-1]['cpu_ms_per_sale_100_sse']:.2f} ms CPU per sale; "
               f"CPU per sale in process {base[-1]['cpu_ms_per_sale']:.2f} ms, node {api[-1]['cpu_ms_per_sale']:.2f} ms; "
               f"cash: CLI socket path {api[-1]['control_cpu_ms_per_sale']:.2f} ms CPU / "
               f"{api[-1]['control_median_ms']:.2f} ms, API {api[-1]['cash_cpu_ms_per_sale']:.2f} ms CPU / "
@@ -298,7 +323,8 @@ def main() -> int:
     med["api_vs_control_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["api_control_cpu_ms_per_sale"]
     med["cash_over_in_process_cpu_ms"] = med["api_cash_cpu_ms_per_sale"] - med["in_process_cpu_ms_per_sale"]
     med["load_average_1m"] = os.getloadavg()[0]
-    med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s"]
+    med["sse_100_ratio"] = med["api_sales_per_s_100_sse"] / med["api_sales_per_s_no_sse"]
+    med["sse_100_cpu_ratio"] = med["api_cpu_ms_per_sale_no_sse"] / med["api_cpu_ms_per_sale_100_sse"]
     med["sales"], med["runs"] = args.sales, args.runs
     if args.json:
         print(json.dumps(med))
@@ -313,7 +339,7 @@ def main() -> int:
               f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; the bare framework answering a constant "
               f"{med['api_floor_plain_cpu_ms']:.2f} ms CPU per request (plain Hypercorn), "
               f"{med['api_floor_gated_cpu_ms']:.2f} ms (our transport and Guard); with {IDLE_CLIENTS} idle SSE clients "
-              f"{med['sse_100_ratio']:.2f} x the selling rate")
+              f"{med['sse_100_ratio']:.2f} x the selling rate without (CPU per sale: {med['sse_100_cpu_ratio']:.2f} x)")
     return 0
 
 

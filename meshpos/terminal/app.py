@@ -5,30 +5,28 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Callable
 
-import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from meshpos.domain.errors import InputError, MeshposError
 from meshpos.domain.jsonable import json_object
 from meshpos.node.ops import RECEIPT_COPIES
 from meshpos.node.service import NodeService
-from meshpos.terminal.events import RESYNC, Event, EventJournal
+from meshpos.terminal.events import EventJournal
 from meshpos.terminal.openapi import OpenApiDocument
 from meshpos.terminal.problems import error_body, translate
 from meshpos.terminal.sales import DEFAULT_PAGE, TerminalSales, parse_since
+from meshpos.terminal.stream import EventStreamResponse, Readers
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-HEARTBEAT_S = 15.0  # a comment line this often keeps proxies and clients from timing out
-RETRY_MS = 2000  # the SSE reconnection delay suggested to clients
 
 
 class TerminalApi:
@@ -43,6 +41,7 @@ class TerminalApi:
         self.summary = summary
         self.node_status = node_status  # the node's whole status, as `meshpos status --json`
         self.openapi = openapi
+        self.readers = Readers()  # the connected event streams
 
 
 def respond(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -141,10 +140,8 @@ def make_app(api: TerminalApi, more: Sequence[BaseRoute] = ()) -> Starlette:
 
     async def events(request: Request) -> Response:
         last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-        resume = api.journal.resume(last)
-        return StreamingResponse(_stream(api.journal, resume.resync, resume.events, resume.next_seq),
-                                 media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return EventStreamResponse(api.journal, api.readers, api.journal.resume(last),
+                                   headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
     async def not_found(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -167,29 +164,3 @@ def make_app(api: TerminalApi, more: Sequence[BaseRoute] = ()) -> Starlette:
         *more,
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found, Exception: crashed})
-
-
-async def _stream(journal: EventJournal, resync: Event | None, missed: list[Event],
-                  next_seq: int) -> AsyncIterator[bytes]:
-    yield f"retry: {RETRY_MS}\n: connected at {journal.last_id}\n\n".encode()
-    if resync is not None:
-        yield resync.encode()
-    for event in missed:
-        yield event.wire
-    while True:
-        with trio.move_on_after(HEARTBEAT_S):
-            await journal.wait_for(next_seq)
-        batch = journal.after(next_seq)
-        if not batch:
-            yield b": keep-alive\n\n"
-            continue
-        # the events that came together go out together: one write, not one per event (each write
-        # is a checkpoint where a forwarder taking a reply in slices would run before the rest)
-        out = [event.wire for event in batch]
-        if batch[0].seq > next_seq:  # this client fell behind the horizon while connected
-            before = f"{journal.epoch}-{batch[0].seq - 1}"
-            out.insert(0, Event(0, before, RESYNC, {"reason": "this client fell behind the event horizon",
-                                                    "last_id": before}).encode())
-        yield b"".join(out)
-        next_seq = batch[-1].seq + 1
-

@@ -105,7 +105,21 @@ class EventJournal:
         out.reverse()
         return out
 
+    def holds(self, seq: int) -> bool:
+        """Whether an event with this seq (or a later one) exists."""
+        return self._last >= seq
+
     async def wait_for(self, seq: int) -> None:
         """Return once an event with this seq (or a later one) exists."""
         while self._last < seq:
             await self._changed.wait()
+
+    async def changed(self) -> None:
+        """Return at the next event or the next ``pulse()``."""
+        await self._changed.wait()
+
+    def pulse(self) -> None:
+        """Wake every reader waiting in ``changed()`` without an event (the streams' heartbeat:
+        one timer for all of them, not a cancel scope each around every wait)."""
+        self._changed.set()
+        self._changed = trio.Event()

@@ -53,6 +53,7 @@ from meshpos.replication.discovery import local_addresses
 from meshpos.terminal.guard import WILDCARDS, Guard, GuardPolicy, host_names
 from meshpos.terminal.openapi import OpenApiDocument
 from meshpos.terminal.sales import TerminalSales
+from meshpos.terminal.stream import heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ async def api_component(node: RunningNode, *, reader: CardReader | None = None,
                 node.report_api(ApiStatus(socket=str(path), url=url, error=None))
                 log.info("terminal API on %s and %s", url, path)
             nursery.start_soon(feed.run)
+            nursery.start_soon(heartbeat, journal)
             task_status.started()
     finally:
         feed.close()
