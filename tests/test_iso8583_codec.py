@@ -140,3 +140,12 @@ def test_a_spec_with_other_encodings_goes_to_pyiso8583() -> None:
     raw = wire.encode_message(doc, binary_spec)
     assert raw == bytes(iso8583.encode(dict(doc), binary_spec)[0])
     assert wire.decode_message(raw, binary_spec)["39"] == "00"
+
+
+def test_date_fields_are_the_utc_calendar_of_the_milliseconds() -> None:
+    from datetime import datetime, timezone
+
+    rng = random.Random(7)
+    for ms in [0, 999, 951_782_400_000, 1_796_215_279_915, *(rng.randint(0, 4_102_444_800_000) for _ in range(2000))]:
+        expected = datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%m%d%H%M%S")
+        assert wire._mmddhhmmss(ms) == expected
