@@ -267,3 +267,27 @@ async def test_json_host_rejects_malformed_requests(tmp_path: Path) -> None:
 
 def _json_body() -> dict[str, Any]:
     return request_to_json(sale(1), repeat=False)
+
+
+async def test_answer_queue_sends_by_due_time_and_stops_at_a_close() -> None:
+    """One connection's answers leave by due time (an answer with a shorter delay queued later
+    goes first), those due together in one piece, and nothing due after a CLOSE goes out."""
+    from meshpos.acquirer.simulator import _AnswerQueue
+
+    queue = _AnswerQueue()
+    now = trio.current_time()
+    queue.put(now + 0.05, Action.ANSWER, b"slow")
+    queue.put(now + 0.01, Action.ANSWER, b"fast1")
+    queue.put(now + 0.01, Action.ANSWER, b"fast2")
+    queue.put(now + 0.01, Action.DROP, b"")
+    with trio.fail_after(5):
+        await queue.wait_due()
+    assert trio.current_time() >= now + 0.01
+    assert queue.take_due(trio.current_time()) == (b"fast1fast2", False)
+    queue.put(now + 0.06, Action.CLOSE, b"")
+    queue.put(now + 0.07, Action.ANSWER, b"after the close")
+    with trio.fail_after(5):
+        await queue.wait_due()
+    assert queue.take_due(trio.current_time()) == (b"slow", False)
+    await trio.sleep_until(now + 0.08)
+    assert queue.take_due(trio.current_time()) == (b"", True)

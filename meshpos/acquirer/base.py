@@ -54,6 +54,32 @@ class LateAnswer:
 BeforeSend = Callable[[], Awaitable[None]]
 
 
+class Window:
+    """``async with window:`` -- at most ``size`` holders at once, as a ``trio.Semaphore``
+    (which it wraps), but taken without a trip through trio's scheduler while a place is free.
+    Every advice passes two of these (the switch's in-flight window, the link's outstanding
+    limit), and a schedule point costs more than what it guards; a full window waits (and can
+    be cancelled) as a semaphore does."""
+
+    __slots__ = ("_sem",)
+
+    def __init__(self, size: int) -> None:
+        self._sem = trio.Semaphore(size)
+
+    @property
+    def free(self) -> int:
+        return self._sem.value
+
+    async def __aenter__(self) -> None:
+        if self._sem.value:
+            self._sem.acquire_nowait()
+        else:
+            await self._sem.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._sem.release()
+
+
 class AcquirerLink(Protocol):
     async def advise(self, req: AcquirerRequest, *, repeat: bool,
                      before_send: BeforeSend | None = None) -> AcquirerResult:

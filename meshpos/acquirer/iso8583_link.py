@@ -22,7 +22,7 @@ import trio
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
 from meshpos.domain.errors import AcquirerError, EncodingError, ProtocolError
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
-from meshpos.acquirer.base import BeforeSend, LateAnswer, UnsendableRequest
+from meshpos.acquirer.base import BeforeSend, LateAnswer, UnsendableRequest, Window
 from meshpos.wire.iso8583 import (DEFAULT_SPEC, MAX_FRAME, NEED_DATA, AnswerReceived, ClientConnection, Family, LengthHeader,
                             MatchKey, RequestKind, Spec)
 
@@ -93,7 +93,7 @@ class Iso8583Link:
         self._header = header
         self._spec = spec
         self._max_frame = max_frame
-        self._slots = trio.Semaphore(max_outstanding)
+        self._slots = Window(max_outstanding)
         self._connect_lock = trio.Lock()
         self._conn: _Connection | None = None
         self._closed = False
@@ -126,7 +126,9 @@ class Iso8583Link:
         pending = _Pending()
         with trio.move_on_after(self._timeout) as scope:
             async with self._slots:
-                conn = await self._connection(what)
+                conn = self._conn
+                if conn is None or conn.closed or self._closed:  # the lock only to (re)connect
+                    conn = await self._connection(what)
                 try:
                     key, data = conn.proto.send_request(req, kind, now_ms=self._clock.now_ms())
                 except EncodingError as exc:

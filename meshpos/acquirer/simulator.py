@@ -15,6 +15,7 @@ message was booked (its answer is lost); a closed one was not.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import logging
 import random
@@ -255,6 +256,45 @@ class _StatsFile:
             self._written = version
 
 
+class _AnswerQueue:
+    """A connection's answers not sent yet, by due time (trio clock), in arrival order within
+    one time."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Action, bytes]] = []
+        self._seq = 0
+        self._changed = trio.Event()
+
+    def put(self, due: float, action: Action, data: bytes) -> None:
+        heapq.heappush(self._heap, (due, self._seq, action, data))
+        self._seq += 1
+        self._changed.set()
+
+    async def wait_due(self) -> None:
+        """Return once the earliest answer is due (wait for one to be queued first)."""
+        while True:
+            if not self._heap:
+                await self._changed.wait()
+            self._changed = trio.Event()
+            if not self._heap:
+                continue
+            with trio.move_on_at(self._heap[0][0]):
+                await self._changed.wait()  # an earlier one may be queued meanwhile
+                continue
+            return
+
+    def take_due(self, now: float) -> tuple[bytes, bool]:
+        """The bytes of the answers due by ``now`` in order, and whether a CLOSE is among them
+        (then what was due after it stays unsent)."""
+        out = bytearray()
+        while self._heap and self._heap[0][0] <= now:
+            _, _, action, data = heapq.heappop(self._heap)
+            if action is Action.CLOSE:
+                return bytes(out), True
+            out += data
+        return bytes(out), False
+
+
 class Simulator:
     """The running simulator: where it listens and what it has counted."""
 
@@ -271,23 +311,10 @@ class Simulator:
 
     async def serve_iso_connection(self, stream: trio.abc.Stream, header: LengthHeader, spec: Spec) -> None:
         proto = ServerConnection(header=header, spec=spec, max_frame=MAX_FRAME)
-        send_lock = trio.Lock()
+        answers = _AnswerQueue()
         try:
             async with trio.open_nursery() as nursery:
-
-                async def answer(req_kind: RequestKind, data: bytes, decision: Decision) -> None:
-                    await self._file.sync()
-                    if decision.delay_ms:
-                        await trio.sleep(decision.delay_ms / 1000)
-                    if decision.action is Action.CLOSE:
-                        nursery.cancel_scope.cancel()
-                    elif decision.action is Action.ANSWER:
-                        async with send_lock:
-                            try:
-                                await stream.send_all(data)
-                            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                                nursery.cancel_scope.cancel()
-
+                nursery.start_soon(self._send_answers, stream, answers, nursery.cancel_scope)
                 while True:
                     try:
                         chunk = await stream.receive_some(65536)
@@ -324,10 +351,29 @@ class Simulator:
                         data = proto.send_answer(event, decision.response_code, decision.auth_code) if (
                             decision.action is Action.ANSWER
                         ) else b""
-                        nursery.start_soon(answer, event.kind, data, decision)
+                        answers.put(trio.current_time() + decision.delay_ms / 1000, decision.action, data)
+                    await self._file.sync()  # what this chunk brought, counted on file (with --stats)
                 nursery.cancel_scope.cancel()  # the peer left: its answers have nowhere to go
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _send_answers(self, stream: trio.abc.Stream, answers: _AnswerQueue, connection: trio.CancelScope) -> None:
+        """One connection's answers, each at its time: the answers due by then go out in one
+        ``send_all`` (not one task, timer and send per answer), after the stats file shows
+        their requests; a CLOSE due closes the connection (answers due before it went out)."""
+        while True:
+            await answers.wait_due()
+            await self._file.sync()
+            data, close = answers.take_due(trio.current_time())
+            if data:
+                try:
+                    await stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    connection.cancel()
+                    return
+            if close:
+                connection.cancel()
+                return
 
     # --- JSON over HTTP(S) -----------------------------------------------
 

@@ -23,7 +23,6 @@ from meshpos.domain.policy import SitePolicy
 # receiver's clock is within the skew, then judged as any other.
 MAX_SKEW_MS = 5 * 60 * 1000
 
-ASCII_DIGITS = frozenset("0123456789")
 PAN_MIN, PAN_MAX = 12, 19
 BRANDS = ("visa", "mastercard", "amex", "maestro", "other")
 ENTRY_MODES = ("chip", "contactless", "magstripe", "manual")
@@ -45,7 +44,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def is_ascii_digits(text: object, min_len: int = 1, max_len: int = 64) -> bool:
     """True for a str of ASCII digits 0-9 only (``str.isdigit`` also takes '４' and '٤')."""
     return (isinstance(text, str) and min_len <= len(text) <= max_len
-            and all(ch in ASCII_DIGITS for ch in text))
+            and text.isascii() and text.isdigit())  # the ASCII characters isdigit takes are 0-9
 
 
 def luhn_ok(pan: str) -> bool:

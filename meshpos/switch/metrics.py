@@ -61,8 +61,30 @@ class SwitchMetrics:
         self.in_flight = Gauge("meshpos_switch_batches_in_flight", "Batches being processed now", registry=r)
         self.ready = Gauge("meshpos_switch_ready", "1 while the instance is ready (database and acquirer)",
                            registry=r)
-        for mti in ("0220", "0221", "0420"):
-            self.advices.labels(mti)  # present at 0 from the start: a scrape sees every series
+        # the labelled series of the per-sale paths, looked up once (``labels`` per call costs)
+        self.advices_by_mti = {mti: self.advices.labels(mti) for mti in ("0220", "0221", "0420")}  # at 0 from the start
+        self._results_by: dict[str, Counter] = {}
+        self._db_by: dict[str, Histogram] = {}
+        self._round_trip_by: dict[str, Histogram] = {}
+
+    def result(self, outcome: str) -> None:
+        """One sale settled by this instance with ``outcome``."""
+        child = self._results_by.get(outcome)
+        if child is None:
+            child = self._results_by[outcome] = self.results.labels(outcome)
+        child.inc()
+
+    def round_trip_observe(self, mti: str, seconds: float) -> None:
+        child = self._round_trip_by.get(mti)
+        if child is None:  # a series appears with its first observation, as with ``labels``
+            child = self._round_trip_by[mti] = self.round_trip.labels(mti)
+        child.observe(seconds)
+
+    def db_observe(self, op: str, seconds: float) -> None:
+        child = self._db_by.get(op)
+        if child is None:
+            child = self._db_by[op] = self.db.labels(op)
+        child.observe(seconds)
 
     def refused(self, reason: str) -> None:
         self.refusals.labels(refusal_kind(reason)).inc()
@@ -73,7 +95,7 @@ class SwitchMetrics:
         try:
             yield
         finally:
-            self.db.labels(op).observe(time.perf_counter() - started)
+            self.db_observe(op, time.perf_counter() - started)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -95,18 +117,18 @@ class MeteredLink:
             nonlocal started
             if before_send is not None:
                 await before_send()
-            self._metrics.advices.labels(mti).inc()
+            self._metrics.advices_by_mti[mti].inc()
             started = time.perf_counter()
 
         result = await self._link.advise(req, repeat=repeat, before_send=counted)
-        self._metrics.round_trip.labels(mti).observe(time.perf_counter() - started)
+        self._metrics.round_trip_observe(mti, time.perf_counter() - started)
         return result
 
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
-        self._metrics.advices.labels("0420").inc()
+        self._metrics.advices_by_mti["0420"].inc()
         started = time.perf_counter()
         result = await self._link.reverse(req)
-        self._metrics.round_trip.labels("0420").observe(time.perf_counter() - started)
+        self._metrics.round_trip_observe("0420", time.perf_counter() - started)
         return result
 
     async def aclose(self) -> None:

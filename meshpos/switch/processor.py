@@ -70,7 +70,8 @@ import trio
 from meshpos.domain.roles import SELLING_ROLES
 from meshpos.domain import rules
 from meshpos.wire import envelope
-from meshpos.acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, advise_until_answered)
+from meshpos.acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, Window,
+                                   advise_until_answered)
 from meshpos.domain.backoff import exponential_backoff
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.cards import OpenedCard, open_card
@@ -215,7 +216,7 @@ class Switch:
         self.reversal_attempts = reversal_attempts
         self.backoff = backoff
         self.sleep = sleep
-        self.slots = trio.Semaphore(in_flight)
+        self.slots = Window(in_flight)
         self.writer = GroupCommit(store)
         self.writer.observe = self.metrics.db.labels("commit").observe
         self._claims: set[str] = set()  # sales this instance is advising now (renewed by keep_claims)
@@ -586,7 +587,7 @@ class Switch:
             return _Settled(row.result)
         self._claims.discard(sale_id)
         self.counters["settled"] += 1
-        self.metrics.results.labels(status).inc()
+        self.metrics.result(status)
         log.info("sale %s settled: %s", sale_id, status)
         return _Settled(raw)
 
@@ -612,7 +613,7 @@ class Switch:
                     raise
                 return self._known(row, w)
             self.counters["settled"] += 1
-            self.metrics.results.labels("rejected").inc()
+            self.metrics.result("rejected")
             return _Settled(raw)
 
     def _known(self, row: SaleRow, w: _Work) -> Outcome:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any, Final, Literal
 
@@ -220,22 +220,25 @@ class FrameDecoder:
 # --- messages ----------------------------------------------------------------
 
 
-def _utc(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+def _mmddhhmmss(ms: int) -> str:
+    """``ms`` (UTC, ms since the epoch) as ISO 8583 MMDDhhmmss (fields 7, 12 + 13, 90): one
+    datetime by addition and an f-string (``fromtimestamp`` and ``strftime`` per field cost more)."""
+    t = _EPOCH + timedelta(seconds=ms // 1000)
+    return f"{t.month:02d}{t.day:02d}{t.hour:02d}{t.minute:02d}{t.second:02d}"
 
 
 def build_request(req: AcquirerRequest, kind: RequestKind, *, now_ms: int) -> dict[str, str]:
     """The decoded message for ``req`` sent as ``kind`` at transmission time ``now_ms``."""
-    sale = _utc(req.created_at_ms)
+    sale = _mmddhhmmss(req.created_at_ms)
     doc = {
         "t": kind.mti,
         "2": req.pan,
         "3": PROCESSING_CODE_PURCHASE,
         "4": f"{req.amount_minor:012d}",
-        "7": _utc(now_ms).strftime("%m%d%H%M%S"),
+        "7": _mmddhhmmss(now_ms),
         "11": f"{req.stan:06d}",
-        "12": sale.strftime("%H%M%S"),
-        "13": sale.strftime("%m%d"),
+        "12": sale[4:],
+        "13": sale[:4],
         "22": ENTRY_MODE_CODES[req.entry_mode],
         "37": req.rrn,
         "41": req.terminal_id,
@@ -246,7 +249,7 @@ def build_request(req: AcquirerRequest, kind: RequestKind, *, now_ms: int) -> di
         doc["14"] = req.expiry[2:] + req.expiry[:2]  # MMYY -> YYMM
     if kind is RequestKind.REVERSAL:
         # original MTI, STAN, date/time (of the sale), acquiring and forwarding institution ids
-        doc["90"] = "0220" + doc["11"] + sale.strftime("%m%d%H%M%S") + "0" * 11 + "0" * 11
+        doc["90"] = "0220" + doc["11"] + sale + "0" * 11 + "0" * 11
     return doc
 
 
@@ -254,7 +257,130 @@ def key_of(req: AcquirerRequest, family: Family) -> MatchKey:
     return MatchKey(family, f"{req.stan:06d}", req.rrn, req.terminal_id)
 
 
+class _AsciiCodec:
+    """The same bytes and dicts as pyiso8583, faster, for the messages of a spec whose type,
+    bitmaps and fields are all ASCII text without padding (``DEFAULT_SPEC`` is): the type, the
+    primary bitmap in hex, the secondary one when a field above 64 is present, then each field
+    fixed-width or behind its ASCII length. Anything else (another kind of spec or field, a
+    value or message it does not take exactly as pyiso8583 would) returns None and goes to
+    pyiso8583, which encodes, decodes or raises as it always did."""
+
+    PLAIN_KEYS = frozenset({"data_enc", "len_enc", "len_type", "max_len", "desc"})
+
+    def __init__(self, t_len: int, fields: list[tuple[int, int] | None]) -> None:
+        self.t_len = t_len
+        self.fields = fields  # by field number 0..128: (length digits or 0 if fixed, max length)
+
+    @classmethod
+    def of(cls, spec: Spec) -> _AsciiCodec | None:
+        def plain(key: str) -> tuple[int, int] | None:
+            f = spec.get(key)
+            if (f is None or not set(f) <= cls.PLAIN_KEYS or f.get("data_enc") != "ascii"
+                    or f.get("len_enc") != "ascii" or f.get("len_type") not in (0, 1, 2, 3, 4)
+                    or not isinstance(f.get("max_len"), int) or f["max_len"] < 0):
+                return None
+            return int(f["len_type"]), int(f["max_len"])
+
+        h, t, p, secondary = plain("h"), plain("t"), plain("p"), plain("1")
+        if h != (0, 0) or t is None or t[0] != 0 or p != (0, 16) or secondary != (0, 16):
+            return None
+        return cls(t[1], [None, None, *(plain(str(n)) for n in range(2, 129))])
+
+    def encode(self, doc: Mapping[str, str]) -> bytes | None:
+        t = doc.get("t")
+        if not isinstance(t, str) or len(t) != self.t_len or not t.isascii():
+            return None
+        present: list[int] = []
+        for key, value in doc.items():
+            if key == "t":
+                continue
+            if not (isinstance(key, str) and key.isascii() and key.isdigit() and key[0] != "0"):
+                return None
+            n = int(key)
+            f = self.fields[n] if n <= 128 else None
+            if f is None or n == 65 or not isinstance(value, str) or not value.isascii():
+                return None
+            if len(value) > f[1] or (len(value) != f[1] if f[0] == 0 else len(str(len(value))) > f[0]):
+                return None
+            present.append(n)
+        present.sort()
+        bits = 0
+        for n in present:
+            bits |= 1 << (128 - n)
+        parts = [t]
+        if bits & 0xFFFFFFFFFFFFFFFF:
+            bits |= 1 << 127
+            parts += [f"{bits >> 64:016X}", f"{bits & 0xFFFFFFFFFFFFFFFF:016X}"]
+        else:
+            parts.append(f"{bits >> 64:016X}")
+        for n in present:
+            value = doc[str(n)]
+            digits = self.fields[n][0]  # type: ignore[index]
+            if digits:
+                parts.append(f"{len(value):0{digits}d}")
+            parts.append(value)
+        return "".join(parts).encode("ascii")
+
+    def decode(self, payload: bytes) -> dict[str, str] | None:
+        try:
+            text = payload.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+        at = self.t_len
+        doc = {"t": text[:at]}
+        primary = text[at:at + 16]
+        if len(primary) != 16 or not _UPPER_HEX.fullmatch(primary):
+            return None
+        doc["p"] = primary
+        bits = int(primary, 16) << 64
+        at += 16
+        if bits >> 127:
+            second = text[at:at + 16]
+            if len(second) != 16 or not _UPPER_HEX.fullmatch(second):
+                return None
+            doc["1"] = second
+            bits |= int(second, 16)
+            at += 16
+            if bits >> 63 & 1:  # field 65: a tertiary bitmap
+                return None
+        bits &= (1 << 127) - 1
+        while bits:
+            n = 129 - bits.bit_length()
+            bits &= ~(1 << (128 - n))
+            f = self.fields[n]
+            if f is None:
+                return None
+            digits, size = f
+            if digits:
+                given = text[at:at + digits]
+                if len(given) != digits or not given.isdigit() or int(given) > size:
+                    return None
+                size = int(given)
+                at += digits
+            if at + size > len(text):
+                return None
+            doc[str(n)] = text[at:at + size]
+            at += size
+        return doc if at == len(text) else None
+
+
+_UPPER_HEX = re.compile(r"[0-9A-F]{16}")
+_EPOCH = datetime(1970, 1, 1)
+_CODECS: dict[int, tuple[Spec, _AsciiCodec | None]] = {}
+
+
+def _codec(spec: Spec) -> _AsciiCodec | None:
+    cached = _CODECS.get(id(spec))
+    if cached is None or cached[0] is not spec:
+        cached = _CODECS[id(spec)] = (spec, _AsciiCodec.of(spec))
+    return cached[1]
+
+
 def encode_message(doc: Mapping[str, str], spec: Spec = DEFAULT_SPEC) -> bytes:
+    codec = _codec(spec)
+    fast = codec.encode(doc) if codec is not None else None
+    if fast is not None:
+        return fast
     try:
         raw, _ = iso8583.encode(dict(doc), spec)
     except iso8583.EncodeError as exc:
@@ -263,6 +389,10 @@ def encode_message(doc: Mapping[str, str], spec: Spec = DEFAULT_SPEC) -> bytes:
 
 
 def decode_message(payload: bytes, spec: Spec = DEFAULT_SPEC) -> dict[str, str]:
+    codec = _codec(spec)
+    fast = codec.decode(bytes(payload)) if codec is not None else None
+    if fast is not None:
+        return fast
     try:
         doc, _ = iso8583.decode(bytes(payload), spec)
     except iso8583.DecodeError as exc:
