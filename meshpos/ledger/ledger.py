@@ -35,7 +35,7 @@ from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.ledger.holdings import Holdings
-from meshpos.ledger.store import Store
+from meshpos.ledger.store import EntryRow, Store, sale_row
 from meshpos.wire.shards import shard_name, valid_shard_name
 
 log = logging.getLogger(__name__)
@@ -155,6 +155,13 @@ class IngestReport:
     parked: int = 0
     reasserted: int = 0
     stripped: list[str] = field(default_factory=list)  # invalid keys deleted from the shard
+
+
+@dataclass
+class _Rows:
+    """Rows of accepted sales not written to the store yet (``Ledger._accept``)."""
+    entries: list[EntryRow] = field(default_factory=list)
+    sales: list[tuple[object, ...]] = field(default_factory=list)
 
 
 @dataclass
@@ -329,24 +336,42 @@ class Ledger:
         assert isinstance(created_at, int)
         return rules.sale_problem(body, self.roster.policy_at(created_at))
 
-    def _accept(self, verified: Verified, shard: str) -> None:
+    def _accept(self, verified: Verified, shard: str, rows: _Rows | None = None) -> None:
+        """Store a verified entry and take its effect on the views. With ``rows``, a sale's two
+        rows wait there for ``_write_rows`` (one statement each for a whole shard); anything else
+        writes them first, so the store is never read or changed behind rows not written yet."""
         env = verified.env
-        self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
-        self._index(verified.key, env.raw, shard)
         body = env.body
+        if rows is None or env.type != "sale":
+            self._write_rows(rows)
+            self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
+        else:
+            rows.entries.append((verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms()))
+        self._index(verified.key, env.raw, shard)
         if env.type == "sale":
             refused = self.judge_sale(body)
             if refused is not None:
                 # kept (every node holds it and reaches the same verdict), out of views and totals
                 log.warning("sale %s by %s refused: %s", body["sale_id"], self.roster.name_of(env.signer), refused)
-            self.store.insert_sale(body, refused)
+            if rows is None:
+                self.store.insert_sale(body, refused)
+            else:
+                rows.sales.append(sale_row(body, refused))
             for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}", f"reversal/{body['sale_id']}"):
                 if later in self.index:  # the void or result arrived before the sale
+                    self._write_rows(rows)
                     got = self.store.entry(later)
                     if got:
                         self._apply_view(env_mod.decode(got[0]))
         else:
             self._apply_view(env)
+
+    def _write_rows(self, rows: _Rows | None) -> None:
+        if rows is not None and rows.entries:
+            self.store.insert_entries(rows.entries)
+            self.store.insert_sales(rows.sales)
+            rows.entries.clear()
+            rows.sales.clear()
 
     def _apply_view(self, env: env_mod.Envelope) -> None:
         if env.type == "void":
@@ -531,8 +556,10 @@ class Ledger:
         else:
             found = [(key, doc.get(am.ROOT, key)) for key in sorted(keys)]
         decoded = self._presign(found) if len(found) >= 32 else {}
+        rows = _Rows()
         try:
-            self._scan_keys(found, shard, peer, report, now, decoded)
+            self._scan_keys(found, shard, peer, report, now, decoded, rows)
+            self._write_rows(rows)
         finally:
             self.roster.forget_presigned()
 
@@ -560,7 +587,8 @@ class Ledger:
         return decoded
 
     def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
-                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]]) -> None:
+                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]], rows: _Rows) -> None:
+        """Verify and accept ``found``; accepted sales leave their rows in ``rows``."""
         for key, got in found:
             pre = decoded.get(key)
             if pre is not None:
@@ -576,6 +604,8 @@ class Ledger:
             d = digest(raw)
             known = self.index.get(key)
             if known is not None:
+                if known.digest != d:
+                    self._write_rows(rows)  # an equivocation may replace the held entry
                 if known.digest != d and self._equivocation(key, raw, d, known, shard, report, now):
                     continue
                 if known.digest != d and known.home != shard:
@@ -612,7 +642,7 @@ class Ledger:
                 self._reject(report, shard, key, d, f"does not verify ({type(exc).__name__})")
                 report.stripped.append(key)
                 continue
-            self._accept(verified, shard)
+            self._accept(verified, shard, rows)
             if key in self._parked:
                 self.store.unpark(key)
                 self._parked.discard(key)
