@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
 PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
-PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
+PRESIGN_BATCH = 32  # signatures sent to the helper process at a time (the last ones first)
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 # keys under which a node could sign two different entries (the rest are fixed by their signer
 # alone, or signed by the CA or the switch): the lowest digest wins on every node
@@ -564,10 +564,10 @@ class Ledger:
             self.roster.forget_presigned()
 
     def _presign(self, found: list[tuple[str, object]]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
-        """Decode the new entries of a big merge; their signatures go to the helper process a
-        batch at a time, so it checks the first ones while this one decodes the rest."""
+        """Decode the new entries of a big merge and hand their signatures to the helper process,
+        the last entries first: this process checks the first ones itself while the helper works
+        back towards them (Roster.presign)."""
         decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
-        batch: list[env_mod.Envelope] = []
         for key, got in found:
             if key in self.index:
                 continue
@@ -575,15 +575,12 @@ class Ledger:
             if raw is None:
                 continue
             try:
-                env = env_mod.decode(raw)
+                decoded[key] = (raw, env_mod.decode(raw))
             except EncodingError:
                 continue
-            decoded[key] = (raw, env)
-            batch.append(env)
-            if len(batch) == PRESIGN_BATCH:
-                self.roster.presign(batch)
-                batch = []
-        self.roster.presign(batch)
+        envs = [env for _, env in decoded.values()]
+        for end in range(len(envs), 0, -PRESIGN_BATCH):
+            self.roster.presign(envs[max(0, end - PRESIGN_BATCH):end])
         return decoded
 
     def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
