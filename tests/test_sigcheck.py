@@ -160,7 +160,7 @@ def test_a_big_merge_hands_the_helper_its_last_entries_first(make_node, open_nod
     sales, shard, data, forged = _shard_with_forgery(t1, t2, 100)
     handed: list[list[bytes]] = []
     real = t2.roster.presign
-    monkeypatch.setattr(t2.roster, "presign", lambda envs: (handed.append([e.raw for e in envs]), real(envs)))
+    monkeypatch.setattr(t2.roster, "presign", lambda envs: (handed.append([e.raw for e in envs]), real(envs))[1])
     report = t2.ledger.receive_snapshot(shard, data, "hostile")
     assert [k for k, _ in report.rejected] == [forged]
     keys = [envelope.decode(raw).body["sale_id"] for batch in reversed(handed) for raw in batch]

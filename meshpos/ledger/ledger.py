@@ -164,6 +164,27 @@ class _Rows:
     sales: list[tuple[object, ...]] = field(default_factory=list)
 
 
+class _Feeder:
+    """Hands a big merge's signatures to the helper process a batch at a time from the far end,
+    while this process verifies from the front (Roster.verify checks itself what the helper has
+    not answered when it gets there): the two meet in the middle. Only a few batches are sent
+    ahead (Roster.presign refuses more), so the helper is not left checking entries this
+    process has passed already."""
+
+    def __init__(self, roster: Roster, ahead: list[tuple[int, env_mod.Envelope]]) -> None:
+        self.roster = roster
+        self.ahead = ahead  # (position in the merge, envelope), in merge order
+        self.end = len(ahead)  # ahead[end:] has been handed over
+
+    def feed(self, at: int) -> None:
+        """Hand over batches from the far end while they lie wholly after position ``at``."""
+        while self.end > 0:
+            start = max(0, self.end - PRESIGN_BATCH)
+            if self.ahead[start][0] < at or not self.roster.presign([env for _, env in self.ahead[start:self.end]]):
+                return
+            self.end = start
+
+
 @dataclass
 class _Indexed:
     digest: bytes
@@ -555,38 +576,42 @@ class Ledger:
             found = list(zip(doc.keys(am.ROOT), doc.values(am.ROOT)))
         else:
             found = [(key, doc.get(am.ROOT, key)) for key in sorted(keys)]
-        decoded = self._presign(found) if len(found) >= 32 else {}
+        decoded, feeder = self._presign(found) if len(found) >= 32 else ({}, None)
         rows = _Rows()
         try:
-            self._scan_keys(found, shard, peer, report, now, decoded, rows)
+            self._scan_keys(found, shard, peer, report, now, decoded, rows, feeder)
             self._write_rows(rows)
         finally:
             self.roster.forget_presigned()
 
-    def _presign(self, found: list[tuple[str, object]]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
-        """Decode the new entries of a big merge and hand their signatures to the helper process,
-        the last entries first: this process checks the first ones itself while the helper works
-        back towards them (Roster.presign)."""
+    def _presign(self, found: list[tuple[str, object]]) -> tuple[dict[str, tuple[bytes, env_mod.Envelope]], _Feeder]:
+        """Decode the new entries of a big merge and start handing their signatures to the
+        helper process from the far end (``_Feeder``)."""
         decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
-        for key, got in found:
+        ahead: list[tuple[int, env_mod.Envelope]] = []
+        for at, (key, got) in enumerate(found):
             if key in self.index:
                 continue
             raw = entry_bytes(got)
             if raw is None:
                 continue
             try:
-                decoded[key] = (raw, env_mod.decode(raw))
+                env = env_mod.decode(raw)
             except EncodingError:
                 continue
-        envs = [env for _, env in decoded.values()]
-        for end in range(len(envs), 0, -PRESIGN_BATCH):
-            self.roster.presign(envs[max(0, end - PRESIGN_BATCH):end])
-        return decoded
+            decoded[key] = (raw, env)
+            ahead.append((at, env))
+        feeder = _Feeder(self.roster, ahead)
+        feeder.feed(0)
+        return decoded, feeder
 
     def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
-                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]], rows: _Rows) -> None:
+                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]], rows: _Rows,
+                   feeder: _Feeder | None = None) -> None:
         """Verify and accept ``found``; accepted sales leave their rows in ``rows``."""
-        for key, got in found:
+        for at, (key, got) in enumerate(found):
+            if feeder is not None and at % PRESIGN_BATCH == 0:
+                feeder.feed(at)
             pre = decoded.get(key)
             if pre is not None:
                 raw: bytes | None = pre[0]
