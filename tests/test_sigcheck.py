@@ -115,3 +115,54 @@ def _helper_processes() -> int:
             pass
     return count
     assert all(len(n.sales()) == 3 * 40 for n in nodes)
+
+
+def _shard_with_forgery(t1, t2, n: int):  # type: ignore[no-untyped-def]
+    """t1's shard of ``n`` sales and a forgery among them; t2 knows t1's certificate already."""
+    t2.ingest(t1.ledger.raw(f"cert/{t1.node_id}"), "peer")
+    sales = [t1.sell(100 + i)["id"] for i in range(n)]
+    shard = t1.ledger.shards()[0]
+    doc = am.Document.load(t1.ledger.snapshot(shard))
+    forged_body = {**envelope.decode(t1.ledger.raw(f"sale/{sales[0]}")).body, "seq": n + 1,
+                   "sale_id": envelope.sale_id(t1.node_id, n + 1)}
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, f"sale/{forged_body['sale_id']}", am.ScalarType.Bytes,
+               envelope.seal("sale", t1.node_id, forged_body, t2.key))
+    return sales, shard, doc.save(), f"sale/{forged_body['sale_id']}"
+
+
+def test_a_big_merge_never_waits_for_a_helper_that_is_behind(make_node, open_node, monkeypatch) -> None:
+    """Signatures the helper has not answered yet are checked in this process instead of waited
+    for (here the helper is stopped): the forgery is still refused, every good sale taken, and the
+    helper, sent its batches, is not given up as hung."""
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sales, shard, data, forged = _shard_with_forgery(t1, t2, 80)
+    helper = sigcheck.SigChecker()
+    monkeypatch.setattr(sigcheck.POOL, "helpers", [helper])
+    monkeypatch.setattr(sigcheck, "ANSWER_TIMEOUT", 5.0)  # waiting would give it up after this
+    try:
+        assert helper.submit(_jobs(2)).valid(0)  # started
+        assert helper._proc is not None
+        helper._proc.send_signal(signal.SIGSTOP)
+        report = t2.ledger.receive_snapshot(shard, data, "hostile")
+        assert [k for k, _ in report.rejected] == [forged]
+        assert sorted(s["id"] for s in t2.sales()) == sorted(sales)
+        assert helper.outstanding() >= 64 and not helper._failed
+    finally:
+        if helper._proc is not None:
+            helper._proc.send_signal(signal.SIGCONT)
+        helper.close()
+
+
+def test_a_big_merge_hands_the_helper_its_last_entries_first(make_node, open_node, monkeypatch) -> None:
+    """The helper works from the far end of a merge while this process checks from the front."""
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    sales, shard, data, forged = _shard_with_forgery(t1, t2, 100)
+    handed: list[list[bytes]] = []
+    real = t2.roster.presign
+    monkeypatch.setattr(t2.roster, "presign", lambda envs: (handed.append([e.raw for e in envs]), real(envs))[1])
+    report = t2.ledger.receive_snapshot(shard, data, "hostile")
+    assert [k for k, _ in report.rejected] == [forged]
+    keys = [envelope.decode(raw).body["sale_id"] for batch in reversed(handed) for raw in batch]
+    assert len(handed) >= 3 and all(len(batch) <= 32 for batch in handed)
+    assert len(keys) == 101 and keys == sorted(keys)  # the batches, last handed first, are the merge in order

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -23,6 +24,7 @@ from typing import Any
 
 import automerge.core as am
 
+from meshpos.identity import sigcheck
 from meshpos.wire import envelope
 from meshpos.replication.memnet import MemNetwork
 from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
@@ -82,11 +84,13 @@ class Baseline:
             if not moved:
                 return sent
 
-    def join(self) -> tuple[int, float]:
+    def join(self) -> tuple[int, float, float]:
+        """(bytes, wall seconds, CPU seconds) of a fresh document's sync from nothing."""
         fresh = am.Document(b"\x03" * 16)
+        cpu = time.process_time()
         t = time.perf_counter()
         sent = self.sync(self.doc, fresh, am.SyncState(), am.SyncState())
-        return sent, time.perf_counter() - t
+        return sent, time.perf_counter() - t, time.process_time() - cpu
 
     def propagate_cpu(self, raws: list[tuple[str, bytes]]) -> float:
         self.sync(self.doc, self.peer, self.s1, self.s2)
@@ -99,16 +103,33 @@ class Baseline:
         return cpu / len(raws)
 
 
-def join_over_link(root: Path, site: Any, source: SimNode, clock: Any, k: int) -> tuple[int, float]:
+def helpers_cpu() -> float:
+    """CPU seconds used so far by this process's signature helper processes (from /proc)."""
+    total = 0.0
+    for helper in sigcheck.POOL.helpers:
+        proc = helper._proc
+        if proc is not None:
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def join_over_link(root: Path, site: Any, source: SimNode, clock: Any, k: int) -> tuple[int, float, float]:
+    """(bytes on the link, wall seconds, CPU seconds of this process and the signature helpers)."""
     fresh = SimNode.open(enroll(site, root / f"fresh{k}", f"fresh{k}"), clock)
     net = MemNetwork()
     link = net.connect(source.replicator, fresh.replicator)
+    cpu = time.process_time() + helpers_cpu()
     t = time.perf_counter()
     net.pump()
     wall = time.perf_counter() - t
+    cpu = time.process_time() + helpers_cpu() - cpu
     assert fresh.core.store.entry_count() >= source.core.store.entry_count() - 1
     fresh.close()
-    return link.bytes_ab + link.bytes_ba, wall
+    return link.bytes_ab + link.bytes_ba, wall, cpu
 
 
 def propagate_cpu(source: SimNode, seller: Seller, peer: SimNode, per_level: int) -> float:

@@ -59,6 +59,12 @@ class Batch:
         assert self.answers is not None
         return index < len(self.answers) and self.answers[index] == 1
 
+    def ready(self) -> bool:
+        """Whether the answers are in, reading what the helper has written so far (never waits)."""
+        if self.answers is None:
+            self._checker.poll()
+        return self.answers is not None
+
 
 class SigChecker:
     """One helper process, started on first use; batches go in, answers come back in order."""
@@ -67,6 +73,7 @@ class SigChecker:
         self._proc: subprocess.Popen[bytes] | None = None
         self._failed = False
         self._sent: collections.deque[Batch] = collections.deque()
+        self._got = bytearray()  # answers read but not yet handed to their batch
         self._lock = threading.Lock()  # answers come back in order: one caller at a time
 
     def submit(self, jobs: list[tuple[bytes, bytes, bytes]]) -> Batch:
@@ -107,6 +114,16 @@ class SigChecker:
             while self._sent:
                 self._read_one()
 
+    def poll(self) -> None:
+        """Take in the answers the helper has written so far, without waiting for more."""
+        with self._lock:
+            if self._sent:
+                self._read(wait=False)
+
+    def outstanding(self) -> int:
+        """Signatures sent and not answered yet (as of the last read)."""
+        return sum(batch.count for batch in self._sent)
+
     def close(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
@@ -114,6 +131,7 @@ class SigChecker:
         for batch in self._sent:
             batch.answers = b""
         self._sent.clear()
+        self._got.clear()
         try:
             assert proc.stdin is not None
             proc.stdin.close()
@@ -126,24 +144,39 @@ class SigChecker:
             proc.wait()
 
     def _read_one(self) -> None:
-        batch = self._sent.popleft()
-        data = bytearray()
-        if self._proc is not None:
-            assert self._proc.stdout is not None
-            fd = self._proc.stdout.fileno()  # read raw, never through the buffered file: select sees it all
-            try:
-                while len(data) < batch.count:
-                    if not select.select([fd], [], [], ANSWER_TIMEOUT)[0]:
-                        self._fail(f"no answer within {ANSWER_TIMEOUT:g} s")
-                        break
-                    got = os.read(fd, batch.count - len(data))
-                    if not got:
-                        self._fail("it exited")
-                        break
-                    data += got
-            except OSError as exc:
-                self._fail(f"cannot read from it: {exc}")
-        batch.answers = bytes(data)
+        """Wait until the oldest outstanding batch has its answers."""
+        head = self._sent[0]
+        while head.answers is None:
+            self._read(wait=True)
+
+    def _read(self, wait: bool) -> None:
+        """Read what the helper has written (waiting up to ANSWER_TIMEOUT for something if ``wait``)
+        and hand each complete batch its answers, in order."""
+        if self._proc is None:  # closed: nothing more will come
+            for batch in self._sent:
+                batch.answers = b""
+            self._sent.clear()
+            return
+        assert self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()  # read raw, never through the buffered file: select sees it all
+        try:
+            while select.select([fd], [], [], ANSWER_TIMEOUT if wait else 0)[0]:
+                got = os.read(fd, 1 << 16)
+                if not got:
+                    self._fail("it exited")
+                    return
+                self._got += got
+                wait = False  # then take whatever else is there already
+            if wait:
+                self._fail(f"no answer within {ANSWER_TIMEOUT:g} s")
+                return
+        except OSError as exc:
+            self._fail(f"cannot read from it: {exc}")
+            return
+        while self._sent and len(self._got) >= self._sent[0].count:
+            batch = self._sent.popleft()
+            batch.answers = bytes(self._got[:batch.count])
+            del self._got[:batch.count]
 
     def _start(self) -> subprocess.Popen[bytes] | None:
         if self._proc is None and not self._failed:
@@ -198,6 +231,12 @@ class HelperPool:
     def settle(self) -> None:
         for helper in self.helpers:
             helper.settle()
+
+    def outstanding(self) -> int:
+        """Signatures sent to the helpers and not answered yet (reading what they answered so far)."""
+        for helper in self.helpers:
+            helper.poll()
+        return sum(helper.outstanding() for helper in self.helpers)
 
     def close(self) -> None:
         for helper in self.helpers:

@@ -36,7 +36,7 @@ from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.ledger.holdings import Holdings
-from meshpos.ledger.store import Store
+from meshpos.ledger.store import EntryRow, Store, sale_row
 from meshpos.wire.shards import shard_name, valid_shard_name
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ COMPACT_AFTER_CHUNKS = 64
 PUSH_LIMIT = 256 * 1024  # new changes of one shard pushed as they are; more goes by the sync protocol
 MERGED_KEYS_MAX_CHANGES = 16  # a merge of more changes reads its keys from Automerge's diff
 PUSH_WHOLE_SHARD_MAX = 8  # entries of a shard new to this node still pushed as changes
-PRESIGN_BATCH = 32  # signatures sent to the helper process at a time
+PRESIGN_BATCH = 32  # signatures sent to the helper process at a time (the last ones first)
 RESTRIP_LIMIT = 3  # times a refused entry a peer puts back is stripped again
 # keys under which a node could sign two different entries (the rest are fixed by their signer
 # alone, or signed by the CA or the switch): the lowest digest wins on every node
@@ -176,6 +176,34 @@ class IngestReport:
     parked: int = 0
     reasserted: int = 0
     stripped: list[str] = field(default_factory=list)  # invalid keys deleted from the shard
+
+
+@dataclass
+class _Rows:
+    """Rows of accepted sales not written to the store yet (``Ledger._accept``)."""
+    entries: list[EntryRow] = field(default_factory=list)
+    sales: list[tuple[object, ...]] = field(default_factory=list)
+
+
+class _Feeder:
+    """Hands a big merge's signatures to the helper process a batch at a time from the far end,
+    while this process verifies from the front (Roster.verify checks itself what the helper has
+    not answered when it gets there): the two meet in the middle. Only a few batches are sent
+    ahead (Roster.presign refuses more), so the helper is not left checking entries this
+    process has passed already."""
+
+    def __init__(self, roster: Roster, ahead: list[tuple[int, env_mod.Envelope]]) -> None:
+        self.roster = roster
+        self.ahead = ahead  # (position in the merge, envelope), in merge order
+        self.end = len(ahead)  # ahead[end:] has been handed over
+
+    def feed(self, at: int) -> None:
+        """Hand over batches from the far end while they lie wholly after position ``at``."""
+        while self.end > 0:
+            start = max(0, self.end - PRESIGN_BATCH)
+            if self.ahead[start][0] < at or not self.roster.presign([env for _, env in self.ahead[start:self.end]]):
+                return
+            self.end = start
 
 
 @dataclass
@@ -351,24 +379,42 @@ class Ledger:
         assert isinstance(created_at, int)
         return rules.sale_problem(body, self.roster.policy_at(created_at))
 
-    def _accept(self, verified: Verified, shard: str) -> None:
+    def _accept(self, verified: Verified, shard: str, rows: _Rows | None = None) -> None:
+        """Store a verified entry and take its effect on the views. With ``rows``, a sale's two
+        rows wait there for ``_write_rows`` (one statement each for a whole shard); anything else
+        writes them first, so the store is never read or changed behind rows not written yet."""
         env = verified.env
-        self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
-        self._index(verified.key, env.raw, shard)
         body = env.body
+        if rows is None or env.type != "sale":
+            self._write_rows(rows)
+            self.store.insert_entry(verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms())
+        else:
+            rows.entries.append((verified.key, env.type, env.signer, env.raw, shard, self.clock.now_ms()))
+        self._index(verified.key, env.raw, shard)
         if env.type == "sale":
             refused = self.judge_sale(body)
             if refused is not None:
                 # kept (every node holds it and reaches the same verdict), out of views and totals
                 log.warning("sale %s by %s refused: %s", body["sale_id"], self.roster.name_of(env.signer), refused)
-            self.store.insert_sale(body, refused)
+            if rows is None:
+                self.store.insert_sale(body, refused)
+            else:
+                rows.sales.append(sale_row(body, refused))
             for later in (f"void/{body['sale_id']}", f"result/{body['sale_id']}", f"reversal/{body['sale_id']}"):
                 if later in self.index:  # the void or result arrived before the sale
+                    self._write_rows(rows)
                     got = self.store.entry(later)
                     if got:
                         self._apply_view(env_mod.decode(got[0]))
         else:
             self._apply_view(env)
+
+    def _write_rows(self, rows: _Rows | None) -> None:
+        if rows is not None and rows.entries:
+            self.store.insert_entries(rows.entries)
+            self.store.insert_sales(rows.sales)
+            rows.entries.clear()
+            rows.sales.clear()
 
     def _apply_view(self, env: env_mod.Envelope) -> None:
         if env.type == "void":
@@ -563,18 +609,20 @@ class Ledger:
             found = list(zip(doc.keys(am.ROOT), doc.values(am.ROOT)))
         else:
             found = [(key, doc.get(am.ROOT, key)) for key in sorted(keys)]
-        decoded = self._presign(found) if len(found) >= 32 else {}
+        decoded, feeder = self._presign(found) if len(found) >= 32 else ({}, None)
+        rows = _Rows()
         try:
-            self._scan_keys(found, shard, peer, report, now, decoded)
+            self._scan_keys(found, shard, peer, report, now, decoded, rows, feeder)
+            self._write_rows(rows)
         finally:
             self.roster.forget_presigned()
 
-    def _presign(self, found: list[tuple[str, object]]) -> dict[str, tuple[bytes, env_mod.Envelope]]:
-        """Decode the new entries of a big merge; their signatures go to the helper process a
-        batch at a time, so it checks the first ones while this one decodes the rest."""
+    def _presign(self, found: list[tuple[str, object]]) -> tuple[dict[str, tuple[bytes, env_mod.Envelope]], _Feeder]:
+        """Decode the new entries of a big merge and start handing their signatures to the
+        helper process from the far end (``_Feeder``)."""
         decoded: dict[str, tuple[bytes, env_mod.Envelope]] = {}
-        batch: list[env_mod.Envelope] = []
-        for key, got in found:
+        ahead: list[tuple[int, env_mod.Envelope]] = []
+        for at, (key, got) in enumerate(found):
             if key in self.index:
                 continue
             raw = entry_bytes(got)
@@ -585,16 +633,18 @@ class Ledger:
             except EncodingError:
                 continue
             decoded[key] = (raw, env)
-            batch.append(env)
-            if len(batch) == PRESIGN_BATCH:
-                self.roster.presign(batch)
-                batch = []
-        self.roster.presign(batch)
-        return decoded
+            ahead.append((at, env))
+        feeder = _Feeder(self.roster, ahead)
+        feeder.feed(0)
+        return decoded, feeder
 
     def _scan_keys(self, found: list[tuple[str, object]], shard: str, peer: str, report: IngestReport,
-                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]]) -> None:
-        for key, got in found:
+                   now: int, decoded: dict[str, tuple[bytes, env_mod.Envelope]], rows: _Rows,
+                   feeder: _Feeder | None = None) -> None:
+        """Verify and accept ``found``; accepted sales leave their rows in ``rows``."""
+        for at, (key, got) in enumerate(found):
+            if feeder is not None and at % PRESIGN_BATCH == 0:
+                feeder.feed(at)
             pre = decoded.get(key)
             if pre is not None:
                 raw: bytes | None = pre[0]
@@ -609,6 +659,8 @@ class Ledger:
             d = digest(raw)
             known = self.index.get(key)
             if known is not None:
+                if known.digest != d:
+                    self._write_rows(rows)  # an equivocation may replace the held entry
                 if known.digest != d and self._equivocation(key, raw, d, known, shard, report, now):
                     continue
                 if known.digest != d and known.home != shard:
@@ -645,7 +697,7 @@ class Ledger:
                 self._reject(report, shard, key, d, f"does not verify ({type(exc).__name__})")
                 report.stripped.append(key)
                 continue
-            self._accept(verified, shard)
+            self._accept(verified, shard, rows)
             if key in self._parked:
                 self.store.unpark(key)
                 self._parked.discard(key)

@@ -68,6 +68,20 @@ _SALE_ROWS = ("SELECT s.*, k.key AS idempotency_key FROM sales s"
 
 
 
+_INSERT_ENTRY = "INSERT INTO entries(key, type, signer, raw, shard, received_at) VALUES(?,?,?,?,?,?)"
+_INSERT_SALE = ("INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
+                " brand, last4, entry_mode, description, refused) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
+EntryRow = tuple[str, str, str, bytes, str, int]  # key, type, signer, raw, shard, received_at
+
+
+def sale_row(body: dict[str, Any], refused: str | None) -> tuple[Any, ...]:
+    """The sales-view row of a (verified) sale body."""
+    card = body.get("card") or {}
+    return (body["sale_id"], body["terminal"], body["seq"], body["created_at"], body["amount_minor"],
+            body["currency"], body["method"], card.get("brand"), card.get("last4"), card.get("entry_mode"),
+            body.get("description"), refused)
+
+
 @dataclass(frozen=True)
 class ShardData:
     shard: str
@@ -333,8 +347,11 @@ class Store:
         return None if row is None else (bytes(row[0]), str(row[1]))
 
     def insert_entry(self, key: str, type_: str, signer: str, raw: bytes, shard: str, now_ms: int) -> None:
-        self.conn.execute("INSERT INTO entries(key, type, signer, raw, shard, received_at) VALUES(?,?,?,?,?,?)",
-                          (key, type_, signer, raw, shard, now_ms))
+        self.conn.execute(_INSERT_ENTRY, (key, type_, signer, raw, shard, now_ms))
+
+    def insert_entries(self, rows: list[EntryRow]) -> None:
+        """``insert_entry`` for many entries in one statement (a whole shard a joiner takes in)."""
+        self.conn.executemany(_INSERT_ENTRY, rows)
 
     def entries_of_shard(self, shard: str) -> list[tuple[str, bytes]]:
         return [(str(k), bytes(r)) for k, r in
@@ -376,13 +393,11 @@ class Store:
     # -- sales view -------------------------------------------------------------
 
     def insert_sale(self, body: dict[str, Any], refused: str | None = None) -> None:
-        card = body.get("card") or {}
-        self.conn.execute(
-            "INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
-            " brand, last4, entry_mode, description, refused) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            (body["sale_id"], body["terminal"], body["seq"], body["created_at"], body["amount_minor"],
-             body["currency"], body["method"], card.get("brand"), card.get("last4"), card.get("entry_mode"),
-             body.get("description"), refused))
+        self.conn.execute(_INSERT_SALE, sale_row(body, refused))
+
+    def insert_sales(self, rows: list[tuple[Any, ...]]) -> None:
+        """``insert_sale`` for many sales in one statement; each row made by ``sale_row``."""
+        self.conn.executemany(_INSERT_SALE, rows)
 
     def set_refused(self, sale_id: str, refused: str | None) -> int:
         """Record a (new) verdict; the number of rows whose verdict changed."""

@@ -23,6 +23,7 @@ from meshpos.wire.envelope import Envelope
 log = logging.getLogger(__name__)
 
 PRESIGN_MIN = 8  # below this, the hand-off to the helper process costs more than it saves
+PRESIGN_BACKLOG = 128  # signatures the helpers may be behind (~6 ms of their work) before none are sent
 
 
 class FreeTextError(VerificationError):
@@ -124,15 +125,20 @@ class Roster:
 
     def _check_sig(self, env: Envelope, public_key: bytes) -> None:
         pending = self._presigned.pop((public_key, env.raw), None)
-        if pending is not None and pending[0].valid(pending[1]):
+        if pending is not None and pending[0].ready() and pending[0].valid(pending[1]):
             return
+        # not answered yet (the helper works from the other end of the merge), or not valid
         env_mod.check_signature(env, public_key)
 
-    def presign(self, envs: list[Envelope]) -> None:
+    def presign(self, envs: list[Envelope]) -> bool:
         """Have the Ed25519 signatures of many envelopes checked in the helper process while
-        this one goes on (``verify`` takes its answers as they come); the answers are only a
-        cache: ``verify`` still runs every rule, and an envelope whose signer is not known
-        yet is left to it."""
+        this one goes on: ``verify`` takes the answers that are in when it gets to an envelope
+        and checks the signature itself otherwise, never waiting (so a caller hands the batches
+        from the far end first, and the two meet in the middle). The answers are only a cache:
+        ``verify`` still runs every rule, and an envelope whose signer is not known yet is left
+        to it. Nothing is sent (False) while the helpers are PRESIGN_BACKLOG signatures behind."""
+        if sigcheck.POOL.outstanding() >= PRESIGN_BACKLOG:
+            return False
         jobs, marks = [], []
         for env in envs:
             if env.type in ("revocation", "policy"):
@@ -144,15 +150,15 @@ class Roster:
             jobs.append((public_key, env.signed_bytes(), env.sig))
             marks.append((public_key, env.raw))
         if len(jobs) < PRESIGN_MIN:
-            return
+            return True
         batch = sigcheck.POOL.submit(jobs)
         for i, mark in enumerate(marks):
             self._presigned[mark] = (batch, i)
+        return True
 
     def forget_presigned(self) -> None:
-        if self._presigned:
-            self._presigned.clear()
-            sigcheck.POOL.settle()
+        """Drop the answers not asked for (the helpers' late answers are read, unused, later)."""
+        self._presigned.clear()
 
     def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
         """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""

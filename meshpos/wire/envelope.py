@@ -139,15 +139,37 @@ def _one_of(*values: Any) -> Check:
     return lambda v: v in values
 
 
-def check_body(body: dict[str, Any], schema: dict[str, Check], what: str) -> None:
+@dataclass(frozen=True)
+class _Fields:
+    """A body schema as ``check_body`` walks it: the field sets worked out once, not per entry."""
+    checks: tuple[tuple[str, Check], ...]
+    required: frozenset[str]
+    allowed: frozenset[str]
+
+
+def _fields(schema: dict[str, Check]) -> _Fields:
     optional = {f for f, ok in schema.items() if getattr(ok, "optional", False)}
-    if not set(schema) - optional <= set(body) <= set(schema):
-        missing = set(schema) - set(body)
-        extra = set(body) - set(schema)
+    return _Fields(tuple(schema.items()), frozenset(set(schema) - optional), frozenset(schema))
+
+
+_ABSENT = object()
+
+
+def _check_fields(body: dict[str, Any], fields: _Fields, what: str) -> None:
+    present = body.keys()
+    if not (fields.required <= present and present <= fields.allowed):
+        missing = fields.allowed - present
+        extra = present - fields.allowed
         raise EncodingError(f"{what}: missing {sorted(missing)} / unexpected {sorted(extra)}")
-    for field, ok in schema.items():
-        if field in body and not ok(body[field]):
+    get = body.get
+    for field, ok in fields.checks:
+        value = get(field, _ABSENT)
+        if value is not _ABSENT and not ok(value):
             raise EncodingError(f"{what}: field {field!r} has a bad value")
+
+
+def check_body(body: dict[str, Any], schema: dict[str, Check], what: str) -> None:
+    _check_fields(body, _fields(schema), what)
 
 
 INT64 = 2**53
@@ -186,14 +208,18 @@ CARD_SCHEMA: dict[str, Check] = {
 }
 
 
+_SCHEMA_FIELDS = {type_: _fields(schema) for type_, schema in SCHEMAS.items()}
+_CARD_FIELDS = _fields(CARD_SCHEMA)
+
+
 def check_schema(env: Envelope) -> None:
-    check_body(env.body, SCHEMAS[env.type], f"{env.type} envelope")
+    _check_fields(env.body, _SCHEMA_FIELDS[env.type], f"{env.type} envelope")
     if env.type == "sale":
         card = env.body["card"]
         if (env.body["method"] == "card") != (card is not None):
             raise EncodingError("sale envelope: card data must be present exactly for card sales")
         if card is not None:
-            check_body(card, CARD_SCHEMA, "sale envelope card")
+            _check_fields(card, _CARD_FIELDS, "sale envelope card")
             b64d(card["sealed"], "sealed card data")
         if env.body["terminal"] != env.signer:
             raise VerificationError("sale envelope signed by another node than its terminal")
