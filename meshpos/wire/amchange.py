@@ -46,18 +46,14 @@ class _Reader:
         if self.pos < self.end and self.data[self.pos] < 0x80:  # one byte: nearly every field here
             self.pos += 1
             return self.data[self.pos - 1]
-        result, shift = 0, 0
-        while True:
-            if self.pos >= self.end or shift > 63:
-                raise _Malformed
-            byte = self.data[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return result
-            shift += 7
+        return self._varint()[0]
 
     def sleb(self) -> int:
+        result, bits, last = self._varint()
+        return result - (1 << bits) if last & 0x40 else result
+
+    def _varint(self) -> tuple[int, int, int]:
+        """A LEB128 number's bits, how many bits it has, and its last byte (for the sign)."""
         result, shift = 0, 0
         while True:
             if self.pos >= self.end or shift > 63:
@@ -67,7 +63,7 @@ class _Reader:
             result |= (byte & 0x7F) << shift
             shift += 7
             if not byte & 0x80:
-                return result - (1 << shift) if byte & 0x40 else result
+                return result, shift, byte
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.end:
