@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from meshpos.ledger.ledger import merged_keys
 from meshpos.wire.amchange import root_keys
+from tests.amdocs import concurrent_writes, delete_keys, doc_with_one_key
 
 
 def _visible(doc: am.Document) -> dict[str, object]:
@@ -24,22 +25,15 @@ def _new_changes(doc: am.Document, before: list[bytes]) -> list[bytes]:
        st.lists(st.integers(min_value=0, max_value=7), max_size=4), st.binary(max_size=700))
 def test_a_change_names_exactly_the_keys_it_puts_and_deletes(keys: list[str], deletes: list[int],
                                                              value: bytes) -> None:
-    doc = am.Document()
-    with doc.transaction() as tx:
-        tx.put(am.ROOT, "untouched", am.ScalarType.Bytes, b"0")
-    before = doc.get_heads()
+    doc, before = doc_with_one_key()
     with doc.transaction() as tx:
         for key in keys:
             tx.put(am.ROOT, key, am.ScalarType.Bytes, value)
     [raw] = _new_changes(doc, before)
     assert root_keys(raw) == set(keys)  # any Unicode, quotes and backslashes included
-    before = doc.get_heads()
     gone = {keys[i] for i in deletes if i < len(keys)}
     if gone:
-        with doc.transaction() as tx:
-            for key in gone:
-                tx.delete(am.ROOT, key)
-        [raw] = _new_changes(doc, before)
+        [raw] = _new_changes(doc, delete_keys(doc, gone))
         assert root_keys(raw) == gone
 
 
@@ -87,20 +81,7 @@ def test_merged_keys_hold_every_key_whose_value_a_merge_changed(
     """Concurrent writes of the same keys (an equivocating peer, a re-assertion), then a merge:
     every key whose visible value differs is among the merged keys, and the merged keys are only
     keys the incoming side wrote or deleted."""
-    base = am.Document()
-    with base.transaction() as tx:
-        for key in "abc":
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"base-" + key.encode())
-    mine, other = base.fork(), base.fork()
-    with mine.transaction() as tx:
-        for key in ours:
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"mine-" + key.encode())
-    with other.transaction() as tx:
-        for key in theirs:
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"other-" + key.encode())
-        for key in their_deletes:
-            if other.get(am.ROOT, key) is not None:
-                tx.delete(am.ROOT, key)
+    mine, other = concurrent_writes(ours, theirs, their_deletes)
     doc, incoming, written = (mine, other, set(theirs) | set(their_deletes)) if winner_first else (
         other, mine, set(ours))
     before, seen = doc.get_heads(), _visible(doc)

@@ -217,16 +217,14 @@ def test_honest_relay_strips_forgeries_so_its_neighbours_never_see_them(make_nod
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from meshpos.ledger.ledger import changed_keys  # noqa: E402
+from tests.amdocs import concurrent_writes, delete_keys, doc_with_one_key  # noqa: E402
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=30), min_size=1, max_size=8, unique=True),
        st.lists(st.integers(min_value=0, max_value=7), max_size=4))
 def test_changed_keys_reads_exactly_the_keys_a_merge_touched(keys: list[str], deletes: list[int]) -> None:
-    doc = am.Document()
-    with doc.transaction() as tx:
-        tx.put(am.ROOT, "untouched", am.ScalarType.Bytes, b"0")
-    before = doc.get_heads()
+    doc, before = doc_with_one_key()
     with doc.transaction() as tx:
         for key in keys:
             tx.put(am.ROOT, key, am.ScalarType.Bytes, key.encode())
@@ -234,13 +232,9 @@ def test_changed_keys_reads_exactly_the_keys_a_merge_touched(keys: list[str], de
     assert touched is None or touched == set(keys)  # None: the caller falls back to a full scan
     if all(k.isascii() and k.isprintable() for k in keys):
         assert touched == set(keys)
-    before = doc.get_heads()
     gone = {keys[i] for i in deletes if i < len(keys)}
     if gone:
-        with doc.transaction() as tx:
-            for key in gone:
-                tx.delete(am.ROOT, key)
-        assert changed_keys(doc, before) in (None, gone)
+        assert changed_keys(doc, delete_keys(doc, gone)) in (None, gone)
 
 
 def test_bulk_merge_checks_signatures_in_parallel_and_still_refuses_forgeries(make_node, open_node) -> None:
@@ -292,20 +286,7 @@ def test_changed_keys_are_the_keys_whose_value_a_merge_changed(
     """Two nodes write the same keys concurrently (what an equivocating peer or a re-assertion
     does), then one merges the other's changes: the keys read from the diff are exactly those
     whose visible value differs from before the merge (or None: the caller scans everything)."""
-    base = am.Document()
-    with base.transaction() as tx:
-        for key in "abc":
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"base-" + key.encode())
-    mine, other = base.fork(), base.fork()
-    with mine.transaction() as tx:
-        for key in ours:
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"mine-" + key.encode())
-    with other.transaction() as tx:
-        for key in theirs:
-            tx.put(am.ROOT, key, am.ScalarType.Bytes, b"other-" + key.encode())
-        for key in their_deletes:
-            if other.get(am.ROOT, key) is not None:
-                tx.delete(am.ROOT, key)
+    mine, other = concurrent_writes(ours, theirs, their_deletes)
     doc, incoming = (mine, other) if winner_first else (other, mine)
     before, seen = doc.get_heads(), _visible(doc)
     doc.merge(incoming)
