@@ -3,8 +3,9 @@
 Its leases are validly signed, it renews them and it stays reachable, so by lease rules 1-5 alone
 every other uplink node of the site leaves its scopes to it, and no sale of the site is ever
 settled: one terminal stops the site (issue 12's rule: none may). Rule 6 (protocols/forwarding.md,
-"Leases"): a sale that has waited ``STALL_S`` in a scope another node holds is forwarded by this
-node too (the switch de-duplicates, so it costs at most a repeated sale, never a second charge).
+"Leases"): when none of the sales pending in another node's scopes was settled for ``STALL_S``,
+this node forwards them too (the switch de-duplicates, so it costs at most a repeated sale, never
+a second charge); a holder whose sales keep settling keeps its scopes, however long its backlog.
 Real ledgers and a real switch over TLS on loopback; the clock is a FakeClock.
 """
 
@@ -86,4 +87,30 @@ async def test_an_honest_holder_keeps_its_scopes(
             merge(gateway, other)
             assert (await fwd.step()).forwarded == []
             clock.advance(25)
+        assert fwd.pending(clock.now_ms()) == []
+
+
+async def test_a_holder_working_through_a_long_backlog_keeps_its_scopes(
+        switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],  # noqa: F811
+        clock: FakeClock) -> None:
+    """A holder that settles a sale of its backlog every 25 s, on a backlog that lasts longer than
+    STALL_S: its sales keep leaving, so nobody else forwards them (rule 6 counts the time since the
+    holder last settled one, not how long a sale has waited), and nothing is sent twice."""
+    gateway = open_node(make_node("gw", "gateway"))
+    other = open_node(make_node("other", uplink=True))
+    seller = open_node(make_node("seller"))
+    backlog = [str(seller.sell(900 + n)["id"]) for n in range(8)]
+    merge(gateway, seller)
+    merge(other, seller)
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
+        url = f"https://127.0.0.1:{port}"
+        fwd = Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True)
+        slow = Forwarder(other, clock, transport(other, url), reachable=lambda node_id: True, batch_sales=1)
+        settled: list[str] = []
+        while len(settled) < len(backlog):  # 8 x 25 s: longer than STALL_S, one sale at a time
+            settled += (await slow.step()).forwarded
+            merge(gateway, other)
+            assert (await fwd.step()).forwarded == []
+            clock.advance(25)
+        assert 25 * len(backlog) > STALL_S and sorted(settled) == sorted(backlog)
         assert fwd.pending(clock.now_ms()) == []

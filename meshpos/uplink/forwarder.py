@@ -248,6 +248,15 @@ class _Trouble:
     counted: int = 0  # failures alone while the switch took other batches
 
 
+@dataclass
+class _HolderWatch:
+    """Lease rule 6's view of another node holding leases: the sales pending here in its scopes
+    when last seen, and since when none of them was settled."""
+    ids: set[str]
+    since: float
+    stalled: bool = False
+
+
 class Forwarder:
     def __init__(
         self,
@@ -293,7 +302,7 @@ class Forwarder:
         self._reversal_done: set[str] = set()
         self._leases: dict[str, lease_rules.Lease] = {}
         self.stall_s = stall_s
-        self._waiting: dict[str, float] = {}  # sale id -> when (monotonic) first seen in a scope another node holds
+        self._watched: dict[str, _HolderWatch] = {}  # holders with sales pending here in their scopes (rule 6)
         self._stalled_logged: set[str] = set()  # holders whose stalled scopes were logged
 
     @property
@@ -330,8 +339,6 @@ class Forwarder:
         """Drop the suspicion of sales that need no forwarding any more (settled through another node)."""
         if self._set_aside - open_ids:
             self._set_aside &= open_ids
-        for sale_id in [s for s in self._waiting if s not in open_ids]:
-            del self._waiting[sale_id]
         for sale_id in [s for s in self._trouble if s not in open_ids and s not in self._in_flight]:
             del self._trouble[sale_id]
 
@@ -448,22 +455,34 @@ class Forwarder:
         return batch, lp, len(mine) > len(batch)
 
     def _stalled(self, pending: list[str], scopes: dict[str, str], others: dict[str, str]) -> set[str]:
-        """Lease rule 6 (protocols/forwarding.md): the sales of scopes other nodes hold that have
-        waited ``stall_s`` here; a holder that keeps renewing and never forwards (on purpose or
-        not) must not keep the site's sales from the switch."""
+        """Lease rule 6 (protocols/forwarding.md): the pending sales of another node's scopes when
+        it settled none of them for ``stall_s``; a holder that keeps renewing and never forwards
+        (on purpose or not) must not keep the site's sales from the switch, and a holder working
+        through a long backlog keeps its scopes as long as its sales keep leaving."""
         mono = self.clock.monotonic()
-        out: set[str] = set()
+        by_holder: dict[str, set[str]] = {}
         for sale_id in pending:
             holder = others.get(scopes[sale_id])
-            if holder is None:
-                continue
-            if mono - self._waiting.setdefault(sale_id, mono) >= self.stall_s:
-                out.add(sale_id)
+            if holder is not None:
+                by_holder.setdefault(holder, set()).add(sale_id)
+        out: set[str] = set()
+        watched: dict[str, _HolderWatch] = {}
+        for holder, ids in by_holder.items():
+            seen = self._watched.get(holder)
+            if seen is None or (not seen.stalled and seen.ids - ids):
+                seen = _HolderWatch(ids, since=mono)  # new, or the holder settled some: progress
+            seen.ids = ids
+            if not seen.stalled and mono - seen.since >= self.stall_s:
+                seen.stalled = True  # for as long as this holder keeps sales pending in its scopes
                 if holder not in self._stalled_logged:
                     self._stalled_logged.add(holder)
-                    log.warning("node %s holds the lease of %s, but sale %s has waited %.0f s there: forwarding "
-                                "such sales from here too (if it goes on, check that node; revoke it if it is "
-                                "not yours)", holder, scopes[sale_id], sale_id, mono - self._waiting[sale_id])
+                    log.warning("node %s holds forwarding leases, but none of the %d sales pending in its "
+                                "scopes was settled in %.0f s: forwarding them from here too (if it goes on, "
+                                "check that node; revoke it if it is not yours)", holder, len(ids), mono - seen.since)
+            if seen.stalled:
+                out |= ids
+            watched[holder] = seen
+        self._watched = watched  # a holder with nothing pending in its scopes starts afresh
         return out
 
     async def step(self) -> StepReport:
