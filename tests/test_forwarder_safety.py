@@ -110,8 +110,8 @@ async def test_a_lease_counts_for_its_life_from_when_this_node_received_it(
     uplink, hostile, _ = fair
     hoard(hostile, clock.now_ms() + rules.MAX_SKEW_MS - 60_000)
     merge(uplink, hostile)
-    # rule 3 alone: rule 6 (stalled sales forwarded anyway after 120 s) is off here
-    fwd = Forwarder(uplink, clock, FakeSwitch(switch_key, clock), stall_s=math.inf)
+    # rule 3 alone: rule 6 (a stalled holder's sales, and overdue ones, forwarded anyway) is off here
+    fwd = Forwarder(uplink, clock, FakeSwitch(switch_key, clock), stall_s=math.inf, overdue_s=math.inf)
     assert (await fwd.step()).forwarded == []
     clock.advance(L.MAX_LEASE_MS / 1000 - 0.001)
     assert (await fwd.step()).forwarded == []

@@ -20,7 +20,7 @@ from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
 from meshpos.switch.connlimit import ConnectionLimits
 from meshpos.uplink import leases as L
-from meshpos.uplink.forwarder import STALL_S, Forwarder
+from meshpos.uplink.forwarder import OVERDUE_S, STALL_S, Forwarder
 from switch_harness import merge, switch_dir, transport  # noqa: F401 -- switch_dir: fixture
 from test_switch_hardening import switch_with
 
@@ -114,3 +114,33 @@ async def test_a_holder_working_through_a_long_backlog_keeps_its_scopes(
             clock.advance(25)
         assert 25 * len(backlog) > STALL_S and sorted(settled) == sorted(backlog)
         assert fwd.pending(clock.now_ms()) == []
+
+
+async def test_a_holder_that_settles_a_sale_now_and_then_holds_none_past_overdue(
+        switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],  # noqa: F811
+        clock: FakeClock) -> None:
+    """The hoarder's drip: it settles one sale every 100 s (just often enough never to count as
+    stalled) while the site's sales pile up in its scopes. No sale waits there past OVERDUE_S:
+    this node forwards the overdue ones, and nothing before."""
+    gateway = open_node(make_node("gw", "gateway"))
+    dripper = open_node(make_node("dripper", uplink=True))
+    seller = open_node(make_node("seller"))
+    backlog = [str(seller.sell(900 + n)["id"]) for n in range(12)]
+    merge(gateway, seller)
+    merge(dripper, seller)
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
+        url = f"https://127.0.0.1:{port}"
+        fwd = Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True)
+        drip = Forwarder(dripper, clock, transport(dripper, url), reachable=lambda node_id: True, batch_sales=1)
+        waited, ours = 0.0, []
+        while fwd.pending(clock.now_ms()):
+            await drip.step()
+            merge(gateway, dripper)
+            report = await fwd.step()
+            if waited < OVERDUE_S:
+                assert report.forwarded == []  # rules 1-5 and the drip: its scopes
+            ours += report.forwarded
+            clock.advance(100)
+            waited += 100
+        assert ours and waited <= OVERDUE_S + 200  # the rest went as soon as it was overdue
+        assert set(ours) < set(backlog)

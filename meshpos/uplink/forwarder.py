@@ -65,7 +65,8 @@ INGEST_SLICE = 25  # at most this many results taken into the ledger per commit 
 # ... and a slice ends once it took this long: a result's event waits for the rest of its slice, and
 # a slice of 25 is ~15 ms on this host's cores but 5-10 x that on a terminal's ARM core
 INGEST_SLICE_S = 0.004
-STALL_S = 2 * lease_rules.LEASE_MS / 1000  # a sale waiting this long in another node's scope is forwarded here too
+STALL_S = 2 * lease_rules.LEASE_MS / 1000  # another node's scopes with no sale settled for this long: forwarded here too
+OVERDUE_S = 10 * lease_rules.LEASE_MS / 1000  # ... and any sale that waited this long in them, whatever else settled
 SET_ASIDE_S = 1800.0  # how often a set-aside sale is tried again: 48 times in a 24 h offline window
 # Answers that say the switch will take nothing from this node (who it is, where it sends, how
 # fast), whatever the batch holds: splitting the batch would learn nothing.
@@ -273,11 +274,12 @@ class Forwarder:
         reachable: Callable[[str], bool] | None = None,
         switch_offset: Callable[[], int | None] = lambda: None,
         stall_s: float = STALL_S,
+        overdue_s: float = OVERDUE_S,
     ) -> None:
         """``reachable(node_id)``: whether this node can reach that node now (lease rule 1c,
         meshpos/uplink/leases.py); by default every node is taken as reachable.
         ``switch_offset()``: how far this node's clock is ahead of the switch's, in ms (negative:
-        behind), as last measured (meshpos.domain.clockskew), or None. ``stall_s``: lease rule 6."""
+        behind), as last measured (meshpos.domain.clockskew), or None. ``stall_s``, ``overdue_s``: lease rule 6."""
         self.core = core
         self.clock = clock
         self.transport: Transport = transport if transport is not None else HttpsTransport(core, clock=clock.monotonic)
@@ -302,7 +304,9 @@ class Forwarder:
         self._reversal_done: set[str] = set()
         self._leases: dict[str, lease_rules.Lease] = {}
         self.stall_s = stall_s
+        self.overdue_s = overdue_s
         self._watched: dict[str, _HolderWatch] = {}  # holders with sales pending here in their scopes (rule 6)
+        self._seen_at: dict[str, float] = {}  # sales pending in other nodes' scopes -> first seen there (monotonic)
         self._stalled_logged: set[str] = set()  # holders whose stalled scopes were logged
 
     @property
@@ -483,6 +487,11 @@ class Forwarder:
                 out |= ids
             watched[holder] = seen
         self._watched = watched  # a holder with nothing pending in its scopes starts afresh
+        # a holder settling one sale now and then (a drip that keeps it from counting as stalled)
+        # still holds no sale longer than OVERDUE_S
+        seen_at = {s: self._seen_at.get(s, mono) for ids in by_holder.values() for s in ids}
+        self._seen_at = seen_at
+        out |= {s for s, since in seen_at.items() if mono - since >= self.overdue_s}
         return out
 
     async def step(self) -> StepReport:
