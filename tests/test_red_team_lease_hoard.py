@@ -11,7 +11,8 @@ Real ledgers and a real switch over TLS on loopback; the clock is a FakeClock.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -90,26 +91,37 @@ async def test_an_honest_holder_keeps_its_scopes(
         assert fwd.pending(clock.now_ms()) == []
 
 
+@asynccontextmanager
+async def one_sale_a_step(switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],
+                          clock: FakeClock, sales: int) -> AsyncIterator[tuple[list[str], Forwarder, Forwarder,
+                                                                                 Callable[[], None]]]:
+    """A seller's backlog of ``sales`` sales held by a gateway and by an uplink node whose forwarder
+    sends one sale per step (it claims the scopes at its first step): the backlog, the gateway's
+    forwarder, the holder's, and what brings the holder's news to the gateway."""
+    gateway = open_node(make_node("gw", "gateway"))
+    holder = open_node(make_node("holder", uplink=True))
+    seller = open_node(make_node("seller"))
+    backlog = [str(seller.sell(900 + n)["id"]) for n in range(sales)]
+    merge(gateway, seller)
+    merge(holder, seller)
+    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
+        url = f"https://127.0.0.1:{port}"
+        yield (backlog, Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True),
+               Forwarder(holder, clock, transport(holder, url), reachable=lambda node_id: True, batch_sales=1),
+               lambda: merge(gateway, holder))
+
+
 async def test_a_holder_working_through_a_long_backlog_keeps_its_scopes(
         switch_dir: Path, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],  # noqa: F811
         clock: FakeClock) -> None:
     """A holder that settles a sale of its backlog every 25 s, on a backlog that lasts longer than
     STALL_S: its sales keep leaving, so nobody else forwards them (rule 6 counts the time since the
     holder last settled one, not how long a sale has waited), and nothing is sent twice."""
-    gateway = open_node(make_node("gw", "gateway"))
-    other = open_node(make_node("other", uplink=True))
-    seller = open_node(make_node("seller"))
-    backlog = [str(seller.sell(900 + n)["id"]) for n in range(8)]
-    merge(gateway, seller)
-    merge(other, seller)
-    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
-        url = f"https://127.0.0.1:{port}"
-        fwd = Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True)
-        slow = Forwarder(other, clock, transport(other, url), reachable=lambda node_id: True, batch_sales=1)
+    async with one_sale_a_step(switch_dir, make_node, open_node, clock, 8) as (backlog, fwd, slow, news):
         settled: list[str] = []
         while len(settled) < len(backlog):  # 8 x 25 s: longer than STALL_S, one sale at a time
             settled += (await slow.step()).forwarded
-            merge(gateway, other)
+            news()
             assert (await fwd.step()).forwarded == []
             clock.advance(25)
         assert 25 * len(backlog) > STALL_S and sorted(settled) == sorted(backlog)
@@ -122,20 +134,11 @@ async def test_a_holder_that_settles_a_sale_now_and_then_holds_none_past_overdue
     """The hoarder's drip: it settles one sale every 100 s (just often enough never to count as
     stalled) while the site's sales pile up in its scopes. No sale waits there past OVERDUE_S:
     this node forwards the overdue ones, and nothing before."""
-    gateway = open_node(make_node("gw", "gateway"))
-    dripper = open_node(make_node("dripper", uplink=True))
-    seller = open_node(make_node("seller"))
-    backlog = [str(seller.sell(900 + n)["id"]) for n in range(12)]
-    merge(gateway, seller)
-    merge(dripper, seller)
-    async with switch_with(switch_dir, clock, ConnectionLimits()) as (_, port):
-        url = f"https://127.0.0.1:{port}"
-        fwd = Forwarder(gateway, clock, transport(gateway, url), reachable=lambda node_id: True)
-        drip = Forwarder(dripper, clock, transport(dripper, url), reachable=lambda node_id: True, batch_sales=1)
+    async with one_sale_a_step(switch_dir, make_node, open_node, clock, 12) as (backlog, fwd, drip, news):
         waited, ours = 0.0, []
         while fwd.pending(clock.now_ms()):
             await drip.step()
-            merge(gateway, dripper)
+            news()
             report = await fwd.step()
             if waited < OVERDUE_S:
                 assert report.forwarded == []  # rules 1-5 and the drip: its scopes
