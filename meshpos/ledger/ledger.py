@@ -32,7 +32,7 @@ from meshpos.wire import amchange
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
-from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
+from meshpos.domain.errors import CorruptStoreError, EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.ledger.holdings import Holdings
@@ -243,7 +243,13 @@ class Ledger:
 
     def _load(self) -> None:
         for raw in self.store.entries_of_type("cert", "revocation", "policy"):
-            self.roster.apply(env_mod.decode(raw))
+            try:
+                env = env_mod.decode(raw)
+            except EncodingError as exc:  # stored once verified: the file changed under SQLite
+                raise CorruptStoreError(f"{self.store.path}: database is damaged (a stored certificate, revocation "
+                                        f"or policy entry: {exc}); move it aside and restart the node to recover "
+                                        "from the mesh") from exc
+            self.roster.apply(env)
         for key, raw, shard in self.store.all_entries():
             self._index(key, raw, shard)
         for shard in self.store.shard_names():

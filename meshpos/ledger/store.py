@@ -15,6 +15,7 @@ Schema: protocols/storage.md.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sqlite3
@@ -59,6 +60,18 @@ CREATE TABLE IF NOT EXISTS parked(
     key TEXT PRIMARY KEY, raw BLOB NOT NULL, shard TEXT NOT NULL, reason TEXT NOT NULL,
     received_at INTEGER NOT NULL);
 """
+
+
+@functools.cache
+def _schema_columns() -> dict[str, tuple[str, ...]]:
+    """The columns of each table of ``SCHEMA``, read from an empty database made with it."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        conn.executescript(SCHEMA)
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: tuple(row[1] for row in conn.execute(f"PRAGMA table_info({t})")) for t in tables}
+    finally:
+        conn.close()
 
 
 # A sale row with the idempotency key it was created under (the node's own API sales only).
@@ -117,6 +130,11 @@ class Store:
                 raise CorruptStoreError(f"{path}: database is damaged ({ok}); restore it from the mesh "
                                         "(move it aside and restart the node)")
             conn.executescript(SCHEMA)
+        except UnicodeDecodeError as exc:  # a damaged schema text (sqlite_master), read by sqlite3 as str
+            if conn is not None:
+                conn.close()
+            raise CorruptStoreError(f"{path}: database is damaged (its schema is not text: {exc.reason}); "
+                                    "move it aside and restart the node to recover from the mesh") from exc
         except sqlite3.DatabaseError as exc:
             if is_disk_full(exc, path.parent):
                 if conn is not None:
@@ -125,21 +143,34 @@ class Store:
             raise CorruptStoreError(f"{path}: database is damaged or not a database ({exc}); "
                                     "move it aside and restart the node to recover from the mesh") from exc
         store = cls(path, conn)
-        version = store.get_meta("schema")
+        try:
+            store._settle_schema()
+            if identity:
+                store.check_identity(identity)
+        except BaseException as exc:
+            store.close()
+            if isinstance(exc, sqlite3.DatabaseError) and not is_disk_full(exc, path.parent):
+                # a schema whose text SQLite accepts but whose tables are not what it says (a flip)
+                raise CorruptStoreError(f"{path}: database is damaged ({exc}); move it aside and restart "
+                                        "the node to recover from the mesh") from exc
+            raise
+        return store
+
+    def _settle_schema(self) -> None:
+        """Bring an older schema up to date; then every column the schema names must be there."""
+        version = self.get_meta("schema")
         if version == "1":
-            store._migrate_1_to_2()
+            self._migrate_1_to_2()
             version = "2"
         if version == "2":
-            store._migrate_2_to_3()
+            self._migrate_2_to_3()
             version = "3"
         if version is None:
-            with store.transaction():
-                store.set_meta("schema", str(SCHEMA_VERSION))
+            with self.transaction():
+                self.set_meta("schema", str(SCHEMA_VERSION))
         elif version != str(SCHEMA_VERSION):
-            raise StoreError(f"{path}: database schema {version} is not {SCHEMA_VERSION}")
-        if identity:
-            store.check_identity(identity)
-        return store
+            raise StoreError(f"{self.path}: database schema {version} is not {SCHEMA_VERSION}")
+        self._check_columns()
 
     def _migrate_1_to_2(self) -> None:
         with self.transaction():
@@ -158,6 +189,24 @@ class Store:
             self.conn.execute("CREATE TABLE IF NOT EXISTS idempotency(key TEXT PRIMARY KEY, body_hash TEXT NOT NULL,"
                               " sale_id TEXT NOT NULL UNIQUE, created_at INTEGER NOT NULL)")
             self.set_meta("schema", "3")
+
+    def _check_columns(self) -> None:
+        """Every column the schema names is there. A damaged schema text (a bit flip in a column's
+        name) passes SQLite's own checks; without this, the first read of that column failed
+        deep in the node with an IndexError or an OperationalError."""
+        for table, columns in _schema_columns().items():
+            try:
+                held = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
+            except sqlite3.DatabaseError as exc:  # a column's declaration that is not text
+                held = set()
+                reason = f"table {table} cannot be read: {exc}"
+            else:
+                reason = ""
+            missing = sorted(set(columns) - held)
+            if missing:
+                raise CorruptStoreError(
+                    f"{self.path}: database is damaged ({reason or f'table {table} lacks column(s) ' + ', '.join(missing)}); "
+                    "move it aside and restart the node to recover from the mesh")
 
     def check_identity(self, identity: dict[str, str]) -> None:
         for key, value in identity.items():
