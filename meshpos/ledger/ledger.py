@@ -32,11 +32,11 @@ from meshpos.wire import amchange
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
-from meshpos.domain.errors import CorruptStoreError, EncodingError, MeshposError, VerificationError
+from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.domain.policy import SitePolicy
 from meshpos.site.roster import Roster, UnknownSigner, Verified
 from meshpos.ledger.holdings import Holdings
-from meshpos.ledger.store import EntryRow, Store, sale_row
+from meshpos.ledger.store import EntryRow, Store, damaged, sale_row
 from meshpos.wire.shards import shard_name, valid_shard_name
 
 log = logging.getLogger(__name__)
@@ -246,9 +246,8 @@ class Ledger:
             try:
                 env = env_mod.decode(raw)
             except EncodingError as exc:  # stored once verified: the file changed under SQLite
-                raise CorruptStoreError(f"{self.store.path}: database is damaged (a stored certificate, revocation "
-                                        f"or policy entry: {exc}); move it aside and restart the node to recover "
-                                        "from the mesh") from exc
+                raise damaged(self.store.path, "database is damaged (a stored certificate, revocation or "
+                                               f"policy entry: {exc})") from exc
             self.roster.apply(env)
         for key, raw, shard in self.store.all_entries():
             self._index(key, raw, shard)

@@ -62,6 +62,11 @@ CREATE TABLE IF NOT EXISTS parked(
 """
 
 
+def damaged(path: Path, what: str) -> CorruptStoreError:
+    """The error for a damaged node database: what is wrong, and how the node gets its content back."""
+    return CorruptStoreError(f"{path}: {what}; move it aside and restart the node to recover from the mesh")
+
+
 @functools.cache
 def _schema_columns() -> dict[str, tuple[str, ...]]:
     """The columns of each table of ``SCHEMA``, read from an empty database made with it."""
@@ -127,21 +132,18 @@ class Store:
             conn, _ = open_checked(path, APPLICATION_ID, "node")
             ok = conn.execute("PRAGMA quick_check").fetchone()[0]
             if ok != "ok":
-                raise CorruptStoreError(f"{path}: database is damaged ({ok}); restore it from the mesh "
-                                        "(move it aside and restart the node)")
+                raise damaged(path, f"database is damaged ({ok})")
             conn.executescript(SCHEMA)
         except UnicodeDecodeError as exc:  # a damaged schema text (sqlite_master), read by sqlite3 as str
             if conn is not None:
                 conn.close()
-            raise CorruptStoreError(f"{path}: database is damaged (its schema is not text: {exc.reason}); "
-                                    "move it aside and restart the node to recover from the mesh") from exc
+            raise damaged(path, f"database is damaged (its schema is not text: {exc.reason})") from exc
         except sqlite3.DatabaseError as exc:
             if is_disk_full(exc, path.parent):
                 if conn is not None:
                     conn.close()
                 raise disk_full(path, "opening the node database") from exc
-            raise CorruptStoreError(f"{path}: database is damaged or not a database ({exc}); "
-                                    "move it aside and restart the node to recover from the mesh") from exc
+            raise damaged(path, f"database is damaged or not a database ({exc})") from exc
         store = cls(path, conn)
         try:
             store._settle_schema()
@@ -151,8 +153,7 @@ class Store:
             store.close()
             if isinstance(exc, sqlite3.DatabaseError) and not is_disk_full(exc, path.parent):
                 # a schema whose text SQLite accepts but whose tables are not what it says (a flip)
-                raise CorruptStoreError(f"{path}: database is damaged ({exc}); move it aside and restart "
-                                        "the node to recover from the mesh") from exc
+                raise damaged(path, f"database is damaged ({exc})") from exc
             raise
         return store
 
@@ -198,15 +199,10 @@ class Store:
             try:
                 held = {row[1] for row in self.conn.execute(f"PRAGMA table_info({table})")}
             except sqlite3.DatabaseError as exc:  # a column's declaration that is not text
-                held = set()
-                reason = f"table {table} cannot be read: {exc}"
-            else:
-                reason = ""
+                raise damaged(self.path, f"database is damaged (table {table} cannot be read: {exc})") from exc
             missing = sorted(set(columns) - held)
             if missing:
-                raise CorruptStoreError(
-                    f"{self.path}: database is damaged ({reason or f'table {table} lacks column(s) ' + ', '.join(missing)}); "
-                    "move it aside and restart the node to recover from the mesh")
+                raise damaged(self.path, f"database is damaged (table {table} lacks column(s) {', '.join(missing)})")
 
     def check_identity(self, identity: dict[str, str]) -> None:
         for key, value in identity.items():
