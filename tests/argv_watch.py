@@ -22,13 +22,16 @@ from meshpos.wire.envelope import SALE_ID_IN_TEXT
 INTERVAL_S = 0.05
 # A digit run, possibly grouped by spaces or dashes as people type card numbers.
 _GROUPED = re.compile(r"[0-9](?:[0-9 -]*[0-9])?")
+# A node id (16 hex digits, at least one a letter) is no card number, whatever run of digits it holds:
+# `meshpos sales DIR --terminal NODE_ID` was flagged when a random id held 12+ digits passing Luhn.
+_NODE_ID = re.compile(r"\b(?=[0-9a-f]{0,15}[a-f])[0-9a-f]{16}\b")
 
 
 def card_numbers_in(arg: str, known: tuple[str, ...] = ()) -> list[str]:
     """The card numbers in one argv element: 12-19 ASCII digits (spaces or dashes between groups
     allowed) passing Luhn, or one of ``known`` anywhere in it."""
     found = [k for k in known if k in arg]
-    for match in _GROUPED.finditer(SALE_ID_IN_TEXT.sub(" ", arg)):  # a sale id's digits are none
+    for match in _GROUPED.finditer(_NODE_ID.sub(" ", SALE_ID_IN_TEXT.sub(" ", arg))):  # nor a sale id's or node id's digits
         text = match.group()
         for digits in {text.replace(" ", "").replace("-", ""), *re.findall(r"[0-9]+", text)}:
             if PAN_MIN <= len(digits) <= PAN_MAX and luhn_ok(digits) and digits not in found:

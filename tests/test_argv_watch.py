@@ -76,3 +76,11 @@ def test_a_sale_id_is_no_card_number_but_a_card_number_beside_it_is() -> None:
     assert card_numbers_in("abcdef0123456789-00000003") == []
     assert card_numbers_in("abcdef0123456789-00000003 4111111111111111") == ["4111111111111111"]
     assert card_numbers_in("4111111111111111-00000003") == ["4111111111111111"]
+
+
+def test_a_node_id_is_no_card_number_even_when_it_holds_a_luhn_run() -> None:
+    run = next(f"4111111111111{x}" for x in range(10) if luhn_ok(f"4111111111111{x}"))
+    node_id = "5e" + run  # 16 hex digits: a random node id can hold 14 digits in a row
+    assert card_numbers_in(run) == [run]
+    assert card_numbers_in(node_id) == [] and card_numbers_in(f"--terminal={node_id}") == []
+    assert card_numbers_in(f"{node_id} 4111111111111111") == ["4111111111111111"]
