@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -97,12 +98,44 @@ class ProcessGroup:
                 pass
 
 
-def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports free on ``host`` right now (bound together, then released)."""
-    socks = [socket.socket() for _ in range(n)]
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10000
+
+
+def _unassigned_range() -> tuple[int, int] | None:
+    """Ports the kernel never hands out on its own: below its ephemeral range (``None`` when that
+    range cannot be read or leaves too little room below it)."""
     try:
-        for s in socks:
-            s.bind((host, 0))
+        low = int(_PORT_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (_LOWEST_PORT, low - 1) if low - _LOWEST_PORT >= 1000 else None
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` right now (bound together, then released).
+
+    They are picked at random below the kernel's ephemeral range where it leaves room: a port
+    from that range could be taken as the source port of any outgoing connection between this
+    check and the child's own bind (seen with many tests at once), one below it only by another
+    explicit bind."""
+    span = _unassigned_range()
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < n:
+            s = socket.socket()
+            socks.append(s)
+            if span is None:
+                s.bind((host, 0))
+                continue
+            for _ in range(50):
+                try:
+                    s.bind((host, random.randint(*span)))
+                    break
+                except OSError:
+                    continue
+            else:
+                s.bind((host, 0))
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
