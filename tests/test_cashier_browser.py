@@ -160,7 +160,8 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         page.click("#method-cash")
         page.click("#charge")
         until(lambda: page.current().get("status") == "paid", "the cash sale",
-              state=lambda: f"{page.current()}, error {page.text('sell-error')!r}, amount {page.text('amount')}")
+              state=lambda: f"{page.current()}, error {page.text('sell-error')!r}, amount {page.text('amount')}, "
+                            f"page {page.js('JSON.stringify({busy: state.busy, method: state.method, attempt: state.attempt})')}")
         cash_id = page.current()["id"]
         assert page.current()["state"] == "Paid in cash"
 

@@ -67,8 +67,9 @@ def test_inspector_over_mdns_sees_five_nodes_a_cut_and_its_repair(make_lab: Any,
         lab.run(i, [sys.executable, "-m", "meshpos.cli.main", "-v", "run", str(path),
                     "--log-file", str(tmp_path / f"{names[i]}.log")],
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"{names[i]}.err", "wb"), env=ENV)
-    for path in dirs:
-        wait_for(lambda: client.running(path, timeout=5).status() is not None, 30, f"{path} did not start")
+    for i, path in enumerate(dirs):  # a start takes seconds, many times that on a host shared by many tests
+        wait_for(lambda: client.running(path, timeout=5).status() is not None, 120,
+                 lambda: f"{names[i]} did not start: {(tmp_path / f'{names[i]}.err').read_text()[-2000:]}")
 
     expected = {name: i + 1 for i, name in enumerate(names)}
 

@@ -39,8 +39,9 @@ def test_five_hosts_discover_each_other_by_mdns_and_converge(make_lab, site: Sit
         log = open(tmp_path / f"h{i}.log", "wb")
         procs.append(lab.run(i, [sys.executable, "-m", "meshpos.cli.main", "-v", "run", str(path)],
                              stdout=log, stderr=log, env=env))
-    for path in nodes:
-        wait_for(lambda: _running(path), 30, f"{path.name} did not start")
+    for i, path in enumerate(nodes):  # a start takes seconds, many times that on a host shared by many tests
+        wait_for(lambda: _running(path), 120,
+                 lambda: f"{path.name} did not start: {(tmp_path / f'h{i}.log').read_text()[-2000:]}")
     for i, path in enumerate(nodes):
         expected.add(client.running(path).sell(200 + i)["id"])
 
