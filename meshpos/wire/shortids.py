@@ -68,28 +68,35 @@ def read_records(raw: bytes, width: int, lo: int, hi: int, what: str) -> dict[by
     ascending) -> prefix -> value; EncodingError naming ``what`` for anything else."""
     out: dict[bytes, int] = {}
     last = b""
-    i = 0
-    while i < len(raw):
+    i, end = 0, len(raw)
+    while i < end:
         prefix = raw[i:i + width]
-        if len(prefix) < width:
+        i += width
+        if i >= end:  # no room for the value's first byte either
             raise EncodingError(f"{what}: a record is cut short")
         if prefix <= last:
             raise EncodingError(f"{what}: node ids are not strictly ascending (one named twice?)")
         last = prefix
-        i += width
-        n, shift, start = 0, 0, i
-        while True:
-            if i >= len(raw):
-                raise EncodingError(f"{what}: a number is cut short")
-            byte = raw[i]
-            i += 1
-            n |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-            if i - start >= MAX_LEB_BYTES:
-                raise EncodingError(f"{what}: a number is too long")
-        if raw[start:i] != uleb128(n) or not lo <= n <= hi:
+        byte = raw[i]
+        i += 1
+        n = byte
+        if byte & 0x80:  # more groups: 7 bits each, low group first
+            n, shift, groups = byte & 0x7F, 7, 1
+            while True:
+                if i >= end:
+                    raise EncodingError(f"{what}: a number is cut short")
+                byte = raw[i]
+                i += 1
+                groups += 1
+                n |= (byte & 0x7F) << shift
+                shift += 7
+                if not byte & 0x80:
+                    break
+                if groups >= MAX_LEB_BYTES:
+                    raise EncodingError(f"{what}: a number is too long")
+            if byte == 0:  # a last group of 0 after others: a longer encoding than needed
+                n = -1
+        if not lo <= n <= hi:
             raise EncodingError(f"{what}: a number is not minimal or out of {lo}..{hi}")
         out[prefix] = n
     return out
