@@ -21,8 +21,10 @@ from meshpos.domain.clockskew import ClockSkew
 from meshpos.identity import certs, keys
 from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 from meshpos.node.status_pub import StatusPublisher
 from meshpos.site.sitedir import Site
+from meshpos.replication.memnet import MemNetwork
 from meshpos.status.board import StatusBoard
 from meshpos.status.shortids import ShortIds
 from meshpos.wire import canonical, envelope, heldvec, shortids
@@ -309,3 +311,61 @@ def test_hostile_tables_are_left_out_with_a_reason_and_the_status_still_counts(
     with caplog.at_level(logging.INFO, logger="meshpos.status.board"):
         assert board.offer(canonical.encode(obj), "x") is None
     assert "exceeds 8192" in caplog.text and board.statuses[t2.node_id].body.battery == 7
+
+
+# -- real nodes: the star drawn from the statuses they sign, carried over their own links -------
+
+def _settle(net: MemNetwork, clock: FakeClock, seconds: float, step: float = 0.1) -> None:
+    """Time passes on the test's clock: every session's timers run, bytes move until quiet."""
+    net.pump()
+    for _ in range(int(seconds / step)):
+        clock.advance(step)
+        for link in list(net.links):
+            for session in (link.a, link.b):
+                if not session.closed and session.next_deadline() <= clock.monotonic():
+                    session.tick()
+        net.pump()
+
+
+def test_real_nodes_under_client_isolation_show_the_inspector_their_star(tmp_path: Path) -> None:
+    """A gateway and 50 terminals (real stores, ledgers, link sessions, status publishers and
+    boards, joined in memory), every terminal linked to the gateway only, and an inspector linked
+    to the gateway: the statuses they sign flood through the gateway, and the inspector reads the
+    star with every name. Before short ids the gateway's status listed 48 of its 50 links, and the
+    inspector saw no star (a link counts where both ends list it). 200 terminals this way cost
+    too much CPU for the suite (50 take ~10 s); the unit test above draws a 200-terminal star
+    from statuses built by the same publisher."""
+    clock = wall_clock()
+    site = make_site(tmp_path / "site")
+    gw = SimNode.open(enroll(site, tmp_path / "gw", "GW", "gateway"), clock)
+    terminals = [SimNode.open(enroll(site, tmp_path / f"t{i}", f"T{i:02d}"), clock) for i in range(50)]
+    inspector = Inspector(NodeCore.open(enroll(site, tmp_path / "insp", "Insp", "inspector"), clock), [], mdns=False)
+    nodes = [gw, *terminals]
+    try:
+        publishers = []
+        for node in nodes:
+            board = StatusBoard(node.core.roster, clock)
+            board.attach(node.replicator)
+            node.core.ledger.on_accept.append(board.on_accept)
+            publishers.append(StatusPublisher(
+                node.core, board, node.replicator, listen_port=lambda: None, printer=lambda: PrinterSeen("ok", 0),
+                uplink=lambda: UplinkSeen("off", None, None), started_at=clock.now_ms(), skew=ClockSkew()))
+        net = MemNetwork()
+        for t in terminals:
+            net.connect(t.replicator, gw.replicator)
+        net.connect(inspector.replicator, gw.replicator)
+        _settle(net, clock, 3.0)  # links up, every certificate everywhere
+        for pub in publishers:
+            pub.publish()
+        _settle(net, clock, 1.0)
+        gw_status = canonical.decode(inspector.board.statuses[gw.core.node_id].raw)["body"]["status"]
+        assert gw_status["links"] == [] and gw_status["links_short"]  # format 3 on the wire
+        view = inspector.view()
+        assert view.mesh.topology.shape == "star" and view.mesh.topology.hub == "GW", view.mesh.edges
+        assert sorted(view.mesh.edges) == [["GW", f"T{i:02d}"] for i in range(50)]
+        assert view.mesh.totals.reachable == 51 and not view.mesh.partition
+        assert "topology: a star through GW" in render(view)
+    finally:
+        for node in nodes:
+            node.close()
+        inspector.core.close()

@@ -1,4 +1,7 @@
-"""The ``held`` field of a node status: a version vector of the sales a node holds.
+"""The ``held`` field of a node status (format 2): a version vector of the sales a node holds.
+
+Nodes of status format 3 send it as ``held_short`` (wire/shortids.py: the same records by short
+ids) and write ``held`` empty; this encoding is still read from older nodes.
 
 Normative text: protocols/link.md, "What a node holds". For each terminal, the
 highest sequence number ``n`` such that the node holds that terminal's sales
