@@ -21,6 +21,7 @@ from meshpos.domain.clockskew import ClockSkew
 from meshpos.identity import certs, keys
 from meshpos.infra.clock import FakeClock
 from meshpos.node.core import NodeCore
+from meshpos.node.dashboard import Dashboard
 from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 from meshpos.node.status_pub import StatusPublisher
 from meshpos.site.sitedir import Site
@@ -237,7 +238,9 @@ def test_the_inspector_shows_a_200_terminal_star_by_name(
     know(gw, terminals)
     know(insp, terminals)
     insp.ingest(gw.ledger.raw(f"cert/{gw.node_id}") or b"", "peer")
-    gw_pub = LinkedPublisher(gw, StatusBoard(gw.roster, clock), tuple(LinkSeen(t.node_id, "terminal", 2) for t in terminals))
+    gw_board = StatusBoard(gw.roster, clock)
+    gw_pub = LinkedPublisher(gw, gw_board, tuple(sorted((LinkSeen(t.node_id, "terminal", 2) for t in terminals),
+                                                        key=lambda link: link.node)))
     inspector = Inspector(insp, [], mdns=False)
     assert inspector.board.offer(envelope.seal("status", gw.node_id, {"status": gw_pub.body().to_json()}, gw.key),
                                  "gw") is not None
@@ -246,6 +249,7 @@ def test_the_inspector_shows_a_200_terminal_star_by_name(
         body = StatusBody(at=clock.now_ms(), role="terminal", every_ms=10_000, links_short=to_gw,
                           held_short=ShortIds(gw.roster).table({t.node_id: 1}))
         assert inspector.board.offer(t.seal(body), "gw") is not None
+        assert gw_board.offer(t.seal(body), "t") is not None
     view = inspector.view()
     assert view.mesh.topology.shape == "star" and view.mesh.topology.hub == "GW"
     assert view.mesh.totals.reachable == 201 and not view.mesh.partition
@@ -255,6 +259,12 @@ def test_the_inspector_shows_a_200_terminal_star_by_name(
     assert any(w.startswith("star: every link goes through GW") for w in view.mesh.warnings)
     text = render(view)
     assert "topology: a star through GW" in text and "T199" in text
+    # the gateway's dashboard draws the same star from its own board (its own status included)
+    gw_pub.publish()
+    state = Dashboard(gw, None, gw_board, "").state()
+    assert any(a.startswith("star: every link goes through GW") for a in state["alerts"]), state["alerts"]
+    assert state["mesh_groups"] == [["GW", *(t.name for t in terminals)]]
+    assert "T199" in state["mesh_svg"] and state["mesh_svg"].count("<line") >= 200
 
 
 # -- hostile statuses: the bad part is left out, with a logged reason; never a crash -------------
