@@ -24,6 +24,10 @@ Rules (protocols/link.md, "Status gossip"):
   held is dropped when the revocation arrives. Who a node *is* (name, role)
   comes from its certificate, never from its status (meshpos.status.meshview).
 
+* A status's links and ``held`` name nodes by short ids (format 3): the board reads them against
+  the roster (meshpos.status.shortids), logs why it left any record out, and reads a status again
+  when a certificate arrives whose id one of its records starts with.
+
 No I/O here: time comes from the injected Clock, sending is the Replicator's.
 """
 
