@@ -30,7 +30,8 @@ from meshpos.status.board import StatusBoard
 from meshpos.status.shortids import ShortIds
 from meshpos.wire import canonical, envelope, heldvec, shortids
 from meshpos.wire.shortids import HELD, LINKS, ShortTable
-from meshpos.wire.status import LinkSeen, PrinterSeen, StatusBody, UplinkSeen
+from meshpos.wire.status import (ClockSeen, LedgerSize, LinkSeen, PendingCount, PrinterSeen, RefusedCount,
+                                 StatusBody, UplinkSeen)
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocols" / "vectors" / "status-short.json"
 
@@ -192,6 +193,28 @@ def test_a_gateway_status_with_256_links_and_256_terminals_held_fits_and_round_t
     # the node's own board reads its own status the same way
     pub.publish()
     assert gw_board.statuses[gw.node_id].body.links == links
+
+
+def test_both_tables_full_at_the_widest_ids_still_fit_beside_every_other_field_at_its_largest(
+        make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore]) -> None:
+    """The bounds of the two tables leave room for the rest: a sender with more links or marks
+    than fit loses the highest ids, never its whole status (seal refuses past 8192 bytes)."""
+    core = open_node(make_node("T1"))
+    full = {(i * 0x0101010101).to_bytes(8, "big"): 2**53 for i in range(1, 2000)}
+    status = StatusBody(
+        at=10**15, role="terminal", name="x" * 40, version="0.0.0+" + "v" * 35,
+        addresses=tuple("ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff" for _ in range(8)), port=65535,
+        ledger=LedgerSize(10**15, 10**15), pending=PendingCount(10**15, 10**15, 10**15),
+        site_pending=PendingCount(10**15, 10**15, 10**15),
+        refused=RefusedCount(10**15, {f"{i:016x}": 10**15 for i in range(16)}),
+        uplink=UplinkSeen("forwarding", 10**15, "x" * 40), printer=PrinterSeen("paper_out", 10**15),
+        battery=100, battery_low=False, clock=ClockSeen(-10**15, "switch", 10**15), every_ms=60_000,
+        started_at=10**15, links_short=ShortTable(8, {k: 10**15 + 1 for k in full}),
+        held_short=ShortTable(8, full))
+    raw = envelope.seal("status", core.node_id, {"status": status.to_json()}, core.key)
+    assert len(raw) <= envelope.MAX_ENVELOPE
+    sent = canonical.decode(raw)["body"]["status"]
+    assert len(sent["links_short"]) > LINKS.max_text - 24 and len(sent["held_short"]) > HELD.max_text - 24  # full
 
 
 def test_old_statuses_are_read_as_before_and_the_short_form_wins_over_the_long(
