@@ -160,7 +160,8 @@ class TableFormat:
 
 MAX_RTT_MS = 10**15  # the status's bound on a count
 # links_short: a link's round-trip time in ms + 1 (0: not measured yet). 256 links at width 4 with
-# RTTs below 127 ms take 1,280 bytes; the bound holds 341 links at width 4 (292 at width 5).
+# RTTs below 127 ms take 1,280 bytes; the bound holds 409 such links (341 with RTTs up to 16 s; 292 of
+# those at width 5).
 LINKS = TableFormat("links_short", 0, MAX_RTT_MS + 1, 2048)
 # held_short: the highest sale number held without a gap (protocols/link.md, "What a node holds").
 # 256 terminals at width 4 with sequence numbers below 2^21 take 1,792 bytes; the bound holds 365.
