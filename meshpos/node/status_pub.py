@@ -28,6 +28,7 @@ from meshpos.replication.discovery import local_addresses
 from meshpos.replication.sync import Replicator
 from meshpos.status.board import StatusBoard
 from meshpos.wire import envelope
+from meshpos.wire.shortids import rtt_value
 from meshpos.wire.status import (ClockSeen, LedgerSize, LinkSeen, PendingCount, PrinterSeen, RefusedCount,
                                  StatusBody, UplinkSeen)
 
@@ -43,7 +44,6 @@ MIN_GAP = 1.0  # never two statuses closer than this
 # (each one is verified, decoded and relayed by every node of the site).
 COUNTS_GAP = pace_mod.ACTIVE_STATUS_S
 ACTIVITY_TYPES = frozenset({"sale", "void", "result"})  # entries that make a node "active" (pace)
-MAX_LINKS = 48  # keeps the envelope well under 8 KiB
 
 
 def battery_state(root: Path = POWER_SUPPLY) -> Battery | None:
@@ -172,7 +172,7 @@ class StatusPublisher:
             rtt = s.conn.rtt
             out.append(LinkSeen(node=s.peer_node, role=s.conn.peer.role,
                                 rtt_ms=None if rtt is None else int(math.ceil(rtt * 1000))))
-        return tuple(sorted(out, key=lambda link: link.node)[:MAX_LINKS])
+        return tuple(sorted(out, key=lambda link: link.node))
 
     def addresses(self) -> tuple[str, ...]:
         """Where peers can reach us: the listen host if it names one, else our IPv4 addresses."""
@@ -187,10 +187,13 @@ class StatusPublisher:
         estimate = self.skew.estimate(core.clock.monotonic())
         return StatusBody(
             at=core.clock.now_ms(), role=core.identity.role, name=core.config.name, version=__version__,
-            addresses=self.addresses(), port=self.listen_port(), links=self.links(),
+            addresses=self.addresses(), port=self.listen_port(),
             ledger=LedgerSize(entries=core.store.entry_count(), shards=len(core.ledger.shards())),
             pending=pending_of(core, core.node_id), site_pending=pending_of(core, None),
-            refused=refused_of(core), held=held_of(core), uplink=self.uplink(), printer=self.printer(),
+            refused=refused_of(core), uplink=self.uplink(), printer=self.printer(),
+            # links and held by short ids (protocols/link.md, "Short ids"): a gateway's 256 links fit
+            links_short=self.board.short_ids.table({link.node: rtt_value(link.rtt_ms) for link in self.links()}),
+            held_short=self.board.short_ids.table(held_of(core)),
             battery=None if battery is None else battery.percent,
             battery_low=battery is not None and battery.low,
             clock=None if estimate is None else ClockSeen(offset_ms=estimate.offset_ms, source=estimate.source,

@@ -24,6 +24,10 @@ Rules (protocols/link.md, "Status gossip"):
   held is dropped when the revocation arrives. Who a node *is* (name, role)
   comes from its certificate, never from its status (meshpos.status.meshview).
 
+* A status's links and ``held`` name nodes by short ids (format 3): the board reads them against
+  the roster (meshpos.status.shortids), logs why it left any record out, and reads a status again
+  when a certificate arrives whose id one of its records starts with.
+
 No I/O here: time comes from the injected Clock, sending is the Replicator's.
 """
 
@@ -41,6 +45,7 @@ from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
 from meshpos.status.meshview import stale_after_ms
 from meshpos.site.roster import Roster, UnknownSigner, Verified
+from meshpos.status.shortids import ShortIds, names_prefix_of
 from meshpos.wire import envelope as env_mod
 from meshpos.wire.status import StatusBody
 
@@ -64,6 +69,8 @@ class NodeStatus:
     body: StatusBody  # the status object (body["status"] of the envelope), read field by field
     raw: bytes
     received_at_ms: int  # our clock, when this version arrived
+    # the status as decoded, when it has short ids (``body`` is it read against our roster: shortids)
+    wire: StatusBody | None = None
 
     @property
     def at(self) -> int:
@@ -89,7 +96,9 @@ class StatusBoard:
         self.clock = clock
         self.relay = relay
         self.statuses: dict[str, NodeStatus] = {}
+        self.short_ids = ShortIds(roster)  # what a status's short ids name (and the width we write ours at)
         self.replicator: "Replicator | None" = None
+        # a newer status; or the same one read again because a certificate changed what its short ids name
         self.on_new: list[Callable[[NodeStatus], None]] = []
         # (signer, our clock when it arrived, its at) of every new status whose signature verifies,
         # those refused for coming from the future included: the node's clock estimate
@@ -178,7 +187,10 @@ class StatusBoard:
         self._seen.add(seen)
         self._spend(env.signer, mono)
         self._parked.pop(env.signer, None)
-        node = NodeStatus(env.signer, status, raw, now)
+        body, problems = self.short_ids.resolve(status)
+        if problems:
+            log.info("status of %s from %s: %s", env.signer, origin, "; ".join(problems))
+        node = NodeStatus(env.signer, body, raw, now, None if body is status else status)
         self.statuses[env.signer] = node
         self._clock_sample(env.signer, now, node.at)
         for hook in self.on_new:
@@ -207,11 +219,29 @@ class StatusBoard:
         """A ledger entry was accepted: a certificate may let parked statuses in; a revocation
         drops the revoked node's status."""
         if verified.env.type == "cert":
+            self.reread(verified.env.signer)
             self.retry_parked()
         elif verified.env.type == "revocation":
             node = str(verified.env.body.get("node_id"))
             self.statuses.pop(node, None)
             self._parked.pop(node, None)
+
+    def reread(self, node_id: str) -> None:
+        """A certificate of ``node_id`` arrived: the statuses with a short id it starts with read
+        differently now (a record that named nobody names it; one that named another member names
+        two). Each is read again and, if that changed it, handed to ``on_new`` once more."""
+        for signer, status in list(self.statuses.items()):
+            if status.wire is None or not names_prefix_of(status.wire, node_id):
+                continue
+            body, problems = self.short_ids.resolve(status.wire)
+            if body == status.body:
+                continue
+            if problems:
+                log.info("status of %s read again: %s", signer, "; ".join(problems))
+            node = NodeStatus(signer, body, status.raw, status.received_at_ms, status.wire)
+            self.statuses[signer] = node
+            for hook in self.on_new:
+                hook(node)
 
     def retry_parked(self) -> None:
         """A certificate arrived: parked statuses may verify now."""

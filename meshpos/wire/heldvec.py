@@ -1,4 +1,7 @@
-"""The ``held`` field of a node status: a version vector of the sales a node holds.
+"""The ``held`` field of a node status (format 2): a version vector of the sales a node holds.
+
+Nodes of status format 3 send it as ``held_short`` (wire/shortids.py: the same records by short
+ids) and write ``held`` empty; this encoding is still read from older nodes.
 
 Normative text: protocols/link.md, "What a node holds". For each terminal, the
 highest sequence number ``n`` such that the node holds that terminal's sales
@@ -22,17 +25,10 @@ from typing import Mapping
 from meshpos.wire.leb128 import uleb128
 from meshpos.domain.errors import EncodingError
 from meshpos.wire.envelope import b64d, b64e
+from meshpos.wire.shortids import ID_BYTES, node_bytes, read_records
 
-ID_BYTES = 8
 MAX_SEQ = 2**53
 MAX_HELD_BYTES = 2560  # 200 terminals with sequence numbers below 2^21 take 2,200
-MAX_LEB_BYTES = 8  # 2^53 needs 8 groups of 7 bits
-
-
-def _hex_id(terminal: str) -> bytes | None:
-    if len(terminal) != 2 * ID_BYTES or any(c not in "0123456789abcdef" for c in terminal):
-        return None
-    return bytes.fromhex(terminal)
 
 
 def encode(vector: Mapping[str, int], max_bytes: int = MAX_HELD_BYTES) -> str:
@@ -42,7 +38,7 @@ def encode(vector: Mapping[str, int], max_bytes: int = MAX_HELD_BYTES) -> str:
     out = bytearray()
     for terminal in sorted(vector):
         n = vector[terminal]
-        tid = _hex_id(terminal)
+        tid = node_bytes(terminal)
         if tid is None or not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_SEQ:
             continue
         record = tid + uleb128(n)
@@ -59,30 +55,4 @@ def decode(text: object) -> dict[str, int]:
     if len(text) > (MAX_HELD_BYTES * 4 + 2) // 3:
         raise EncodingError(f"status held: longer than {MAX_HELD_BYTES} bytes")
     raw = b64d(text, "status held")
-    out: dict[str, int] = {}
-    last = b""
-    i = 0
-    while i < len(raw):
-        tid = raw[i:i + ID_BYTES]
-        if len(tid) < ID_BYTES:
-            raise EncodingError("status held: a record is cut short")
-        if tid <= last:
-            raise EncodingError("status held: terminal ids are not strictly ascending")
-        last = tid
-        i += ID_BYTES
-        n, shift, start = 0, 0, i
-        while True:
-            if i >= len(raw):
-                raise EncodingError("status held: a sequence number is cut short")
-            byte = raw[i]
-            i += 1
-            n |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-            if i - start >= MAX_LEB_BYTES:
-                raise EncodingError("status held: a sequence number is too long")
-        if raw[start:i] != uleb128(n) or not 1 <= n <= MAX_SEQ:
-            raise EncodingError("status held: a sequence number is not minimal or out of 1..2^53")
-        out[tid.hex()] = n
-    return out
+    return {tid.hex(): n for tid, n in read_records(raw, ID_BYTES, 1, MAX_SEQ, "status held").items()}

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 from meshpos.domain.errors import EncodingError
 from meshpos.domain.jsonable import json_object
 from meshpos.wire import heldvec
+from meshpos.wire.shortids import HELD, LINKS, ShortTable
 
 MAX_COUNT = 10**15
 MAX_TEXT = 40
@@ -122,6 +123,14 @@ class StatusBody:
     # of wire/heldvec.py (a malformed one reads as nothing held)
     held: Mapping[str, int] = field(default_factory=dict, metadata={"encode": heldvec.encode,
                                                                       "decode": heldvec.decode})
+    # Status format 3 (protocols/link.md, "Short ids"): the links (value: RTT ms + 1, 0 unknown) and
+    # ``held``, keyed by short node ids. A reader resolves them against its roster
+    # (meshpos.status.shortids) and they then stand for ``links`` and ``held``; a format-3 sender
+    # writes ``links`` empty and ``held`` "" (an older reader sees no links and nothing held).
+    links_short: ShortTable | None = field(default=None, metadata={"encode": LINKS.encode,
+                                                                   "decode": LINKS.decode})
+    held_short: ShortTable | None = field(default=None, metadata={"encode": HELD.encode,
+                                                                  "decode": HELD.decode})
     uplink: UplinkSeen = UplinkSeen()
     printer: PrinterSeen = PrinterSeen()
     battery: int | None = None  # percent, when the OS reports it
