@@ -153,6 +153,9 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         until(lambda: (page.text("st-peers"), page.text("st-uplink"), page.text("st-printer")) == ("0", "off", "none"),
               "the status bar")
         page.js("window.__sameDocument = true")  # gone if anything reloads the page
+        page.js("window.__taps = []; for (const k of ['mousedown', 'click']) document.addEventListener(k, e => "
+                "window.__taps.push(k + ':' + (e.target.id || e.target.dataset.digit || e.target.tagName) + '@' + "
+                "e.clientX + ',' + e.clientY), true)")  # what each tap hit, for the failure messages
 
         # a cash sale: 2.50 on the keypad
         page.keys("data-digit", "250")
@@ -161,7 +164,9 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
         page.click("#charge")
         until(lambda: page.current().get("status") == "paid", "the cash sale",
               state=lambda: f"{page.current()}, error {page.text('sell-error')!r}, amount {page.text('amount')}, "
-                            f"page {page.js('JSON.stringify({busy: state.busy, method: state.method, attempt: state.attempt})')}")
+                            f"page {page.js('JSON.stringify({busy: state.busy, method: state.method, attempt: state.attempt})')}, "
+                            f"taps {page.js('window.__taps')}, charge at "
+                            f"{page.js('JSON.stringify(document.getElementById(\"charge\").getBoundingClientRect())')}")
         cash_id = page.current()["id"]
         assert page.current()["state"] == "Paid in cash"
 
