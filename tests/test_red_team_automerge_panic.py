@@ -31,6 +31,7 @@ from meshpos.node.memnode import SimNode, enroll, make_site
 from meshpos.replication.link_driver import connect_link
 from meshpos.replication.sync import SyncSession
 from meshpos.wire import amchange
+from meshpos.wire import link as lp
 
 from test_tls import FAST, endpoint, serve, wait_for
 
@@ -149,5 +150,62 @@ async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nod
         assert alpha.core.ledger._doc(shard).get(am.ROOT, key) is not None
         await nursery.start(dial, bravo)
         await wait_for(lambda: {own, sold} <= bravo.sale_ids(), "bravo syncs from alpha")
+        assert alpha.entries() == bravo.entries()
+        nursery.cancel_scope.cancel()
+
+
+# A sync message whose one "have" carries a Bloom filter of 1 entry, 0 bits per entry and 1
+# probe: Automerge takes it in, then panics (a remainder by zero) building its answer from that state.
+ZERO_BIT_BLOOM = b"\x01\x00\x01"
+ZERO_BIT_BLOOM_SYNC = b"\x42\x00\x00\x01\x00" + bytes([len(ZERO_BIT_BLOOM)]) + ZERO_BIT_BLOOM + b"\x00"
+
+
+def test_a_sync_state_automerge_cannot_answer_from_is_an_encoding_error(tmp_path: Path) -> None:
+    site = make_site(tmp_path / "site")
+    node = SimNode.open(enroll(site, tmp_path / "n", "n"), SYSTEM_CLOCK, FAST)
+    try:
+        node.core.sell(100)
+        shard = next(iter(node.core.ledger.docs))
+        state = am.SyncState()
+        node.core.ledger.receive_sync(shard, state, ZERO_BIT_BLOOM_SYNC, "peer")
+        with pytest.raises(EncodingError, match="Automerge failed inside"):
+            node.core.ledger.generate_sync(shard, state)
+        assert node.core.ledger.generate_sync(shard, am.SyncState()) is not None  # a fresh state works
+        assert node.core.sell(200)["status"]
+    finally:
+        node.close()
+
+
+async def test_a_sync_message_that_panics_automerge_later_does_not_stop_the_node(site_nodes: Any) -> None:
+    """Over real TLS: once linked, H sends a SYNC of alpha's shard with the zero-bit filter.
+    Alpha restarts the sync of that shard instead of stopping, sells on, and a new honest peer
+    gets everything."""
+    alpha, hostile, bravo = site_nodes
+    sold = alpha.core.sell(100)["id"]
+    shard = next(iter(alpha.core.ledger.docs))
+    received: list[bytes] = []
+    real_receive = alpha.core.ledger.receive_sync
+
+    def receive_sync(shard: str, state: am.SyncState, data: bytes, peer: str) -> Any:
+        received.append(data)
+        return real_receive(shard, state, data, peer)
+
+    alpha.core.ledger.receive_sync = receive_sync  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        port = await serve(nursery, alpha)
+
+        async def dial(node: SimNode, task_status: trio.TaskStatus[SyncSession | None] = trio.TASK_STATUS_IGNORED) -> None:
+            await connect_link(endpoint(node), "127.0.0.1", port, task_status=task_status)
+
+        await nursery.start(dial, hostile)
+        await wait_for(lambda: sold in hostile.sale_ids(), "the link is up and synced")
+        [link] = hostile.replicator.sessions
+        link._out += link.conn.send(lp.Sync(shard, ZERO_BIT_BLOOM_SYNC))  # H's code is hostile
+        assert link.wakeup is not None
+        link.wakeup()
+        await wait_for(lambda: ZERO_BIT_BLOOM_SYNC in received, "alpha reads the SYNC")
+        await nursery.start(dial, bravo)
+        own = alpha.core.sell(200)["id"]
+        await wait_for(lambda: {sold, own} <= bravo.sale_ids(), "bravo syncs from alpha")
         assert alpha.entries() == bravo.entries()
         nursery.cancel_scope.cancel()

@@ -525,7 +525,12 @@ class Ledger:
     # -- replication ----------------------------------------------------------------
 
     def generate_sync(self, shard: str, state: am.SyncState) -> bytes | None:
-        msg = self._doc(shard).generate_sync_message(state)
+        """Our next sync message for the shard, or None. The state holds what the peer said (its
+        heads, needs and Bloom filter): a state Automerge cannot answer from (a filter of zero bits
+        panics it) is an EncodingError, and the caller starts the shard's sync afresh."""
+        doc = self._doc(shard)
+        with self._unless_panic(shard), amguard.automerge_input(f"Automerge cannot answer the sync of shard {shard}"):
+            msg = doc.generate_sync_message(state)
         return None if msg is None else msg.encode()
 
     def _before_receiving(self, shard: str) -> None:

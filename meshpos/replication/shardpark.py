@@ -212,7 +212,8 @@ class ShardPark:
         parked = self._slot(shard, peer, 0)
         if parked is None:
             return None
-        msg = parked.doc.generate_sync_message(state)
+        with self._unless_panic(shard), automerge_input(f"Automerge cannot answer the sync of shard {shard}"):
+            msg = parked.doc.generate_sync_message(state)
         return None if msg is None else msg.encode()
 
     # -- taking in --------------------------------------------------------------------------
