@@ -1,4 +1,4 @@
-"""Change bytes on which Automerge's Rust code panics, pushed by an enrolled peer.
+"""Change bytes and sync messages on which Automerge's Rust code panics, sent by an enrolled peer.
 
 A change whose predecessor names an actor index past the change's actor table passes Automerge's
 parsing and checksum, then panics inside ``apply_change`` (automerge 0.5.7: "index out of
@@ -36,6 +36,7 @@ from meshpos.wire import link as lp
 from test_tls import FAST, endpoint, serve, wait_for
 
 PRED_ACTOR = 113  # column spec of predActor (id 7, actor type)
+VALUE_META = 86  # column spec of valMeta (id 5, value metadata: length << 4 | type)
 
 
 def _uleb(n: int) -> bytes:
@@ -47,9 +48,9 @@ def _uleb(n: int) -> bytes:
             return bytes(out)
 
 
-def with_pred_actor(raw: bytes, actor_index: int) -> bytes:
-    """The change chunk ``raw`` with every operation's predecessor naming actor ``actor_index``
-    (its predActor column replaced), the checksum made anew: bytes Automerge parses and accepts."""
+def with_column(raw: bytes, spec: int, data: bytes) -> bytes:
+    """The change chunk ``raw`` with column ``spec`` replaced by ``data``, the checksum made anew:
+    bytes Automerge parses and accepts."""
     reader = amchange._Reader(raw)
     reader.take(9)
     length = reader.uleb()
@@ -65,15 +66,26 @@ def with_pred_actor(raw: bytes, actor_index: int) -> bytes:
         reader.take(reader.uleb())
     header = raw[body_at:reader.pos]
     specs = [(reader.uleb(), reader.uleb()) for _ in range(reader.uleb())]
-    columns = []
-    for spec, size in specs:
-        data = reader.take(size)
-        columns.append((spec, b"\x7f" + _uleb(actor_index) if spec == PRED_ACTOR else data))
-    assert PRED_ACTOR in {spec for spec, _ in columns}, "the change must overwrite a value"
-    meta = _uleb(len(columns)) + b"".join(_uleb(spec) + _uleb(len(data)) for spec, data in columns)
-    body = header + meta + b"".join(data for _, data in columns)
+    columns = [(column, reader.take(size)) for column, size in specs]
+    columns = [(column, data if column == spec else old) for column, old in columns]
+    assert spec in {column for column, _ in columns}
+    meta = _uleb(len(columns)) + b"".join(_uleb(column) + _uleb(len(d)) for column, d in columns)
+    body = header + meta + b"".join(d for _, d in columns)
     chunk = bytes([amchange.CHANGE_CHUNK]) + _uleb(len(body)) + body
     return amchange.MAGIC + hashlib.sha256(chunk).digest()[:4] + chunk
+
+
+def with_pred_actor(raw: bytes, actor_index: int) -> bytes:
+    """``raw`` (one operation, which overwrites a value) with its predecessor naming actor
+    ``actor_index``: Automerge panics applying it ("index out of bounds")."""
+    return with_column(raw, PRED_ACTOR, b"\x7f" + _uleb(actor_index))
+
+
+def with_unknown_value_type(raw: bytes) -> bytes:
+    """``raw`` (one operation, which puts a one-byte value) with that value's type 15, which no
+    version of Automerge defines: Automerge applies it, and panics when the value is read ("not
+    yet implemented")."""
+    return with_column(raw, VALUE_META, b"\x7f" + _uleb(1 << 4 | 15))
 
 
 def panicking_overwrite(node: SimNode, shard: str, key: str) -> bytes:
@@ -84,6 +96,16 @@ def panicking_overwrite(node: SimNode, shard: str, key: str) -> bytes:
         tx.put(am.ROOT, key, am.ScalarType.Bytes, b"overwritten")
     [change] = doc.get_changes(before)
     return with_pred_actor(change.raw_bytes, 38)
+
+
+def unreadable_put(node: SimNode, shard: str, key: str) -> bytes:
+    """A change of ``node``'s copy of ``shard`` that puts at ``key`` a value Automerge cannot read."""
+    doc = node.core.ledger._doc(shard).fork()
+    before = doc.get_heads()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, key, am.ScalarType.Bytes, b"x")
+    [change] = doc.get_changes(before)
+    return with_unknown_value_type(change.raw_bytes)
 
 
 @pytest.fixture
@@ -114,6 +136,9 @@ def test_the_crafted_change_does_panic_automerge(tmp_path: Path) -> None:
             node.core.ledger.receive_push(shard, [bad], "peer")
         with pytest.raises(EncodingError, match="Automerge failed"):  # the same change in a sync message
             node.core.ledger.receive_sync(shard, am.SyncState(), changes_message([bad]), "peer")
+        with pytest.raises(EncodingError, match="Automerge failed inside reading"):
+            node.core.ledger.receive_push(shard, [unreadable_put(node, shard, "sale/unreadable")], "peer")
+        assert "sale/unreadable" not in node.core.ledger._doc(shard).keys(am.ROOT)  # the merge is undone
         assert node.core.ledger._doc(shard).get(am.ROOT, key) is not None  # usable, and unchanged
         assert sold in node.sale_ids()
         assert node.core.sell(200)["status"]  # the node sells on, in the very shard
@@ -121,10 +146,12 @@ def test_the_crafted_change_does_panic_automerge(tmp_path: Path) -> None:
         node.close()
 
 
-async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nodes: Any, caplog: Any) -> None:
+@pytest.mark.parametrize("hostile_change", ["overwrite", "unreadable"])
+async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nodes: Any, caplog: Any,
+                                                                         hostile_change: str) -> None:
     """Over real TLS: H (enrolled, hostile) sells once, then pushes the panicking overwrite of that
-    sale. Alpha closes H's link, naming why, keeps H's sale as verified, sells on, and a new
-    honest peer then gets everything from alpha."""
+    sale, or a new key whose value Automerge cannot read. Alpha closes H's link, naming why, keeps
+    H's sale as verified, sells on, and a new honest peer then gets everything from alpha."""
     caplog.set_level(logging.WARNING)
     alpha, hostile, bravo = site_nodes
     async with trio.open_nursery() as nursery:
@@ -141,7 +168,8 @@ async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nod
         shard = next(s for s in hostile.core.ledger.docs if s.startswith(hostile.core.node_id))
         key = next(k for k in hostile.core.ledger._doc(shard).keys(am.ROOT) if sold in k)
         for callback in list(hostile.core.ledger.on_changes):  # H's links push it as a new change
-            callback(shard, [panicking_overwrite(hostile, shard, key)])
+            callback(shard, [panicking_overwrite(hostile, shard, key) if hostile_change == "overwrite"
+                             else unreadable_put(hostile, shard, "sale/unreadable")])
         await wait_for(lambda: bool(closed), "alpha closes the hostile link")
         assert any("peer sent bad replication data" in r.getMessage() and "Automerge failed inside" in r.getMessage()
                    for r in caplog.records)
@@ -209,3 +237,27 @@ async def test_a_sync_message_that_panics_automerge_later_does_not_stop_the_node
         await wait_for(lambda: {sold, own} <= bravo.sale_ids(), "bravo syncs from alpha")
         assert alpha.entries() == bravo.entries()
         nursery.cancel_scope.cancel()
+
+
+def test_a_parked_shard_whose_certificate_automerge_cannot_read_is_forgotten(tmp_path: Path) -> None:
+    """A shard of a node this one does not know yet waits in the shard park until its log's first
+    entry, the node's certificate, verifies: a value there that Automerge cannot read is no
+    certificate, and the parked shard is dropped (the park read it with doc.get, and the panic
+    stopped the node)."""
+    site = make_site(tmp_path / "site")
+    node = SimNode.open(enroll(site, tmp_path / "n", "n"), SYSTEM_CLOCK, FAST)
+    try:
+        stranger = "00000000000000aa"
+        doc = am.Document()
+        with doc.transaction() as tx:
+            tx.put(am.ROOT, f"cert/{stranger}", am.ScalarType.Bytes, b"x")
+        [change] = doc.get_changes([])
+        park = node.replicator.park
+        shard = f"{stranger}/000000"
+        assert park.receive_push(shard, [with_unknown_value_type(change.raw_bytes)], "peer")
+        assert park.holds(shard)
+        assert park.take_in() == []
+        assert not park.holds(shard)
+        assert node.core.sell(100)["status"]
+    finally:
+        node.close()

@@ -595,8 +595,8 @@ class Ledger:
         if heads == before:
             return IngestReport()
         report = IngestReport()
-        touched = merged_keys(doc, before)
         try:
+            touched = merged_keys(doc, before)
             with self.store.transaction():
                 self._scan(shard, peer, report, touched)
                 self._strip(shard, report)
@@ -614,6 +614,13 @@ class Ledger:
             self.docs.pop(shard, None)
             self._load_shard(shard)
             raise
+        except BaseException as exc:  # Automerge panicked reading what it applied (a value of a
+            if not amguard.is_panic(exc):  # type it does not know: "not yet implemented")
+                raise
+            self.docs.pop(shard, None)
+            self._load_shard(shard)
+            raise amguard.AutomergePanic(f"Automerge failed inside reading shard {shard} after the merge "
+                                         f"({exc})") from exc
         self._notify(shard, report.accepted, before)
         for key, reason in report.rejected:
             log.warning("rejected entry %s in shard %s from peer %s: %s", key, shard, peer, reason)

@@ -118,7 +118,11 @@ class ShardPark:
         node, _, segment = shard.partition("/")
         if int(segment) > self.limits.segment_ahead - 1:
             return False
-        raw = entry_bytes(parked.doc.get(am.ROOT, f"cert/{node}"))
+        try:
+            with self._unless_panic(shard), automerge_input(f"parked shard {shard}"):
+                raw = entry_bytes(parked.doc.get(am.ROOT, f"cert/{node}"))
+        except EncodingError:  # a value Automerge cannot read (the shard is forgotten)
+            return False
         if raw is None:
             return False
         try:
