@@ -178,7 +178,7 @@ async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nod
         assert alpha.core.ledger._doc(shard).get(am.ROOT, key) is not None
         await nursery.start(dial, bravo)
         await wait_for(lambda: {own, sold} <= bravo.sale_ids(), "bravo syncs from alpha")
-        assert alpha.entries() == bravo.entries()
+        await wait_for(lambda: alpha.entries() == bravo.entries(), "alpha and bravo converge")
         nursery.cancel_scope.cancel()
 
 
@@ -235,7 +235,7 @@ async def test_a_sync_message_that_panics_automerge_later_does_not_stop_the_node
         await nursery.start(dial, bravo)
         own = alpha.core.sell(200)["id"]
         await wait_for(lambda: {sold, own} <= bravo.sale_ids(), "bravo syncs from alpha")
-        assert alpha.entries() == bravo.entries()
+        await wait_for(lambda: alpha.entries() == bravo.entries(), "alpha and bravo converge")
         nursery.cancel_scope.cancel()
 
 
