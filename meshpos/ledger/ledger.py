@@ -23,12 +23,15 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Callable
 
 import automerge.core as am
 
 from meshpos.wire.leb128 import uleb128
 from meshpos.wire import amchange
+from meshpos.ledger import amguard
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
 from meshpos.infra.clock import Clock
@@ -286,9 +289,10 @@ class Ledger:
         data = self.store.load_shard(shard)
         blob = (data.snapshot or b"") + b"".join(data.chunks)
         try:
-            doc = am.Document.load(blob) if blob else am.Document(self.actor)
-            doc.set_actor(self.actor)
-        except Exception as exc:  # automerge raises bare Exception on bad input
+            with amguard.automerge_input("Automerge refused it"):
+                doc = am.Document.load(blob) if blob else am.Document(self.actor)
+                doc.set_actor(self.actor)
+        except EncodingError as exc:
             log.warning("shard %s in %s does not load (%s): rebuilding it from verified entries",
                         shard, self.store.path, exc)
             doc = None
@@ -521,7 +525,12 @@ class Ledger:
     # -- replication ----------------------------------------------------------------
 
     def generate_sync(self, shard: str, state: am.SyncState) -> bytes | None:
-        msg = self._doc(shard).generate_sync_message(state)
+        """Our next sync message for the shard, or None. The state holds what the peer said (its
+        heads, needs and Bloom filter): a state Automerge cannot answer from (a filter of zero bits
+        panics it) is an EncodingError, and the caller starts the shard's sync afresh."""
+        doc = self._doc(shard)
+        with self._unless_panic(shard), amguard.automerge_input(f"Automerge cannot answer the sync of shard {shard}"):
+            msg = doc.generate_sync_message(state)
         return None if msg is None else msg.encode()
 
     def _before_receiving(self, shard: str) -> None:
@@ -533,28 +542,23 @@ class Ledger:
 
     def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
         self._before_receiving(shard)
-        try:
+        with amguard.automerge_input(f"bad Automerge sync message for shard {shard}"):
             msg = am.Message.decode(data)
-        except Exception as exc:
-            raise EncodingError(f"bad Automerge sync message for shard {shard}: {exc}") from exc
         doc = self._doc(shard)
         before = doc.get_heads()
-        try:
+        with self._unless_panic(shard), amguard.automerge_input(f"Automerge refused a sync message for shard {shard}"):
             doc.receive_sync_message(state, msg)
-        except Exception as exc:
-            raise EncodingError(f"Automerge refused a sync message for shard {shard}: {exc}") from exc
         return self._after_merge(shard, before, peer)
 
     def receive_snapshot(self, shard: str, data: bytes, peer: str) -> IngestReport:
         self._before_receiving(shard)
-        try:
+        with amguard.automerge_input(f"bad Automerge snapshot for shard {shard}"):
             other = am.Document.load(data)
-        except Exception as exc:
-            raise EncodingError(f"bad Automerge snapshot for shard {shard}: {exc}") from exc
         doc = self.docs.get(shard)
         if doc is not None and doc.get_heads():
             before = doc.get_heads()
-            doc.merge(other)
+            with self._unless_panic(shard), amguard.automerge_input(f"Automerge refused a snapshot for shard {shard}"):
+                doc.merge(other)
             return self._after_merge(shard, before, peer)
         # a shard new to this node (a fresh node's bootstrap): the loaded document is the shard
         other.set_actor(self.actor)
@@ -567,11 +571,21 @@ class Ledger:
         self._before_receiving(shard)
         doc = self._doc(shard)
         before = doc.get_heads()
-        try:
+        with self._unless_panic(shard), amguard.automerge_input(f"Automerge refused pushed changes for shard {shard}"):
             doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
-        except Exception as exc:  # automerge raises bare Exception on bad input
-            raise EncodingError(f"Automerge refused pushed changes for shard {shard}: {exc}") from exc
         return self._after_merge(shard, before, peer)
+
+    @contextmanager
+    def _unless_panic(self, shard: str) -> Iterator[None]:
+        """Around a merge into the shard's document: if Automerge panics in it (the document is
+        unusable then, meshpos.ledger.amguard), the shard is reloaded from the store as it was
+        before the merge, and the AutomergePanic goes on to the caller."""
+        try:
+            yield
+        except amguard.AutomergePanic:
+            self.docs.pop(shard, None)
+            self._load_shard(shard)
+            raise
 
     def _after_merge(self, shard: str, before: list[bytes], peer: str, received: bytes | None = None) -> IngestReport:
         """Verify, strip, re-assert and persist what a merge brought; ``received`` is the
@@ -581,8 +595,8 @@ class Ledger:
         if heads == before:
             return IngestReport()
         report = IngestReport()
-        touched = merged_keys(doc, before)
         try:
+            touched = merged_keys(doc, before)
             with self.store.transaction():
                 self._scan(shard, peer, report, touched)
                 self._strip(shard, report)
@@ -600,6 +614,13 @@ class Ledger:
             self.docs.pop(shard, None)
             self._load_shard(shard)
             raise
+        except BaseException as exc:  # Automerge panicked reading what it applied (a value of a
+            if not amguard.is_panic(exc):  # type it does not know: "not yet implemented")
+                raise
+            self.docs.pop(shard, None)
+            self._load_shard(shard)
+            raise amguard.AutomergePanic(f"Automerge failed inside reading shard {shard} after the merge "
+                                         f"({exc})") from exc
         self._notify(shard, report.accepted, before)
         for key, reason in report.rejected:
             log.warning("rejected entry %s in shard %s from peer %s: %s", key, shard, peer, reason)

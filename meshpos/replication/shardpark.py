@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import automerge.core as am
 
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError
+from meshpos.ledger.amguard import AutomergePanic, automerge_input
 from meshpos.ledger.ledger import IngestReport, Ledger, changes_message, entry_bytes
 from meshpos.infra.netguard import LogLimiter
 from meshpos.wire import envelope as env_mod
@@ -115,7 +118,11 @@ class ShardPark:
         node, _, segment = shard.partition("/")
         if int(segment) > self.limits.segment_ahead - 1:
             return False
-        raw = entry_bytes(parked.doc.get(am.ROOT, f"cert/{node}"))
+        try:
+            with self._unless_panic(shard), automerge_input(f"parked shard {shard}"):
+                raw = entry_bytes(parked.doc.get(am.ROOT, f"cert/{node}"))
+        except EncodingError:  # a value Automerge cannot read (the shard is forgotten)
+            return False
         if raw is None:
             return False
         try:
@@ -169,35 +176,39 @@ class ShardPark:
         parked = self._slot(shard, peer, len(data))
         if parked is None:
             return False
-        try:
+        with self._unless_panic(shard), automerge_input(f"Automerge refused a sync message for shard {shard}"):
             parked.doc.receive_sync_message(state, am.Message.decode(data))
-        except Exception as exc:  # automerge raises bare Exception on bad input
-            raise EncodingError(f"Automerge refused a sync message for shard {shard}: {exc}") from exc
         return True
 
     def receive_snapshot(self, shard: str, data: bytes, peer: str) -> bool:
         parked = self._slot(shard, peer, len(data))
         if parked is None:
             return False
-        try:
+        with self._unless_panic(shard), automerge_input(f"bad Automerge snapshot for shard {shard}"):
             loaded = am.Document.load(data)
             if parked.doc.get_heads():
                 parked.doc.merge(loaded)
             else:
                 parked.doc, parked.snapshot = loaded, data
-        except Exception as exc:
-            raise EncodingError(f"bad Automerge snapshot for shard {shard}: {exc}") from exc
         return True
 
     def receive_push(self, shard: str, changes: list[bytes], peer: str) -> bool:
         parked = self._slot(shard, peer, sum(map(len, changes)))
         if parked is None:
             return False
-        try:
+        with self._unless_panic(shard), automerge_input(f"Automerge refused pushed changes for shard {shard}"):
             parked.doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
-        except Exception as exc:
-            raise EncodingError(f"Automerge refused pushed changes for shard {shard}: {exc}") from exc
         return True
+
+    @contextmanager
+    def _unless_panic(self, shard: str) -> Iterator[None]:
+        """A parked document Automerge panicked in is unusable (meshpos.ledger.amguard): forgotten."""
+        try:
+            yield
+        except AutomergePanic:
+            if shard in self.shards:
+                self._forget(shard)
+            raise
 
     def generate_sync(self, shard: str, state: am.SyncState, peer: str) -> bytes | None:
         """Our side of the sync protocol for a shard that is not admitted (parking it if there is room:
@@ -205,7 +216,8 @@ class ShardPark:
         parked = self._slot(shard, peer, 0)
         if parked is None:
             return None
-        msg = parked.doc.generate_sync_message(state)
+        with self._unless_panic(shard), automerge_input(f"Automerge cannot answer the sync of shard {shard}"):
+            msg = parked.doc.generate_sync_message(state)
         return None if msg is None else msg.encode()
 
     # -- taking in --------------------------------------------------------------------------

@@ -65,6 +65,7 @@ import automerge.core as am
 from meshpos.domain.roles import READ_ONLY_ROLES
 from meshpos.infra.clock import Clock
 from meshpos.domain.errors import EncodingError, MeshposError
+from meshpos.ledger.amguard import automerge_input
 from meshpos.ledger.ledger import IngestReport, Ledger
 from meshpos.replication.pushtree import ANNOUNCE_DELAY, PushTree, change_hash, origin_of
 from meshpos.replication.shardpark import ShardPark
@@ -720,16 +721,12 @@ class SyncSession:
 
     def _absorb_read_only(self, shard: str, state: am.SyncState, data: bytes) -> None:
         """Let the sync state learn a read-only peer's heads and needs; drop any change it carries."""
-        try:
+        with automerge_input(f"bad Automerge sync message for shard {shard}"):
             msg = am.Message.decode(data)
-        except Exception as exc:  # automerge raises bare Exception on bad input
-            raise EncodingError(f"bad Automerge sync message for shard {shard}: {exc}") from exc
         doc = self.ledger.docs.get(shard)
         scratch = doc.fork() if doc is not None else am.Document()
-        try:
+        with automerge_input(f"Automerge refused a sync message for shard {shard}"):  # a panic spoils only the scratch
             scratch.receive_sync_message(state, msg)
-        except Exception as exc:
-            raise EncodingError(f"Automerge refused a sync message for shard {shard}: {exc}") from exc
         if doc is not None and scratch.get_heads() != doc.get_heads():
             # It offered changes we will not take from a read-only peer: forget what it told us.
             self.states[shard] = am.SyncState()
