@@ -47,6 +47,9 @@ def procs(tmp_path: Path) -> Iterator[ProcessGroup]:
     group.stop_all()
 
 
+CHARGE_RECT = 'JSON.stringify(document.getElementById("charge").getBoundingClientRect())'
+
+
 def until(cond: Callable[[], Any], what: str, timeout: float = 45.0, state: Callable[[], str] | None = None) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -166,7 +169,7 @@ def test_the_cashier_app_in_chromium(tmp_path: Path, procs: ProcessGroup) -> Non
               state=lambda: f"{page.current()}, error {page.text('sell-error')!r}, amount {page.text('amount')}, "
                             f"page {page.js('JSON.stringify({busy: state.busy, method: state.method, attempt: state.attempt})')}, "
                             f"taps {page.js('window.__taps')}, charge at "
-                            f"{page.js('JSON.stringify(document.getElementById(\"charge\").getBoundingClientRect())')}")
+                            f"{page.js(CHARGE_RECT)}")
         cash_id = page.current()["id"]
         assert page.current()["state"] == "Paid in cash"
 
