@@ -52,7 +52,7 @@ const TEXT = {
 const $ = (id) => document.getElementById(id);
 const DOUBLE_TAP_MS = 1500; // a tap on "charge" this soon after a sale, with no new amount, is its double tap
 const state = {
-  lang: "en", setup: null, nodeId: null, pin: "", digits: "", method: null, attempt: null, busy: false,
+  lang: "en", setup: null, nodeId: null, pin: "", digits: "", method: null, attempt: null, busy: false, loggingIn: false,
   sales: new Map(), current: null, events: null, status: null, confirmVoid: null, soldAt: 0,
 };
 
@@ -113,8 +113,9 @@ function showLogin(message) {
 function renderPin() { $("pin-display").textContent = state.pin ? "\u2022".repeat(state.pin.length) : "\u00a0"; }
 
 async function login() {
-  if (state.busy || !state.pin) return;
-  state.busy = true;
+  // its own flag: a charge tapped while the till still loads today's sales must not be ignored
+  if (state.loggingIn || !state.pin) return;
+  state.loggingIn = true;
   try {
     const a = await call("POST", "/cashier/login", JSON.stringify({ pin: state.pin }));
     state.pin = ""; renderPin();
@@ -122,7 +123,7 @@ async function login() {
     else $("login-error").textContent = errorText(a);
   } catch (e) {
     $("login-error").textContent = t("network");
-  } finally { state.busy = false; }
+  } finally { state.loggingIn = false; }
 }
 
 async function logout() {
