@@ -232,6 +232,21 @@ def test_status_and_the_served_document(api: ApiClient) -> None:
     assert f'"url": "{api.url}"' in shown and "api.sock" in shown
 
 
+def test_the_sale_created_event_carries_the_sale_as_answered(api: ApiClient) -> None:
+    """The sale object is the same everywhere: the event of a new sale is the 201's body, with its
+    idempotency key (the event was read before the key was stored, and carried none)."""
+    stream = EventStream(api)
+    k = key()
+    sold = api.request("POST", "/v1/sales", VISA, k).body
+    while True:
+        ev = stream.next()
+        if ev["event"] == "sale.created" and ev["data"]["id"] == sold["id"]:
+            break
+    stream.close()
+    assert ev["data"]["idempotency_key"] == k["Idempotency-Key"]
+    assert ev["data"] == sold
+
+
 def test_events_resume_with_last_event_id_without_gaps_or_duplicates(api: ApiClient) -> None:
     stream = EventStream(api)
     made = [api.request("POST", "/v1/sales", CASH, key()).body["id"] for _ in range(3)]

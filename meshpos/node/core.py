@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from meshpos.domain.roles import SELLING_ROLES
 from meshpos.infra.durable import write_atomically
@@ -85,6 +85,12 @@ class NodeCore:
         self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
         # who else holds which sales, from the statuses the node receives (fed by its status board)
         self.holders = Holders(cfg.node_id, lambda: self.ledger.holdings.highest(cfg.node_id))
+        # called with each sale this node takes, as ``sell`` returns it, once it is durable (the
+        # terminal API's ``sale.created`` event: the answer's own object, not a second read); a
+        # hook must not raise. ``selling``: the id of the sale ``sell`` is writing, while the
+        # ledger's accept hooks run (before the sale is durable and its idempotency key stored)
+        self.on_sold: list[Callable[[dict[str, Any]], None]] = []
+        self.selling: str | None = None
 
     def _flag_recovery(self, why: str) -> None:
         write_atomically(self.recovery_flag, f"store {self.dir.db_path} re-created; selling waits for a peer\n".encode(),
@@ -207,11 +213,18 @@ class NodeCore:
                     "sealed": envelope.b64e(card.sealed)},
             }
             rules.check_sale(body, policy, now)  # the very rules every node and the switch apply
-            self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
+            self.selling = str(body["sale_id"])
+            try:
+                self.ledger.write_local(envelope.seal("sale", self.node_id, body, self.key))
+            finally:
+                self.selling = None
             if idempotency is not None:
                 self.store.insert_idempotency(idempotency[0], idempotency[1], str(body["sale_id"]), now)
         self.store.flush()  # the acknowledgement: durable before it is returned
-        return self.sale(str(body["sale_id"]))
+        sale = self.sale(str(body["sale_id"]))
+        for sold in self.on_sold:
+            sold(sale)
+        return sale
 
     def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:
         row = self.store.sale(sale_id)

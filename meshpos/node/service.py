@@ -18,6 +18,7 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK, Clock
+from meshpos.infra.heap import freeze_startup_heap
 from meshpos.domain.clockskew import ClockSkew
 from meshpos.devices.spool import PrinterStatus, PrinterWorker, Spool, run_printer_worker
 from meshpos.domain.errors import DiskFullError, InputError, MeshposError, PrinterError
@@ -171,6 +172,7 @@ class NodeService:
             for component in components:
                 await nursery.start(component)
             log.info("node %s (%s, %s) running", self.core.config.name, self.core.node_id, self.core.identity.role)
+            freeze_startup_heap()  # full collections walk only what is made from now on (infra.heap)
             task_status.started(self)
 
 

@@ -3,7 +3,9 @@
 - ``sale.created``, ``sale.voided``, ``sale.approved`` / ``sale.declined`` / ``sale.expired`` /
   ``sale.rejected`` / ``sale.voided`` (a settlement result), ``sale.reversed``: from the ledger's
   accept hook, for this terminal's own sales, whichever node's uplink settled them (the result
-  reaches this node by replication). The data is the sale object, as ``GET /v1/sales/{id}``.
+  reaches this node by replication). The data is the sale object, as ``GET /v1/sales/{id}``. A
+  sale this node takes is sent once it is durable, from ``NodeCore.on_sold``: the very object
+  the seller was answered (idempotency key included), read once for both.
 - ``sale.replicated``: the number of devices known to hold one of this terminal's sales
   (``held_by``) changed, as peers' statuses arrive; checked every ``TICK_S`` while the sale is
   pending (a card sale) or paid (cash: final when taken, but until other devices hold it, the
@@ -60,10 +62,13 @@ class EventFeed:
         for sale in self.core.sales(self.core.node_id):
             self._track(sale)
         self.core.ledger.on_accept.append(self.on_accept)
+        self.core.on_sold.append(self.sold)
 
     def close(self) -> None:
         if self.on_accept in self.core.ledger.on_accept:
             self.core.ledger.on_accept.remove(self.on_accept)
+        if self.sold in self.core.on_sold:
+            self.core.on_sold.remove(self.sold)
 
     def _track(self, sale: dict[str, Any]) -> None:
         ends = int(sale["created_at_ms"]) + self.core.policy.offline_window_ms
@@ -83,6 +88,8 @@ class EventFeed:
         sale_id = env.body.get("sale_id")
         if not isinstance(sale_id, str) or not sale_id.startswith(self.core.node_id + "-"):
             return
+        if env.type == "sale" and sale_id == self.core.selling:
+            return  # being sold here: ``sold`` sends it once it is durable, as the seller gets it
         if env.type == "result":
             kind = f"sale.{env.body['status']}"
         elif env.type in ENTRY_EVENTS:
@@ -95,6 +102,11 @@ class EventFeed:
             return
         self._track(sale)
         self.journal.append(kind, sale)
+
+    def sold(self, sale: dict[str, Any]) -> None:
+        """A sale this node took (NodeCore.on_sold): ``sale.created`` with the object the seller got."""
+        self._track(sale)
+        self.journal.append("sale.created", dict(sale))
 
     def tick(self) -> None:
         now = self.core.clock.now_ms()
