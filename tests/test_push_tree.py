@@ -478,3 +478,57 @@ def test_a_node_whose_eager_link_closes_grafts_at_once_and_misses_no_push(tmp_pa
     assert sale in c.sale_ids()
     assert _pushed(c)[0] > pushed0 and c.replicator.tree.grafts == grafts  # pushed, not pulled
     assert a.entries() == b.entries() == c.entries()
+
+
+def test_news_on_a_link_pruned_for_its_origin_grafts_it_back() -> None:
+    tree: PushTree[str] = PushTree()
+    assert tree.news("x", O) is False  # never pruned: nothing to take back
+    assert tree.pushed("x", O, new=False) is True  # a duplicate: PRUNE
+    assert tree.news("x", O) is True and tree.regrafts == 1  # then news on it: the PRUNE crossed a push
+    assert tree.news("x", O) is False  # taken back once
+    assert tree.pushed("x", O, new=False) is True  # a later duplicate prunes it again
+
+
+def _hop(src: SyncSession, dst: SyncSession) -> None:
+    """What ``src`` has to say reaches ``dst`` (one direction of one link)."""
+    data = src.data_to_send()
+    if data:
+        dst.receive_data(data)
+
+
+def test_a_prune_that_crosses_a_push_leaves_an_eager_way_in(tmp_path: Path) -> None:
+    """C takes A's first sale from B first (its copy from A prunes A-C), and A's second sale from A
+    first, before that PRUNE reached A (the copy from B then prunes B-C). Both links of C were pruned
+    for A: every later sale of A reached C only by announcement and graft, 1.5 s late (seen while
+    trees re-formed after links closed). The news on A-C takes its PRUNE back: A's third sale is
+    pushed to C at once."""
+    clock = wall_clock()
+    a, b, c = _nodes(tmp_path, clock, 3)
+    net = MemNetwork()
+    ab, ac, bc = (net.connect(x.replicator, y.replicator) for x, y in ((a, b), (a, c), (b, c)))
+    _settle(net, clock, 1.0)
+    origin = a.core.node_id
+    a_b, b_a, a_c, c_a, b_c, c_b = (_session(ab, a), _session(ab, b), _session(ac, a), _session(ac, c),
+                                    _session(bc, b), _session(bc, c))
+    tree = c.replicator.tree
+    for s in (c_a, c_b):  # the enrolment's entries may have pruned one: both eager again
+        tree._pruned.pop(s, None)
+        s.graft_origin(origin)
+    net.pump()
+    assert all(s.replicator.tree.eager(s, origin) for s in (a_c, b_c))
+    first = a.core.sell(100)["id"]
+    _hop(a_b, b_a)
+    _hop(b_c, c_b)  # news from B
+    _hop(a_c, c_a)  # the copy from A: C will PRUNE A-C for A
+    assert first in c.sale_ids() and c_a._prune_out == {origin}
+    second = a.core.sell(101)["id"]
+    _hop(a_c, c_a)  # A pushed before it read the PRUNE: news on A-C
+    _hop(a_b, b_a)
+    _hop(b_c, c_b)  # the copy from B: C prunes B-C for A
+    assert second in c.sale_ids()
+    net.pump()
+    assert a.replicator.tree.eager(a_c, origin) and tree.regrafts >= 1
+    third = a.core.sell(102)["id"]
+    net.pump()  # no time passes: no announcement, no graft timer
+    assert third in c.sale_ids()
+    assert tree.grafts == 0
