@@ -16,13 +16,6 @@ The rules, all of them:
   node keeps an eager way in for each origin and the eager links thin out to a tree. (Plumtree
   as published also makes the link lazy the other way; two nodes that push the same change to
   each other at once then cut a link that one of them needed, and a graft must mend it.)
-* A PUSH that brings news on a link the node had pruned for that origin means its PRUNE crossed
-  the push (the peer pushed before it read the PRUNE): the node takes the PRUNE back at once by a
-  GRAFT (``news``). Else two links that each brought a duplicate while the other brought news (both
-  in flight at once, as when trees re-form after links close) were both pruned, the node had no
-  eager way in for the origin left, and each of its next changes came by announcement and graft,
-  ``ANNOUNCE_DELAY`` + ``GRAFT_TIMEOUT`` later, until a timer grafted a link back. The link that
-  brought a change first thus stays eager, whatever crossed it.
 * On a lazy link a change is only announced: its change hash goes in an IHAVE, a few of them
   per frame: a link's announcements wait ``ANNOUNCE_DELAY`` and go in one IHAVE.
 * An announced hash the node has not seen starts a timer (``GRAFT_TIMEOUT``). If the change
@@ -113,7 +106,6 @@ class PushTree(Generic[L]):
         self.grafts = 0
         self.prunes = 0
         self.mended = 0  # GRAFTs sent because a link closed or drains (drop_link, drain_link)
-        self.regrafts = 0  # GRAFTs sent because a pruned link brought news (its PRUNE crossed a push: news)
         self._draining: dict[L, set[tuple[L, str]]] = {}  # draining link -> (link, origin) it had grafted
 
     # -- eager or lazy ------------------------------------------------------------------
@@ -214,17 +206,6 @@ class PushTree(Generic[L]):
             return False
         pruned.add(origin)
         self.prunes += 1
-        return True
-
-    def news(self, link: L, origin: str) -> bool:
-        """A PUSH of ``origin``'s changes on ``link`` brought something new. True if a GRAFT should
-        tell the peer to go on pushing: this node had pruned ``link`` for ``origin``, and its PRUNE
-        crossed that push (module docstring). The link counts as eager again here already."""
-        pruned = self._pruned.get(link)
-        if pruned is None or origin not in pruned:
-            return False
-        pruned.discard(origin)
-        self.regrafts += 1
         return True
 
     def announced(self, link: L, shard: str, hashes: Iterable[bytes], now: float) -> None:

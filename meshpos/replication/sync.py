@@ -773,15 +773,10 @@ class SyncSession:
         if duplicate:
             self._counters.changes_pushed_dup += len(event.changes)
         if self.version >= TREE_VERSION and park.admitted(shard) and (duplicate or after != before):
-            # a duplicate prunes this link for the shard's origin; news on a link pruned for it
-            # (our PRUNE crossed the push) grafts it again: PushTree.news
-            origin = origin_of(shard)
-            if tree.pushed(self, origin, new=not duplicate):
-                self._prune_out.add(origin)
-                self._graft_out.discard(origin)
-            elif not duplicate and self.tree_ready() and tree.news(self, origin):
-                self._graft_out.add(origin)
-                self._prune_out.discard(origin)
+            # a duplicate prunes this link for the shard's origin; news makes it eager again
+            if tree.pushed(self, origin_of(shard), new=not duplicate):
+                self._prune_out.add(origin_of(shard))
+                self._graft_out.discard(origin_of(shard))
         if after == event.digest or after != before:
             self._orphans = 0
         else:
