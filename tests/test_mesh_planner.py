@@ -242,6 +242,8 @@ def test_a_target_waits_for_the_membership_to_stay_still_but_not_for_ever() -> N
     assert planner.to_dial(now) == []  # the membership just changed
     assert planner.next_wakeup(now) == now + DIAL_QUIET
     assert [i.node_id for i in planner.to_dial(now + DIAL_QUIET)] == [b]
+    planner.dial_failed(b, now + DIAL_QUIET)  # the membership is still now: only the back-off counts
+    assert planner.next_wakeup(now + DIAL_QUIET) == planner.backoff[b].next_try > now + DIAL_QUIET
     # a membership that never stays still: each new target is dialled DIAL_WAIT_MAX after it became one
     planner = PeerPlanner(me, rng=random.Random(0))
     planner.seen(_info(a))

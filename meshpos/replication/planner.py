@@ -201,7 +201,7 @@ class PeerPlanner:
         waiting for the membership to stay still (``DIAL_QUIET``, ``DIAL_WAIT_MAX``)."""
         pending = [self.backoff[p].next_try for p in self.targets()
                    if p not in self.connected and p in self.backoff]
-        if self._wanted_since:
-            settle = self._members_since + DIAL_QUIET
+        settle = self._members_since + DIAL_QUIET
+        if self._wanted_since and self.connected and settle > now:  # targets held back, not backing off
             pending.append(min([settle] + [since + DIAL_WAIT_MAX for since in self._wanted_since.values()]))
         return max(now, min(pending)) if pending else now + BACKOFF_MAX
