@@ -281,11 +281,34 @@ async def test_a_drained_tls_link_closes_on_the_answer_with_the_sale_in_flight_d
         first = a.core.sell(100)["id"]
         await wait_for(lambda: first in b.sale_ids(), "a first sale")
         assert sb.drain("surplus link")
+        assert sb.health().state == "draining" and sa.health().state == "open"  # A has not read it yet
         in_flight = a.core.sell(200)["id"]  # A has not read the DRAIN yet: it pushes this sale
         await wait_for(lambda: bool(result), "the link closes")
+        assert sa.health().state == sb.health().state == "closed"
         assert sa.closed and sb.closed
         assert result == ["link drained"] and sb.close_reason == "link drained"
         assert sa.close_reason == "link drained"  # B's GOODBYE, after A's answer
         assert in_flight in b.sale_ids()
         assert a.entries() == b.entries()
         nursery.cancel_scope.cancel()
+
+
+def test_a_draining_link_shows_as_draining_at_both_ends_until_it_closes(tmp_path: Path) -> None:
+    """Link health (the node's status, ``meshpos status --json``: peers.links[].state) says
+    "draining" from the drain until the link has closed, at the end that drains and, once the
+    DRAIN has arrived, at its peer; an open link that does not drain stays "open"."""
+    clock = wall_clock()
+    a, b, c = _nodes(tmp_path, clock, 3)
+    net = MemNetwork()
+    ab, ac = net.connect(a.replicator, b.replicator), net.connect(a.replicator, c.replicator)
+    _settle(net, clock, 1.0)
+    sa, sb = _session(ab, a), _session(ab, b)
+    assert {h.state for h in a.replicator.health()} == {"open"}
+    assert sa.drain("surplus link")
+    assert sa.health().state == "draining" and sb.health().state == "open"
+    assert [h.state for h in a.replicator.health() if h.peer_node == c.core.node_id] == ["open"]
+    sb.receive_data(sa.data_to_send())  # the DRAIN arrives
+    assert sb.health().state == "draining"
+    net.pump()
+    assert sa.closed and sb.closed and sa.health().state == sb.health().state == "closed"
+    assert [h.state for h in a.replicator.health()] == ["open"]  # the closed link is gone

@@ -12,6 +12,14 @@ Rules (the planner is pure; time comes in as ``now``):
 * Static peers (config) are always dialled: the operator asked for them.
 * At most one link per pair: when both ends dial at once, the link initiated by
   the smaller node id is kept and the other is closed.
+* New targets wait until the membership is known (``to_dial``). Nodes learn the site a few
+  members at a time (mDNS answers, statuses flooding in), and each partial ring has other
+  targets: dialled at once, each becomes a surplus link to drain a little later, while the site
+  sells (in the 20-node benchmark ~40 links opened in the first seconds and drained 30 s into the
+  load). So a node that holds a link already dials a new target only once the membership has
+  stayed the same for ``DIAL_QUIET`` seconds, or once it has been a target for ``DIAL_WAIT_MAX``
+  seconds (a site whose membership never stays still still forms its ring). A node with no link
+  at all dials at once: getting into the site comes first.
 * Surplus links are closed (``to_prune``). Nodes learn the site a few members at a
   time, and each partial ring has other targets: without pruning, a node keeps
   every link it ever dialled (50 nodes started one after another held ~580
@@ -43,6 +51,8 @@ BACKOFF_MIN = 0.5
 BACKOFF_MAX = 30.0
 DIAL_BACKOFF = exponential_backoff(BACKOFF_MIN, BACKOFF_MAX)
 BACKOFF_RESET = 10.0
+DIAL_QUIET = 3.0  # seconds the membership must stay the same before a node that holds a link dials a new target
+DIAL_WAIT_MAX = 15.0  # a target is dialled at the latest this long after it became one, however the membership moves
 PRUNE_AFTER = 30.0  # seconds the targets must stay the same, and a link up, before a surplus link is closed
 # Inbound links (meshpos.infra.netguard rules): held at once; not yet authenticated (TLS handshake and
 # HELLO), from all sources and from one address; and how long authenticating may take. MAX_INBOUND
@@ -111,6 +121,9 @@ class PeerPlanner:
     connected: dict[str, float] = field(default_factory=dict)  # peer -> link up since
     _targets: frozenset[str] = frozenset()
     _targets_since: float = 0.0
+    _members: frozenset[str] = frozenset()
+    _members_since: float = float("-inf")  # when the membership last changed, as ``to_dial`` saw it
+    _wanted_since: dict[str, float] = field(default_factory=dict)  # unlinked target -> a target since
 
     def seen(self, info: PeerInfo) -> None:
         if info.node_id != self.me:
@@ -141,14 +154,24 @@ class PeerPlanner:
         return ring_targets(self.me, set(self.peers))
 
     def to_dial(self, now: float) -> list[PeerInfo]:
-        """Targets that have no link and whose back-off has run out."""
+        """Targets that have no link, whose back-off has run out, and that may be dialled now
+        (module docstring: ``DIAL_QUIET``, ``DIAL_WAIT_MAX``)."""
+        members = frozenset(self.peers)
+        if members != self._members:
+            self._members, self._members_since = members, now
+        quiet = not self.connected or now - self._members_since >= DIAL_QUIET
         out = []
+        waiting: dict[str, float] = {}
         for peer in sorted(self.targets()):
             if peer in self.connected or peer not in self.peers:
+                continue
+            since = waiting[peer] = self._wanted_since.get(peer, now)
+            if not quiet and now - since < DIAL_WAIT_MAX:
                 continue
             b = self.backoff.get(peer)
             if b is None or b.next_try <= now:
                 out.append(self.peers[peer])
+        self._wanted_since = waiting
         return out
 
     def to_prune(self, now: float, dialled: AbstractSet[str], keep: AbstractSet[str] = frozenset()) -> list[str]:
@@ -174,6 +197,11 @@ class PeerPlanner:
         return out
 
     def next_wakeup(self, now: float) -> float:
+        """When ``to_dial`` may next have something new: a back-off running out, or a target
+        waiting for the membership to stay still (``DIAL_QUIET``, ``DIAL_WAIT_MAX``)."""
         pending = [self.backoff[p].next_try for p in self.targets()
                    if p not in self.connected and p in self.backoff]
+        settle = self._members_since + DIAL_QUIET
+        if self._wanted_since and self.connected and settle > now:  # targets held back, not backing off
+            pending.append(min([settle] + [since + DIAL_WAIT_MAX for since in self._wanted_since.values()]))
         return max(now, min(pending)) if pending else now + BACKOFF_MAX

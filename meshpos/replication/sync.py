@@ -110,7 +110,7 @@ class LinkHealth:
     peer_node: str | None
     peer_role: str | None
     read_only: bool
-    state: str
+    state: str  # SyncSession.link_state: await-hello, open, draining, closed
     opened_at: float
     rtt: float | None
     last_sync_at: float | None
@@ -510,12 +510,20 @@ class SyncSession:
                 self.wakeup()
         return bool(data)
 
+    def link_state(self) -> str:
+        """The link's state as its health shows it: ``await-hello``, ``open``, ``draining`` (open
+        but closing gracefully: it carries no more than pushes and closes within seconds) or
+        ``closed``."""
+        if self.conn.state is LinkState.OPEN and self.conn.draining:
+            return "draining"
+        return self.conn.state.value
+
     def health(self) -> LinkHealth:
         c = self._counters
         peer = self.conn.peer
         return LinkHealth(
             label=self.label, peer_node=peer.node_id if peer else None, peer_role=peer.role if peer else None,
-            read_only=self.read_only, state=self.conn.state.value, opened_at=self.opened_at, rtt=self.conn.rtt,
+            read_only=self.read_only, state=self.link_state(), opened_at=self.opened_at, rtt=self.conn.rtt,
             last_sync_at=c.last_sync_at, bytes_in=self.conn.bytes_in, bytes_out=self.conn.bytes_out,
             entries_received=c.entries_received, entries_rejected=c.entries_rejected,
             entries_reasserted=c.entries_reasserted, snapshots_sent=c.snapshots_sent,
