@@ -245,9 +245,12 @@ def card_problem(pan: str, expiry: str | None, body: dict[str, Any]) -> str | No
     """What the switch checks once it has opened the sealed card data: the card number is
     valid, matches the envelope's last 4 and brand, and the card was not expired at the
     sale's time."""
-    problem = pan_problem(pan)
-    if problem:
-        return problem
+    return pan_problem(pan) or card_match_problem(pan, expiry, body)
+
+
+def card_match_problem(pan: str, expiry: str | None, body: dict[str, Any]) -> str | None:
+    """:func:`card_problem` but for the number itself: for a caller that ran ``pan_problem``
+    on it already (the switch, through the acquirer request it builds), so it runs once."""
     card = body.get("card") or {}
     if pan[-4:] != card.get("last4"):
         return "sealed card number does not match the envelope's last 4 digits"

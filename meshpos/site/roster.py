@@ -160,9 +160,13 @@ class Roster:
         """Drop the answers not asked for (the helpers' late answers are read, unused, later)."""
         self._presigned.clear()
 
-    def verify(self, env: Envelope, now_ms: int, key: str | None = None) -> Verified:
-        """Raise VerificationError / EncodingError unless ``env`` may enter the ledger."""
-        env_mod.check_schema(env)
+    def verify(self, env: Envelope, now_ms: int, key: str | None = None, *,
+               schema_checked: bool = False) -> Verified:
+        """Raise VerificationError / EncodingError unless ``env`` may enter the ledger.
+        ``schema_checked``: the caller ran ``envelope.check_schema(env)`` already (the switch
+        does, for every sale of a batch): not run a second time."""
+        if not schema_checked:
+            env_mod.check_schema(env)
         site = env.body.get("site")
         if site is not None and site != self.site_id:
             raise VerificationError(f"{env.type} entry of another site ({site})")

@@ -170,14 +170,24 @@ class PostgresDatabase:
             raise self._error("writing", exc) from exc
 
     def execute_each(self, sql: str, rows: Sequence[Sequence[Any]]) -> list[int]:
+        """``sql`` (one INSERT / UPDATE / DELETE) once per row, every statement sent at once and
+        their results read after one sync (psycopg's ``executemany`` runs in pipeline mode):
+        a third of the client CPU of one ``execute`` per row in a pipeline, which made a cursor
+        each. ``RETURNING 1`` gives each statement its own result, so its own row count."""
+        if not rows:
+            return []
         conn = self._writer_conn()
-        query = _sql(sql)
         try:
-            with conn.pipeline():  # every statement sent at once, their results read after one sync
-                cursors = [conn.execute(query, tuple(r)) for r in rows]
-            return [cur.rowcount for cur in cursors]
+            with conn.cursor() as cur:
+                cur.executemany(_sql(sql) + " RETURNING 1", [tuple(r) for r in rows], returning=True)
+                counts = [cur.rowcount]
+                while cur.nextset():
+                    counts.append(cur.rowcount)
         except psycopg.Error as exc:
             raise self._error("writing", exc) from exc
+        if len(counts) != len(rows):  # not one result per statement: nothing can be said of each
+            raise StoreError(f"writing: {len(counts)} results for {len(rows)} statements")
+        return counts
 
     def fetch_tx(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
         try:

@@ -445,12 +445,14 @@ class Switch:
             voids.setdefault(env.body["sale_id"], env)
         return voids
 
-    def _verify_up_to_cut(self, site: SiteState, env: Envelope, now: int) -> dict[str, Any] | None:
+    def _verify_up_to_cut(self, site: SiteState, env: Envelope, now: int, *,
+                          schema_checked: bool = False) -> dict[str, Any] | None:
         """``Roster.verify`` of an entry (which applies revocation cuts, protocols/rules.md); an
         authentic sale of a revoked terminal after its cut passes too, and its revocation body is
-        returned so that the caller settles it ``rejected``. None for every other entry."""
+        returned so that the caller settles it ``rejected``. None for every other entry.
+        ``schema_checked``: as for ``Roster.verify`` (the batch's sales are, in ``_forward``)."""
         try:
-            site.roster.verify(env, now)
+            site.roster.verify(env, now, schema_checked=schema_checked)
         except VerificationError:
             if site.roster.revoked_sale_beyond_cut(env):
                 return site.roster.revocations.get(env.signer)
@@ -469,7 +471,7 @@ class Switch:
             if sale_id in known:
                 continue  # known: _process compares the bytes
             try:
-                revocation = self._verify_up_to_cut(site, w.env, now)
+                revocation = self._verify_up_to_cut(site, w.env, now, schema_checked=True)
             except (EncodingError, VerificationError) as exc:
                 outcomes[sale_id] = Refusal(w.index, "sale", sale_id, str(exc))
                 continue
@@ -656,9 +658,10 @@ class Switch:
             finally:
                 await self._release(sale_id)
 
-    def content_problem(self, site: SiteState, body: dict[str, Any]) -> str | None:
-        """Why a sale breaks a content rule (protocols/rules.md) at this switch, or None."""
-        return rules.sale_problem(body, site.policy_at(body["created_at"]))
+    def content_problem(self, body: dict[str, Any], policy: SitePolicy) -> str | None:
+        """Why a sale breaks a content rule (protocols/rules.md) at this switch, or None;
+        ``policy``: the site's policy in force at the sale's ``created_at``."""
+        return rules.sale_problem(body, policy)
 
     def dated_ahead(self, body: dict[str, Any]) -> str | None:
         """Why a sale is not believed yet: dated beyond the skew ahead of this switch's clock. Not
@@ -696,7 +699,8 @@ class Switch:
         env = w.env
         body = env.body
         sale_id = row.sale_id
-        problem = self.content_problem(site, body)
+        policy = site.policy_at(body["created_at"])  # once: the content rules and the offline window
+        problem = self.content_problem(body, policy)
         if problem is not None:
             return await self._reject(site, sale_id, problem)
         ahead = self.dated_ahead(body)
@@ -709,7 +713,7 @@ class Switch:
         if body["method"] == "cash":
             return await self._settle(sale_id, self._result(
                 site, sale_id, "approved", reason="cash sale: recorded, not sent to the acquirer"), "approved")
-        deadline = body["created_at"] + site.policy_at(body["created_at"]).offline_window_ms
+        deadline = body["created_at"] + policy.offline_window_ms
         now = self.clock.now_ms()
         if now > deadline:
             return await self._settle(sale_id, self._result(
@@ -719,10 +723,12 @@ class Switch:
         opened: OpenedCard | None = None
         try:
             opened = self._open(env)
-            problem = rules.card_problem(opened.pan, opened.expiry, body)
+            # rules.card_problem, the number's own part (rules.pan_problem) checked by the request
+            # (wire/acquirer.py check_pan, InputError with the same words): each check runs once
+            req = self._request(site, row, env, opened)
+            problem = rules.card_match_problem(opened.pan, opened.expiry, body)
             if problem is not None:
                 return await self._reject(site, sale_id, problem)
-            req = self._request(site, row, env, opened)
         except SALE_ERRORS as exc:
             return await self._reject(site, sale_id, scrub(str(exc), opened.pan if opened else None))
 

@@ -39,6 +39,7 @@ from meshpos.wire.forwarding_codings import (ANNOUNCE_HEADER, CODING_HEADER, COM
                                              decode_results_request)
 from meshpos.switch.lookup import results_for
 from meshpos.switch.connlimit import ConnectionGate, ConnectionLimits
+from meshpos.switch.gcpolicy import settle_gc
 from meshpos.switch.hardening import disable_core_dumps
 from meshpos.switch.metrics import SwitchMetrics
 from meshpos.switch.ops import OpsService, Readiness, serve_ops, watch_sites
@@ -267,6 +268,7 @@ async def run_until_signalled(path: Path, listen: str | None = None, metrics: st
             running: RunningSwitch = await nursery.start(lambda task_status: run_switch(
                 path, listen=listen, metrics=metrics, task_status=task_status))
             on_listening(running.port, running.metrics_port)
+            settle_gc()  # started: what it holds now is never garbage (meshpos/switch/gcpolicy.py)
             async for _ in signals:
                 break
             nursery.cancel_scope.cancel()

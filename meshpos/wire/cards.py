@@ -13,7 +13,7 @@ import nacl.exceptions
 import nacl.public
 
 from meshpos.domain.errors import CryptoError, EncodingError, InputError
-from meshpos.domain.rules import ENTRY_MODES, expiry_problem, luhn_ok, pan_problem
+from meshpos.domain.rules import ENTRY_MODES, expiry_problem, is_ascii_digits, pan_problem
 from meshpos.wire import canonical
 
 
@@ -87,7 +87,11 @@ class OpenedCard:
 
 def open_card(sealed: bytes, switch_private_key: bytes | nacl.public.PrivateKey) -> OpenedCard:
     """The switch side of :func:`seal_card`. A switch opening many passes its key as a
-    ``PrivateKey`` made once (making one from bytes derives the public key: a scalar multiplication)."""
+    ``PrivateKey`` made once (making one from bytes derives the public key: a scalar multiplication).
+    The number is checked to be ASCII digits only: whether it is a card number (its length, the
+    Luhn check, an issued number) is ``rules.pan_problem``'s, which the switch applies once per
+    sale (``rules.card_problem``), and every :class:`~meshpos.wire.acquirer.AcquirerRequest` made
+    from it checks it again (``check_pan``) before anything reaches an acquirer."""
     try:
         key = (switch_private_key if isinstance(switch_private_key, nacl.public.PrivateKey)
                else nacl.public.PrivateKey(switch_private_key))
@@ -96,6 +100,6 @@ def open_card(sealed: bytes, switch_private_key: bytes | nacl.public.PrivateKey)
         pan, expiry = data["pan"], data["expiry"]
     except (nacl.exceptions.CryptoError, EncodingError, KeyError, TypeError, ValueError) as exc:
         raise CryptoError("sealed card data cannot be opened (tampered, or sealed to another switch)") from exc
-    if not isinstance(pan, str) or not luhn_ok(pan):
+    if not is_ascii_digits(pan):
         raise CryptoError("sealed card data holds no valid card number")
     return OpenedCard(pan=pan, expiry=expiry if isinstance(expiry, str) else None)
