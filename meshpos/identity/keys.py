@@ -85,14 +85,25 @@ def montgomery_to_edwards_candidates(x25519_public: bytes) -> tuple[bytes, bytes
     return y_bytes, bytes(with_sign)
 
 
+# X25519 key -> the Ed25519 candidate that verified last: tried first next time. Every result a
+# switch signs is checked on every node, and the wrong candidate first cost a second Ed25519
+# check each time for a switch key whose sign bit is set (half of them).
+_LAST_GOOD: dict[bytes, bytes] = {}
+_LAST_GOOD_MAX = 64
+
+
 def verify_by_x25519(x25519_public: bytes, message: bytes, signature: bytes) -> None:
-    errors = 0
-    for candidate in montgomery_to_edwards_candidates(x25519_public):
+    first, second = montgomery_to_edwards_candidates(x25519_public)
+    if _LAST_GOOD.get(x25519_public) == second:
+        first, second = second, first
+    for candidate in (first, second):
         try:
             verify(candidate, message, signature)
-            return
         except VerificationError:
-            errors += 1
+            continue
+        if candidate != first and (x25519_public in _LAST_GOOD or len(_LAST_GOOD) < _LAST_GOOD_MAX):
+            _LAST_GOOD[x25519_public] = candidate
+        return
     raise VerificationError("bad signature (not by the pinned switch key)")
 
 

@@ -110,13 +110,17 @@ async def run_link(stream: trio.abc.Stream, session: SyncSession, clock: Clock,
                 wake = trio.Event()
                 if session.wants_write:
                     continue
-                delay = session.next_deadline() - clock.monotonic()
+                deadline = session.next_deadline()
+                delay = deadline - clock.monotonic()
                 if math.isfinite(delay):
                     with trio.move_on_after(max(0.0, delay)):
                         await wake.wait()
                 else:
                     await wake.wait()
-                session.tick()
+                # the timers only when one is due: a wake-up for a frame to write (most of them
+                # under load) has nothing for them to do
+                if clock.monotonic() >= deadline:
+                    session.tick()
             nursery.cancel_scope.cancel()
     except Exception as exc:  # a bug must cost one link, not the node
         log.exception("link %s: unexpected failure", session.label)

@@ -87,6 +87,7 @@ RESYNC_INTERVAL = 300.0  # full SUMMARY comparison on an open link, in case a me
 PUSH_QUEUE_LIMIT = 512 * 1024  # unsent pushed changes per (link, shard); past it, the sync protocol
 MAX_ORPHAN_PUSHES = 256  # PUSH frames in a row that neither apply nor match: a peer gone wrong
 MAX_ANNOUNCED = 2048  # change hashes in one IHAVE frame
+PEER_HAS_LIMIT = 4096  # change hashes a link's peer announced, remembered so as not to announce them back
 
 
 def shard_digest(ledger: Ledger, shard: str) -> bytes:
@@ -326,6 +327,9 @@ class SyncSession:
         self._orphans = 0
         self._announce: dict[str, list[bytes]] = {}  # shard -> change hashes to announce (IHAVE)
         self._announce_due: float | None = None
+        # hashes the peer announced to us (most recent last): it holds them, so they are not
+        # announced back to it (on a link lazy both ways both ends announce most changes)
+        self._peer_has: dict[bytes, None] = {}
         self._prune_out: set[str] = set()
         self._graft_out: set[str] = set()
         self._rearm = False  # a new timer: the driver must recompute its deadline
@@ -448,6 +452,11 @@ class SyncSession:
         changes' hashes in an IHAVE, after ``ANNOUNCE_DELAY`` with whatever else comes meanwhile."""
         if self.conn.state is not LinkState.OPEN or self.version < TREE_VERSION or self.conn.draining:
             return
+        peer_has = self._peer_has
+        if peer_has:
+            hashes = [h for h in hashes if h not in peer_has]
+            if not hashes:
+                return
         self._announce.setdefault(shard, []).extend(hashes)
         if self._announce_due is None:
             self._announce_due = self.clock.monotonic() + ANNOUNCE_DELAY
@@ -808,9 +817,23 @@ class SyncSession:
         before = tree.next_deadline()
         shards = self._admissible({shard: b"" for shard, _ in event.entries})
         now = self.clock.monotonic()
+        pending, peer_has = self._announce, self._peer_has
         for shard, hashes in event.entries:
             if shard in shards:
                 tree.announced(self, shard, hashes, now)
+            for h in hashes:
+                peer_has[h] = None
+            queued = pending.get(shard)
+            if queued:  # the peer holds them: our announcement of them would tell it nothing
+                kept = [h for h in queued if h not in peer_has]
+                if kept:
+                    pending[shard] = kept
+                else:
+                    del pending[shard]
+        if not pending:
+            self._announce_due = None
+        if len(peer_has) > 2 * PEER_HAS_LIMIT:  # keep the most recent ones
+            self._peer_has = dict.fromkeys(list(peer_has)[-PEER_HAS_LIMIT:])
         if tree.next_deadline() < before:
             self._rearm = True
 
