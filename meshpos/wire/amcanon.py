@@ -168,14 +168,15 @@ def _rle_decode(data: bytes, kind: str) -> list[int | str | None]:
     out: list[int | str | None] = []
     while not r.done:
         count = r.sleb()
+        size = abs(count) if count else r.uleb()
+        if len(out) + size > MAX_OPS:  # before making the list: a run can claim 2**63 entries
+            raise NonCanonical(f"a column of more than {MAX_OPS} entries")
         if count > 0:
             out.extend([value()] * count)
         elif count < 0:
             out.extend(value() for _ in range(-count))
         else:
-            out.extend([None] * r.uleb())
-        if len(out) > MAX_OPS:
-            raise NonCanonical(f"a column of more than {MAX_OPS} entries")
+            out.extend([None] * size)
     return out
 
 
