@@ -30,7 +30,7 @@ from typing import Any, Callable
 import automerge.core as am
 
 from meshpos.wire.leb128 import uleb128
-from meshpos.wire import amchange
+from meshpos.wire import amcanon, amchange
 from meshpos.ledger import amguard
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
@@ -565,6 +565,7 @@ class Ledger:
 
     def receive_sync(self, shard: str, state: am.SyncState, data: bytes, peer: str) -> IngestReport:
         self._before_receiving(shard)
+        amcanon.check_sync_message(data)  # before Automerge: a non-canonical change breaks every save
         with amguard.automerge_input(f"bad Automerge sync message for shard {shard}"):
             msg = am.Message.decode(data)
         doc = self._doc(shard)
@@ -592,6 +593,8 @@ class Ledger:
         """Apply changes a peer pushed (a change whose dependencies are missing waits inside
         Automerge until they arrive; the heads do not move meanwhile)."""
         self._before_receiving(shard)
+        for change in changes:  # before Automerge: a non-canonical change breaks every save
+            amcanon.check_chunks(change)
         doc = self._doc(shard)
         before = doc.get_heads()
         with self._unless_panic(shard), amguard.automerge_input(f"Automerge refused pushed changes for shard {shard}"):

@@ -1,0 +1,455 @@
+"""Is an Automerge change that a peer sent encoded exactly as Automerge itself would encode it?
+
+Why: Automerge applies a change as it arrives and keeps its bytes and hash, but it saves a document
+as columns of operations and, on load, encodes every change anew and checks the hashes against the
+saved heads. A change encoded any other way (a number written in two bytes where one does, a
+run-length column split into two runs, a delete that names no operation, columns in another
+order, trailing bytes) applies, then makes every save of that shard unloadable ("mismatching
+heads"), for good: the change stays in the shard's history even when the ledger strips the entry
+it brought. A fresh node that bootstraps from such a save cuts the honest node off. So the ledger
+refuses, before it merges them, changes that are not in Automerge's own encoding
+(protocols/link.md, "Canonical changes").
+
+How: every change is decoded into the operations meshpos writes, encoded again the way automerge
+0.5.7 does (``storage/change``, ``columnar/encoding``: RLE, delta and boolean encoders, minimal
+LEB128, empty columns left out), and the two byte strings must be equal. meshpos writes only one
+kind of change (``Ledger._put``, ``_strip``, ``_purge_beyond_cut``, ``_load_shard``): operations on
+the root map, each a put of a ``bytes`` value or a delete, in one transaction, without a message.
+Anything else is refused, on purpose, because meshpos never writes it and this module cannot
+prove its save round-trips: an operation on another object or a list position, another value
+type, another action (counters, marks, objects), a column Automerge writes only for those, a
+deflated column, a commit message, extra bytes after the columns, an empty change. Also refused,
+though each is a valid encoding, because Automerge would write the change differently: deps not
+in ascending order, other actors that are not exactly the ones the predecessors name in
+ascending order, predecessors not in ascending (counter, actor) order or repeated, a predecessor
+not older than its operation, a delete without predecessor (a save keeps a delete only as the
+successor of what it deleted).
+
+The chunks this reads (``check_chunks``): a change chunk (type 1) is checked as above; a
+compressed change chunk (type 2, its body deflated: what ``Change.bytes`` and every PUSH carry) is
+inflated and the change inside checked as above (Automerge keeps the inflated change, so how it
+was deflated does not matter); a document chunk (type 0, what Automerge's sync puts in a message
+to a peer that holds nothing) is accepted unread: Automerge loads it only if every change it
+rebuilds from it hashes to the document's heads, which is this very check done by Automerge.
+Several chunks may follow one another in one element (Automerge's ``load_incremental`` reads them
+all). Anything else is refused.
+
+What this cannot see, reading the change alone (open, protocols/link.md): a change encoded
+canonically but inconsistent with the document it joins breaks saves too (a predecessor naming
+an operation on another key or none at all, a ``seq`` that does not follow its actor's previous
+change, another ``startOp`` than Automerge would assign). Refusing those needs the shard's history.
+
+Pure: no I/O; ``NonCanonical`` (an ``EncodingError``) says what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from typing import Final
+
+from meshpos.domain.errors import EncodingError
+
+MAGIC: Final = b"\x85\x6f\x4a\x83"
+DOCUMENT_CHUNK: Final = 0
+CHANGE_CHUNK: Final = 1
+COMPRESSED_CHUNK: Final = 2
+INFLATED_MAX: Final = 64 * 1024 * 1024  # a compressed change inflating past this is refused
+# Operations (and predecessors) of one change: meshpos writes at most a shard's entries (256 of
+# its own, plus what a strip deletes) in one; a column's runs can claim 2**63 in a few bytes.
+MAX_OPS: Final = 1 << 20
+
+# Column specs (id << 4 | deflate << 3 | type) of the changes meshpos writes, in Automerge's order.
+KEY_STR: Final = 21
+INSERT: Final = 52
+ACTION: Final = 66
+VAL_META: Final = 86
+VAL_RAW: Final = 87
+PRED_NUM: Final = 112
+PRED_ACTOR: Final = 113
+PRED_CTR: Final = 115
+KNOWN_COLUMNS: Final = (KEY_STR, INSERT, ACTION, VAL_META, VAL_RAW, PRED_NUM, PRED_ACTOR, PRED_CTR)
+
+ACTION_PUT: Final = 1
+ACTION_DELETE: Final = 3
+VALUE_BYTES: Final = 7  # value metadata type of a bytes value: length << 4 | 7
+VALUE_NULL: Final = 0
+
+SYNC_V1: Final = 0x42
+SYNC_V2: Final = 0x43
+
+
+class NonCanonical(EncodingError):
+    """A change Automerge would apply but not encode this way: merging it would break every save
+    of the shard."""
+
+
+class _Short(Exception):
+    pass
+
+
+# -- LEB128 and the column encodings (automerge columnar/encoding) ----------------------------
+
+
+def _uleb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _sleb(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if (n == 0 and not byte & 0x40) or (n == -1 and byte & 0x40):
+            out.append(byte)
+            return bytes(out)
+        out.append(byte | 0x80)
+
+
+class _Reader:
+    __slots__ = ("data", "pos", "end")
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data = data
+        self.pos = pos
+        self.end = len(data) if end is None else end
+
+    def uleb(self) -> int:
+        result, shift = 0, 0
+        while True:
+            if self.pos >= self.end or shift > 63:
+                raise _Short
+            byte = self.data[self.pos]
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result
+
+    def sleb(self) -> int:
+        result, shift = 0, 0
+        while True:
+            if self.pos >= self.end or shift > 63:
+                raise _Short
+            byte = self.data[self.pos]
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return result - (1 << shift) if byte & 0x40 else result
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > self.end:
+            raise _Short
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= self.end
+
+
+def _rle_decode(data: bytes, kind: str) -> list[int | str | None]:
+    """A run-length encoded column's entries (``kind``: "uint", "sint" or "str"; None = null)."""
+    r = _Reader(data)
+
+    def value() -> int | str:
+        if kind == "uint":
+            return r.uleb()
+        if kind == "sint":
+            return r.sleb()
+        try:
+            return r.take(r.uleb()).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NonCanonical("a key is not UTF-8") from exc
+
+    out: list[int | str | None] = []
+    while not r.done:
+        count = r.sleb()
+        size = abs(count) if count else r.uleb()
+        if len(out) + size > MAX_OPS:  # before making the list: a run can claim 2**63 entries
+            raise NonCanonical(f"a column of more than {MAX_OPS} entries")
+        if count > 0:
+            out.extend([value()] * count)
+        elif count < 0:
+            out.extend(value() for _ in range(-count))
+        else:
+            out.extend([None] * size)
+    return out
+
+
+def _rle_encode(values: list[int | str | None], kind: str) -> bytes:
+    """automerge ``RleEncoder``: runs of two or more equal values, literal runs of the rest, null
+    runs; a column of nulls only is empty."""
+    out = bytearray()
+
+    def put(v: int | str) -> None:
+        if kind == "uint":
+            assert isinstance(v, int)
+            out.extend(_uleb(v))
+        elif kind == "sint":
+            assert isinstance(v, int)
+            out.extend(_sleb(v))
+        else:
+            assert isinstance(v, str)
+            raw = v.encode("utf-8")
+            out.extend(_uleb(len(raw)) + raw)
+
+    if all(v is None for v in values):
+        return b""
+    i, n = 0, len(values)
+    literal: list[int | str] = []
+
+    def flush_literal() -> None:
+        if literal:
+            out.extend(_sleb(-len(literal)))
+            for v in literal:
+                put(v)
+            literal.clear()
+
+    while i < n:
+        v = values[i]
+        j = i
+        while j < n and values[j] == v and (v is not None or values[j] is None):
+            j += 1
+        run = j - i
+        if v is None:
+            flush_literal()
+            out.extend(_sleb(0) + _uleb(run))
+        elif run >= 2:
+            flush_literal()
+            out.extend(_sleb(run))
+            put(v)
+        else:
+            literal.append(v)
+        i = j
+    flush_literal()
+    return bytes(out)
+
+
+def _delta_decode(data: bytes) -> list[int | None]:
+    out: list[int | None] = []
+    absolute = 0
+    for d in _rle_decode(data, "sint"):
+        if d is None:
+            out.append(None)
+        else:
+            assert isinstance(d, int)
+            absolute += d
+            out.append(absolute)
+    return out
+
+
+def _delta_encode(values: list[int]) -> bytes:
+    deltas: list[int | str | None] = []
+    absolute = 0
+    for v in values:
+        deltas.append(v - absolute)
+        absolute = v
+    return _rle_encode(deltas, "sint")
+
+
+def _bool_decode(data: bytes) -> list[bool]:
+    r = _Reader(data)
+    out: list[bool] = []
+    value = False
+    while not r.done:
+        count = r.uleb()
+        if len(out) + count > MAX_OPS:
+            raise NonCanonical(f"a column of more than {MAX_OPS} entries")
+        out.extend([value] * count)
+        value = not value
+    return out
+
+
+def _bool_encode(values: list[bool]) -> bytes:
+    out = bytearray()
+    last, count = False, 0
+    for v in values:
+        if v == last:
+            count += 1
+        else:
+            out.extend(_uleb(count))
+            last, count = v, 1
+    if count:
+        out.extend(_uleb(count))
+    return bytes(out)
+
+
+# -- one change ----------------------------------------------------------------------------------
+
+
+def _check_body(body: bytes) -> None:
+    """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
+    them again as Automerge does, and compare."""
+    r = _Reader(body)
+    deps = [r.take(32) for _ in range(r.uleb())]
+    actor = r.take(r.uleb())
+    seq, start_op, time = r.uleb(), r.uleb(), r.sleb()
+    message = r.take(r.uleb())
+    others = [r.take(r.uleb()) for _ in range(r.uleb())]
+    specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+    columns: dict[int, bytes] = {}
+    for spec, size in specs:
+        if spec not in KNOWN_COLUMNS:
+            raise NonCanonical(f"column {spec}, which meshpos never writes")
+        if spec in columns:
+            raise NonCanonical(f"column {spec} twice")
+        columns[spec] = r.take(size)
+    if not r.done:
+        raise NonCanonical("extra bytes after the columns")
+    if message:
+        raise NonCanonical("a commit message, which meshpos never writes")
+    if any(a >= b for a, b in zip(deps, deps[1:])):
+        raise NonCanonical("deps not in ascending order")
+
+    def column(spec: int) -> bytes:
+        return columns.get(spec, b"")
+
+    keys = _rle_decode(column(KEY_STR), "str")
+    actions = _rle_decode(column(ACTION), "uint")
+    n = len(actions)
+    if n == 0:
+        raise NonCanonical("a change without operations, which meshpos never writes")
+    if len(keys) != n or any(k is None for k in keys):
+        raise NonCanonical("an operation not on a root-map key, which meshpos never writes")
+    if any(a not in (ACTION_PUT, ACTION_DELETE) for a in actions):
+        raise NonCanonical("an action other than put and delete, which meshpos never writes")
+    if _bool_decode(column(INSERT)) != [False] * n:
+        raise NonCanonical("the insert column is not one false per operation")
+    metas = _rle_decode(column(VAL_META), "uint")
+    if len(metas) != n or any(m is None for m in metas):
+        raise NonCanonical("the value metadata column does not hold one value per operation")
+    raw_len = 0
+    for action, meta in zip(actions, metas):
+        assert isinstance(meta, int)
+        if action == ACTION_PUT and meta & 0x0F == VALUE_BYTES:
+            raw_len += meta >> 4
+        elif not (action == ACTION_DELETE and meta == VALUE_NULL):
+            raise NonCanonical("a value that is not bytes, or a delete with a value, which meshpos never writes")
+    if raw_len != len(column(VAL_RAW)):
+        raise NonCanonical("the values' bytes do not match their lengths")
+    counts = _rle_decode(column(PRED_NUM), "uint")
+    if len(counts) != n or any(c is None for c in counts):
+        raise NonCanonical("the predecessor counts do not hold one count per operation")
+    total = sum(c for c in counts if isinstance(c, int))
+    pred_actors = _rle_decode(column(PRED_ACTOR), "uint")
+    pred_ctrs = _delta_decode(column(PRED_CTR))
+    if len(pred_actors) != total or len(pred_ctrs) != total or None in pred_actors or None in pred_ctrs:
+        raise NonCanonical("the predecessor columns do not match the predecessor counts")
+    table = [actor, *others]
+    named: set[bytes] = set()
+    at = 0
+    for i, (action, count) in enumerate(zip(actions, counts)):
+        assert isinstance(count, int)
+        if action == ACTION_DELETE and count == 0:
+            raise NonCanonical("a delete without predecessor")
+        previous: tuple[int, bytes] | None = None
+        for index, ctr in zip(pred_actors[at:at + count], pred_ctrs[at:at + count]):
+            assert isinstance(index, int) and isinstance(ctr, int)
+            if index >= len(table):
+                raise NonCanonical("a predecessor names an actor past the change's actor table")
+            if not 0 < ctr < start_op + i:
+                raise NonCanonical("a predecessor not older than its operation")
+            this = (ctr, table[index])
+            if previous is not None and this <= previous:
+                raise NonCanonical("predecessors not in ascending order, or repeated")
+            previous = this
+            if index:
+                named.add(table[index])
+        at += count
+    if others != sorted(named) or actor in named:
+        raise NonCanonical("the other actors are not exactly those the predecessors name, in ascending order")
+    ints = [int(x) for x in pred_ctrs if x is not None]
+    encoded = {
+        KEY_STR: _rle_encode(keys, "str"),
+        INSERT: _bool_encode([False] * n),
+        ACTION: _rle_encode(actions, "uint"),
+        VAL_META: _rle_encode(metas, "uint"),
+        VAL_RAW: column(VAL_RAW),
+        PRED_NUM: _rle_encode(counts, "uint"),
+        PRED_ACTOR: _rle_encode(pred_actors, "uint"),
+        PRED_CTR: _delta_encode(ints),
+    }
+    present = [(spec, data) for spec, data in encoded.items() if data]
+    again = bytearray(_uleb(len(deps)) + b"".join(deps) + _uleb(len(actor)) + actor + _uleb(seq) + _uleb(start_op)
+                      + _sleb(time) + _uleb(0) + _uleb(len(others)))
+    for other in others:
+        again += _uleb(len(other)) + other
+    again += _uleb(len(present))
+    for spec, data in present:
+        again += _uleb(spec) + _uleb(len(data))
+    for _, data in present:
+        again += data
+    if bytes(again) != body:
+        raise NonCanonical("not encoded as Automerge encodes it")
+
+
+def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> None:
+    if chunk_type == COMPRESSED_CHUNK:
+        inflater = zlib.decompressobj(-15)
+        try:
+            body = inflater.decompress(body, INFLATED_MAX)
+        except zlib.error as exc:
+            raise NonCanonical(f"a compressed change does not inflate ({exc})") from exc
+        if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
+            raise NonCanonical("a compressed change is truncated, too large, or followed by other bytes")
+    if hashlib.sha256(bytes([CHANGE_CHUNK]) + _uleb(len(body)) + body).digest()[:4] != checksum:
+        raise NonCanonical("a change's checksum does not match")
+    _check_body(body)
+
+
+def check_chunks(data: bytes) -> None:
+    """Check one element of a PUSH or of a sync message's changes: Automerge chunks one after the
+    other, as ``load_incremental`` reads them. Raises ``NonCanonical`` with the reason."""
+    r = _Reader(data)
+    try:
+        if r.done:
+            raise NonCanonical("an empty change")
+        while not r.done:
+            start = r.pos
+            if r.take(4) != MAGIC:
+                raise NonCanonical("not an Automerge chunk")
+            checksum = r.take(4)
+            chunk_type = r.take(1)[0]
+            length = r.uleb()
+            if r.data[start + 9:r.pos] != _uleb(length):
+                raise NonCanonical("a chunk length not written in the fewest bytes")
+            body = r.take(length)
+            if chunk_type == DOCUMENT_CHUNK:
+                continue  # Automerge loads it only if its changes, encoded anew, match its heads
+            if chunk_type not in (CHANGE_CHUNK, COMPRESSED_CHUNK):
+                raise NonCanonical(f"a chunk of type {chunk_type}")
+            _check_change_chunk(chunk_type, checksum, body)
+    except _Short as exc:
+        raise NonCanonical("a change is truncated") from exc
+
+
+def sync_message_changes(data: bytes) -> list[bytes]:
+    """The elements of an Automerge sync message's change list (format v1 0x42 and v2 0x43: type,
+    heads, need, have, then the changes; capabilities may follow)."""
+    r = _Reader(data)
+    try:
+        if r.take(1)[0] not in (SYNC_V1, SYNC_V2):
+            raise NonCanonical("not an Automerge sync message")
+        r.take(32 * r.uleb())  # heads
+        r.take(32 * r.uleb())  # need
+        for _ in range(r.uleb()):  # have: last sync heads and a Bloom filter
+            r.take(32 * r.uleb())
+            r.take(r.uleb())
+        return [r.take(r.uleb()) for _ in range(r.uleb())]
+    except _Short as exc:
+        raise NonCanonical("a sync message is truncated") from exc
+
+
+def check_sync_message(data: bytes) -> None:
+    """Check every change an Automerge sync message carries (``check_chunks``)."""
+    for element in sync_message_changes(data):
+        check_chunks(element)
