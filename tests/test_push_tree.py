@@ -478,3 +478,22 @@ def test_a_node_whose_eager_link_closes_grafts_at_once_and_misses_no_push(tmp_pa
     assert sale in c.sale_ids()
     assert _pushed(c)[0] > pushed0 and c.replicator.tree.grafts == grafts  # pushed, not pulled
     assert a.entries() == b.entries() == c.entries()
+
+
+def test_a_compressed_change_is_named_by_the_hash_of_the_chunk_as_pushed() -> None:
+    """protocols/link.md: a change hash is SHA-256 of the chunk as carried in PUSH. A sale's change
+    is carried compressed (type 2), and its hash is not Automerge's own head hash."""
+    import hashlib
+
+    import automerge.core as am
+
+    from meshpos.replication.pushtree import change_hash
+
+    doc = am.Document()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "sale", am.ScalarType.Bytes, b"x" * 400)
+    change = doc.get_changes([])[0]
+    pushed, raw = change.bytes, change.raw_bytes
+    assert pushed[8] == 2 and raw[8] == 1  # carried compressed; Automerge hashes the raw form
+    assert change_hash(pushed) == hashlib.sha256(pushed[8:]).digest() != bytes(change.hash)
+    assert change_hash(raw) == bytes(change.hash)
