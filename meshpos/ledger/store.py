@@ -48,8 +48,9 @@ CREATE TABLE IF NOT EXISTS sales(
     voided_at INTEGER, result_status TEXT, auth_code TEXT, response_code TEXT, reason TEXT,
     settled_at INTEGER, refused TEXT, reversed_at INTEGER);
 CREATE INDEX IF NOT EXISTS sales_terminal ON sales(terminal, seq);
-CREATE INDEX IF NOT EXISTS sales_pending ON sales(terminal, created_at, amount_minor)
-    WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL;
+CREATE INDEX IF NOT EXISTS sales_pending_card ON sales(terminal, created_at, amount_minor)
+    WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL AND method='card';
+DROP INDEX IF EXISTS sales_pending;
 CREATE TABLE IF NOT EXISTS shards(shard TEXT PRIMARY KEY, snapshot BLOB);
 CREATE TABLE IF NOT EXISTS chunks(
     id INTEGER PRIMARY KEY AUTOINCREMENT, shard TEXT NOT NULL, data BLOB NOT NULL, crc INTEGER NOT NULL);
@@ -179,9 +180,7 @@ class Store:
             for col, kind in (("refused", "TEXT"), ("reversed_at", "INTEGER")):
                 if col not in cols:
                     self.conn.execute(f"ALTER TABLE sales ADD COLUMN {col} {kind}")
-            self.conn.execute("DROP INDEX IF EXISTS sales_pending")
-            self.conn.execute("CREATE INDEX sales_pending ON sales(terminal, created_at, amount_minor)"
-                              " WHERE result_status IS NULL AND voided_at IS NULL AND refused IS NULL")
+            self.conn.execute("DROP INDEX IF EXISTS sales_pending")  # schema 1's; SCHEMA made sales_pending_card
             self.set_meta("schema", "2")
 
     def _migrate_2_to_3(self) -> None:
