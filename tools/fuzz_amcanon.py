@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import random
 from collections import Counter
 
 import automerge.core as am
 
 from meshpos.ledger.ledger import changes_message
-from meshpos.wire import amcanon
+from meshpos.wire import amcanon, amhistory
 from meshpos.wire.amcanon import _delta_decode, _Reader, _rle_decode, _uleb
 
 
@@ -59,12 +58,12 @@ def honest_cases(rng: random.Random, n: int) -> list[tuple[am.Document, bytes]]:
     made on one of them: the change to mutate and the document it is applied to."""
     cases = []
     for _ in range(n):
-        a = am.Document(os.urandom(16))
+        a = am.Document(rng.randbytes(16))
         with a.transaction() as tx:
             for k in range(rng.randint(1, 4)):
-                tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, os.urandom(rng.choice([0, 3, 300])))
+                tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, rng.randbytes(rng.choice([0, 3, 300])))
         b = a.fork()
-        b.set_actor(os.urandom(16))
+        b.set_actor(rng.randbytes(16))
         with b.transaction() as tx:
             tx.put(am.ROOT, "sale/0", am.ScalarType.Bytes, b"b")
         with a.transaction() as tx:
@@ -76,7 +75,7 @@ def honest_cases(rng: random.Random, n: int) -> list[tuple[am.Document, bytes]]:
                 if rng.random() < 0.4 and a.get(am.ROOT, f"sale/{k}") is not None:
                     tx.delete(am.ROOT, f"sale/{k}")
                 else:
-                    tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, os.urandom(rng.choice([0, 2, 50])))
+                    tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, rng.randbytes(rng.choice([0, 2, 50])))
         [change] = a.get_changes(before)
         cases.append((target, change.raw_bytes))
     return cases
@@ -118,18 +117,25 @@ def main() -> None:
         if not applied:
             outcome[f"not applied, check {'passed' if passed else 'refused'}"] += 1
             continue
+        fits = True
+        if passed:  # the ledger checks the history of what passed the encoding check and applied
+            try:
+                amhistory.Histories().check_merge("s", doc, doc.get_changes(target.get_heads()))
+            except amhistory.Unfit:
+                fits = False
         try:
             am.Document.load(doc.save())
             loads = True
         except BaseException:
             loads = False
-        outcome[f"applied, check {'passed' if passed else 'refused'}, save {'loads' if loads else 'BROKEN'}"] += 1
-        if passed and not loads:
+        check = "refused" if not passed else "passed, history check " + ("passed" if fits else "refused")
+        outcome[f"applied, check {check}, save {'loads' if loads else 'BROKEN'}"] += 1
+        if passed and fits and not loads:
             before, after = fields(bytes(body_of(raw))), fields(bytes(body))
             missed[tuple(k for k in before if before[k] != after[k])] += 1
     for name, count in sorted(outcome.items()):
         print(f"{count:7d}  {name}")
-    print("passed the check, applied, save broken, by the fields the mutation changed:")
+    print("passed both checks, applied, save broken, by the fields the mutation changed:")
     for changed, count in missed.most_common():
         print(f"{count:7d}  {', '.join(changed) or '(none decoded)'}")
 
