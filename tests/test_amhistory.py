@@ -56,7 +56,7 @@ def apply(doc: am.Document, raw: bytes) -> list[bytes]:
 
 def check_merge(histories: amhistory.Histories, name: str, doc: am.Document, before: list[bytes]) -> int:
     new = doc.get_changes(before)
-    histories.check_merge(name, doc, new)
+    histories.check_merge(name, doc, before, new)
     return len(new)
 
 

@@ -614,7 +614,7 @@ class Ledger:
         if self.docs[shard].get_heads() == before:
             return
         try:
-            self._histories.check_merge(shard, self.docs[shard], self._new_changes(shard, before))
+            self._histories.check_merge(shard, self.docs[shard], before, self._new_changes(shard, before))
         except amhistory.Unfit:
             self.docs.pop(shard, None)
             self._load_shard(shard)

@@ -85,8 +85,9 @@ class History:
     max_op: dict[bytes, int] = field(default_factory=dict)
     put_key: dict[tuple[int, bytes], str] = field(default_factory=dict)
 
-    def check(self, change: Change) -> None:
-        """Raise ``Unfit`` unless ``change`` fits the history indexed so far."""
+    def check(self, change: Change) -> list[str | None] | None:
+        """Raise ``Unfit`` unless ``change`` fits the history indexed so far; the root key each of
+        its operations puts (for ``add``), or None if this did not read them."""
         actor = change.actor_id
         if change.seq != self.last_seq.get(actor, 0) + 1:
             raise Unfit(f"a change's seq {change.seq} does not follow its actor's last ({self.last_seq.get(actor, 0)})")
@@ -104,17 +105,18 @@ class History:
             # loaded only because each change it rebuilt from the operations hashed to the
             # document's heads: its predecessors are the document's own. Its seq and startOp
             # are checked above (an actor's changes could clash with the shard's).
-            return
+            return None
         for op in ops:
             for pred in op.preds:
                 if self.put_key.get(pred) != op.key:
                     raise Unfit("a predecessor does not name a put on the same key")
+        return [op.key if op.put else None for op in ops]
 
-    def add(self, change: Change) -> None:
-        """Index ``change`` (checked, or written by this node)."""
+    def add(self, change: Change, keys: list[str | None] | None = None) -> None:
+        """Index ``change`` (checked, or written by this node); ``keys``: what ``check`` returned."""
         self.last_seq[change.actor_id] = max(change.seq, self.last_seq.get(change.actor_id, 0))
         self.max_op[change.hash] = change.max_op
-        for i, key in enumerate(_root_keys_set(change.raw_bytes)):
+        for i, key in enumerate(_root_keys_set(change.raw_bytes) if keys is None else keys):
             if key is not None:
                 self.put_key[(change.start_op + i, change.actor_id)] = key
 
@@ -162,21 +164,22 @@ class Histories:
     def __init__(self) -> None:
         self._shards: dict[str, History] = {}
 
-    def check_merge(self, shard: str, doc: Document, new: Sequence[Change]) -> None:
-        """``new``: the changes a merge just applied to ``doc`` (``get_changes(heads before)``,
-        in the order applied). Raises ``Unfit`` if one does not fit; the caller must then drop
-        the document (the index is dropped here), whose history now holds it."""
+    def check_merge(self, shard: str, doc: Document, before: list[bytes], new: Sequence[Change]) -> None:
+        """``new``: the changes a merge just applied to ``doc`` (``get_changes(before)``, in the
+        order applied; ``before``: the heads before the merge). Raises ``Unfit`` if one does not
+        fit; the caller must then drop the document (the index is dropped here), whose history
+        now holds it."""
         history = self._shards.get(shard)
         if history is None or history.doc is not doc:
             history = self._shards[shard] = History(doc)
-        fresh = {c.hash for c in new}
-        for change in doc.get_changes(history.heads):  # what this node wrote, then the merge
-            if change.hash not in fresh:
-                history.add(change)
+        if history.heads != before:  # what this node wrote since the last check, or all of it
+            fresh = {c.hash for c in new}
+            for change in doc.get_changes(history.heads):
+                if change.hash not in fresh:
+                    history.add(change)
         try:
             for change in new:
-                history.check(change)
-                history.add(change)
+                history.add(change, history.check(change))
         except Unfit:
             del self._shards[shard]
             raise
