@@ -34,10 +34,11 @@ rebuilds from it hashes to the document's heads, which is this very check done b
 Several chunks may follow one another in one element (Automerge's ``load_incremental`` reads them
 all). Anything else is refused.
 
-What this cannot see, reading the change alone (open, protocols/link.md): a change encoded
-canonically but inconsistent with the document it joins breaks saves too (a predecessor naming
-an operation on another key or none at all, a ``seq`` that does not follow its actor's previous
-change, another ``startOp`` than Automerge would assign). Refusing those needs the shard's history.
+What this cannot see, reading the change alone: a change encoded canonically but inconsistent
+with the document it joins breaks saves too (a predecessor naming an operation on another key or
+none at all, a ``seq`` that does not follow its actor's previous change, another ``startOp`` than
+Automerge would assign). meshpos.wire.amhistory refuses those, from the shard's history, once
+Automerge has applied the change (``change_ops`` gives it the operations read here).
 
 Pure: no I/O; ``NonCanonical`` (an ``EncodingError``) says what is wrong.
 """
