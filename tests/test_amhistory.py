@@ -277,3 +277,81 @@ def test_the_ledger_refuses_a_pushed_or_synced_change_that_does_not_fit(tmp_path
     finally:
         node.close()
         peer.close()
+
+
+def test_a_change_waiting_for_its_deps_is_checked_when_it_applies(tmp_path: Path) -> None:
+    """A peer pushes a writer's second change before its first: Automerge keeps it waiting (the
+    heads do not move, nothing is checked yet); the first then applies both, each checked in
+    the order applied: honest, both fit; the second with a wrong seq, the merge is refused and
+    the shard is as it was before it."""
+    site = make_site(tmp_path / "site")
+    node = SimNode.open(enroll(site, tmp_path / "n", "n"), SYSTEM_CLOCK, FAST)
+    peer = SimNode.open(enroll(site, tmp_path / "p", "p"), SYSTEM_CLOCK, FAST)
+    try:
+        node.core.sell(100)
+        shard = next(iter(node.core.ledger.docs))
+        doc = node.core.ledger._doc(shard).fork()
+        doc.set_actor(peer.core.ledger.actor)
+        changes = []
+        for key in ("sale/one", "sale/two"):
+            before = doc.get_heads()
+            with doc.transaction() as tx:
+                tx.put(am.ROOT, key, am.ScalarType.Bytes, b"junk")
+            changes += doc.get_changes(before)
+        first, second = changes
+        heads = node.core.ledger.heads(shard)
+        node.core.ledger.receive_push(shard, [with_header(second.raw_bytes, seq=3)], "peer")
+        assert node.core.ledger.heads(shard) == heads  # waiting for its deps
+        with pytest.raises(amhistory.Unfit, match="seq"):
+            node.core.ledger.receive_push(shard, [first.bytes], "peer")
+        assert node.core.ledger.heads(shard) == heads
+        am.Document.load(node.core.ledger.snapshot(shard))
+        node.core.ledger.receive_push(shard, [second.bytes], "peer")
+        assert node.core.ledger.heads(shard) == heads  # waiting again: the refusal dropped the queue too
+        report = node.core.ledger.receive_push(shard, [first.bytes], "peer")
+        assert {k for k, _ in report.rejected} == {"sale/one", "sale/two"}  # both applied, both fit
+        am.Document.load(node.core.ledger.snapshot(shard))
+    finally:
+        node.close()
+        peer.close()
+
+
+def test_an_honest_delete_of_what_a_snapshot_brought_fits() -> None:
+    """A snapshot brought values meshpos never writes (a string, a map holding a key, a list):
+    their changes are not meshpos's kind, yet a peer's honest strip of those keys (deletes whose
+    predecessors name them) fits, and an overwrite naming the map's inner put is refused."""
+    doc = am.Document(actor())
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "garbage", am.ScalarType.Str, "x" * 300)  # op 1
+        inner = tx.put_object(am.ROOT, "m", am.ObjType.Map)  # op 2
+        tx.put(inner, "k", am.ScalarType.Str, "y")  # op 3, inside the map
+        tx.put_object(am.ROOT, "l", am.ObjType.List)  # op 4
+    assert amcanon.root_keys_set(doc.get_changes([])[0].raw_bytes) == ["garbage", "m", None, "l"]
+    histories = amhistory.Histories()
+    target = am.Document(actor())
+    before = target.get_heads()
+    target.merge(doc)
+    check_merge(histories, "s", target, before)
+    peer = doc.fork()
+    peer.set_actor(actor())
+    before = peer.get_heads()
+    with peer.transaction() as tx:
+        for key in ("garbage", "m", "l"):
+            tx.delete(am.ROOT, key)
+    [strip] = peer.get_changes(before)
+    before = apply(target, strip.raw_bytes)
+    check_merge(histories, "s", target, before)
+    am.Document.load(target.save())
+    writer = doc.fork()
+    writer.set_actor(actor())
+    before = writer.get_heads()
+    with writer.transaction() as tx:
+        tx.put(am.ROOT, "garbage", am.ScalarType.Bytes, b"over")  # pred (1, doc's actor)
+    [over] = writer.get_changes(before)
+    bad = with_pred(over.raw_bytes, 3)  # the put inside the map
+    amcanon.check_chunks(bad)
+    fresh = doc.fork()
+    before = apply(fresh, bad)
+    assert fresh.get_heads() != before
+    with pytest.raises(amhistory.Unfit, match="predecessor"):
+        check_merge(amhistory.Histories(), "s", fresh, before)

@@ -440,6 +440,43 @@ def change_ops(raw: bytes) -> list[Op]:
         raise NonCanonical("a change is truncated") from exc
 
 
+OBJ_ACTOR: Final = 1  # objActor: a column of changes meshpos does not write (automerge storage/change)
+DEFLATE: Final = 0x08
+
+
+def root_keys_set(raw: bytes) -> list[str | None]:
+    """Per operation of an uncompressed change chunk of any kind: the root key it gives a value
+    (a put, or an object made there), or None (a delete, an operation inside another object or
+    on a list position: nothing a root key's operation may name as predecessor). A change this
+    cannot read gives no key at all, so no predecessor may name its operations."""
+    try:
+        r = _Reader(raw)
+        r.take(9)
+        body = r.take(r.uleb())
+        r = _Reader(body)
+        r.take(32 * r.uleb())  # deps
+        r.take(r.uleb())  # actor
+        r.uleb(), r.uleb(), r.sleb()  # seq, startOp, time
+        r.take(r.uleb())  # message
+        for _ in range(r.uleb()):  # other actors
+            r.take(r.uleb())
+        specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+        columns = {spec: r.take(size) for spec, size in specs}
+        if any(spec & DEFLATE for spec in columns):
+            return []
+        actions = _rle_decode(columns.get(ACTION, b""), "uint")
+        keys = _rle_decode(columns.get(KEY_STR, b""), "str")
+        objects = _rle_decode(columns.get(OBJ_ACTOR, b""), "uint")
+    except (_Short, NonCanonical):
+        return []
+    out: list[str | None] = []
+    for i, action in enumerate(actions):
+        key = keys[i] if i < len(keys) else None
+        on_root = i >= len(objects) or objects[i] is None
+        out.append(key if on_root and isinstance(key, str) and action != ACTION_DELETE else None)
+    return out
+
+
 def check_chunks(data: bytes) -> None:
     """Check one element of a PUSH or of a sync message's changes: Automerge chunks one after the
     other, as ``load_incremental`` reads them. Raises ``NonCanonical`` with the reason."""

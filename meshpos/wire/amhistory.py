@@ -116,46 +116,9 @@ class History:
         """Index ``change`` (checked, or written by this node); ``keys``: what ``check`` returned."""
         self.last_seq[change.actor_id] = max(change.seq, self.last_seq.get(change.actor_id, 0))
         self.max_op[change.hash] = change.max_op
-        for i, key in enumerate(_root_keys_set(change.raw_bytes) if keys is None else keys):
+        for i, key in enumerate(amcanon.root_keys_set(change.raw_bytes) if keys is None else keys):
             if key is not None:
                 self.put_key[(change.start_op + i, change.actor_id)] = key
-
-
-OBJ_ACTOR = 1  # column specs of any change (automerge storage/change), beside amcanon's
-DEFLATE = 0x08
-
-
-def _root_keys_set(raw: bytes) -> list[str | None]:
-    """Per operation of an uncompressed change chunk of any kind: the root key it gives a value
-    (a put, or an object made there), or None (a delete, an operation inside another object or
-    on a list position: nothing a root key's operation may name as predecessor). A change this
-    cannot read gives no key at all, so no predecessor may name its operations."""
-    try:
-        r = amcanon._Reader(raw)
-        r.take(9)
-        body = r.take(r.uleb())
-        r = amcanon._Reader(body)
-        r.take(32 * r.uleb())  # deps
-        r.take(r.uleb())  # actor
-        r.uleb(), r.uleb(), r.sleb()  # seq, startOp, time
-        r.take(r.uleb())  # message
-        for _ in range(r.uleb()):  # other actors
-            r.take(r.uleb())
-        specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
-        columns = {spec: r.take(size) for spec, size in specs}
-        if any(spec & DEFLATE for spec in columns):
-            return []
-        actions = amcanon._rle_decode(columns.get(amcanon.ACTION, b""), "uint")
-        keys = amcanon._rle_decode(columns.get(amcanon.KEY_STR, b""), "str")
-        objects = amcanon._rle_decode(columns.get(OBJ_ACTOR, b""), "uint")
-    except (amcanon._Short, amcanon.NonCanonical):
-        return []
-    out: list[str | None] = []
-    for i, action in enumerate(actions):
-        key = keys[i] if i < len(keys) else None
-        on_root = i >= len(objects) or objects[i] is None
-        out.append(key if on_root and isinstance(key, str) and action != amcanon.ACTION_DELETE else None)
-    return out
 
 
 class Histories:
