@@ -148,6 +148,7 @@ def actor() -> bytes:
 
 step = st.one_of(
     st.tuples(st.just("put"), st.integers(0, 4), st.lists(st.integers(0, 30), min_size=1, max_size=5)),
+    st.tuples(st.just("put_delete"), st.integers(0, 4), st.lists(st.integers(0, 30), min_size=1, max_size=3)),
     st.tuples(st.just("delete"), st.integers(0, 4), st.lists(st.integers(0, 30), min_size=1, max_size=5)),
     st.tuples(st.just("merge"), st.integers(0, 4), st.lists(st.integers(0, 4), min_size=1, max_size=2)),
     st.tuples(st.just("sync"), st.integers(0, 4), st.lists(st.integers(0, 4), min_size=1, max_size=1)),
@@ -172,8 +173,13 @@ def test_every_honest_change_fits(nodes: int, steps: list[tuple[str, int, list[i
         doc = docs[i]
         if kind == "put":
             with doc.transaction() as tx:
-                for k in dict.fromkeys(args):
+                for k in args:  # a key twice: the second put names the first, in the same change
                     tx.put(am.ROOT, f"sale/{k:02d}", am.ScalarType.Bytes, os.urandom(k % 3 * 40))
+        elif kind == "put_delete":  # put then delete in one change: the delete names the put
+            with doc.transaction() as tx:
+                for k in dict.fromkeys(args):
+                    tx.put(am.ROOT, f"sale/{k:02d}", am.ScalarType.Bytes, os.urandom(5))
+                    tx.delete(am.ROOT, f"sale/{k:02d}")
         elif kind == "delete":
             present = [f"sale/{k:02d}" for k in dict.fromkeys(args) if doc.get(am.ROOT, f"sale/{k:02d}") is not None]
             if present:

@@ -21,9 +21,10 @@ passes them):
   starts a change at its document's max op + 1; its document's history is the causal closure of
   its heads, which are the change's deps, and ``max_op`` only grows along a causal chain (a
   change starts past each of its deps), so the max over that closure is the max over the deps.
-- every predecessor (counter, actor) names a put already in the shard, on the same root key: a
-  writer's operation names the values the key holds in its document, which are puts (Automerge
-  keeps a delete only as its target's successor: it is never a predecessor) on that key.
+- every predecessor (counter, actor) names a put already in the shard, or earlier in the same
+  change, on the same root key: a writer's operation names the values the key holds in its
+  document, which are puts (Automerge keeps a delete only as its target's successor: it is never
+  a predecessor) on that key.
 
 The index per shard is small: each actor's last seq, each change's max op, each put's key. It is
 built once from the document (``get_changes``) the first time a merge into the shard is checked,
@@ -106,10 +107,13 @@ class History:
             # document's heads: its predecessors are the document's own. Its seq and startOp
             # are checked above (an actor's changes could clash with the shard's).
             return None
-        for op in ops:
+        own: dict[tuple[int, bytes], str] = {}  # a change may overwrite its own earlier put
+        for i, op in enumerate(ops):
             for pred in op.preds:
-                if self.put_key.get(pred) != op.key:
+                if self.put_key.get(pred, own.get(pred)) != op.key:
                     raise Unfit("a predecessor does not name a put on the same key")
+            if op.put:
+                own[(change.start_op + i, actor)] = op.key
         return [op.key if op.put else None for op in ops]
 
     def add(self, change: Change, keys: list[str | None] | None = None) -> None:
