@@ -151,6 +151,3 @@ class Histories:
             del self._shards[shard]
             raise
         history.heads = doc.get_heads()
-
-    def forget(self, shard: str) -> None:
-        self._shards.pop(shard, None)
