@@ -14,7 +14,7 @@ from hypothesis import given, settings, strategies as st
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.ledger.ledger import changes_message
 from meshpos.node.memnode import SimNode, enroll, make_site
-from meshpos.wire import amcanon
+from meshpos.wire import amcanon, amhistory
 
 from test_red_team_automerge_panic import with_column
 from test_tls import FAST
@@ -69,8 +69,10 @@ def test_every_honest_change_passes(nodes: int, steps: list[tuple[str, int, list
     """Several actors write in root-map puts of bytes (one or several per change, small and over
     the deflate threshold, random and repetitive) and deletes, overwrite each other's keys, merge
     each other (changes with deps on several heads, puts and deletes with several predecessors),
-    and sync: every change, and every sync message, passes."""
+    and sync: every change, and every sync message, passes; every merge's changes fit the
+    merging document's history (more of that in test_amhistory)."""
     docs = [am.Document(actor()) for _ in range(nodes)]
+    histories = [amhistory.Histories() for _ in range(nodes)]  # meshpos.wire.amhistory
     for kind, who, args, size in steps:
         doc = docs[who % nodes]
         if kind == "put":
@@ -87,7 +89,9 @@ def test_every_honest_change_passes(nodes: int, steps: list[tuple[str, int, list
         else:
             for other in args:
                 if docs[other % nodes] is not doc:
+                    before = doc.get_heads()
                     doc.merge(docs[other % nodes])
+                    histories[who % nodes].check_merge("s", doc, before, doc.get_changes(before))  # fits too
     for doc in docs:
         check_every_change(doc)
     if nodes > 1:

@@ -1,8 +1,9 @@
 """Mutate honest Automerge changes at random and sort what happens: refused by the canonical check
 (meshpos.wire.amcanon) or not, applied by Automerge or not, and whether the document then still
 saves and loads. The cases "passes the check, applied, save does not load" are what the check
-does not catch: they are grouped by which decoded field the mutation changed (protocols/link.md,
-"Canonical changes", known limit).
+does not catch; those that pass it then go through the history check (meshpos.wire.amhistory),
+as the ledger does after Automerge applied them. The cases that pass both and break the save are
+grouped by which decoded field the mutation changed (protocols/link.md, "Canonical changes").
 
     python tools/fuzz_amcanon.py --seed 1 --mutations 20000
 """
@@ -11,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import random
 from collections import Counter
 
 import automerge.core as am
 
 from meshpos.ledger.ledger import changes_message
-from meshpos.wire import amcanon
+from meshpos.wire import amcanon, amhistory
 from meshpos.wire.amcanon import _delta_decode, _Reader, _rle_decode, _uleb
 
 
@@ -59,12 +59,12 @@ def honest_cases(rng: random.Random, n: int) -> list[tuple[am.Document, bytes]]:
     made on one of them: the change to mutate and the document it is applied to."""
     cases = []
     for _ in range(n):
-        a = am.Document(os.urandom(16))
+        a = am.Document(rng.randbytes(16))
         with a.transaction() as tx:
             for k in range(rng.randint(1, 4)):
-                tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, os.urandom(rng.choice([0, 3, 300])))
+                tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, rng.randbytes(rng.choice([0, 3, 300])))
         b = a.fork()
-        b.set_actor(os.urandom(16))
+        b.set_actor(rng.randbytes(16))
         with b.transaction() as tx:
             tx.put(am.ROOT, "sale/0", am.ScalarType.Bytes, b"b")
         with a.transaction() as tx:
@@ -76,9 +76,9 @@ def honest_cases(rng: random.Random, n: int) -> list[tuple[am.Document, bytes]]:
                 if rng.random() < 0.4 and a.get(am.ROOT, f"sale/{k}") is not None:
                     tx.delete(am.ROOT, f"sale/{k}")
                 else:
-                    tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, os.urandom(rng.choice([0, 2, 50])))
-        [change] = a.get_changes(before)
-        cases.append((target, change.raw_bytes))
+                    tx.put(am.ROOT, f"sale/{k}", am.ScalarType.Bytes, rng.randbytes(rng.choice([0, 2, 50])))
+        for change in a.get_changes(before):  # none if every put wrote the value already there
+            cases.append((target, change.raw_bytes))
     return cases
 
 
@@ -91,6 +91,7 @@ def main() -> None:
     cases = honest_cases(rng, 30)
     outcome: Counter[str] = Counter()
     missed: Counter[tuple[str, ...]] = Counter()
+    strict: Counter[tuple[str, ...]] = Counter()
     for _ in range(args.mutations):
         target, raw = rng.choice(cases)
         body = bytearray(body_of(raw))
@@ -118,19 +119,29 @@ def main() -> None:
         if not applied:
             outcome[f"not applied, check {'passed' if passed else 'refused'}"] += 1
             continue
+        fits = True
+        if passed:  # the ledger checks the history of what passed the encoding check and applied
+            try:
+                amhistory.Histories().check_merge("s", doc, target.get_heads(), doc.get_changes(target.get_heads()))
+            except amhistory.Unfit:
+                fits = False
         try:
             am.Document.load(doc.save())
             loads = True
         except BaseException:
             loads = False
-        outcome[f"applied, check {'passed' if passed else 'refused'}, save {'loads' if loads else 'BROKEN'}"] += 1
-        if passed and not loads:
+        check = "refused" if not passed else "passed, history check " + ("passed" if fits else "refused")
+        outcome[f"applied, check {check}, save {'loads' if loads else 'BROKEN'}"] += 1
+        if passed and fits != loads:
             before, after = fields(bytes(body_of(raw))), fields(bytes(body))
-            missed[tuple(k for k in before if before[k] != after[k])] += 1
+            (missed if fits else strict)[tuple(k for k in before if before[k] != after[k])] += 1
     for name, count in sorted(outcome.items()):
         print(f"{count:7d}  {name}")
-    print("passed the check, applied, save broken, by the fields the mutation changed:")
+    print("passed both checks, applied, save broken, by the fields the mutation changed:")
     for changed, count in missed.most_common():
+        print(f"{count:7d}  {', '.join(changed) or '(none decoded)'}")
+    print("refused by the history check though the save loads (Automerge never writes them), by field:")
+    for changed, count in strict.most_common():
         print(f"{count:7d}  {', '.join(changed) or '(none decoded)'}")
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import automerge.core as am
 
 from meshpos.wire.leb128 import uleb128
-from meshpos.wire import amcanon, amchange
+from meshpos.wire import amcanon, amchange, amhistory
 from meshpos.ledger import amguard
 from meshpos.wire import envelope as env_mod
 from meshpos.domain import rules
@@ -242,6 +242,7 @@ class Ledger:
         self._since: tuple[tuple[str, tuple[bytes, ...], tuple[bytes, ...]], list[bytes]] | None = None
         # (shard, heads before, the changes) of the push being taken in (``receive_push``)
         self._pushed: tuple[str, tuple[bytes, ...], list[bytes]] | None = None
+        self._histories = amhistory.Histories()  # what a merged change must fit, per shard
 
     # -- opening ------------------------------------------------------------------
 
@@ -605,6 +606,20 @@ class Ledger:
         finally:
             self._pushed = None
 
+    def _fits_history(self, shard: str, before: list[bytes]) -> None:
+        """The changes a merge applied must fit the shard's history (meshpos.wire.amhistory), or
+        every later save of the shard fails to load: if one does not, the shard is read again
+        from the store, as it was before the merge, and the ``Unfit`` (an EncodingError) goes on
+        to the caller, whose link closes as for bad replication data."""
+        if self.docs[shard].get_heads() == before:
+            return
+        try:
+            self._histories.check_merge(shard, self.docs[shard], before, self._new_changes(shard, before))
+        except amhistory.Unfit:
+            self.docs.pop(shard, None)
+            self._load_shard(shard)
+            raise
+
     @contextmanager
     def _unless_panic(self, shard: str) -> Iterator[None]:
         """Around a merge into the shard's document: if Automerge panics in it (the document is
@@ -620,6 +635,7 @@ class Ledger:
     def _after_merge(self, shard: str, before: list[bytes], peer: str, received: bytes | None = None) -> IngestReport:
         """Verify, strip, re-assert and persist what a merge brought; ``received`` is the
         snapshot a new shard was loaded from, stored as it is if the checks leave it unchanged."""
+        self._fits_history(shard, before)
         doc = self.docs[shard]
         heads = doc.get_heads()
         if heads == before:

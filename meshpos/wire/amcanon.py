@@ -34,10 +34,11 @@ rebuilds from it hashes to the document's heads, which is this very check done b
 Several chunks may follow one another in one element (Automerge's ``load_incremental`` reads them
 all). Anything else is refused.
 
-What this cannot see, reading the change alone (open, protocols/link.md): a change encoded
-canonically but inconsistent with the document it joins breaks saves too (a predecessor naming
-an operation on another key or none at all, a ``seq`` that does not follow its actor's previous
-change, another ``startOp`` than Automerge would assign). Refusing those needs the shard's history.
+What this cannot see, reading the change alone: a change encoded canonically but inconsistent
+with the document it joins breaks saves too (a predecessor naming an operation on another key or
+none at all, a ``seq`` that does not follow its actor's previous change, another ``startOp`` than
+Automerge would assign). meshpos.wire.amhistory refuses those, from the shard's history, once
+Automerge has applied the change (``change_ops`` gives it the operations read here).
 
 Pure: no I/O; ``NonCanonical`` (an ``EncodingError``) says what is wrong.
 """
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from dataclasses import dataclass
 from typing import Final
 
 from meshpos.domain.errors import EncodingError
@@ -286,9 +288,18 @@ def _bool_encode(values: list[bool]) -> bytes:
 # -- one change ----------------------------------------------------------------------------------
 
 
-def _check_body(body: bytes) -> None:
+@dataclass(frozen=True)
+class Op:
+    """One operation of a change meshpos writes: a put of bytes or a delete, on root key ``key``,
+    with its predecessors as (counter, actor) operation ids."""
+    key: str
+    put: bool
+    preds: tuple[tuple[int, bytes], ...]
+
+
+def _check_body(body: bytes) -> list[Op]:
     """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
-    them again as Automerge does, and compare."""
+    them again as Automerge does, and compare; the operations, in order."""
     r = _Reader(body)
     deps = [r.take(32) for _ in range(r.uleb())]
     actor = r.take(r.uleb())
@@ -346,11 +357,13 @@ def _check_body(body: bytes) -> None:
         raise NonCanonical("the predecessor columns do not match the predecessor counts")
     table = [actor, *others]
     named: set[bytes] = set()
+    ops: list[Op] = []
     at = 0
-    for i, (action, count) in enumerate(zip(actions, counts)):
-        assert isinstance(count, int)
+    for i, (key, action, count) in enumerate(zip(keys, actions, counts)):
+        assert isinstance(count, int) and isinstance(key, str)
         if action == ACTION_DELETE and count == 0:
             raise NonCanonical("a delete without predecessor")
+        preds: list[tuple[int, bytes]] = []
         previous: tuple[int, bytes] | None = None
         for index, ctr in zip(pred_actors[at:at + count], pred_ctrs[at:at + count]):
             assert isinstance(index, int) and isinstance(ctr, int)
@@ -362,8 +375,10 @@ def _check_body(body: bytes) -> None:
             if previous is not None and this <= previous:
                 raise NonCanonical("predecessors not in ascending order, or repeated")
             previous = this
+            preds.append(this)
             if index:
                 named.add(table[index])
+        ops.append(Op(key, action == ACTION_PUT, tuple(preds)))
         at += count
     if others != sorted(named) or actor in named:
         raise NonCanonical("the other actors are not exactly those the predecessors name, in ascending order")
@@ -390,9 +405,10 @@ def _check_body(body: bytes) -> None:
         again += data
     if bytes(again) != body:
         raise NonCanonical("not encoded as Automerge encodes it")
+    return ops
 
 
-def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> None:
+def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> list[Op]:
     if chunk_type == COMPRESSED_CHUNK:
         inflater = zlib.decompressobj(-15)
         try:
@@ -403,7 +419,62 @@ def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> None:
             raise NonCanonical("a compressed change is truncated, too large, or followed by other bytes")
     if hashlib.sha256(bytes([CHANGE_CHUNK]) + _uleb(len(body)) + body).digest()[:4] != checksum:
         raise NonCanonical("a change's checksum does not match")
-    _check_body(body)
+    return _check_body(body)
+
+
+def change_ops(raw: bytes) -> list[Op]:
+    """The operations of one uncompressed change chunk (``Change.raw_bytes``), checked as
+    ``check_chunks`` does; ``NonCanonical`` if it is not the kind of change meshpos writes."""
+    r = _Reader(raw)
+    try:
+        if r.take(4) != MAGIC:
+            raise NonCanonical("not an Automerge chunk")
+        checksum = r.take(4)
+        if r.take(1)[0] != CHANGE_CHUNK:
+            raise NonCanonical("not an uncompressed change chunk")
+        body = r.take(r.uleb())
+        if not r.done:
+            raise NonCanonical("extra bytes after the change")
+        return _check_change_chunk(CHANGE_CHUNK, checksum, body)
+    except _Short as exc:
+        raise NonCanonical("a change is truncated") from exc
+
+
+OBJ_ACTOR: Final = 1  # objActor: a column of changes meshpos does not write (automerge storage/change)
+DEFLATE: Final = 0x08
+
+
+def root_keys_set(raw: bytes) -> list[str | None]:
+    """Per operation of an uncompressed change chunk of any kind: the root key it gives a value
+    (a put, or an object made there), or None (a delete, an operation inside another object or
+    on a list position: nothing a root key's operation may name as predecessor). A change this
+    cannot read gives no key at all, so no predecessor may name its operations."""
+    try:
+        r = _Reader(raw)
+        r.take(9)
+        body = r.take(r.uleb())
+        r = _Reader(body)
+        r.take(32 * r.uleb())  # deps
+        r.take(r.uleb())  # actor
+        r.uleb(), r.uleb(), r.sleb()  # seq, startOp, time
+        r.take(r.uleb())  # message
+        for _ in range(r.uleb()):  # other actors
+            r.take(r.uleb())
+        specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+        columns = {spec: r.take(size) for spec, size in specs}
+        if any(spec & DEFLATE for spec in columns):
+            return []
+        actions = _rle_decode(columns.get(ACTION, b""), "uint")
+        keys = _rle_decode(columns.get(KEY_STR, b""), "str")
+        objects = _rle_decode(columns.get(OBJ_ACTOR, b""), "uint")
+    except (_Short, NonCanonical):
+        return []
+    out: list[str | None] = []
+    for i, action in enumerate(actions):
+        key = keys[i] if i < len(keys) else None
+        on_root = i >= len(objects) or objects[i] is None
+        out.append(key if on_root and isinstance(key, str) and action != ACTION_DELETE else None)
+    return out
 
 
 def check_chunks(data: bytes) -> None:
