@@ -17,7 +17,7 @@ from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.ledger.ledger import changes_message
 from meshpos.node.memnode import SimNode, enroll, make_site
 from meshpos.wire import amcanon, amhistory
-from meshpos.wire.amcanon import _Reader, _sleb, _uleb
+from meshpos.wire.leb128 import Reader as _Reader, sleb128 as _sleb, uleb128 as _uleb
 
 from test_red_team_automerge_panic import with_column
 from test_tls import FAST

@@ -33,6 +33,8 @@ from meshpos.replication.sync import SyncSession
 from meshpos.wire import amcanon as amcanon_mod
 from meshpos.wire import amchange
 from meshpos.wire import link as lp
+from meshpos.wire.leb128 import Reader
+from meshpos.wire.leb128 import uleb128 as _uleb
 
 from test_tls import FAST, endpoint, serve, wait_for
 
@@ -40,19 +42,10 @@ PRED_ACTOR = 113  # column spec of predActor (id 7, actor type)
 VALUE_META = 86  # column spec of valMeta (id 5, value metadata: length << 4 | type)
 
 
-def _uleb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def with_column(raw: bytes, spec: int, data: bytes) -> bytes:
     """The change chunk ``raw`` with column ``spec`` replaced by ``data``, the checksum made anew:
     bytes Automerge parses and accepts."""
-    reader = amchange._Reader(raw)
+    reader = Reader(raw)
     reader.take(9)
     length = reader.uleb()
     body_at = reader.pos

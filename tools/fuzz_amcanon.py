@@ -19,7 +19,9 @@ import automerge.core as am
 
 from meshpos.ledger.ledger import changes_message
 from meshpos.wire import amcanon, amhistory
-from meshpos.wire.amcanon import _delta_decode, _Reader, _rle_decode, _uleb
+from meshpos.wire.amcanon import _delta_decode, _rle_decode
+from meshpos.wire.leb128 import Reader as _Reader
+from meshpos.wire.leb128 import uleb128 as _uleb
 
 
 def body_of(raw: bytes) -> bytes:

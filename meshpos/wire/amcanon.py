@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshpos.domain.errors import EncodingError
+from meshpos.wire.leb128 import Reader, Truncated, sleb128, uleb128
 
 MAGIC: Final = b"\x85\x6f\x4a\x83"
 DOCUMENT_CHUNK: Final = 0
@@ -86,81 +87,14 @@ class NonCanonical(EncodingError):
     of the shard."""
 
 
-class _Short(Exception):
-    pass
 
 
 # -- LEB128 and the column encodings (automerge columnar/encoding) ----------------------------
 
 
-def _uleb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
-def _sleb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        if (n == 0 and not byte & 0x40) or (n == -1 and byte & 0x40):
-            out.append(byte)
-            return bytes(out)
-        out.append(byte | 0x80)
-
-
-class _Reader:
-    __slots__ = ("data", "pos", "end")
-
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def uleb(self) -> int:
-        result, shift = 0, 0
-        while True:
-            if self.pos >= self.end or shift > 63:
-                raise _Short
-            byte = self.data[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return result
-
-    def sleb(self) -> int:
-        result, shift = 0, 0
-        while True:
-            if self.pos >= self.end or shift > 63:
-                raise _Short
-            byte = self.data[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return result - (1 << shift) if byte & 0x40 else result
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > self.end:
-            raise _Short
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    @property
-    def done(self) -> bool:
-        return self.pos >= self.end
-
-
 def _rle_decode(data: bytes, kind: str) -> list[int | str | None]:
     """A run-length encoded column's entries (``kind``: "uint", "sint" or "str"; None = null)."""
-    r = _Reader(data)
+    r = Reader(data)
 
     def value() -> int | str:
         if kind == "uint":
@@ -195,14 +129,14 @@ def _rle_encode(values: list[int | str | None], kind: str) -> bytes:
     def put(v: int | str) -> None:
         if kind == "uint":
             assert isinstance(v, int)
-            out.extend(_uleb(v))
+            out.extend(uleb128(v))
         elif kind == "sint":
             assert isinstance(v, int)
-            out.extend(_sleb(v))
+            out.extend(sleb128(v))
         else:
             assert isinstance(v, str)
             raw = v.encode("utf-8")
-            out.extend(_uleb(len(raw)) + raw)
+            out.extend(uleb128(len(raw)) + raw)
 
     if all(v is None for v in values):
         return b""
@@ -211,7 +145,7 @@ def _rle_encode(values: list[int | str | None], kind: str) -> bytes:
 
     def flush_literal() -> None:
         if literal:
-            out.extend(_sleb(-len(literal)))
+            out.extend(sleb128(-len(literal)))
             for v in literal:
                 put(v)
             literal.clear()
@@ -224,10 +158,10 @@ def _rle_encode(values: list[int | str | None], kind: str) -> bytes:
         run = j - i
         if v is None:
             flush_literal()
-            out.extend(_sleb(0) + _uleb(run))
+            out.extend(sleb128(0) + uleb128(run))
         elif run >= 2:
             flush_literal()
-            out.extend(_sleb(run))
+            out.extend(sleb128(run))
             put(v)
         else:
             literal.append(v)
@@ -259,7 +193,7 @@ def _delta_encode(values: list[int]) -> bytes:
 
 
 def _bool_decode(data: bytes) -> list[bool]:
-    r = _Reader(data)
+    r = Reader(data)
     out: list[bool] = []
     value = False
     while not r.done:
@@ -278,10 +212,10 @@ def _bool_encode(values: list[bool]) -> bytes:
         if v == last:
             count += 1
         else:
-            out.extend(_uleb(count))
+            out.extend(uleb128(count))
             last, count = v, 1
     if count:
-        out.extend(_uleb(count))
+        out.extend(uleb128(count))
     return bytes(out)
 
 
@@ -300,7 +234,7 @@ class Op:
 def _check_body(body: bytes) -> list[Op]:
     """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
     them again as Automerge does, and compare; the operations, in order."""
-    r = _Reader(body)
+    r = Reader(body)
     deps = [r.take(32) for _ in range(r.uleb())]
     actor = r.take(r.uleb())
     seq, start_op, time = r.uleb(), r.uleb(), r.sleb()
@@ -394,13 +328,13 @@ def _check_body(body: bytes) -> list[Op]:
         PRED_CTR: _delta_encode(ints),
     }
     present = [(spec, data) for spec, data in encoded.items() if data]
-    again = bytearray(_uleb(len(deps)) + b"".join(deps) + _uleb(len(actor)) + actor + _uleb(seq) + _uleb(start_op)
-                      + _sleb(time) + _uleb(0) + _uleb(len(others)))
+    again = bytearray(uleb128(len(deps)) + b"".join(deps) + uleb128(len(actor)) + actor + uleb128(seq) + uleb128(start_op)
+                      + sleb128(time) + uleb128(0) + uleb128(len(others)))
     for other in others:
-        again += _uleb(len(other)) + other
-    again += _uleb(len(present))
+        again += uleb128(len(other)) + other
+    again += uleb128(len(present))
     for spec, data in present:
-        again += _uleb(spec) + _uleb(len(data))
+        again += uleb128(spec) + uleb128(len(data))
     for _, data in present:
         again += data
     if bytes(again) != body:
@@ -417,7 +351,7 @@ def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> list[O
             raise NonCanonical(f"a compressed change does not inflate ({exc})") from exc
         if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
             raise NonCanonical("a compressed change is truncated, too large, or followed by other bytes")
-    if hashlib.sha256(bytes([CHANGE_CHUNK]) + _uleb(len(body)) + body).digest()[:4] != checksum:
+    if hashlib.sha256(bytes([CHANGE_CHUNK]) + uleb128(len(body)) + body).digest()[:4] != checksum:
         raise NonCanonical("a change's checksum does not match")
     return _check_body(body)
 
@@ -425,7 +359,7 @@ def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> list[O
 def change_ops(raw: bytes) -> list[Op]:
     """The operations of one uncompressed change chunk (``Change.raw_bytes``), checked as
     ``check_chunks`` does; ``NonCanonical`` if it is not the kind of change meshpos writes."""
-    r = _Reader(raw)
+    r = Reader(raw)
     try:
         if r.take(4) != MAGIC:
             raise NonCanonical("not an Automerge chunk")
@@ -436,7 +370,7 @@ def change_ops(raw: bytes) -> list[Op]:
         if not r.done:
             raise NonCanonical("extra bytes after the change")
         return _check_change_chunk(CHANGE_CHUNK, checksum, body)
-    except _Short as exc:
+    except Truncated as exc:
         raise NonCanonical("a change is truncated") from exc
 
 
@@ -450,10 +384,10 @@ def root_keys_set(raw: bytes) -> list[str | None]:
     on a list position: nothing a root key's operation may name as predecessor). A change this
     cannot read gives no key at all, so no predecessor may name its operations."""
     try:
-        r = _Reader(raw)
+        r = Reader(raw)
         r.take(9)
         body = r.take(r.uleb())
-        r = _Reader(body)
+        r = Reader(body)
         r.take(32 * r.uleb())  # deps
         r.take(r.uleb())  # actor
         r.uleb(), r.uleb(), r.sleb()  # seq, startOp, time
@@ -467,7 +401,7 @@ def root_keys_set(raw: bytes) -> list[str | None]:
         actions = _rle_decode(columns.get(ACTION, b""), "uint")
         keys = _rle_decode(columns.get(KEY_STR, b""), "str")
         objects = _rle_decode(columns.get(OBJ_ACTOR, b""), "uint")
-    except (_Short, NonCanonical):
+    except (Truncated, NonCanonical):
         return []
     out: list[str | None] = []
     for i, action in enumerate(actions):
@@ -480,7 +414,7 @@ def root_keys_set(raw: bytes) -> list[str | None]:
 def check_chunks(data: bytes) -> None:
     """Check one element of a PUSH or of a sync message's changes: Automerge chunks one after the
     other, as ``load_incremental`` reads them. Raises ``NonCanonical`` with the reason."""
-    r = _Reader(data)
+    r = Reader(data)
     try:
         if r.done:
             raise NonCanonical("an empty change")
@@ -491,7 +425,7 @@ def check_chunks(data: bytes) -> None:
             checksum = r.take(4)
             chunk_type = r.take(1)[0]
             length = r.uleb()
-            if r.data[start + 9:r.pos] != _uleb(length):
+            if r.data[start + 9:r.pos] != uleb128(length):
                 raise NonCanonical("a chunk length not written in the fewest bytes")
             body = r.take(length)
             if chunk_type == DOCUMENT_CHUNK:
@@ -499,14 +433,14 @@ def check_chunks(data: bytes) -> None:
             if chunk_type not in (CHANGE_CHUNK, COMPRESSED_CHUNK):
                 raise NonCanonical(f"a chunk of type {chunk_type}")
             _check_change_chunk(chunk_type, checksum, body)
-    except _Short as exc:
+    except Truncated as exc:
         raise NonCanonical("a change is truncated") from exc
 
 
 def sync_message_changes(data: bytes) -> list[bytes]:
     """The elements of an Automerge sync message's change list (format v1 0x42 and v2 0x43: type,
     heads, need, have, then the changes; capabilities may follow)."""
-    r = _Reader(data)
+    r = Reader(data)
     try:
         if r.take(1)[0] not in (SYNC_V1, SYNC_V2):
             raise NonCanonical("not an Automerge sync message")
@@ -516,7 +450,7 @@ def sync_message_changes(data: bytes) -> list[bytes]:
             r.take(32 * r.uleb())
             r.take(r.uleb())
         return [r.take(r.uleb()) for _ in range(r.uleb())]
-    except _Short as exc:
+    except Truncated as exc:
         raise NonCanonical("a sync message is truncated") from exc
 
 

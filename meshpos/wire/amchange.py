@@ -19,6 +19,8 @@ caller falls back to the diff: never a guess.
 
 from __future__ import annotations
 
+from meshpos.wire.leb128 import Reader, Truncated
+
 MAGIC = b"\x85\x6f\x4a\x83"
 CHANGE_CHUNK = 1
 OBJ_ACTOR = 1  # id 0, actor type
@@ -34,50 +36,8 @@ class _Malformed(Exception):
     pass
 
 
-class _Reader:
-    __slots__ = ("data", "pos", "end")
 
-    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
-        self.data = data
-        self.pos = pos
-        self.end = len(data) if end is None else end
-
-    def uleb(self) -> int:
-        if self.pos < self.end and self.data[self.pos] < 0x80:  # one byte: nearly every field here
-            self.pos += 1
-            return self.data[self.pos - 1]
-        return self._varint()[0]
-
-    def sleb(self) -> int:
-        result, bits, last = self._varint()
-        return result - (1 << bits) if last & 0x40 else result
-
-    def _varint(self) -> tuple[int, int, int]:
-        """A LEB128 number's bits, how many bits it has, and its last byte (for the sign)."""
-        result, shift = 0, 0
-        while True:
-            if self.pos >= self.end or shift > 63:
-                raise _Malformed
-            byte = self.data[self.pos]
-            self.pos += 1
-            result |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                return result, shift, byte
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > self.end:
-            raise _Malformed
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    @property
-    def done(self) -> bool:
-        return self.pos >= self.end
-
-
-def _rle_count(reader: _Reader, value: str) -> tuple[int, int]:
+def _rle_count(reader: Reader, value: str) -> tuple[int, int]:
     """Entries and null entries of a run-length encoded column (``value``: "uint" or "str")."""
     total = nulls = 0
     while not reader.done:
@@ -96,7 +56,7 @@ def _rle_count(reader: _Reader, value: str) -> tuple[int, int]:
     return total, nulls
 
 
-def _rle_value(reader: _Reader, value: str) -> str | int:
+def _rle_value(reader: Reader, value: str) -> str | int:
     if value == "uint":
         return reader.uleb()
     if value == "sint":  # a delta column's values
@@ -107,7 +67,7 @@ def _rle_value(reader: _Reader, value: str) -> str | int:
         raise _Malformed from exc
 
 
-def _rle_strings(reader: _Reader) -> tuple[set[str], int, int]:
+def _rle_strings(reader: Reader) -> tuple[set[str], int, int]:
     """The distinct non-null values of a string RLE column, its entries and its nulls."""
     keys: set[str] = set()
     total = nulls = 0
@@ -127,8 +87,8 @@ def _rle_strings(reader: _Reader) -> tuple[set[str], int, int]:
     return keys, total, nulls
 
 
-def _columns(raw: bytes) -> dict[int, _Reader]:
-    r = _Reader(raw)
+def _columns(raw: bytes) -> dict[int, Reader]:
+    r = Reader(raw)
     if r.take(4) != MAGIC:
         raise _Malformed
     r.take(4)  # checksum: Automerge checked it when it applied the change
@@ -147,13 +107,13 @@ def _columns(raw: bytes) -> dict[int, _Reader]:
     for _ in range(r.uleb()):  # other actors
         r.take(r.uleb())
     specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
-    columns: dict[int, _Reader] = {}
+    columns: dict[int, Reader] = {}
     pos = r.pos
     for spec, size in specs:
         if pos + size > r.end:
             raise _Malformed
         if spec in (OBJ_ACTOR, OBJ_CTR, KEY_ACTOR, KEY_CTR, KEY_STR, ACTION):
-            columns[spec] = _Reader(raw, pos, pos + size)
+            columns[spec] = Reader(raw, pos, pos + size)
         elif spec & ~DEFLATE in (OBJ_ACTOR, OBJ_CTR, KEY_ACTOR, KEY_CTR, KEY_STR, ACTION):
             raise _Malformed  # a deflated column this module needs: let Automerge's diff read it
         pos += size
@@ -184,5 +144,5 @@ def root_keys(raw: bytes) -> set[str] | None:
         if nulls or total != ops:
             return None
         return keys
-    except _Malformed:
+    except (_Malformed, Truncated):
         return None
