@@ -323,3 +323,25 @@ def test_the_pending_totals_read_an_index_of_pending_card_sales_also_in_an_older
         " GROUP BY terminal", (0, 2**60)))
     assert "INDEX sales_pending_card" in plan, plan
     assert core.store.pending_by_terminal(0) == {core.node_id: 1_000}
+
+
+def test_a_shard_rebuilt_while_running_writes_as_a_new_actor_its_peers_take(make_node, open_node) -> None:
+    """A shard whose stored copy no longer loads is rebuilt from verified entries. Rebuilt in the
+    running process, after this process's actor wrote into it, it must not restart that actor's
+    seq at 1: a peer holding the old history would refuse every later change of the shard."""
+    t1, t2 = open_node(make_node("t1")), open_node(make_node("t2"))
+    t1.sell(100)
+    shard = t1.ledger.shards()[0]
+    t2.ledger.receive_snapshot(shard, t1.ledger.snapshot(shard), "t1")  # t2 holds t1's history
+    with t1.store.transaction():  # the stored copy is damaged under the running node
+        t1.store.conn.execute("UPDATE chunks SET data = substr(data, 1, 10) WHERE shard = ?", (shard,))
+    t1.ledger.docs.pop(shard)
+    t1.ledger._load_shard(shard)  # as after a rollback: the shard is read again, and rebuilt
+    pushed: list[tuple[str, list[bytes]]] = []
+    t1.ledger.on_changes.append(lambda s, changes: pushed.append((s, list(changes))) if changes else None)
+    later = t1.sell(200)
+    assert pushed and pushed[-1][0] == shard
+    t2.ledger.receive_push(shard, pushed[-1][1], "t1")  # refused before: "duplicate seq 2"
+    # it waits for the rebuilt history it depends on, which the next sync brings (refused before)
+    t2.ledger.receive_snapshot(shard, t1.ledger.snapshot(shard), "t1")
+    assert later["id"] in {s["id"] for s in t2.sales()}

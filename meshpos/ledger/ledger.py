@@ -308,7 +308,9 @@ class Ledger:
             if data.damaged:
                 log.warning("shard %s: %d damaged chunk(s) dropped; rebuilding from verified entries",
                             shard, data.damaged)
-            doc = am.Document(self.actor)
+            # a new history, so a new actor: this process's actor may have written into the shard
+            # already, and its seq starting again at 1 would be refused by every peer holding that
+            doc = am.Document(self.actor[:8] + os.urandom(8))
             with self.store.transaction():
                 with doc.transaction() as tx:
                     for key, raw in self.store.entries_of_shard(shard):
