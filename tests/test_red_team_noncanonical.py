@@ -12,23 +12,20 @@ shard. Real nodes, real TLS on loopback, real SQLite stores.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import automerge.core as am
 import pytest
-import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.ledger.ledger import changes_message
 from meshpos.node.memnode import SimNode, enroll, make_site
-from meshpos.replication.link_driver import connect_link
-from meshpos.replication.sync import SyncSession
 from meshpos.wire import amcanon
 
 from test_red_team_automerge_panic import with_column
-from test_tls import FAST, endpoint, serve, wait_for
+from hostile_change import a_hostile_push_does_not_cut_new_nodes_off, site_nodes  # noqa: F401 (a fixture)
+from test_tls import FAST
 
 PRED_NUM = 112  # column spec of predNum (id 7, group)
 ZERO_IN_TWO_BYTES = b"\x7f\x80\x00"  # a literal run of one value: 0, as a two-byte LEB128
@@ -66,56 +63,13 @@ def test_the_crafted_change_breaks_a_save_and_is_refused() -> None:
         amcanon.check_chunks(bad)
 
 
-@pytest.fixture
-def site_nodes(tmp_path: Path) -> Any:
-    site = make_site(tmp_path / "site")
-    nodes = [SimNode.open(enroll(site, tmp_path / name, name), SYSTEM_CLOCK, FAST)
-             for name in ("alpha", "hostile", "bravo")]
-    yield nodes
-    for node in nodes:
-        node.close()
-
-
 async def test_a_non_canonical_push_does_not_cut_new_nodes_off(site_nodes: Any, caplog: Any) -> None:
     """Over real TLS: H (enrolled, hostile) sells once, then pushes a junk entry in a non-canonical
     change. Alpha closes H's link, naming why; a fresh node then joins alpha and gets every shard,
     H's included; alpha's saved copy of each shard loads, and alpha restarts from its store with
     every shard loading as it is (no rebuild)."""
-    caplog.set_level(logging.WARNING)
-    alpha, hostile, bravo = site_nodes
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, alpha)
-        closed: list[str] = []
-
-        async def dial(node: SimNode, task_status: trio.TaskStatus[SyncSession | None] = trio.TASK_STATUS_IGNORED) -> None:
-            closed.append(await connect_link(endpoint(node), "127.0.0.1", port, task_status=task_status))
-
-        await nursery.start(dial, hostile)
-        sold = hostile.core.sell(100)["id"]
-        await wait_for(lambda: sold in alpha.sale_ids(), "the hostile node's honest first sale")
-        shard = next(s for s in hostile.core.ledger.docs if s.startswith(hostile.core.node_id))
-        bad = non_canonical_put(hostile, shard, "sale/junk")
-        heads = alpha.core.ledger.heads(shard)
-        for callback in list(hostile.core.ledger.on_changes):  # H's links push it as a new change
-            callback(shard, [bad])
-        await wait_for(lambda: bool(closed) or alpha.core.ledger.heads(shard) != heads,
-                       "alpha refuses the change (or, without the check, merges it)")
-        own = alpha.core.sell(300)["id"]
-        await nursery.start(dial, bravo)
-        await wait_for(lambda: {own, sold} <= bravo.sale_ids(), "bravo gets every shard from alpha")
-        await wait_for(lambda: alpha.entries() == bravo.entries(), "alpha and bravo converge")
-        nursery.cancel_scope.cancel()
-    assert closed  # the hostile link, closed by alpha
-    assert any("peer sent bad replication data" in r.getMessage()
-               and "not encoded as Automerge encodes it" in r.getMessage() for r in caplog.records)
-    assert alpha.core.ledger.heads(shard) == heads  # nothing of the change entered the shard
-    for name in alpha.core.ledger.shards():
-        am.Document.load(alpha.core.ledger.snapshot(name))  # every save of alpha's loads
-    entries = alpha.entries()
-    caplog.clear()
-    site_nodes[0] = alpha = alpha.reopen(SYSTEM_CLOCK)
-    assert not [r for r in caplog.records if "does not load" in r.getMessage()]
-    assert alpha.entries() == entries and {own, sold} <= alpha.sale_ids()
+    await a_hostile_push_does_not_cut_new_nodes_off(site_nodes, caplog, lambda node, shard, _sold: non_canonical_put(node, shard, "sale/junk"),
+                                                    "not encoded as Automerge encodes it")
 
 
 def test_a_non_canonical_change_in_a_sync_message_is_refused(tmp_path: Path) -> None:

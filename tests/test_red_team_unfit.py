@@ -12,23 +12,20 @@ join. Real nodes, real TLS on loopback, real SQLite stores.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import automerge.core as am
 import pytest
-import trio
 
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.ledger.ledger import changes_message
 from meshpos.node.memnode import SimNode, enroll, make_site
-from meshpos.replication.link_driver import connect_link
-from meshpos.replication.sync import SyncSession
 from meshpos.wire import amcanon, amhistory
 
 from test_amhistory import with_pred
-from test_tls import FAST, endpoint, serve, wait_for
+from hostile_change import a_hostile_push_does_not_cut_new_nodes_off, site_nodes  # noqa: F401 (a fixture)
+from test_tls import FAST
 
 
 def overwrite_naming_another_key(node: SimNode, shard: str, key: str) -> bytes:
@@ -48,16 +45,6 @@ def overwrite_naming_another_key(node: SimNode, shard: str, key: str) -> bytes:
     bad = with_pred(change.raw_bytes, other)
     amcanon.check_chunks(bad)
     return bad
-
-
-@pytest.fixture
-def site_nodes(tmp_path: Path) -> Any:
-    site = make_site(tmp_path / "site")
-    nodes = [SimNode.open(enroll(site, tmp_path / name, name), SYSTEM_CLOCK, FAST)
-             for name in ("alpha", "hostile", "bravo")]
-    yield nodes
-    for node in nodes:
-        node.close()
 
 
 def test_the_crafted_change_would_break_the_save(tmp_path: Path) -> None:
@@ -81,38 +68,5 @@ async def test_a_push_that_does_not_fit_does_not_cut_new_nodes_off(site_nodes: A
     whose predecessor names its certificate's put. Alpha closes H's link, naming why; a fresh
     node then joins alpha and gets every shard, H's included; alpha's saved copy of each shard
     loads, and alpha restarts from its store with every shard loading as it is."""
-    caplog.set_level(logging.WARNING)
-    alpha, hostile, bravo = site_nodes
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, alpha)
-        closed: list[str] = []
-
-        async def dial(node: SimNode, task_status: trio.TaskStatus[SyncSession | None] = trio.TASK_STATUS_IGNORED) -> None:
-            closed.append(await connect_link(endpoint(node), "127.0.0.1", port, task_status=task_status))
-
-        await nursery.start(dial, hostile)
-        sold = hostile.core.sell(100)["id"]
-        await wait_for(lambda: sold in alpha.sale_ids(), "the hostile node's honest first sale")
-        shard = next(s for s in hostile.core.ledger.docs if s.startswith(hostile.core.node_id))
-        bad = overwrite_naming_another_key(hostile, shard, f"sale/{sold}")
-        heads = alpha.core.ledger.heads(shard)
-        for callback in list(hostile.core.ledger.on_changes):  # H's links push it as a new change
-            callback(shard, [bad])
-        await wait_for(lambda: bool(closed) or alpha.core.ledger.heads(shard) != heads,
-                       "alpha refuses the change (or, without the check, merges it)")
-        own = alpha.core.sell(300)["id"]
-        await nursery.start(dial, bravo)
-        await wait_for(lambda: {own, sold} <= bravo.sale_ids(), "bravo gets every shard from alpha")
-        await wait_for(lambda: alpha.entries() == bravo.entries(), "alpha and bravo converge")
-        nursery.cancel_scope.cancel()
-    assert closed  # the hostile link, closed by alpha
-    assert any("peer sent bad replication data" in r.getMessage()
-               and "predecessor does not name a put on the same key" in r.getMessage() for r in caplog.records)
-    assert alpha.core.ledger.heads(shard) == heads  # nothing of the change stayed in the shard
-    for name in alpha.core.ledger.shards():
-        am.Document.load(alpha.core.ledger.snapshot(name))  # every save of alpha's loads
-    entries = alpha.entries()
-    caplog.clear()
-    site_nodes[0] = alpha = alpha.reopen(SYSTEM_CLOCK)
-    assert not [r for r in caplog.records if "does not load" in r.getMessage()]
-    assert alpha.entries() == entries and {own, sold} <= alpha.sale_ids()
+    await a_hostile_push_does_not_cut_new_nodes_off(site_nodes, caplog, overwrite_naming_another_key,
+                                                    "predecessor does not name a put on the same key")
