@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import automerge.core as am
 
@@ -35,6 +36,25 @@ def per_change_us(fn, items) -> float:  # type: ignore[no-untyped-def]
     return (time.process_time() - start) / len(items) * 1e6
 
 
+def seller_and_takers(site: Any, tmp: Path, run: int, sales: int) -> tuple[
+        SimNode, SimNode, SimNode, list[tuple[str, bytes]], dict[str, am.Document]]:
+    """A node that sold ``sales`` sales; two nodes ("taker" and "bare") holding what it held
+    before them; the changes as its PUSHes carried them, (shard, chunk) in order; and a copy of
+    each of its shards from before the sales (tools/bench_amhistory.py uses the same set-up)."""
+    seller = SimNode.open(enroll(site, tmp / f"s{run}", f"s{run}"), SYSTEM_CLOCK)
+    taker = SimNode.open(enroll(site, tmp / f"t{run}", f"t{run}"), SYSTEM_CLOCK)
+    bare = SimNode.open(enroll(site, tmp / f"b{run}", f"b{run}"), SYSTEM_CLOCK)
+    for shard in seller.core.ledger.shards():  # the takers start where the seller does
+        taker.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
+        bare.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
+    before = {shard: am.Document.load(seller.core.ledger.snapshot(shard)) for shard in seller.core.ledger.shards()}
+    pushed: list[tuple[str, bytes]] = []
+    seller.core.ledger.on_changes.append(lambda shard, changes: pushed.extend((shard, c) for c in changes or []))
+    for i in range(sales):
+        seller.core.sell(100 + i)
+    return seller, taker, bare, pushed, before
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sales", type=int, default=500, help="sales (changes) per run")
@@ -46,17 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         site = make_site(Path(tmp) / "site")
         for run in range(args.runs):
-            seller = SimNode.open(enroll(site, Path(tmp) / f"s{run}", f"s{run}"), SYSTEM_CLOCK)
-            taker = SimNode.open(enroll(site, Path(tmp) / f"t{run}", f"t{run}"), SYSTEM_CLOCK)
-            bare = SimNode.open(enroll(site, Path(tmp) / f"b{run}", f"b{run}"), SYSTEM_CLOCK)
-            for shard in seller.core.ledger.shards():  # the taker starts where the seller does
-                taker.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
-                bare.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
-            pushed: list[tuple[str, bytes]] = []
-            seller.core.ledger.on_changes.append(
-                lambda shard, changes: pushed.extend((shard, c) for c in changes or []))
-            for i in range(args.sales):
-                seller.core.sell(100 + i)
+            seller, taker, bare, pushed, _ = seller_and_takers(site, Path(tmp), run, args.sales)
             raw = [c.raw_bytes for s in seller.core.ledger.shards() for c in seller.core.ledger._doc(s).get_changes([])]
             changes = [c for _, c in pushed]
             results["check_push_bytes"].append(per_change_us(amcanon.check_chunks, changes))

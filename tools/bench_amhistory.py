@@ -23,17 +23,11 @@ from pathlib import Path
 
 import automerge.core as am
 
-from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.ledger.ledger import changes_message
-from meshpos.node.memnode import SimNode, enroll, make_site
+from meshpos.node.memnode import make_site
 from meshpos.wire import amhistory
 
-
-def per_item_us(fn, items) -> float:  # type: ignore[no-untyped-def]
-    start = time.process_time()
-    for item in items:
-        fn(item)
-    return (time.process_time() - start) / len(items) * 1e6
+from bench_amcanon import per_change_us, seller_and_takers
 
 
 def main() -> None:
@@ -48,18 +42,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         site = make_site(Path(tmp) / "site")
         for run in range(args.runs):
-            seller = SimNode.open(enroll(site, Path(tmp) / f"s{run}", f"s{run}"), SYSTEM_CLOCK)
-            taker = SimNode.open(enroll(site, Path(tmp) / f"t{run}", f"t{run}"), SYSTEM_CLOCK)
-            bare = SimNode.open(enroll(site, Path(tmp) / f"b{run}", f"b{run}"), SYSTEM_CLOCK)
-            for shard in seller.core.ledger.shards():  # the takers start where the seller does
-                taker.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
-                bare.core.ledger.receive_snapshot(shard, seller.core.ledger.snapshot(shard), "bench")
-            docs = {shard: am.Document.load(seller.core.ledger.snapshot(shard)) for shard in seller.core.ledger.shards()}
-            pushed: list[tuple[str, bytes]] = []
-            seller.core.ledger.on_changes.append(
-                lambda shard, changes: pushed.extend((shard, c) for c in changes or []))
-            for i in range(args.sales):
-                seller.core.sell(100 + i)
+            seller, taker, bare, pushed, docs = seller_and_takers(site, Path(tmp), run, args.sales)
             histories = amhistory.Histories()
             for shard, doc in docs.items():  # the index built before the timed part, as in a ledger
                 histories.check_merge(shard, doc, doc.get_heads(), [])
@@ -72,12 +55,12 @@ def main() -> None:
                 histories.check_merge(shard, doc, before, doc.get_changes(before))
                 timed += time.process_time() - start
             results["history_check"].append(timed / len(pushed) * 1e6)
-            results["ledger_receive_push"].append(per_item_us(
+            results["ledger_receive_push"].append(per_change_us(
                 lambda sc: taker.core.ledger.receive_push(sc[0], [sc[1]], "bench"), pushed))
             check = amhistory.Histories.check_merge
             amhistory.Histories.check_merge = lambda self, shard, doc, before, new: None  # type: ignore[method-assign]
             try:
-                results["ledger_receive_push_without_history_check"].append(per_item_us(
+                results["ledger_receive_push_without_history_check"].append(per_change_us(
                     lambda sc: bare.core.ledger.receive_push(sc[0], [sc[1]], "bench"), pushed))
             finally:
                 amhistory.Histories.check_merge = check  # type: ignore[method-assign]
@@ -85,7 +68,7 @@ def main() -> None:
             biggest = max(seller.core.ledger.shards(), key=lambda s: len(seller.core.ledger._doc(s).get_changes([])))
             whole = am.Document.load(seller.core.ledger.snapshot(biggest))
             built = len(whole.get_changes([]))
-            results["index_build_per_shard"].append(per_item_us(
+            results["index_build_per_shard"].append(per_change_us(
                 lambda _: amhistory.Histories().check_merge(biggest, whole, whole.get_heads(), []), [0]))
             bare.close()
             seller.close()
