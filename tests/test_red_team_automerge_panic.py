@@ -16,7 +16,6 @@ replicating, over real TLS on loopback with real SQLite stores.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from meshpos.wire import link as lp
 from meshpos.wire.leb128 import Reader
 from meshpos.wire.leb128 import uleb128 as _uleb
 
+from hostile_change import a_hostile_push_does_not_cut_new_nodes_off, site_nodes  # noqa: F401 (a fixture)
 from test_tls import FAST, endpoint, serve, wait_for
 
 PRED_ACTOR = 113  # column spec of predActor (id 7, actor type)
@@ -102,16 +102,6 @@ def unreadable_put(node: SimNode, shard: str, key: str) -> bytes:
     return with_unknown_value_type(change.raw_bytes)
 
 
-@pytest.fixture
-def site_nodes(tmp_path: Path) -> Any:
-    site = make_site(tmp_path / "site")
-    nodes = [SimNode.open(enroll(site, tmp_path / name, name), SYSTEM_CLOCK, FAST)
-             for name in ("alpha", "hostile", "bravo")]
-    yield nodes
-    for node in nodes:
-        node.close()
-
-
 def test_the_crafted_change_does_panic_automerge(tmp_path: Path, monkeypatch: Any) -> None:
     """Test of the test: the bytes are what the module's docstring says (Automerge takes the
     change through its checks and panics applying it), and the ledger refuses them: first as not
@@ -153,35 +143,13 @@ async def test_a_push_that_panics_automerge_costs_one_link_not_the_node(site_nod
     """Over real TLS: H (enrolled, hostile) sells once, then pushes the panicking overwrite of that
     sale, or a new key whose value Automerge cannot read. Alpha closes H's link, naming why, keeps
     H's sale as verified, sells on, and a new honest peer then gets everything from alpha."""
-    caplog.set_level(logging.WARNING)
-    alpha, hostile, bravo = site_nodes
-    async with trio.open_nursery() as nursery:
-        port = await serve(nursery, alpha)
-        closed: list[str] = []
+    def bad(node: SimNode, shard: str, sold_key: str) -> bytes:
+        key = next(k for k in node.core.ledger._doc(shard).keys(am.ROOT) if k == sold_key)
+        return (panicking_overwrite(node, shard, key) if hostile_change == "overwrite"
+                else unreadable_put(node, shard, "sale/unreadable"))
 
-        async def dial(node: SimNode, task_status: trio.TaskStatus[SyncSession | None] = trio.TASK_STATUS_IGNORED) -> None:
-            closed.append(await connect_link(endpoint(node), "127.0.0.1", port, task_status=task_status))
-
-        link = await nursery.start(dial, hostile)
-        assert link is not None
-        sold = hostile.core.sell(100)["id"]
-        await wait_for(lambda: sold in alpha.sale_ids(), "the hostile node's honest first sale")
-        shard = next(s for s in hostile.core.ledger.docs if s.startswith(hostile.core.node_id))
-        key = next(k for k in hostile.core.ledger._doc(shard).keys(am.ROOT) if sold in k)
-        for callback in list(hostile.core.ledger.on_changes):  # H's links push it as a new change
-            callback(shard, [panicking_overwrite(hostile, shard, key) if hostile_change == "overwrite"
-                             else unreadable_put(hostile, shard, "sale/unreadable")])
-        await wait_for(lambda: bool(closed), "alpha closes the hostile link")
-        assert any("peer sent bad replication data" in r.getMessage()  # refused before Automerge panics
-                   and ("which meshpos never writes" in r.getMessage()
-                        or "past the change's actor table" in r.getMessage()) for r in caplog.records)
-        # alpha lives: it sells, and a new honest peer gets everything, the hostile node's sale included
-        own = alpha.core.sell(300)["id"]
-        assert alpha.core.ledger._doc(shard).get(am.ROOT, key) is not None
-        await nursery.start(dial, bravo)
-        await wait_for(lambda: {own, sold} <= bravo.sale_ids(), "bravo syncs from alpha")
-        await wait_for(lambda: alpha.entries() == bravo.entries(), "alpha and bravo converge")
-        nursery.cancel_scope.cancel()
+    await a_hostile_push_does_not_cut_new_nodes_off(  # refused before Automerge panics
+        site_nodes, caplog, bad, ("which meshpos never writes", "past the change's actor table"))
 
 
 # A sync message whose one "have" carries a Bloom filter of 1 entry, 0 bits per entry and 1
