@@ -20,6 +20,7 @@ import automerge.core as am
 from meshpos.ledger.ledger import changes_message
 from meshpos.wire import amcanon, amhistory
 from meshpos.wire.amcanon import _delta_decode, _rle_decode
+from meshpos.wire.amchange import read_header
 from meshpos.wire.leb128 import Reader as _Reader
 from meshpos.wire.leb128 import uleb128 as _uleb
 
@@ -39,12 +40,7 @@ def chunk_of(body: bytes) -> bytes:
 def fields(body: bytes) -> dict[str, object]:
     """The decoded fields of a change body (for sorting mutations; not a validator)."""
     r = _Reader(body)
-    deps = [r.take(32) for _ in range(r.uleb())]
-    actor = r.take(r.uleb())
-    seq, start_op, time = r.uleb(), r.uleb(), r.sleb()
-    message = r.take(r.uleb())
-    others = [r.take(r.uleb()) for _ in range(r.uleb())]
-    specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+    deps, actor, seq, start_op, time, message, others, specs = read_header(r)
     cols = {spec: r.take(size) for spec, size in specs}
     table = [actor, *others]
     actors = _rle_decode(cols.get(amcanon.PRED_ACTOR, b""), "uint")

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshpos.domain.errors import EncodingError
+from meshpos.wire.amchange import read_header
 from meshpos.wire.leb128 import Reader, Truncated, sleb128, uleb128
 
 MAGIC: Final = b"\x85\x6f\x4a\x83"
@@ -235,12 +236,7 @@ def _check_body(body: bytes) -> list[Op]:
     """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
     them again as Automerge does, and compare; the operations, in order."""
     r = Reader(body)
-    deps = [r.take(32) for _ in range(r.uleb())]
-    actor = r.take(r.uleb())
-    seq, start_op, time = r.uleb(), r.uleb(), r.sleb()
-    message = r.take(r.uleb())
-    others = [r.take(r.uleb()) for _ in range(r.uleb())]
-    specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+    deps, actor, seq, start_op, time, message, others, specs = read_header(r)
     columns: dict[int, bytes] = {}
     for spec, size in specs:
         if spec not in KNOWN_COLUMNS:

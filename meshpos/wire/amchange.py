@@ -19,6 +19,8 @@ caller falls back to the diff: never a guess.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from meshpos.wire.leb128 import Reader, Truncated
 
 MAGIC = b"\x85\x6f\x4a\x83"
@@ -87,6 +89,30 @@ def _rle_strings(reader: Reader) -> tuple[set[str], int, int]:
     return keys, total, nulls
 
 
+class Header(NamedTuple):
+    """The fields of a change body before its columns' data (the module's docstring)."""
+    deps: list[bytes]
+    actor: bytes
+    seq: int
+    start_op: int
+    time: int
+    message: bytes
+    others: list[bytes]
+    specs: list[tuple[int, int]]  # (column spec, data length), in order
+
+
+def read_header(r: Reader) -> Header:
+    """The header of the change body ``r`` is at (after ``type, length``); ``r`` is left at the
+    columns' data. Truncated if the body ends first."""
+    deps = [r.take(32) for _ in range(r.uleb())]
+    actor = r.take(r.uleb())
+    seq, start_op, time = r.uleb(), r.uleb(), r.sleb()
+    message = r.take(r.uleb())
+    others = [r.take(r.uleb()) for _ in range(r.uleb())]
+    specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+    return Header(deps, actor, seq, start_op, time, message, others, specs)
+
+
 def _columns(raw: bytes) -> dict[int, Reader]:
     r = Reader(raw)
     if r.take(4) != MAGIC:
@@ -98,15 +124,7 @@ def _columns(raw: bytes) -> dict[int, Reader]:
     if r.pos + length > len(raw):
         raise _Malformed
     r.end = r.pos + length
-    r.take(32 * r.uleb())  # deps
-    r.take(r.uleb())  # actor
-    r.uleb()  # seq
-    r.uleb()  # start op
-    r.sleb()  # time
-    r.take(r.uleb())  # message
-    for _ in range(r.uleb()):  # other actors
-        r.take(r.uleb())
-    specs = [(r.uleb(), r.uleb()) for _ in range(r.uleb())]
+    specs = read_header(r).specs
     columns: dict[int, Reader] = {}
     pos = r.pos
     for spec, size in specs:
