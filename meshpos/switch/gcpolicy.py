@@ -8,7 +8,8 @@ sales and the middle one every 70 (measured), each time finding the sales in fli
 promoting them, and every full collection scanned the whole process again: the modules, the site rosters, the
 metrics registry (about 45,000 objects after start), which never become garbage.
 
-:func:`settle_gc`, once the switch has started: one full collection, then ``gc.freeze()`` (what
+:func:`settle_gc`, once the switch has started: one full collection, then ``gc.freeze()`` (the node's
+``infra.heap.freeze_startup_heap``) (what
 exists now is left out of every later collection), and a young threshold large enough that
 the objects of the sales in flight are mostly freed by reference counting before the collector
 ever looks at them. Cycles are still collected, only less often. Figures: BENCHMARKS.md,
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import gc
 import logging
+
+from meshpos.infra.heap import freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,9 @@ OLDER_THRESHOLDS = (10, 10)
 
 def settle_gc() -> None:
     """Freeze what the started process holds and collect young objects less often."""
-    gc.collect()
-    gc.freeze()
+    frozen = freeze_startup_heap()
     gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
-    log.info("garbage collector settled: young threshold %d, %d objects frozen", YOUNG_THRESHOLD,
-             gc.get_freeze_count())
+    log.info("garbage collector settled: young threshold %d, %d objects frozen", YOUNG_THRESHOLD, frozen)
 
 
 __all__ = ["settle_gc", "YOUNG_THRESHOLD", "OLDER_THRESHOLDS"]
