@@ -618,9 +618,14 @@ class Ledger:
         try:
             self._histories.check_merge(shard, self.docs[shard], before, self._new_changes(shard, before))
         except amhistory.Unfit:
-            self.docs.pop(shard, None)
-            self._load_shard(shard)
+            self._reload(shard)
             raise
+
+    def _reload(self, shard: str) -> None:
+        """The shard's document thrown away and read again from the store: after a merge that
+        failed or was refused, it is the shard as it was before."""
+        self.docs.pop(shard, None)
+        self._load_shard(shard)
 
     @contextmanager
     def _unless_panic(self, shard: str) -> Iterator[None]:
@@ -630,8 +635,7 @@ class Ledger:
         try:
             yield
         except amguard.AutomergePanic:
-            self.docs.pop(shard, None)
-            self._load_shard(shard)
+            self._reload(shard)
             raise
 
     def _after_merge(self, shard: str, before: list[bytes], peer: str, received: bytes | None = None) -> IngestReport:
@@ -658,15 +662,12 @@ class Ledger:
         except MeshposError:
             raise
         except Exception:
-            # The store rolled back: drop the in-memory document so it reloads from disk.
-            self.docs.pop(shard, None)
-            self._load_shard(shard)
+            self._reload(shard)  # the store rolled back: the document goes back to what it holds
             raise
         except BaseException as exc:  # Automerge panicked reading what it applied (a value of a
             if not amguard.is_panic(exc):  # type it does not know: "not yet implemented")
                 raise
-            self.docs.pop(shard, None)
-            self._load_shard(shard)
+            self._reload(shard)
             raise amguard.AutomergePanic(f"Automerge failed inside reading shard {shard} after the merge "
                                          f"({exc})") from exc
         self._notify(shard, report.accepted, before)
