@@ -152,7 +152,10 @@ async def test_instances_killed_mid_batch_leave_their_sales_to_the_others_as_022
     assert kills >= 2 and inst.stats()["totals"].get("0221", 0) > 0  # the dead instances' sales were repeated
     assert got["a"] == got["b"] and sorted(got["a"]) == sorted(ids)
     counts = acquirer_counts(inst, ids)
-    assert all(c.get("0220") == 1 and set(c) <= {"0220", "0221"} for c in counts.values()), counts
+    # never a second 0220, repeats 0221 only; an instance killed after recording its 0220 but
+    # before the bytes left makes the 0221 the first the acquirer sees (protocols/switch-instances.md,
+    # "Every sale is finished"): advised exactly once all the same, and charged once
+    assert all(c and c.get("0220", 0) <= 1 and set(c) <= {"0220", "0221"} for c in counts.values()), counts
     assert set(inst.stats()["charged"]) == set(inst.rrns(ids).values())
     a.close()
     b.close()
