@@ -25,6 +25,7 @@ from meshpos.replication.memnet import MemLink, MemNetwork
 from meshpos.replication.pushtree import ANNOUNCE_DELAY, GRAFT_TIMEOUT
 from meshpos.replication.sync import SyncSession
 from meshpos.domain.errors import VerificationError
+from meshpos.wire import amcanon
 from meshpos.wire import link as lp
 from meshpos.wire.link_frames import FrameDecoder, FrameType
 
@@ -127,6 +128,34 @@ def test_a_pushed_sale_costs_one_get_changes_and_goes_on_as_the_bytes_that_came(
     reopened = relay.reopen(wall_clock())
     assert reopened.sale_ids() == seller.sale_ids()
     assert reopened.core.ledger.heads(shard) == seller.core.ledger.heads(shard)
+
+
+def test_a_pushed_sale_is_decoded_and_checked_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The canonical check (before Automerge), the history check and the merge's keys (after it)
+    read the same change: its operations are decoded once, and a refusal is not remembered."""
+    seller, (relay,) = _seller_and_receivers(tmp_path, 1)
+    sold = _pushes_of(seller.core.ledger)
+    for i in range(4):
+        seller.core.sell(100 + i)
+    relay.core.ledger.receive_push(*sold[0], "seller")  # the shard's first merge reads its history
+    decoded: list[bytes] = []
+    real = amcanon._decode_body
+
+    def counting(body: bytes) -> tuple[amcanon.Op, ...]:
+        decoded.append(body)
+        return real(body)
+
+    monkeypatch.setattr(amcanon, "_decode_body", counting)
+    for shard, changes in sold[1:]:
+        relay.core.ledger.receive_push(shard, changes, "seller")
+    assert len(decoded) == 3 == len(set(decoded))
+    assert relay.sale_ids() == seller.sale_ids()
+    # a change refused is refused again, each time it comes: nothing of it was remembered
+    body = decoded[0] + b"\x00"  # extra bytes after the columns
+    for _ in range(2):
+        with pytest.raises(amcanon.NonCanonical):
+            amcanon._check_body(body)
+    assert len(decoded) == 5
 
 
 def test_a_push_that_unblocks_a_waiting_change_pushes_on_both(tmp_path: Path) -> None:

@@ -149,7 +149,10 @@ def merged_keys(doc: am.Document, before: list[bytes], changes: list[Any] | None
         return changed_keys(doc, before)
     keys: set[str] = set()
     for change in changes:
-        named = amchange.root_keys(change.raw_bytes)
+        try:  # the kind of change meshpos writes: read (and remembered) by the canonical check
+            named: set[str] | None = {op.key for op in amcanon.change_ops(change.raw_bytes)}
+        except amcanon.NonCanonical:  # another kind (it came in a snapshot): read its columns
+            named = amchange.root_keys(change.raw_bytes)
         if named is None:
             return changed_keys(doc, before)
         keys |= named

@@ -45,6 +45,7 @@ Pure: no I/O; ``NonCanonical`` (an ``EncodingError``) says what is wrong.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ INFLATED_MAX: Final = 64 * 1024 * 1024  # a compressed change inflating past thi
 # Operations (and predecessors) of one change: meshpos writes at most a shard's entries (256 of
 # its own, plus what a strip deletes) in one; a column's runs can claim 2**63 in a few bytes.
 MAX_OPS: Final = 1 << 20
+# Change bodies whose check is remembered (``_check_body``): more than one merge reads at once
+# (a push carries one change, a sync message up to a few hundred); a sale's change is ~500 bytes.
+CHECKED_MEMO: Final = 512
+CHECKED_MEMO_BODY: Final = 4096
 
 # Column specs (id << 4 | deflate << 3 | type) of the changes meshpos writes, in Automerge's order.
 KEY_STR: Final = 21
@@ -232,9 +237,26 @@ class Op:
     preds: tuple[tuple[int, bytes], ...]
 
 
-def _check_body(body: bytes) -> list[Op]:
+def _check_body(body: bytes) -> tuple[Op, ...]:
     """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
-    them again as Automerge does, and compare; the operations, in order."""
+    them again as Automerge does, and compare; the operations, in order.
+
+    A pure function of the bytes, remembered for the last ``CHECKED_MEMO`` bodies of up to
+    ``CHECKED_MEMO_BODY`` bytes that passed (a refusal raises, and is not remembered; the bound
+    keeps what a peer can make this hold at 2 MB): a node reads each change it receives three
+    times, the push checked before Automerge applies it (``check_chunks``), then the history
+    check (``change_ops``) and the merge's keys, which read the very change Automerge kept."""
+    if len(body) <= CHECKED_MEMO_BODY:
+        return _check_body_remembered(body)
+    return _decode_body(body)
+
+
+@functools.lru_cache(maxsize=CHECKED_MEMO)
+def _check_body_remembered(body: bytes) -> tuple[Op, ...]:
+    return _decode_body(body)
+
+
+def _decode_body(body: bytes) -> tuple[Op, ...]:
     r = Reader(body)
     deps, actor, seq, start_op, time, message, others, specs = read_header(r)
     columns: dict[int, bytes] = {}
@@ -335,10 +357,10 @@ def _check_body(body: bytes) -> list[Op]:
         again += data
     if bytes(again) != body:
         raise NonCanonical("not encoded as Automerge encodes it")
-    return ops
+    return tuple(ops)
 
 
-def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> list[Op]:
+def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> tuple[Op, ...]:
     if chunk_type == COMPRESSED_CHUNK:
         inflater = zlib.decompressobj(-15)
         try:
@@ -352,7 +374,7 @@ def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> list[O
     return _check_body(body)
 
 
-def change_ops(raw: bytes) -> list[Op]:
+def change_ops(raw: bytes) -> tuple[Op, ...]:
     """The operations of one uncompressed change chunk (``Change.raw_bytes``), checked as
     ``check_chunks`` does; ``NonCanonical`` if it is not the kind of change meshpos writes."""
     r = Reader(raw)

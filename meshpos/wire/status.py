@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from meshpos.domain.errors import EncodingError
-from meshpos.domain.jsonable import json_object
+from meshpos.domain.jsonable import dataclass_layout, json_object
 from meshpos.wire import heldvec
 from meshpos.wire.shortids import HELD, LINKS, ShortTable
 
@@ -163,14 +163,6 @@ def require_at(status: Mapping[str, Any]) -> int:
 # -- the decoder, driven by the dataclasses' type hints (the encoder is domain.jsonable) ---------
 
 
-@functools.cache
-def _layout(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field[Any], ...]]:
-    """A dataclass's resolved type hints and fields, once per class (a pure function of the class,
-    cached): ``get_type_hints`` compiles and evaluates every string annotation on each call, which
-    made reading one status cost milliseconds (a node reads a few each second from a busy site)."""
-    return typing.get_type_hints(cls), dataclasses.fields(cls)
-
-
 def _decode_dataclass(cls: type[T], obj: Mapping[str, Any]) -> T:
     kwargs: dict[str, Any] = {}
     for name, decode in _field_decoders(typing.cast(type, cls)):  # a class is hashable; mypy cannot tell of type[T]
@@ -197,7 +189,7 @@ def _field_decoders(cls: type) -> tuple[tuple[str, _Decoder], ...]:
     """One decoder per field of a dataclass, built once from its type hints (a pure function of
     the class, cached): reading the hints with ``typing.get_origin``/``get_args`` on every value
     was most of the cost of reading a status, which every node does a few times a second."""
-    hints, fields = _layout(cls)
+    hints, fields = dataclass_layout(cls)
     out = []
     for f in fields:
         if "decode" in f.metadata:  # a field with a format of its own

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Benchmark: the CPU one node spends taking in one pushed sale, the link's path without the network.
+
+A seller node sells ``--sales`` sales (2 of 3 by keyed card, through ``NodeCore.sell``, every
+rule and signature as in the product); every change its ledger would push to a link is kept.
+A receiving node, run as ``meshpos run`` runs its store (``Store.hold``: savepoints, a group
+commit every ``--commit-every`` sales, the WAL synced in this thread), then takes each push the
+way a link does: ``SyncSession`` frames are left out, ``Ledger.receive_push`` is called with the
+shard and changes of one PUSH frame, the replicator's hooks attached (no link to queue on). The
+figure is the receiver's process CPU per sale, median over ``--runs`` fresh receivers; beside it,
+the same changes applied to one plain Automerge document per shard (``receive_sync_message`` of
+the same message), the floor of any CRDT-based design, and the bare fsync of the commits.
+
+    python tools/bench_receive.py [--sales 400] [--runs 5] [--json]
+    python tools/bench_receive.py --profile 30     # cProfile of one receiver: the top 30 by own time
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import logging
+import pstats
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import automerge.core as am
+
+from meshpos.infra.clock import FakeClock
+from meshpos.ledger.ledger import changes_message
+from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
+
+PAN = "4111111111111111"
+
+
+def sell(seller: SimNode, clock: FakeClock, n: int) -> list[tuple[str, list[bytes]]]:
+    pushes: list[tuple[str, list[bytes]]] = []
+
+    def kept(shard: str, changes: list[bytes] | None) -> None:
+        if changes:
+            pushes.append((shard, list(changes)))
+
+    seller.core.ledger.on_changes.append(kept)
+    core = seller.core
+    for i in range(n):
+        card = core.seal_card(PAN, "1230") if i % 3 else None
+        core.sell(100 + i % 900, card=card)
+        clock.advance(0.05)
+    seller.core.ledger.on_changes.remove(kept)
+    return pushes
+
+
+def receive(receiver: SimNode, pushes: list[tuple[str, list[bytes]]], peer: str, commit_every: int) -> float:
+    """CPU seconds per sale of the receiver's ledger and store."""
+    store = receiver.core.store
+    ledger = receiver.core.ledger
+    store.hold()
+    t = time.process_time()
+    for i, (shard, changes) in enumerate(pushes, 1):
+        ledger.receive_push(shard, changes, peer)
+        if i % commit_every == 0:
+            store.flush()
+    store.flush()
+    return (time.process_time() - t) / len(pushes)
+
+
+def plain(pushes: list[tuple[str, list[bytes]]]) -> float:
+    docs: dict[str, am.Document] = {}
+    t = time.process_time()
+    for shard, changes in pushes:
+        doc = docs.get(shard)
+        if doc is None:
+            doc = docs[shard] = am.Document()
+        doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
+    return (time.process_time() - t) / len(pushes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sales", type=int, default=400)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--commit-every", type=int, default=8, help="sales per group commit (the node: 200 ms)")
+    ap.add_argument("--tmpdir", default=None, help="where the node directories go (e.g. /dev/shm)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile one receiver, print the top N")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    root = Path(tempfile.mkdtemp(prefix="meshpos-bench-receive-", dir=args.tmpdir))
+    clock = wall_clock()
+    site = make_site(root / "site")
+    seller = SimNode.open(enroll(site, root / "seller", "seller"), clock)
+    first = seller.core.ledger.summary()
+    bootstrap = [(shard, [c.bytes for c in seller.core.ledger.docs[shard].get_changes([])]) for shard in first]
+    pushes = sell(seller, clock, args.sales)
+    peer = seller.core.node_id
+
+    def fresh(k: int) -> SimNode:
+        node = SimNode.open(enroll(site, root / f"r{k}", f"r{k}"), clock)
+        for shard, changes in bootstrap:  # the seller's certificate first, as a link's sync gives it
+            node.core.ledger.receive_push(shard, changes, peer)
+        return node
+
+    if args.profile:
+        node = fresh(0)
+        prof = cProfile.Profile()
+        prof.enable()
+        receive(node, pushes, peer, args.commit_every)
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.profile)
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("cumulative").print_stats(args.profile)
+        return
+    ours, floor = [], []
+    for k in range(args.runs):
+        node = fresh(k + 1)
+        ours.append(receive(node, pushes, peer, args.commit_every) * 1000)
+        if node.core.store.entry_count() < seller.core.store.entry_count():
+            raise SystemExit("the receiver did not take every sale")
+        node.close()
+        floor.append(plain(pushes) * 1000)
+    out: dict[str, Any] = {
+        "sales": len(pushes), "runs": args.runs, "commit_every": args.commit_every,
+        "cpu_ms_per_sale": statistics.median(ours), "runs_ms": ours,
+        "plain_automerge_ms_per_sale": statistics.median(floor),
+        "ratio_to_plain": statistics.median(ours) / statistics.median(floor),
+    }
+    print(f"{len(pushes)} pushed sales: {out['cpu_ms_per_sale']:.3f} ms CPU per sale (runs "
+          + ", ".join(f"{x:.3f}" for x in ours) + f"); plain Automerge {out['plain_automerge_ms_per_sale']:.3f} ms "
+          f"(x{out['ratio_to_plain']:.1f})")
+    if args.json:
+        print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
