@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from meshpos.domain.errors import EncodingError
-from meshpos.wire.amchange import read_header
+from meshpos.wire.amchange import Header, read_header
 from meshpos.wire.leb128 import Reader, Truncated, sleb128, uleb128
 
 MAGIC: Final = b"\x85\x6f\x4a\x83"
@@ -258,7 +258,14 @@ def _check_body_remembered(body: bytes) -> tuple[Op, ...]:
 
 def _decode_body(body: bytes) -> tuple[Op, ...]:
     r = Reader(body)
-    deps, actor, seq, start_op, time, message, others, specs = read_header(r)
+    header = read_header(r)
+    one = _one_new_put(body, r.pos, header)
+    return one if one is not None else _decode_general(body, r, header)
+
+
+def _decode_general(body: bytes, r: Reader, header: Header) -> tuple[Op, ...]:
+    """Any change body, ``r`` after its header: decoded, encoded again, compared."""
+    deps, actor, seq, start_op, time, message, others, specs = header
     columns: dict[int, bytes] = {}
     for spec, size in specs:
         if spec not in KNOWN_COLUMNS:
@@ -346,18 +353,62 @@ def _decode_body(body: bytes) -> tuple[Op, ...]:
         PRED_CTR: _delta_encode(ints),
     }
     present = [(spec, data) for spec, data in encoded.items() if data]
-    again = bytearray(uleb128(len(deps)) + b"".join(deps) + uleb128(len(actor)) + actor + uleb128(seq) + uleb128(start_op)
-                      + sleb128(time) + uleb128(0) + uleb128(len(others)))
-    for other in others:
-        again += uleb128(len(other)) + other
-    again += uleb128(len(present))
-    for spec, data in present:
-        again += uleb128(spec) + uleb128(len(data))
+    again = _encode_header(header._replace(specs=[(spec, len(data)) for spec, data in present]))
     for _, data in present:
         again += data
     if bytes(again) != body:
         raise NonCanonical("not encoded as Automerge encodes it")
     return tuple(ops)
+
+
+_ONE_PUT_COLUMNS: Final = (KEY_STR, INSERT, ACTION, VAL_META, VAL_RAW, PRED_NUM)
+
+
+def _encode_header(h: Header) -> bytearray:
+    """A change body's header as Automerge writes it (minimal LEB128, no commit message)."""
+    out = bytearray(uleb128(len(h.deps)) + b"".join(h.deps) + uleb128(len(h.actor)) + h.actor + uleb128(h.seq)
+                    + uleb128(h.start_op) + sleb128(h.time) + uleb128(0) + uleb128(len(h.others)))
+    for other in h.others:
+        out += uleb128(len(other)) + other
+    out += uleb128(len(h.specs))
+    for spec, size in h.specs:
+        out += uleb128(spec) + uleb128(size)
+    return out
+
+
+def _one_new_put(body: bytes, at: int, h: Header) -> tuple[Op, ...] | None:
+    """The change nearly every merge brings, one put of bytes under a new key (a sale, a void, a
+    result: no predecessor), checked against the one encoding Automerge gives it, without
+    decoding its columns: each column of one operation is a literal run of one value. The
+    operation, or None for any other change, or one encoded otherwise (the general check then
+    decides, and says why it refuses)."""
+    if len(h.specs) != 6 or h.message or h.others or tuple(spec for spec, _ in h.specs) != _ONE_PUT_COLUMNS:
+        return None
+    if any(a >= b for a, b in zip(h.deps, h.deps[1:])):
+        return None
+    key_column = body[at:at + h.specs[0][1]]
+    r = Reader(key_column)
+    try:
+        if r.sleb() != -1:
+            return None
+        key = r.take(r.uleb()).decode("utf-8")
+    except (Truncated, UnicodeDecodeError):
+        return None
+    raw = key.encode("utf-8")
+    value_len = h.specs[4][1]
+    value_at = at + sum(size for _, size in h.specs[:4])
+    columns = (
+        b"\x7f" + uleb128(len(raw)) + raw,  # keyStr: a literal run of one string
+        b"\x01",  # insert: one false
+        b"\x7f" + uleb128(ACTION_PUT),  # action
+        b"\x7f" + uleb128(value_len << 4 | VALUE_BYTES),  # valMeta: bytes of this length
+        body[value_at:value_at + value_len],  # valRaw: the value itself
+        b"\x7f\x00",  # predNum: none; predActor and predCtr are empty, so left out
+    )
+    again = _encode_header(h._replace(specs=[(spec, len(data)) for spec, data in zip(_ONE_PUT_COLUMNS, columns)]))
+    if again + b"".join(columns) != body:
+        return None
+    return (Op(key, True, ()),)
 
 
 def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> tuple[Op, ...]:
