@@ -345,3 +345,32 @@ def test_a_shard_rebuilt_while_running_writes_as_a_new_actor_its_peers_take(make
     # it waits for the rebuilt history it depends on, which the next sync brings (refused before)
     t2.ledger.receive_snapshot(shard, t1.ledger.snapshot(shard), "t1")
     assert later["id"] in {s["id"] for s in t2.sales()}
+
+
+def test_a_busy_held_store_checkpoints_by_commits_and_its_log_starts_over(make_node, clock) -> None:
+    """Each group commit writes every page it dirtied to the log again: by rows alone a busy node's
+    log grew to ~60 MB between checkpoints. After CHECKPOINT_COMMITS commits a checkpoint is due
+    however few rows they held, and once it has copied the log, the log starts over from its
+    beginning: its file stays the size of a few commits."""
+    from meshpos.ledger import store as store_mod
+    core = NodeCore.open(make_node("t1"), clock)
+    try:
+        store = core.store
+        store.hold()
+        wal = Path(f"{store.path}-wal")
+        checkpoints, sizes = 0, []
+        for i in range(12 * store_mod.CHECKPOINT_COMMITS):
+            core.sell(100 + i)  # acknowledged: one commit each, a few rows
+            if store.checkpoint_due():
+                assert store._commits_since_checkpoint == 0
+                checkpoints += 1
+                store.checkpoint()
+                assert store.read_afresh()  # nothing written since the commit
+            sizes.append(wal.stat().st_size)
+        assert checkpoints == 12
+        per_commit = max(b - a for a, b in zip(sizes, sizes[1:]))
+        # the file keeps what it had before; past that, a few commits' worth, not 120 commits'
+        assert max(sizes) - sizes[0] <= (store_mod.CHECKPOINT_COMMITS + 2) * per_commit
+        store.release()
+    finally:
+        core.close()

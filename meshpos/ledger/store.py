@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 3  # 2: sales.refused (content rules) and sales.reversed_at; 3: idempotency keys
 WAL_CHECKPOINT_PAGES = 1000  # SQLite's own default
 CHECKPOINT_ROWS = 4000  # rows a sale's entry and view take ~1 KiB together: ~1,000 pages
+# ... or after this many commits: each commit writes every page it dirtied to the log again (a busy
+# node's group commit, ~8 sales, ~100 pages: the indexes' leaves), so by rows alone the log grew
+# to ~60 MB between checkpoints at 40 sales/s (tools/bench_mesh.py)
+CHECKPOINT_COMMITS = 10
 APPLICATION_ID = 0x4D504F53  # "MPOS": a foreign SQLite file is told apart at once
 
 SCHEMA = """
@@ -118,6 +122,7 @@ class Store:
         self._flushed_changes = 0
         self._wal_fd: int | None = None
         self._checkpoint_mark = 0
+        self._commits_since_checkpoint = 0
         self.on_dirty: Callable[[], None] | None = None
         self.rollbacks = 0  # times SQLite rolled the held transaction back (Ledger reloads after one)
 
@@ -317,6 +322,7 @@ class Store:
             return False
         try:
             self.conn.execute("COMMIT")
+            self._commits_since_checkpoint += 1
         except sqlite3.DatabaseError as exc:
             failed = store_error(self.path, "commit", exc)
             self._repair_held()
@@ -355,11 +361,29 @@ class Store:
 
     def checkpoint_due(self) -> bool:
         """Under ``hold()``, where SQLite no longer checkpoints by itself: True once per
-        CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval); the caller
-        then runs ``checkpoint()``."""
-        if self.conn.total_changes - self._checkpoint_mark < CHECKPOINT_ROWS:
+        CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval) or
+        CHECKPOINT_COMMITS commits that wrote something; the caller then runs ``checkpoint()``.
+        The log restarts from its beginning once a checkpoint has copied all of it, so it stays
+        a few MB instead of growing (and the file system zeroing each new block of it)."""
+        rows = self.conn.total_changes - self._checkpoint_mark
+        if not rows or (rows < CHECKPOINT_ROWS and self._commits_since_checkpoint < CHECKPOINT_COMMITS):
             return False
         self._checkpoint_mark = self.conn.total_changes
+        self._commits_since_checkpoint = 0
+        return True
+
+    def read_afresh(self) -> bool:
+        """After ``checkpoint()``: if nothing was written since the last commit, end the held
+        transaction's read of the log and begin again (True), so that the next write starts the
+        log over from its beginning. SQLite restarts the log only for a writer that began
+        reading once the log was copied whole; the held transaction reads from before (a
+        write since then: False, the next checkpoint tries again)."""
+        if not self._held or self._depth != 1 or self.conn.total_changes != self._flushed_changes:
+            return False
+        if not self.conn.in_transaction:
+            return False
+        self.conn.execute("COMMIT")
+        self.conn.execute("BEGIN")
         return True
 
     def checkpoint(self) -> None:
