@@ -13,9 +13,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from meshpos.domain.errors import InputError, MeshposError
 from meshpos.domain.jsonable import json_object
+from meshpos.node.after_answer import AfterAnswer
 from meshpos.node.ops import RECEIPT_COPIES
 from meshpos.node.service import NodeService
 from meshpos.terminal.events import EventJournal
@@ -46,6 +48,21 @@ class TerminalApi:
 
 def respond(status: int, value: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(value, status_code=status, headers=headers)
+
+
+class AnswerFirst(JSONResponse):
+    """An answer after which the node's deferred work runs (meshpos.node.after_answer): right
+    after its bytes were written, and in a ``finally``, so also when the client went away."""
+
+    def __init__(self, after: AfterAnswer, status: int, value: Any, headers: dict[str, str]) -> None:
+        super().__init__(value, status_code=status, headers=headers)
+        self.after = after
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.after.run()
 
 
 async def read_body(request: Request, required: bool) -> Any:
@@ -92,11 +109,16 @@ def make_app(api: TerminalApi, more: Sequence[BaseRoute] = ()) -> Starlette:
     async def create_sale(request: Request) -> Response:
         key = request.headers.get("idempotency-key")
         body = await read_body(request, required=True)
-        created = await api.sales.create(key, body)
-        if not created.replayed:
-            api.service.print_receipts(created.sale)
-        return respond(200 if created.replayed else 201, created.sale,
-                     {"Location": f"/v1/sales/{created.sale['id']}", "Idempotency-Key": key or ""})
+        after = api.sales.core.after_answer
+        try:
+            created = await api.sales.create(key, body, defer=True)
+        except BaseException:
+            after.run()
+            raise
+        if not created.replayed:  # queued once the answer is out, as the sale.created event
+            after.defer(api.service.print_receipts, created.sale)
+        return AnswerFirst(after, 200 if created.replayed else 201, created.sale,
+                           {"Location": f"/v1/sales/{created.sale['id']}", "Idempotency-Key": key or ""})
 
     async def list_sales(request: Request) -> Response:
         q = request.query_params
