@@ -77,13 +77,17 @@ def app_of(core: NodeCore) -> Any:
     return make_app(api)
 
 
-async def post(app: Any, key: str, body: dict[str, Any], on_send: Callable[[dict[str, Any]], Any]) -> None:
-    raw = json.dumps(body).encode()
+async def post(app: Any, key: str | None, body: dict[str, Any] | bytes, on_send: Callable[[dict[str, Any]], Any],
+               length: str | None = None) -> None:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = [(b"host", b"127.0.0.1:7480"), (b"content-type", b"application/json"),
+               (b"content-length", (length or str(len(raw))).encode())]
+    if key is not None:
+        headers.append((b"idempotency-key", key.encode()))
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
              "scheme": "http", "path": "/v1/sales", "raw_path": b"/v1/sales", "query_string": b"",
              "root_path": "", "server": ("127.0.0.1", 7480), "client": ("127.0.0.1", 5000),
-             "headers": [(b"host", b"127.0.0.1:7480"), (b"content-type", b"application/json"),
-                         (b"content-length", str(len(raw)).encode()), (b"idempotency-key", key.encode())]}
+             "headers": headers}
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -154,3 +158,65 @@ async def test_a_replay_while_the_first_answer_is_being_sent_answers_the_same_sa
     await post(app, "key-3", CASH, first_send)
     assert replay["status"] == 200 and replay["body"] == replay["first"]
     assert sold == [replay["first"]["id"]]
+
+
+async def answer(app: Any, key: str | None, body: dict[str, Any] | bytes, length: str | None = None) -> list[Any]:
+    got: list[Any] = []
+
+    def on_send(message: dict[str, Any]) -> None:
+        got.append((message["status"], message["headers"]) if message["type"] == "http.response.start"
+                   else message["body"])
+    await post(app, key, body, on_send, length)
+    return got
+
+
+CASES: list[tuple[str | None, Any, str | None]] = [
+    (None, CASH, None),  # no key: 400
+    ("k", b"{not json", None),
+    ("k", b"", None),
+    ("k", {"amount": "12.50", "method": "cheque"}, None),
+    ("k", {"amount": "12.50", "method": "card", "card": {"pan": "4111111111111111", "expiry": "0101"}}, None),
+    ("k", {"amount": "-3", "method": "cash"}, None),  # well-formed, refused by the rules
+    ("k", b"{}", str(70 * 1024)),  # too large by its Content-Length
+    ("k", b"[" * 70_000, None),  # too large as it arrives
+    ("4111 1111 1111 1111", CASH, None),
+]
+
+
+@pytest.mark.parametrize("key,body,length", CASES)
+async def test_the_lean_path_answers_errors_as_starlette_did(core: NodeCore, key: str | None, body: Any,
+                                                            length: str | None) -> None:
+    app = app_of(core)
+    lean = await answer(app, key, body, length)
+    assert lean == await answer(app.app, key, body, length)  # the Starlette routes behind it
+    assert lean[0][0] >= 400 and len(core.sales(core.node_id)) == 0
+
+
+async def test_the_lean_path_answers_sales_and_replays_as_starlette_did(core: NodeCore) -> None:
+    app = app_of(core)
+    for key in ("lean", "starlette"):
+        made = await answer(app if key == "lean" else app.app, key, CASH)
+        again = await answer(app if key == "lean" else app.app, key, CASH)
+        conflict = await answer(app if key == "lean" else app.app, key, {"amount": "1.00", "method": "cash"})
+        sale = json.loads(made[1])
+        assert made[0] == (201, [(b"location", f"/v1/sales/{sale['id']}".encode()), (b"idempotency-key", key.encode()),
+                                 (b"content-length", str(len(made[1])).encode()), (b"content-type", b"application/json")])
+        assert again[0][0] == 200 and again[1] == made[1] and [h for h, _ in again[0][1]] == [h for h, _ in made[0][1]]
+        assert conflict[0][0] == 409
+    assert len(core.sales(core.node_id)) == 2
+
+
+async def test_other_requests_go_to_the_routes(core: NodeCore) -> None:
+    app = app_of(core)
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT", "scheme": "http",
+             "path": "/v1/sales", "raw_path": b"/v1/sales", "query_string": b"", "root_path": "",
+             "server": ("127.0.0.1", 7480), "client": ("127.0.0.1", 5000), "headers": [(b"host", b"127.0.0.1:7480")]}
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 405 and any(name == b"allow" for name, _ in sent[0]["headers"])
