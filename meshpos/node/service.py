@@ -155,6 +155,7 @@ class NodeService:
                     full_since = None
                 if store.checkpoint_due():  # in a thread: the node goes on meanwhile
                     await trio.to_thread.run_sync(store.checkpoint)
+                    store.finish_checkpoint()  # what came meanwhile, so the log starts over
         finally:
             store.on_dirty = None
             store.release()
