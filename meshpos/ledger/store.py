@@ -363,27 +363,13 @@ class Store:
         """Under ``hold()``, where SQLite no longer checkpoints by itself: True once per
         CHECKPOINT_ROWS rows written (about 1,000 pages, SQLite's own interval) or
         CHECKPOINT_COMMITS commits that wrote something; the caller then runs ``checkpoint()``.
-        The log restarts from its beginning once a checkpoint has copied all of it, so it stays
+        With ``finish_checkpoint()`` after it, the log starts over from its beginning, so it stays
         a few MB instead of growing (and the file system zeroing each new block of it)."""
         rows = self.conn.total_changes - self._checkpoint_mark
         if not rows or (rows < CHECKPOINT_ROWS and self._commits_since_checkpoint < CHECKPOINT_COMMITS):
             return False
         self._checkpoint_mark = self.conn.total_changes
         self._commits_since_checkpoint = 0
-        return True
-
-    def read_afresh(self) -> bool:
-        """After ``checkpoint()``: if nothing was written since the last commit, end the held
-        transaction's read of the log and begin again (True), so that the next write starts the
-        log over from its beginning. SQLite restarts the log only for a writer that began
-        reading once the log was copied whole; the held transaction reads from before (a
-        write since then: False, the next checkpoint tries again)."""
-        if not self._held or self._depth != 1 or self.conn.total_changes != self._flushed_changes:
-            return False
-        if not self.conn.in_transaction:
-            return False
-        self.conn.execute("COMMIT")
-        self.conn.execute("BEGIN")
         return True
 
     def checkpoint(self) -> None:
@@ -397,6 +383,25 @@ class Store:
             log.warning("%s: checkpoint failed: %s", self.path, exc)
         finally:
             conn.close()
+
+    def finish_checkpoint(self) -> None:
+        """After ``checkpoint()`` in a worker thread, on this connection's own thread: copy what
+        was committed meanwhile too, when nothing waits for a commit. SQLite starts the log over
+        at the next write only once the whole log is in the database, and a pass in a thread
+        never is that while sales go on beside it: a node that kept selling grew its log without
+        end (260 MB after 7,000 sales in tools/bench_api_ab.py), which made every fdatasync and
+        read slower (BENCHMARKS.md, "Terminal API", the WAL that never started over). Few pages
+        are left by then; on a connection of its own, so it syncs as ``checkpoint()`` does."""
+        if (not self._held or self._depth != 1 or not self.conn.in_transaction
+                or self.conn.total_changes != self._flushed_changes):
+            return
+        # the held transaction has only read since its last commit: end it, so that its next read
+        # starts after the checkpoint (SQLite starts the log over only for a writer that did)
+        self.conn.execute("COMMIT")
+        try:
+            self.checkpoint()
+        finally:
+            self.conn.execute("BEGIN")
 
     # -- meta -------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from meshpos.site.roster import Roster
 from meshpos.ledger.store import Store
 from meshpos.wire import envelope
 from meshpos.wire.cards import CardCapture, seal_card
+from meshpos.node.after_answer import AfterAnswer
 from meshpos.node.diskspace import check_room_for_sale
 from meshpos.site.nodedir import NodeConfig, NodeDir
 from meshpos.status.holders import MIN_HOLDERS, HeldIndex, Holders, at_risk as is_at_risk
@@ -91,6 +92,8 @@ class NodeCore:
         # ledger's accept hooks run (before the sale is durable and its idempotency key stored)
         self.on_sold: list[Callable[[dict[str, Any]], None]] = []
         self.selling: str | None = None
+        # what ``sell(..., defer=True)`` leaves to run after the answer (meshpos.node.after_answer)
+        self.after_answer = AfterAnswer()
 
     def _flag_recovery(self, why: str) -> None:
         write_atomically(self.recovery_flag, f"store {self.dir.db_path} re-created; selling waits for a peer\n".encode(),
@@ -155,9 +158,12 @@ class NodeCore:
         return seal_card(pan, expiry, entry_mode, key, at_ms=self.clock.now_ms())
 
     def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
-             currency: str | None = None, idempotency: tuple[str, str] | None = None) -> dict[str, Any]:
+             currency: str | None = None, idempotency: tuple[str, str] | None = None,
+             defer: bool = False) -> dict[str, Any]:
         """Take one sale; returns only once it is durable (the acknowledgement). ``idempotency``
-        (key, body hash) of the terminal API is stored in the sale's own transaction."""
+        (key, body hash) of the terminal API is stored in the sale's own transaction. ``defer``:
+        the ``on_sold`` hooks are queued on ``after_answer`` (the caller runs it after answering)
+        instead of run before returning."""
         if self.identity.role not in SELLING_ROLES:
             raise PolicyError(f"a {self.identity.role} node does not sell")
         policy = self.policy
@@ -222,8 +228,13 @@ class NodeCore:
                 self.store.insert_idempotency(idempotency[0], idempotency[1], str(body["sale_id"]), now)
         self.store.flush()  # the acknowledgement: durable before it is returned
         sale = self.sale(str(body["sale_id"]))
+        if not defer:
+            self.after_answer.run()  # an earlier sale's deferred hooks come before this one's
         for sold in self.on_sold:
-            sold(sale)
+            if defer:
+                self.after_answer.defer(sold, sale)
+            else:
+                sold(sale)
         return sale
 
     def void(self, sale_id: str, reason: str | None = None) -> dict[str, Any]:

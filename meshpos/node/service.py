@@ -155,7 +155,7 @@ class NodeService:
                     full_since = None
                 if store.checkpoint_due():  # in a thread: the node goes on meanwhile
                     await trio.to_thread.run_sync(store.checkpoint)
-                    store.read_afresh()  # so that the log starts over (storage.md, "Group commit")
+                    store.finish_checkpoint()  # what came meanwhile, so the log starts over
         finally:
             store.on_dirty = None
             store.release()

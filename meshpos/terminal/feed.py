@@ -84,6 +84,7 @@ class EventFeed:
             self.held.pop(sale["id"], None)
 
     def on_accept(self, verified: Verified) -> None:
+        self.core.after_answer.run()  # a sale answered just now: its sale.created comes first
         env = verified.env
         sale_id = env.body.get("sale_id")
         if not isinstance(sale_id, str) or not sale_id.startswith(self.core.node_id + "-"):

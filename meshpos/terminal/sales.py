@@ -151,7 +151,9 @@ class TerminalSales:
         self.hash_body = body_hasher(core)
         self._inflight: dict[str, trio.Event] = {}
 
-    async def create(self, key: str | None, body: Any) -> Created:
+    async def create(self, key: str | None, body: Any, defer: bool = False) -> Created:
+        """``defer``: a new sale's ``on_sold`` hooks are left on ``core.after_answer`` for the
+        caller to run once it has answered (NodeCore.sell)."""
         key = check_key(key)
         digest = self.hash_body(body if isinstance(body, dict) else {"_": body})
         while key in self._inflight:  # the same key is being processed: wait for its outcome
@@ -165,12 +167,12 @@ class TerminalSales:
             return Created(self.core.sale(stored[1]), replayed=True)
         done = self._inflight[key] = trio.Event()
         try:
-            return Created(await self._sell(key, digest, body), replayed=False)
+            return Created(await self._sell(key, digest, body, defer), replayed=False)
         finally:
             del self._inflight[key]
             done.set()
 
-    async def _sell(self, key: str, digest: str, body: Any) -> dict[str, Any]:
+    async def _sell(self, key: str, digest: str, body: Any, defer: bool) -> dict[str, Any]:
         core = self.core
         req = parse_sale_request(body, core.policy.currency)
         try:
@@ -181,7 +183,8 @@ class TerminalSales:
                 if self.reader is None:
                     raise Unprocessable("this node has no card reader: send the card as \"card\" (keyed entry)")
                 card = await self.reader.read(req.amount_minor, core.policy.currency)
-            return core.sell(req.amount_minor, card=card, description=req.description, idempotency=(key, digest))
+            return core.sell(req.amount_minor, card=card, description=req.description, idempotency=(key, digest),
+                             defer=defer)
         except ContentError as exc:
             raise Unprocessable(str(exc)) from exc
         except InputError as exc:  # a card number or expiry the rules refuse: well-formed, not acceptable
