@@ -82,6 +82,41 @@ def test_an_empty_value_with_its_column_written_out_is_refused() -> None:
     amcanon.check_chunks(change.raw_bytes)  # the honest one passes
 
 
+def _many_puts(n: int) -> bytes:
+    """A change body of ``n`` puts of an empty value under one key, each column one run: canonical,
+    about 60 bytes, whatever ``n`` is (Automerge applies it)."""
+    header = amcanon.Header([], os.urandom(16), 1, 1, 0, b"", [], [])
+    return _with_columns(bytes(amcanon._encode_header(header)), [
+        (amcanon.KEY_STR, sleb128(n) + uleb128(1) + b"k"),
+        (amcanon.INSERT, uleb128(n)),
+        (amcanon.ACTION, sleb128(n) + uleb128(amcanon.ACTION_PUT)),
+        (amcanon.VAL_META, sleb128(n) + uleb128(amcanon.VALUE_BYTES)),
+        (amcanon.PRED_NUM, sleb128(n) + uleb128(0)),
+    ])
+
+
+def test_a_peer_cannot_make_the_memo_hold_much_more_than_its_bodies() -> None:
+    """The memo is bounded by its bodies' bytes (512 of at most 4 kB), but it holds their
+    operations too: a body of 60 bytes can name a million (MAX_OPS), ~100 MB held per body that
+    passed. Each body here names 20,000 (~2 MB of operations); four of them must not stay."""
+    doc = am.Document()
+    doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message([_chunk(_many_puts(1000))])))
+    assert doc.keys(am.ROOT) == ["k"]  # test of the test: Automerge applies such a change
+    amcanon._check_body_remembered.cache_clear()
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        for _ in range(4):
+            body = _many_puts(20_000)
+            assert len(body) < 100
+            assert len(amcanon.change_ops(_chunk(body))) == 20_000  # still checked, and answered
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        amcanon._check_body_remembered.cache_clear()
+    assert held - start < 1_000_000
+
+
 def test_the_memo_answers_only_for_the_very_bytes() -> None:
     """The memo is keyed by the body's bytes (equality, not only the hash): a body that differs
     in one byte (another key, another value, another actor of the same length) gets its own
