@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import automerge.core as am
 import pytest
@@ -14,6 +15,8 @@ from meshpos.domain.errors import CorruptStoreError, LockedError, PolicyError, S
 from meshpos.ledger.ledger import entry_bytes
 from meshpos.node.core import NodeCore
 from meshpos.site.sitedir import Site
+
+from test_disk_full import _rows as _disk_rows, small_disk  # noqa: F401 (a fixture)
 
 
 def test_sale_is_durable_before_it_is_returned(make_node, clock) -> None:
@@ -470,3 +473,52 @@ def test_a_power_cut_around_checkpoints_and_log_restarts_loses_no_acknowledged_s
             check_consistent(reopened)
         finally:
             reopened.close()
+
+
+def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(small_disk: Path, caplog: Any) -> None:
+    """Red team (issue 15): the disk fills while the log holds 30 acknowledged commits not yet
+    copied, so the checkpoint cannot grow the database file; read_afresh runs after it as the
+    node does, and writing goes on until a write meets the full disk. Once there is room again
+    a checkpoint and a restarted log follow: every acknowledged row is there, before and after
+    reopening."""
+    import os
+    from helpers import fill_disk
+    from meshpos.domain.errors import DiskFullError
+    from meshpos.ledger.store import Store
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = small_disk
+    store = Store.open(disk / "meshpos.db", create=True)
+    store.hold()
+    committed = 0
+    try:
+        for i in range(30):
+            with store.transaction():
+                store.set_meta(f"k{i:06d}", "x" * 3000)
+            store.flush()
+            committed = i + 1
+        fill_disk(disk / "ballast")
+        store.checkpoint()  # cannot grow the database file: it fails, and says so in the log
+        assert "checkpoint failed" in caplog.text
+        store.read_afresh()
+        with pytest.raises(DiskFullError):
+            for i in range(30, 100_000):
+                with store.transaction():
+                    store.set_meta(f"k{i:06d}", "x" * 3000)
+                store.flush()
+                committed = i + 1
+        assert _disk_rows(store) == committed
+        (disk / "ballast").unlink()
+        store.checkpoint()
+        assert store.read_afresh()
+        with store.transaction():
+            store.set_meta("after", "1")
+        store.flush()
+        assert _disk_rows(store) == committed
+    finally:
+        store.close()
+    reopened = Store.open(disk / "meshpos.db")
+    try:
+        assert _disk_rows(reopened) == committed and reopened.get_meta("after") == "1"
+    finally:
+        reopened.close()
