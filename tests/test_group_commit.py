@@ -45,3 +45,63 @@ async def test_writes_within_a_fifth_of_a_second_share_one_commit(
             nursery.cancel_scope.cancel()
     finally:
         core.close()
+
+
+async def test_a_write_during_the_checkpoint_is_not_committed_by_read_afresh(
+        make_node: Callable[..., Path], clock: FakeClock, autojump_clock: trio.testing.MockClock) -> None:
+    """Red team (issue 15): the checkpoint runs in a worker thread and the node goes on; a link's
+    write that lands meanwhile must not be committed by the read_afresh after it (COMMIT), only by
+    the next group commit, and it is on disk after that."""
+    import sqlite3
+    import threading
+    from meshpos.ledger import store as store_mod
+    core = NodeCore.open(make_node("T1"), clock)
+    service = NodeService(core, clock)
+    store = core.store
+    in_checkpoint, go_on = threading.Event(), threading.Event()
+    checkpoint, read_afresh = store.checkpoint, store.read_afresh
+    afresh: list[tuple[bool, int]] = []
+
+    def slow_checkpoint() -> None:
+        in_checkpoint.set()
+        go_on.wait(10)
+        checkpoint()
+
+    def others_see() -> int:
+        other = sqlite3.connect(store.path)
+        try:
+            return int(other.execute("SELECT count(*) FROM meta WHERE key = 'during'").fetchone()[0])
+        finally:
+            other.close()
+
+    def spying_read_afresh() -> bool:
+        done = read_afresh()
+        afresh.append((done, others_see()))
+        return done
+
+    store.checkpoint = slow_checkpoint  # type: ignore[method-assign]
+    store.read_afresh = spying_read_afresh  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(service._group_commit)
+            for i in range(100 * store_mod.CHECKPOINT_COMMITS):  # commits until a checkpoint is due
+                if in_checkpoint.is_set():
+                    break
+                with store.transaction():
+                    store.set_meta(f"k{i}", str(i))
+                await trio.sleep(2 * GROUP_COMMIT_S)
+            assert in_checkpoint.is_set()
+            with store.transaction():  # a link's write while the checkpoint thread runs
+                store.set_meta("during", "1")
+            go_on.set()
+            for _ in range(1000):
+                if afresh:
+                    break
+                await trio.sleep(0.01)
+            assert afresh[0] == (False, 0)  # a write pending: no COMMIT, nothing of it on disk
+            await trio.sleep(2 * GROUP_COMMIT_S)
+            assert others_see() == 1  # the next group commit took it
+            nursery.cancel_scope.cancel()
+    finally:
+        go_on.set()
+        core.close()
