@@ -145,3 +145,35 @@ def test_the_memo_answers_only_for_the_very_bytes() -> None:
         except (amcanon.NonCanonical, amcanon.Truncated) as exc:
             got = type(exc)
         assert got == expected
+
+
+def test_merged_keys_names_every_key_a_merge_changed_whatever_the_memo_holds() -> None:
+    """merged_keys decides which entries a merge verifies; it now reads the memo's operations.
+    A change of meshpos's kind after the memo holds another one equal but for its key; a change
+    of another kind (an object made at a root key, as a snapshot may carry); a delete: each
+    merge's keys include every key Automerge's own diff says changed (or are None: all keys)."""
+    from meshpos.ledger.ledger import changed_keys, merged_keys
+    doc = am.Document()
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "cert/x", am.ScalarType.Bytes, b"x")
+        tx.put(am.ROOT, "sale/old", am.ScalarType.Bytes, b"old")
+    seen = am.Document()
+    with seen.transaction() as tx:
+        tx.put(am.ROOT, "sale/aaaa", am.ScalarType.Bytes, b"v")
+    amcanon.change_ops(seen.get_changes([])[0].raw_bytes)  # the memo holds this one
+
+    def merge(edit: object) -> None:
+        other = doc.fork()
+        with other.transaction() as tx:
+            edit(tx)  # type: ignore[operator]
+        before = doc.get_heads()
+        doc.merge(other)
+        keys = merged_keys(doc, before)
+        diff = changed_keys(doc, before)
+        assert diff  # test of the test: the merge changed something
+        assert keys is None or diff <= keys, (keys, diff)
+
+    merge(lambda tx: tx.put(am.ROOT, "sale/aaab", am.ScalarType.Bytes, b"v"))
+    merge(lambda tx: tx.put_object(am.ROOT, "sale/map", am.ObjType.Map))
+    merge(lambda tx: tx.delete(am.ROOT, "sale/old"))
+    merge(lambda tx: tx.put(am.ROOT, "sale/empty", am.ScalarType.Bytes, b""))
