@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import automerge.core as am
 import pytest
@@ -14,6 +15,8 @@ from meshpos.domain.errors import CorruptStoreError, LockedError, PolicyError, S
 from meshpos.ledger.ledger import entry_bytes
 from meshpos.node.core import NodeCore
 from meshpos.site.sitedir import Site
+
+from test_disk_full import _rows as _disk_rows, small_disk  # noqa: F401 (a fixture)
 
 
 def test_sale_is_durable_before_it_is_returned(make_node, clock) -> None:
@@ -413,3 +416,148 @@ def test_a_busy_held_store_checkpoints_by_commits_and_its_log_starts_over(make_n
         store.release()
     finally:
         core.close()
+
+
+def test_read_afresh_commits_nothing_a_savepoint_or_an_unflushed_write_holds(make_node, clock) -> None:
+    """Red team (issue 15): read_afresh ends the held transaction with a COMMIT. With a savepoint
+    open, or rows written since the last commit, it must do nothing: those writes are neither
+    acknowledged nor whole yet. Another connection (what a restart after SIGKILL reads) must not
+    see them, and a rollback of the savepoint must still take them back."""
+    core = NodeCore.open(make_node("t1"), clock)
+    try:
+        store = core.store
+        store.hold()
+        core.sell(100)  # acknowledged: committed
+
+        def others_see() -> int:
+            other = sqlite3.connect(store.path)
+            try:
+                return int(other.execute("SELECT count(*) FROM meta WHERE key LIKE 'red/%'").fetchone()[0])
+            finally:
+                other.close()
+
+        with pytest.raises(RuntimeError):
+            with store.transaction():  # a savepoint, as a merge opens around its writes
+                store.set_meta("red/in-savepoint", "1")
+                store.checkpoint()
+                assert not store.read_afresh()
+                raise RuntimeError("the merge fails")
+        assert others_see() == 0 and store.get_meta("red/in-savepoint") is None
+        with store.transaction():  # a savepoint that wrote nothing is open
+            store.checkpoint()
+            assert not store.read_afresh()
+        store.set_meta("red/unflushed", "1")  # written at the held level, not committed
+        store.checkpoint()
+        assert not store.read_afresh()
+        assert others_see() == 0
+        store.flush()
+        assert others_see() == 1
+        store.checkpoint()
+        assert store.read_afresh()  # now nothing is pending: the read starts afresh
+        store.release()
+    finally:
+        core.close()
+
+
+def test_a_power_cut_around_checkpoints_and_log_restarts_loses_no_acknowledged_sale(make_node, clock,
+                                                                                   tmp_path: Path) -> None:
+    """Red team (issue 15): with checkpoints every CHECKPOINT_COMMITS commits and the log starting
+    over after each, the files as a power cut may leave them: (1) a checkpoint cut part-way (each
+    page of the database file old or new, the log whole); (2) a commit after an acknowledged sale
+    torn part-way, where the log was restarted and the new frames overwrite the old (the log's
+    bytes new up to the cut, the previous bytes after it). Every acknowledged sale is there, and
+    the store is consistent."""
+    import random
+    from meshpos.ledger import store as store_mod
+    from test_power_loss import DB, check_consistent, node_copy, own_sale_ids
+    path = make_node("t1")
+    core = NodeCore.open(path, clock)
+    wal = path / (DB + "-wal")
+    acked: list[str] = []
+    states: list[tuple[int, bytes, bytes]] = []  # (sales acknowledged, database file, log file)
+    mid_checkpoint: list[tuple[int, bytes, bytes, bytes]] = []
+    restarts = 0
+    try:
+        store = core.store
+        store.hold()
+        page = store.conn.execute("PRAGMA page_size").fetchone()[0]
+        for i in range(3 * store_mod.CHECKPOINT_COMMITS + 3):
+            acked.append(core.sell(100 + i)["id"])
+            states.append((len(acked), (path / DB).read_bytes(), wal.read_bytes()))
+            if store.checkpoint_due():
+                before = (path / DB).read_bytes()
+                store.checkpoint()
+                mid_checkpoint.append((len(acked), before, (path / DB).read_bytes(), wal.read_bytes()))
+                restarts += store.read_afresh()
+        store.release()
+    finally:
+        core.close()
+    assert restarts == 3
+    rnd = random.Random(15)
+    variants: list[tuple[int, bytes, bytes]] = []
+    for n, old_db, new_db, log in mid_checkpoint:
+        for _ in range(2):
+            mixed = b"".join((new_db if rnd.random() < 0.5 else old_db)[at:at + page]
+                             for at in range(0, max(len(old_db), len(new_db)), page))
+            variants.append((n, mixed, log))
+    for (n, _, old_log), (_, db, new_log) in zip(states, states[1:]):
+        differ = next((i for i, (a, b) in enumerate(zip(old_log, new_log)) if a != b), min(len(old_log), len(new_log)))
+        for cut in {differ, rnd.randrange(differ, len(new_log) + 1), len(new_log)}:
+            variants.append((n, db, new_log[:cut] + old_log[cut:]))
+    for v, (n, db, log) in enumerate(variants):
+        copy = node_copy(path, tmp_path / f"cut{v}", db, log)
+        reopened = NodeCore.open(copy, clock)
+        try:
+            assert set(acked[:n]) <= set(own_sale_ids(reopened)), f"variant {v}: after sale {n}"
+            check_consistent(reopened)
+        finally:
+            reopened.close()
+
+
+def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(small_disk: Path, caplog: Any) -> None:
+    """Red team (issue 15): the disk fills while the log holds 30 acknowledged commits not yet
+    copied, so the checkpoint cannot grow the database file; read_afresh runs after it as the
+    node does, and writing goes on until a write meets the full disk. Once there is room again
+    a checkpoint and a restarted log follow: every acknowledged row is there, before and after
+    reopening."""
+    import os
+    from helpers import fill_disk
+    from meshpos.domain.errors import DiskFullError
+    from meshpos.ledger.store import Store
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    disk = small_disk
+    store = Store.open(disk / "meshpos.db", create=True)
+    store.hold()
+    committed = 0
+    try:
+        for i in range(30):
+            with store.transaction():
+                store.set_meta(f"k{i:06d}", "x" * 3000)
+            store.flush()
+            committed = i + 1
+        fill_disk(disk / "ballast")
+        store.checkpoint()  # cannot grow the database file: it fails, and says so in the log
+        assert "checkpoint failed" in caplog.text
+        store.read_afresh()
+        with pytest.raises(DiskFullError):
+            for i in range(30, 100_000):
+                with store.transaction():
+                    store.set_meta(f"k{i:06d}", "x" * 3000)
+                store.flush()
+                committed = i + 1
+        assert _disk_rows(store) == committed
+        (disk / "ballast").unlink()
+        store.checkpoint()
+        assert store.read_afresh()
+        with store.transaction():
+            store.set_meta("after", "1")
+        store.flush()
+        assert _disk_rows(store) == committed
+    finally:
+        store.close()
+    reopened = Store.open(disk / "meshpos.db")
+    try:
+        assert _disk_rows(reopened) == committed and reopened.get_meta("after") == "1"
+    finally:
+        reopened.close()

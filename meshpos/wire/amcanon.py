@@ -67,6 +67,8 @@ MAX_OPS: Final = 1 << 20
 # (a push carries one change, a sync message up to a few hundred); a sale's change is ~500 bytes.
 CHECKED_MEMO: Final = 512
 CHECKED_MEMO_BODY: Final = 4096
+# ... and of at most this many operations: a body of 60 bytes can name MAX_OPS of them (~100 MB).
+CHECKED_MEMO_OPS: Final = 16
 
 # Column specs (id << 4 | deflate << 3 | type) of the changes meshpos writes, in Automerge's order.
 KEY_STR: Final = 21
@@ -242,18 +244,34 @@ def _check_body(body: bytes) -> tuple[Op, ...]:
     them again as Automerge does, and compare; the operations, in order.
 
     A pure function of the bytes, remembered for the last ``CHECKED_MEMO`` bodies of up to
-    ``CHECKED_MEMO_BODY`` bytes that passed (a refusal raises, and is not remembered; the bound
-    keeps what a peer can make this hold at 2 MB): a node reads each change it receives three
+    ``CHECKED_MEMO_BODY`` bytes and ``CHECKED_MEMO_OPS`` operations that passed (a refusal
+    raises, and is not remembered; the bounds keep what a peer can make this hold near 2 MB of
+    bodies, plus their keys): a node reads each change it receives three
     times, the push checked before Automerge applies it (``check_chunks``), then the history
     check (``change_ops``) and the merge's keys, which read the very change Automerge kept."""
     if len(body) <= CHECKED_MEMO_BODY:
-        return _check_body_remembered(body)
+        try:
+            return _check_body_remembered(body)
+        except _NotRemembered as many:
+            return many.ops
     return _decode_body(body)
+
+
+class _NotRemembered(Exception):
+    """A body that passed but names more than ``CHECKED_MEMO_OPS`` operations: ``lru_cache``
+    keeps no exception, so they are not held."""
+
+    def __init__(self, ops: tuple[Op, ...]) -> None:
+        super().__init__()
+        self.ops = ops
 
 
 @functools.lru_cache(maxsize=CHECKED_MEMO)
 def _check_body_remembered(body: bytes) -> tuple[Op, ...]:
-    return _decode_body(body)
+    ops = _decode_body(body)
+    if len(ops) > CHECKED_MEMO_OPS:
+        raise _NotRemembered(ops)
+    return ops
 
 
 def _decode_body(body: bytes) -> tuple[Op, ...]:
@@ -385,6 +403,8 @@ def _one_new_put(body: bytes, at: int, h: Header) -> tuple[Op, ...] | None:
     if len(h.specs) != 6 or h.message or h.others or tuple(spec for spec, _ in h.specs) != _ONE_PUT_COLUMNS:
         return None
     if any(a >= b for a, b in zip(h.deps, h.deps[1:])):
+        return None
+    if h.specs[4][1] == 0:  # an empty value: Automerge leaves its (empty) valRaw column out
         return None
     key_column = body[at:at + h.specs[0][1]]
     r = Reader(key_column)
