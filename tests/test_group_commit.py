@@ -47,10 +47,10 @@ async def test_writes_within_a_fifth_of_a_second_share_one_commit(
         core.close()
 
 
-async def test_a_write_during_the_checkpoint_is_not_committed_by_read_afresh(
+async def test_a_write_during_the_checkpoint_is_not_committed_by_finish_checkpoint(
         make_node: Callable[..., Path], clock: FakeClock, autojump_clock: trio.testing.MockClock) -> None:
     """Red team (issue 15): the checkpoint runs in a worker thread and the node goes on; a link's
-    write that lands meanwhile must not be committed by the read_afresh after it (COMMIT), only by
+    write that lands meanwhile must not be committed by the finish_checkpoint after it (COMMIT), only by
     the next group commit, and it is on disk after that."""
     import sqlite3
     import threading
@@ -59,7 +59,7 @@ async def test_a_write_during_the_checkpoint_is_not_committed_by_read_afresh(
     store = core.store
     go_on = threading.Event()
     in_checkpoint = trio.Event()
-    checkpoint, read_afresh, checkpoint_due = store.checkpoint, store.read_afresh, store.checkpoint_due
+    checkpoint, finish_checkpoint, checkpoint_due = store.checkpoint, store.finish_checkpoint, store.checkpoint_due
     due = False
     afresh: list[tuple[bool, int]] = []
     afresh_ran = trio.Event()
@@ -82,15 +82,15 @@ async def test_a_write_during_the_checkpoint_is_not_committed_by_read_afresh(
         finally:
             other.close()
 
-    def spying_read_afresh() -> bool:
-        done = read_afresh()
+    def spying_finish_checkpoint() -> bool:
+        done = finish_checkpoint()
         afresh.append((done, others_see()))
         afresh_ran.set()
         return done
 
     store.checkpoint = slow_checkpoint  # type: ignore[method-assign]
     store.checkpoint_due = spying_checkpoint_due  # type: ignore[method-assign]
-    store.read_afresh = spying_read_afresh  # type: ignore[method-assign]
+    store.finish_checkpoint = spying_finish_checkpoint  # type: ignore[method-assign]
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(service._group_commit)

@@ -418,8 +418,8 @@ def test_a_busy_held_store_checkpoints_by_commits_and_its_log_starts_over(make_n
         core.close()
 
 
-def test_read_afresh_commits_nothing_a_savepoint_or_an_unflushed_write_holds(make_node, clock) -> None:
-    """Red team (issue 15): read_afresh ends the held transaction with a COMMIT. With a savepoint
+def test_finish_checkpoint_commits_nothing_a_savepoint_or_an_unflushed_write_holds(make_node, clock) -> None:
+    """Red team (issue 15): finish_checkpoint ends the held transaction with a COMMIT. With a savepoint
     open, or rows written since the last commit, it must do nothing: those writes are neither
     acknowledged nor whole yet. Another connection (what a restart after SIGKILL reads) must not
     see them, and a rollback of the savepoint must still take them back."""
@@ -440,20 +440,20 @@ def test_read_afresh_commits_nothing_a_savepoint_or_an_unflushed_write_holds(mak
             with store.transaction():  # a savepoint, as a merge opens around its writes
                 store.set_meta("red/in-savepoint", "1")
                 store.checkpoint()
-                assert not store.read_afresh()
+                assert not store.finish_checkpoint()
                 raise RuntimeError("the merge fails")
         assert others_see() == 0 and store.get_meta("red/in-savepoint") is None
         with store.transaction():  # a savepoint that wrote nothing is open
             store.checkpoint()
-            assert not store.read_afresh()
+            assert not store.finish_checkpoint()
         store.set_meta("red/unflushed", "1")  # written at the held level, not committed
         store.checkpoint()
-        assert not store.read_afresh()
+        assert not store.finish_checkpoint()
         assert others_see() == 0
         store.flush()
         assert others_see() == 1
         store.checkpoint()
-        assert store.read_afresh()  # now nothing is pending: the read starts afresh
+        assert store.finish_checkpoint()  # now nothing is pending: the read starts afresh
         store.release()
     finally:
         core.close()
@@ -488,7 +488,7 @@ def test_a_power_cut_around_checkpoints_and_log_restarts_loses_no_acknowledged_s
                 before = (path / DB).read_bytes()
                 store.checkpoint()
                 mid_checkpoint.append((len(acked), before, (path / DB).read_bytes(), wal.read_bytes()))
-                restarts += store.read_afresh()
+                restarts += store.finish_checkpoint()
         store.release()
     finally:
         core.close()
@@ -516,7 +516,7 @@ def test_a_power_cut_around_checkpoints_and_log_restarts_loses_no_acknowledged_s
 
 def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(small_disk: Path, caplog: Any) -> None:
     """Red team (issue 15): the disk fills while the log holds 30 acknowledged commits not yet
-    copied, so the checkpoint cannot grow the database file; read_afresh runs after it as the
+    copied, so the checkpoint cannot grow the database file; finish_checkpoint runs after it as the
     node does, and writing goes on until a write meets the full disk. Once there is room again
     a checkpoint and a restarted log follow: every acknowledged row is there, before and after
     reopening."""
@@ -539,7 +539,7 @@ def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(sma
         fill_disk(disk / "ballast")
         store.checkpoint()  # cannot grow the database file: it fails, and says so in the log
         assert "checkpoint failed" in caplog.text
-        store.read_afresh()
+        store.finish_checkpoint()
         with pytest.raises(DiskFullError):
             for i in range(30, 100_000):
                 with store.transaction():
@@ -549,7 +549,7 @@ def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(sma
         assert _disk_rows(store) == committed
         (disk / "ballast").unlink()
         store.checkpoint()
-        assert store.read_afresh()
+        assert store.finish_checkpoint()
         with store.transaction():
             store.set_meta("after", "1")
         store.flush()

@@ -384,17 +384,18 @@ class Store:
         finally:
             conn.close()
 
-    def finish_checkpoint(self) -> None:
+    def finish_checkpoint(self) -> bool:
         """After ``checkpoint()`` in a worker thread, on this connection's own thread: copy what
         was committed meanwhile too, when nothing waits for a commit. SQLite starts the log over
         at the next write only once the whole log is in the database, and a pass in a thread
         never is that while sales go on beside it: a node that kept selling grew its log without
         end (260 MB after 7,000 sales in tools/bench_api_ab.py), which made every fdatasync and
         read slower (BENCHMARKS.md, "Terminal API", the WAL that never started over). Few pages
-        are left by then; on a connection of its own, so it syncs as ``checkpoint()`` does."""
+        are left by then; on a connection of its own, so it syncs as ``checkpoint()`` does. True when
+        it did (False: a write waits for its commit, or a savepoint is open; the next one tries)."""
         if (not self._held or self._depth != 1 or not self.conn.in_transaction
                 or self.conn.total_changes != self._flushed_changes):
-            return
+            return False  # a write waits for its commit (or a savepoint is open): the next checkpoint
         # the held transaction has only read since its last commit: end it, so that its next read
         # starts after the checkpoint (SQLite starts the log over only for a writer that did)
         self.conn.execute("COMMIT")
@@ -402,6 +403,7 @@ class Store:
             self.checkpoint()
         finally:
             self.conn.execute("BEGIN")
+        return True
 
     # -- meta -------------------------------------------------------------------
 
