@@ -77,7 +77,7 @@ def test_every_honest_change_passes(nodes: int, steps: list[tuple[str, int, list
         doc = docs[who % nodes]
         if kind == "put":
             with doc.transaction() as tx:
-                for k in args:
+                for k in dict.fromkeys(args):  # each key once per transaction, as meshpos writes
                     value = (seed * (size // len(seed) + 1))[:size] if k % 2 else os.urandom(size)
                     tx.put(am.ROOT, f"sale/{k:02d}", am.ScalarType.Bytes, value)
         elif kind == "delete":
@@ -324,3 +324,29 @@ def test_the_shortcut_for_one_new_put_decides_as_the_general_check(key: str, siz
     for mutant in (bytes(flipped), body[:at], body + data.draw(st.binary(min_size=1, max_size=3)),
                    body[:at] + body[at + 1:]):
         _same_verdict(mutant)
+
+
+def test_a_key_named_twice_in_one_change_is_refused_before_the_operations_are_read() -> None:
+    """meshpos writes each root key once per transaction. A change that names one key twice is
+    refused (Automerge would write it so; meshpos never does), and it is refused on its key
+    column alone: a run of one key is how 60 bytes named a million operations, which the checks
+    after it would loop over (seconds of CPU at every node a push reached)."""
+    doc = am.Document(actor())
+    with doc.transaction() as tx:
+        tx.put(am.ROOT, "sale/a", am.ScalarType.Bytes, b"1")
+        tx.put(am.ROOT, "sale/a", am.ScalarType.Bytes, b"2")
+    change = doc.get_changes([])[-1]
+    for chunk in (change.raw_bytes, change.bytes):
+        with pytest.raises(amcanon.NonCanonical, match="named twice"):
+            amcanon.check_chunks(chunk)
+    # the key column of a million puts of one key, as a peer could write it in a few bytes: the
+    # decode stops at the keys (the actions column is never reached: it is not even valid here)
+    body = _body_of(change.raw_bytes)
+    r = amcanon.Reader(body)
+    header = amcanon.read_header(r)
+    key_column = amcanon.sleb128(1 << 20) + amcanon.uleb128(6) + b"sale/a"
+    columns = [(amcanon.KEY_STR, key_column), (amcanon.ACTION, b"\xff")]
+    forged = amcanon._encode_header(header._replace(specs=[(spec, len(data)) for spec, data in columns]))
+    forged += b"".join(data for _, data in columns)
+    with pytest.raises(amcanon.NonCanonical, match="named twice"):
+        amcanon._decode_body(bytes(forged))

@@ -96,28 +96,45 @@ def _many_puts(n: int) -> bytes:
     ])
 
 
+def _distinct_puts(n: int) -> bytes:
+    """A change body of ``n`` puts of an empty value under ``n`` different keys: canonical, a few
+    bytes per operation (the keys are a literal run; every other column one run)."""
+    header = amcanon.Header([], os.urandom(16), 1, 1, 0, b"", [], [])
+    keys = [f"k{i}".encode() for i in range(n)]
+    return _with_columns(bytes(amcanon._encode_header(header)), [
+        (amcanon.KEY_STR, sleb128(-n) + b"".join(uleb128(len(k)) + k for k in keys)),
+        (amcanon.INSERT, uleb128(n)),
+        (amcanon.ACTION, sleb128(n) + uleb128(amcanon.ACTION_PUT)),
+        (amcanon.VAL_META, sleb128(n) + uleb128(amcanon.VALUE_BYTES)),
+        (amcanon.PRED_NUM, sleb128(n) + uleb128(0)),
+    ])
+
+
 def test_a_peer_cannot_make_the_memo_hold_much_more_than_its_bodies() -> None:
     """The memo is bounded by its bodies' bytes (512 of at most 4 kB), but it holds their
-    operations too: a body of 60 bytes can name a million (MAX_OPS), ~100 MB held per body that
-    passed. Each body here names 20,000 (~2 MB of operations); four of them must not stay."""
+    operations too: a body of 60 bytes named a million (MAX_OPS), ~100 MB held per body that
+    passed, by one key repeated. Such a body is refused now (a key named twice in one change);
+    one of distinct keys costs bytes for each, and only changes of a few operations are kept."""
     doc = am.Document()
     doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message([_chunk(_many_puts(1000))])))
     assert doc.keys(am.ROOT) == ["k"]  # test of the test: Automerge applies such a change
+    with pytest.raises(amcanon.NonCanonical, match="named twice"):
+        amcanon.change_ops(_chunk(_many_puts(20_000)))
     amcanon._check_body_remembered.cache_clear()
     gc.collect()
     tracemalloc.start()
     try:
         for _ in range(4):
-            body = _many_puts(20_000)
-            assert len(body) < 100
-            assert len(amcanon.change_ops(_chunk(body))) == 20_000  # still checked, and answered
+            body = _distinct_puts(600)
+            assert len(body) <= amcanon.CHECKED_MEMO_BODY  # small enough to be remembered by bytes
+            assert len(amcanon.change_ops(_chunk(body))) == 600  # still checked, and answered
         gc.collect()  # only what is referenced stays
         snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, amcanon.__file__)])
     finally:
         tracemalloc.stop()
         amcanon._check_body_remembered.cache_clear()
     held = sum(stat.size for stat in snapshot.statistics("filename"))  # made by amcanon, still held
-    assert held < 100_000
+    assert held < 50_000
 
 
 def test_the_memo_answers_only_for_the_very_bytes() -> None:

@@ -23,7 +23,10 @@ though each is a valid encoding, because Automerge would write the change differ
 in ascending order, other actors that are not exactly the ones the predecessors name in
 ascending order, predecessors not in ascending (counter, actor) order or repeated, a predecessor
 not older than its operation, a delete without predecessor (a save keeps a delete only as the
-successor of what it deleted).
+successor of what it deleted). And a root key named by two operations of one change: meshpos
+writes each key once per transaction, and a run of one key is how a change of 60 bytes named a
+million operations, seconds of CPU to read at every node it reached (red team, 2026-12-03);
+refused before anything loops over the operations, a change's cost to read is that of its bytes.
 
 The chunks this reads (``check_chunks``): a change chunk (type 1) is checked as above; a
 compressed change chunk (type 2, its body deflated: what ``Change.bytes`` and every PUSH carry) is
@@ -302,6 +305,9 @@ def _decode_general(body: bytes, r: Reader, header: Header) -> tuple[Op, ...]:
         return columns.get(spec, b"")
 
     keys = _rle_decode(column(KEY_STR), "str")
+    root_keys = [k for k in keys if k is not None]
+    if len(set(root_keys)) != len(root_keys):  # before any loop over the operations
+        raise NonCanonical("a root key named twice in one change, which meshpos never writes")
     actions = _rle_decode(column(ACTION), "uint")
     n = len(actions)
     if n == 0:
