@@ -22,6 +22,7 @@ import cProfile
 import json
 import logging
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -91,6 +92,13 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     root = Path(tempfile.mkdtemp(prefix="meshpos-bench-receive-", dir=args.tmpdir))
+    try:
+        run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
     clock = wall_clock()
     site = make_site(root / "site")
     seller = SimNode.open(enroll(site, root / "seller", "seller"), clock)
