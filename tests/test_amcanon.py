@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 import automerge.core as am
 import pytest
@@ -282,14 +283,15 @@ def _general(body: bytes) -> tuple[amcanon.Op, ...]:
     return amcanon._decode_general(body, r, amcanon.read_header(r))
 
 
-def _same_verdict(body: bytes) -> None:
-    """The shortcut for one new put (``_one_new_put``) decides as the general check does."""
+def _same_verdict(body: bytes, check: Callable[[bytes], tuple[amcanon.Op, ...]] = amcanon._decode_body) -> None:
+    """``check`` (the shortcut for one new put, ``_one_new_put``, by default) decides as the
+    general check does: the same operations, or the same refusal."""
     try:
         expected: object = _general(body)
     except (amcanon.NonCanonical, amcanon.Truncated) as exc:
         expected = type(exc)
     try:
-        got: object = amcanon._decode_body(body)
+        got: object = check(body)
     except (amcanon.NonCanonical, amcanon.Truncated) as exc:
         got = type(exc)
     assert got == expected

@@ -277,21 +277,31 @@ def test_a_held_store_checkpoints_only_when_told_on_a_connection_of_its_own(make
         core.close()
 
 
+def _log_after_an_overtaken_checkpoint(core: NodeCore, finish: bool) -> tuple[int, int]:
+    """100 sales, a checkpoint as the node's worker thread runs it, a sale that comes meanwhile,
+    ``finish_checkpoint()`` or not, then 60 more sales (fewer than before the checkpoint: they fit
+    in the log's start): the log file's size before and after those 60."""
+    store, wal = core.store, Path(f"{core.store.path}-wal")
+    store.hold()
+    for _ in range(100):
+        core.sell(100)
+    store.checkpoint()
+    core.sell(100)
+    if finish:
+        store.finish_checkpoint()
+    size = wal.stat().st_size
+    for _ in range(60):
+        core.sell(100)
+    after = wal.stat().st_size
+    store.release()
+    return size, after
+
+
 def test_a_held_store_starts_its_log_over_after_a_checkpoint_while_sales_go_on(make_node, clock) -> None:
     core = NodeCore.open(make_node("t1"), clock)
     try:
-        store, wal = core.store, Path(f"{core.store.path}-wal")
-        store.hold()
-        for _ in range(100):
-            core.sell(100)
-        store.checkpoint()  # as the node's worker thread does; then sales came in meanwhile:
-        core.sell(100)
-        store.finish_checkpoint()
-        size = wal.stat().st_size
-        for _ in range(60):  # fewer than before the checkpoint: they fit in the log's start
-            core.sell(100)
-        assert wal.stat().st_size == size  # written over from its start, not grown
-        store.release()
+        size, after = _log_after_an_overtaken_checkpoint(core, finish=True)
+        assert after == size  # written over from its start, not grown
     finally:
         core.close()
 
@@ -301,17 +311,8 @@ def test_a_held_store_without_finish_checkpoint_grows_its_log(make_node, clock) 
     nothing to start over from."""
     core = NodeCore.open(make_node("t1"), clock)
     try:
-        store, wal = core.store, Path(f"{core.store.path}-wal")
-        store.hold()
-        for _ in range(100):
-            core.sell(100)
-        store.checkpoint()
-        core.sell(100)
-        size = wal.stat().st_size
-        for _ in range(60):
-            core.sell(100)
-        assert wal.stat().st_size > size
-        store.release()
+        size, after = _log_after_an_overtaken_checkpoint(core, finish=False)
+        assert after > size
     finally:
         core.close()
 

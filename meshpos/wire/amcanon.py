@@ -70,7 +70,8 @@ MAX_OPS: Final = 1 << 20
 # (a push carries one change, a sync message up to a few hundred); a sale's change is ~500 bytes.
 CHECKED_MEMO: Final = 512
 CHECKED_MEMO_BODY: Final = 4096
-# ... and of at most this many operations: a body of 60 bytes can name MAX_OPS of them (~100 MB).
+# ... and of at most this many operations: what a memo entry holds grows with its operations, not
+# its bytes (a sale's change is one; a 4 kB body of short distinct keys names ~1,000).
 CHECKED_MEMO_OPS: Final = 16
 
 # Column specs (id << 4 | deflate << 3 | type) of the changes meshpos writes, in Automerge's order.
