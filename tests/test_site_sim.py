@@ -38,8 +38,10 @@ def test_small_site_keeps_every_guarantee_through_loss_partitions_and_restarts(t
 
 
 def test_the_same_seed_gives_the_same_run(template: Path) -> None:
-    """The world (which sales, when, which faults) is the seed's; the bytes vary a little, as each
-    ledger's Automerge actor id carries random bytes (see meshpos.apps.sitesim)."""
+    """The world (which sales, when, which faults) is the seed's, and so are the bytes: the ledgers'
+    Automerge actor ids come from seeded streams (see meshpos.apps.sitesim); with random actor ids
+    two runs differed by up to 13 %, now by under 0.1 % (what is left follows the wall clock the
+    simulated clock starts at)."""
     runs = []
     for _ in range(2):
         sim = SiteSim(SiteSimConfig(**{**SMALL.__dict__, "duration_s": 40.0}), template=template)
@@ -51,7 +53,7 @@ def test_the_same_seed_gives_the_same_run(template: Path) -> None:
     (r0, acked0, cards0), (r1, acked1, cards1) = runs
     assert acked0 == acked1 and cards0 == cards1 and acked0
     assert (r0.partitions, r0.restarts, r0.advices_0220) == (r1.partitions, r1.restarts, r1.advices_0220)
-    assert r1.bytes_per_sale_per_node == pytest.approx(r0.bytes_per_sale_per_node, rel=0.1)
+    assert r1.bytes_per_sale_per_node == pytest.approx(r0.bytes_per_sale_per_node, rel=0.02)
 
 
 def test_check_catches_a_node_that_lost_an_acknowledged_sale(template: Path) -> None:

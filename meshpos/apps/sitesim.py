@@ -212,13 +212,14 @@ class SiteSim:
 
     def __init__(self, config: SiteSimConfig, workdir: Path | None = None, template: Path | None = None) -> None:
         self.cfg = config
-        # Separate streams: the world (sales, faults) stays the same whatever the bytes do. The
-        # bytes themselves vary a little between runs: each ledger's Automerge actor id carries 8
-        # random bytes (meshpos.ledger.ledger), which moves change hashes and so the bloom filters
-        # of sync messages; the network stream (latency, loss) follows the bytes.
+        # Separate streams: the world (sales, faults) stays the same whatever the bytes do. Each
+        # ledger's Automerge actor ids (which move change hashes and so the bloom filters of sync
+        # messages, and so the bytes) come from a stream of their own per terminal, seeded too, so
+        # a seed gives the same bytes; the network stream (latency, loss) follows the bytes.
         self.rnd = random.Random(config.seed)
         self.net_rnd = random.Random(config.seed + 0x5EED)
         self.till_rnd = [random.Random(config.seed * 100_003 + i) for i in range(config.terminals)]
+        self.actor_rnd = [random.Random(config.seed * 200_003 + i) for i in range(config.terminals)]
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="meshpos-sitesim-"))
         if template is None:
             build_template(self.dir, config.terminals)
@@ -277,7 +278,7 @@ class SiteSim:
     # -- nodes ----------------------------------------------------------------------------
 
     def _open(self, i: int) -> None:
-        node = SimNode.open(self.paths[i], self.clock)
+        node = SimNode.open(self.paths[i], self.clock, entropy=self.actor_rnd[i].randbytes)
         self.nodes[i] = node
         node.core.ledger.on_accept.append(partial(self._accepted, i))
         if i < len(self.forwarders):
@@ -571,6 +572,11 @@ class SiteSim:
                 self.run_until(self.clock.now + cfg.check_interval_s * 5)
             self.report.settled_s = self.clock.now - heal_at if self._all_settled() else None
         self.run_until(self.clock.now + 5.0)  # results in flight reach everyone
+        # and every ledger holds what every other holds (the results' last copies, leases, voids
+        # travel on after the last sale settled: with loss, a repair can take more than those 5 s);
+        # a site that never converges is caught by ``check`` once the time allowed has passed
+        while self.clock.now < deadline and not self._ledgers_agree():
+            self.run_until(self.clock.now + cfg.check_interval_s)
         self.report.sim_s = self.clock.now
         self.report.wall_s = time.perf_counter() - wall0
         total_cpu = time.process_time() - cpu0
@@ -579,8 +585,13 @@ class SiteSim:
         return self.report
 
     def _all_settled(self) -> bool:
-        n0 = self.node(0).core
-        return all(s["status"] != "pending" for s in n0.sales())
+        """No card sale pending on any node."""
+        return all(s["status"] != "pending" for i in range(self.n) for s in self.node(i).core.sales())
+
+    def _ledgers_agree(self) -> bool:
+        """Every node's shards have the same heads as node 0's (what a link compares on set-up)."""
+        reference = self.node(0).core.ledger.summary()
+        return all(self.node(i).core.ledger.summary() == reference for i in range(1, self.n))
 
     def _measure(self, rss0: float, total_cpu: float) -> None:
         r = self.report

@@ -221,12 +221,16 @@ class _Indexed:
 
 
 class Ledger:
-    def __init__(self, store: Store, roster: Roster, node_id: str, clock: Clock) -> None:
+    def __init__(self, store: Store, roster: Roster, node_id: str, clock: Clock,
+                 entropy: Callable[[int], bytes] = os.urandom) -> None:
         self.store = store
         self.roster = roster
         self.node_id = node_id
         self.clock = clock
-        self.actor = bytes.fromhex(node_id) + os.urandom(8)
+        # where the random half of each Automerge actor id comes from (a seeded stream in the site
+        # simulation, so that a seed gives the same bytes; os.urandom everywhere else)
+        self._entropy = entropy
+        self.actor = bytes.fromhex(node_id) + entropy(8)
         self.docs: dict[str, am.Document] = {}
         self.index: dict[str, _Indexed] = {}
         self.homes: dict[str, set[str]] = {}
@@ -250,8 +254,9 @@ class Ledger:
     # -- opening ------------------------------------------------------------------
 
     @classmethod
-    def open(cls, store: Store, roster: Roster, node_id: str, clock: Clock) -> "Ledger":
-        ledger = cls(store, roster, node_id, clock)
+    def open(cls, store: Store, roster: Roster, node_id: str, clock: Clock,
+             entropy: Callable[[int], bytes] = os.urandom) -> "Ledger":
+        ledger = cls(store, roster, node_id, clock, entropy)
         ledger._load()
         return ledger
 
@@ -313,7 +318,7 @@ class Ledger:
                             shard, data.damaged)
             # a new history, so a new actor: this process's actor may have written into the shard
             # already, and its seq starting again at 1 would be refused by every peer holding that
-            doc = am.Document(self.actor[:8] + os.urandom(8))
+            doc = am.Document(self.actor[:8] + self._entropy(8))
             with self.store.transaction():
                 with doc.transaction() as tx:
                     for key, raw in self.store.entries_of_shard(shard):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable
@@ -53,7 +54,8 @@ def iso(ms: int | None) -> str | None:
 
 
 class NodeCore:
-    def __init__(self, nd: NodeDir, cfg: NodeConfig, clock: Clock) -> None:
+    def __init__(self, nd: NodeDir, cfg: NodeConfig, clock: Clock,
+                 entropy: Callable[[int], bytes] = os.urandom) -> None:
         self.dir = nd
         self.config = cfg
         self.clock = clock
@@ -83,7 +85,7 @@ class NodeCore:
             self._flag_recovery(f"{nd.db_path} was created once and holds nothing of this node")
         if not created.exists():
             write_atomically(created, f"node {cfg.node_id}\n".encode(), mode=0o600)
-        self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock)
+        self.ledger = Ledger.open(self.store, self.roster, cfg.node_id, clock, entropy)
         # who else holds which sales, from the statuses the node receives (fed by its status board)
         self.holders = Holders(cfg.node_id, lambda: self.ledger.holdings.highest(cfg.node_id))
         # called with each sale this node takes, as ``sell`` returns it, once it is durable (the
@@ -101,13 +103,16 @@ class NodeCore:
         log.warning("%s: recovering this node's log from the mesh before it sells again", why)
 
     @classmethod
-    def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True) -> "NodeCore":
+    def open(cls, path: Path, clock: Clock = SYSTEM_CLOCK, lock: bool = True,
+             entropy: Callable[[int], bytes] = os.urandom) -> "NodeCore":
+        """``entropy``: the random half of the ledger's Automerge actor ids (a seeded stream in
+        the site simulation only)."""
         nd = NodeDir(path)
         cfg = nd.config()
         if lock:
             nd.lock()
         try:
-            core = cls(nd, cfg, clock)
+            core = cls(nd, cfg, clock, entropy)
             core._bootstrap()
         except BaseException:
             nd.unlock()

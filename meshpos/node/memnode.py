@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshpos.node.parts import replicator_for
@@ -34,11 +36,15 @@ class SimNode:
     path: Path
     core: NodeCore
     replicator: Replicator
+    # the random half of the ledger's Automerge actor ids, kept for ``reopen`` (each reopen draws
+    # a new actor from it, as a restarted node must)
+    entropy: Callable[[int], bytes] = field(default=os.urandom, compare=False)
 
     @classmethod
-    def open(cls, path: Path, clock: Clock, config: SyncConfig = SyncConfig()) -> "SimNode":
-        core = NodeCore.open(path, clock)
-        return cls(path, core, replicator_for(core, config))
+    def open(cls, path: Path, clock: Clock, config: SyncConfig = SyncConfig(),
+             entropy: Callable[[int], bytes] = os.urandom) -> "SimNode":
+        core = NodeCore.open(path, clock, entropy=entropy)
+        return cls(path, core, replicator_for(core, config), entropy)
 
     def close(self) -> None:
         self.replicator.detach()
@@ -46,7 +52,7 @@ class SimNode:
 
     def reopen(self, clock: Clock) -> "SimNode":
         self.close()
-        return SimNode.open(self.path, clock, self.replicator.config)
+        return SimNode.open(self.path, clock, self.replicator.config, self.entropy)
 
     def entries(self) -> frozenset[tuple[str, bytes]]:
         return frozenset((k, r) for k, r, _ in self.core.store.all_entries())
