@@ -7,8 +7,10 @@ ledger, signature checks) with a real ``Replicator``; links are real ``SyncSessi
 real switch processor (its SQLite de-duplication table) in process, with an acquirer that counts
 0220 advices per sale. What is simulated: the network (per-hop latency, loss, resets,
 partitions), the clock (one ``SimClock`` moved by the event loop) and the terminals' lives
-(sales as Poisson arrivals, restarts). Everything random comes from one seeded
-``random.Random``: the same ``SiteSimConfig`` gives the same run.
+(sales as Poisson arrivals, restarts). Everything random comes from seeded ``random.Random``
+streams: the same ``SiteSimConfig`` on the same template gives the same run, in any process
+and under any hash seed. (The template's keys are not seeded: they decide the node ids, and so
+which links the planner keeps; a new template is a different site.)
 
 The network, per link direction: bytes written by a session arrive after a latency drawn from
 ``latency``, in order (a TCP stream). Loss is what TCP makes of it: a write whose segment is
