@@ -110,8 +110,14 @@ def run(tree: Path, rounds: int, per_block: int) -> dict[str, object]:
         def note(name: str, value: float) -> None:
             figures.setdefault(name, []).append(value)
         try:
-            group.start_node("after", root / "after", "--no-mdns")
-            group.start_node("before", root / "before", "--no-mdns", wrap=["env", f"PYTHONPATH={tree}"])
+            # Each node imports its own checkout, whatever the directory this runs from: `python -m`
+            # puts the current directory first on the path, before PYTHONPATH (run from a checkout,
+            # both nodes ran that checkout's code), unless PYTHONSAFEPATH is set.
+            here = Path(__file__).resolve().parents[1]
+            group.start_node("after", root / "after", "--no-mdns",
+                             wrap=["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={here}"])
+            group.start_node("before", root / "before", "--no-mdns",
+                             wrap=["env", "PYTHONSAFEPATH=1", f"PYTHONPATH={tree}"])
             doors = {"after": Door(root / "after"), "before": Door(root / "before")}
             for door in doors.values():  # warm-up, and the replayed key's first (201) answer
                 door.sales(20)
