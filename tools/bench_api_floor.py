@@ -6,9 +6,11 @@ PORTFILE once it listens), one route ``POST /v1/sales`` that reads the body and 
 constant JSON object of a sale's size; nothing else runs in the process. MODE:
 
 - ``plain``: Hypercorn's own accept loop (meshpos.infra.asgi.serve), no Guard;
-- ``gated``: the terminal API's transport exactly (meshpos.infra.asgi.serve_gated with the
-  connection limits and the stall guard of meshpos.terminal.server) behind the terminal API's
-  Guard (bearer token ``floor``, Host checked).
+- ``gated``: the terminal API's transport (meshpos.infra.asgi.serve_gated with the connection
+  limits and the stall guard of meshpos.terminal.server) behind the terminal API's Guard (bearer
+  token ``floor``, Host checked), every request through Hypercorn;
+- ``lane``: the same with the terminal API's lane for ``POST /v1/sales`` (meshpos.infra.asgi.Lane),
+  as meshpos.terminal.server serves it.
 
 What the node spends per request beyond this, at the same request rate, is ours: routing of the
 real app, the idempotency key, the sale, the event journal.
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from meshpos.infra import asgi  # noqa: E402
 from meshpos.terminal.guard import Guard, GuardPolicy, host_names  # noqa: E402
-from meshpos.terminal.server import API_LIMITS, KEEP_ALIVE_S, WRITE_STALL_S  # noqa: E402
+from meshpos.terminal.server import API_LIMITS, KEEP_ALIVE_S, WRITE_STALL_S, sale_request  # noqa: E402
 
 TOKEN = "floor"
 # about the size of a sale object as the API answers it
@@ -62,7 +64,8 @@ async def main(mode: str, portfile: Path) -> None:
             policy = GuardPolicy(TOKEN, hosts, origins)
             await nursery.start(functools.partial(
                 asgi.serve_gated, app, sock, None, API_LIMITS, config=config,
-                front=lambda inner: Guard(inner, policy), stall_s=WRITE_STALL_S))
+                front=lambda inner: Guard(inner, policy), stall_s=WRITE_STALL_S,
+                lane=sale_request if mode == "lane" else None))
         portfile.write_text(str(port))
 
 

