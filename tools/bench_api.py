@@ -20,8 +20,9 @@ Per run, on fresh nodes in a temporary directory:
    both sides from the same minutes of the host's load;
 5. the framework's floor (tools/bench_api_floor.py): a bare Starlette app on Hypercorn's trio
    worker answering ``POST /v1/sales`` with a constant sale-sized object, in a process of its own,
-   over Hypercorn's own accept loop ("plain") and over the terminal API's own transport and Guard
-   ("gated"); N requests on one keep-alive connection, CPU per request and median latency. The
+   over Hypercorn's own accept loop ("plain"), over the terminal API's own transport and Guard
+   ("gated"), and the same with the terminal API's lane for new sales ("lane",
+   meshpos.infra.asgi.Lane, as the node serves it); N requests on one keep-alive connection, CPU per request and median latency. The
    node's CPU per cash sale through the API minus the in-process commit, beside this floor, says
    how much of the HTTP layer's cost is the framework's and how much is ours.
 6. keyed card sales alternating in blocks of 50 between (1)'s way, on a second node of the site
@@ -281,8 +282,9 @@ def api_run(sales: int, with_floor: bool = True) -> dict[str, float]:
         finally:
             group.stop_all()
             twin.close()
-        floor = {**_floor("plain", sales, root), **_floor("gated", sales, root)} if with_floor else {
-            f"floor_{mode}_{k}": float("nan") for mode in ("plain", "gated") for k in ("cpu_ms", "median_ms")}
+        modes = ("plain", "gated", "lane")
+        floor = {k: v for mode in modes for k, v in _floor(mode, sales, root).items()} if with_floor else {
+            f"floor_{mode}_{k}": float("nan") for mode in modes for k in ("cpu_ms", "median_ms")}
         return {**_percentiles(lat), "sales_per_s": rate, "cpu_ms_per_sale": cpu_per_sale, **sse, **doors, **floor}
 
 
@@ -310,7 +312,8 @@ def main() -> int:
               f"(median); replayed key {api[-1]['replay_cpu_ms']:.2f} ms CPU / {api[-1]['replay_median_ms']:.2f} ms; "
               f"framework floor plain {api[-1]['floor_plain_cpu_ms']:.2f} ms CPU / "
               f"{api[-1]['floor_plain_median_ms']:.2f} ms, gated {api[-1]['floor_gated_cpu_ms']:.2f} ms CPU / "
-              f"{api[-1]['floor_gated_median_ms']:.2f} ms; "
+              f"{api[-1]['floor_gated_median_ms']:.2f} ms, lane {api[-1]['floor_lane_cpu_ms']:.2f} ms CPU / "
+              f"{api[-1]['floor_lane_median_ms']:.2f} ms; "
               f"load {os.getloadavg()[0]:.1f}",
               file=sys.stderr)
     med = {f"api_{k}": statistics.median(r[k] for r in api) for k in api[0]}
@@ -338,7 +341,8 @@ def main() -> int:
               f"(+{med['http_overhead_cpu_ms']:.2f} ms); cash sales in the node, TCP API vs CLI socket path: "
               f"+{med['api_vs_control_cpu_ms']:.2f} ms CPU; the bare framework answering a constant "
               f"{med['api_floor_plain_cpu_ms']:.2f} ms CPU per request (plain Hypercorn), "
-              f"{med['api_floor_gated_cpu_ms']:.2f} ms (our transport and Guard); with {IDLE_CLIENTS} idle SSE clients "
+              f"{med['api_floor_gated_cpu_ms']:.2f} ms (our transport and Guard), "
+              f"{med['api_floor_lane_cpu_ms']:.2f} ms (with the lane for new sales); with {IDLE_CLIENTS} idle SSE clients "
               f"{med['sse_100_ratio']:.2f} x the selling rate without (CPU per sale: {med['sse_100_cpu_ratio']:.2f} x)")
     return 0
 
