@@ -212,6 +212,7 @@ async def test_the_lane_answers_every_refusal_with_hypercorns_bytes(core: NodeCo
                 .replace(CASH, f"{len(CASH):x}\r\n".encode() + CASH + b"\r\n0\r\n\r\n"),
                 lambda s: s.post(key="made", extra="Expect: 100-continue"),
                 lambda s: b"POST /v1/sales HTTP/1.1\r\nHost \r\n\r\n",  # malformed: Hypercorn's 400
+                lambda s: s.post(key="made", extra="X-Padding: " + "p" * 20_000),  # a head past 16 KiB: 431
                 lambda s: s.get("/v1/sales/nonexistent"),  # 404, from Hypercorn and Starlette on both
             ]
             for i, case in enumerate(cases):
