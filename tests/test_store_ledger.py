@@ -562,3 +562,37 @@ def test_a_full_disk_at_a_checkpoint_and_log_restart_loses_nothing_committed(sma
         assert _disk_rows(reopened) == committed and reopened.get_meta("after") == "1"
     finally:
         reopened.close()
+
+
+def test_the_totals_a_sale_checks_are_the_two_sums_they_replace(make_node, open_node) -> None:
+    """``pending_for_sale`` (one pass) gives what the two sums gave: the other terminals' pending
+    card sales inside the window and no later than the skew allows, ours from the window's start
+    whatever their date; refused, voided, settled and cash sales in none."""
+    import random
+
+    core = open_node(make_node("t1"))
+    store = core.store
+    rng = random.Random(15)
+    terminals = [core.node_id, "aaaa000000000001", "aaaa000000000002", "aaaa000000000003"]
+    for seq in range(1, 400):
+        terminal = rng.choice(terminals)
+        body = {"sale_id": f"{terminal}-{seq}", "terminal": terminal, "seq": seq,
+                "created_at": rng.randrange(0, 10_000), "amount_minor": rng.randrange(1, 5_000),
+                "currency": "EUR", "method": rng.choice(["card", "card", "cash"]), "description": None,
+                "card": {"brand": "visa", "last4": "1111", "entry_mode": "manual"}}
+        store.insert_sale(body, refused=rng.choice([None] * 6 + ["over the cap"]))
+        if rng.random() < 0.1:
+            store.conn.execute("UPDATE sales SET voided_at=1 WHERE sale_id=?", (body["sale_id"],))
+        if rng.random() < 0.1:
+            store.conn.execute("UPDATE sales SET result_status='approved' WHERE sale_id=?", (body["sale_id"],))
+    for not_before, not_after in [(0, 10_000), (2_000, 6_000), (9_000, 9_500), (5_000, 4_000), (20_000, 30_000)]:
+        expected = store.pending_by_terminal(not_before, not_after)
+        expected[core.node_id] = store.pending_by_terminal(not_before, None, core.node_id).get(core.node_id, 0)
+        got = store.pending_for_sale(not_before, not_after, core.node_id)
+        assert got == expected
+    everyone = store.pending_for_sale(0, 10_000, core.node_id)
+    assert len(everyone) == 4 and all(everyone.values())  # the data is not trivial
+    # ours past the upper bound count, the others' do not
+    assert store.pending_for_sale(2_000, 6_000, core.node_id)[core.node_id] > \
+        store.pending_by_terminal(2_000, 6_000, core.node_id)[core.node_id]
+    assert store.pending_for_sale(9_990, 9_991, core.node_id) == {core.node_id: 0}

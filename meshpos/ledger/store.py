@@ -92,6 +92,9 @@ _SALE_ROWS = ("SELECT s.*, k.key AS idempotency_key FROM sales s"
 
 
 _INSERT_ENTRY = "INSERT INTO entries(key, type, signer, raw, shard, received_at) VALUES(?,?,?,?,?,?)"
+# the pending card sales (the caps' exposure), through the partial index sales_pending_card
+_PENDING_CARD = ("SELECT terminal, coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
+                 " AND voided_at IS NULL AND refused IS NULL AND method='card'")
 _INSERT_SALE = ("INSERT OR IGNORE INTO sales(sale_id, terminal, seq, created_at, amount_minor, currency, method,"
                 " brand, last4, entry_mode, description, refused) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)")
 EntryRow = tuple[str, str, str, bytes, str, int]  # key, type, signer, raw, shard, received_at
@@ -579,8 +582,7 @@ class Store:
                             terminal: str | None = None) -> dict[str, int]:
         """terminal -> sum of its valid card sales with no result and no void, created in the range
         (refused sales are never counted, nor cash ones: they are not the site's exposure)."""
-        sql = ("SELECT terminal, coalesce(sum(amount_minor), 0) FROM sales WHERE result_status IS NULL"
-               " AND voided_at IS NULL AND refused IS NULL AND method='card' AND created_at >= ?")
+        sql = _PENDING_CARD + " AND created_at >= ?"
         args: tuple[Any, ...] = (not_before_ms,)
         if not_after_ms is not None:
             sql += " AND created_at <= ?"
@@ -589,6 +591,18 @@ class Store:
             sql += " AND terminal=?"
             args += (terminal,)
         return {str(t): int(v) for t, v in self.conn.execute(sql + " GROUP BY terminal", args)}
+
+    def pending_for_sale(self, not_before_ms: int, not_after_ms: int, own: str) -> dict[str, int]:
+        """The totals a new sale of terminal ``own`` checks the caps against, in one pass over the
+        pending card sales (two calls of ``pending_by_terminal`` before: the pass grows with the
+        pending sales, and every sale made it twice): every other terminal's created in
+        [not_before_ms, not_after_ms], ``own``'s from not_before_ms whatever their date ahead (a
+        clock set back must not free a terminal's own caps); ``own`` is always in it, 0 if none."""
+        totals = {str(t): int(v) for t, v in self.conn.execute(
+            _PENDING_CARD + " AND created_at >= ? AND (created_at <= ? OR terminal = ?) GROUP BY terminal",
+            (not_before_ms, not_after_ms, own))}
+        totals.setdefault(own, 0)
+        return totals
 
     # -- Automerge shards ---------------------------------------------------------
 

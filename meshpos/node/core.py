@@ -193,11 +193,9 @@ class NodeCore:
             raise ContentError(problem)
         with self.store.transaction():
             window_start = now - policy.offline_window_ms
-            pending = self.store.pending_by_terminal(window_start, now + rules.MAX_SKEW_MS)
             # our own pending sales count whatever their date ahead of our clock: a clock set back
             # (by a cashier, or a device that reset it) must not free this terminal's caps
-            own = self.store.pending_by_terminal(window_start, None, self.node_id)
-            pending[self.node_id] = own.get(self.node_id, 0)
+            pending = self.store.pending_for_sale(window_start, now + rules.MAX_SKEW_MS, self.node_id)
             if card is None:  # cash is final when taken: only the per-sale cap applies
                 policy.check_amount(amount_minor)
             else:
