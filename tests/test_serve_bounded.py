@@ -18,6 +18,7 @@ LIMITS = InboundLimits(total=8, pending=8, per_source=8, proof_timeout=5.0)
 SECRET = "4111111111111111"
 
 
+@pytest.mark.connection_faults
 async def test_a_failing_connection_is_closed_and_logged_and_the_next_one_is_served(
         caplog: pytest.LogCaptureFixture) -> None:
     served: list[int] = []
