@@ -30,6 +30,8 @@ with more than one 0220, a sale not settled everywhere.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import heapq
 import logging
 import random
@@ -44,10 +46,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+import nacl.public
 import trio
 
 from meshpos.domain.errors import MeshposError, UplinkError
 from meshpos.infra.clock import SYSTEM_CLOCK
+from meshpos.node.core import NodeCore
 from meshpos.node.memnode import SimNode, enroll
 from meshpos.replication.planner import DIAL_BACKOFF, ring_targets
 from meshpos.replication.sync import SyncSession
@@ -58,7 +62,9 @@ from meshpos.switch.store import SwitchStore
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.client import NotSent
 from meshpos.uplink.forwarder import Forwarder
+from meshpos.wire import canonical
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.cards import CardCapture
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.wire.link_frames import FrameType
 
@@ -188,7 +194,36 @@ def build_template(root: Path, terminals: int) -> Path:
     for i in range(terminals):
         enroll(site, root / f"n{i:03d}", f"t{i:03d}")
     add_site(root / "switch", root / "site")
+    # when its simulated clocks start: after every certificate and policy in it, and the same
+    # for every run on it (a run that started at the wall clock moved the statuses' and sync
+    # timers' phases, and its bytes by up to 12 %, from one run to the next)
+    (root / EPOCH_FILE).write_text(str(SYSTEM_CLOCK.now_ms() + 1_000))
     return root
+
+
+EPOCH_FILE = "sim-epoch-ms"
+
+
+def seal_seeded(capture: CardCapture, switch_key: bytes, plaintext: bytes, rnd: random.Random) -> CardCapture:
+    """``capture`` with its card sealed again as libsodium's sealed box does (an ephemeral X25519
+    key, the nonce BLAKE2b(ephemeral public key || switch key), crypto_box), but with the
+    ephemeral key drawn from ``rnd``: in the simulation only, so that a seed gives the same sale
+    bytes (a random ephemeral key changed every card sale's bytes, so the change hashes, the sync
+    messages' filters and the course of the run). The switch opens it as any sealed card."""
+    ephemeral = nacl.public.PrivateKey(bytes(rnd.getrandbits(8) for _ in range(32)))
+    public = bytes(ephemeral.public_key)
+    nonce = hashlib.blake2b(public + switch_key, digest_size=24).digest()
+    box = nacl.public.Box(ephemeral, nacl.public.PublicKey(switch_key))
+    return dataclasses.replace(capture, sealed=public + box.encrypt(plaintext, nonce).ciphertext)
+
+
+def template_epoch_ms(root: Path) -> int:
+    """When the simulated clocks of a run on the template at ``root`` start (``build_template``);
+    the wall clock for a template made before that file was."""
+    try:
+        return int((root / EPOCH_FILE).read_text())
+    except (OSError, ValueError):
+        return SYSTEM_CLOCK.now_ms()
 
 
 @dataclass
@@ -212,6 +247,14 @@ class _Event:
 class SiteSim:
     """One run. ``SiteSim(config, workdir).run()``; the workdir is removed by ``close``."""
 
+    def _seal(self, i: int, core: NodeCore, pan: str) -> CardCapture:
+        """The card as the till seals it (``NodeCore.seal_card``: checks and all), its sealed box
+        made again from terminal ``i``'s seeded stream (``seal_seeded``)."""
+        capture = core.seal_card(pan, "1230", "contactless")
+        key = core.policy.switch_key_bytes
+        assert key is not None
+        return seal_seeded(capture, key, canonical.encode({"pan": pan, "expiry": "1230"}), self.seal_rnd[i])
+
     def __init__(self, config: SiteSimConfig, workdir: Path | None = None, template: Path | None = None) -> None:
         self.cfg = config
         # Separate streams: the world (sales, faults) stays the same whatever the bytes do. Each
@@ -222,12 +265,13 @@ class SiteSim:
         self.net_rnd = random.Random(config.seed + 0x5EED)
         self.till_rnd = [random.Random(config.seed * 100_003 + i) for i in range(config.terminals)]
         self.actor_rnd = [random.Random(config.seed * 200_003 + i) for i in range(config.terminals)]
+        self.seal_rnd = [random.Random(config.seed * 300_007 + i) for i in range(config.terminals)]
         self.dir = workdir or Path(tempfile.mkdtemp(prefix="meshpos-sitesim-"))
         if template is None:
             build_template(self.dir, config.terminals)
         else:
             shutil.copytree(template, self.dir, dirs_exist_ok=True)
-        self.clock = SimClock(SYSTEM_CLOCK.now_ms())
+        self.clock = SimClock(template_epoch_ms(self.dir))
         self.n = config.terminals
         self.paths = [self.dir / f"n{i:03d}" for i in range(self.n)]
         self.nodes: list[SimNode | None] = [None] * self.n
@@ -444,7 +488,7 @@ class SiteSim:
             return
         core = self.node(i).core
         try:
-            capture = core.seal_card(CARDS[amount % len(CARDS)], "1230", "contactless") if card else None
+            capture = self._seal(i, core, CARDS[amount % len(CARDS)]) if card else None
             sale = core.sell(amount, capture)
         except MeshposError as exc:  # a cap reached: the till refuses, nothing acknowledged
             log.info("terminal %d refused a sale: %s", i, exc)
