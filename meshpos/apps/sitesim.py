@@ -30,8 +30,6 @@ with more than one 0220, a sale not settled everywhere.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import heapq
 import logging
 import random
@@ -46,7 +44,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
-import nacl.public
 import trio
 
 from meshpos.domain.errors import MeshposError, UplinkError
@@ -62,7 +59,6 @@ from meshpos.switch.store import SwitchStore
 from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.client import NotSent
 from meshpos.uplink.forwarder import Forwarder
-from meshpos.wire import canonical
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.cards import CardCapture
 from meshpos.wire.forwarding import ForwardReply
@@ -204,19 +200,6 @@ def build_template(root: Path, terminals: int) -> Path:
 EPOCH_FILE = "sim-epoch-ms"
 
 
-def seal_seeded(capture: CardCapture, switch_key: bytes, plaintext: bytes, rnd: random.Random) -> CardCapture:
-    """``capture`` with its card sealed again as libsodium's sealed box does (an ephemeral X25519
-    key, the nonce BLAKE2b(ephemeral public key || switch key), crypto_box), but with the
-    ephemeral key drawn from ``rnd``: in the simulation only, so that a seed gives the same sale
-    bytes (a random ephemeral key changed every card sale's bytes, so the change hashes, the sync
-    messages' filters and the course of the run). The switch opens it as any sealed card."""
-    ephemeral = nacl.public.PrivateKey(bytes(rnd.getrandbits(8) for _ in range(32)))
-    public = bytes(ephemeral.public_key)
-    nonce = hashlib.blake2b(public + switch_key, digest_size=24).digest()
-    box = nacl.public.Box(ephemeral, nacl.public.PublicKey(switch_key))
-    return dataclasses.replace(capture, sealed=public + box.encrypt(plaintext, nonce).ciphertext)
-
-
 def template_epoch_ms(root: Path) -> int:
     """When the simulated clocks of a run on the template at ``root`` start (``build_template``);
     the wall clock for a template made before that file was."""
@@ -248,12 +231,11 @@ class SiteSim:
     """One run. ``SiteSim(config, workdir).run()``; the workdir is removed by ``close``."""
 
     def _seal(self, i: int, core: NodeCore, pan: str) -> CardCapture:
-        """The card as the till seals it (``NodeCore.seal_card``: checks and all), its sealed box
-        made again from terminal ``i``'s seeded stream (``seal_seeded``)."""
-        capture = core.seal_card(pan, "1230", "contactless")
-        key = core.policy.switch_key_bytes
-        assert key is not None
-        return seal_seeded(capture, key, canonical.encode({"pan": pan, "expiry": "1230"}), self.seal_rnd[i])
+        """The card as the till seals it (``NodeCore.seal_card``: checks and all), the sealed
+        box's one-time key drawn from terminal ``i``'s seeded stream: a random one per card sale
+        changed every card sale's bytes, so the change hashes, the sync messages' filters and the
+        course of the run, and a seed must give the same run."""
+        return core.seal_card(pan, "1230", "contactless", ephemeral=self.seal_rnd[i].randbytes(32))
 
     def __init__(self, config: SiteSimConfig, workdir: Path | None = None, template: Path | None = None) -> None:
         self.cfg = config

@@ -155,12 +155,15 @@ class NodeCore:
 
     # -- selling ------------------------------------------------------------------
 
-    def seal_card(self, pan: str, expiry: str | None, entry_mode: str = "manual") -> CardCapture:
+    def seal_card(self, pan: str, expiry: str | None, entry_mode: str = "manual",
+                  ephemeral: bytes | None = None) -> CardCapture:
+        """The card checked and sealed to the site's switch (``ephemeral``: ``wire.cards.seal_card``'s,
+        the site simulation's only)."""
         key = self.policy.switch_key_bytes
         if key is None:
             raise PolicyError("this site's policy names no switch key, so card data cannot be sealed: "
                               "take cash, or have the organizer run `meshpos site set-switch`")
-        return seal_card(pan, expiry, entry_mode, key, at_ms=self.clock.now_ms())
+        return seal_card(pan, expiry, entry_mode, key, at_ms=self.clock.now_ms(), ephemeral=ephemeral)
 
     def sell(self, amount_minor: int, card: CardCapture | None = None, description: str | None = None,
              currency: str | None = None, idempotency: tuple[str, str] | None = None,

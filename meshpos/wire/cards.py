@@ -7,6 +7,7 @@ brand and the last 4 digits.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import nacl.exceptions
@@ -65,9 +66,14 @@ class CardCapture:
 
 
 def seal_card(pan: str, expiry: str | None, entry_mode: str, switch_key: bytes,
-              at_ms: int | None = None) -> CardCapture:
+              at_ms: int | None = None, ephemeral: bytes | None = None) -> CardCapture:
     """Validate a PAN (and, with ``at_ms``, that the card is not expired then) and seal it
-    with its expiry to the switch's X25519 public key."""
+    with its expiry to the switch's X25519 public key.
+
+    ``ephemeral``: the sealed box's one-time X25519 private key (32 bytes), for the site
+    simulation only, where a seed must give the same sale bytes; the box is then made as
+    libsodium's sealed box makes it (the nonce BLAKE2b(ephemeral public key || switch key), then
+    crypto_box), and opens the same way. A till leaves it out: a fresh random key per card."""
     pan = check_pan(pan)
     expiry = check_expiry(expiry, at_ms)
     if entry_mode not in ENTRY_MODES:
@@ -75,8 +81,15 @@ def seal_card(pan: str, expiry: str | None, entry_mode: str, switch_key: bytes,
     if len(switch_key) != 32:
         raise CryptoError("switch public key must be 32 bytes")
     plaintext = canonical.encode({"pan": pan, "expiry": expiry})
-    sealed = nacl.public.SealedBox(nacl.public.PublicKey(switch_key)).encrypt(plaintext)
-    return CardCapture(brand=brand_of(pan), last4=pan[-4:], entry_mode=entry_mode, sealed=bytes(sealed))
+    if ephemeral is None:
+        sealed = bytes(nacl.public.SealedBox(nacl.public.PublicKey(switch_key)).encrypt(plaintext))
+    else:
+        one_time = nacl.public.PrivateKey(ephemeral)
+        public = bytes(one_time.public_key)
+        nonce = hashlib.blake2b(public + switch_key, digest_size=24).digest()
+        box = nacl.public.Box(one_time, nacl.public.PublicKey(switch_key))
+        sealed = public + box.encrypt(plaintext, nonce).ciphertext
+    return CardCapture(brand=brand_of(pan), last4=pan[-4:], entry_mode=entry_mode, sealed=sealed)
 
 
 @dataclass(frozen=True)
