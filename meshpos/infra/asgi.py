@@ -38,7 +38,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import build_and_validate_headers, parse_socket_addr, suppress_body, wrap_app
 
-from meshpos.infra.netguard import InboundGate, InboundLimits, serve_bounded
+from meshpos.infra.netguard import InboundGate, InboundLimits, serve_bounded, socket_of
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -285,12 +285,8 @@ class Lane:
         self.served = 0  # requests answered on this connection (by the lane)
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=config.h11_max_incomplete_size)
         self._raw = bytearray()  # every byte of the request being read, from its first
-        try:
-            sock = stream.transport_stream.socket
-            self.scheme = "https"
-        except AttributeError:  # not TLS
-            sock = stream.socket
-            self.scheme = "http"
+        self.scheme = "https" if hasattr(stream, "transport_stream") else "http"
+        sock = socket_of(stream)
         self.client = parse_socket_addr(sock.family, sock.getpeername())
         self.server = parse_socket_addr(sock.family, sock.getsockname())
 
@@ -442,7 +438,8 @@ class Lane:
         return True
 
     async def _close(self) -> None:
-        """As Hypercorn closes a connection: an end of stream where there is one (not on TLS), then close."""
+        """As Hypercorn closes a connection (``TCPServer._close``, private there: its steps kept
+        here): an end of stream where there is one (not on TLS), then close."""
         try:
             await self.stream.send_eof()
         except (trio.BrokenResourceError, AttributeError, trio.BusyResourceError, trio.ClosedResourceError):

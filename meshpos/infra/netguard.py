@@ -230,7 +230,8 @@ class InboundGate:
             self._drop(ticket)
 
 
-def _socket_of(stream: Any) -> Any:
+def socket_of(stream: Any) -> Any:
+    """The socket under an accepted stream, through any TLS layers (None if there is none)."""
     while not hasattr(stream, "socket") and hasattr(stream, "transport_stream"):
         stream = stream.transport_stream
     return getattr(stream, "socket", None)
@@ -239,7 +240,7 @@ def _socket_of(stream: Any) -> Any:
 def source_of(stream: Any) -> tuple[str, str]:
     """(source address, "host:port") of an accepted stream (TLS or not)."""
     try:
-        addr = _socket_of(stream).getpeername()
+        addr = socket_of(stream).getpeername()
         return str(addr[0]), f"{addr[0]}:{addr[1]}"
     except (OSError, AttributeError, TypeError, IndexError):
         return "unknown", "unknown peer"
