@@ -20,7 +20,8 @@ loop, because other processes and the node's other tasks clear the CPU's caches 
 received sales. With ``--cold K`` the receiver's caches are cleared (a 32 MB copy and unrelated
 Python work, neither counted) before every K-th push, and the figure is the receiver's thread CPU
 in ``receive_push`` and its commits only: K = 1 is a push arriving alone, K = 2 or 4 the pushes
-taken in together in one pass, beside the warm loop (K = 0) in the same run.
+taken in together in one pass, beside the warm loop (K = 0) in the same run, and beside each the
+same pushes into plain Automerge documents, cleared alike.
 """
 
 from __future__ import annotations
@@ -111,6 +112,22 @@ def receive_cold(receiver: SimNode, pushes: list[tuple[str, list[bytes]]], peer:
     return (spent + time.thread_time() - t) / len(pushes)
 
 
+def plain_cold(pushes: list[tuple[str, list[bytes]]], every: int, clear: _Clearer) -> float:
+    """``plain`` in thread CPU, the caches cleared (not counted) before every ``every``-th push."""
+    docs: dict[str, am.Document] = {}
+    spent = 0.0
+    for i, (shard, changes) in enumerate(pushes, 1):
+        if every and (i - 1) % every == 0:
+            clear()
+        t = time.thread_time()
+        doc = docs.get(shard)
+        if doc is None:
+            doc = docs[shard] = am.Document()
+        doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
+        spent += time.thread_time() - t
+    return spent / len(pushes)
+
+
 def plain(pushes: list[tuple[str, list[bytes]]]) -> float:
     docs: dict[str, am.Document] = {}
     t = time.process_time()
@@ -199,6 +216,7 @@ def run(args: argparse.Namespace, root: Path) -> None:
 def cold(args: argparse.Namespace, fresh: Any, pushes: list[tuple[str, list[bytes]]], peer: str) -> None:
     clear = _Clearer()
     runs: dict[int, list[float]] = {k: [] for k in args.cold}
+    floor: dict[int, list[float]] = {k: [] for k in args.cold}
     n = 0
     for _ in range(args.runs):
         for every in args.cold:  # interleaved, so that the host's drift touches every K alike
@@ -206,14 +224,21 @@ def cold(args: argparse.Namespace, fresh: Any, pushes: list[tuple[str, list[byte
             node = fresh(100 + n)
             runs[every].append(receive_cold(node, pushes, peer, args.commit_every, every, clear) * 1000)
             node.close()
+            floor[every].append(plain_cold(pushes, every, clear) * 1000)
+
+    def name(k: int) -> str:
+        return "warm" if k == 0 else f"cleared every {k}"
+
     out = {"sales": len(pushes), "runs": args.runs,
-           "ms_per_sale": {("warm" if k == 0 else f"cleared every {k}"): statistics.median(v) for k, v in runs.items()},
+           "ms_per_sale": {name(k): statistics.median(v) for k, v in runs.items()},
+           "plain_automerge_ms_per_sale": {name(k): statistics.median(v) for k, v in floor.items()},
            "runs_ms": {str(k): v for k, v in runs.items()}}
     warm = statistics.median(runs[0])
     for k, v in runs.items():
         what = "warm loop" if k == 0 else f"caches cleared once per {k} push{'es' if k > 1 else ''}"
         print(f"{what}: {statistics.median(v):.3f} ms thread CPU per sale (x{statistics.median(v) / warm:.2f} "
-              f"the warm loop; runs " + ", ".join(f"{x:.3f}" for x in v) + ")")
+              f"the warm loop; runs " + ", ".join(f"{x:.3f}" for x in v) + f"); plain Automerge "
+              f"{statistics.median(floor[k]):.3f} ms")
     if args.json:
         print(json.dumps(out))
 
