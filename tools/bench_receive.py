@@ -13,7 +13,7 @@ the same message), the floor of any CRDT-based design, and the bare fsync of the
 
     python tools/bench_receive.py [--sales 400] [--runs 5] [--json]
     python tools/bench_receive.py --profile 30     # cProfile of one receiver: the top 30 by own time
-    python tools/bench_receive.py --cold 1,2,4     # caches cleared before every 1st, 2nd, 4th push
+    python tools/bench_receive.py --cold 1,2,4     # caches cleared once per 1, 2, 4 pushes
 
 ``--cold``: inside a running node the same path costs several times what it costs in this tight
 loop, because other processes and the node's other tasks clear the CPU's caches between two
@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import automerge.core as am
 
@@ -91,51 +91,53 @@ class _Clearer:
         json.loads(json.dumps(self.junk))
 
 
+def _cold_loop(pushes: list[tuple[str, list[bytes]]], every: int, clear: _Clearer,
+               take: Callable[[int, str, list[bytes]], None]) -> float:
+    """Thread CPU seconds per push of ``take(i, shard, changes)``, the caches cleared (not
+    counted) before every ``every``-th push (0: never)."""
+    spent = 0.0
+    for i, (shard, changes) in enumerate(pushes, 1):
+        if every and (i - 1) % every == 0:
+            clear()
+        t = time.thread_time()
+        take(i, shard, changes)
+        spent += time.thread_time() - t
+    return spent / len(pushes)
+
+
 def receive_cold(receiver: SimNode, pushes: list[tuple[str, list[bytes]]], peer: str, commit_every: int,
                  every: int, clear: _Clearer) -> float:
-    """Thread CPU seconds per sale of ``receive_push`` and the commits, the caches cleared (not
-    counted) before every ``every``-th push (0: never)."""
+    """``receive`` in thread CPU (``receive_push`` and the commits), cleared as ``_cold_loop`` says."""
     store = receiver.core.store
     ledger = receiver.core.ledger
     store.hold()
-    spent = 0.0
-    for i, (shard, changes) in enumerate(pushes, 1):
-        if every and (i - 1) % every == 0:
-            clear()
-        t = time.thread_time()
+
+    def take(i: int, shard: str, changes: list[bytes]) -> None:
         ledger.receive_push(shard, changes, peer)
-        if i % commit_every == 0:
+        if i % commit_every == 0 or i == len(pushes):
             store.flush()
-        spent += time.thread_time() - t
-    t = time.thread_time()
-    store.flush()
-    return (spent + time.thread_time() - t) / len(pushes)
+
+    return _cold_loop(pushes, every, clear, take)
+
+
+def _apply_plain(docs: dict[str, am.Document], shard: str, changes: list[bytes]) -> None:
+    doc = docs.get(shard)
+    if doc is None:
+        doc = docs[shard] = am.Document()
+    doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
 
 
 def plain_cold(pushes: list[tuple[str, list[bytes]]], every: int, clear: _Clearer) -> float:
-    """``plain`` in thread CPU, the caches cleared (not counted) before every ``every``-th push."""
+    """``plain`` in thread CPU, cleared as ``_cold_loop`` says."""
     docs: dict[str, am.Document] = {}
-    spent = 0.0
-    for i, (shard, changes) in enumerate(pushes, 1):
-        if every and (i - 1) % every == 0:
-            clear()
-        t = time.thread_time()
-        doc = docs.get(shard)
-        if doc is None:
-            doc = docs[shard] = am.Document()
-        doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
-        spent += time.thread_time() - t
-    return spent / len(pushes)
+    return _cold_loop(pushes, every, clear, lambda i, shard, changes: _apply_plain(docs, shard, changes))
 
 
 def plain(pushes: list[tuple[str, list[bytes]]]) -> float:
     docs: dict[str, am.Document] = {}
     t = time.process_time()
     for shard, changes in pushes:
-        doc = docs.get(shard)
-        if doc is None:
-            doc = docs[shard] = am.Document()
-        doc.receive_sync_message(am.SyncState(), am.Message.decode(changes_message(changes)))
+        _apply_plain(docs, shard, changes)
     return (time.process_time() - t) / len(pushes)
 
 
