@@ -61,8 +61,9 @@ def test_the_same_seed_gives_the_same_run(template: Path) -> None:
     Automerge actor ids and the sealed boxes of card sales come from seeded streams, and the
     simulated clocks start at the template's epoch, not the wall clock (see meshpos.apps.sitesim);
     with a random ephemeral key per sealed card one run in three or four differed by 1-12 % in
-    bytes and even in the faults that follow from them; now runs differ by under 0.1 %. Two processes with different hash seeds, so that an iteration over
-    a set of strings or bytes deciding the course of the run would show here."""
+    bytes and even in the faults that follow from them; now runs differ by under 0.1 %. Two
+    processes with different hash seeds, so that an iteration over a set of strings or bytes
+    deciding the course of the run would show here."""
     config = json.dumps({**SMALL.__dict__, "duration_s": 40.0})
     runs = []
     for hash_seed in ("1", "2"):

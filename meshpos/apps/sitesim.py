@@ -48,7 +48,6 @@ import trio
 
 from meshpos.domain.errors import MeshposError, UplinkError
 from meshpos.infra.clock import SYSTEM_CLOCK
-from meshpos.node.core import NodeCore
 from meshpos.node.memnode import SimNode, enroll
 from meshpos.replication.planner import DIAL_BACKOFF, ring_targets
 from meshpos.replication.sync import SyncSession
@@ -60,7 +59,6 @@ from meshpos.switch.switchdir import SwitchDir, add_site, init_switch
 from meshpos.uplink.client import NotSent
 from meshpos.uplink.forwarder import Forwarder
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
-from meshpos.wire.cards import CardCapture
 from meshpos.wire.forwarding import ForwardReply
 from meshpos.wire.link_frames import FrameType
 
@@ -182,6 +180,9 @@ class InProcessSwitch:
         return await self.switch.forward(site, entries)
 
 
+EPOCH_FILE = "sim-epoch-ms"  # in a template: when its runs' simulated clocks start (ms)
+
+
 def build_template(root: Path, terminals: int) -> Path:
     """A switch, a site and ``terminals`` enrolled node directories under ``root``."""
     sd = init_switch(root / "switch", "127.0.0.1:9", "127.0.0.1:9")
@@ -195,9 +196,6 @@ def build_template(root: Path, terminals: int) -> Path:
     # timers' phases, and its bytes by up to 12 %, from one run to the next)
     (root / EPOCH_FILE).write_text(str(SYSTEM_CLOCK.now_ms() + 1_000))
     return root
-
-
-EPOCH_FILE = "sim-epoch-ms"
 
 
 def template_epoch_ms(root: Path) -> int:
@@ -229,13 +227,6 @@ class _Event:
 
 class SiteSim:
     """One run. ``SiteSim(config, workdir).run()``; the workdir is removed by ``close``."""
-
-    def _seal(self, i: int, core: NodeCore, pan: str) -> CardCapture:
-        """The card as the till seals it (``NodeCore.seal_card``: checks and all), the sealed
-        box's one-time key drawn from terminal ``i``'s seeded stream: a random one per card sale
-        changed every card sale's bytes, so the change hashes, the sync messages' filters and the
-        course of the run, and a seed must give the same run."""
-        return core.seal_card(pan, "1230", "contactless", ephemeral=self.seal_rnd[i].randbytes(32))
 
     def __init__(self, config: SiteSimConfig, workdir: Path | None = None, template: Path | None = None) -> None:
         self.cfg = config
@@ -470,7 +461,11 @@ class SiteSim:
             return
         core = self.node(i).core
         try:
-            capture = self._seal(i, core, CARDS[amount % len(CARDS)]) if card else None
+            # sealed as a till seals it, the box's one-time key from the terminal's seeded stream: a
+            # random one changed every card sale's bytes, so the change hashes, the sync messages'
+            # filters and the course of the run, and a seed must give the same run
+            capture = core.seal_card(CARDS[amount % len(CARDS)], "1230", "contactless",
+                                     ephemeral=self.seal_rnd[i].randbytes(32)) if card else None
             sale = core.sell(amount, capture)
         except MeshposError as exc:  # a cap reached: the till refuses, nothing acknowledged
             log.info("terminal %d refused a sale: %s", i, exc)
