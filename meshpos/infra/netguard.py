@@ -274,7 +274,8 @@ async def serve_bounded(handler: Connection, listeners: Sequence[trio.abc.Listen
             if ok:  # the frames, not the message: it might quote what the peer sent
                 log.error("%s from %s failed (%s) and is closed; the listener goes on%s\n%s", what, where,
                           type(exc).__name__, f" ({suppressed} more since the last report)" if suppressed else "",
-                          "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+                          "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+                          extra={"connection_fault": True})
         finally:
             running.pop(ticket, None)
             gate.release(ticket, done)
