@@ -596,3 +596,38 @@ def test_the_totals_a_sale_checks_are_the_two_sums_they_replace(make_node, open_
     assert store.pending_for_sale(2_000, 6_000, core.node_id)[core.node_id] > \
         store.pending_by_terminal(2_000, 6_000, core.node_id)[core.node_id]
     assert store.pending_for_sale(9_990, 9_991, core.node_id) == {core.node_id: 0}
+
+
+def test_a_shard_is_compacted_after_its_chunks_and_counts_them_through_rollbacks(make_node, clock) -> None:
+    """The ledger compacts a shard into a snapshot once it has COMPACT_AFTER_CHUNKS change chunks;
+    the store counts them in memory after the first query, so the count must follow a snapshot
+    and a rolled-back write as the table does (a count left too high compacts too early, one
+    left too low lets the chunks pile up)."""
+    from meshpos.ledger.ledger import COMPACT_AFTER_CHUNKS
+    core = NodeCore.open(make_node("t1"), clock)
+    try:
+        store = core.store
+        shard = core.ledger.index[f"sale/{core.sell(100)['id']}"].home
+        most = 0
+        for i in range(COMPACT_AFTER_CHUNKS + 10):
+            core.sell(101 + i)
+            most = max(most, store.chunk_count(shard))
+        assert 0 < most < COMPACT_AFTER_CHUNKS  # compacted on the way, never past the mark
+        before = store.chunk_count(shard)
+        assert store.add_chunk(shard, b"one") == before + 1
+        with pytest.raises(RuntimeError):
+            with store.transaction():
+                store.add_chunk(shard, b"two")
+                raise RuntimeError("a write that fails after its chunk")
+        assert store.chunk_count(shard) == before + 1  # rolled back in the table...
+        assert store.add_chunk(shard, b"three") == before + 2  # ...and in the count
+        with store.transaction():  # the same inside a transaction (a savepoint, as under hold())
+            with pytest.raises(RuntimeError):
+                with store.transaction():
+                    store.add_chunk(shard, b"five")
+                    raise RuntimeError("a write that fails after its chunk")
+            assert store.add_chunk(shard, b"six") == before + 3 == store.chunk_count(shard)
+        store.put_snapshot(shard, core.ledger.snapshot(shard))
+        assert store.add_chunk(shard, b"four") == 1 == store.chunk_count(shard)
+    finally:
+        core.close()

@@ -395,8 +395,7 @@ class Ledger:
         changes = self._changes_since(shard, before)
         if not changes:
             return
-        self.store.add_chunk(shard, b"".join(changes))
-        if self.store.chunk_count(shard) >= COMPACT_AFTER_CHUNKS:
+        if self.store.add_chunk(shard, b"".join(changes)) >= COMPACT_AFTER_CHUNKS:
             self.store.put_snapshot(shard, doc.save())
 
     def judge_sale(self, body: dict[str, object]) -> str | None:

@@ -128,6 +128,7 @@ class Store:
         self._commits_since_checkpoint = 0
         self.on_dirty: Callable[[], None] | None = None
         self.rollbacks = 0  # times SQLite rolled the held transaction back (Ledger reloads after one)
+        self._chunk_counts: dict[str, int] = {}  # shard -> its chunks (add_chunk); forgotten on a rollback
 
     # -- opening -----------------------------------------------------------------
 
@@ -245,6 +246,7 @@ class Store:
                 yield self.conn
             except BaseException as exc:
                 self._depth -= 1
+                self._chunk_counts.clear()
                 if self.conn.in_transaction:
                     self.conn.execute(f"ROLLBACK TO {name}")
                     self.conn.execute(f"RELEASE {name}")
@@ -262,6 +264,9 @@ class Store:
         try:
             with sqlite_transaction(self.conn, self.path):
                 yield self.conn
+        except BaseException:
+            self._chunk_counts.clear()
+            raise
         finally:
             self._depth = 0
 
@@ -306,6 +311,7 @@ class Store:
                       "the mesh", self.path)
             self.conn.execute("BEGIN")
             self._flushed_changes = self.conn.total_changes
+            self._chunk_counts.clear()
             self.rollbacks += 1  # what others hold in memory of those writes must be read again
 
     def commit(self) -> bool:
@@ -328,6 +334,7 @@ class Store:
             self._commits_since_checkpoint += 1
         except sqlite3.DatabaseError as exc:
             failed = store_error(self.path, "commit", exc)
+            self._chunk_counts.clear()
             self._repair_held()
             raise failed from exc
         self.conn.execute("BEGIN")
@@ -635,8 +642,14 @@ class Store:
             "SELECT terminal, count(*) FROM sales WHERE refused IS NOT NULL GROUP BY terminal"
             " ORDER BY count(*) DESC, terminal LIMIT ?", (limit,))]
 
-    def add_chunk(self, shard: str, data: bytes) -> None:
+    def add_chunk(self, shard: str, data: bytes) -> int:
+        """Append a change chunk to the shard; how many chunks it has now (counted in memory after
+        the first time: a count query per received sale cost more than the insert)."""
         self.conn.execute("INSERT INTO chunks(shard, data, crc) VALUES(?,?,?)", (shard, data, zlib.crc32(data)))
+        n = self._chunk_counts.get(shard)
+        n = self.chunk_count(shard) if n is None else n + 1
+        self._chunk_counts[shard] = n
+        return n
 
     def chunk_count(self, shard: str) -> int:
         return int(self.conn.execute("SELECT count(*) FROM chunks WHERE shard=?", (shard,)).fetchone()[0])
@@ -646,6 +659,7 @@ class Store:
         self.conn.execute("INSERT INTO shards(shard, snapshot) VALUES(?, ?) "
                           "ON CONFLICT(shard) DO UPDATE SET snapshot=excluded.snapshot", (shard, snapshot))
         self.conn.execute("DELETE FROM chunks WHERE shard=?", (shard,))
+        self._chunk_counts[shard] = 0
 
     def shard_names(self) -> list[str]:
         rows = self.conn.execute("SELECT shard FROM shards UNION SELECT DISTINCT shard FROM chunks")
