@@ -146,9 +146,18 @@ def test_a_pushed_sale_is_decoded_and_checked_once(tmp_path: Path, monkeypatch: 
         return real(body)
 
     monkeypatch.setattr(amcanon, "_decode_body", counting)
+    chunks: list[int] = []  # a change chunk's checksum is computed once as pushed, once as applied
+    real_chunk = amcanon._check_change_chunk
+
+    def counting_chunks(chunk_type: int, checksum: bytes, body: bytes) -> tuple[amcanon.Op, ...]:
+        chunks.append(chunk_type)
+        return real_chunk(chunk_type, checksum, body)
+
+    monkeypatch.setattr(amcanon, "_check_change_chunk", counting_chunks)
     for shard, changes in sold[1:]:
         relay.core.ledger.receive_push(shard, changes, "seller")
     assert len(decoded) == 3 == len(set(decoded))
+    assert sorted(chunks) == [amcanon.CHANGE_CHUNK] * 3 + [amcanon.COMPRESSED_CHUNK] * 3
     assert relay.sale_ids() == seller.sale_ids()
     # a change refused is refused again, each time it comes: nothing of it was remembered
     body = decoded[0] + b"\x00"  # extra bytes after the columns

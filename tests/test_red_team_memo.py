@@ -111,7 +111,8 @@ def test_a_peer_cannot_make_the_memo_hold_much_more_than_its_bodies() -> None:
     assert doc.keys(am.ROOT) == ["k"]  # test of the test: Automerge applies such a change
     with pytest.raises(amcanon.NonCanonical, match="named twice"):
         amcanon.change_ops(_chunk(_many_puts(20_000)))
-    amcanon._check_body_remembered.cache_clear()
+    amcanon._check_body.memo.cache_clear()
+    amcanon.change_ops.memo.cache_clear()
     gc.collect()
     tracemalloc.start()
     try:
@@ -123,7 +124,8 @@ def test_a_peer_cannot_make_the_memo_hold_much_more_than_its_bodies() -> None:
         snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, amcanon.__file__)])
     finally:
         tracemalloc.stop()
-        amcanon._check_body_remembered.cache_clear()
+        amcanon._check_body.memo.cache_clear()
+        amcanon.change_ops.memo.cache_clear()
     held = sum(stat.size for stat in snapshot.statistics("filename"))  # made by amcanon, still held
     assert held < 50_000
 

@@ -52,7 +52,7 @@ import functools
 import hashlib
 import zlib
 from dataclasses import dataclass
-from typing import Final
+from typing import Callable, Final
 
 from meshpos.domain.errors import EncodingError
 from meshpos.wire.amchange import Header, read_header
@@ -66,8 +66,9 @@ INFLATED_MAX: Final = 64 * 1024 * 1024  # a compressed change inflating past thi
 # Operations (and predecessors) of one change: meshpos writes at most a shard's entries (256 of
 # its own, plus what a strip deletes) in one; a column's runs can claim 2**63 in a few bytes.
 MAX_OPS: Final = 1 << 20
-# Change bodies whose check is remembered (``_check_body``): more than one merge reads at once
-# (a push carries one change, a sync message up to a few hundred); a sale's change is ~500 bytes.
+# Change bodies (``_check_body``) and changes (``change_ops``) whose check is remembered, each
+# memo apart: more than one merge reads at once (a push carries one change, a sync message up to a
+# few hundred); a sale's change is ~500 bytes.
 CHECKED_MEMO: Final = 512
 CHECKED_MEMO_BODY: Final = 4096
 # ... and of at most this many operations: what a memo entry holds grows with its operations, not
@@ -243,22 +244,30 @@ class Op:
     preds: tuple[tuple[int, bytes], ...]
 
 
-def _check_body(body: bytes) -> tuple[Op, ...]:
-    """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
-    them again as Automerge does, and compare; the operations, in order.
+def _remembered(decode: Callable[[bytes], tuple[Op, ...]]) -> Callable[[bytes], tuple[Op, ...]]:
+    """``decode``, a pure function of bytes, remembered for the last ``CHECKED_MEMO`` inputs of
+    up to ``CHECKED_MEMO_BODY`` bytes and ``CHECKED_MEMO_OPS`` operations that passed (a refusal
+    raises, and is not remembered; the bounds keep what a peer can make it hold near 2 MB of
+    inputs, plus their keys). ``remembered.memo`` is the ``lru_cache`` (tests clear it)."""
 
-    A pure function of the bytes, remembered for the last ``CHECKED_MEMO`` bodies of up to
-    ``CHECKED_MEMO_BODY`` bytes and ``CHECKED_MEMO_OPS`` operations that passed (a refusal
-    raises, and is not remembered; the bounds keep what a peer can make this hold near 2 MB of
-    bodies, plus their keys): a node reads each change it receives three
-    times, the push checked before Automerge applies it (``check_chunks``), then the history
-    check (``change_ops``) and the merge's keys, which read the very change Automerge kept."""
-    if len(body) <= CHECKED_MEMO_BODY:
+    @functools.lru_cache(maxsize=CHECKED_MEMO)
+    def memo(data: bytes) -> tuple[Op, ...]:
+        ops = decode(data)
+        if len(ops) > CHECKED_MEMO_OPS:
+            raise _NotRemembered(ops)
+        return ops
+
+    @functools.wraps(decode)
+    def remembered(data: bytes) -> tuple[Op, ...]:
+        if len(data) > CHECKED_MEMO_BODY:
+            return decode(data)
         try:
-            return _check_body_remembered(body)
+            return memo(data)
         except _NotRemembered as many:
             return many.ops
-    return _decode_body(body)
+
+    remembered.memo = memo  # type: ignore[attr-defined]
+    return remembered
 
 
 class _NotRemembered(Exception):
@@ -270,19 +279,21 @@ class _NotRemembered(Exception):
         self.ops = ops
 
 
-@functools.lru_cache(maxsize=CHECKED_MEMO)
-def _check_body_remembered(body: bytes) -> tuple[Op, ...]:
-    ops = _decode_body(body)
-    if len(ops) > CHECKED_MEMO_OPS:
-        raise _NotRemembered(ops)
-    return ops
-
-
 def _decode_body(body: bytes) -> tuple[Op, ...]:
     r = Reader(body)
     header = read_header(r)
     one = _one_new_put(body, r.pos, header)
     return one if one is not None else _decode_general(body, r, header)
+
+
+@_remembered
+def _check_body(body: bytes) -> tuple[Op, ...]:
+    """Decode the change body (after ``type, length``) into meshpos's kind of operations, encode
+    them again as Automerge does, and compare; the operations, in order. Remembered: a node reads
+    each change it receives three times, the push checked before Automerge applies it
+    (``check_chunks``), then the history check and the merge's keys (``change_ops``), which read
+    the very change Automerge kept."""
+    return _decode_body(body)
 
 
 def _decode_general(body: bytes, r: Reader, header: Header) -> tuple[Op, ...]:
@@ -452,9 +463,12 @@ def _check_change_chunk(chunk_type: int, checksum: bytes, body: bytes) -> tuple[
     return _check_body(body)
 
 
+@_remembered
 def change_ops(raw: bytes) -> tuple[Op, ...]:
     """The operations of one uncompressed change chunk (``Change.raw_bytes``), checked as
-    ``check_chunks`` does; ``NonCanonical`` if it is not the kind of change meshpos writes."""
+    ``check_chunks`` does; ``NonCanonical`` if it is not the kind of change meshpos writes.
+    Remembered as ``_check_body`` is: the history check and the merge's keys read each change a
+    merge brings, and its checksum need not be computed twice."""
     r = Reader(raw)
     try:
         if r.take(4) != MAGIC:

@@ -11,7 +11,12 @@ class Truncated(Exception):
     """The input ended inside a number or a field (``Reader``), or a number ran past 64 bits."""
 
 
+_ONE_BYTE = tuple(bytes([n]) for n in range(128))
+
+
 def uleb128(n: int) -> bytes:
+    if 0 <= n < 128:  # nearly every number of a change header
+        return _ONE_BYTE[n]
     out = bytearray()
     while True:
         low, n = n & 0x7F, n >> 7
