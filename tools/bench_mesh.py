@@ -19,6 +19,13 @@ of that sale over the N nodes, minus the `sell` return time. As an independent c
 thread in this script polls each node's database (read-only, incremental rowid queries) and notes
 when it first sees each sale; that is an upper bound whose resolution is the observer's cycle time
 (printed). Neither method loads the nodes' API sockets.
+
+Where a node's CPU goes (``--breakdown I``): node I runs with the probe of tools/cpu_probe (loaded
+through PYTHONPATH by every node, active in node I only), which counts, between the start and the
+end of the load, the thread CPU of each trio task, of trio's wait for I/O and of a few functions of
+the receive path (inclusive, nested as tools/cpu_probe/sitecustomize.py lists them), per site sale.
+The probe costs that node a little (two clock reads per task step and per call of a listed
+function); the other nodes run as without it.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import statistics
 import sys
@@ -423,8 +431,12 @@ def main() -> int:
                     help="make a new API connection for every sale, as the CLI does (default: keep-alive "
                          "connections per node, as a till or the cashier page keeps one; before this "
                          "option the tool always made a new one)")
+    ap.add_argument("--breakdown", type=int, default=None, metavar="I",
+                    help="probe node I (0-based): its CPU per site sale by trio task and part of the receive path")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.breakdown is not None and not 0 <= args.breakdown < args.nodes:
+        ap.error(f"--breakdown takes a node index from 0 to {args.nodes - 1}")
     runs = []
     for i in range(args.runs):
         if args.runs > 1:
@@ -453,7 +465,36 @@ def main() -> int:
         print(f"  received over links: {res['link_bytes_in_per_sale_per_node']:.0f} bytes per sale per node; "
               + (f"changes in PUSH frames {copies:.2f} per sale per node" if copies is not None
                  else "changes in PUSH frames not counted by this code"))
+        for run in runs:
+            if run.get("breakdown"):
+                print_breakdown(run["breakdown"])
     return 0
+
+
+PROBE_DIR = Path(__file__).resolve().parent / "cpu_probe"
+
+
+def breakdown_of(probe: dict[str, Any], sales: int) -> dict[str, Any]:
+    """The probe's counts as milliseconds of thread CPU (and calls) per site sale."""
+    def per_sale(table: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+        return {name: {"ms": secs * 1000 / sales, "calls": n / sales} for name, (n, secs) in table.items()}
+    return {"node_ms_per_sale": probe["process_cpu_s"] * 1000 / sales,
+            "main_thread_ms_per_sale": probe["main_thread_cpu_s"] * 1000 / sales,
+            "io_wait": {"ms": probe["io_wait"][1] * 1000 / sales, "calls": probe["io_wait"][0] / sales},
+            "tasks": per_sale(probe["tasks"]), "parts": per_sale(probe["parts"])}
+
+
+def print_breakdown(b: dict[str, Any]) -> None:
+    print(f"  probed node: {b['node_ms_per_sale']:.3f} ms CPU per site sale, main thread "
+          f"{b['main_thread_ms_per_sale']:.3f} (waiting for I/O {b['io_wait']['ms']:.3f}, "
+          f"{b['io_wait']['calls']:.2f} waits per sale)")
+    print("  by trio task (thread CPU, steps per sale):")
+    for name, v in b["tasks"].items():
+        if v["ms"] >= 0.001:
+            print(f"    {name:40s} {v['ms']:7.3f} ms  {v['calls']:5.2f}")
+    print("  by part of the path (inclusive: the parts nest; calls per sale):")
+    for name, v in b["parts"].items():
+        print(f"    {name:40s} {v['ms']:7.3f} ms  {v['calls']:5.2f}")
 
 
 def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -479,8 +520,13 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
     switch = keys.generate()
     switch_pub = keys.x25519_public_of(switch)
     mesh = Mesh(tmp, args.nodes, args.topology, switch_key=switch_pub.hex())
+    probe_out = tmp / "cpu_probe.json"
     try:
         mesh.build()
+        if args.breakdown is not None:
+            mesh.procs.env.update({
+                "PYTHONPATH": os.pathsep.join(p for p in (str(PROBE_DIR), os.environ.get("PYTHONPATH")) if p),
+                "MESHPOS_CPU_PROBE": str(probe_out), "MESHPOS_CPU_PROBE_NODE": mesh.nodes[args.breakdown].name})
         print(f"{args.nodes} nodes, topology {args.topology}: {len(mesh.edges)} links, "
               f"diameter {diameter(mesh.adjacency())} hops", file=sys.stderr, flush=True)
         startup = mesh.start()
@@ -492,6 +538,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         observer = Observer(dbs, "sale", args.poll_ms / 1000)
         links0 = mesh.link_totals()
         observer.start()
+        probed = mesh.procs.children[f"n{args.breakdown:02d}"].proc if args.breakdown is not None else None
+        if probed is not None:
+            os.kill(probed.pid, signal.SIGUSR1)
         cpu0, wall0 = mesh.cpu(), time.time()
         sold = run_load(mesh.nodes, args.rate, args.seconds, switch_pub, card_share=0 if args.cash else 2,
                         keep_alive=not args.new_connection_per_sale)
@@ -500,6 +549,9 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
         want = {f"sale/{s.sale_id}" for s in ok}
         converged = wait_everywhere(dbs, "sale", want, timeout=120)
         cpu1, wall1 = mesh.cpu(), time.time()
+        if probed is not None:
+            os.kill(probed.pid, signal.SIGUSR2)
+            wait_for(probe_out.exists, 30, "the probed node wrote no CPU breakdown", interval=0.1)
         observer.stop_flag.set()
         observer.join()
         links1 = mesh.link_totals()  # after the CPU figure: these status calls cost the nodes a little
@@ -521,6 +573,8 @@ def one_run(args: argparse.Namespace) -> dict[str, Any]:
             "link_bytes_in_per_sale_per_node": (links1[0] - links0[0]) / per,
             "pushed_changes_per_sale_per_node": copies,
             "resolution": "node received_at stamps: 1 ms; commit time: sell call return in this script",
+            "breakdown": (breakdown_of(json.loads(probe_out.read_text()), max(1, len(ok)))
+                          if probed is not None else None),
             **{"machine_" + k: v for k, v in machine().items()},
         })
         errors = [s.error for s in sold if s.error]
