@@ -14,6 +14,7 @@ the same message), the floor of any CRDT-based design, and the bare fsync of the
     python tools/bench_receive.py [--sales 400] [--runs 5] [--json]
     python tools/bench_receive.py --profile 30     # cProfile of one receiver: the top 30 by own time
     python tools/bench_receive.py --cold 1,2,4     # caches cleared once per 1, 2, 4 pushes
+    python tools/bench_receive.py --cold 1 --defer-writes   # ... and beside it, an experiment (below)
 
 ``--cold``: inside a running node the same path costs several times what it costs in this tight
 loop, because other processes and the node's other tasks clear the CPU's caches between two
@@ -22,11 +23,18 @@ Python work, neither counted) before every K-th push, and the figure is the rece
 in ``receive_push`` and its commits only: K = 1 is a push arriving alone, K = 2 or 4 the pushes
 taken in together in one pass, beside the warm loop (K = 0) in the same run, and beside each the
 same pushes into plain Automerge documents, cleared alike.
+
+``--defer-writes`` (with ``--cold``): an experiment, not what a node does. Beside each setting, the
+same receiver with the rows of received sales (``Ledger._write_rows``) and their change chunks
+(``Store.add_chunk``) held in memory and written at the group commit (``Store.flush``), in one
+statement per kind: what writing them once per commit instead of once per sale would save. (A node
+doing so would also need every reader of the store to see rows not yet written.)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import logging
@@ -36,13 +44,16 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
 import automerge.core as am
 
 from meshpos.infra.clock import FakeClock
+from meshpos.ledger import ledger as ledger_mod
 from meshpos.ledger.ledger import changes_message
+from meshpos.ledger.store import Store
 from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 
 PAN = "4111111111111111"
@@ -120,6 +131,50 @@ def receive_cold(receiver: SimNode, pushes: list[tuple[str, list[bytes]]], peer:
     return _cold_loop(pushes, every, clear, take)
 
 
+class DeferredWrites:
+    """``--defer-writes``: while on, sales' rows and change chunks wait in memory for the flush."""
+
+    def __init__(self) -> None:
+        self.entries: list[Any] = []
+        self.sales: list[Any] = []
+        self.chunks: list[tuple[str, bytes]] = []
+        self.saved = (ledger_mod.Ledger._write_rows, Store.add_chunk, Store.flush)
+
+    def __enter__(self) -> "DeferredWrites":
+        held = self
+        add_chunk, flush = self.saved[1], self.saved[2]
+
+        def write_rows(ledger: Any, rows: Any) -> None:
+            if rows is not None and rows.entries:
+                held.entries.extend(rows.entries)
+                held.sales.extend(rows.sales)
+                rows.entries.clear()
+                rows.sales.clear()
+
+        def add_chunk_later(store: Store, shard: str, data: bytes) -> int:
+            held.chunks.append((shard, data))
+            return 1  # the compaction's count is not this experiment's concern
+
+        def flush_all(store: Store) -> None:
+            if held.entries:
+                store.insert_entries(held.entries)
+                store.insert_sales(held.sales)
+            store.conn.executemany("INSERT INTO chunks(shard, data, crc) VALUES(?,?,?)",
+                                   [(shard, data, zlib.crc32(data)) for shard, data in held.chunks])
+            held.entries.clear()
+            held.sales.clear()
+            held.chunks.clear()
+            flush(store)
+
+        ledger_mod.Ledger._write_rows = write_rows  # type: ignore[method-assign]
+        Store.add_chunk = add_chunk_later  # type: ignore[method-assign]
+        Store.flush = flush_all  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ledger_mod.Ledger._write_rows, Store.add_chunk, Store.flush = self.saved  # type: ignore[method-assign]
+
+
 def _apply_plain(docs: dict[str, am.Document], shard: str, changes: list[bytes]) -> None:
     doc = docs.get(shard)
     if doc is None:
@@ -150,8 +205,12 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="cProfile one receiver, print the top N")
     ap.add_argument("--cold", default=None, metavar="K,K,...",
                     help="clear the caches before every K-th push (see above); 0 = the warm loop, measured too")
+    ap.add_argument("--defer-writes", action="store_true",
+                    help="with --cold: beside each setting, sales' rows and chunks written at the commit (see above)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.defer_writes and args.cold is None:
+        ap.error("--defer-writes goes with --cold")
     if args.cold is not None:
         try:
             args.cold = sorted({0, *(int(k) for k in args.cold.split(","))})
@@ -218,29 +277,43 @@ def run(args: argparse.Namespace, root: Path) -> None:
 def cold(args: argparse.Namespace, fresh: Any, pushes: list[tuple[str, list[bytes]]], peer: str) -> None:
     clear = _Clearer()
     runs: dict[int, list[float]] = {k: [] for k in args.cold}
+    deferred: dict[int, list[float]] = {k: [] for k in args.cold}
     floor: dict[int, list[float]] = {k: [] for k in args.cold}
     n = 0
     for _ in range(args.runs):
         for every in args.cold:  # interleaved, so that the host's drift touches every K alike
-            n += 1
-            node = fresh(100 + n)
-            runs[every].append(receive_cold(node, pushes, peer, args.commit_every, every, clear) * 1000)
-            node.close()
+            for defer in (False, True) if args.defer_writes else (False,):
+                n += 1
+                node = fresh(100 + n)
+                with DeferredWrites() if defer else contextlib.nullcontext():
+                    spent = receive_cold(node, pushes, peer, args.commit_every, every, clear) * 1000
+                if node.core.store.entry_count() < len(pushes):
+                    raise SystemExit("the receiver did not take every sale")
+                (deferred if defer else runs)[every].append(spent)
+                node.close()
             floor[every].append(plain_cold(pushes, every, clear) * 1000)
 
     def name(k: int) -> str:
         return "warm" if k == 0 else f"cleared every {k}"
 
-    out = {"sales": len(pushes), "runs": args.runs,
-           "ms_per_sale": {name(k): statistics.median(v) for k, v in runs.items()},
-           "plain_automerge_ms_per_sale": {name(k): statistics.median(v) for k, v in floor.items()},
-           "runs_ms": {str(k): v for k, v in runs.items()}}
+    out: dict[str, Any] = {
+        "sales": len(pushes), "runs": args.runs,
+        "ms_per_sale": {name(k): statistics.median(v) for k, v in runs.items()},
+        "plain_automerge_ms_per_sale": {name(k): statistics.median(v) for k, v in floor.items()},
+        "runs_ms": {str(k): v for k, v in runs.items()}}
+    if args.defer_writes:
+        out["deferred_writes_ms_per_sale"] = {name(k): statistics.median(v) for k, v in deferred.items()}
+        out["deferred_runs_ms"] = {str(k): v for k, v in deferred.items()}
     warm = statistics.median(runs[0])
     for k, v in runs.items():
         what = "warm loop" if k == 0 else f"caches cleared once per {k} push{'es' if k > 1 else ''}"
         print(f"{what}: {statistics.median(v):.3f} ms thread CPU per sale (x{statistics.median(v) / warm:.2f} "
               f"the warm loop; runs " + ", ".join(f"{x:.3f}" for x in v) + f"); plain Automerge "
               f"{statistics.median(floor[k]):.3f} ms")
+        if args.defer_writes:
+            d = deferred[k]
+            print(f"  rows and chunks written at the commit: {statistics.median(d):.3f} ms (runs "
+                  + ", ".join(f"{x:.3f}" for x in d) + ")")
     if args.json:
         print(json.dumps(out))
 
