@@ -334,7 +334,6 @@ class Store:
             self._commits_since_checkpoint += 1
         except sqlite3.DatabaseError as exc:
             failed = store_error(self.path, "commit", exc)
-            self._chunk_counts.clear()
             self._repair_held()
             raise failed from exc
         self.conn.execute("BEGIN")
