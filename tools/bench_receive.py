@@ -142,7 +142,7 @@ class DeferredWrites:
 
     def __enter__(self) -> "DeferredWrites":
         held = self
-        add_chunk, flush = self.saved[1], self.saved[2]
+        flush = self.saved[2]
 
         def write_rows(ledger: Any, rows: Any) -> None:
             if rows is not None and rows.entries:
