@@ -9,6 +9,7 @@ the signature, re-encoded canonically): no mutation may verify, whatever it is.
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 
@@ -17,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz_targets import TARGETS, mutate_bytes, mutate_envelope, run_target, world
-from meshpos.wire import envelope
-from meshpos.domain.errors import EncodingError, MeshposError, VerificationError
+from meshpos.identity import certs
+from meshpos.wire import envelope, pin
+from meshpos.domain.errors import CryptoError, EncodingError, MeshposError, VerificationError
 
 FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -133,3 +135,27 @@ def test_a_certificate_with_a_malformed_issuer_is_a_verification_error() -> None
     from meshpos.wire import canonical
     with pytest.raises((EncodingError, VerificationError)):
         w.b.core.roster.verify(envelope.decode(canonical.encode(obj)), w.b.core.clock.now_ms())
+
+
+@pytest.mark.parametrize("version", [0x03, 0x0A, 0x42])
+def test_a_certificate_of_an_unknown_x509_version_is_a_verification_error(version: int) -> None:
+    """Found by tools/fuzz.py (seed 20261204): a cert entry whose DER names an X.509 version other
+    than v1 or v3 raised cryptography's ``InvalidVersion`` (not a ValueError) out of
+    Roster.verify; the ledger's catch-all kept the node up but logged a traceback per entry, and
+    the switch's pin check and the PEM loader had no such net."""
+    w = world()
+    raw = next(r for r in corpus("envelope") if b'"type":"cert"' in r)
+    obj = json.loads(raw)
+    der = envelope.b64d(obj["body"]["cert"], "cert")
+    v3 = b"\xa0\x03\x02\x01\x02"  # [0] EXPLICIT INTEGER 2: version v3, at the start of the TBS
+    assert der.count(v3) == 1
+    bad = der.replace(v3, v3[:-1] + bytes([version]))
+    obj["body"]["cert"] = envelope.b64e(bad)
+    from meshpos.wire import canonical
+    with pytest.raises(VerificationError, match="not a DER certificate"):
+        w.b.core.roster.verify(envelope.decode(canonical.encode(obj)), w.b.core.clock.now_ms())
+    with pytest.raises(VerificationError, match="no usable certificate"):
+        pin.certificate_key(bad)
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bad) + b"-----END CERTIFICATE-----\n"
+    with pytest.raises(CryptoError, match="not a PEM certificate"):
+        certs.load_pem(pem, "test")

@@ -11,6 +11,7 @@ server context are meshpos.switch.tls; the node's client is meshpos.uplink.clien
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from meshpos.domain.errors import VerificationError
@@ -20,9 +21,9 @@ from meshpos.identity import keys
 def certificate_key(der: bytes) -> bytes:
     try:
         cert = x509.load_der_x509_certificate(der)
-    except ValueError as exc:
+        pub = cert.public_key()
+    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise VerificationError("the switch presented no usable certificate") from exc
-    pub = cert.public_key()
     if not isinstance(pub, Ed25519PublicKey):
         raise VerificationError("the switch's certificate key is not Ed25519")
     return keys.public_bytes(pub)
