@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 TEST_PANS = ("4111111111111111", "5555555555554444", "4000000000000002")
@@ -67,3 +69,13 @@ def fill_disk(path: Path) -> int:
     finally:
         os.close(fd)
     return written
+
+
+def load_tool(name: str) -> types.ModuleType:
+    """Import ``tools/NAME.py`` as a module (tools/ is not a package)."""
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

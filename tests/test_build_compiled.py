@@ -4,22 +4,19 @@ here; BENCHMARKS.md has its measurement."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import types
 from pathlib import Path
+
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOL = ROOT / "tools" / "build_compiled.py"
 
 
 def _tool() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("build_compiled", TOOL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("build_compiled")
 
 
 def test_every_patch_finds_its_text_and_every_module_exists() -> None:
