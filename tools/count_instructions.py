@@ -180,6 +180,9 @@ def count_child(pushes_n: int, plain: bool) -> tuple[int, dict[str, Any], dict[s
         subprocess.run(["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--toggle-collect={TOGGLE}",
                         f"--callgrind-out-file={out}", *me], check=True, capture_output=True, text=True)
         total, libs = read_counts(out)
+    if total == 0:
+        raise SystemExit(f"callgrind counted nothing inside {TOGGLE}: this Python's ctypes module "
+                         "may have no symbols to toggle on")
     return total, timed, libs
 
 
