@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import trio
 
+from meshpos.devices import escpos_import
 from meshpos.domain.errors import PrinterError
 from meshpos.devices.profiles import PaperProfile, load_printer_profile
 
@@ -317,6 +318,7 @@ class EscposPrinter:
         self._where = config.describe()
 
     def _open(self) -> Any:
+        escpos_import.load()
         from escpos import printer as ep  # type: ignore[import-untyped]
 
         c = self.config
@@ -372,6 +374,7 @@ class DummyPrinter:
     """python-escpos's ``Dummy``: keeps what it was sent (demos, tests, nodes without a printer)."""
 
     def __init__(self, config: PrinterConfig) -> None:
+        escpos_import.load()
         from escpos.printer import Dummy  # type: ignore[import-untyped]
 
         self.config = config

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meshpos.devices import escpos_import
 from meshpos.domain.errors import PrinterError
 
 ENV_DEVICES_DIR = "MESHPOS_DEVICES_DIR"
@@ -106,6 +107,7 @@ def _profile_from_json(raw: Any, path: Path) -> PaperProfile:
 
 
 def _check_escpos(escpos_name: str, codepage: str, fail: Any) -> None:
+    escpos_import.load()
     from escpos.capabilities import CAPABILITIES, get_profile  # type: ignore[import-untyped]
 
     if escpos_name not in CAPABILITIES["profiles"]:

@@ -26,6 +26,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meshpos.domain.currency import check_currency, format_amount
+from meshpos.devices import escpos_import
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, PrinterError
 from meshpos.domain.rules import ENTRY_MODES
 from meshpos.devices.messages import messages
@@ -333,6 +334,7 @@ def render(printer: Any, data: ReceiptData, options: ReceiptOptions, copy: str =
 
 def render_bytes(data: ReceiptData, options: ReceiptOptions, copy: str = "customer") -> bytes:
     """The ESC/POS bytes of one receipt, rendered with python-escpos's ``Dummy``."""
+    escpos_import.load()
     from escpos.printer import Dummy  # type: ignore[import-untyped]
 
     dummy = Dummy(profile=options.profile.escpos_profile)
