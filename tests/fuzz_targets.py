@@ -8,6 +8,7 @@ has a corpus of valid inputs, so mutations start from structure, not only from n
 
 from __future__ import annotations
 
+import atexit
 import json
 import random
 import shutil
@@ -57,6 +58,7 @@ def world() -> World:
     global _WORLD
     if _WORLD is None:
         root = Path(tempfile.mkdtemp(prefix="meshpos-fuzz-"))
+        atexit.register(shutil.rmtree, root, True)  # kept for the whole run, removed at its end
         site = make_site(root / "site")
         enroll(site, root / "a", "A")
         enroll(site, root / "b", "B")

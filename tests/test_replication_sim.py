@@ -4,6 +4,7 @@ every acknowledged sale is on every node."""
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,7 @@ def _template() -> Path:
     global _TEMPLATE
     if _TEMPLATE is None:
         root = Path(tempfile.mkdtemp(prefix="meshpos-sim-template-"))
+        atexit.register(shutil.rmtree, root, True)  # kept for the whole run, removed at its end
         site = make_site(root / "site")
         for i in range(N):
             enroll(site, root / f"n{i}", f"t{i}")

@@ -14,6 +14,7 @@ heals and G forwards the whole queue to the real switch logic. Then:
 
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 from pathlib import Path
@@ -44,6 +45,7 @@ def _template() -> Path:
     global _TEMPLATE
     if _TEMPLATE is None:
         root = Path(tempfile.mkdtemp(prefix="meshpos-revocation-"))
+        atexit.register(shutil.rmtree, root, True)  # kept for the whole run, removed at its end
         sd = init_switch(root / "switch", "127.0.0.1:9", "127.0.0.1:9")
         site = init_site(root / "site", "Revocation Fair", switch_key=sd.pub_path.read_text().strip(),
                          switch_url="https://127.0.0.1:9")
