@@ -88,7 +88,9 @@ class Browser:
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}",
                                       "--remote-debugging-port=0", "about:blank"],
-                                     stdout=self.log, stderr=self.log, start_new_session=True)
+                                     stdout=self.log, stderr=self.log, start_new_session=True,
+                                     # its singleton socket's directory goes there too, not in /tmp
+                                     env={**os.environ, "TMPDIR": self.profile})
         port_file = Path(self.profile) / "DevToolsActivePort"
         deadline = time.monotonic() + 30
         while not port_file.exists() or not port_file.read_text().strip():

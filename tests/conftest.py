@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import nacl.signing
 import pytest
 
+from meshpos.devices import escpos_import
 from meshpos.infra.clock import FakeClock
 from meshpos.identity import keys
 from meshpos.node.core import NodeCore
@@ -18,6 +19,10 @@ from meshpos.site.sitedir import Site, init_site
 from argv_watch import ArgvWatch
 from helpers import TEST_PANS
 from pg import pg_cluster, switch_backend_env, switch_db  # noqa: F401 -- fixtures: PostgreSQL, the switch backends
+
+# test modules import python-escpos directly (its Dummy): imported here first, the way the
+# product imports it, so that the test run leaves no pickle directory in /tmp either
+escpos_import.load()
 
 
 @pytest.fixture(scope="session", autouse=True)

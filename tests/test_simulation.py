@@ -18,6 +18,7 @@ identical ledgers, every acknowledged sale on every node, every card sale advise
 
 from __future__ import annotations
 
+import atexit
 import random
 import shutil
 import tempfile
@@ -56,6 +57,7 @@ def _template() -> Path:
     global _TEMPLATE
     if _TEMPLATE is None:
         root = Path(tempfile.mkdtemp(prefix="meshpos-simulation-"))
+        atexit.register(shutil.rmtree, root, True)  # kept for the whole run, removed at its end
         sd = init_switch(root / "switch", "127.0.0.1:9", "127.0.0.1:9")
         site = init_site(root / "site", "Sim Fair", switch_key=keys_hex(sd), switch_url="https://127.0.0.1:9")
         for i in range(N):
