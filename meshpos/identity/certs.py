@@ -133,22 +133,17 @@ def to_der(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.DER)
 
 
-# What cryptography raises for bytes that are not a certificate: ValueError, and InvalidVersion
-# (not a ValueError) for a version field other than v1 or v3, which anyone can put in a cert entry.
-PARSE_ERRORS = (ValueError, x509.InvalidVersion)
-
-
 def load_pem(data: bytes, what: str) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(data)
-    except PARSE_ERRORS as exc:
+    except keys.X509_PARSE_ERRORS as exc:
         raise CryptoError(f"{what}: not a PEM certificate") from exc
 
 
 def load_der(data: bytes) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(data)
-    except PARSE_ERRORS as exc:
+    except keys.X509_PARSE_ERRORS as exc:
         raise VerificationError("not a DER certificate") from exc
 
 

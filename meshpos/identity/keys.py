@@ -13,6 +13,7 @@ import hashlib
 
 import nacl.exceptions
 import nacl.signing
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -21,6 +22,12 @@ from meshpos.domain.errors import CryptoError, VerificationError
 KEY_LEN = 32
 SIG_LEN = 64
 P = 2**255 - 19
+
+
+# What cryptography raises for bytes that are not a certificate: ValueError, and InvalidVersion
+# (not a ValueError) for a version field other than v1 or v3, which anyone can put in a cert entry.
+# Here, not in meshpos.identity.certs, so that meshpos.wire (the switch pin) shares it.
+X509_PARSE_ERRORS = (ValueError, x509.InvalidVersion)
 
 
 def generate() -> nacl.signing.SigningKey:

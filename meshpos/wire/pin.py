@@ -22,7 +22,7 @@ def certificate_key(der: bytes) -> bytes:
     try:
         cert = x509.load_der_x509_certificate(der)
         pub = cert.public_key()
-    except (ValueError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
+    except (*keys.X509_PARSE_ERRORS, UnsupportedAlgorithm) as exc:
         raise VerificationError("the switch presented no usable certificate") from exc
     if not isinstance(pub, Ed25519PublicKey):
         raise VerificationError("the switch's certificate key is not Ed25519")
