@@ -169,10 +169,12 @@ class Mesh:
             adj[b].add(a)
         return adj
 
-    def start(self, timeout: float = 180.0) -> float:
+    def start(self, timeout: float = 180.0, wrap: dict[int, list[str]] | None = None) -> float:
+        """Start every node and wait until all are linked; ``wrap[i]`` goes before node i's command
+        (tools/count_instructions.py: valgrind)."""
         t0 = time.monotonic()
         for i, path in enumerate(self.nodes):
-            self.procs.start(f"n{i:02d}", "run", str(path), "--no-mdns")
+            self.procs.start(f"n{i:02d}", "run", str(path), "--no-mdns", wrap=(wrap or {}).get(i, []))
         for i, path in enumerate(self.nodes):
             child = self.procs.children[f"n{i:02d}"]
             wait_for(lambda p=path: _answers(p), timeout, f"node {i} did not start:\n{child.log_tail()}",

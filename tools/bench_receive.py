@@ -226,21 +226,33 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run(args: argparse.Namespace, root: Path) -> None:
+Pushes = list[tuple[str, list[bytes]]]
+
+
+def prepare(root: Path, sales: int) -> tuple[SimNode, Pushes, Pushes, Callable[[int], SimNode]]:
+    """A seller with ``sales`` sales; what its ledger held before them (``bootstrap``: its
+    certificate), as pushes; the pushes of the sales; and ``fresh(k)``: a new receiving node
+    (directory ``root/rK``) that already holds the bootstrap, as a link's sync gives it."""
     clock = wall_clock()
     site = make_site(root / "site")
     seller = SimNode.open(enroll(site, root / "seller", "seller"), clock)
     first = seller.core.ledger.summary()
     bootstrap = [(shard, [c.bytes for c in seller.core.ledger.docs[shard].get_changes([])]) for shard in first]
-    pushes = sell(seller, clock, args.sales)
+    pushes = sell(seller, clock, sales)
     peer = seller.core.node_id
 
     def fresh(k: int) -> SimNode:
         node = SimNode.open(enroll(site, root / f"r{k}", f"r{k}"), clock)
-        for shard, changes in bootstrap:  # the seller's certificate first, as a link's sync gives it
+        for shard, changes in bootstrap:
             node.core.ledger.receive_push(shard, changes, peer)
         return node
 
+    return seller, bootstrap, pushes, fresh
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    seller, _, pushes, fresh = prepare(root, args.sales)
+    peer = seller.core.node_id
     if args.profile:
         node = fresh(0)
         prof = cProfile.Profile()

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
-import functools
 import json
 import logging
 import re
@@ -123,22 +122,15 @@ def child_ledger(pushes_n: int, plain: bool) -> None:
     thread CPU."""
     import automerge.core as am
     import bench_receive as br
-    from meshpos.node.memnode import SimNode, enroll, make_site, wall_clock
 
     logging.basicConfig(level=logging.ERROR)
     root = Path(tempfile.mkdtemp(prefix="meshpos-count-"))
     try:
-        clock = wall_clock()
-        site = make_site(root / "site")
-        seller = SimNode.open(enroll(site, root / "seller", "seller"), clock)
-        first = seller.core.ledger.summary()
-        bootstrap = [(s, [c.bytes for c in seller.core.ledger.docs[s].get_changes([])]) for s in first]
-        pushes = br.sell(seller, clock, pushes_n)
+        seller, bootstrap, pushes, fresh = br.prepare(root, pushes_n)
         peer = seller.core.node_id
-        node = SimNode.open(enroll(site, root / "r", "r"), clock)
+        node = fresh(0)
         docs: dict[str, am.Document] = {}
         for shard, changes in bootstrap:
-            node.core.ledger.receive_push(shard, changes, peer)
             br._apply_plain(docs, shard, changes)
         store, ledger = node.core.store, node.core.ledger
         store.hold()
@@ -205,7 +197,6 @@ def mesh_pass(rate: float, seconds: float, under_callgrind: bool) -> dict[str, A
     """One 4-node mesh; node n03 receives every sale. Returns its idle and load windows' CPU and,
     under callgrind, its counts (the dumps of the two windows)."""
     import bench_mesh as bm
-    from meshpos.apps.procs import wait_for
     from meshpos.identity import keys
     from meshpos.site.nodedir import NodeDir
 
@@ -215,15 +206,10 @@ def mesh_pass(rate: float, seconds: float, under_callgrind: bool) -> dict[str, A
     mesh = bm.Mesh(tmp, n, "planner", switch_key=switch.hex())
     try:
         mesh.build()
-        for i, path in enumerate(mesh.nodes):
-            wrap = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                    f"--callgrind-out-file={tmp / 'callgrind.out'}"] if i == v and under_callgrind else []
-            mesh.procs.start(f"n{i:02d}", "run", str(path), "--no-mdns", wrap=wrap)
+        wrap = {v: ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={tmp / 'callgrind.out'}"]} if under_callgrind else {}
+        mesh.start(timeout=600, wrap=wrap)
         dbs = [NodeDir(p).db_path for p in mesh.nodes]
-        for i, path in enumerate(mesh.nodes):
-            wait_for(functools.partial(bm._answers, path), 600, f"node {i} did not start", interval=0.5)
-        wait_for(lambda: all(bm.count(db, "cert") >= n for db in dbs), 600,
-                 "certificates did not reach every node", interval=0.5)
         time.sleep(35)  # the planner closes the links it no longer needs 30 s after its targets settle
         pid = mesh.procs.children[f"n{v:02d}"].proc.pid  # type: ignore[union-attr]
 
