@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshpos.wire import envelope
+from meshpos.wire import envelope, pin
 from meshpos.infra.clock import FakeClock
 from meshpos.domain.errors import ConfigError, InputError, VerificationError
 from meshpos.identity import certs, keys
@@ -102,3 +102,25 @@ def test_a_private_key_readable_by_others_is_refused(make_node) -> None:
     (node / "node.key").chmod(0o644)
     with pytest.raises(ConfigError, match="readable by others"):
         NodeCore.open(node)
+
+
+def test_a_ca_signed_certificate_with_a_key_of_unknown_type_is_a_verification_error(
+        site: Site) -> None:
+    """cryptography reads a certificate's key only in ``public_key()``, and raises
+    UnsupportedAlgorithm (neither a ValueError nor a VerificationError) for a key type it does not
+    know. Signed by the site CA, such a certificate gets past the signature check, so before the
+    fix it escaped verify_node_cert: out of a cert entry's check (a traceback per entry in the
+    ledger's catch-all), a TLS handshake's check, and the switch's check of a forwarder."""
+    now = FakeClock().now_ms()
+    cert = certs.issue(site.ca_cert, site.ca_key, bytes(keys.generate().verify_key), "terminal", "T", now, 1)
+    tbs = cert.tbs_certificate_bytes
+    ed25519 = bytes.fromhex("06032b6570")  # OID 1.3.101.112: the TBS's signature algorithm, then the key's
+    at = tbs.rindex(ed25519)
+    assert tbs.index(ed25519) < at
+    odd_tbs = tbs[:at] + bytes.fromhex("06032b657f") + tbs[at + len(ed25519):]  # 1.3.101.127: unknown
+    der = certs.to_der(cert).replace(tbs, odd_tbs).replace(cert.signature, site.ca_key.sign(odd_tbs).signature)
+    odd = certs.load_der(der)
+    with pytest.raises(VerificationError, match="does not parse.*1.3.101.127"):
+        certs.verify_node_cert(odd, site.ca_cert, now)
+    with pytest.raises(VerificationError, match="no usable certificate"):
+        pin.certificate_key(der)

@@ -157,7 +157,7 @@ def verify_node_cert(
     """Check chain to the site CA, validity at ``now_ms`` (None: skip), revocation and role."""
     try:
         return _verify_node_cert(cert, ca_cert, now_ms, revoked, roles)
-    except ValueError as exc:  # cryptography parses lazily: a malformed field fails only when read
+    except keys.X509_PARSE_ERRORS as exc:  # cryptography parses lazily: a bad field fails only when read
         raise VerificationError(f"certificate does not parse: {exc}") from exc
 
 

@@ -14,6 +14,7 @@ import hashlib
 import nacl.exceptions
 import nacl.signing
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -24,10 +25,12 @@ SIG_LEN = 64
 P = 2**255 - 19
 
 
-# What cryptography raises for bytes that are not a certificate: ValueError, and InvalidVersion
-# (not a ValueError) for a version field other than v1 or v3, which anyone can put in a cert entry.
+# What cryptography raises for bytes that are not a usable certificate: ValueError; InvalidVersion
+# (not a ValueError) for a version field other than v1 or v3, which anyone can put in a cert entry;
+# UnsupportedAlgorithm when the certificate's key is of a type it does not know (raised only once
+# ``public_key()`` reads it: cryptography parses lazily).
 # Here, not in meshpos.identity.certs, so that meshpos.wire (the switch pin) shares it.
-X509_PARSE_ERRORS = (ValueError, x509.InvalidVersion)
+X509_PARSE_ERRORS = (ValueError, x509.InvalidVersion, UnsupportedAlgorithm)
 
 
 def generate() -> nacl.signing.SigningKey:
