@@ -34,6 +34,8 @@ def test_every_sale_reaches_every_process_and_a_forged_one_none(tmp_path: Path) 
             assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == nodes * own - 3
             assert db.execute("SELECT count(*) FROM entries WHERE origin = ?", (forger,)).fetchone()[0] == own - 3
             assert db.execute("SELECT count(*) FROM sales").fetchone()[0] == nodes * own - 3
+    spread = bench_floor.propagation(tmp_path / "run", nodes)  # one time per sale: signed -> on the last process
+    assert len(spread) == nodes * own - 3 and min(spread) >= 0 and r["p99_ms"] == bench_floor.pct(spread, 99)
     assert r["cpu_ms_per_sale_per_node"] > 0
 
 

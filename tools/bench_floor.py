@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -46,10 +47,12 @@ from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))
+sys.path.insert(0, str(TOOLS))
 
 import nacl.signing  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
+from bench_mesh import pct  # noqa: E402
 from meshpos.apps.procs import free_ports  # noqa: E402
 from meshpos.identity import certs, keys  # noqa: E402
 from meshpos.replication.planner import ring_targets  # noqa: E402
@@ -103,6 +106,19 @@ def credentials(root: Path, n: int) -> tuple[Path, list[tuple[Path, Path]]]:
         key_path.chmod(0o600)
         out.append((cert_path, key_path))
     return ca_path, out
+
+
+def propagation(root: Path, nodes: int) -> list[float]:
+    """For each sale, ms from its signing to its being stored on the last node (one host clock)."""
+    last: dict[tuple[int, int], int] = {}
+    signed: dict[tuple[int, int], int] = {}
+    for i in range(nodes):
+        with sqlite3.connect(root / f"n{i:02d}.db") as db:
+            for origin, seq, at, received in db.execute(
+                    "SELECT e.origin, e.seq, s.at, e.received_at FROM entries e JOIN sales s USING (origin, seq)"):
+                signed[(origin, seq)] = at
+                last[(origin, seq)] = max(last.get((origin, seq), 0), received)
+    return sorted(float(last[k] - signed[k]) for k in last)
 
 
 def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
@@ -159,6 +175,7 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
                 p.wait()
     sales = sum(r["own"] for r in results) - forged
     cpu = sum(r["cpu_s"] for r in results)
+    spread = propagation(root, nodes)
     return {
         "nodes": nodes, "rate": rate, "seconds": seconds, "links": sum(len(js) for js in dials.values()),
         "sales": sales, "forged": forged,
@@ -166,6 +183,7 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
         "refused": sum(r["refused"] for r in results), "dups": sum(r["dups"] for r in results),
         "cpu_ms_per_sale_per_node": cpu * 1000 / (sales * nodes),
         "wall_s_max": max(r["wall_s"] for r in results),
+        "p50_ms": pct(spread, 50) if spread else 0.0, "p99_ms": pct(spread, 99) if spread else 0.0,
         "max_rss_kb_median": statistics.median(r["max_rss_kb"] for r in results),
         "per_node": results,
     }
@@ -188,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             res.append(r)
             if not args.json:
                 print(f"run {k + 1}: {r['sales']} sales, {r['missing']} missing, "
-                      f"{r['cpu_ms_per_sale_per_node']:.3f} ms CPU per sale per node "
-                      f"(max RSS {r['max_rss_kb_median'] / 1024:.1f} MB median)", file=sys.stderr)
+                      f"{r['cpu_ms_per_sale_per_node']:.3f} ms CPU per sale per node, sale -> every "
+                      f"process p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms (max RSS {r['max_rss_kb_median'] / 1024:.1f} MB median)", file=sys.stderr)
     med = statistics.median(r["cpu_ms_per_sale_per_node"] for r in res)
     if args.json:
         print(json.dumps({"runs": [{k: v for k, v in r.items() if k != "per_node"} for r in res],
