@@ -49,7 +49,6 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS.parent))
 sys.path.insert(0, str(TOOLS))
 
-import nacl.signing  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 
 from bench_mesh import pct  # noqa: E402
@@ -97,7 +96,7 @@ def credentials(root: Path, n: int) -> tuple[Path, list[tuple[Path, Path]]]:
     ca_path.write_bytes(certs.to_pem(ca))
     out = []
     for i in range(n):
-        key = nacl.signing.SigningKey.generate()
+        key = keys.generate()
         cert = certs.issue(ca, ca_key, bytes(key.verify_key), "terminal", f"F{i:02d}", now, 1)
         cert_path, key_path = root / f"n{i:02d}.pem", root / f"n{i:02d}.key"
         cert_path.write_bytes(certs.to_pem(cert))
