@@ -4,6 +4,7 @@ work is left, measured in place, beside ``tools/bench_mesh.py``.
 
     python tools/bench_floor.py                      # 20 processes, 40 sales/s for 60 s
     python tools/bench_floor.py --nodes 6 --seconds 30 --json
+    python tools/bench_floor.py --callgrind --nodes 4 --rate 4 --seconds 20
 
 Issue 15 asks for at most 1 ms of CPU per sale per node in the 20-node benchmark. The Python node
 spends ~1.8 ms, and the measurements in BENCHMARKS.md leave a node written in a compiled language
@@ -26,6 +27,13 @@ checks of a change, the envelope's decoding and schema, the statuses, the termin
 a node's own sales. The same command line as ``bench_mesh`` (``--nodes --rate --seconds``) makes
 the two figures comparable: CPU of every process from the load's start to its last sale received,
 summed, per site sale and per node.
+
+``--callgrind``: node 0's instructions per site sale, counted by valgrind's callgrind in two runs
+of ``--seconds`` and three times that (the difference: start-up and link set-up cancel out), by
+library, beside its CPU per site sale in a run of the longer length without valgrind: the
+instructions per ns a compiled node runs at in place, to set beside the Python node's
+(``tools/count_instructions.py node``). Keep the rate low: under callgrind a process runs ~50 times
+slower.
 
 Needs a C compiler and the headers of OpenSSL, libsodium and SQLite (Debian: gcc, libssl-dev,
 libsodium-dev, libsqlite3-dev; ``.ci/run`` installs them).
@@ -121,9 +129,11 @@ def propagation(root: Path, nodes: int) -> list[float]:
 
 
 def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
-        forge: tuple[int, int] | None = None, timeout: float = 90.0) -> dict[str, Any]:
+        forge: tuple[int, int] | None = None, timeout: float = 90.0,
+        wrap: dict[int, list[str]] | None = None) -> dict[str, Any]:
     """One run: ``nodes`` processes, ``rate`` sales/s for the site; ``forge`` = (node, every K):
-    that node changes every K-th sale after signing it (the others must refuse those)."""
+    that node changes every K-th sale after signing it (the others must refuse those); ``wrap``:
+    node -> the command its process runs under (valgrind)."""
     if nodes < 2 or rate <= 0 or seconds <= 0:
         raise SystemExit("bench_floor: --nodes must be at least 2, --rate and --seconds positive")
     root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +148,7 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
     try:
         for i in range(nodes):
             expect = (nodes - 1) * own - (forged if forge and forge[0] != i else 0)
-            argv = [str(exe), "--id", str(i), "--n", str(nodes), "--ports", ports, "--edges", edges,
+            argv = [*(wrap or {}).get(i, []), str(exe), "--id", str(i), "--n", str(nodes), "--ports", ports, "--edges", edges,
                     "--dial", ",".join(str(j) for j in dials[i]), "--rate", str(rate / nodes),
                     "--count", str(own), "--start-ms", str(start_ms), "--expect", str(expect),
                     "--cert", str(creds[i][0]), "--key", str(creds[i][1]), "--ca", str(ca),
@@ -168,7 +178,7 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
             p.terminate()
         for p in procs:
             try:
-                p.wait(5)
+                p.wait(30)  # callgrind writes its counts on the way out
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
@@ -188,6 +198,40 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
     }
 
 
+def count(exe: Path, root: Path, nodes: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Node 0's instructions per site sale (callgrind; two lengths, the difference) and its CPU per
+    site sale without valgrind; see the module's docstring."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("bench_floor: --callgrind needs valgrind (Debian: valgrind)")
+    from count_instructions import by_library, total_of
+    totals, libs, sales = [], [], []
+    for k, length in enumerate((seconds, 3 * seconds)):
+        out = root / f"callgrind.{k}.out"
+        r = run(exe, root / f"count{k}", nodes, rate, length, timeout=300.0,
+                wrap={0: ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]})
+        text = out.read_text()
+        totals.append(total_of(text))
+        libs.append(by_library(text))
+        sales.append(r["sales"])
+    per_sale = (totals[1] - totals[0]) / (sales[1] - sales[0])
+    names = set(libs[0]) | set(libs[1])
+    by_lib = {name: (libs[1].get(name, 0) - libs[0].get(name, 0)) / (sales[1] - sales[0]) for name in names}
+    plain = run(exe, root / "cpu", nodes, rate, 3 * seconds)
+    cpu_ms = plain["per_node"][0]["cpu_s"] * 1000 / plain["sales"]
+    if cpu_ms <= 0:
+        raise SystemExit("bench_floor: node 0 used no measurable CPU: make --seconds or --rate larger")
+    # the kernel splits a process's CPU into user and system by sampled clock ticks: for the few
+    # ms of a short run the split is rough, the sum exact
+    user_ms = plain["per_node"][0]["user_s"] * 1000 / plain["sales"]
+    return {"nodes": nodes, "rate": rate, "seconds": [seconds, 3 * seconds], "sales": sales,
+            "instructions_per_site_sale": per_sale,
+            "by_library": dict(sorted(by_lib.items(), key=lambda kv: -kv[1])),
+            "cpu_ms_per_site_sale": cpu_ms, "user_ms_per_site_sale": user_ms,
+            # per ns of the process's CPU, as tools/count_instructions.py gives the Python node's
+            # (callgrind counts user space only: the kernel's share lowers both alike)
+            "instructions_per_ns": per_sale / (cpu_ms * 1e6)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,9 +240,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=60.0, help="length of the load (default 60)")
     ap.add_argument("--runs", type=int, default=1, help="runs, one after the other; the median is printed too")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--callgrind", action="store_true",
+                    help="count node 0's instructions per site sale instead (needs valgrind; keep the rate low)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as tmp:
         exe = build(Path(tmp))
+        if args.callgrind:
+            c = count(exe, Path(tmp), args.nodes, args.rate, args.seconds)
+            if args.json:
+                print(json.dumps(c, indent=1))
+            else:
+                print(f"node 0: {c['instructions_per_site_sale'] / 1e6:.3f} M instructions per site sale, "
+                      f"{c['cpu_ms_per_site_sale']:.3f} ms CPU per site sale without valgrind (user about "
+                      f"{c['user_ms_per_site_sale']:.3f} ms): {c['instructions_per_ns']:.2f} instructions per ns")
+                for name, n in list(c["by_library"].items())[:8]:
+                    print(f"  {name:24s} {n / 1e3:9.0f} k")
+            return 0
         res = []
         for k in range(args.runs):
             r = run(exe, Path(tmp) / f"run{k}", args.nodes, args.rate, args.seconds)

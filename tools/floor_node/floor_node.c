@@ -71,6 +71,12 @@ static void die(const char *what) {
     exit(2);
 }
 
+static double user_s(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
+}
+
 static double cpu_s(void) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
@@ -390,7 +396,7 @@ int main(int argc, char **argv) {
     if (expected <= 0) expected = (n - 1) * own_count;  /* --expect: fewer where a peer forges */
 
     while (now_ms() < start_ms) usleep(1000);
-    double cpu0 = cpu_s(), cpu1 = -1;
+    double cpu0 = cpu_s(), cpu1 = -1, user0 = user_s(), user1 = 0;
     long t0 = now_ms(), t1 = 0;
     int written = 0;
     for (;;) {
@@ -411,18 +417,21 @@ int main(int argc, char **argv) {
         if (cpu1 < 0 && own_done == own_count && received >= expected) {
             commit();
             cpu1 = cpu_s();
+            user1 = user_s();
             t1 = now_ms();
         }
         if (!written && (cpu1 >= 0 || now_ms() > start_ms + deadline_s * 1000)) {
             commit();
-            if (cpu1 < 0) { cpu1 = cpu_s(); t1 = now_ms(); }
+            if (cpu1 < 0) { cpu1 = cpu_s(); user1 = user_s(); t1 = now_ms(); }
             char tmp[4096];
             snprintf(tmp, sizeof tmp, "%s.tmp", out);
             FILE *f = fopen(tmp, "w");
             if (!f) die("result file");
             fprintf(f, "{\"id\": %d, \"links\": %d, \"own\": %ld, \"received\": %ld, \"expected\": %ld, "
-                       "\"refused\": %ld, \"dups\": %ld, \"cpu_s\": %.6f, \"wall_s\": %.3f, \"max_rss_kb\": %ld}\n",
-                    me, nlinks, own_done, received, expected, refused, dups, cpu1 - cpu0, (t1 - t0) / 1000.0,
+                       "\"refused\": %ld, \"dups\": %ld, \"cpu_s\": %.6f, \"user_s\": %.6f, \"wall_s\": %.3f, "
+                       "\"max_rss_kb\": %ld}\n",
+                    me, nlinks, own_done, received, expected, refused, dups, cpu1 - cpu0, user1 - user0,
+                    (t1 - t0) / 1000.0,
                     hwm_kb());
             fclose(f);
             rename(tmp, out);
