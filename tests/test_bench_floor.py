@@ -16,11 +16,16 @@ from tests.helpers import load_tool
 bench_floor = load_tool("bench_floor")
 
 
-def test_every_sale_reaches_every_process_and_a_forged_one_none(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The floor node, built once for this module."""
     try:
-        exe = bench_floor.build(tmp_path)
+        return Path(bench_floor.build(tmp_path_factory.mktemp("floor-build")))
     except SystemExit as exc:  # no compiler or headers: .ci/run installs them, and fails a skip as root
         pytest.skip(str(exc))
+
+
+def test_every_sale_reaches_every_process_and_a_forged_one_none(exe: Path, tmp_path: Path) -> None:
     nodes, forger, every = 4, 1, 3
     r = bench_floor.run(exe, tmp_path / "run", nodes=nodes, rate=12, seconds=3, forge=(forger, every))
     own = 9  # 12 sales/s for 3 s over 4 processes
@@ -31,7 +36,7 @@ def test_every_sale_reaches_every_process_and_a_forged_one_none(tmp_path: Path) 
     # a forged sale reaches only the forger's neighbours (its children in its own tree), each refuses it
     assert r["refused"] == 3 * len(neighbours) > 0
     for i in range(nodes):
-        with sqlite3.connect(tmp_path / "run" / f"n{i:02d}.db") as db:
+        with sqlite3.connect(bench_floor.node_file(tmp_path / "run", i, ".db")) as db:
             assert db.execute("SELECT count(*) FROM entries").fetchone()[0] == nodes * own - 3
             assert db.execute("SELECT count(*) FROM entries WHERE origin = ?", (forger,)).fetchone()[0] == own - 3
             assert db.execute("SELECT count(*) FROM sales").fetchone()[0] == nodes * own - 3
@@ -46,14 +51,10 @@ def test_bad_arguments_are_refused_with_a_clear_message(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind missing (.ci/run installs it)")
-def test_callgrind_counts_the_floor_nodes_signature_checks(tmp_path: Path) -> None:
+def test_callgrind_counts_the_floor_nodes_signature_checks(exe: Path, tmp_path: Path) -> None:
     """``--callgrind``: node 0's instructions per site sale, start-up taken off. Node 0 of 3
     checks the signature of two sales in three (libsodium, ~0.6 M instructions each) and signs the
     third: a count that missed them, or that still held the start-up, would be far off."""
-    try:
-        exe = bench_floor.build(tmp_path)
-    except SystemExit as exc:
-        pytest.skip(str(exc))
     c = bench_floor.count(exe, tmp_path, nodes=3, rate=3, seconds=3)
     sodium = next(n for name, n in c["by_library"].items() if name.startswith("libsodium"))
     assert 0.3e6 < sodium < 1.0e6

@@ -95,6 +95,11 @@ def links(n: int) -> dict[int, list[int]]:
     return dials
 
 
+def node_file(root: Path, i: int, suffix: str) -> Path:
+    """Node i's file of a run: .pem .key (its certificate and key), .db, .json (its result), .log."""
+    return root / f"n{i:02d}{suffix}"
+
+
 def credentials(root: Path, n: int) -> tuple[Path, list[tuple[Path, Path]]]:
     """A CA and n node certificates (Ed25519, as a site's), written as PEM files under ``root``."""
     now = int(time.time() * 1000)
@@ -106,7 +111,7 @@ def credentials(root: Path, n: int) -> tuple[Path, list[tuple[Path, Path]]]:
     for i in range(n):
         key = keys.generate()
         cert = certs.issue(ca, ca_key, bytes(key.verify_key), "terminal", f"F{i:02d}", now, 1)
-        cert_path, key_path = root / f"n{i:02d}.pem", root / f"n{i:02d}.key"
+        cert_path, key_path = node_file(root, i, ".pem"), node_file(root, i, ".key")
         cert_path.write_bytes(certs.to_pem(cert))
         key_path.write_bytes(keys.to_crypto_private(key).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
@@ -117,15 +122,13 @@ def credentials(root: Path, n: int) -> tuple[Path, list[tuple[Path, Path]]]:
 
 def propagation(root: Path, nodes: int) -> list[float]:
     """For each sale, ms from its signing to its being stored on the last node (one host clock)."""
-    last: dict[tuple[int, int], int] = {}
-    signed: dict[tuple[int, int], int] = {}
+    spread: dict[tuple[int, int], int] = {}  # (origin, seq) -> the latest received_at - at so far
     for i in range(nodes):
-        with sqlite3.connect(root / f"n{i:02d}.db") as db:
-            for origin, seq, at, received in db.execute(
-                    "SELECT e.origin, e.seq, s.at, e.received_at FROM entries e JOIN sales s USING (origin, seq)"):
-                signed[(origin, seq)] = at
-                last[(origin, seq)] = max(last.get((origin, seq), 0), received)
-    return sorted(float(last[k] - signed[k]) for k in last)
+        with sqlite3.connect(node_file(root, i, ".db")) as db:
+            for origin, seq, delay in db.execute(
+                    "SELECT e.origin, e.seq, e.received_at - s.at FROM entries e JOIN sales s USING (origin, seq)"):
+                spread[(origin, seq)] = max(spread.get((origin, seq), delay), delay)
+    return sorted(float(d) for d in spread.values())
 
 
 def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
@@ -152,21 +155,21 @@ def run(exe: Path, root: Path, nodes: int, rate: float, seconds: float,
                     "--dial", ",".join(str(j) for j in dials[i]), "--rate", str(rate / nodes),
                     "--count", str(own), "--start-ms", str(start_ms), "--expect", str(expect),
                     "--cert", str(creds[i][0]), "--key", str(creds[i][1]), "--ca", str(ca),
-                    "--db", str(root / f"n{i:02d}.db"), "--out", str(root / f"n{i:02d}.json"),
+                    "--db", str(node_file(root, i, ".db")), "--out", str(node_file(root, i, ".json")),
                     "--deadline-s", str(int(seconds + timeout))]
             if forge and forge[0] == i:
                 argv += ["--forge-every", str(forge[1])]
-            log = (root / f"n{i:02d}.log").open("wb")
+            log = node_file(root, i, ".log").open("wb")
             procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
             log.close()
         results: list[dict[str, Any]] = []
+        files = [node_file(root, i, ".json") for i in range(nodes)]
         end = start_ms / 1000 + seconds + timeout + 5
         while time.time() < end:
-            if any(p.poll() is not None for p in procs):
-                bad = next(i for i, p in enumerate(procs) if p.poll() is not None)
-                raise SystemExit(f"bench_floor: node {bad} exited ({procs[bad].returncode}):\n"
-                                 + (root / f"n{bad:02d}.log").read_text(errors="replace")[-2000:])
-            files = [root / f"n{i:02d}.json" for i in range(nodes)]
+            dead = [i for i, p in enumerate(procs) if p.poll() is not None]
+            if dead:
+                raise SystemExit(f"bench_floor: node {dead[0]} exited ({procs[dead[0]].returncode}):\n"
+                                 + node_file(root, dead[0], ".log").read_text(errors="replace")[-2000:])
             if all(f.exists() for f in files):
                 results = [json.loads(f.read_text()) for f in files]
                 break

@@ -55,7 +55,6 @@ static unsigned char pk[MAXN][32], sk[64];
 static unsigned char adjm[MAXN][MAXN];
 static short parent_of[MAXN][MAXN];   /* parent_of[origin][v]: v's parent in origin's BFS tree */
 static Link links[MAXLINKS];
-static int link_of_peer[MAXN];
 static unsigned char *seen[MAXN];
 static long received = 0, refused = 0, dups = 0, own_done = 0, expected = -1;
 static sqlite3 *db;
@@ -71,16 +70,11 @@ static void die(const char *what) {
     exit(2);
 }
 
-static double user_s(void) {
+static double cpu_s(double *user) {  /* user + system seconds; the user part into *user */
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
-}
-
-static double cpu_s(void) {
-    struct rusage ru;
-    getrusage(RUSAGE_SELF, &ru);
-    return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+    *user = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6;
+    return *user + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
 static long hwm_kb(void) {  /* VmHWM: getrusage's ru_maxrss keeps the forking parent's across exec */
@@ -180,7 +174,8 @@ static void push_on(int origin, const unsigned char *frame) {
         if (parent_of[origin][links[i].peer] == me) send_all(&links[i], frame, 4 + BODY);
 }
 
-static void handle(const unsigned char *body, uint32_t len) {
+static void handle(const unsigned char *frame, uint32_t len) {  /* frame: length, then body */
+    const unsigned char *body = frame + 4;
     if (len != BODY) { refused++; return; }
     int origin = (body[0] << 8) | body[1];
     uint32_t seq = ((uint32_t)body[2] << 24) | (body[3] << 16) | (body[4] << 8) | body[5];
@@ -191,10 +186,7 @@ static void handle(const unsigned char *body, uint32_t len) {
     if (crypto_sign_verify_detached(body + BODY - 64, body, BODY - 64, pk[origin]) != 0) { refused++; return; }
     seen[origin][seq] = 1;
     store(origin, seq, at, body);
-    unsigned char frame[4 + BODY];
-    frame[0] = 0; frame[1] = 0; frame[2] = BODY >> 8; frame[3] = BODY & 0xff;
-    memcpy(frame + 4, body, BODY);
-    push_on(origin, frame);
+    push_on(origin, frame);  /* the same bytes: a frame of BODY bytes has this length header */
     received++;
 }
 
@@ -226,7 +218,7 @@ static int read_link(Link *l) {  /* 0: the link is closed */
             uint32_t len = ((uint32_t)l->rbuf[off] << 24) | (l->rbuf[off + 1] << 16) | (l->rbuf[off + 2] << 8) | l->rbuf[off + 3];
             if (len > RBUF - 4) return 0;
             if (l->rlen - off < 4 + len) break;
-            handle(l->rbuf + off + 4, len);
+            handle(l->rbuf + off, len);
             off += 4 + len;
         }
         memmove(l->rbuf, l->rbuf + off, l->rlen - off);
@@ -238,7 +230,7 @@ static void add_link(int fd, SSL *ssl, int peer) {
     pthread_mutex_lock(&mu);
     if (nlinks >= MAXLINKS || peer < 0 || peer >= n) die("bad link");
     links[nlinks] = (Link){.fd = fd, .ssl = ssl, .peer = peer};
-    link_of_peer[peer] = nlinks++;
+    nlinks++;
     pthread_mutex_unlock(&mu);
 }
 
@@ -396,7 +388,7 @@ int main(int argc, char **argv) {
     if (expected <= 0) expected = (n - 1) * own_count;  /* --expect: fewer where a peer forges */
 
     while (now_ms() < start_ms) usleep(1000);
-    double cpu0 = cpu_s(), cpu1 = -1, user0 = user_s(), user1 = 0;
+    double user0, user1 = 0, cpu0 = cpu_s(&user0), cpu1 = -1;
     long t0 = now_ms(), t1 = 0;
     int written = 0;
     for (;;) {
@@ -416,13 +408,12 @@ int main(int argc, char **argv) {
         }
         if (cpu1 < 0 && own_done == own_count && received >= expected) {
             commit();
-            cpu1 = cpu_s();
-            user1 = user_s();
+            cpu1 = cpu_s(&user1);
             t1 = now_ms();
         }
         if (!written && (cpu1 >= 0 || now_ms() > start_ms + deadline_s * 1000)) {
             commit();
-            if (cpu1 < 0) { cpu1 = cpu_s(); user1 = user_s(); t1 = now_ms(); }
+            if (cpu1 < 0) { cpu1 = cpu_s(&user1); t1 = now_ms(); }
             char tmp[4096];
             snprintf(tmp, sizeof tmp, "%s.tmp", out);
             FILE *f = fopen(tmp, "w");
