@@ -1,9 +1,12 @@
-"""Helpers the tests import: the real CLI in a subprocess, a scanner for card numbers."""
+"""Helpers the tests import: the real CLI in a subprocess, a scanner for card numbers, the check that a
+stored secret is its scrypt hash alone."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -53,6 +56,17 @@ def scan_for(root: Path, needles: list[bytes]) -> list[str]:
                 if form in data:
                     hits.append(f"{path}: {form[:8]!r}...")
     return hits
+
+
+def is_scrypt_hash_of(stored: str | None, secret: str) -> bool:
+    """True when ``stored`` is exactly ``scrypt$<16-byte salt>$<64-byte digest>`` in hex and the digest is
+    scrypt (n=2**14, r=8, p=1) of ``secret``, recomputed here: nothing else (the secret itself, say) is
+    kept beside it. (Asking that the secret's digits not appear in the hex fails by chance.)"""
+    match = re.fullmatch(r"scrypt\$([0-9a-f]{32})\$([0-9a-f]{128})", stored or "")
+    if match is None:
+        return False
+    digest = hashlib.scrypt(secret.encode(), salt=bytes.fromhex(match[1]), n=2**14, r=8, p=1)
+    return digest.hex() == match[2]
 
 
 def fill_disk(path: Path) -> int:
