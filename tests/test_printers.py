@@ -136,6 +136,7 @@ async def wait(worker: PrinterWorker, predicate: Callable[[PrinterStatus], bool]
         ({"kind": "network", "host": "http://printer:9100"}, r"printer host 'http://printer:9100' is neither"),
         ({"kind": "network", "host": "bad host"}, "is neither an IP address nor a valid host name"),
         ({"kind": "network", "host": "a..b"}, "is neither"),
+        ({"kind": "network", "host": "printer-1\n"}, "is neither"),
         ({"kind": "network"}, "needs 'host'"),
         ({"kind": "network", "host": "10.0.0.5", "port": 70000}, "port 70000"),
         ({"kind": "bluetooth"}, r"unknown printer kind 'bluetooth': use one of usb, network, serial, file, dummy"),

@@ -243,6 +243,10 @@ def test_last_line_of_defence_refuses_a_pan() -> None:
     [
         {"card_last4": "41111"},
         {"card_last4": "411"},
+        {"card_last4": "1111\n"},  # each field whole: a trailing newline is no part of a pattern
+        {"card_brand": "visa\n"},
+        {"sale_id": "5626ef1b4a2e9815-00000003\n"},
+        {"auth_code": "A1B2C3\n"},
         {"card_last4": None},
         {"card_brand": "4111111111111111"},
         {"method": "cash"},  # cash with card data
@@ -270,6 +274,8 @@ def test_shipped_profiles_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         assert profile.chars_per_line == {58: 32, 80: 48}[profile.paper_mm]
     with pytest.raises(PrinterError, match=r"unknown printer profile 'tm-9000'.*generic-58mm"):
         load_printer_profile("tm-9000")
+    with pytest.raises(PrinterError, match="not a valid profile name"):
+        load_printer_profile("generic-58mm\n")
     # MESHPOS_DEVICES_DIR points to another devices folder.
     (tmp_path / "printers").mkdir()
     (tmp_path / "printers" / "mine.json").write_text(json.dumps({

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from meshpos.wire import envelope
-from meshpos.domain.errors import ConfigError, EncodingError
+from meshpos.domain.errors import ConfigError, EncodingError, InputError
 from meshpos.identity import keys
 from meshpos.site.sitedir import Site, init_site
 from meshpos.wire import forwarding as api
@@ -110,6 +110,11 @@ def test_add_site_checks_the_policy_names_this_switch(tmp_path: Path, site: Site
     nokey = init_site(tmp_path / "nokey", "No switch")
     with pytest.raises(ConfigError, match="names no switch key"):
         add_site(tmp_path / "sw", nokey.path)
+    # field 42 is exactly 15 characters: one more (a newline an anchored pattern let through) would
+    # fail every sale of the site at the acquirer, so add-site refuses it
+    for merchant in ("MERCHANT0000001\n", "MERCHANT000001", "MERCHANT00000Ü1"):
+        with pytest.raises(InputError, match="exactly 15"):
+            add_site(tmp_path / "sw", site.path, merchant_id=merchant)
 
 
 def test_cli_init_add_site_status_and_help(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

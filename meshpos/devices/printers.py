@@ -67,7 +67,7 @@ _KEYS = {
     "dummy": set(),
 }
 _COMMON_KEYS = {"kind", "profile", "timeout", "tz"}
-_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
 class PrinterUnreachableError(PrinterError):
@@ -180,7 +180,7 @@ def _check_host(host: Any) -> str:
     except ValueError:
         pass
     name = host[:-1] if host.endswith(".") else host
-    if len(name) > 253 or not all(_HOST_LABEL_RE.match(label) for label in name.split(".")):
+    if len(name) > 253 or not all(_HOST_LABEL_RE.fullmatch(label) for label in name.split(".")):
         raise PrinterConfigError(
             f"printer host {host!r} is neither an IP address nor a valid host name "
             "(write only the address, e.g. 192.168.1.50 or printer-1.local, without scheme or port)"

@@ -26,7 +26,7 @@ from meshpos.domain.errors import PrinterError
 
 ENV_DEVICES_DIR = "MESHPOS_DEVICES_DIR"
 QR_MODES = ("native", "image")
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def list_printer_profiles() -> list[str]:
 
 def load_printer_profile(name: str) -> PaperProfile:
     """Load ``devices/printers/<name>.json``; PrinterError names what is wrong."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise PrinterError(f"printer profile name {name!r} is not a valid profile name")
     path = printer_profiles_dir() / f"{name}.json"
     if not path.is_file():

@@ -40,10 +40,10 @@ COPIES = ("customer", "merchant", "outcome")
 QR_SIZE_NATIVE = 6
 QR_SIZE_IMAGE = 4
 
-_LAST4_RE = re.compile(r"^[0-9]{4}$")
-_BRAND_RE = re.compile(r"^[a-z][a-z _-]{0,23}$")
-_SALE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-_CODE_RE = re.compile(r"^[A-Za-z0-9]{1,8}$")
+_LAST4_RE = re.compile(r"[0-9]{4}")
+_BRAND_RE = re.compile(r"[a-z][a-z _-]{0,23}")
+_SALE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
+_CODE_RE = re.compile(r"[A-Za-z0-9]{1,8}")
 # 12 to 19 digits, each optionally separated by one space or dash: a PAN as typed.
 _PAN_LIKE_RE = re.compile(r"[0-9](?:[ -]?[0-9]){11,18}")
 
@@ -69,7 +69,7 @@ class ReceiptData:
     offline_deadline_ms: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sale_id, str) or not _SALE_ID_RE.match(self.sale_id):
+        if not isinstance(self.sale_id, str) or not _SALE_ID_RE.fullmatch(self.sale_id):
             raise InputError(f"sale id {self.sale_id!r} is not a printable reference")
         for name in ("site_name", "terminal_name"):
             value = getattr(self, name)
@@ -91,9 +91,9 @@ class ReceiptData:
         if self.status not in STATUSES:
             raise InputError(f"sale status must be one of {', '.join(STATUSES)}")
         if self.method == "card":
-            if not isinstance(self.card_last4, str) or not _LAST4_RE.match(self.card_last4):
+            if not isinstance(self.card_last4, str) or not _LAST4_RE.fullmatch(self.card_last4):
                 raise InputError("a card receipt needs exactly the last 4 digits of the card")
-            if not isinstance(self.card_brand, str) or not _BRAND_RE.match(self.card_brand):
+            if not isinstance(self.card_brand, str) or not _BRAND_RE.fullmatch(self.card_brand):
                 raise InputError(f"card brand {self.card_brand!r} is not a brand name")
             if self.entry_mode is not None and self.entry_mode not in ENTRY_MODES:
                 raise InputError(f"entry mode must be one of {', '.join(ENTRY_MODES)}")
@@ -101,7 +101,7 @@ class ReceiptData:
             raise InputError("a cash receipt carries no card data")
         for name in ("auth_code", "response_code"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not _CODE_RE.match(value)):
+            if value is not None and (not isinstance(value, str) or not _CODE_RE.fullmatch(value)):
                 raise InputError(f"{name} must be 1 to 8 letters or digits")
 
     def to_json(self) -> dict[str, Any]:

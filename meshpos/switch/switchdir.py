@@ -41,7 +41,7 @@ from meshpos.switch.store import SiteRow, SwitchStore
 from meshpos.switch.tls import make_tls_cert
 
 ACQUIRER_FORMATS = ("iso8583", "json")
-_MERCHANT = re.compile(r"^[A-Za-z0-9 \-_./]{15}$")
+_MERCHANT = re.compile(r"[A-Za-z0-9 \-_./]{15}")
 
 
 @dataclass
@@ -264,7 +264,7 @@ def add_site(path: Path, site_dir: Path, merchant_id: str | None = None, clock: 
         raise ConfigError(f"{site_dir}: the site policy names switch key {policy.switch_key[:16]}..., "
                           f"not this switch's {switch_pub[:16]}... (see {sd.pub_path})")
     merchant = merchant_id if merchant_id is not None else default_merchant_id(policy.site_id)
-    if not _MERCHANT.match(merchant):
+    if not _MERCHANT.fullmatch(merchant):
         raise InputError("merchant id must be exactly 15 letters, digits, spaces or -_./")
     roster = Roster(ca_cert, policy)
     revocations: list[tuple[str, bytes]] = []
