@@ -22,9 +22,9 @@ from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.acquirer.base import UnsendableRequest, advise_until_answered
 from meshpos.cli.acquirer_cmd import main_acquirer_sim
 from meshpos.acquirer.iso8583_link import open_iso8583_link
-from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json
+from meshpos.acquirer.json_https import JsonHttpsLink, open_json_link, request_to_json, result_from_json
 from meshpos.acquirer.simulator import Action, CardRule, Decider, SimRules, Simulator, serve_simulator
-from meshpos.domain.errors import AcquirerError, ConfigError
+from meshpos.domain.errors import AcquirerError, ConfigError, ProtocolError
 from meshpos.infra.http import open_https, request
 
 ROOT = Path(__file__).parent.parent
@@ -291,3 +291,16 @@ async def test_answer_queue_sends_by_due_time_and_stops_at_a_close() -> None:
     assert queue.take_due(trio.current_time()) == (b"slow", False)
     await trio.sleep_until(now + 0.08)
     assert queue.take_due(trio.current_time()) == (b"", True)
+
+
+def test_a_json_answer_is_read_as_protocols_acquirer_json_says() -> None:
+    assert result_from_json({"approved": True, "response_code": "00", "auth_code": "A1B2C3"}) == \
+        AcquirerResult(True, "00", "A1B2C3")
+    assert result_from_json({"approved": True, "response_code": "00", "auth_code": ""}).auth_code is None
+    assert result_from_json({"approved": False, "response_code": "05", "auth_code": "X"}) == AcquirerResult(False, "05", None)
+    # a response code of other digits than ASCII's (str.isalnum takes them) or of the wrong length is unusable
+    for code in ("\u0660\u0665", "\uff10\uff15", "5", "005", "0\n"):
+        with pytest.raises(ProtocolError, match="response_code"):
+            result_from_json({"approved": False, "response_code": code, "auth_code": None})
+    with pytest.raises(ProtocolError, match="response_code"):
+        result_from_json({"approved": True, "response_code": "05", "auth_code": "A1"})

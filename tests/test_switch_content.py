@@ -226,6 +226,52 @@ async def test_an_unforeseen_error_in_one_sale_leaves_it_pending_and_the_batch_i
         assert h.switch.store.sale(ids[1]).result is None  # type: ignore[union-attr]  # not settled: retried later
 
 
+class _ApprovesWith:
+    """A host that approves every sale with the auth code its amount names: the codes a careless
+    acquirer might send (the JSON adapter takes any string; ISO field 38, any ASCII)."""
+
+    def __init__(self, link: AcquirerLink, codes: dict[int, str | None]) -> None:
+        self.link, self.codes = link, codes
+
+    async def advise(self, req: AcquirerRequest, *, repeat: bool,
+                     before_send: BeforeSend | None = None) -> AcquirerResult:
+        if before_send is not None:
+            await before_send()
+        return AcquirerResult(True, "00", self.codes[req.amount_minor])
+
+    async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
+        return await self.link.reverse(req)
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
+
+
+async def test_an_approval_with_an_unfit_auth_code_settles_approved_and_reaches_the_terminal(
+        switch_dir: Path, site: Site, make_node: Callable[..., Path], open_node: Callable[[Path], NodeCore],
+        clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """The approval is booked at the acquirer: the terminal must learn it. An auth code the signed
+    result cannot carry (over 12 characters: every node would refuse the result, and the sale, booked,
+    would expire on the terminals) or a receipt should not print (escape sequences, empty, not
+    ASCII) is left out of the result and logged at the switch; a fit one is kept."""
+    codes: dict[int, str | None] = {1001: "A1B2C3", 1002: "X" * 40, 1003: "AB\x1b[2J", 1004: "", 1005: "\uff21\uff11",
+                                    1006: None}
+    core = open_node(make_node("t"))
+    ids = {amount: card_sale(core, amount) for amount in codes}
+    entries = roster_entries(site, core) + [core.ledger.raw(f"sale/{s}") or b"" for s in ids.values()]
+    async with running_switch(switch_dir, clock, wrap_link=lambda link: _ApprovesWith(link, codes)) as h:
+        with caplog.at_level(logging.WARNING, logger="meshpos.switch.processor"):
+            reply = await forward(h.url, make_client_context(core), entries)
+    results = results_of(reply)
+    assert {results[s]["status"] for s in ids.values()} == {"approved"} and reply.pending == ()
+    assert {a: results[s]["auth_code"] for a, s in ids.items()} == {a: (c if a == 1001 else None) for a, c in codes.items()}
+    for raw in reply.results:
+        core.ingest(raw, "switch")  # every result verifies and passes the ledger's checks on the node
+    assert {core.sale(s)["status"] for s in ids.values()} == {"approved"}
+    warned = [r.getMessage() for r in caplog.records if "auth code that is not" in r.getMessage()]
+    assert sorted(w.split(":")[0] for w in warned) == sorted(f"sale {ids[a]}" for a in (1002, 1003, 1004, 1005))
+    assert all("\x1b" not in w for w in warned)  # the code is quoted escaped, never raw to the log
+
+
 # -- the policy in force at the sale's time ------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ import trio
 
 from meshpos.domain.errors import AcquirerError, InputError, ProtocolError
 from meshpos.infra.http import HttpClientConnection, Response, open_https
-from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.acquirer import RESPONSE_CODE, AcquirerRequest, AcquirerResult
 from meshpos.acquirer.base import BeforeSend, UnsendableRequest
 
 ADVICES_PATH: Final = "/v1/advices"
@@ -69,9 +69,9 @@ def result_from_json(value: Any) -> AcquirerResult:
     approved, code, auth = value.get("approved"), value.get("response_code"), value.get("auth_code")
     if not isinstance(approved, bool) or not isinstance(code, str) or not (auth is None or isinstance(auth, str)):
         raise ProtocolError("acquirer answer lacks approved / response_code / auth_code")
-    if len(code) != 2 or not code.isalnum() or approved != (code == "00"):
+    if not RESPONSE_CODE.fullmatch(code) or approved != (code == "00"):
         raise ProtocolError("acquirer answer has an inconsistent response_code")
-    return AcquirerResult(approved, code, auth if approved else None)
+    return AcquirerResult(approved, code, (auth or None) if approved else None)
 
 
 class JsonHttpsLink:

@@ -31,6 +31,7 @@ import trio
 from meshpos.infra.durable import write_atomically
 from meshpos.domain.errors import ConfigError, EncodingError, InputError, ProtocolError
 from meshpos.infra.http import AbortConnection, Request, Response, json_response, listener_port, serve_http
+from meshpos.wire.acquirer import RESPONSE_CODE
 from meshpos.wire.cards import mask
 from meshpos.wire.iso8583 import DEFAULT_SPEC, MAX_FRAME, NEED_DATA, LengthHeader, RequestKind, ServerConnection, Spec
 from meshpos.acquirer.json_https import ADVICES_PATH, REVERSALS_PATH, request_from_json, request_to_json
@@ -101,13 +102,13 @@ class SimRules:
 
 
 def _digits(value: Any) -> str:
-    if not isinstance(value, str) or not value.isdigit():
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit():
         raise ValueError("card prefix must be a string of digits")
     return value
 
 
 def _code(value: Any) -> str:
-    if not isinstance(value, str) or len(value) != 2 or not value.isalnum():
+    if not isinstance(value, str) or not RESPONSE_CODE.fullmatch(value):
         raise ValueError("response code must be 2 letters or digits")
     return value
 

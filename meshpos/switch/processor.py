@@ -73,7 +73,7 @@ from meshpos.wire import envelope
 from meshpos.acquirer.base import (AcquirerLink, BeforeSend, LateAnswer, UnsendableRequest, Window,
                                    advise_until_answered)
 from meshpos.domain.backoff import exponential_backoff
-from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult, fit_auth_code
 from meshpos.wire.cards import OpenedCard, open_card
 from meshpos.infra.clock import Clock
 from meshpos.wire.envelope import Envelope
@@ -789,7 +789,12 @@ class Switch:
 
     async def _settle_answer(self, site: SiteState, sale_id: str, answer: AcquirerResult) -> _Settled:
         if answer.approved:
-            raw = self._result(site, sale_id, "approved", auth_code=answer.auth_code,
+            auth_code = fit_auth_code(answer.auth_code)
+            if auth_code != answer.auth_code:
+                log.warning("sale %s: approved with an auth code that is not 1 to 8 letters or digits (%d characters, "
+                            "beginning %s); settled approved without it", sale_id, len(answer.auth_code or ""),
+                            ascii((answer.auth_code or "")[:8]))
+            raw = self._result(site, sale_id, "approved", auth_code=auth_code,
                                response_code=answer.response_code)
             return await self._settle(sale_id, raw, "approved")
         raw = self._result(site, sale_id, "declined", response_code=answer.response_code,

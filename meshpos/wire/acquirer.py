@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import re
 import string
 from dataclasses import dataclass, field
 
@@ -73,3 +74,14 @@ class AcquirerResult:
     approved: bool
     response_code: str
     auth_code: str | None
+
+
+RESPONSE_CODE = re.compile(r"[A-Za-z0-9]{2}")  # field 39: two ASCII letters or digits, "00" approves
+AUTH_CODE = re.compile(r"[A-Za-z0-9]{1,8}")  # field 38 is 6 (an); the signed result and the receipt take 1 to 8
+
+
+def fit_auth_code(auth_code: str | None) -> str | None:
+    """The approval's auth code if it is one a result may carry and a receipt print (1 to 8 ASCII
+    letters or digits), else None: an acquirer's odd code (empty, too long, control characters)
+    must not cost the approval that it booked."""
+    return auth_code if auth_code is not None and AUTH_CODE.fullmatch(auth_code) else None

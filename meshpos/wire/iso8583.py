@@ -33,7 +33,7 @@ from iso8583.specs import default_ascii
 
 from meshpos.domain.currency import numeric_code
 from meshpos.domain.errors import EncodingError, ProtocolError
-from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
+from meshpos.wire.acquirer import RESPONSE_CODE, AcquirerRequest, AcquirerResult
 
 Spec = Mapping[str, Mapping[str, Any]]
 
@@ -423,7 +423,7 @@ def parse_answer(doc: Mapping[str, str]) -> AnswerReceived:
         raise ProtocolError(f"unexpected ISO 8583 message type {mti!r} from the acquirer")
     key = _key_from(doc, family)
     code = _required(doc, "39")
-    if len(code) != 2 or not code.isalnum():
+    if not RESPONSE_CODE.fullmatch(code):
         raise ProtocolError("ISO 8583 field 39 is not a 2-character response code")
     auth = doc.get("38")
     auth = auth.strip() if auth is not None else None
