@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from meshpos import __version__
 from meshpos.domain.errors import MeshposError
+from meshpos.infra.logfmt import configure_logging
 from meshpos.cli import commands
 
 log = logging.getLogger("meshpos")
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args_list) >= 2 and args_list[0] == "enroll" and args_list[1] in ENROLL_STEPS:
         args_list = [ENROLL_STEPS[args_list[1]]] + args_list[2:]
     if args_list and args_list[0] in PASSTHROUGH:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(logging.INFO)
         try:
             return PASSTHROUGH[args_list[0]](args_list[1:])
         except MeshposError as exc:
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError
+from meshpos.infra.logfmt import OneLineFormatter
 from meshpos.node import client
 
 
@@ -86,7 +87,7 @@ def open_log_file(path: Path) -> logging.Handler:
                                                        encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot open the log file: {exc.strerror or exc}") from exc
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(OneLineFormatter())
     return handler
 
 

@@ -12,6 +12,7 @@ import trio
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError, MeshposError
 from meshpos.identity import keys
+from meshpos.infra.logfmt import configure_logging
 from meshpos.switch.database import ENV_VAR, migrate_database, redact
 from meshpos.switch.switchdir import ACQUIRER_FORMATS, SwitchDir, add_site, init_switch, make_instance
 
@@ -207,7 +208,7 @@ def main_switch(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose or args.switch_command == "run":
         level = logging.WARNING - 10 * min(args.verbose + (1 if args.switch_command == "run" else 0), 2)
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(level)
     try:
         return _cmd(args)
     except MeshposError as exc:

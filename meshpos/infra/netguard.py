@@ -272,10 +272,10 @@ async def serve_bounded(handler: Connection, listeners: Sequence[trio.abc.Listen
         except Exception as exc:  # a fault in one connection's handling closes it, not the listener
             ok, suppressed = limited.allow(("failed", type(exc).__name__))
             if ok:  # the frames, not the message: it might quote what the peer sent
-                log.error("%s from %s failed (%s) and is closed; the listener goes on%s\n%s", what, where,
+                log.error("%s from %s failed (%s) and is closed; the listener goes on%s", what, where,
                           type(exc).__name__, f" ({suppressed} more since the last report)" if suppressed else "",
-                          "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
-                          extra={"connection_fault": True})
+                          extra={"connection_fault": True,
+                                 "frames": "".join(traceback.format_tb(exc.__traceback__)).rstrip()})
         finally:
             running.pop(ticket, None)
             gate.release(ticket, done)
