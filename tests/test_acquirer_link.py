@@ -13,7 +13,8 @@ import trio.testing
 
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.acquirer.base import advise_until_answered
-from meshpos.wire.iso8583 import NEED_DATA, RequestReceived, ServerConnection
+from meshpos.wire.iso8583 import (DEFAULT_SPEC, NEED_DATA, LengthHeader, RequestReceived, ServerConnection, build_answer,
+                                  encode_message, frame)
 from meshpos.acquirer.iso8583_link import Iso8583Link, open_iso8583_link
 from meshpos.acquirer.simulator import CardRule, SimRules, Simulator, auth_code, serve_simulator
 from meshpos.domain.errors import AcquirerError
@@ -209,15 +210,20 @@ async def scripted_link(script: Script, *, timeout: float = 5.0) -> AsyncIterato
             return client
 
         link = Iso8583Link(nursery, connect, timeout=timeout)
-        yield link, hosts
-        await link.aclose()
-        nursery.cancel_scope.cancel()
+        try:
+            yield link, hosts
+        finally:  # a failing test fails, instead of waiting for the scripted hosts forever
+            await link.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def read_requests(stream: trio.abc.Stream, proto: ServerConnection, want: int) -> list[RequestReceived]:
     got: list[RequestReceived] = []
     while len(got) < want:
-        proto.receive_data(await stream.receive_some(65536))
+        data = await stream.receive_some(65536)
+        if not data:  # the link closed this connection: nothing more comes on it (no busy loop)
+            await trio.sleep_forever()
+        proto.receive_data(data)
         while (event := proto.next_event()) is not NEED_DATA:
             got.append(event)
     return got
@@ -268,12 +274,13 @@ async def test_timeout_then_late_answer_is_ignored(autojump_clock: trio.testing.
     assert len(hosts) == 1 and [r.kind.mti for r in hosts[0]] == ["0220", "0221"]
 
 
-async def test_garbage_answer_fails_outstanding_and_reconnects(autojump_clock: trio.testing.MockClock) -> None:
+async def test_a_bad_length_header_fails_outstanding_and_reconnects(autojump_clock: trio.testing.MockClock) -> None:
+    """The stream itself cannot be read on: every request on the connection fails, and is retried."""
     async def host(stream: trio.abc.Stream, seen: list[RequestReceived]) -> None:
         proto = ServerConnection()
         seen += await read_requests(stream, proto, 2)
         if len(hosts) == 1:
-            await stream.send_all(b"\x00\x05junk!")
+            await stream.send_all(b"\x00\x00")  # a length of 0
         else:
             for req in seen:
                 await stream.send_all(proto.send_answer(req, "00", "FINE00"))
@@ -300,6 +307,44 @@ async def test_garbage_answer_fails_outstanding_and_reconnects(autojump_clock: t
             nursery.start_soon(again, 1)
             nursery.start_soon(again, 2)
     assert len(hosts) == 2 and [a.auth_code for a in answers] == ["FINE00", "FINE00"]
+
+
+async def test_one_unusable_answer_fails_its_request_alone(autojump_clock: trio.testing.MockClock) -> None:
+    """An answer with a field 39 that is no response code fails the request it names, and only it;
+    a well-framed message that does not decode is dropped (the request it answered times out
+    alone). The connection reads on: the other requests are answered on it."""
+    async def host(stream: trio.abc.Stream, seen: list[RequestReceived]) -> None:
+        proto = ServerConnection()
+        seen += await read_requests(stream, proto, 3)
+        by_stan = {int(r.key.stan): r for r in seen}
+        await stream.send_all(b"\x00\x05junk!")  # framed, does not decode
+        bad = build_answer(by_stan[1], "00", "AUTH01")
+        bad["39"] = "0-"
+        await stream.send_all(frame(encode_message(bad, DEFAULT_SPEC), LengthHeader.BINARY2))
+        await stream.send_all(proto.send_answer(by_stan[2], "00", "FINE02"))  # the junk was for 3: no answer
+        while True:  # the repeats of 1 and 3, one at a time
+            [req] = await read_requests(stream, proto, 1)
+            seen.append(req)
+            await stream.send_all(proto.send_answer(req, "00", f"AGAIN{int(req.key.stan)}"))
+
+    outcome: dict[int, str] = {}
+    async with scripted_link(host, timeout=10) as (link, hosts):
+        async def one(n: int) -> None:
+            try:
+                outcome[n] = str((await link.advise(sale(n), repeat=False)).auth_code)
+            except AcquirerError as exc:
+                outcome[n] = str(exc)
+
+        async with trio.open_nursery() as nursery:
+            for n in (1, 2, 3):
+                nursery.start_soon(one, n)
+                await trio.sleep(0.01)  # in order, so the host's stans are 1, 2, 3
+        assert outcome[2] == "FINE02"
+        assert "unusable answer" in outcome[1] and "field 39" in outcome[1]
+        assert "no answer within 10 s" in outcome[3]
+        again = {n: (await link.advise(sale(n), repeat=True)).auth_code for n in (1, 3)}
+    assert again == {1: "AGAIN1", 3: "AGAIN3"}
+    assert len(hosts) == 1 and link.connections_opened == 1  # never reconnected
 
 
 async def test_closed_link_refuses_work(autojump_clock: trio.testing.MockClock) -> None:

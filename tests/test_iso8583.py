@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.wire.iso8583 import (NEED_DATA, AnswerReceived, ClientConnection, Family, FrameDecoder, LengthHeader,
-                                  MatchKey, RequestKind, RequestReceived, ServerConnection, UnexpectedAnswer,
-                                  build_request, decode_message, encode_message, frame)
+                                  MatchKey, RequestKind, RequestReceived, ServerConnection, UnexpectedAnswer, UnusableAnswer,
+                                  build_request, decode_message, encode_message, frame, parse_answer)
 from meshpos.domain.errors import EncodingError, InputError, ProtocolError
 
 VECTORS = json.loads((Path(__file__).parent.parent / "protocols" / "vectors" / "iso8583.json").read_text())
@@ -82,11 +82,25 @@ def test_answer_vectors(vector: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("vector", VECTORS["invalid_answers"], ids=lambda v: v["description"])
 def test_invalid_answer_vectors(vector: dict[str, Any]) -> None:
+    """Each invalid answer raises the vector's error where it is read; on a connection, one whose
+    length header delimits it is an UnusableAnswer (naming the request it answers, if it names an
+    outstanding one) and the connection reads on; a bad header raises (the stream is lost)."""
     client = ClientConnection()
-    client.send_request(make_request(), RequestKind.ADVICE, now_ms=NOW_MS)
+    key, _ = client.send_request(make_request(), RequestKind.ADVICE, now_ms=NOW_MS)
     error = {"ProtocolError": ProtocolError, "EncodingError": EncodingError}[vector["error"]]
+    data = bytes.fromhex(vector["hex"])
+    length = int.from_bytes(data[:2], "big")
+    if length != len(data) - 2:  # the header itself is bad
+        with pytest.raises(error):
+            feed_all(client, data)
+        return
     with pytest.raises(error):
-        feed_all(client, bytes.fromhex(vector["hex"]))
+        parse_answer(decode_message(data[2:]))
+    [event] = feed_all(client, data)
+    assert isinstance(event, UnusableAnswer) and event.reason
+    names_it = vector["description"] == "missing field 39"  # an 0230 with this request's 11, 37, 41
+    assert event.key == (key if names_it else None)
+    assert client.outstanding == (frozenset() if names_it else {key})
 
 
 # --- fields ------------------------------------------------------------------

@@ -24,7 +24,7 @@ from meshpos.domain.errors import AcquirerError, EncodingError, ProtocolError
 from meshpos.wire.acquirer import AcquirerRequest, AcquirerResult
 from meshpos.acquirer.base import BeforeSend, LateAnswer, UnsendableRequest, Window
 from meshpos.wire.iso8583 import (DEFAULT_SPEC, MAX_FRAME, NEED_DATA, AnswerReceived, ClientConnection, Family, LengthHeader,
-                            MatchKey, RequestKind, Spec)
+                            MatchKey, RequestKind, Spec, UnusableAnswer)
 
 log = logging.getLogger(__name__)
 
@@ -229,12 +229,25 @@ class Iso8583Link:
                     return f"unusable answer from the acquirer: {exc}"
                 if event is NEED_DATA:
                     break
+                if isinstance(event, UnusableAnswer):  # one bad message: its request alone fails
+                    self._unusable(conn, event)
+                    continue
                 pending = conn.pending.pop(event.key, None) if isinstance(event, AnswerReceived) else None
                 if pending is not None:
                     pending.result = event.result
                     pending.done.set()
                 else:
                     self._late(event.mti, event.key, event.result)
+
+    def _unusable(self, conn: _Connection, event: UnusableAnswer) -> None:
+        pending = conn.pending.pop(event.key, None) if event.key is not None else None
+        if pending is not None:
+            log.warning("unusable answer from the acquirer for rrn %s: %s", event.key.rrn if event.key else "?", event.reason)
+            pending.error = f"unusable answer from the acquirer: {event.reason}"
+            pending.done.set()
+            return
+        log.warning("unusable answer from the acquirer, naming no outstanding request, dropped (%s); the request "
+                    "it answered, if any, times out alone", event.reason)
 
     def _late(self, mti: str, key: MatchKey, result: AcquirerResult) -> None:
         """An answer nobody waits for any more: hand it on, so its sale is settled from it."""

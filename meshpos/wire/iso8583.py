@@ -107,6 +107,18 @@ class AnswerReceived:
 
 
 @dataclass(frozen=True)
+class UnusableAnswer:
+    """A whole frame (its length header delimited it, so the connection stays usable) whose message
+    cannot be used: it does not decode, has another MTI, lacks a field, or its field 39 is not a
+    response code. ``key`` is the outstanding request it names, when its MTI and fields 11, 37 and
+    41 can be read; that request fails alone. Else None: the caller drops it, and whichever request
+    it answered times out alone."""
+
+    key: MatchKey | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class UnexpectedAnswer:
     """A well-formed answer that matches no outstanding request (late, or duplicated).
     It still carries the host's verdict: the caller can settle the sale from it."""
@@ -503,15 +515,42 @@ class ClientConnection(_FramedEnd):
         """Stop waiting for ``key`` (timed out); a late answer becomes UnexpectedAnswer."""
         self._outstanding.discard(key)
 
-    def next_event(self) -> AnswerReceived | UnexpectedAnswer | Literal[NeedData.NEED_DATA]:
+    def next_event(self) -> AnswerReceived | UnexpectedAnswer | UnusableAnswer | Literal[NeedData.NEED_DATA]:
+        """The next answer. ProtocolError only when the stream itself can no longer be read (a bad
+        length header; without one, a message that does not decode): one bad message in a frame
+        is an UnusableAnswer, and the connection goes on."""
         payload = self._frames.next_frame()
         if payload is NEED_DATA:
             return NEED_DATA
-        answer = parse_answer(decode_message(payload, self._spec))
+        try:
+            doc = decode_message(payload, self._spec)
+        except EncodingError as exc:
+            if self._header is LengthHeader.NONE:
+                raise ProtocolError(str(exc)) from exc
+            return UnusableAnswer(None, str(exc))
+        try:
+            answer = parse_answer(doc)
+        except ProtocolError as exc:
+            key = self._named(doc)
+            if key is not None:
+                self._outstanding.discard(key)
+            return UnusableAnswer(key, str(exc))
         if answer.key not in self._outstanding:
             return UnexpectedAnswer(answer.mti, answer.key, answer.result)
         self._outstanding.discard(answer.key)
         return answer
+
+
+    def _named(self, doc: Mapping[str, str]) -> MatchKey | None:
+        """The outstanding request an unusable answer names, if it names one."""
+        family = ANSWER_MTIS.get(doc.get("t", ""))
+        if family is None:
+            return None
+        try:
+            key = _key_from(doc, family)
+        except ProtocolError:
+            return None
+        return key if key in self._outstanding else None
 
 
 class ServerConnection(_FramedEnd):
