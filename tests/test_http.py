@@ -212,3 +212,22 @@ async def test_https_refuses_an_untrusted_server(tmp_path: Path) -> None:
         stream = await open_https("127.0.0.1", port, client_context(server_cert, tmp_path))
         assert (await request(stream, "GET", "/", {})).json()["cert"] is None
         await stream.aclose()
+
+
+def test_json_nested_too_deep_is_a_protocol_error_not_a_crash(tmp_path: Path) -> None:
+    """json.loads raises RecursionError (not a ValueError) on a body nested some thousands deep: an
+    acquirer's answer, a request to the simulator, a config file are each refused clearly."""
+    from meshpos.acquirer.simulator import SimRules
+    from meshpos.domain.errors import ConfigError
+    from meshpos.infra.jsonfile import read_json
+
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ProtocolError, match="nested too deep"):
+        Response(200, {}, deep).json()
+    with pytest.raises(ProtocolError, match="nested too deep"):
+        Request("POST", "/v1/advices", "", {}, deep).json()
+    (tmp_path / "config.json").write_bytes(deep)
+    with pytest.raises(ConfigError, match="nested too deep"):
+        read_json(tmp_path / "config.json", "node config")
+    with pytest.raises(ConfigError, match="not JSON"):
+        SimRules.load(tmp_path / "config.json")

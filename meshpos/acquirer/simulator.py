@@ -96,7 +96,7 @@ class SimRules:
             raise ConfigError(f"cannot read rules file {path}: {exc.strerror}") from exc
         try:
             value = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ConfigError(f"rules file {path} is not JSON: {exc}") from exc
         return cls.from_json(value)
 

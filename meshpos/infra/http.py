@@ -58,8 +58,8 @@ class Request:
         """The body as JSON; ProtocolError if it is not."""
         try:
             return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError("request body is not JSON") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
+            raise ProtocolError("request body is not JSON (or nested too deep)") from exc
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ class Response:
     def json(self) -> Any:
         try:
             return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ProtocolError(f"HTTP {self.status} answer is not JSON") from exc
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ProtocolError(f"HTTP {self.status} answer is not JSON (or nested too deep)") from exc
 
 
 def json_response(status: int, value: Any, headers: Mapping[str, str] | None = None) -> Response:

@@ -26,6 +26,8 @@ def read_json(path: Path, what: str, expect_format: str | None = None) -> dict[s
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}: {what} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{path}: {what} is not valid JSON (nested too deep)") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what} must be a JSON object")
     if expect_format is not None and data.get("format") != expect_format:
