@@ -181,6 +181,18 @@ def test_status_answers() -> None:
 # --- the spool -----------------------------------------------------------------------
 
 
+def test_a_stray_file_named_with_other_digits_does_not_stop_the_spool(tmp_path: Path) -> None:
+    """A job file whose name begins with digits of another script ("²".isdigit() is true, and
+    int("²") raises) stopped the spool, and so the node, from opening."""
+    spool = Spool(tmp_path)
+    a = spool.enqueue(sale_id="S-1", copy="customer", data=b"one", created_at_ms=1)
+    for name in ("\u00b2-stray.job", "\u0663-stray.job"):
+        (tmp_path / "spool" / name).write_bytes(b"?")
+    again = Spool(tmp_path)
+    b = again.enqueue(sale_id="S-2", copy="customer", data=b"two", created_at_ms=2)
+    assert b.job_id > a.job_id and b.job_id[:12].isdigit()
+
+
 def test_spool_is_durable_and_ordered(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     a = spool.enqueue(sale_id="S-1", copy="customer", data=b"one", created_at_ms=1, receipt=PENDING)

@@ -111,7 +111,7 @@ class Spool:
     @staticmethod
     def _seq(name: str) -> int:
         head = name.split("-", 1)[0]
-        return int(head) if head.isdigit() else 0
+        return int(head) if head.isascii() and head.isdigit() else 0  # "²".isdigit(), but int("²") raises
 
     def __len__(self) -> int:
         return len(self._names)
