@@ -1,6 +1,7 @@
 """A log line is one line, and acts on no terminal: what a message quotes from outside (a peer's
 reason, an mDNS name, an acquirer's answer) has its newlines, escape sequences and bidirectional
-controls written as escapes, on the console of every command and in `meshpos run --log-file`."""
+controls written as escapes, on the console of every command and in `meshpos run --log-file`; so
+has a command's error message."""
 
 from __future__ import annotations
 
@@ -73,3 +74,15 @@ def test_each_command_logs_through_it() -> None:
         refused = [ln for ln in proc.stderr.splitlines() if "refused:" in ln]
         assert len(refused) == 1 and "\\n2026-12-04" in refused[0], (argv, proc.stderr)
         assert "\x1b" not in proc.stderr and "\u202e" not in proc.stderr, argv
+
+
+def test_an_error_message_acts_on_no_terminal(tmp_path: Path) -> None:
+    """`meshpos: error: ...` quotes what it could not use (a path, a value): written escaped."""
+    from helpers import run_cli
+
+    proc = run_cli("status", str(tmp_path / "no\x1b[2Jnode\u202e"))
+    assert proc.returncode != 0 and "meshpos: error:" in proc.stderr
+    assert "\x1b" not in proc.stderr and "\u202e" not in proc.stderr and "no\\x1b[2Jnode\\u202e" in proc.stderr
+    switch = subprocess.run([sys.executable, "-m", "meshpos.cli.main", "switch", "status", str(tmp_path / "sw\x1b[2J")],
+                            capture_output=True, text=True, timeout=60)
+    assert switch.returncode != 0 and "meshpos switch: error:" in switch.stderr and "\x1b" not in switch.stderr

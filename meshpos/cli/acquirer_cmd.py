@@ -13,6 +13,7 @@ import trio
 from meshpos.cli.args import hostport_arg
 from meshpos.infra.clock import SYSTEM_CLOCK
 from meshpos.domain.errors import ConfigError, MeshposError
+from meshpos.domain.text import shown
 from meshpos.wire.iso8583 import LengthHeader
 from meshpos.acquirer.simulator import SimRules, Simulator, serve_simulator
 from meshpos.acquirer.tls import self_signed, server_context
@@ -119,7 +120,7 @@ def main_acquirer_sim(argv: list[str]) -> int:
         context = _ssl_context(args)
         trio.run(_run, args, rules, context)
     except MeshposError as exc:
-        print(f"meshpos acquirer-sim: {exc}", file=sys.stderr)
+        print(f"meshpos acquirer-sim: {shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         print(f"meshpos acquirer-sim: cannot listen on {args.listen[0]}:{args.listen[1]}: {exc.strerror}",

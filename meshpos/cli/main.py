@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 from meshpos import __version__
 from meshpos.domain.errors import MeshposError
+from meshpos.domain.text import shown
 from meshpos.infra.logfmt import configure_logging
 from meshpos.cli import commands
 
@@ -56,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return PASSTHROUGH[args_list[0]](args_list[1:])
         except MeshposError as exc:
-            print(f"meshpos: error: {exc}", file=sys.stderr)
+            print(f"meshpos: error: {shown(exc)}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt:
             return 130
@@ -68,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MeshposError as exc:
-        print(f"meshpos: error: {exc}", file=sys.stderr)
+        print(f"meshpos: error: {shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("meshpos: interrupted", file=sys.stderr)

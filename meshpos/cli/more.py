@@ -9,6 +9,7 @@ from pathlib import Path
 
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError
+from meshpos.domain.text import shown
 from meshpos.infra.logfmt import OneLineFormatter
 from meshpos.node import client
 
@@ -171,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\ndemo interrupted: stopping every process", file=sys.stderr)
         return 130
     except MeshposError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+        print(f"demo failed: {shown(exc)}", file=sys.stderr)
         for name, child in demo.procs.children.items():
             print(f"--- last lines of {name} ---\n{child.log_tail(8)}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ import trio
 
 from meshpos.cli.args import path_arg as _path
 from meshpos.domain.errors import ConfigError, MeshposError
+from meshpos.domain.text import shown
 from meshpos.identity import keys
 from meshpos.infra.logfmt import configure_logging
 from meshpos.switch.database import ENV_VAR, migrate_database, redact
@@ -212,7 +213,7 @@ def main_switch(argv: list[str]) -> int:
     try:
         return _cmd(args)
     except MeshposError as exc:
-        print(f"meshpos switch: error: {exc}", file=sys.stderr)
+        print(f"meshpos switch: error: {shown(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         print(f"meshpos switch: error: {exc.strerror or exc}", file=sys.stderr)
