@@ -194,23 +194,32 @@ async def test_an_answer_that_comes_after_its_request_gave_up_settles_the_sale(
         assert h.at_acquirer(slow) == {"0220": 1}  # no repeat was needed
 
 
-class _FailsFor:
-    """A link that breaks in a way nobody foresaw for one card (a unit-level fault injection)."""
+class _Wrapped:
+    """An acquirer link in front of a real one (a unit-level fault injection): reversals and closing
+    pass through; each subclass says how it advises."""
 
-    def __init__(self, link: AcquirerLink, last4: str) -> None:
-        self.link, self.last4 = link, last4
-
-    async def advise(self, req: AcquirerRequest, *, repeat: bool,
-                     before_send: BeforeSend | None = None) -> AcquirerResult:
-        if req.pan.endswith(self.last4):
-            raise RuntimeError("a bug in a link")
-        return await self.link.advise(req, repeat=repeat, before_send=before_send)
+    def __init__(self, link: AcquirerLink) -> None:
+        self.link = link
 
     async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
         return await self.link.reverse(req)
 
     async def aclose(self) -> None:
         await self.link.aclose()
+
+
+class _FailsFor(_Wrapped):
+    """A link that breaks in a way nobody foresaw for one card."""
+
+    def __init__(self, link: AcquirerLink, last4: str) -> None:
+        super().__init__(link)
+        self.last4 = last4
+
+    async def advise(self, req: AcquirerRequest, *, repeat: bool,
+                     before_send: BeforeSend | None = None) -> AcquirerResult:
+        if req.pan.endswith(self.last4):
+            raise RuntimeError("a bug in a link")
+        return await self.link.advise(req, repeat=repeat, before_send=before_send)
 
 
 async def test_an_unforeseen_error_in_one_sale_leaves_it_pending_and_the_batch_is_answered(
@@ -226,24 +235,19 @@ async def test_an_unforeseen_error_in_one_sale_leaves_it_pending_and_the_batch_i
         assert h.switch.store.sale(ids[1]).result is None  # type: ignore[union-attr]  # not settled: retried later
 
 
-class _ApprovesWith:
+class _ApprovesWith(_Wrapped):
     """A host that approves every sale with the auth code its amount names: the codes a careless
     acquirer might send (the JSON adapter takes any string; ISO field 38, any ASCII)."""
 
     def __init__(self, link: AcquirerLink, codes: dict[int, str | None]) -> None:
-        self.link, self.codes = link, codes
+        super().__init__(link)
+        self.codes = codes
 
     async def advise(self, req: AcquirerRequest, *, repeat: bool,
                      before_send: BeforeSend | None = None) -> AcquirerResult:
         if before_send is not None:
             await before_send()
         return AcquirerResult(True, "00", self.codes[req.amount_minor])
-
-    async def reverse(self, req: AcquirerRequest) -> AcquirerResult:
-        return await self.link.reverse(req)
-
-    async def aclose(self) -> None:
-        await self.link.aclose()
 
 
 async def test_an_approval_with_an_unfit_auth_code_settles_approved_and_reaches_the_terminal(
