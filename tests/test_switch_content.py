@@ -382,3 +382,46 @@ def test_add_site_again_keeps_every_policy_version(switch_dir: Path, site: Site,
         assert state.policy_at(clock.now_ms() + 1000).max_sale_minor == 100_000
     finally:
         store.close()
+
+
+# -- a forwarder of one site sends a sale of another that the switch holds ------------------------------
+
+
+async def test_a_sale_of_another_site_is_refused_even_when_the_switch_holds_it(
+        tmp_path: Path, switch_dir: Path, site: Site, make_node: Callable[..., Path],
+        open_node: Callable[[Path], NodeCore], clock: FakeClock, switch_key: Any) -> None:
+    """Found by an independent forwarder written from protocols/forwarding.md: the site check came
+    after the table lookup. A forwarder of site A re-sending a sale of site B the switch held got
+    B's signed result; and a sale of B still waiting (dated ahead, deferred) was judged under A's
+    policy (A's cap: signed `rejected`) and settled with A's merchant. Now a sale of another site is
+    refused before the table is read; B's own forwarder still gets its sale judged as B's."""
+    from meshpos.identity import keys as keymod
+    from meshpos.node.enroll import enroll_one_step
+    from meshpos.site.sitedir import init_site
+    from meshpos.switch.switchdir import add_site
+
+    core = open_node(make_node("a1"))  # site A (the fixture's): per-sale cap 500.00
+    other = init_site(tmp_path / "site-b", "Altra Fiera", switch_key=keymod.x25519_public_of(switch_key).hex(),
+                      limits={"max_sale_minor": 200_000})
+    add_site(switch_dir, other.path)
+    enroll_one_step(other, tmp_path / "b1", "terminal", "b1")
+    b1 = open_node(tmp_path / "b1")
+    settled_b = card_sale(b1, 1500)
+    ahead = hand_sale(b1, 900, amount=80_000, created_at=clock.now_ms() + 3_600_000)  # over A's cap, not B's
+    b_entries = [other.policy_envelope(), b1.ledger.raw(f"cert/{b1.node_id}") or b""]
+    async with running_switch(switch_dir, clock) as h:
+        ctx_a, ctx_b = make_client_context(core), make_client_context(b1)
+        reply = await forward(h.url, ctx_b, b_entries + [b1.ledger.raw(f"sale/{settled_b}") or b"", ahead])
+        assert results_of(reply)[settled_b]["status"] == "approved"
+        assert [p.sale_id for p in reply.pending] == [sale_id_of(ahead)]  # deferred: dated an hour ahead
+        clock.advance(3600)  # seconds: the sale is due
+        reply = await forward(h.url, ctx_a, roster_entries(site, core) + [b1.ledger.raw(f"sale/{settled_b}") or b"",
+                                                                          ahead])
+        assert reply.results == () and reply.pending == ()
+        assert {r.sale_id: r.reason for r in reply.refused} == {
+            settled_b: f"sale entry of another site ({other.site_id})",
+            sale_id_of(ahead): f"sale entry of another site ({other.site_id})"}
+        assert h.switch.store.sale(sale_id_of(ahead)).result is None  # type: ignore[union-attr]  # not judged
+        reply = await forward(h.url, ctx_b, b_entries + [ahead])
+        result = results_of(reply)[sale_id_of(ahead)]
+        assert result["status"] == "approved" and result["site"] == other.site_id, result  # judged as B's, by B's cap

@@ -340,6 +340,12 @@ class Switch:
                 refused.append(Refusal(i, "sale", sale_id, str(exc)))
                 continue
             assert sale_id is not None
+            if env.body["site"] != site.site_id:
+                # before the table is read: a sale the switch holds for another site is neither this
+                # forwarder's to see (its result) nor to have judged and settled under this site's
+                # policy and merchant (one that waits, deferred); the roster's check comes later
+                refused.append(Refusal(i, "sale", sale_id, f"sale entry of another site ({str(env.body['site'])[:32]})"))
+                continue
             work[sale_id] = _Work(i, env, d)
 
         outcomes: dict[str, Outcome] = {}
