@@ -242,7 +242,8 @@ class Iso8583Link:
     def _unusable(self, conn: _Connection, event: UnusableAnswer) -> None:
         pending = conn.pending.pop(event.key, None) if event.key is not None else None
         if pending is not None:
-            log.warning("unusable answer from the acquirer for rrn %s: %s", event.key.rrn if event.key else "?", event.reason)
+            assert event.key is not None  # only a named request is pending
+            log.warning("unusable answer from the acquirer for rrn %s: %s", event.key.rrn, event.reason)
             pending.error = f"unusable answer from the acquirer: {event.reason}"
             pending.done.set()
             return

@@ -32,6 +32,7 @@ from meshpos.domain.rules import ENTRY_MODES
 from meshpos.devices.messages import messages
 from meshpos.devices.printers import PrinterConfig
 from meshpos.devices.profiles import PaperProfile
+from meshpos.wire.acquirer import AUTH_CODE  # an auth or response code on a receipt: as a result may carry it
 
 METHODS = ("card", "cash")
 STATUSES = ("pending", "approved", "declined", "expired", "voided")
@@ -43,7 +44,6 @@ QR_SIZE_IMAGE = 4
 _LAST4_RE = re.compile(r"[0-9]{4}")
 _BRAND_RE = re.compile(r"[a-z][a-z _-]{0,23}")
 _SALE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
-_CODE_RE = re.compile(r"[A-Za-z0-9]{1,8}")
 # 12 to 19 digits, each optionally separated by one space or dash: a PAN as typed.
 _PAN_LIKE_RE = re.compile(r"[0-9](?:[ -]?[0-9]){11,18}")
 
@@ -101,7 +101,7 @@ class ReceiptData:
             raise InputError("a cash receipt carries no card data")
         for name in ("auth_code", "response_code"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, str) or not _CODE_RE.fullmatch(value)):
+            if value is not None and (not isinstance(value, str) or not AUTH_CODE.fullmatch(value)):
                 raise InputError(f"{name} must be 1 to 8 letters or digits")
 
     def to_json(self) -> dict[str, Any]:

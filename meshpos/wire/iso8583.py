@@ -540,7 +540,6 @@ class ClientConnection(_FramedEnd):
         self._outstanding.discard(answer.key)
         return answer
 
-
     def _named(self, doc: Mapping[str, str]) -> MatchKey | None:
         """The outstanding request an unusable answer names, if it names one."""
         family = ANSWER_MTIS.get(doc.get("t", ""))
